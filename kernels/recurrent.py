@@ -1,0 +1,290 @@
+"""Persistent recurrent loops for every cell: one launch runs all time steps of one layer.
+
+Dimension letters:
+    T  time steps            B  batch                 H  hidden units
+    G  gates per unit (RNN 1, GRU 3, LSTM 4)          S  saved activations per unit (LSTM 5, GRU 4, RNN 0)
+    BLOCK_H  hidden units owned by one program (the grid splits H)
+    BLOCK_B  batch rows per tile (a program loops over the batch)
+    BLOCK_K  next power of two >= H: the reduction over the previous hidden state
+
+Each program owns BLOCK_H hidden units of every gate and keeps that slice of W_hh on chip for the
+whole loop. Once per step the programs exchange the new hidden state (forward) or the gate
+gradients (backward) through global memory and meet at a grid barrier (``SYNC``). With
+``SYNC=False`` the host launches one step at a time instead: the launch boundary is the barrier.
+That mode lets the interpreter (which runs programs one after another) test a split grid, and it
+is the fallback where the grid could not be co-resident.
+
+Variable lengths, a reverse direction and fused dropout masks belong in these loops too: they
+change which rows and steps a program reads, not the structure.
+"""
+
+import triton
+import triton.language as tl
+
+from .activations import relu, sigmoid, tanh
+from .sync import grid_barrier
+
+CELL_RNN_TANH = tl.constexpr(0)
+CELL_RNN_RELU = tl.constexpr(1)
+CELL_LSTM = tl.constexpr(2)
+CELL_GRU = tl.constexpr(3)
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC."""
+    if DOT_UPCAST:
+        # The Triton interpreter (3.9) multiplies bfloat16 operands as their raw uint16 bits; the host sets
+        # DOT_UPCAST there only. bf16 products are exact in fp32, so this computes what the GPU's MMA does.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), out_dtype=ACC, input_precision="ieee")
+    return tl.dot(a, b, out_dtype=ACC, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_gate_tiles(p_w, m_w, H: tl.constexpr, G: tl.constexpr):
+    """The G weight tiles of W_hh [G*H, H] at p_w (gate g starts H*H elements after gate g-1)."""
+    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
+    b_w1 = b_w0
+    b_w2 = b_w0
+    b_w3 = b_w0
+    if G > 1:
+        b_w1 = tl.load(p_w + H * H, mask=m_w, other=0.0)
+        b_w2 = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
+    if G > 3:
+        b_w3 = tl.load(p_w + 3 * H * H, mask=m_w, other=0.0)
+    return b_w0, b_w1, b_w2, b_w3
+
+
+@triton.jit(do_not_specialize=["B", "t_start", "n_steps"])
+def rnn_fwd_kernel(
+    xproj,  # [T, B, G*H] x @ W_ih^T plus the biases that can be folded in (all but GRU's b_hn)
+    w_hh,  # [G*H, H]
+    b_hn,  # [H] GRU's hidden bias of the n gate (sits inside r * (...)); unused by other cells
+    hseq,  # [T+1, B, H] hseq[0] = h0, hseq[t+1] = h_t (the layer's output)
+    state,  # [B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
+    saved,  # [T, B, S*H] ACC: activations kept for backward (written when SAVE)
+    counter,  # [1] int32, zeroed: grid barrier
+    B,
+    t_start,
+    n_steps,
+    H: tl.constexpr,
+    CELL: tl.constexpr,
+    G: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SAVE: tl.constexpr,
+    SYNC: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    o_j = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_j = o_j < H
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < H
+    # b_w{g}[k, j] = W_hh[g*H + j, k]: loaded once, resident for all steps.
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H, G)
+    if CELL == CELL_GRU:
+        b_bhn = tl.load(b_hn + o_j, mask=m_j, other=0.0).to(ACC)
+    out_ty = hseq.dtype.element_ty
+
+    for s in range(n_steps):
+        t = (t_start + s).to(tl.int64)
+        for b0 in range(0, B, BLOCK_B):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            row = t * B + o_b
+            m_bj = m_b[:, None] & m_j[None, :]
+            # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
+            b_h = tl.load(
+                hseq + row[:, None] * H + o_k[None, :],
+                mask=m_b[:, None] & m_k[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            p_x = xproj + row[:, None] * (G * H) + o_j[None, :]
+            p_state = state + o_b[:, None] * H + o_j[None, :]
+            p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
+            a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+            if CELL == CELL_LSTM:
+                a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC)
+                a1 += _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+                a2 = tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC)
+                a2 += _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+                a3 = tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC)
+                a3 += _dot(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_i = sigmoid(a0)
+                b_f = sigmoid(a1)
+                b_g = tanh(a2)
+                b_o = sigmoid(a3)
+                b_c = b_f * tl.load(p_state, mask=m_bj, other=0.0) + b_i * b_g
+                b_hnew = b_o * tanh(b_c)
+                tl.store(p_state, b_c, mask=m_bj)
+                if SAVE:
+                    tl.store(p_saved, b_i, mask=m_bj)
+                    tl.store(p_saved + H, b_f, mask=m_bj)
+                    tl.store(p_saved + 2 * H, b_g, mask=m_bj)
+                    tl.store(p_saved + 3 * H, b_o, mask=m_bj)
+                    tl.store(p_saved + 4 * H, b_c, mask=m_bj)
+            elif CELL == CELL_GRU:
+                a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC)
+                a1 += _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_ghn = _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST) + b_bhn[None, :]
+                b_r = sigmoid(a0)
+                b_z = sigmoid(a1)
+                b_n = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + b_r * b_ghn)
+                b_hnew = (1.0 - b_z) * b_n + b_z * tl.load(p_state, mask=m_bj, other=0.0)
+                tl.store(p_state, b_hnew, mask=m_bj)
+                if SAVE:
+                    tl.store(p_saved, b_r, mask=m_bj)
+                    tl.store(p_saved + H, b_z, mask=m_bj)
+                    tl.store(p_saved + 2 * H, b_n, mask=m_bj)
+                    tl.store(p_saved + 3 * H, b_ghn, mask=m_bj)
+            elif CELL == CELL_RNN_TANH:
+                b_hnew = tanh(a0)
+            else:
+                b_hnew = relu(a0)
+            tl.store(hseq + (row[:, None] + B) * H + o_j[None, :], b_hnew.to(out_ty), mask=m_bj)
+        if SYNC:
+            grid_barrier(counter, (s + 1) * num_programs)
+
+
+@triton.jit
+def _bwd_recurrent_step(
+    grad_gates, grad_h, u, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
+    H: tl.constexpr, G: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """grad_h[:, j] += sum_g grad_gates[u, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh_{u-1} through W_hh."""
+    for b0 in range(0, B, BLOCK_B):
+        o_b = b0 + tl.arange(0, BLOCK_B)
+        m_b = o_b < B
+        m_bk = m_b[:, None] & m_k[None, :]
+        m_bj = m_b[:, None] & m_j[None, :]
+        p_dh = grad_h + o_b[:, None] * H + o_j[None, :]
+        # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
+        p_dg = grad_gates + (u * B + o_b)[:, None] * (G * H) + o_k[None, :]
+        acc = tl.load(p_dh, mask=m_bj, other=0.0)
+        acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+        if G > 1:
+            b_dg1 = tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg")
+            acc += _dot(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+            b_dg2 = tl.load(p_dg + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
+            acc += _dot(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+        if G > 3:
+            b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
+            acc += _dot(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+        tl.store(p_dh, acc, mask=m_bj)
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "finish"])
+def rnn_bwd_kernel(
+    w_hh,  # [G*H, H]
+    hseq,  # [T+1, B, H] from the forward: hseq[t] = h_{t-1}
+    saved,  # [T, B, S*H] ACC from the forward
+    c0,  # [B, H] ACC: LSTM's initial cell state (c_{t-1} at t = 0)
+    grad_out,  # [T, B, H] dL/d(output)
+    grad_gates,  # [T, B, G*H] out: dL/d(recurrent pre-activations W_hh h_{t-1} + b_hh)
+    grad_xn,  # [T, B, H] out, GRU only: dL/d(input part of the n gate), which differs from grad_gates'
+    grad_h,  # [B, H] ACC: dL/dh_n in, dL/dh0 out
+    grad_c,  # [B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
+    counter,  # [1] int32, zeroed: grid barrier
+    T,
+    B,
+    t_start,  # runs steps t_start, t_start - 1, ..., t_start - n_steps + 1
+    n_steps,
+    finish,  # nonzero: after the steps, carry grad_gates[t_start - n_steps + 1] into grad_h
+    H: tl.constexpr,
+    CELL: tl.constexpr,
+    G: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SYNC: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    o_j = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_j = o_j < H
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < H
+    # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H, G)
+    grad_ty = grad_gates.dtype.element_ty
+
+    for s in range(n_steps):
+        t = (t_start - s).to(tl.int64)
+        if t < T - 1:
+            _bwd_recurrent_step(
+                grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
+                H, G, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+            )  # fmt: skip
+        # grad_h was just written by other threads of this program.
+        tl.debug_barrier()
+        for b0 in range(0, B, BLOCK_B):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            row = t * B + o_b
+            m_bj = m_b[:, None] & m_j[None, :]
+            o_bj = row[:, None] * H + o_j[None, :]
+            p_dh = grad_h + o_b[:, None] * H + o_j[None, :]
+            p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
+            p_dg = grad_gates + row[:, None] * (G * H) + o_j[None, :]
+            b_dh = tl.load(grad_out + o_bj, mask=m_bj, other=0.0).to(ACC) + tl.load(p_dh, mask=m_bj, other=0.0)
+            if CELL == CELL_LSTM:
+                b_i = tl.load(p_saved, mask=m_bj, other=0.0)
+                b_f = tl.load(p_saved + H, mask=m_bj, other=0.0)
+                b_g = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
+                b_o = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
+                b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0))
+                if t > 0:
+                    p_cprev = p_saved - B * S * H + 4 * H
+                else:
+                    p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
+                b_cprev = tl.load(p_cprev, mask=m_bj, other=0.0)
+                p_dc = grad_c + o_b[:, None] * H + o_j[None, :]
+                b_dc = tl.load(p_dc, mask=m_bj, other=0.0) + b_dh * b_o * (1.0 - b_tc * b_tc)
+                tl.store(p_dg, (b_dc * b_g * b_i * (1.0 - b_i)).to(grad_ty), mask=m_bj)
+                tl.store(p_dg + H, (b_dc * b_cprev * b_f * (1.0 - b_f)).to(grad_ty), mask=m_bj)
+                tl.store(p_dg + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(grad_ty), mask=m_bj)
+                tl.store(p_dg + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(grad_ty), mask=m_bj)
+                tl.store(p_dc, b_dc * b_f, mask=m_bj)
+                tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bj)
+            elif CELL == CELL_GRU:
+                b_r = tl.load(p_saved, mask=m_bj, other=0.0)
+                b_z = tl.load(p_saved + H, mask=m_bj, other=0.0)
+                b_n = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
+                b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
+                b_hprev = tl.load(hseq + o_bj, mask=m_bj, other=0.0).to(ACC)
+                b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
+                tl.store(p_dg, (b_dan * b_ghn * b_r * (1.0 - b_r)).to(grad_ty), mask=m_bj)
+                tl.store(p_dg + H, (b_dh * (b_hprev - b_n) * b_z * (1.0 - b_z)).to(grad_ty), mask=m_bj)
+                tl.store(p_dg + 2 * H, (b_dan * b_r).to(grad_ty), mask=m_bj)
+                tl.store(grad_xn + o_bj, b_dan.to(grad_ty), mask=m_bj)
+                # h_t = ... + z * h_{t-1}: the direct path to the previous state.
+                tl.store(p_dh, b_dh * b_z, mask=m_bj)
+            else:
+                b_hnew = tl.load(hseq + o_bj + B * H, mask=m_bj, other=0.0).to(ACC)
+                if CELL == CELL_RNN_TANH:
+                    b_da = b_dh * (1.0 - b_hnew * b_hnew)
+                else:
+                    # torch's threshold_backward: zero where the output is <= 0.
+                    b_da = tl.where(b_hnew <= 0, 0.0, b_dh)
+                tl.store(p_dg, b_da.to(grad_ty), mask=m_bj)
+                tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bj)
+        if SYNC:
+            grid_barrier(counter, (s + 1) * num_programs)
+
+    if finish != 0:
+        _bwd_recurrent_step(
+            grad_gates, grad_h, (t_start - n_steps + 1).to(tl.int64), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
+            H, G, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip

@@ -1,0 +1,74 @@
+"""Helpers shared by the test files: models with copied weights, losses, error measures."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import tritonrnn
+
+# Relative error (Frobenius norm) allowed against a float64 reference, per dtype, for outputs,
+# final states and gradients alike. The norm-relative error does not grow with the reduction length
+# the way element-wise errors of weight gradients do, so one figure covers every tensor. Values: a few
+# times what the kernels reach at the test sizes (fp32 ~4e-7, fp16 ~5e-4, bf16 ~1e-2 at T <= 63).
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def make_pair(cell: str, input_size: int, hidden: int, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """A tritonrnn module and the torch.nn module of the same class holding the same weights (float64)."""
+    if cell.startswith("rnn"):
+        kwargs["nonlinearity"] = cell.split("_")[1]
+    name = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
+    ours = getattr(tritonrnn, name)(input_size, hidden, **kwargs).double()
+    theirs = getattr(nn, name)(input_size, hidden, **kwargs).double()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
+    actual, expected = actual.double(), expected.double()
+    if torch.isnan(actual).any():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def run(module: nn.Module, x: torch.Tensor, hx, weights: dict[str, torch.Tensor]):
+    """Forward, then gradients of a loss that uses the output and the final states.
+
+    Returns (output, final states as a flat list, dict of gradients by name: input, hx, parameters).
+    """
+    x = x.detach().clone().requires_grad_()
+    if hx is not None:
+        hx = (
+            tuple(h.detach().clone().requires_grad_() for h in hx)
+            if isinstance(hx, tuple)
+            else hx.detach().clone().requires_grad_()
+        )
+    out, states = module(x, hx)
+    states = list(states) if isinstance(states, tuple) else [states]
+    loss = (out.double() * weights["out"].to(out.device)).sum()
+    for k, s in enumerate(states):
+        loss = loss + (s.double() * weights[f"state{k}"].to(s.device)).sum()
+    inputs = {"input": x}
+    if hx is not None:
+        for k, h in enumerate(hx if isinstance(hx, tuple) else (hx,)):
+            inputs[f"hx{k}"] = h
+    inputs.update(dict(module.named_parameters()))
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return out.detach(), [s.detach() for s in states], dict(zip(inputs, grads))
+
+
+def loss_weights(out_shape, state_shapes, generator=None) -> dict[str, torch.Tensor]:
+    """Random cotangents for ``run`` (float64, CPU)."""
+    weights = {"out": torch.randn(out_shape, dtype=torch.float64, generator=generator)}
+    for k, shape in enumerate(state_shapes):
+        weights[f"state{k}"] = torch.randn(shape, dtype=torch.float64, generator=generator)
+    return weights

@@ -1,0 +1,218 @@
+"""The Triton kernels (interpreter on CPU, real on GPU) against torch.nn and the float64 reference.
+
+Every check covers the output, the final states and the gradients of the input, h0, c0 and every
+weight and bias, with the final states in the loss; kernel buffers start as NaN (conftest).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
+
+import tritonrnn
+from tritonrnn import reference
+
+
+def compare(
+    cell, T, B, I, H, L, dtype=torch.float64, batch_first=False, bias=True, give_hx=True, unbatched=False, seed=0
+):
+    """Run tritonrnn (dtype, DEVICE) and torch.nn (float64, CPU) on the same weights and inputs; assert."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ours, theirs = make_pair(cell, I, H, num_layers=L, batch_first=batch_first, bias=bias)
+    ours = ours.to(dtype=dtype, device=DEVICE)
+    x_shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
+    x = torch.randn(x_shape, dtype=torch.float64, generator=gen)
+    state_shape = (L, H) if unbatched else (L, B, H)
+    n_states = 2 if cell == "lstm" else 1
+    hx = None
+    if give_hx:
+        hs = tuple(torch.randn(state_shape, dtype=torch.float64, generator=gen) for _ in range(n_states))
+        hx = hs if cell == "lstm" else hs[0]
+    out_shape = x_shape[:-1] + (H,)
+    weights = loss_weights(out_shape, [state_shape] * n_states, gen)
+
+    def cast(h):
+        return h.to(dtype=dtype, device=DEVICE)
+
+    hx_ours = None if hx is None else (tuple(map(cast, hx)) if isinstance(hx, tuple) else cast(hx))
+    out, states, grads = run(ours, cast(x), hx_ours, weights)
+    ref_out, ref_states, ref_grads = run(theirs, x, hx, weights)
+
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    errors = relative_errors(out, states, grads, ref_out, ref_states, ref_grads)
+    bounds = dict.fromkeys(errors, TOLERANCE[dtype])
+    if dtype in (torch.float16, torch.bfloat16):
+        # Half precision: also allow 1.5x torch.nn's own error in that dtype.
+        low = copy.deepcopy(theirs).to(dtype)
+        low_hx = None if hx is None else (tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype))
+        torch_errors = relative_errors(*run(low, x.to(dtype), low_hx, weights), ref_out, ref_states, ref_grads)
+        bounds = {k: max(b, 1.5 * torch_errors[k]) for k, b in bounds.items()}
+        if cell == "rnn_relu":
+            # A relu RNN's gradient jumps wherever rounding flips the sign of a pre-activation, so its error
+            # vs float64 counts the flipped units, a random figure (seen at T=17 in fp16: torch 4e-2 on one
+            # layer and 1e-3 on the next, ours 3e-2 and 7e-3). The gradient math is checked exactly in fp32
+            # and fp64; here only gross errors are caught.
+            bounds.update({k: max(bounds[k], 0.1) for k in bounds if k.startswith("grad")})
+    bad = {k: (v, bounds[k]) for k, v in errors.items() if not v <= bounds[k]}
+    assert not bad, f"(relative error, bound) above bound: {bad}"
+
+
+def relative_errors(out, states, grads, ref_out, ref_states, ref_grads) -> dict[str, float]:
+    errors = {"output": rel_err(out.cpu(), ref_out)}
+    for k, (s, r) in enumerate(zip(states, ref_states)):
+        assert s.shape == r.shape
+        errors[f"state{k}"] = rel_err(s.cpu(), r)
+    for name, r in ref_grads.items():
+        assert grads[name].shape == r.shape, name
+        errors[f"grad {name}"] = rel_err(grads[name].cpu(), r)
+    return errors
+
+
+# (T, B, I, H, L): odd sizes on purpose: T=1 and 63, H=1, 3, 65, 100, B=1 and 5, 1-4 layers.
+SHAPES = [
+    pytest.param(1, 1, 3, 1, 1, id="T1-B1-H1"),
+    pytest.param(63, 5, 4, 3, 2, id="T63-B5-H3-L2"),
+    pytest.param(6, 5, 7, 65, 1, id="T6-B5-H65"),
+    pytest.param(5, 3, 6, 100, 3, id="T5-B3-H100-L3"),
+    pytest.param(4, 2, 3, 20, 4, id="T4-B2-H20-L4"),
+    pytest.param(3, 37, 5, 16, 1, id="T3-B37-H16"),  # several batch tiles
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,I,H,L", SHAPES)
+def test_float64_matches_torch(cell, T, B, I, H, L):
+    compare(cell, T, B, I, H, L)
+
+
+OPTIONS = [
+    pytest.param(dict(batch_first=True), id="batch_first"),
+    pytest.param(dict(bias=False), id="no_bias"),
+    pytest.param(dict(give_hx=False), id="no_hx"),
+    pytest.param(dict(unbatched=True), id="unbatched"),
+    pytest.param(dict(unbatched=True, give_hx=False, batch_first=True), id="unbatched_no_hx_batch_first"),
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_match_torch(cell, options):
+    compare(cell, 7, 3, 5, 9, 2, **options)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_against_float64(cell, dtype):
+    compare(cell, 17, 5, 12, 40, 2, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("H", [40, 65])
+def test_split_grid(cell, H, forced_plan):
+    """Hidden units split over several programs, the last one partial, one launch per step."""
+    forced_plan(block_h=16, persistent=False)
+    compare(cell, 5, 3, 4, H, 2, dtype=torch.float32, seed=2)
+
+
+def test_split_grid_bfloat16_several_batch_tiles(forced_plan):
+    forced_plan(block_h=16, block_b=16, persistent=False)
+    compare("lstm", 4, 20, 4, 33, 1, dtype=torch.bfloat16, seed=3)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_float64(cell):
+    """Finite differences through the kernels, for every input of a layer."""
+    torch.manual_seed(0)
+    ours, _ = make_pair(cell, 2, 3, num_layers=2)
+    ours = ours.to(DEVICE)
+    names = [n for n, _ in ours.named_parameters()]
+    x = torch.randn(3, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    c0 = torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+
+    def fn(x, h0, c0, *params):
+        out, states = torch.func.functional_call(
+            ours, dict(zip(names, params)), (x, (h0, c0) if cell == "lstm" else h0)
+        )
+        states = states if isinstance(states, tuple) else (states,)
+        return (out, *states)
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bitwise_deterministic(cell):
+    torch.manual_seed(0)
+    ours, _ = make_pair(cell, 6, 24, num_layers=2)
+    ours = ours.float().to(DEVICE)
+    x = torch.randn(9, 4, 6, device=DEVICE)
+    results = []
+    for _ in range(2):
+        xr = x.clone().requires_grad_()
+        out, _ = ours(xr)
+        grads = torch.autograd.grad(out.square().sum(), [xr, *ours.parameters()])
+        results.append([out, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_saturating_inputs_match_torch(cell):
+    """x * 1e4 drives every gate into saturation: finite outputs, equal to torch.nn's."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 4, 8)
+    x = torch.randn(6, 3, 4, dtype=torch.float64) * 1e4
+    out, _ = ours.float().to(DEVICE)(x.float().to(DEVICE))
+    ref, _ = theirs(x)
+    assert torch.isfinite(out).all()
+    # The relu RNN does not saturate: its outputs are ~1e4, so compare relative to their size.
+    assert rel_err(out.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_propagates_like_torch(cell):
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 4, 8)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    x[2, 1, 0] = float("nan")
+    out, _ = ours.to(DEVICE)(x.to(DEVICE))
+    ref, _ = theirs(x)
+    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
+    assert torch.isnan(ref).any()
+
+
+def test_reference_matches_torch():
+    """The shared float64 reference itself, against torch.nn, for every cell."""
+    torch.manual_seed(0)
+    for cell in CELLS:
+        ours, theirs = make_pair(cell, 3, 5, num_layers=2)
+        x = torch.randn(4, 2, 3, dtype=torch.float64)
+        h0 = torch.randn(2, 2, 5, dtype=torch.float64)
+        c0 = torch.randn(2, 2, 5, dtype=torch.float64) if cell == "lstm" else None
+        out, h_n, c_n = reference.stack_forward(cell, x, h0, c0, ours._layers())
+        ref, states = theirs(x, (h0, c0) if cell == "lstm" else h0)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(h_n, states[0] if cell == "lstm" else states)
+        if cell == "lstm":
+            torch.testing.assert_close(c_n, states[1])
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    """CPU tensors go to the reference when the interpreter is off, and still match torch.nn."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    real = reference.layer_forward
+    monkeypatch.setattr(reference, "layer_forward", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(tritonrnn.functional.RecurrentLayerFunction, "apply", None)  # must not be reached
+    torch.manual_seed(0)
+    ours, theirs = make_pair("gru", 3, 5, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    out, _ = ours(x)
+    torch.testing.assert_close(out, theirs(x)[0])
+    assert calls == ["gru", "gru"]

@@ -1,0 +1,120 @@
+"""The nn.Module front ends: torch.nn compatibility of construction, state_dict, forms and fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import make_pair
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import tritonrnn
+from tritonrnn import _plan
+
+PAIRS = [(tritonrnn.LSTM, nn.LSTM), (tritonrnn.GRU, nn.GRU), (tritonrnn.RNN, nn.RNN)]
+CONFIGS = [
+    dict(),
+    dict(num_layers=3, bias=False, batch_first=True),
+    dict(num_layers=2, bidirectional=True, dropout=0.2),
+]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", PAIRS, ids=lambda c: c.__name__ if isinstance(c, type) else "")
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_same_parameters_initialisation_and_state_dict(ours_cls, torch_cls, config):
+    torch.manual_seed(0)
+    ours = ours_cls(7, 11, **config)
+    torch.manual_seed(0)
+    theirs = torch_cls(7, 11, **config)
+    assert isinstance(ours, torch_cls)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(a, b), name  # same initialisation from the same seed
+    # strict loading in both directions
+    theirs.load_state_dict({k: v + 1 for k, v in ours.state_dict().items()}, strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+
+
+def test_lstm_proj_size_state_dict():
+    ours, theirs = tritonrnn.LSTM(5, 8, proj_size=3, num_layers=2), nn.LSTM(5, 8, proj_size=3, num_layers=2)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert "weight_hr_l1" in ours.state_dict()
+
+
+@pytest.mark.parametrize(
+    "config,reason",
+    [
+        (dict(bidirectional=True, num_layers=2), "bidirectional=True"),
+        (dict(proj_size=3), "proj_size > 0"),
+        (dict(num_layers=2, dropout=0.5), "dropout > 0 in training mode"),
+    ],
+)
+def test_fallback_to_torch_is_logged_once_and_correct(config, reason, caplog):
+    torch.manual_seed(0)
+    ours = tritonrnn.LSTM(4, 6, **config).double()
+    theirs = nn.LSTM(4, 6, **config).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        for _ in range(2):
+            torch.manual_seed(1)
+            out, (h, c) = ours(x)
+            torch.manual_seed(1)
+            ref, (rh, rc) = theirs(x)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(h, rh)
+    messages = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
+    assert len(messages) == 1
+
+
+def test_dropout_in_eval_mode_uses_the_kernels():
+    """Dropout only acts in training: eval mode matches torch.nn without falling back."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair("gru", 4, 6, num_layers=2, dropout=0.5)
+    ours.eval()
+    theirs.eval()
+    assert ours._unsupported(torch.zeros(1, 1, 4)) is None
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours.to(DEVICE)(x.to(DEVICE))[0].cpu(), theirs(x)[0])
+
+
+def test_packed_sequence_falls_back_to_torch():
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 5)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4]))
+    out, (h, c) = ours(packed)
+    ref, (rh, rc) = theirs(packed)
+    torch.testing.assert_close(out.data, ref.data)
+    torch.testing.assert_close(c, rc)
+
+
+def test_returns_have_torch_shapes():
+    for cls in (tritonrnn.LSTM, tritonrnn.GRU, tritonrnn.RNN):
+        m = cls(3, 4, num_layers=2, batch_first=True).double().to(DEVICE)
+        out, state = m(torch.randn(5, 7, 3, dtype=torch.float64, device=DEVICE))
+        assert out.shape == (5, 7, 4)
+        h = state[0] if cls is tritonrnn.LSTM else state
+        assert h.shape == (2, 5, 4)
+        out, state = m(torch.randn(7, 3, dtype=torch.float64, device=DEVICE))
+        assert out.shape == (7, 4)
+        h = state[0] if cls is tritonrnn.LSTM else state
+        assert h.shape == (2, 4)
+
+
+def test_final_state_feeds_the_next_call():
+    """Truncated BPTT style: the state returned by one chunk starts the next, and matches one long call."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 5, num_layers=2)
+    ours = ours.to(DEVICE)
+    x = torch.randn(8, 2, 3, dtype=torch.float64)
+    first, state = ours(x[:5].to(DEVICE))
+    second, _ = ours(x[5:].to(DEVICE), state)
+    ref, _ = theirs(x)
+    torch.testing.assert_close(torch.cat([first, second]).cpu(), ref)

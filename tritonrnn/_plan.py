@@ -1,0 +1,115 @@
+"""How a layer runs: the kernel configuration, or the reason it has to fall back.
+
+The persistent kernels keep one program's slice of W_hh on chip for the whole loop and need every
+program resident at once. ``plan_layer`` decides the slice and batch tile and whether that fits;
+the autotuner of a later issue replaces the heuristics here, not the kernels or their callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("tritonrnn")
+
+# Cell name -> (kernel cell id, gates per unit G, saved activations per unit S).
+# The ids match kernels/recurrent.py's CELL_* constants.
+CELLS = {
+    "rnn_tanh": (0, 1, 0),
+    "rnn_relu": (1, 1, 0),
+    "lstm": (2, 4, 5),
+    "gru": (3, 3, 4),
+}
+
+# Smallest tile tl.dot accepts on the GPU in each dimension.
+MIN_DOT = 16
+# Registers (32-bit) per thread we allow the resident weight tiles to take: the rest of the
+# 255-register budget holds the h tile, the accumulators and addresses.
+WEIGHT_REGS_PER_THREAD = 128
+MAX_WARPS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One layer's launch: ``num_programs`` programs of ``block_h`` units each."""
+
+    block_h: int
+    block_b: int
+    block_k: int
+    num_programs: int
+    num_warps: int
+    persistent: bool  # one launch for all steps (grid barrier) or one launch per step
+
+
+def interpret_mode() -> bool:
+    """True when the Triton interpreter is on, so the kernels can run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_forced_plan: dict[str, int | bool] = {}
+
+
+def force_plan(**fields: int | bool) -> None:
+    """Override fields of every plan (``block_h=16, persistent=False``); no arguments clears.
+
+    Used by tests to run a split grid under the interpreter, and by benchmarks to compare configs.
+    """
+    _forced_plan.clear()
+    _forced_plan.update(fields)
+
+
+def plan_layer(cell: str, hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device) -> LayerPlan | str:
+    """The launch for one layer, or a string saying why the persistent kernels cannot run it."""
+    _, gates, _ = CELLS[cell]
+    block_k = max(MIN_DOT, _next_pow2(hidden_size))
+    block_b = MIN_DOT if batch <= MIN_DOT else 32
+    if device.type == "cuda":
+        if dtype == torch.float64:
+            return "float64 on the GPU"
+        block_h = MIN_DOT
+        num_programs = -(-hidden_size // block_h)
+        weight_bytes = gates * block_k * block_h * torch.finfo(dtype).bits // 8
+        for num_warps in (4, MAX_WARPS):
+            if weight_bytes // (4 * 32 * num_warps) <= WEIGHT_REGS_PER_THREAD:
+                break
+        else:
+            return f"W_hh slice of {weight_bytes // 1024} KiB per program does not fit on chip"
+        persistent = num_programs <= _sm_count(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
+    else:
+        # Interpreter: programs run one after another, so a persistent grid has one program.
+        block_h = block_k
+        num_programs = 1
+        num_warps = 4
+        persistent = True
+    plan = LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent)
+    if _forced_plan:
+        plan = dataclasses.replace(plan, **_forced_plan)
+        plan = dataclasses.replace(plan, num_programs=-(-hidden_size // plan.block_h))
+        if plan.persistent and plan.num_programs > 1 and device.type != "cuda":
+            raise ValueError("a persistent grid of several programs deadlocks under the interpreter")
+    return plan
+
+
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log a fallback the first time it happens (each distinct message once per process)."""
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)

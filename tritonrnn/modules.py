@@ -1,0 +1,136 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU and RNN.
+
+They subclass the torch.nn modules, so constructor, parameter names, initialisation, state_dict,
+``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes.
+What the kernels do not run yet (packed sequences, bidirectional, proj_size, dropout while
+training, autocast) goes to torch.nn's implementation, logged once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from tritonrnn import functional
+from tritonrnn._plan import log_once
+
+
+class _TritonRNNBase(nn.RNNBase):
+    """forward() on tritonrnn's kernels; everything else inherited from torch.nn."""
+
+    def _unsupported(self, input) -> str | None:
+        if isinstance(input, PackedSequence):
+            return "packed sequences"
+        if self.bidirectional:
+            return "bidirectional=True"
+        if self.proj_size > 0:
+            return "proj_size > 0"
+        if self.training and self.dropout > 0 and self.num_layers > 1:
+            return "dropout > 0 in training mode"
+        if (
+            isinstance(input, Tensor)
+            and input.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(input.device.type)
+        ):
+            return "autocast"
+        return None
+
+    def _check_devices(self, input: Tensor, hidden: tuple[Tensor, ...]) -> None:
+        weight = self._flat_weights[0]
+        if input.device != weight.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor at {input.device} "
+                f"and parameter tensor at {weight.device}"
+            )
+        for h in hidden:
+            if h.device != input.device:
+                raise RuntimeError(
+                    f"Input and hidden tensors are not at the same device, found input tensor at {input.device} "
+                    f"and hidden tensor at {h.device}"
+                )
+            if h.dtype != input.dtype:
+                raise RuntimeError(f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})")
+
+    def _layers(self) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+        layers = []
+        for k in range(self.num_layers):
+            w_ih = getattr(self, f"weight_ih_l{k}")
+            w_hh = getattr(self, f"weight_hh_l{k}")
+            b_ih = getattr(self, f"bias_ih_l{k}") if self.bias else None
+            b_hh = getattr(self, f"bias_hh_l{k}") if self.bias else None
+            layers.append((w_ih, w_hh, b_ih, b_hh))
+        return layers
+
+    def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
+        reason = self._unsupported(input)
+        if reason is not None:
+            log_once(f"tritonrnn.{type(self).__name__}: {reason} runs on torch.nn's implementation")
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        is_lstm = self.mode == "LSTM"
+        name = self.mode if is_lstm or self.mode == "GRU" else "RNN"
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        batch = input.size(batch_dim)
+        if hx is None:
+            zeros = torch.zeros(self.num_layers, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+            hidden = (zeros, zeros) if is_lstm else (zeros,)
+        else:
+            hidden = self._hidden_tuple(hx, is_lstm, is_batched)
+        self.check_forward_args(input, hidden if is_lstm else hidden[0], None)
+        self._check_devices(input, hidden)
+        if input.size(1 - batch_dim) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        x = input.transpose(0, 1) if self.batch_first else input
+        cell = self.mode.lower()
+        h0 = hidden[0]
+        c0 = hidden[1] if is_lstm else None
+        out, h_n, c_n = functional.rnn(cell, x, h0, c0, self._layers())
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not is_batched:
+            out = out.squeeze(batch_dim)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        return out, ((h_n, c_n) if is_lstm else h_n)
+
+    def _hidden_tuple(self, hx, is_lstm: bool, is_batched: bool) -> tuple[Tensor, ...]:
+        """hx as a tuple of [L, B, H] tensors, with torch.nn's errors for the wrong structure."""
+        if is_lstm:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of tensors")
+            hidden = tuple(hx)
+            dims = f"({hidden[0].dim()}-D, {hidden[1].dim()}-D) tensors"
+            if is_batched and (hidden[0].dim() != 3 or hidden[1].dim() != 3):
+                raise RuntimeError(f"For batched 3-D input, hx and cx should also be 3-D but got {dims}")
+            if not is_batched and (hidden[0].dim() != 2 or hidden[1].dim() != 2):
+                raise RuntimeError(f"For unbatched 2-D input, hx and cx should also be 2-D but got {dims}")
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(f"{type(self).__name__}: hx must be a tensor")
+            hidden = (hx,)
+            if is_batched and hx.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            if not is_batched and hx.dim() != 2:
+                raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+        if not is_batched:
+            hidden = tuple(h.unsqueeze(1) for h in hidden)
+        return hidden
+
+
+class LSTM(_TritonRNNBase, nn.LSTM):
+    """torch.nn.LSTM on tritonrnn's kernels (same arguments, parameters and returns)."""
+
+
+class GRU(_TritonRNNBase, nn.GRU):
+    """torch.nn.GRU on tritonrnn's kernels (same arguments, parameters and returns)."""
+
+
+class RNN(_TritonRNNBase, nn.RNN):
+    """torch.nn.RNN (nonlinearity "tanh" or "relu") on tritonrnn's kernels."""
