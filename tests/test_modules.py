@@ -118,3 +118,17 @@ def test_final_state_feeds_the_next_call():
     second, _ = ours(x[5:].to(DEVICE), state)
     ref, _ = theirs(x)
     torch.testing.assert_close(torch.cat([first, second]).cpu(), ref)
+
+
+def test_autocast_falls_back_to_torch(caplog):
+    torch.manual_seed(0)
+    ours = tritonrnn.GRU(4, 6).float()
+    theirs = nn.GRU(4, 6).float()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ours(x)
+        ref, _ = theirs(x)
+    torch.testing.assert_close(out, ref)
+    assert any("autocast" in r.getMessage() for r in caplog.records)

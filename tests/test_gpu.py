@@ -1,0 +1,143 @@
+"""GPU tier (pytest -m gpu, on the device): the kernels at real sizes against cuDNN and float64.
+
+Relative errors vs float64 (outputs, final states, every gradient) must be no worse than 1.5x
+cuDNN's on the same inputs in bf16/fp16, and about 1e-5 in IEEE fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from helpers import CELLS, loss_weights, make_pair, rel_err, run
+
+from tritonrnn import _plan
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def errors_vs_float64(cell, T, B, I, H, L, dtype, seed=0):
+    """(ours, cuDNN) relative errors vs a float64 cuDNN run, per tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ours, exact = make_pair(cell, I, H, num_layers=L)
+    cudnn = copy.deepcopy(exact).to(dtype=dtype, device=CUDA)
+    cudnn.flatten_parameters()
+    ours = ours.to(dtype=dtype, device=CUDA)
+    exact = exact.to(CUDA)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=gen).to(CUDA)
+    n_states = 2 if cell == "lstm" else 1
+    weights = loss_weights((T, B, H), [(L, B, H)] * n_states, gen)
+    ref = run(exact, x, None, weights)
+    result = {}
+    for name, module in (("ours", ours), ("cudnn", cudnn)):
+        out, states, grads = run(module, x.to(dtype), None, weights)
+        errs = {"output": rel_err(out, ref[0])}
+        errs.update({f"state{k}": rel_err(s, r) for k, (s, r) in enumerate(zip(states, ref[1]))})
+        errs.update({f"grad {k}": rel_err(grads[k], r) for k, r in ref[2].items()})
+        result[name] = errs
+    return result["ours"], result["cudnn"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "T,B,I,H,L",
+    [
+        pytest.param(64, 16, 256, 256, 3, id="T64-B16-H256-L3"),
+        pytest.param(128, 64, 512, 512, 2, id="T128-B64-H512-L2"),
+        pytest.param(512, 256, 1024, 1024, 2, id="T512-B256-H1024-L2"),
+        pytest.param(33, 5, 100, 100, 1, id="T33-B5-H100"),
+    ],
+)
+def test_half_precision_error_within_1_5x_cudnn(cell, dtype, T, B, I, H, L):
+    ours, cudnn = errors_vs_float64(cell, T, B, I, H, L, dtype)
+    # A relu RNN's gradients jump where rounding flips a unit's sign: see test_kernels' note.
+    factor = 3.0 if cell == "rnn_relu" else 1.5
+    bad = {k: (v, cudnn[k]) for k, v in ours.items() if not v <= max(factor * cudnn[k], 1e-3)}
+    assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,H,L", [(256, 16, 256, 2), (128, 64, 512, 2)])
+def test_fp32_ieee_error(cell, T, B, H, L):
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ours, cudnn = errors_vs_float64(cell, T, B, H, H, L, torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    bad = {k: v for k, v in ours.items() if not v <= max(2e-5, 1.5 * cudnn[k])}
+    assert not bad, f"relative errors vs float64: {bad} (cuDNN's: {cudnn})"
+
+
+def test_tf32_follows_the_matmul_flag():
+    """allow_tf32 on: still correct to TF32 accuracy, and measurably less exact than IEEE."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32, _ = errors_vs_float64("lstm", 64, 16, 256, 256, 1, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    ieee, _ = errors_vs_float64("lstm", 64, 16, 256, 256, 1, torch.float32)
+    assert max(tf32.values()) < 1e-2
+    assert tf32["output"] > 3 * ieee["output"]
+
+
+def test_persistent_kernels_are_used_at_the_benchmark_sizes(caplog):
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        for cell in CELLS:
+            plan = _plan.plan_layer(cell, 512, 16, torch.bfloat16, CUDA)
+            assert isinstance(plan, _plan.LayerPlan) and plan.persistent and plan.num_programs > 1
+            ours, _ = make_pair(cell, 512, 512)
+            x = torch.randn(8, 16, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+            ours.to(dtype=torch.bfloat16, device=CUDA)(x)[0].sum().backward()
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_hidden_size_beyond_the_kernels_falls_back_correctly(caplog):
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        ours, cudnn = errors_vs_float64("lstm", 8, 4, 64, 4096, 1, torch.bfloat16)
+    assert any("reference implementation" in r.getMessage() for r in caplog.records)
+    assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items())
+
+
+def test_split_grid_stepwise_mode_on_gpu(forced_plan):
+    """The one-launch-per-step mode (the fallback where a grid cannot be co-resident)."""
+    forced_plan(persistent=False)
+    ours, cudnn = errors_vs_float64("gru", 16, 8, 64, 200, 2, torch.bfloat16)
+    assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items())
+
+
+def test_bitwise_deterministic_at_scale():
+    torch.manual_seed(0)
+    ours, _ = make_pair("lstm", 512, 512, num_layers=2)
+    ours = ours.to(dtype=torch.bfloat16, device=CUDA)
+    x = torch.randn(128, 64, 512, device=CUDA, dtype=torch.bfloat16)
+    results = []
+    for _ in range(2):
+        xr = x.clone().requires_grad_()
+        out, _ = ours(xr)
+        results.append([out, *torch.autograd.grad(out.float().square().sum(), [xr, *ours.parameters()])])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_sequence_of_100000_steps_with_64bit_offsets():
+    """T * B * 4H = 3.3e9 elements in the input projection: offsets past 2**31 must be 64-bit."""
+    torch.manual_seed(0)
+    T, B, H = 100_000, 64, 128
+    ours, exact = make_pair("lstm", 8, H)
+    ours = ours.to(dtype=torch.bfloat16, device=CUDA)
+    exact = exact.float().to(CUDA)
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(T, B, 8, device=CUDA)
+    with torch.no_grad():
+        out, (h, c) = ours(x.bfloat16())
+        ref, (rh, rc) = exact(x)
+    torch.backends.cudnn.allow_tf32 = True
+    assert torch.isfinite(out).all()
+    assert rel_err(out[-1000:], ref[-1000:]) < 3e-2
+    assert rel_err(h, rh) < 3e-2 and rel_err(c, rc) < 3e-2
