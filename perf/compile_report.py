@@ -1,10 +1,13 @@
 """Compile the persistent kernels for a GPU architecture without a GPU and report their resources.
 
-    python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32]
+    python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32] [--check]
 
-Prints registers per thread, spilled bytes, local stack and shared memory of every kernel at the
-configuration ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU. It needs only the ptxas and
-cuobjdump shipped with Triton, so the fit of a configuration is known before a device is lent.
+Prints registers per thread, local stack and shared memory of every kernel at the configuration
+``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to
+one predicated release and one predicated acquire per program between CTA barriers. It needs only the
+ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
+lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
+barrier's lowering is not the expected one. Run it with the interpreter off (TRITON_INTERPRET unset).
 """
 
 from __future__ import annotations
@@ -13,16 +16,21 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from unittest import mock
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 
 from tritonrnn import _plan
 from tritonrnn.functional import _kernel_constants
+from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
+from tritonrnn.kernels.sync import grid_barrier
+
+H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,10 +49,37 @@ def _signature(fn, pointer_types: dict[str, str], constants: dict) -> tuple[dict
     return signature, constexprs
 
 
-def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, num_warps: int) -> dict:
-    signature, constexprs = _signature(fn, pointer_types, constants)
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4):
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+@triton.jit
+def _barrier_probe(counter, out, n):
+    for s in range(n):
+        grid_barrier(counter, (s + 1) * tl.num_programs(0))
+    tl.store(out + tl.program_id(0), 1)
+
+
+def barrier_lowering_problems(arch: int) -> list[str]:
+    """What is wrong with the grid barrier's PTX (empty when it is one predicated release, one predicated
+    acquire, both at GPU scope, and CTA barriers around them)."""
+    ptx = _compile(_barrier_probe, {"counter": "*i32", "out": "*i32", "n": "i32"}, {}, arch).asm["ptx"]
+    lines = [line.strip() for line in ptx.splitlines()]
+    arrive = [line for line in lines if ".release" in line and ("red." in line or "atom." in line)]
+    wait = [line for line in lines if ".acquire" in line]
+    problems = []
+    if len(arrive) != 1 or not arrive[0].startswith("@%p") or ".gpu" not in arrive[0]:
+        problems.append(f"arrival is not one predicated gpu-scope release: {arrive}")
+    if len(wait) != 1 or not wait[0].startswith("@%p") or ".gpu" not in wait[0]:
+        problems.append(f"polling is not one predicated gpu-scope acquire: {wait}")
+    if sum("bar.sync" in line for line in lines) < 3:
+        problems.append("fewer than 3 CTA barriers around the arrival and the poll")
+    return problems
+
+
+def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, num_warps: int) -> dict:
+    kernel = _compile(fn, *_signature(fn, pointer_types, constants), arch, num_warps)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -60,11 +95,12 @@ def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, nu
     )
 
 
-def report(cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int) -> str:
+def report(cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int) -> tuple[str, int]:
+    """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback)."""
     with mock.patch.object(_plan, "_sm_count", return_value=132):
         plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0))
     if isinstance(plan, str):
-        return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})"
+        return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
     constants = _kernel_constants(cell, hidden, dtype, plan)
     num_warps = constants.pop("num_warps")
     t, acc = TRITON_TYPES[dtype], "fp32"
@@ -93,25 +129,35 @@ def report(cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int) ->
         arch,
         num_warps,
     )
-    return (
+    line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
         f"BLOCK_B={plan.block_b} warps={num_warps} | fwd {fwd} | bwd {bwd}"
     )
+    return line, max(fwd["smem"], bwd["smem"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh"])
+    parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh"], choices=sorted(_plan.CELLS))
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    args = parser.parse_args()
+    parser.add_argument("--check", action="store_true", help="exit 1 on a kernel over H100 shared memory")
+    args = parser.parse_args(argv)
+    failures = barrier_lowering_problems(args.arch)
+    print("grid barrier lowering:", "; ".join(failures) or "ok", flush=True)
     for dtype in args.dtype:
         for cell in args.cells:
             for hidden in args.hidden:
                 for batch in args.batch:
-                    print(report(cell, hidden, batch, DTYPES[dtype], args.arch), flush=True)
+                    line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch)
+                    print(line, flush=True)
+                    if shared > H100_MAX_SHARED:
+                        failures.append(f"over shared memory: {line}")
+    if args.check and failures:
+        print("FAILED:\n" + "\n".join(failures))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

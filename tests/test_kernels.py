@@ -230,3 +230,22 @@ def test_long_sequence_on_the_cpu_path(monkeypatch):
     ref, rh = theirs(x)
     torch.testing.assert_close(out[-100:], ref[-100:])
     torch.testing.assert_close(h, rh)
+
+
+def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatch, caplog):
+    """functional.rnn falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU)."""
+    monkeypatch.setattr(tritonrnn.functional, "plan_layer", lambda *args: "W_hh slice does not fit on chip")
+    monkeypatch.setattr(tritonrnn.functional.RecurrentLayerFunction, "apply", None)  # must not be reached
+    tritonrnn._plan._logged.clear()
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 5, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    ours = ours.to(DEVICE)
+    h0 = torch.zeros(2, 2, 5, dtype=torch.float64, device=DEVICE)
+    with caplog.at_level("WARNING", logger="tritonrnn"):
+        for _ in range(2):
+            out, h, c = tritonrnn.functional.rnn("lstm", x.to(DEVICE), h0, h0, ours._layers())
+    ref, (rh, rc) = theirs(x)
+    torch.testing.assert_close(out.cpu(), ref)
+    torch.testing.assert_close(c.cpu(), rc)
+    assert len(caplog.records) == 1 and "does not fit" in caplog.records[0].getMessage()

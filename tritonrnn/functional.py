@@ -200,6 +200,19 @@ class RecurrentLayerFunction(torch.autograd.Function):
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None
 
 
+def kernel_plan(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device) -> LayerPlan | str:
+    """How the kernels run a layer on this device, or a string saying why they cannot."""
+    if device.type not in ("cpu", "cuda"):
+        return f"no kernels for device type {device.type!r}"
+    plan = plan_layer(cell, hidden, batch, dtype, device)
+    if device.type == "cuda" and not isinstance(plan, str):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # The TF32 flag changes the compiled dot, so it is part of the cache key.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        return _gpu_misfit(cell, hidden, dtype, tf32, plan, index) or plan
+    return plan
+
+
 def _layer(
     cell: str,
     x: Tensor,
@@ -211,21 +224,12 @@ def _layer(
     b_hh: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer on the kernels, or on the reference where they cannot run it."""
-    device = x.device
-    if device.type == "cpu" and not interpret_mode():
+    if x.device.type == "cpu" and not interpret_mode():
         return reference.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if device.type not in ("cpu", "cuda"):
-        plan = f"no kernels for device type {device.type!r}"
-    else:
-        plan = plan_layer(cell, w_hh.shape[1], x.shape[1], x.dtype, device)
-        if device.type == "cuda" and not isinstance(plan, str):
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            # The TF32 flag changes the compiled dot, so it is part of the cache key.
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            plan = _gpu_misfit(cell, w_hh.shape[1], x.dtype, tf32, plan, index) or plan
+    plan = kernel_plan(cell, w_hh.shape[1], x.shape[1], x.dtype, x.device)
     if isinstance(plan, str):
         log_once(
-            f"tritonrnn: {cell} layer with hidden_size={w_hh.shape[1]}, {x.dtype}, on {device.type}: {plan}; "
+            f"tritonrnn: {cell} layer with hidden_size={w_hh.shape[1]}, {x.dtype}, on {x.device.type}: {plan}; "
             "running the PyTorch reference implementation instead (correct, much slower)"
         )
         return reference.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)

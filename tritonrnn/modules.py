@@ -20,6 +20,7 @@ class _TritonRNNBase(nn.RNNBase):
     """forward() on tritonrnn's kernels; everything else inherited from torch.nn."""
 
     def _unsupported(self, input) -> str | None:
+        """Why torch.nn's implementation has to run this call, or None when the kernels can."""
         if isinstance(input, PackedSequence):
             return "packed sequences"
         if self.bidirectional:
