@@ -41,6 +41,14 @@ def _dot(a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.co
 
 
 @triton.jit
+def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's hidden units (o_j, m_j) and all H units of the reduction (o_k, m_k)."""
+    o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_k = tl.arange(0, BLOCK_K)
+    return o_j, o_j < H, o_k, o_k < H
+
+
+@triton.jit
 def _load_gate_tiles(p_w, m_w, H: tl.constexpr, G: tl.constexpr):
     """The G weight tiles of W_hh [G*H, H] at p_w (gate g starts H*H elements after gate g-1)."""
     b_w0 = tl.load(p_w, mask=m_w, other=0.0)
@@ -80,12 +88,8 @@ def rnn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    o_j = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_j = o_j < H
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < H
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     # b_w{g}[k, j] = W_hh[g*H + j, k]: loaded once, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H, G)
     if CELL == CELL_GRU:
@@ -210,12 +214,8 @@ def rnn_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    o_j = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_j = o_j < H
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < H
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H, G)
     grad_ty = grad_gates.dtype.element_ty
