@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tritonrnn import reference
-from tritonrnn._plan import CELLS, LayerPlan, interpret_mode, log_once, plan_layer
+from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_layer
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 
 LayerWeights = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
@@ -206,10 +206,9 @@ def kernel_plan(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: 
         return f"no kernels for device type {device.type!r}"
     plan = plan_layer(cell, hidden, batch, dtype, device)
     if device.type == "cuda" and not isinstance(plan, str):
-        index = device.index if device.index is not None else torch.cuda.current_device()
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
         tf32 = torch.backends.cuda.matmul.allow_tf32
-        return _gpu_misfit(cell, hidden, dtype, tf32, plan, index) or plan
+        return _gpu_misfit(cell, hidden, dtype, tf32, plan, cuda_index(device)) or plan
     return plan
 
 
