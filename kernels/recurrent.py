@@ -3,6 +3,7 @@
 Dimension letters:
     T  time steps            B  batch                 H  hidden units
     G  gates per unit (RNN 1, GRU 3, LSTM 4)          S  saved activations per unit (LSTM 5, GRU 4, RNN 0)
+    D  directions in the buffers (1, or 2 for a bidirectional layer; program_id(1) picks one)
     BLOCK_H  hidden units owned by one program (the grid splits H)
     BLOCK_B  batch rows per tile (a program loops over the batch)
     BLOCK_K  next power of two >= H: the reduction over the previous hidden state
@@ -14,14 +15,22 @@ gradients (backward) through global memory and meet at a grid barrier (``SYNC``)
 That mode lets the interpreter (which runs programs one after another) test a split grid, and it
 is the fallback where the grid could not be co-resident.
 
-Variable lengths, a reverse direction and fused dropout masks belong in these loops too: they
-change which rows and steps a program reads, not the structure.
+Directions: step s of direction d handles time t = s (forward) or T - 1 - s (reverse). Everything
+indexed by time (the input projection, the layer output, saved activations, gate gradients) is
+stored in time order, so the host's GEMMs cover both directions at once; ``hseq`` holds direction
+d's hidden states with h_t at row t + 1 - d and the initial state at row 0 (forward) or T (reverse).
+Both directions run in one launch (grid (P, 2), each with its own barrier counter) where the GPU
+holds both grids, else one after the other (``direction0``).
+
+The layer output y = h (+ the layer input with ``RESIDUAL``) and the next layer's input
+z = dropout(y) are written where h is, with the mask drawn in place (kernels/dropout.py).
 """
 
 import triton
 import triton.language as tl
 
 from .activations import relu, sigmoid, tanh
+from .dropout import DROPOUT_NONE, dropout_scale
 from .sync import grid_barrier
 
 CELL_RNN_TANH = tl.constexpr(0)
@@ -63,54 +72,97 @@ def _load_gate_tiles(p_w, m_w, H: tl.constexpr, G: tl.constexpr):
     return b_w0, b_w1, b_w2, b_w3
 
 
-@triton.jit(do_not_specialize=["B", "t_start", "n_steps"])
+@triton.jit
+def _time(step, T, d):
+    """The time index of direction d's step: step (forward) or T - 1 - step (reverse)."""
+    return step + d * (T - 1 - 2 * step)
+
+
+@triton.jit
+def _emit(y, res, z, b_h, t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H: tl.constexpr, D: tl.constexpr,
+          WRITE_Y: tl.constexpr, RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+    """Write the layer output y = h (+ res) and the next layer's input z = dropout(y) for step t's rows o_b."""
+    if WRITE_Y or DROPOUT != DROPOUT_NONE:
+        o_w = d * H + o_j.to(tl.int64)
+        o_y = (t * B + o_b)[:, None] * (D * H) + o_w[None, :]
+        m_bj = m_b[:, None] & m_j[None, :]
+        b_y = b_h
+        if RESIDUAL:
+            b_y += tl.load(res + o_y, mask=m_bj, other=0.0).to(b_h.dtype)
+        if WRITE_Y:
+            tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_bj)
+        if DROPOUT != DROPOUT_NONE:
+            b_z = b_y * dropout_scale(seed, p_drop, t, o_b, o_w, B, D * H, DROPOUT)
+            tl.store(z + o_y, b_z.to(z.dtype.element_ty), mask=m_bj)
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed", "p_drop"])
 def rnn_fwd_kernel(
-    xproj,  # [T, B, G*H] x @ W_ih^T plus the biases that can be folded in (all but GRU's b_hn)
-    w_hh,  # [G*H, H]
-    b_hn,  # [H] GRU's hidden bias of the n gate (sits inside r * (...)); unused by other cells
-    hseq,  # [T+1, B, H] hseq[0] = h0, hseq[t+1] = h_t (the layer's output)
-    state,  # [B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
-    saved,  # [T, B, S*H] ACC: activations kept for backward (written when SAVE)
-    counter,  # [1] int32, zeroed: grid barrier
+    xproj,  # [T, B, D*G*H] x @ W_ih^T plus the biases that can be folded in (all but GRU's b_hn)
+    w_hh,  # [D, G*H, H]
+    b_hn,  # [D, H] GRU's hidden bias of the n gate (sits inside r * (...)); unused by other cells
+    hseq,  # [D, T+1, B, H] the hidden states: h_t at row t + 1 - d, the initial state at row d * T
+    state,  # [D, B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
+    saved,  # [D, T, B, S*H] ACC: activations kept for backward, by time (written when SAVE)
+    y,  # [T, B, D*H] the layer output (written when WRITE_Y; else hseq[0, 1:] is the output)
+    res,  # [T, B, D*H] the layer input, added to the output (RESIDUAL)
+    z,  # [T, B, D*H] dropout(y), the next layer's input (written when DROPOUT)
+    counter,  # [D] int32, zeroed: one grid barrier per direction
+    T,
     B,
-    t_start,
+    t_start,  # runs steps t_start, ..., t_start + n_steps - 1 of each direction
     n_steps,
+    direction0,  # the direction of program_id(1) == 0
+    seed,
+    p_drop,
     H: tl.constexpr,
     CELL: tl.constexpr,
     G: tl.constexpr,
     S: tl.constexpr,
+    D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SAVE: tl.constexpr,
     SYNC: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
     num_programs = tl.num_programs(0)
+    d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    # This direction's slices of every buffer.
+    w_hh += d * (G * H * H)
+    hseq += d * (T + 1) * B * H
+    state += d * B * H
+    saved += d * T * B * (S * H)
+    xproj += d * (G * H)
+    counter += d
     # b_w{g}[k, j] = W_hh[g*H + j, k]: loaded once, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H, G)
     if CELL == CELL_GRU:
-        b_bhn = tl.load(b_hn + o_j, mask=m_j, other=0.0).to(ACC)
+        b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)
     out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
-        t = (t_start + s).to(tl.int64)
+        t = _time((t_start + s).to(tl.int64), T, d)
         for b0 in range(0, B, BLOCK_B):
-            o_b = b0 + tl.arange(0, BLOCK_B)
+            o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             m_b = o_b < B
             row = t * B + o_b
             m_bj = m_b[:, None] & m_j[None, :]
             # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
             b_h = tl.load(
-                hseq + row[:, None] * H + o_k[None, :],
+                hseq + ((t + d) * B + o_b)[:, None] * H + o_k[None, :],
                 mask=m_b[:, None] & m_k[None, :],
                 other=0.0,
                 cache_modifier=".cg",
             )
-            p_x = xproj + row[:, None] * (G * H) + o_j[None, :]
+            p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
             a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
@@ -152,26 +204,34 @@ def rnn_fwd_kernel(
                 b_hnew = tanh(a0)
             else:
                 b_hnew = relu(a0)
-            tl.store(hseq + (row[:, None] + B) * H + o_j[None, :], b_hnew.to(out_ty), mask=m_bj)
+            b_hout = b_hnew.to(out_ty)
+            tl.store(hseq + ((t + 1 - d) * B + o_b)[:, None] * H + o_j[None, :], b_hout, mask=m_bj)
+            # The output is h as rounded to the dtype (what the next step and torch.nn see).
+            _emit(
+                y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H, D, WRITE_Y, RESIDUAL, DROPOUT
+            )  # fmt: skip
         if SYNC:
             grid_barrier(counter, (s + 1) * num_programs)
 
 
 @triton.jit
 def _bwd_recurrent_step(
-    grad_gates, grad_h, u, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-    H: tl.constexpr, G: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    grad_gates, grad_h, tn, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """grad_h[:, j] += sum_g grad_gates[u, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh_{u-1} through W_hh."""
+    """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
+
+    tn is the time of the direction's next step; grad_gates and grad_h point at this direction's slice.
+    """
     for b0 in range(0, B, BLOCK_B):
-        o_b = b0 + tl.arange(0, BLOCK_B)
+        o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         m_b = o_b < B
         m_bk = m_b[:, None] & m_k[None, :]
         m_bj = m_b[:, None] & m_j[None, :]
         p_dh = grad_h + o_b[:, None] * H + o_j[None, :]
         # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
-        p_dg = grad_gates + (u * B + o_b)[:, None] * (G * H) + o_k[None, :]
+        p_dg = grad_gates + (tn * B + o_b)[:, None] * (D * G * H) + o_k[None, :]
         acc = tl.load(p_dh, mask=m_bj, other=0.0)
         acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
         if G > 1:
@@ -185,68 +245,95 @@ def _bwd_recurrent_step(
         tl.store(p_dh, acc, mask=m_bj)
 
 
-@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "finish"])
+@triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed", "p_drop"])
 def rnn_bwd_kernel(
-    w_hh,  # [G*H, H]
-    hseq,  # [T+1, B, H] from the forward: hseq[t] = h_{t-1}
-    saved,  # [T, B, S*H] ACC from the forward
-    c0,  # [B, H] ACC: LSTM's initial cell state (c_{t-1} at t = 0)
-    grad_out,  # [T, B, H] dL/d(output)
-    grad_gates,  # [T, B, G*H] out: dL/d(recurrent pre-activations W_hh h_{t-1} + b_hh)
-    grad_xn,  # [T, B, H] out, GRU only: dL/d(input part of the n gate), which differs from grad_gates'
-    grad_h,  # [B, H] ACC: dL/dh_n in, dL/dh0 out
-    grad_c,  # [B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
-    counter,  # [1] int32, zeroed: grid barrier
+    w_hh,  # [D, G*H, H]
+    hseq,  # [D, T+1, B, H] from the forward
+    saved,  # [D, T, B, S*H] ACC from the forward, by time
+    c0,  # [D, B, H] ACC: LSTM's initial cell state
+    grad_y,  # [T, B, D*H] dL/dy, the layer output
+    grad_z,  # [T, B, D*H] dL/dz, the next layer's input (DROPOUT)
+    grad_res,  # [T, B, D*H] out (RESIDUAL): dL/dy + dropout'(dL/dz), the gradient the residual adds to dx
+    grad_gates,  # [T, B, D*G*H] out: dL/d(recurrent pre-activations W_hh h_{t-1} + b_hh), by time
+    grad_xn,  # [T, B, D*H] out, GRU only: dL/d(input part of the n gate), which differs from grad_gates'
+    grad_h,  # [D, B, H] ACC: dL/dh_n in, dL/dh0 out
+    grad_c,  # [D, B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
+    counter,  # [D] int32, zeroed: one grid barrier per direction
     T,
     B,
-    t_start,  # runs steps t_start, t_start - 1, ..., t_start - n_steps + 1
+    u_start,  # runs steps u_start, u_start - 1, ..., u_start - n_steps + 1 of each direction
     n_steps,
-    finish,  # nonzero: after the steps, carry grad_gates[t_start - n_steps + 1] into grad_h
+    finish,  # nonzero: after the steps, carry the gate gradients of step u_start - n_steps + 1 into grad_h
+    direction0,  # the direction of program_id(1) == 0
+    seed,
+    p_drop,
     H: tl.constexpr,
     CELL: tl.constexpr,
     G: tl.constexpr,
     S: tl.constexpr,
+    D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SYNC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
     num_programs = tl.num_programs(0)
+    d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    w_hh += d * (G * H * H)
+    hseq += d * (T + 1) * B * H
+    saved += d * T * B * (S * H)
+    c0 += d * B * H
+    grad_h += d * B * H
+    grad_c += d * B * H
+    grad_gates += d * (G * H)
+    counter += d
+    o_w = d * H + o_j.to(tl.int64)  # this program's columns of the [T, B, D*H] tensors
     # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H, G)
     grad_ty = grad_gates.dtype.element_ty
 
     for s in range(n_steps):
-        t = (t_start - s).to(tl.int64)
-        if t < T - 1:
+        u = (u_start - s).to(tl.int64)
+        t = _time(u, T, d)
+        if u < T - 1:
             _bwd_recurrent_step(
-                grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-                H, G, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+                grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
+                H, G, D, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
         tl.debug_barrier()
         for b0 in range(0, B, BLOCK_B):
-            o_b = b0 + tl.arange(0, BLOCK_B)
+            o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             m_b = o_b < B
             row = t * B + o_b
             m_bj = m_b[:, None] & m_j[None, :]
-            o_bj = row[:, None] * H + o_j[None, :]
+            o_h = row[:, None] * H + o_j[None, :]  # [T, B, H] layout: saved rows, hseq rows
+            o_y = row[:, None] * (D * H) + o_w[None, :]  # [T, B, D*H] layout
             p_dh = grad_h + o_b[:, None] * H + o_j[None, :]
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
-            p_dg = grad_gates + row[:, None] * (G * H) + o_j[None, :]
-            b_dh = tl.load(grad_out + o_bj, mask=m_bj, other=0.0).to(ACC) + tl.load(p_dh, mask=m_bj, other=0.0)
+            p_dg = grad_gates + row[:, None] * (D * G * H) + o_j[None, :]
+            b_dy = tl.load(grad_y + o_y, mask=m_bj, other=0.0).to(ACC)
+            if DROPOUT != DROPOUT_NONE:
+                b_dz = tl.load(grad_z + o_y, mask=m_bj, other=0.0).to(ACC)
+                b_dy += b_dz * dropout_scale(seed, p_drop, t, o_b, o_w, B, D * H, DROPOUT)
+            if RESIDUAL:
+                tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bj)
+            b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
             if CELL == CELL_LSTM:
                 b_i = tl.load(p_saved, mask=m_bj, other=0.0)
                 b_f = tl.load(p_saved + H, mask=m_bj, other=0.0)
                 b_g = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
                 b_o = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
                 b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0))
-                if t > 0:
-                    p_cprev = p_saved - B * S * H + 4 * H
+                if u > 0:
+                    # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse).
+                    p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
                 else:
                     p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
                 b_cprev = tl.load(p_cprev, mask=m_bj, other=0.0)
@@ -263,16 +350,16 @@ def rnn_bwd_kernel(
                 b_z = tl.load(p_saved + H, mask=m_bj, other=0.0)
                 b_n = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
                 b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
-                b_hprev = tl.load(hseq + o_bj, mask=m_bj, other=0.0).to(ACC)
+                b_hprev = tl.load(hseq + o_h + d * B * H, mask=m_bj, other=0.0).to(ACC)
                 b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
                 tl.store(p_dg, (b_dan * b_ghn * b_r * (1.0 - b_r)).to(grad_ty), mask=m_bj)
                 tl.store(p_dg + H, (b_dh * (b_hprev - b_n) * b_z * (1.0 - b_z)).to(grad_ty), mask=m_bj)
                 tl.store(p_dg + 2 * H, (b_dan * b_r).to(grad_ty), mask=m_bj)
-                tl.store(grad_xn + o_bj, b_dan.to(grad_ty), mask=m_bj)
+                tl.store(grad_xn + o_y, b_dan.to(grad_ty), mask=m_bj)
                 # h_t = ... + z * h_{t-1}: the direct path to the previous state.
                 tl.store(p_dh, b_dh * b_z, mask=m_bj)
             else:
-                b_hnew = tl.load(hseq + o_bj + B * H, mask=m_bj, other=0.0).to(ACC)
+                b_hnew = tl.load(hseq + o_h + (1 - d) * B * H, mask=m_bj, other=0.0).to(ACC)
                 if CELL == CELL_RNN_TANH:
                     b_da = b_dh * (1.0 - b_hnew * b_hnew)
                 else:
@@ -285,6 +372,6 @@ def rnn_bwd_kernel(
 
     if finish != 0:
         _bwd_recurrent_step(
-            grad_gates, grad_h, (t_start - n_steps + 1).to(tl.int64), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-            H, G, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+            grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_j, o_k, m_k,
+            b_w0, b_w1, b_w2, b_w3, H, G, D, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip

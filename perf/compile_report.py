@@ -26,7 +26,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from tritonrnn import _plan
-from tritonrnn.functional import _kernel_constants
+from tritonrnn.functional import Variant, _kernel_constants
+from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.sync import grid_barrier
 
@@ -34,6 +35,13 @@ H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockO
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCALAR_TYPES = {"p_drop": "fp32"}  # other scalar arguments are i32
+# What a layer's kernels do besides the recurrence (each compiles separately).
+VARIANTS = {
+    "plain": Variant(),
+    "bidir+residual+dropout": Variant(directions=2, residual=True, dropout_mode=int(DROPOUT_STANDARD.value)),
+    "variational": Variant(dropout_mode=int(DROPOUT_VARIATIONAL.value)),
+}
 
 
 def _signature(fn, pointer_types: dict[str, str], constants: dict) -> tuple[dict, dict]:
@@ -45,7 +53,7 @@ def _signature(fn, pointer_types: dict[str, str], constants: dict) -> tuple[dict
         elif name in pointer_types:
             signature[name] = "*" + pointer_types[name]
         else:
-            signature[name] = "i32"
+            signature[name] = SCALAR_TYPES.get(name, "i32")
     return signature, constexprs
 
 
@@ -95,43 +103,38 @@ def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, nu
     )
 
 
-def report(cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int) -> tuple[str, int]:
+def report(
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, variant: str = "plain"
+) -> tuple[str, int]:
     """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback)."""
+    variant = VARIANTS[variant]
     with mock.patch.object(_plan, "_sm_count", return_value=132):
-        plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0))
+        plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions)
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
-    constants = _kernel_constants(cell, hidden, dtype, plan)
+    constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps = constants.pop("num_warps")
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd = _resources(
         rnn_fwd_kernel,
-        dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, counter="i32"),
-        dict(constants, SAVE=True, SYNC=plan.persistent),
+        dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32"),
+        dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y),
         arch,
         num_warps,
     )
     bwd = _resources(
         rnn_bwd_kernel,
         dict(
-            w_hh=t,
-            hseq=t,
-            saved=acc,
-            c0=acc,
-            grad_out=t,
-            grad_gates=t,
-            grad_xn=t,
-            grad_h=acc,
-            grad_c=acc,
-            counter="i32",
+            w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t, grad_h=acc,
+            grad_c=acc, counter="i32",
         ),
         dict(constants, SYNC=plan.persistent),
         arch,
         num_warps,
-    )
+    )  # fmt: skip
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
-        f"BLOCK_B={plan.block_b} warps={num_warps} | fwd {fwd} | bwd {bwd}"
+        f"BLOCK_B={plan.block_b} warps={num_warps} {variant} | fwd {fwd} | bwd {bwd}"
     )
     return line, max(fwd["smem"], bwd["smem"])
 
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS))
     parser.add_argument("--check", action="store_true", help="exit 1 on a kernel over H100 shared memory")
     args = parser.parse_args(argv)
     failures = barrier_lowering_problems(args.arch)
@@ -151,10 +155,11 @@ def main(argv: list[str] | None = None) -> None:
         for cell in args.cells:
             for hidden in args.hidden:
                 for batch in args.batch:
-                    line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch)
-                    print(line, flush=True)
-                    if shared > H100_MAX_SHARED:
-                        failures.append(f"over shared memory: {line}")
+                    for variant in args.variants:
+                        line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant)
+                        print(line, flush=True)
+                        if shared > H100_MAX_SHARED:
+                            failures.append(f"over shared memory: {line}")
     if args.check and failures:
         print("FAILED:\n" + "\n".join(failures))
         sys.exit(1)

@@ -81,3 +81,85 @@ def x(*shape, dtype=torch.float32):
 def test_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def stack(layers=(("lstm", 6), ("gru", 6)), **kwargs):
+    return tritonrnn.StackedRNN(4, list(layers), **kwargs).to(DEVICE)
+
+
+def states(*shapes):
+    return [tuple(x(*s) for s in shape) if isinstance(shape[0], tuple) else x(*shape) for shape in shapes]
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        pytest.param(lambda: stack([("lstm", 6), ("gruu", 6)]), ValueError, r"layer 1: unknown cell 'gruu'", id="cell"),
+        pytest.param(lambda: stack([]), ValueError, "non-empty list", id="no-layers"),
+        pytest.param(lambda: stack([("lstm",)]), ValueError, r"layer 0: expected a \(cell, hidden_size\)", id="spec"),
+        pytest.param(lambda: stack([("lstm", 0)]), ValueError, "layer 0: hidden_size should be a positive", id="h0"),
+        pytest.param(
+            lambda: stack([("lstm", 4), ("gru", 5)], residual=True),
+            ValueError,
+            r"layer 1 \(gru\) reads 4 features but outputs 5",
+            id="residual-sizes",
+        ),
+        pytest.param(
+            lambda: stack([("lstm", 4)], residual=True, bidirectional=True),
+            ValueError,
+            "layer 0 .* reads 4 features but outputs 8",
+            id="residual-bidirectional",
+        ),
+        pytest.param(lambda: stack(dropout=1.0), ValueError, r"dropout should be a number in range \[0, 1\)", id="p=1"),
+        pytest.param(lambda: stack(dropout=-0.2), ValueError, "dropout should be a number", id="p<0"),
+        pytest.param(lambda: stack(dropout="0.1"), ValueError, "dropout should be a number", id="p-str"),
+        pytest.param(lambda: stack(dropout_mode="zoneout"), ValueError, "dropout_mode should be one of", id="mode"),
+        pytest.param(lambda: stack(weight_drop=1.0), ValueError, r"weight_drop should be a number", id="weight-drop"),
+        pytest.param(lambda: stack()(x(5, 3, 7)), RuntimeError, "Expected 4, got 7", id="feature-size"),
+        pytest.param(lambda: stack()(x(5, 3, 4, dtype=torch.float64)), ValueError, "input dtype", id="dtype"),
+        pytest.param(lambda: stack()(x(5)), ValueError, "got 1D", id="1d"),
+        pytest.param(lambda: stack()(x(0, 3, 4)), RuntimeError, "larger than 0", id="empty"),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), states(((1, 3, 6), (1, 3, 6)))),
+            ValueError,
+            r"one state per layer \(2\), got 1 entries",
+            id="states-length",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), x(2, 3, 6)), ValueError, "one state per layer", id="states-not-a-list"
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), states((1, 3, 6), (1, 3, 6))),
+            ValueError,
+            r"states\[0\]: layer 0 is an LSTM; its state is a tuple \(h, c\)",
+            id="lstm-state-structure",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), states(((1, 3, 6), (1, 3, 6)), ((1, 3, 6), (1, 3, 6)))),
+            ValueError,
+            r"states\[1\]: layer 1 is gru; its state is one tensor",
+            id="gru-state-structure",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), states(((1, 3, 6), (1, 3, 5)), (1, 3, 6))),
+            RuntimeError,
+            r"states\[0\]: expected c of size \[1, 3, 6\], got \[1, 3, 5\]",
+            id="state-size",
+        ),
+        pytest.param(
+            lambda: stack(bidirectional=True)(x(5, 3, 4), states(((1, 3, 6), (1, 3, 6)), (1, 3, 6))),
+            RuntimeError,
+            r"expected h of size \[2, 3, 6\]",
+            id="state-directions",
+        ),
+        pytest.param(
+            lambda: stack()(torch.nn.utils.rnn.pack_padded_sequence(x(5, 2, 4), torch.tensor([5, 3]))),
+            TypeError,
+            "does not take a PackedSequence",
+            id="packed",
+        ),
+    ],
+)
+def test_stacked_rnn_bad_input_raises(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

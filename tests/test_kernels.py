@@ -18,22 +18,24 @@ from tritonrnn import reference
 
 
 def compare(
-    cell, T, B, I, H, L, dtype=torch.float64, batch_first=False, bias=True, give_hx=True, unbatched=False, seed=0
-):
+    cell, T, B, I, H, L, dtype=torch.float64, batch_first=False, bias=True, give_hx=True, unbatched=False, seed=0,
+    bidirectional=False,
+):  # fmt: skip
     """Run tritonrnn (dtype, DEVICE) and torch.nn (float64, CPU) on the same weights and inputs; assert."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    ours, theirs = make_pair(cell, I, H, num_layers=L, batch_first=batch_first, bias=bias)
+    ours, theirs = make_pair(cell, I, H, num_layers=L, batch_first=batch_first, bias=bias, bidirectional=bidirectional)
     ours = ours.to(dtype=dtype, device=DEVICE)
     x_shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
     x = torch.randn(x_shape, dtype=torch.float64, generator=gen)
-    state_shape = (L, H) if unbatched else (L, B, H)
+    D = 2 if bidirectional else 1
+    state_shape = (L * D, H) if unbatched else (L * D, B, H)
     n_states = 2 if cell == "lstm" else 1
     hx = None
     if give_hx:
         hs = tuple(torch.randn(state_shape, dtype=torch.float64, generator=gen) for _ in range(n_states))
         hx = hs if cell == "lstm" else hs[0]
-    out_shape = x_shape[:-1] + (H,)
+    out_shape = x_shape[:-1] + (D * H,)
     weights = loss_weights(out_shape, [state_shape] * n_states, gen)
 
     def cast(h):
@@ -124,6 +126,32 @@ def test_split_grid_bfloat16_several_batch_tiles(forced_plan):
     compare("lstm", 4, 20, 4, 33, 1, dtype=torch.bfloat16, seed=3)
 
 
+BIDIRECTIONAL = [
+    pytest.param(dict(T=1, B=1, I=3, H=1, L=1), id="T1-B1-H1"),
+    pytest.param(dict(T=7, B=5, I=4, H=9, L=2), id="T7-B5-H9-L2"),
+    pytest.param(dict(T=6, B=3, I=5, H=20, L=3, batch_first=True, give_hx=False), id="L3-batch_first-no_hx"),
+    pytest.param(dict(T=5, B=1, I=2, H=6, L=2, unbatched=True, bias=False), id="unbatched-no_bias"),
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", BIDIRECTIONAL)
+def test_bidirectional_float64_matches_torch(cell, shape):
+    compare(cell, **shape, bidirectional=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bidirectional_split_grid_directions_one_after_the_other(cell, forced_plan):
+    """Both directions split over programs and launched one direction at a time, one step per launch."""
+    forced_plan(block_h=16, persistent=False, directions_together=False)
+    compare(cell, 5, 3, 4, 33, 2, dtype=torch.float32, seed=4, bidirectional=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bidirectional_low_precision_against_float64(dtype):
+    compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=5, bidirectional=True)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck_float64(cell):
     """Finite differences through the kernels, for every input of a layer."""
@@ -189,15 +217,17 @@ def test_nan_propagates_like_torch(cell):
     assert torch.isnan(ref).any()
 
 
-def test_reference_matches_torch():
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_reference_matches_torch(bidirectional):
     """The shared float64 reference itself, against torch.nn, for every cell."""
     torch.manual_seed(0)
+    D = 2 if bidirectional else 1
     for cell in CELLS:
-        ours, theirs = make_pair(cell, 3, 5, num_layers=2)
+        ours, theirs = make_pair(cell, 3, 5, num_layers=2, bidirectional=bidirectional)
         x = torch.randn(4, 2, 3, dtype=torch.float64)
-        h0 = torch.randn(2, 2, 5, dtype=torch.float64)
-        c0 = torch.randn(2, 2, 5, dtype=torch.float64) if cell == "lstm" else None
-        out, h_n, c_n = reference.stack_forward(cell, x, h0, c0, ours._layers())
+        h0 = torch.randn(2 * D, 2, 5, dtype=torch.float64)
+        c0 = torch.randn(2 * D, 2, 5, dtype=torch.float64) if cell == "lstm" else None
+        out, h_n, c_n = reference.stack_forward(x, h0, c0, ours._layers())
         ref, states = theirs(x, (h0, c0) if cell == "lstm" else h0)
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(h_n, states[0] if cell == "lstm" else states)
@@ -210,7 +240,7 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls = []
     real = reference.layer_forward
-    monkeypatch.setattr(reference, "layer_forward", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(reference, "layer_forward", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     monkeypatch.setattr(tritonrnn.functional.RecurrentLayerFunction, "apply", None)  # must not be reached
     torch.manual_seed(0)
     ours, theirs = make_pair("gru", 3, 5, num_layers=2)
@@ -233,7 +263,7 @@ def test_long_sequence_on_the_cpu_path(monkeypatch):
 
 
 def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatch, caplog):
-    """functional.rnn falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU)."""
+    """functional.stack falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU)."""
     monkeypatch.setattr(tritonrnn.functional, "plan_layer", lambda *args: "W_hh slice does not fit on chip")
     monkeypatch.setattr(tritonrnn.functional.RecurrentLayerFunction, "apply", None)  # must not be reached
     tritonrnn._plan._logged.clear()
@@ -244,8 +274,8 @@ def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatc
     h0 = torch.zeros(2, 2, 5, dtype=torch.float64, device=DEVICE)
     with caplog.at_level("WARNING", logger="tritonrnn"):
         for _ in range(2):
-            out, h, c = tritonrnn.functional.rnn("lstm", x.to(DEVICE), h0, h0, ours._layers())
+            ys, h, c = tritonrnn.functional.stack(x.to(DEVICE), ours._layers(), h0.split(1), h0.split(1))
     ref, (rh, rc) = theirs(x)
-    torch.testing.assert_close(out.cpu(), ref)
-    torch.testing.assert_close(c.cpu(), rc)
+    torch.testing.assert_close(ys[-1].cpu(), ref)
+    torch.testing.assert_close(torch.cat(c).cpu(), rc)
     assert len(caplog.records) == 1 and "does not fit" in caplog.records[0].getMessage()

@@ -46,14 +46,7 @@ def test_lstm_proj_size_state_dict():
     assert "weight_hr_l1" in ours.state_dict()
 
 
-@pytest.mark.parametrize(
-    "config,reason",
-    [
-        (dict(bidirectional=True, num_layers=2), "bidirectional=True"),
-        (dict(proj_size=3), "proj_size > 0"),
-        (dict(num_layers=2, dropout=0.5), "dropout > 0 in training mode"),
-    ],
-)
+@pytest.mark.parametrize("config,reason", [(dict(proj_size=3), "proj_size > 0")])
 def test_fallback_to_torch_is_logged_once_and_correct(config, reason, caplog):
     torch.manual_seed(0)
     ours = tritonrnn.LSTM(4, 6, **config).double()
@@ -71,6 +64,24 @@ def test_fallback_to_torch_is_logged_once_and_correct(config, reason, caplog):
             torch.testing.assert_close(h, rh)
     messages = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
     assert len(messages) == 1
+
+
+@pytest.mark.parametrize("config", [dict(bidirectional=True), dict(num_layers=2, dropout=0.5)], ids=str)
+def test_bidirectional_and_training_dropout_run_on_the_kernels(config, monkeypatch):
+    ours = tritonrnn.LSTM(4, 6, **config).double().to(DEVICE)
+    assert ours._unsupported(torch.zeros(1, 1, 4)) is None
+    monkeypatch.setattr(nn.LSTM, "forward", None)  # torch.nn's implementation must not be reached
+    out, _ = ours(torch.randn(3, 2, 4, dtype=torch.float64, device=DEVICE))
+    assert out.shape == (3, 2, 12 if config.get("bidirectional") else 6)
+
+
+def test_dropout_mode_keyword():
+    m = tritonrnn.GRU(4, 6, num_layers=2, dropout=0.3, dropout_mode="variational")
+    assert m.dropout_mode == "variational" and "dropout_mode='variational'" in repr(m)
+    assert "dropout_mode" not in repr(tritonrnn.GRU(4, 6))
+    assert list(m.state_dict()) == list(nn.GRU(4, 6, num_layers=2).state_dict())
+    with pytest.raises(ValueError, match="dropout_mode should be one of"):
+        tritonrnn.LSTM(4, 6, dropout_mode="zoneout")
 
 
 def test_dropout_in_eval_mode_uses_the_kernels():

@@ -44,6 +44,7 @@ class LayerPlan:
     num_programs: int
     num_warps: int
     persistent: bool  # one launch for all steps (grid barrier) or one launch per step
+    directions_together: bool = True  # a bidirectional layer's two grids in one launch (both resident)
 
 
 def interpret_mode() -> bool:
@@ -77,7 +78,9 @@ def force_plan(**fields: int | bool) -> None:
     _forced_plan.update(fields)
 
 
-def plan_layer(cell: str, hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device) -> LayerPlan | str:
+def plan_layer(
+    cell: str, hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device, directions: int = 1
+) -> LayerPlan | str:
     """The launch for one layer, or a string saying why the persistent kernels cannot run it."""
     _, gates, _ = CELLS[cell]
     block_k = max(MIN_DOT, _next_pow2(hidden_size))
@@ -93,14 +96,17 @@ def plan_layer(cell: str, hidden_size: int, batch: int, dtype: torch.dtype, devi
                 break
         else:
             return f"W_hh slice of {weight_bytes // 1024} KiB per program does not fit on chip"
-        persistent = num_programs <= _sm_count(cuda_index(device))
+        sm_count = _sm_count(cuda_index(device))
+        persistent = num_programs <= sm_count
+        together = num_programs * directions <= sm_count
     else:
         # Interpreter: programs run one after another, so a persistent grid has one program.
         block_h = block_k
         num_programs = 1
         num_warps = 4
         persistent = True
-    plan = LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent)
+        together = True
+    plan = LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together)
     if _forced_plan:
         plan = dataclasses.replace(plan, **_forced_plan)
         plan = dataclasses.replace(plan, num_programs=-(-hidden_size // plan.block_h))

@@ -1,25 +1,28 @@
 """Functional API: recurrent stacks on plain tensors, and the autograd Function behind them.
 
-Each layer runs as: the input projection for all steps as one GEMM, one persistent kernel launch for
-the recurrence (kernels/recurrent.py), and in backward one persistent reverse-time launch followed
-by GEMMs and reductions over all steps for the input and weight gradients.
+Each layer runs as: the input projection of all steps and directions as one GEMM, one persistent
+kernel launch for the recurrence of both directions (kernels/recurrent.py), which also writes the
+residual sum and the dropped-out input of the next layer; in backward one persistent reverse-time
+launch followed by GEMMs and reductions over all steps for the input and weight gradients.
+Weights are plain tensors, so weight dropout or any other transform is applied by the caller.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from tritonrnn import reference
+from tritonrnn import reference, scheduler
 from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_layer
+from tritonrnn.dropout import LayerDropout
+from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
-
-LayerWeights = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -32,7 +35,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan) -> dict:
+class Variant(NamedTuple):
+    """What a layer's kernels do besides the recurrence (each choice compiles its own kernels)."""
+
+    directions: int = 1
+    residual: bool = False
+    dropout_mode: int = int(DROPOUT_NONE.value)  # kernels/dropout.py's DROPOUT_*
+
+    @property
+    def write_y(self) -> bool:
+        # A unidirectional layer without residual has its output in hseq already.
+        return self.directions > 1 or self.residual
+
+
+def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
     cell_id, gates, n_saved = CELLS[cell]
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return dict(
@@ -40,9 +56,12 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
         CELL=cell_id,
         G=gates,
         S=n_saved,
+        D=variant.directions,
         BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b,
         BLOCK_K=plan.block_k,
+        RESIDUAL=variant.residual,
+        DROPOUT=variant.dropout_mode,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
         DOT_PRECISION="tf32" if tf32 else "ieee",
         DOT_UPCAST=dtype == torch.bfloat16 and interpret_mode(),
@@ -57,9 +76,16 @@ def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
     return {}
 
 
+def _direction_groups(plan: LayerPlan, directions: int) -> list[tuple[int, int]]:
+    """(first direction, number of directions) of each launch: both together when the GPU holds both grids."""
+    if directions == 1 or plan.directions_together:
+        return [(0, directions)]
+    return [(d, 1) for d in range(directions)]
+
+
 @functools.cache
 def _gpu_misfit(
-    cell: str, hidden: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, device_index: int
+    cell: str, hidden: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, variant: Variant, device_index: int
 ) -> str | None:
     """Compile both kernels for this GPU (no launch) and say why they cannot run there, or None.
 
@@ -67,21 +93,23 @@ def _gpu_misfit(
     """
     device = torch.device("cuda", device_index)
     acc = _acc_dtype(dtype)
-    constants = _kernel_constants(cell, hidden, dtype, plan)
+    constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     options = _launch_options(plan, device)
+    grid = (plan.num_programs, _direction_groups(plan, variant.directions)[0][1])
 
     def t(dt=dtype):
         return torch.empty(16, dtype=dt, device=device)
 
     counter = t(torch.int32)
     forward = rnn_fwd_kernel.warmup(
-        xproj=t(), w_hh=t(), b_hn=t(), hseq=t(), state=t(acc), saved=t(acc), counter=counter, B=1, t_start=0,
-        n_steps=1, SAVE=True, SYNC=plan.persistent, grid=(plan.num_programs,), **constants, **options,
+        xproj=t(), w_hh=t(), b_hn=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(),
+        counter=counter, T=1, B=1, t_start=0, n_steps=1, direction0=0, seed=1, p_drop=0.5, SAVE=True,
+        SYNC=plan.persistent, WRITE_Y=variant.write_y, grid=grid, **constants, **options,
     )  # fmt: skip
     backward = rnn_bwd_kernel.warmup(
-        w_hh=t(), hseq=t(), saved=t(acc), c0=t(acc), grad_out=t(), grad_gates=t(), grad_xn=t(), grad_h=t(acc),
-        grad_c=t(acc), counter=counter, T=1, B=1, t_start=0, n_steps=1, finish=1, SYNC=plan.persistent,
-        grid=(plan.num_programs,), **constants, **options,
+        w_hh=t(), hseq=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
+        grad_xn=t(), grad_h=t(acc), grad_c=t(acc), counter=counter, T=1, B=1, u_start=0, n_steps=1, finish=1,
+        direction0=0, seed=1, p_drop=0.5, SYNC=plan.persistent, grid=grid, **constants, **options,
     )  # fmt: skip
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     for name, kernel in (("forward", forward), ("backward", backward)):
@@ -90,125 +118,158 @@ def _gpu_misfit(
     return None
 
 
-def _input_projection(cell: str, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
-    """x @ W_ih^T plus every bias that can be added before the recurrence, as one GEMM: [T, B, G*H]."""
+def _input_projection(
+    cell: str, hidden: int, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> Tensor:
+    """x @ W_ih^T plus every bias that can be added before the recurrence, as one GEMM: [T, B, D*G*H]."""
     T, B, _ = x.shape
     x2d = x.reshape(T * B, -1)
     if b_ih is None:
         return (x2d @ w_ih.t()).view(T, B, -1)
-    bias = b_ih
-    if b_hh is not None:
-        if cell == "gru":
-            # GRU's b_hn is multiplied by r: it stays in the kernel.
-            hidden = w_ih.shape[0] // 3
-            bias = b_ih + torch.cat([b_hh[: 2 * hidden], b_hh.new_zeros(hidden)])
-        else:
-            bias = b_ih + b_hh
+    bias = b_ih + b_hh
+    if cell == "gru":
+        # GRU's b_hn is multiplied by r: it stays in the kernel. The biases are [D*3*H]: (direction, gate, unit).
+        bias.view(-1, 3, hidden)[:, 2] = b_ih.view(-1, 3, hidden)[:, 2]
     return torch.addmm(bias, x2d, w_ih.t()).view(T, B, -1)
 
 
 class RecurrentLayerFunction(torch.autograd.Function):
-    """One unidirectional layer on the persistent kernels. Inputs and outputs are time-major."""
+    """One layer (all its directions) on the persistent kernels. Inputs and outputs are time-major.
+
+    forward(x [T, B, I], h0 [D, B, H], c0 [D, B, H] or None, w_ih [D*G*H, I], w_hh [D, G*H, H],
+    b_ih, b_hh [D*G*H] or None, cell, plan, residual, dropout) returns (y [T, B, D*H] the layer output
+    (+ x when residual), z [T, B, D*H] = dropout(y) or None, h_n [D, B, H], c_n [D, B, H] or None).
+    """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell: str, plan: LayerPlan):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell: str, plan: LayerPlan, residual: bool, dropout):
         T, B, _ = x.shape
-        hidden = w_hh.shape[1]
+        D, _, hidden = w_hh.shape
         dtype, device = x.dtype, x.device
         acc = _acc_dtype(dtype)
         _, _, n_saved = CELLS[cell]
-        xproj = _input_projection(cell, x, w_ih, b_ih, b_hh)
+        variant = Variant(D, residual, dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value))
+        xproj = _input_projection(cell, hidden, x, w_ih, b_ih, b_hh)
         if cell == "gru" and b_hh is not None:
-            b_hn = b_hh[2 * hidden :].contiguous()
+            b_hn = b_hh.view(D, 3, hidden)[:, 2].contiguous()
         else:
-            b_hn = torch.zeros(hidden, dtype=dtype, device=device)
-        hseq = _empty(T + 1, B, hidden, dtype=dtype, device=device)
-        hseq[0] = h0
+            b_hn = torch.zeros(D, hidden, dtype=dtype, device=device)
+        hseq = _empty(D, T + 1, B, hidden, dtype=dtype, device=device)
+        hseq[0, 0] = h0[0]
+        if D == 2:
+            hseq[1, T] = h0[1]
         # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
         c0_acc = c0.to(acc) if c0 is not None else None
         state = (c0_acc if c0 is not None else h0.to(acc)).clone()
         save = any(ctx.needs_input_grad[:7])
-        saved = _empty(T, B, n_saved * hidden, dtype=acc, device=device) if save and n_saved else state
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if save and n_saved else state
+        y = _empty(T, B, D * hidden, dtype=dtype, device=device) if variant.write_y else hseq[0, 1:]
+        z = _empty(T, B, D * hidden, dtype=dtype, device=device) if dropout is not None else None
+        counter = torch.zeros(D, dtype=torch.int32, device=device)
         launch = dict(
-            xproj=xproj, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, counter=counter, B=B,
-            SAVE=save and n_saved > 0, SYNC=plan.persistent,
-            **_kernel_constants(cell, hidden, dtype, plan), **_launch_options(plan, device),
+            xproj=xproj, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, y=y, res=x,
+            z=z if z is not None else y, counter=counter, T=T, B=B, seed=dropout.seed if dropout else 0,
+            p_drop=dropout.p if dropout else 0.0, SAVE=save and n_saved > 0, SYNC=plan.persistent,
+            WRITE_Y=variant.write_y, **_kernel_constants(cell, hidden, dtype, plan, variant),
+            **_launch_options(plan, device),
         )  # fmt: skip
-        grid = (plan.num_programs,)
-        if plan.persistent:
-            rnn_fwd_kernel[grid](t_start=0, n_steps=T, **launch)
-        else:
-            for t in range(T):
-                rnn_fwd_kernel[grid](t_start=t, n_steps=1, **launch)
-        ctx.cell, ctx.plan = cell, plan
+        for direction0, count in _direction_groups(plan, D):
+            grid = (plan.num_programs, count)
+            if plan.persistent:
+                rnn_fwd_kernel[grid](t_start=0, n_steps=T, direction0=direction0, **launch)
+            else:
+                for t in range(T):
+                    rnn_fwd_kernel[grid](t_start=t, n_steps=1, direction0=direction0, **launch)
+        ctx.cell, ctx.plan, ctx.variant, ctx.dropout = cell, plan, variant, dropout
         ctx.has_bias = b_ih is not None
         if save:
             ctx.save_for_backward(x, c0_acc, w_ih, w_hh, hseq, saved)
+        h_n = torch.stack([hseq[0, T], hseq[1, 0]]) if D == 2 else hseq[0, T].unsqueeze(0).clone()
         c_n = state.to(dtype) if cell == "lstm" else None
-        return hseq[1:], hseq[T].clone(), c_n
+        return y, z, h_n, c_n
 
     @staticmethod
-    def backward(ctx, grad_out, grad_hn, grad_cn):
+    def backward(ctx, grad_y, grad_z, grad_hn, grad_cn):
         x, c0_acc, w_ih, w_hh, hseq, saved = ctx.saved_tensors
-        cell, plan = ctx.cell, ctx.plan
+        cell, plan, variant, dropout = ctx.cell, ctx.plan, ctx.variant, ctx.dropout
         T, B, _ = x.shape
-        hidden = w_hh.shape[1]
+        D, _, hidden = w_hh.shape
         dtype, device = x.dtype, x.device
         acc = _acc_dtype(dtype)
         _, gates, _ = CELLS[cell]
 
         def acc_state(grad: Tensor | None) -> Tensor:
             if grad is None:
-                return torch.zeros(B, hidden, dtype=acc, device=device)
+                return torch.zeros(D, B, hidden, dtype=acc, device=device)
             return grad.to(acc).contiguous().clone()
+
+        def output_grad(grad: Tensor | None) -> Tensor:
+            if grad is None:
+                return torch.zeros(T, B, D * hidden, dtype=dtype, device=device)
+            return grad.contiguous()
 
         grad_h = acc_state(grad_hn)
         grad_c = acc_state(grad_cn) if cell == "lstm" else grad_h
-        grad_out = grad_out.contiguous() if grad_out is not None else torch.zeros_like(hseq[1:])
-        grad_gates = _empty(T, B, gates * hidden, dtype=dtype, device=device)
-        grad_xn = _empty(T, B, hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        grad_y = output_grad(grad_y)
+        grad_z = output_grad(grad_z) if dropout is not None else grad_y
+        grad_res = _empty(T, B, D * hidden, dtype=dtype, device=device) if variant.residual else grad_y
+        grad_gates = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
+        grad_xn = _empty(T, B, D * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
+        counter = torch.zeros(D, dtype=torch.int32, device=device)
         launch = dict(
-            w_hh=w_hh, hseq=hseq, saved=saved, c0=c0_acc if c0_acc is not None else grad_h, grad_out=grad_out,
-            grad_gates=grad_gates, grad_xn=grad_xn, grad_h=grad_h, grad_c=grad_c, counter=counter, T=T, B=B,
-            SYNC=plan.persistent, **_kernel_constants(cell, hidden, dtype, plan), **_launch_options(plan, device),
+            w_hh=w_hh, hseq=hseq, saved=saved, c0=c0_acc if c0_acc is not None else grad_h, grad_y=grad_y,
+            grad_z=grad_z, grad_res=grad_res, grad_gates=grad_gates, grad_xn=grad_xn, grad_h=grad_h, grad_c=grad_c,
+            counter=counter, T=T, B=B, seed=dropout.seed if dropout else 0, p_drop=dropout.p if dropout else 0.0,
+            SYNC=plan.persistent, **_kernel_constants(cell, hidden, dtype, plan, variant),
+            **_launch_options(plan, device),
         )  # fmt: skip
-        grid = (plan.num_programs,)
-        if plan.persistent:
-            rnn_bwd_kernel[grid](t_start=T - 1, n_steps=T, finish=1, **launch)
-        else:
-            for t in range(T - 1, -1, -1):
-                rnn_bwd_kernel[grid](t_start=t, n_steps=1, finish=0, **launch)
-            rnn_bwd_kernel[grid](t_start=-1, n_steps=0, finish=1, **launch)
+        for direction0, count in _direction_groups(plan, D):
+            grid = (plan.num_programs, count)
+            if plan.persistent:
+                rnn_bwd_kernel[grid](u_start=T - 1, n_steps=T, finish=1, direction0=direction0, **launch)
+            else:
+                for u in range(T - 1, -1, -1):
+                    rnn_bwd_kernel[grid](u_start=u, n_steps=1, finish=0, direction0=direction0, **launch)
+                rnn_bwd_kernel[grid](u_start=-1, n_steps=0, finish=1, direction0=direction0, **launch)
 
         if cell == "gru":
             # The input part of n is not multiplied by r: its gradient differs from the recurrent one.
-            grad_xgates = torch.cat([grad_gates[..., : 2 * hidden], grad_xn], dim=-1)
+            grad_xgates = grad_gates.clone()
+            grad_xgates.view(T, B, D, 3, hidden)[..., 2, :] = grad_xn.view(T, B, D, hidden)
         else:
             grad_xgates = grad_gates
         gx2d = grad_xgates.view(T * B, -1)
-        gh2d = grad_gates.view(T * B, -1)
         needs = ctx.needs_input_grad
-        dx = (gx2d @ w_ih).view(x.shape) if needs[0] else None
+        dx = None
+        if needs[0]:
+            dx = (gx2d @ w_ih).view(x.shape)
+            if variant.residual:
+                dx += grad_res
         dh0 = grad_h.to(dtype) if needs[1] else None
         dc0 = grad_c.to(dtype) if cell == "lstm" and needs[2] else None
         dw_ih = gx2d.t() @ x.reshape(T * B, -1) if needs[3] else None
-        dw_hh = gh2d.t() @ hseq[:-1].reshape(T * B, hidden) if needs[4] else None
+        dw_hh = None
+        if needs[4]:
+            # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
+            gh = grad_gates.view(T * B, D, -1)
+            dw_hh = torch.stack([gh[:, d].t() @ hseq[d, d : d + T].reshape(T * B, hidden) for d in range(D)])
         db_ih = grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype) if ctx.has_bias and needs[5] else None
         db_hh = grad_gates.sum(dim=(0, 1), dtype=acc).to(dtype) if ctx.has_bias and needs[6] else None
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
 
 
-def kernel_plan(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device) -> LayerPlan | str:
+def kernel_plan(
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None
+) -> LayerPlan | str:
     """How the kernels run a layer on this device, or a string saying why they cannot."""
+    variant = variant or Variant()
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
-    plan = plan_layer(cell, hidden, batch, dtype, device)
+    plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
     if device.type == "cuda" and not isinstance(plan, str):
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
         tf32 = torch.backends.cuda.matmul.allow_tf32
-        return _gpu_misfit(cell, hidden, dtype, tf32, plan, cuda_index(device)) or plan
+        return _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device)) or plan
     return plan
 
 
@@ -217,40 +278,56 @@ def _layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer on the kernels, or on the reference where they cannot run it."""
+    weights: Sequence[reference.Weights],
+    residual: bool = False,
+    dropout: LayerDropout | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """One layer on the kernels, or on the reference where they cannot run it (``reference.layer``'s contract)."""
     if x.device.type == "cpu" and not interpret_mode():
-        return reference.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    plan = kernel_plan(cell, w_hh.shape[1], x.shape[1], x.dtype, x.device)
+        return reference.layer(cell, x, h0, c0, weights, residual, dropout)
+    D = len(weights)
+    hidden = weights[0][1].shape[1]
+    variant = Variant(D, residual, dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value))
+    plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if isinstance(plan, str):
         log_once(
-            f"tritonrnn: {cell} layer with hidden_size={w_hh.shape[1]}, {x.dtype}, on {x.device.type}: {plan}; "
+            f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; "
             "running the PyTorch reference implementation instead (correct, much slower)"
         )
-        return reference.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return reference.layer(cell, x, h0, c0, weights, residual, dropout)
+    w_ih, w_hh, b_ih, b_hh = zip(*weights)
+    if D == 1:
+        # No copies for one direction: views of the caller's tensors.
+        w_ih, w_hh, b_ih, b_hh = w_ih[0], w_hh[0].unsqueeze(0), b_ih[0], b_hh[0]
+    else:
+        w_ih, w_hh = torch.cat(w_ih), torch.stack(w_hh)
+        b_ih = torch.cat(b_ih) if b_ih[0] is not None else None
+        b_hh = torch.cat(b_hh) if b_hh[0] is not None else None
     return RecurrentLayerFunction.apply(
-        x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None,
-        w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, cell, plan,
+        x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None, w_ih.contiguous(),
+        w_hh.contiguous(), b_ih, b_hh, cell, plan, residual, dropout,
     )  # fmt: skip
 
 
-def rnn(
-    cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, layers: Sequence[LayerWeights]
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A unidirectional stack of one cell type, on plain tensors (no validation: the modules do it).
+def stack(
+    x: Tensor,
+    layers: Sequence[scheduler.StackLayer],
+    h0: Sequence[Tensor],
+    c0: Sequence[Tensor | None],
+    *,
+    dropout: float = 0.0,
+    dropout_mode: str = "standard",
+    residual: bool = False,
+    training: bool = False,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+    """A stack of layers (any cells, one or two directions) on the kernels, on plain tensors.
 
-    Args:
-        cell: "lstm", "gru", "rnn_tanh" or "rnn_relu".
-        x: [T, B, I] time-major input.
-        h0: [L, B, H] initial hidden states; c0: [L, B, H] initial cell states for LSTM, else None.
-        layers: L tuples (w_ih [G*H, I_l], w_hh [G*H, H], b_ih [G*H] or None, b_hh [G*H] or None),
-            torch.nn's layout and gate order.
-
-    Returns:
-        (output [T, B, H] of the top layer, h_n [L, B, H], c_n [L, B, H] or None).
+    No validation (the modules do it). Arguments and returns are ``scheduler.run_stack``'s:
+    x [T, B, I] time-major; h0[l], c0[l] [D, B, H_l] (c0[l] None for non-LSTM layers);
+    layers[l] = StackLayer(cell, ((w_ih, w_hh, b_ih, b_hh), ...)) in torch.nn's layout and gate order.
+    Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
-    return reference.stack_forward(cell, x, h0, c0, layers, layer_fn=_layer)
+    return scheduler.run_stack(
+        x, layers, h0, c0, dropout=dropout, dropout_mode=dropout_mode, residual=residual, training=training,
+        layer_fn=_layer,
+    )  # fmt: skip

@@ -1,9 +1,10 @@
 """Drop-in replacements for torch.nn.LSTM, GRU and RNN.
 
 They subclass the torch.nn modules, so constructor, parameter names, initialisation, state_dict,
-``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes.
-What the kernels do not run yet (packed sequences, bidirectional, proj_size, dropout while
-training, autocast) goes to torch.nn's implementation, logged once.
+``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes, plus
+one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask per sequence and unit).
+What the kernels do not run yet (packed sequences, proj_size, autocast) goes to torch.nn's
+implementation, logged once.
 """
 
 from __future__ import annotations
@@ -12,23 +13,31 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import log_once
+from tritonrnn.scheduler import StackLayer
 
 
 class _TritonRNNBase(nn.RNNBase):
     """forward() on tritonrnn's kernels; everything else inherited from torch.nn."""
 
+    def __init__(self, *args, dropout_mode: str = "standard", **kwargs):
+        super().__init__(*args, **kwargs)
+        # torch.nn has validated dropout itself (it allows p = 1, which zeroes the inputs of upper layers).
+        _dropout.check_args(0.0, dropout_mode)
+        self.dropout_mode = dropout_mode
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.dropout_mode == "standard" else f"{text}, dropout_mode={self.dropout_mode!r}"
+
     def _unsupported(self, input) -> str | None:
         """Why torch.nn's implementation has to run this call, or None when the kernels can."""
         if isinstance(input, PackedSequence):
             return "packed sequences"
-        if self.bidirectional:
-            return "bidirectional=True"
         if self.proj_size > 0:
             return "proj_size > 0"
-        if self.training and self.dropout > 0 and self.num_layers > 1:
-            return "dropout > 0 in training mode"
         if (
             isinstance(input, Tensor)
             and input.device.type in ("cpu", "cuda")
@@ -53,14 +62,19 @@ class _TritonRNNBase(nn.RNNBase):
             if h.dtype != input.dtype:
                 raise RuntimeError(f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})")
 
-    def _layers(self) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+    def _layers(self) -> list[StackLayer]:
+        """The stack as the scheduler takes it: per layer, one weight tuple per direction."""
+        cell = self.mode.lower()
         layers = []
         for k in range(self.num_layers):
-            w_ih = getattr(self, f"weight_ih_l{k}")
-            w_hh = getattr(self, f"weight_hh_l{k}")
-            b_ih = getattr(self, f"bias_ih_l{k}") if self.bias else None
-            b_hh = getattr(self, f"bias_hh_l{k}") if self.bias else None
-            layers.append((w_ih, w_hh, b_ih, b_hh))
+            directions = []
+            for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
+                w_ih = getattr(self, f"weight_ih_l{k}{suffix}")
+                w_hh = getattr(self, f"weight_hh_l{k}{suffix}")
+                b_ih = getattr(self, f"bias_ih_l{k}{suffix}") if self.bias else None
+                b_hh = getattr(self, f"bias_hh_l{k}{suffix}") if self.bias else None
+                directions.append((w_ih, w_hh, b_ih, b_hh))
+            layers.append(StackLayer(cell, tuple(directions)))
         return layers
 
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
@@ -78,8 +92,11 @@ class _TritonRNNBase(nn.RNNBase):
         if not is_batched:
             input = input.unsqueeze(batch_dim)
         batch = input.size(batch_dim)
+        directions = 2 if self.bidirectional else 1
         if hx is None:
-            zeros = torch.zeros(self.num_layers, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+            zeros = torch.zeros(
+                self.num_layers * directions, batch, self.hidden_size, dtype=input.dtype, device=input.device
+            )
             hidden = (zeros, zeros) if is_lstm else (zeros,)
         else:
             hidden = self._hidden_tuple(hx, is_lstm, is_batched)
@@ -89,10 +106,12 @@ class _TritonRNNBase(nn.RNNBase):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         x = input.transpose(0, 1) if self.batch_first else input
-        cell = self.mode.lower()
-        h0 = hidden[0]
-        c0 = hidden[1] if is_lstm else None
-        out, h_n, c_n = functional.rnn(cell, x, h0, c0, self._layers())
+        h0 = hidden[0].split(directions)
+        c0 = hidden[1].split(directions) if is_lstm else [None] * self.num_layers
+        ys, h_n, c_n = functional.stack(
+            x, self._layers(), h0, c0, dropout=self.dropout, dropout_mode=self.dropout_mode, training=self.training
+        )
+        out, h_n, c_n = ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
         if self.batch_first:
             out = out.transpose(0, 1)
         if not is_batched:

@@ -5,14 +5,20 @@ run on it when the Triton interpreter is off. Gate orders are torch.nn's: LSTM (
 GRU (r, z, n) with the hidden bias of n inside ``r * (W_hn h + b_hn)``.
 Half-precision inputs are computed in float32 (the kernels' state and accumulation precision)
 and the outputs rounded back.
+
+``layer_forward`` is one direction of one layer; ``layer`` a whole layer (both directions, the
+residual connection and the output's dropout mask), with the signature the stack scheduler
+(tritonrnn/scheduler.py) calls; ``stack_forward`` chains reference layers with that scheduler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from tritonrnn import dropout as _dropout
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,17 +34,19 @@ def layer_forward(
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer over a sequence.
+    """One direction of one layer over a sequence.
 
     Args:
         cell: "lstm", "gru", "rnn_tanh" or "rnn_relu".
         x: [T, B, I] input.
         h0, c0: [B, H] initial states (c0 only for LSTM, else None).
         w_ih: [G*H, I], w_hh: [G*H, H], b_ih / b_hh: [G*H] or None.
+        reverse: run from the last step to the first (the reverse direction of a bidirectional layer).
 
     Returns:
-        (output [T, B, H], h_n [B, H], c_n [B, H] or None), in x's dtype.
+        (output [T, B, H] in time order, h_n [B, H], c_n [B, H] or None), in x's dtype.
     """
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
@@ -51,7 +59,8 @@ def layer_forward(
     h = h0.to(cdt)
     c = c0.to(cdt) if c0 is not None else None
     outputs = []
-    for t in range(x.shape[0]):
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
         gh = h @ w_hh.t() + b_hh
         if cell == "lstm":
             gates = xproj[t] + gh
@@ -72,6 +81,8 @@ def layer_forward(
         else:
             raise ValueError(f"unknown cell {cell!r}")
         outputs.append(h)
+    if reverse:
+        outputs.reverse()
     if outputs:
         out = torch.stack(outputs)
     else:
@@ -79,25 +90,56 @@ def layer_forward(
     return out.to(dtype), h.to(dtype), (c.to(dtype) if c is not None else None)
 
 
-LayerFn = Callable[..., "tuple[Tensor, Tensor, Tensor | None]"]
+Weights = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
 
 
-def stack_forward(
+def layer(
     cell: str,
     x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
-    layers: Sequence[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
-    layer_fn: LayerFn = layer_forward,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A unidirectional stack: x [T, B, I], h0/c0 [L, B, H], layers [(w_ih, w_hh, b_ih, b_hh)].
+    weights: Sequence[Weights],
+    residual: bool = False,
+    dropout: _dropout.LayerDropout | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """One layer, all directions: y = [h_forward, h_reverse] (+ x), z = y * mask.
 
-    ``layer_fn`` runs one layer with ``layer_forward``'s signature (the kernels pass their own).
-    Returns (output [T, B, H] of the top layer, h_n [L, B, H], c_n [L, B, H] or None).
+    Args:
+        x: [T, B, I]; h0, c0: [D, B, H] (c0 for LSTM only); weights: D tuples (w_ih, w_hh, b_ih, b_hh).
+        residual: add x to the output (I == D*H).
+        dropout: the mask applied to the output for the next layer, or None.
+
+    Returns:
+        (y [T, B, D*H], z [T, B, D*H] or None, h_n [D, B, H], c_n [D, B, H] or None), in x's dtype.
     """
-    h_n, c_n = [], []
-    for index, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
-        x, h, c = layer_fn(cell, x, h0[index], c0[index] if c0 is not None else None, w_ih, w_hh, b_ih, b_hh)
-        h_n.append(h)
-        c_n.append(c)
-    return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+    results = [
+        layer_forward(cell, x, h0[d], c0[d] if c0 is not None else None, *w, reverse=d == 1)
+        for d, w in enumerate(weights)
+    ]
+    y = torch.cat([r[0] for r in results], dim=-1)
+    h_n = torch.stack([r[1] for r in results])
+    c_n = torch.stack([r[2] for r in results]) if c0 is not None else None
+    if not residual and dropout is None:
+        return y, None, h_n, c_n
+    cdt = _compute_dtype(x.dtype)
+    # Like the kernels: the sum and the dropped output are formed in the compute precision from h as rounded.
+    y_c = y.to(cdt) + x.to(cdt) if residual else y.to(cdt)
+    z = None
+    if dropout is not None:
+        T, B, W = y.shape
+        z = (y_c * _dropout.mask(dropout, T, B, W, x.device).to(cdt)).to(x.dtype)
+    return y_c.to(x.dtype), z, h_n, c_n
+
+
+def stack_forward(x: Tensor, h0: Tensor, c0: Tensor | None, layers: Sequence) -> tuple[Tensor, Tensor, Tensor | None]:
+    """torch.nn's stack on reference layers: x [T, B, I], h0/c0 [L*D, B, H], layers: scheduler.StackLayer's.
+
+    Returns (output [T, B, D*H] of the top layer, h_n [L*D, B, H], c_n [L*D, B, H] or None).
+    """
+    from tritonrnn import scheduler
+
+    D = len(layers[0].weights)
+    h0s = h0.split(D)
+    c0s = c0.split(D) if c0 is not None else [None] * len(layers)
+    ys, h_n, c_n = scheduler.run_stack(x, layers, h0s, c0s, layer_fn=layer)
+    return ys[-1], torch.cat(h_n), (torch.cat(c_n) if c0 is not None else None)

@@ -1,0 +1,52 @@
+"""Inter-layer dropout masks, generated where they are used instead of stored.
+
+Dimension letters: T time steps, B batch, W width of the layer output (directions * hidden units).
+
+Element (t, b, w) of a layer output keeps its value, scaled by 1 / (1 - p), when Philox draw number
+``offset`` of the layer's seed is >= p. Standard dropout numbers every element of every step
+(offset = (t * B + b) * W + w); variational dropout numbers only (b, w), so one mask per sequence and
+unit is reused at every step. The forward kernel draws the mask where it writes the output, the
+backward kernel draws it again where it reads the gradient: no mask is ever held in memory.
+"""
+
+import triton
+import triton.language as tl
+
+DROPOUT_NONE = tl.constexpr(0)
+DROPOUT_STANDARD = tl.constexpr(1)
+DROPOUT_VARIATIONAL = tl.constexpr(2)
+
+
+@triton.jit
+def dropout_scale(seed, p, t, o_b, o_w, B, W, MODE: tl.constexpr):
+    """[len(o_b), len(o_w)] ACC multipliers of output rows o_b, columns o_w at step t: 0 or 1 / (1 - p).
+
+    t, o_b and o_w are int64 (offsets exceed 2**31 for long sequences).
+    """
+    if MODE == DROPOUT_VARIATIONAL:
+        offset = o_b[:, None] * W + o_w[None, :]
+    else:
+        offset = (t * B + o_b)[:, None] * W + o_w[None, :]
+    keep = tl.rand(seed, offset) >= p
+    return tl.where(keep, 1.0 / (1.0 - p), 0.0)
+
+
+@triton.jit(do_not_specialize=["T", "B", "seed", "p"])
+def dropout_mask_kernel(
+    mask,  # [T, B, W] fp32 out: the multipliers dropout_scale gives (T = 1 for a variational mask)
+    seed,
+    p,
+    T,
+    B,
+    W,
+    MODE: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Write the mask the layer kernels draw, so the reference (and tests) can apply the same one."""
+    row = tl.program_id(0).to(tl.int64)  # t * B + b
+    t = row // B
+    o_b = row % B + tl.arange(0, 1)
+    for w0 in range(0, W, BLOCK_W):
+        o_w = w0 + tl.arange(0, BLOCK_W).to(tl.int64)
+        b_scale = dropout_scale(seed, p, t, o_b, o_w, B, W, MODE)
+        tl.store(mask + row * W + o_w[None, :], b_scale, mask=(o_w < W)[None, :])

@@ -1,0 +1,357 @@
+"""StackedRNN and the stack scheduler: mixed cells, inter-layer dropout, weight drop, residual, all-layer outputs.
+
+The kernels (interpreter on CPU, real on GPU) run the stack; the expected values come from a composition
+written here of ``reference.layer_forward`` (one direction of one layer), with the dropout masks the
+kernels draw materialised by ``tritonrnn.dropout.mask``. Everything in float64 unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from helpers import TOLERANCE, rel_err
+from torch import nn
+
+import tritonrnn
+from tritonrnn import dropout as tdropout
+from tritonrnn import functional, reference
+
+MIXED = [("lstm", 5), ("gru", 4), ("rnn_tanh", 6), ("rnn_relu", 3)]
+
+
+def make_stack(layers, input_size=3, seed=0, **kwargs) -> tritonrnn.StackedRNN:
+    torch.manual_seed(seed)
+    return tritonrnn.StackedRNN(input_size, layers, **kwargs).double().to(DEVICE)
+
+
+def random_states(model, batch, generator):
+    states = []
+    D = 2 if model.bidirectional else 1
+    for layer in model.layers:
+        h = torch.randn(D, batch, layer.hidden_size, dtype=torch.float64, generator=generator).to(DEVICE)
+        c = torch.randn(D, batch, layer.hidden_size, dtype=torch.float64, generator=generator).to(DEVICE)
+        states.append((h, c) if layer.cell == "lstm" else h)
+    return states
+
+
+def composed_reference(model, x, states, masks=None, w_hh=None):
+    """The stack written out by hand from one-direction reference layers (time-major x).
+
+    masks[l]: the multiplier applied to layer l's output for layer l + 1 (None: no dropout);
+    w_hh[l][d]: the recurrent weight to use instead of the parameter (weight drop).
+    Returns (every layer's output, every layer's final states as in StackedRNN).
+    """
+    outputs, finals = [], []
+    for index, layer in enumerate(model.layers):
+        state = states[index]
+        h0, c0 = state if layer.cell == "lstm" else (state, None)
+        ys, hs, cs = [], [], []
+        for d, suffix in enumerate(layer.suffixes):
+            weights = [getattr(layer, f"{name}{suffix}") if layer.bias or "weight" in name else None
+                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]  # fmt: skip
+            if w_hh is not None:
+                weights[1] = w_hh[index][d]
+            y, h, c = reference.layer_forward(
+                layer.cell, x, h0[d], c0[d] if c0 is not None else None, *weights, reverse=d == 1
+            )
+            ys.append(y)
+            hs.append(h)
+            cs.append(c)
+        y = torch.cat(ys, dim=-1)
+        if model.residual:
+            y = y + x
+        outputs.append(y)
+        finals.append((torch.stack(hs), torch.stack(cs)) if layer.cell == "lstm" else torch.stack(hs))
+        x = y * masks[index] if masks is not None and masks[index] is not None else y
+    return outputs, finals
+
+
+def flat(states):
+    return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
+
+
+def assert_matches(model, x, states, expected_fn, return_all=True):
+    """Outputs, final states and the gradients of x, the initial states and every parameter, vs expected_fn."""
+    x = x.detach().clone().requires_grad_()
+    states = [tuple(t.detach().clone().requires_grad_() for t in s) if isinstance(s, tuple)
+              else s.detach().clone().requires_grad_() for s in states]  # fmt: skip
+    leaves = [x, *flat(states), *model.parameters()]
+    outs, finals = model(x, states, return_all_layers=return_all)
+    outs = outs if return_all else [outs]
+    ref_outs, ref_finals = expected_fn(x, states)
+    ref_outs = ref_outs if return_all else ref_outs[-1:]
+    gen = torch.Generator().manual_seed(99)
+    cotangents = [torch.randn(t.shape, dtype=torch.float64, generator=gen).to(DEVICE) for t in outs + flat(finals)]
+
+    def loss(tensors):
+        return sum((t * w).sum() for t, w in zip(tensors, cotangents))
+
+    grads = torch.autograd.grad(loss(outs + flat(finals)), leaves, allow_unused=True)
+    ref_grads = torch.autograd.grad(loss(ref_outs + flat(ref_finals)), leaves, allow_unused=True)
+    tol = TOLERANCE[torch.float64]
+    for k, (a, b) in enumerate(zip(outs + flat(finals), ref_outs + flat(ref_finals))):
+        assert a.shape == b.shape and rel_err(a, b) < tol, k
+    names = ["x", *[f"state{k}" for k in range(len(flat(states)))], *[n for n, _ in model.named_parameters()]]
+    for name, a, b in zip(names, grads, ref_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert rel_err(a, b) < tol, name
+
+
+# --- mixed stacks, all-layer outputs, residual, bidirectional --------------------------------------
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_mixed_stack_matches_a_composition_of_reference_layers(bidirectional):
+    gen = torch.Generator().manual_seed(1)
+    model = make_stack(MIXED, bidirectional=bidirectional)
+    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 4, gen)
+    assert_matches(model, x, states, lambda x, s: composed_reference(model, x, s))
+
+
+def test_all_layer_outputs_and_residual():
+    gen = torch.Generator().manual_seed(2)
+    model = make_stack([("gru", 6), ("lstm", 6), ("rnn_tanh", 6)], input_size=6, residual=True)
+    x = torch.randn(5, 3, 6, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    assert_matches(model, x, states, lambda x, s: composed_reference(model, x, s))
+    outs, _ = model(x, states, return_all_layers=True)
+    top, _ = model(x, states)
+    assert len(outs) == 3 and torch.equal(outs[-1], top)
+
+
+def test_bidirectional_residual_stack():
+    gen = torch.Generator().manual_seed(3)
+    model = make_stack([("lstm", 4), ("gru", 4)], input_size=8, residual=True, bidirectional=True)
+    x = torch.randn(4, 2, 8, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 2, gen)
+    assert_matches(model, x, states, lambda x, s: composed_reference(model, x, s))
+
+
+def test_batch_first_unbatched_and_default_states():
+    model = make_stack(MIXED[:2], batch_first=True, bidirectional=True)
+    x = torch.randn(3, 5, 3, dtype=torch.float64, device=DEVICE)
+    out, states = model(x)
+    zeros = [(torch.zeros(2, 3, 5, dtype=torch.float64, device=DEVICE),) * 2,
+             torch.zeros(2, 3, 4, dtype=torch.float64, device=DEVICE)]  # fmt: skip
+    ref, ref_states = composed_reference(model, x.transpose(0, 1), zeros)
+    torch.testing.assert_close(out, ref[-1].transpose(0, 1))
+    assert out.shape == (3, 5, 8) and states[0][0].shape == (2, 3, 5) and states[1].shape == (2, 3, 4)
+    single, single_states = model(x[1])  # unbatched [T, F]
+    torch.testing.assert_close(single, out[1])
+    assert single_states[0][1].shape == (2, 5)
+    torch.testing.assert_close(single_states[1], states[1][:, 1])
+
+
+def test_state_dict_names_and_torch_checkpoint():
+    """Parameter names are documented; a torch.nn.LSTM checkpoint loads by renaming weight_ih_l{k} -> layers.{k}."""
+    model = tritonrnn.StackedRNN(3, [("lstm", 5), ("lstm", 5)], bidirectional=True).double()
+    assert "layers.1.weight_hh_reverse" in model.state_dict()
+    torch.manual_seed(0)
+    theirs = nn.LSTM(3, 5, num_layers=2, bidirectional=True).double()
+    renamed = {}
+    for name, value in theirs.state_dict().items():
+        base, rest = name.rsplit("_l", 1)
+        k, _, reverse = rest.partition("_")
+        renamed[f"layers.{k}.{base}{'_' + reverse if reverse else ''}"] = value
+    model.load_state_dict(renamed, strict=True)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    out, states = model.to(DEVICE)(x.to(DEVICE))
+    ref, (h, c) = theirs(x)
+    torch.testing.assert_close(out.cpu(), ref)
+    torch.testing.assert_close(torch.cat([s[1] for s in states]).cpu(), c)
+
+
+def test_initialisation_like_torch():
+    model = tritonrnn.StackedRNN(3, [("gru", 16)])
+    bound = 1 / 16**0.5
+    for p in model.parameters():
+        assert p.abs().max() <= bound and p.std() > bound / 4
+
+
+# --- dropout ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_mask_keep_rate_and_scale(p, mode):
+    """Kept elements are scaled by 1/(1-p); the keep rate is 1-p within 5 binomial standard deviations."""
+    drop = tdropout.draw(p, mode)
+    mask = tdropout.mask(drop, 8, 64, 100, DEVICE).cpu()
+    assert mask.shape == ((1 if mode == "variational" else 8), 64, 100)
+    scale = torch.tensor(1.0, dtype=torch.float32) / (1 - torch.tensor(p, dtype=torch.float32))
+    assert torch.all((mask == 0) | (mask == scale))
+    kept = (mask != 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * ((p * (1 - p)) / mask.numel()) ** 0.5
+
+
+def test_masks_standard_fresh_per_step_variational_constant_over_time():
+    standard = tdropout.mask(tdropout.draw(0.5, "standard"), 6, 16, 32, DEVICE)
+    assert not torch.equal(standard[0], standard[1])
+    variational = tdropout.mask(tdropout.draw(0.5, "variational"), 6, 16, 32, DEVICE)
+    assert variational.shape[0] == 1  # never a [T, B, H] mask
+    rows = variational[0]
+    assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]  # different across sequences
+    assert 0 < (rows != 0).sum() < rows.numel()
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_kernels_apply_the_materialised_mask(mode):
+    """The next layer's input the kernel writes is exactly y * mask (both directions, residual on)."""
+    torch.manual_seed(0)
+    T, B, H = 5, 3, 4
+    x = torch.randn(T, B, 2 * H, dtype=torch.float64, device=DEVICE)
+    h0 = torch.randn(2, B, H, dtype=torch.float64, device=DEVICE)
+    layer = tritonrnn.StackedRNN(2 * H, [("gru", H)], bidirectional=True).double().to(DEVICE).layers[0]
+    drop = tdropout.draw(0.4, mode)
+    y, z, _, _ = functional._layer("gru", x, h0, None, layer.weights(0.0, False, torch.float64).weights, True, drop)
+    expected = y * tdropout.mask(drop, T, B, 2 * H, DEVICE).double()
+    assert torch.equal(z, expected)
+    ry, rz, _, _ = reference.layer("gru", x, h0, None, layer.weights(0.0, False, torch.float64).weights, True, drop)
+    torch.testing.assert_close(y, ry, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z, rz, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_dropout_stack_gradients_under_the_same_masks(mode, bidirectional):
+    """Training mode: outputs, states and every gradient equal the composition applying the same masks."""
+    gen = torch.Generator().manual_seed(4)
+    model = make_stack(MIXED, dropout=0.4, dropout_mode=mode, bidirectional=bidirectional)
+    x = torch.randn(5, 3, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+
+    def expected(x, states):
+        torch.manual_seed(7)  # the seeds the model drew: one per inter-layer dropout, bottom first
+        draws = [tdropout.draw(0.4, mode) for _ in model.layers[:-1]]
+        widths = [layer.directions * layer.hidden_size for layer in model.layers]
+        masks = [tdropout.mask(d, 5, 3, w, DEVICE).double() for d, w in zip(draws, widths)] + [None]
+        return composed_reference(model, x, states, masks)
+
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected)
+
+
+def test_same_seed_same_masks_eval_mode_no_dropout():
+    model = make_stack([("lstm", 8), ("lstm", 8), ("gru", 8)], dropout=0.5)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(1)
+    a, _ = model(x)
+    torch.manual_seed(1)
+    b, _ = model(x)
+    c, _ = model(x)  # the generator moved on: other masks
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    model.eval()
+    plain = make_stack([("lstm", 8), ("lstm", 8), ("gru", 8)])
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x)[0], plain(x)[0], rtol=0, atol=0)
+
+
+def test_no_dropout_after_the_last_layer():
+    """A one-layer stack in training with dropout = 0.9 is deterministic: nothing follows the last layer."""
+    model = make_stack([("gru", 6)], dropout=0.9)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(model(x)[0], composed_reference(model, x, random_states_zero(model, 2))[0][-1])
+
+
+def random_states_zero(model, batch):
+    D = 2 if model.bidirectional else 1
+    return [(torch.zeros(D, batch, layer.hidden_size, dtype=torch.float64, device=DEVICE),) * 2
+            if layer.cell == "lstm" else torch.zeros(D, batch, layer.hidden_size, dtype=torch.float64, device=DEVICE)
+            for layer in model.layers]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_torch_modules_train_with_dropout_on_the_kernels(mode):
+    """tritonrnn.LSTM with dropout in training equals torch.nn.LSTM's math under the masks the kernels drew."""
+    torch.manual_seed(0)
+    ours = tritonrnn.LSTM(3, 5, num_layers=3, dropout=0.3, dropout_mode=mode).double().to(DEVICE)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.manual_seed(11)
+    out, (h, c) = ours(x)
+    torch.manual_seed(11)
+    masks = [tdropout.mask(tdropout.draw(0.3, mode), 4, 2, 5, DEVICE).double() for _ in range(2)]
+    ref, layer_in = None, x
+    for k in range(3):
+        ws = [getattr(ours, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        zeros = torch.zeros(2, 5, dtype=torch.float64, device=DEVICE)
+        ref, _, _ = reference.layer_forward("lstm", layer_in, zeros, zeros, *ws)
+        layer_in = ref * masks[k] if k < 2 else ref
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    params = list(ours.parameters())
+    grads = torch.autograd.grad(out.sum(), [x, *params])
+    ref_grads = torch.autograd.grad(ref.sum(), [x, *params])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --- weight drop -----------------------------------------------------------------------------------
+
+
+def test_weight_drop_gradients_reach_the_raw_weights():
+    gen = torch.Generator().manual_seed(5)
+    model = make_stack([("lstm", 6), ("gru", 5)], weight_drop=0.5, bidirectional=True)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+
+    def expected(x, states):
+        torch.manual_seed(8)  # one DropConnect mask per W_hh and call, layers bottom first, forward direction first
+        w_hh = [[F.dropout(getattr(layer, f"weight_hh{s}"), 0.5) for s in layer.suffixes] for layer in model.layers]
+        return composed_reference(model, x, states, w_hh=w_hh)
+
+    torch.manual_seed(8)
+    assert_matches(model, x, states, expected)
+    model.eval()  # no weight drop outside training
+    torch.testing.assert_close(model(x, states)[0], composed_reference(model, x, states)[0][-1])
+
+
+def test_weight_drop_draws_a_new_mask_per_call():
+    model = make_stack([("rnn_tanh", 8)], weight_drop=0.5)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, device=DEVICE)
+    assert not torch.equal(model(x)[0], model(x)[0])
+
+
+# --- precision and plans -----------------------------------------------------------------------------
+
+
+def test_mixed_bfloat16_stack_against_float64():
+    gen = torch.Generator().manual_seed(6)
+    model = make_stack([("lstm", 24), ("gru", 24)], input_size=8, dropout=0.3, dropout_mode="variational")
+    x = torch.randn(9, 4, 8, dtype=torch.float64, generator=gen).to(DEVICE)
+    torch.manual_seed(3)
+    exact, _ = model(x)
+    low = tritonrnn.StackedRNN(8, [("lstm", 24), ("gru", 24)], dropout=0.3, dropout_mode="variational")
+    low = low.to(device=DEVICE, dtype=torch.bfloat16)
+    low.load_state_dict(model.state_dict())
+    torch.manual_seed(3)
+    out, _ = low(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, exact) < TOLERANCE[torch.bfloat16]
+
+
+def test_split_grid_stack(forced_plan):
+    forced_plan(block_h=16, persistent=False, directions_together=False)
+    gen = torch.Generator().manual_seed(7)
+    model = make_stack([("lstm", 20), ("gru", 33)], dropout=0.2, bidirectional=True)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 2, gen)
+
+    def expected(x, states):
+        torch.manual_seed(9)
+        masks = [tdropout.mask(tdropout.draw(0.2, "standard"), 3, 2, 40, DEVICE).double(), None]
+        return composed_reference(model, x, states, masks)
+
+    torch.manual_seed(9)
+    assert_matches(model, x, states, expected)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    model = tritonrnn.StackedRNN(4, [("gru", 8)]).to(DEVICE)
+    x = torch.randn(3, 2, 4, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, states = model(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, model(x)[0]) < TOLERANCE[torch.bfloat16]

@@ -1,0 +1,71 @@
+"""Inter-layer dropout: one seed per layer and forward call, masks drawn where they are used.
+
+The seed comes from torch's default (CPU) generator, so ``torch.manual_seed`` reproduces the masks
+and drawing it never synchronises with the GPU. The kernels derive the mask from the seed with
+Philox (kernels/dropout.py) in forward and again in backward; ``mask`` materialises the same
+mask for the reference implementation and for tests.
+
+Modes: "standard" draws a fresh keep/drop per element and step (torch.nn's dropout);
+"variational" draws one per (sequence, unit) and reuses it at every step (Gal & Ghahramani).
+Kept elements are scaled by 1 / (1 - p) (computed in float32, as the kernels do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from tritonrnn._plan import interpret_mode
+from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
+
+MODES = ("standard", "variational")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDropout:
+    """Dropout applied to one layer's output for one forward call."""
+
+    p: float
+    variational: bool
+    seed: int
+
+    @property
+    def kernel_mode(self) -> int:
+        return int((DROPOUT_VARIATIONAL if self.variational else DROPOUT_STANDARD).value)
+
+
+def check_args(p: float, mode: str) -> None:
+    """torch-like errors for a bad probability or mode."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout should be a number in range [0, 1) representing the probability of an element "
+                         f"being zeroed, got {p!r}")  # fmt: skip
+    if mode not in MODES:
+        raise ValueError(f"dropout_mode should be one of {MODES}, got {mode!r}")
+
+
+def draw(p: float, mode: str) -> LayerDropout:
+    """A fresh seed from torch's default generator for one layer's dropout."""
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+    return LayerDropout(float(p), mode == "variational", seed)
+
+
+def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torch.device) -> Tensor:
+    """The multipliers the kernels apply: [steps, batch, width] float32 (first dim 1 when variational).
+
+    Runs the kernels' own generator where Triton can run (a GPU, or the CPU under the interpreter);
+    on the CPU without it, a torch generator seeded with the same seed (same law, other numbers).
+    """
+    rows = 1 if dropout.variational else steps
+    if device.type == "cpu" and not interpret_mode():
+        generator = torch.Generator().manual_seed(dropout.seed)
+        keep = torch.rand(rows, batch, width, generator=generator) >= dropout.p
+        return keep.float() / (1.0 - torch.tensor(dropout.p, dtype=torch.float32))
+    out = torch.empty(rows, batch, width, dtype=torch.float32, device=device)
+    if out.numel():
+        dropout_mask_kernel[(rows * batch,)](
+            mask=out, seed=dropout.seed, p=dropout.p, T=rows, B=batch, W=width, MODE=dropout.kernel_mode,
+            BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())),
+        )  # fmt: skip
+    return out

@@ -1,0 +1,69 @@
+"""The stack scheduler: chains layers of any cells, with dropout between them and residual connections.
+
+Layer l reads the previous layer's output after dropout (or the input x for l = 0), runs all its
+directions, and writes its output y_l (plus its input when ``residual``) and, if dropout applies,
+z_l = dropout(y_l) for layer l + 1 in the same kernel pass. Dropout sits between layers, never
+after the last one (torch.nn's rule), and only in training.
+
+The layer itself is a function (``layer_fn``) with ``reference.layer``'s signature: the kernels
+(functional._layer) or the pure-PyTorch reference, so one scheduler serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from torch import Tensor
+
+from tritonrnn import dropout as _dropout
+from tritonrnn import reference
+
+
+class StackLayer(NamedTuple):
+    """One layer of a stack: its cell and one (w_ih, w_hh, b_ih, b_hh) per direction (forward first)."""
+
+    cell: str
+    weights: tuple[reference.Weights, ...]
+
+
+LayerFn = Callable[..., "tuple[Tensor, Tensor | None, Tensor, Tensor | None]"]
+
+
+def run_stack(
+    x: Tensor,
+    layers: Sequence[StackLayer],
+    h0: Sequence[Tensor],
+    c0: Sequence[Tensor | None],
+    *,
+    dropout: float = 0.0,
+    dropout_mode: str = "standard",
+    residual: bool = False,
+    training: bool = False,
+    layer_fn: LayerFn = reference.layer,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+    """Run a stack (no validation of shapes: the modules do it).
+
+    Args:
+        x: [T, B, I] time-major input.
+        layers: the layers, bottom first.
+        h0, c0: per layer [D, B, H_l] initial states (c0[l] for LSTM layers only, else None).
+        dropout, dropout_mode: inter-layer dropout ("standard" or "variational"), applied when ``training``.
+            One seed per layer is drawn from torch's default generator, bottom layer first.
+        residual: add each layer's input to its output (sizes must match).
+        layer_fn: runs one layer (``reference.layer``'s signature).
+
+    Returns:
+        (each layer's output y_l [T, B, D*H_l] before dropout, h_n per layer [D, B, H_l], c_n per layer).
+    """
+    ys, h_n, c_n = [], [], []
+    for index, layer in enumerate(layers):
+        drop = None
+        if training and dropout > 0 and index < len(layers) - 1:
+            drop = _dropout.draw(dropout, dropout_mode)
+        y, z, h, c = layer_fn(layer.cell, x, h0[index], c0[index], layer.weights, residual, drop)
+        ys.append(y)
+        h_n.append(h)
+        c_n.append(c)
+        x = z if z is not None else y
+    return ys, h_n, c_n

@@ -1,0 +1,262 @@
+"""StackedRNN: a deep recurrent stack of any cells, mixed, with the regularisers deep stacks need.
+
+Parameters (state_dict keys), for layer k and direction suffix "" (forward) or "_reverse":
+``layers.{k}.weight_ih{suffix}`` [G*H, I], ``layers.{k}.weight_hh{suffix}`` [G*H, H],
+``layers.{k}.bias_ih{suffix}``, ``layers.{k}.bias_hh{suffix}`` [G*H]: torch.nn's layout and gate
+order (LSTM i, f, g, o; GRU r, z, n), so ``weight_ih_l{k}`` of a torch.nn module loads as
+``layers.{k}.weight_ih`` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from tritonrnn import dropout as _dropout
+from tritonrnn import functional
+from tritonrnn._plan import CELLS
+from tritonrnn.scheduler import StackLayer
+
+State = "Tensor | tuple[Tensor, Tensor]"
+
+
+class RecurrentLayer(nn.Module):
+    """The parameters of one layer of a StackedRNN (it runs inside the stack, not on its own)."""
+
+    def __init__(
+        self, cell: str, input_size: int, hidden_size: int, bias: bool, bidirectional: bool, device=None, dtype=None
+    ):
+        super().__init__()
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.directions = 2 if bidirectional else 1
+        gates = CELLS[cell][1] * hidden_size
+        factory = dict(device=device, dtype=dtype)
+        for suffix in self.suffixes:
+            setattr(self, f"weight_ih{suffix}", nn.Parameter(torch.empty(gates, input_size, **factory)))
+            setattr(self, f"weight_hh{suffix}", nn.Parameter(torch.empty(gates, hidden_size, **factory)))
+            if bias:
+                setattr(self, f"bias_ih{suffix}", nn.Parameter(torch.empty(gates, **factory)))
+                setattr(self, f"bias_hh{suffix}", nn.Parameter(torch.empty(gates, **factory)))
+        self.reset_parameters()
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse")[: self.directions]
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def weights(self, weight_drop: float, training: bool, dtype: torch.dtype) -> StackLayer:
+        """The layer as the scheduler takes it, in ``dtype``, with DropConnect on W_hh (one mask per call)."""
+        directions = []
+        for suffix in self.suffixes:
+            w_ih = getattr(self, f"weight_ih{suffix}").to(dtype)
+            w_hh = getattr(self, f"weight_hh{suffix}").to(dtype)
+            if weight_drop > 0 and training:
+                w_hh = F.dropout(w_hh, weight_drop, training=True)
+            b_ih = getattr(self, f"bias_ih{suffix}").to(dtype) if self.bias else None
+            b_hh = getattr(self, f"bias_hh{suffix}").to(dtype) if self.bias else None
+            directions.append((w_ih, w_hh, b_ih, b_hh))
+        return StackLayer(self.cell, tuple(directions))
+
+    def extra_repr(self) -> str:
+        text = f"{self.cell}, {self.input_size}, {self.hidden_size}"
+        text += ", bias=False" if not self.bias else ""
+        return text + (", bidirectional=True" if self.directions == 2 else "")
+
+
+class StackedRNN(nn.Module):
+    """A stack of recurrent layers of any cells ("lstm", "gru", "rnn_tanh", "rnn_relu"), run on the kernels.
+
+    Args:
+        input_size: features of the input.
+        layers: bottom first, (cell, hidden_size) per layer, e.g. ``[("lstm", 256), ("gru", 256)]``.
+        dropout: probability of zeroing an element of a layer's output before the next layer reads it
+            (not after the last layer), in training only. In [0, 1).
+        dropout_mode: "standard" (a fresh mask per element and step, torch.nn's) or "variational" (one mask
+            per sequence and unit, reused at every step).
+        residual: add each layer's input to its output; every layer's input size must equal its output size.
+        batch_first: input and output are [B, T, F] instead of [T, B, F].
+        bidirectional: every layer runs both directions; its output is [forward, reverse] (2 * hidden_size).
+        weight_drop: DropConnect on every W_hh in training (one mask per forward call, AWD-LSTM). In [0, 1).
+        bias: layers have the biases b_ih and b_hh.
+
+    ``forward(x, states=None, return_all_layers=False)`` returns ``(output, states)``: output is the top
+    layer's sequence [T, B, D*H] (or [B, T, D*H] with batch_first), or with ``return_all_layers`` the list
+    of every layer's output (before inter-layer dropout, after the residual sum); ``states`` holds one
+    final state per layer: ``(h, c)`` for LSTM layers, ``h`` otherwise, each [D, B, H] (D = 2 when
+    bidirectional). ``states`` given to forward has the same structure; unbatched input [T, F] takes and
+    returns [D, H] states.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        layers: Sequence[tuple[str, int]],
+        dropout: float = 0.0,
+        dropout_mode: str = "standard",
+        residual: bool = False,
+        batch_first: bool = False,
+        bidirectional: bool = False,
+        weight_drop: float = 0.0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+            raise ValueError(f"input_size should be a positive integer, got {input_size!r}")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+            raise ValueError(f"layers should be a non-empty list of (cell, hidden_size) pairs, got {layers!r}")
+        _dropout.check_args(dropout, dropout_mode)
+        if isinstance(weight_drop, bool) or not isinstance(weight_drop, (int, float)) or not 0 <= weight_drop < 1:
+            raise ValueError(f"weight_drop should be a number in range [0, 1), got {weight_drop!r}")
+        directions = 2 if bidirectional else 1
+        modules = []
+        size = input_size
+        for index, spec in enumerate(layers):
+            if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+                raise ValueError(f"layer {index}: expected a (cell, hidden_size) pair, got {spec!r}")
+            cell, hidden = spec
+            if cell not in CELLS:
+                raise ValueError(f"layer {index}: unknown cell {cell!r}; expected one of {sorted(CELLS)}")
+            if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+                raise ValueError(f"layer {index}: hidden_size should be a positive integer, got {hidden!r}")
+            if residual and size != directions * hidden:
+                raise ValueError(
+                    f"residual=True: layer {index} ({cell}) reads {size} features but outputs "
+                    f"{directions * hidden}; a residual connection needs them equal"
+                )
+            modules.append(RecurrentLayer(cell, size, hidden, bias, bidirectional, device=device, dtype=dtype))
+            size = directions * hidden
+        self.layers = nn.ModuleList(modules)
+        self.input_size = input_size
+        self.output_size = size
+        self.dropout = float(dropout)
+        self.dropout_mode = dropout_mode
+        self.residual = residual
+        self.batch_first = batch_first
+        self.bidirectional = bidirectional
+        self.weight_drop = float(weight_drop)
+
+    def forward(
+        self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
+    ) -> tuple[Tensor | list[Tensor], list[State]]:
+        if isinstance(x, PackedSequence):
+            raise TypeError("StackedRNN does not take a PackedSequence; pad the batch (all sequences run T steps)")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"StackedRNN: expected the input to be a Tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"StackedRNN: Expected input to be 2D or 3D, got {x.dim()}D instead")
+        weight = self.layers[0].weight_ih
+        dtype = weight.dtype
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            # Like torch.nn's recurrent layers under autocast: input, states and weights in the autocast dtype.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype) if x.is_floating_point() else x
+            if states is not None and isinstance(states, (list, tuple)):
+                states = [
+                    tuple(h.to(dtype) for h in s) if isinstance(s, (tuple, list)) else s.to(dtype) for s in states
+                ]
+        if not x.is_floating_point() or x.dtype != dtype:
+            raise ValueError(f"StackedRNN: input dtype {x.dtype} does not match the parameters' {dtype}")
+        if x.device != weight.device:
+            raise RuntimeError(
+                f"StackedRNN: input is on {x.device} but the parameters are on {weight.device}; move one of them"
+            )
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
+            )
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        h0, c0 = self._initial_states(states, x, batched)
+        ys, h_n, c_n = functional.stack(
+            x,
+            [layer.weights(self.weight_drop, self.training, dtype) for layer in self.layers],
+            h0,
+            c0,
+            dropout=self.dropout,
+            dropout_mode=self.dropout_mode,
+            residual=self.residual,
+            training=self.training,
+        )
+
+        def arrange(y: Tensor) -> Tensor:
+            if not batched:
+                return y.squeeze(1)
+            return y.transpose(0, 1) if self.batch_first else y
+
+        def state(h: Tensor) -> Tensor:
+            return h if batched else h.squeeze(1)
+
+        final = [(state(h), state(c)) if c is not None else state(h) for h, c in zip(h_n, c_n)]
+        output = [arrange(y) for y in ys] if return_all_layers else arrange(ys[-1])
+        return output, final
+
+    def _initial_states(
+        self, states: Sequence[State] | None, x: Tensor, batched: bool
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Per layer h0 [D, B, H] and c0 (LSTM layers) from the user's states, checked against each layer."""
+        batch = x.size(1)
+        directions = 2 if self.bidirectional else 1
+        if states is None:
+            h0, c0 = [], []
+            for layer in self.layers:
+                zeros = x.new_zeros(directions, batch, layer.hidden_size)
+                h0.append(zeros)
+                c0.append(zeros if layer.cell == "lstm" else None)
+            return h0, c0
+        if not isinstance(states, (list, tuple)) or len(states) != len(self.layers):
+            got = f"{len(states)} entries" if isinstance(states, (list, tuple)) else type(states).__name__
+            raise ValueError(f"states should be a list with one state per layer ({len(self.layers)}), got {got}")
+        h0, c0 = [], []
+        expected = (directions, batch) if batched else (directions,)
+        for index, (layer, state) in enumerate(zip(self.layers, states)):
+            if layer.cell == "lstm":
+                if not isinstance(state, (tuple, list)) or len(state) != 2:
+                    raise ValueError(f"states[{index}]: layer {index} is an LSTM; its state is a tuple (h, c)")
+                pair = tuple(state)
+            else:
+                if not isinstance(state, Tensor):
+                    raise ValueError(f"states[{index}]: layer {index} is {layer.cell}; its state is one tensor h")
+                pair = (state,)
+            shape = (*expected, layer.hidden_size)
+            for name, h in zip(("h", "c"), pair):
+                if not isinstance(h, Tensor):
+                    raise ValueError(f"states[{index}]: {name} should be a tensor, got {type(h).__name__}")
+                if tuple(h.shape) != shape:
+                    raise RuntimeError(f"states[{index}]: expected {name} of size {list(shape)}, got {list(h.shape)}")
+                if h.dtype != x.dtype or h.device != x.device:
+                    raise RuntimeError(
+                        f"states[{index}]: {name} is {h.dtype} on {h.device}, the input {x.dtype} on {x.device}"
+                    )
+            pair = tuple(h if batched else h.unsqueeze(1) for h in pair)
+            h0.append(pair[0])
+            c0.append(pair[1] if len(pair) == 2 else None)
+        return h0, c0
+
+    def extra_repr(self) -> str:
+        options = [f"input_size={self.input_size}"]
+        for name, default in (("dropout", 0.0), ("dropout_mode", "standard"), ("residual", False),
+                              ("batch_first", False), ("bidirectional", False), ("weight_drop", 0.0)):  # fmt: skip
+            value = getattr(self, name)
+            if value != default:
+                options.append(f"{name}={value!r}")
+        return ", ".join(options)
