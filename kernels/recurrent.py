@@ -58,18 +58,63 @@ def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _load_gate_tiles(p_w, m_w, H: tl.constexpr, G: tl.constexpr):
-    """The G weight tiles of W_hh [G*H, H] at p_w (gate g starts H*H elements after gate g-1)."""
+def _load_gate_tiles(p_w, m_w, GATE_STRIDE: tl.constexpr, G: tl.constexpr):
+    """The G weight tiles of W_hh at p_w (gate g starts GATE_STRIDE elements after gate g-1)."""
     b_w0 = tl.load(p_w, mask=m_w, other=0.0)
     b_w1 = b_w0
     b_w2 = b_w0
     b_w3 = b_w0
     if G > 1:
-        b_w1 = tl.load(p_w + H * H, mask=m_w, other=0.0)
-        b_w2 = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
+        b_w1 = tl.load(p_w + GATE_STRIDE, mask=m_w, other=0.0)
+        b_w2 = tl.load(p_w + 2 * GATE_STRIDE, mask=m_w, other=0.0)
     if G > 3:
-        b_w3 = tl.load(p_w + 3 * H * H, mask=m_w, other=0.0)
+        b_w3 = tl.load(p_w + 3 * GATE_STRIDE, mask=m_w, other=0.0)
     return b_w0, b_w1, b_w2, b_w3
+
+
+@triton.jit
+def _lstm_fwd_step(
+    a0, p_x, b_h, b_w1, b_w2, b_w3, p_state, p_saved, m_bj, H: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One LSTM step of a [BLOCK_B, BLOCK_H] tile given the i gate's pre-activation a0: updates c, returns o*tanh(c).
+
+    p_x: the tile's input projection (gate g at +g*H); p_state: c (ACC); p_saved: i, f, g, o, c at +k*H.
+    """
+    a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+    a2 = tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+    a3 = tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+    b_i = sigmoid(a0)
+    b_f = sigmoid(a1)
+    b_g = tanh(a2)
+    b_o = sigmoid(a3)
+    b_c = b_f * tl.load(p_state, mask=m_bj, other=0.0) + b_i * b_g
+    tl.store(p_state, b_c, mask=m_bj)
+    if SAVE:
+        tl.store(p_saved, b_i, mask=m_bj)
+        tl.store(p_saved + H, b_f, mask=m_bj)
+        tl.store(p_saved + 2 * H, b_g, mask=m_bj)
+        tl.store(p_saved + 3 * H, b_o, mask=m_bj)
+        tl.store(p_saved + 4 * H, b_c, mask=m_bj)
+    return b_o * tanh(b_c)
+
+
+@triton.jit
+def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, H: tl.constexpr):
+    """Gate gradients of one LSTM step from dL/d(o*tanh(c)) = b_dh; carries dL/dc (p_dc) one step back."""
+    grad_ty = p_dg.dtype.element_ty
+    b_i = tl.load(p_saved, mask=m_bj, other=0.0)
+    b_f = tl.load(p_saved + H, mask=m_bj, other=0.0)
+    b_g = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
+    b_o = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
+    b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0))
+    b_cprev = tl.load(p_cprev, mask=m_bj, other=0.0)
+    b_dc = tl.load(p_dc, mask=m_bj, other=0.0) + b_dh * b_o * (1.0 - b_tc * b_tc)
+    tl.store(p_dg, (b_dc * b_g * b_i * (1.0 - b_i)).to(grad_ty), mask=m_bj)
+    tl.store(p_dg + H, (b_dc * b_cprev * b_f * (1.0 - b_f)).to(grad_ty), mask=m_bj)
+    tl.store(p_dg + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(grad_ty), mask=m_bj)
+    tl.store(p_dg + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(grad_ty), mask=m_bj)
+    tl.store(p_dc, b_dc * b_f, mask=m_bj)
 
 
 @triton.jit
@@ -143,7 +188,9 @@ def rnn_fwd_kernel(
     xproj += d * (G * H)
     counter += d
     # b_w{g}[k, j] = W_hh[g*H + j, k]: loaded once, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H, G)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
+        w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H * H, G
+    )
     if CELL == CELL_GRU:
         b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)
     out_ty = hseq.dtype.element_ty
@@ -167,25 +214,9 @@ def rnn_fwd_kernel(
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
             a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
             if CELL == CELL_LSTM:
-                a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC)
-                a1 += _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
-                a2 = tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC)
-                a2 += _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
-                a3 = tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC)
-                a3 += _dot(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
-                b_i = sigmoid(a0)
-                b_f = sigmoid(a1)
-                b_g = tanh(a2)
-                b_o = sigmoid(a3)
-                b_c = b_f * tl.load(p_state, mask=m_bj, other=0.0) + b_i * b_g
-                b_hnew = b_o * tanh(b_c)
-                tl.store(p_state, b_c, mask=m_bj)
-                if SAVE:
-                    tl.store(p_saved, b_i, mask=m_bj)
-                    tl.store(p_saved + H, b_f, mask=m_bj)
-                    tl.store(p_saved + 2 * H, b_g, mask=m_bj)
-                    tl.store(p_saved + 3 * H, b_o, mask=m_bj)
-                    tl.store(p_saved + 4 * H, b_c, mask=m_bj)
+                b_hnew = _lstm_fwd_step(
+                    a0, p_x, b_h, b_w1, b_w2, b_w3, p_state, p_saved, m_bj, H, SAVE, ACC, DOT_PRECISION, DOT_UPCAST
+                )  # fmt: skip
             elif CELL == CELL_GRU:
                 a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC)
                 a1 += _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
@@ -217,19 +248,20 @@ def rnn_fwd_kernel(
 @triton.jit
 def _bwd_recurrent_step(
     grad_gates, grad_h, tn, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
 
-    tn is the time of the direction's next step; grad_gates and grad_h point at this direction's slice.
+    tn is the time of the direction's next step; grad_gates and grad_h [B, N] (N = H, or P with a
+    projection) point at this direction's slice.
     """
     for b0 in range(0, B, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         m_b = o_b < B
         m_bk = m_b[:, None] & m_k[None, :]
         m_bj = m_b[:, None] & m_j[None, :]
-        p_dh = grad_h + o_b[:, None] * H + o_j[None, :]
+        p_dh = grad_h + o_b[:, None] * N + o_j[None, :]
         # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
         p_dg = grad_gates + (tn * B + o_b)[:, None] * (D * G * H) + o_k[None, :]
         acc = tl.load(p_dh, mask=m_bj, other=0.0)
@@ -295,7 +327,9 @@ def rnn_bwd_kernel(
     counter += d
     o_w = d * H + o_j.to(tl.int64)  # this program's columns of the [T, B, D*H] tensors
     # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H, G)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
+        w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H * H, G
+    )
     grad_ty = grad_gates.dtype.element_ty
 
     for s in range(n_steps):
@@ -304,7 +338,7 @@ def rnn_bwd_kernel(
         if u < T - 1:
             _bwd_recurrent_step(
                 grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-                H, G, D, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+                H, G, D, H, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
         tl.debug_barrier()
@@ -326,24 +360,12 @@ def rnn_bwd_kernel(
                 tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bj)
             b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
             if CELL == CELL_LSTM:
-                b_i = tl.load(p_saved, mask=m_bj, other=0.0)
-                b_f = tl.load(p_saved + H, mask=m_bj, other=0.0)
-                b_g = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
-                b_o = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
-                b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0))
                 if u > 0:
                     # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse).
                     p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
                 else:
                     p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
-                b_cprev = tl.load(p_cprev, mask=m_bj, other=0.0)
-                p_dc = grad_c + o_b[:, None] * H + o_j[None, :]
-                b_dc = tl.load(p_dc, mask=m_bj, other=0.0) + b_dh * b_o * (1.0 - b_tc * b_tc)
-                tl.store(p_dg, (b_dc * b_g * b_i * (1.0 - b_i)).to(grad_ty), mask=m_bj)
-                tl.store(p_dg + H, (b_dc * b_cprev * b_f * (1.0 - b_f)).to(grad_ty), mask=m_bj)
-                tl.store(p_dg + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(grad_ty), mask=m_bj)
-                tl.store(p_dg + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(grad_ty), mask=m_bj)
-                tl.store(p_dc, b_dc * b_f, mask=m_bj)
+                _lstm_bwd_step(b_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, H)
                 tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bj)
             elif CELL == CELL_GRU:
                 b_r = tl.load(p_saved, mask=m_bj, other=0.0)
@@ -373,5 +395,5 @@ def rnn_bwd_kernel(
     if finish != 0:
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_j, o_k, m_k,
-            b_w0, b_w1, b_w2, b_w3, H, G, D, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+            b_w0, b_w1, b_w2, b_w3, H, G, D, H, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip

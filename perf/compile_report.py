@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from tritonrnn import _plan
 from tritonrnn.functional import Variant, _kernel_constants
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
+from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.sync import grid_barrier
 
@@ -41,6 +42,8 @@ VARIANTS = {
     "plain": Variant(),
     "bidir+residual+dropout": Variant(directions=2, residual=True, dropout_mode=int(DROPOUT_STANDARD.value)),
     "variational": Variant(dropout_mode=int(DROPOUT_VARIATIONAL.value)),
+    # LSTM only; proj_size = hidden // 4 (kernels/lstm_proj.py)
+    "proj+bidir+residual+dropout": Variant(2, True, int(DROPOUT_STANDARD.value), proj=-1),
 }
 
 
@@ -108,6 +111,10 @@ def report(
 ) -> tuple[str, int]:
     """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback)."""
     variant = VARIANTS[variant]
+    if variant.proj:
+        if cell != "lstm":
+            return f"{cell:8} H={hidden:5} B={batch:4}: no projection (LSTM only)", 0
+        variant = variant._replace(proj=max(1, hidden // 4))
     with mock.patch.object(_plan, "_sm_count", return_value=132):
         plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions)
     if isinstance(plan, str):
@@ -115,23 +122,21 @@ def report(
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps = constants.pop("num_warps")
     t, acc = TRITON_TYPES[dtype], "fp32"
+    fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
+                     mseq=t)  # fmt: skip
+    bwd_types = dict(w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
+                     grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t)  # fmt: skip
+    fwd_kernel, bwd_kernel = (
+        (lstm_proj_fwd_kernel, lstm_proj_bwd_kernel) if variant.proj else (rnn_fwd_kernel, rnn_bwd_kernel)
+    )
     fwd = _resources(
-        rnn_fwd_kernel,
-        dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32"),
+        fwd_kernel,
+        fwd_types,
         dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y),
         arch,
         num_warps,
     )
-    bwd = _resources(
-        rnn_bwd_kernel,
-        dict(
-            w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t, grad_h=acc,
-            grad_c=acc, counter="i32",
-        ),
-        dict(constants, SYNC=plan.persistent),
-        arch,
-        num_warps,
-    )  # fmt: skip
+    bwd = _resources(bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent), arch, num_warps)
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
         f"BLOCK_B={plan.block_b} warps={num_warps} {variant} | fwd {fwd} | bwd {bwd}"

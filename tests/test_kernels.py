@@ -19,24 +19,27 @@ from tritonrnn import reference
 
 def compare(
     cell, T, B, I, H, L, dtype=torch.float64, batch_first=False, bias=True, give_hx=True, unbatched=False, seed=0,
-    bidirectional=False,
+    bidirectional=False, proj_size=0,
 ):  # fmt: skip
     """Run tritonrnn (dtype, DEVICE) and torch.nn (float64, CPU) on the same weights and inputs; assert."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    ours, theirs = make_pair(cell, I, H, num_layers=L, batch_first=batch_first, bias=bias, bidirectional=bidirectional)
+    extra = dict(proj_size=proj_size) if proj_size else {}
+    ours, theirs = make_pair(
+        cell, I, H, num_layers=L, batch_first=batch_first, bias=bias, bidirectional=bidirectional, **extra
+    )
     ours = ours.to(dtype=dtype, device=DEVICE)
     x_shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
     x = torch.randn(x_shape, dtype=torch.float64, generator=gen)
     D = 2 if bidirectional else 1
-    state_shape = (L * D, H) if unbatched else (L * D, B, H)
-    n_states = 2 if cell == "lstm" else 1
+    N = proj_size or H  # the width of h
+    state_shapes = [(L * D, n) if unbatched else (L * D, B, n) for n in ([N, H] if cell == "lstm" else [N])]
     hx = None
     if give_hx:
-        hs = tuple(torch.randn(state_shape, dtype=torch.float64, generator=gen) for _ in range(n_states))
+        hs = tuple(torch.randn(shape, dtype=torch.float64, generator=gen) for shape in state_shapes)
         hx = hs if cell == "lstm" else hs[0]
-    out_shape = x_shape[:-1] + (D * H,)
-    weights = loss_weights(out_shape, [state_shape] * n_states, gen)
+    out_shape = x_shape[:-1] + (D * N,)
+    weights = loss_weights(out_shape, state_shapes, gen)
 
     def cast(h):
         return h.to(dtype=dtype, device=DEVICE)
@@ -150,6 +153,31 @@ def test_bidirectional_split_grid_directions_one_after_the_other(cell, forced_pl
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bidirectional_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=5, bidirectional=True)
+
+
+PROJECTION = [
+    pytest.param(dict(T=1, B=1, I=3, H=2, L=1, proj_size=1), id="T1-B1-H2-P1"),
+    pytest.param(dict(T=7, B=5, I=4, H=9, L=2, proj_size=5), id="T7-B5-H9-P5-L2"),
+    pytest.param(dict(T=5, B=3, I=6, H=20, L=2, proj_size=7, bidirectional=True), id="bidirectional"),
+    pytest.param(dict(T=4, B=2, I=3, H=8, L=2, proj_size=3, batch_first=True, give_hx=False), id="no_hx"),
+    pytest.param(dict(T=4, B=1, I=2, H=6, L=1, proj_size=2, unbatched=True, bias=False), id="unbatched-no_bias"),
+]
+
+
+@pytest.mark.parametrize("shape", PROJECTION)
+def test_lstm_projection_float64_matches_torch(shape):
+    compare("lstm", **shape)
+
+
+def test_lstm_projection_split_grid_phases_launched_apart(forced_plan):
+    """H over three programs, the projection over two (the third idle in its phase), one phase per launch."""
+    forced_plan(block_h=16, persistent=False, directions_together=False)
+    compare("lstm", 5, 3, 4, 40, 2, dtype=torch.float32, seed=6, proj_size=20, bidirectional=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lstm_projection_low_precision_against_float64(dtype):
+    compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=7, proj_size=24)
 
 
 @pytest.mark.parametrize("cell", CELLS)

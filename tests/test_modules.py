@@ -46,33 +46,17 @@ def test_lstm_proj_size_state_dict():
     assert "weight_hr_l1" in ours.state_dict()
 
 
-@pytest.mark.parametrize("config,reason", [(dict(proj_size=3), "proj_size > 0")])
-def test_fallback_to_torch_is_logged_once_and_correct(config, reason, caplog):
-    torch.manual_seed(0)
-    ours = tritonrnn.LSTM(4, 6, **config).double()
-    theirs = nn.LSTM(4, 6, **config).double()
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(5, 3, 4, dtype=torch.float64)
-    _plan._logged.clear()
-    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
-        for _ in range(2):
-            torch.manual_seed(1)
-            out, (h, c) = ours(x)
-            torch.manual_seed(1)
-            ref, (rh, rc) = theirs(x)
-            torch.testing.assert_close(out, ref)
-            torch.testing.assert_close(h, rh)
-    messages = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
-    assert len(messages) == 1
-
-
-@pytest.mark.parametrize("config", [dict(bidirectional=True), dict(num_layers=2, dropout=0.5)], ids=str)
-def test_bidirectional_and_training_dropout_run_on_the_kernels(config, monkeypatch):
+@pytest.mark.parametrize(
+    "config,width",
+    [(dict(bidirectional=True), 12), (dict(num_layers=2, dropout=0.5), 6), (dict(proj_size=2, num_layers=2), 2)],
+    ids=str,
+)
+def test_bidirectional_training_dropout_and_projection_run_on_the_kernels(config, width, monkeypatch):
     ours = tritonrnn.LSTM(4, 6, **config).double().to(DEVICE)
     assert ours._unsupported(torch.zeros(1, 1, 4)) is None
     monkeypatch.setattr(nn.LSTM, "forward", None)  # torch.nn's implementation must not be reached
     out, _ = ours(torch.randn(3, 2, 4, dtype=torch.float64, device=DEVICE))
-    assert out.shape == (3, 2, 12 if config.get("bidirectional") else 6)
+    assert out.shape == (3, 2, width)
 
 
 def test_dropout_mode_keyword():

@@ -52,7 +52,7 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -83,7 +83,7 @@ def plan_layer(
 ) -> LayerPlan | str:
     """The launch for one layer, or a string saying why the persistent kernels cannot run it."""
     _, gates, _ = CELLS[cell]
-    block_k = max(MIN_DOT, _next_pow2(hidden_size))
+    block_k = max(MIN_DOT, next_pow2(hidden_size))
     block_b = MIN_DOT if batch <= MIN_DOT else 32
     if device.type == "cuda":
         if dtype == torch.float64:

@@ -19,9 +19,10 @@ import triton.language as tl
 from torch import Tensor
 
 from tritonrnn import reference, scheduler
-from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_layer
+from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, interpret_mode, log_once, next_pow2, plan_layer
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
+from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 
 
@@ -41,6 +42,7 @@ class Variant(NamedTuple):
     directions: int = 1
     residual: bool = False
     dropout_mode: int = int(DROPOUT_NONE.value)  # kernels/dropout.py's DROPOUT_*
+    proj: int = 0  # LSTM proj_size (kernels/lstm_proj.py), 0 for none
 
     @property
     def write_y(self) -> bool:
@@ -51,15 +53,11 @@ class Variant(NamedTuple):
 def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
     cell_id, gates, n_saved = CELLS[cell]
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return dict(
+    common = dict(
         H=hidden,
-        CELL=cell_id,
-        G=gates,
-        S=n_saved,
         D=variant.directions,
         BLOCK_H=plan.block_h,
         BLOCK_B=plan.block_b,
-        BLOCK_K=plan.block_k,
         RESIDUAL=variant.residual,
         DROPOUT=variant.dropout_mode,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
@@ -67,6 +65,9 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
         DOT_UPCAST=dtype == torch.bfloat16 and interpret_mode(),
         num_warps=plan.num_warps,
     )
+    if variant.proj:
+        return dict(common, P=variant.proj, BLOCK_KH=plan.block_k, BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)))
+    return dict(common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k)
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
@@ -100,17 +101,18 @@ def _gpu_misfit(
     def t(dt=dtype):
         return torch.empty(16, dtype=dt, device=device)
 
-    counter = t(torch.int32)
-    forward = rnn_fwd_kernel.warmup(
-        xproj=t(), w_hh=t(), b_hn=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(),
-        counter=counter, T=1, B=1, t_start=0, n_steps=1, direction0=0, seed=1, p_drop=0.5, SAVE=True,
-        SYNC=plan.persistent, WRITE_Y=variant.write_y, grid=grid, **constants, **options,
-    )  # fmt: skip
-    backward = rnn_bwd_kernel.warmup(
-        w_hh=t(), hseq=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
-        grad_xn=t(), grad_h=t(acc), grad_c=t(acc), counter=counter, T=1, B=1, u_start=0, n_steps=1, finish=1,
-        direction0=0, seed=1, p_drop=0.5, SYNC=plan.persistent, grid=grid, **constants, **options,
-    )  # fmt: skip
+    common = dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed=1, p_drop=0.5,
+                  SYNC=plan.persistent, grid=grid, **constants, **options)  # fmt: skip
+    forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(), t_start=0,
+                        SAVE=True, WRITE_Y=variant.write_y)  # fmt: skip
+    backward_args = dict(w_hh=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
+                         grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1)  # fmt: skip
+    if variant.proj:
+        forward = lstm_proj_fwd_kernel.warmup(w_hr=t(), mseq=t(), phases=3, **forward_args, **common)
+        backward = lstm_proj_bwd_kernel.warmup(w_hr=t(), grad_hp=t(), phases=3, **backward_args, **common)
+    else:
+        forward = rnn_fwd_kernel.warmup(b_hn=t(), **forward_args, **common)
+        backward = rnn_bwd_kernel.warmup(hseq=t(), grad_xn=t(), **backward_args, **common)
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     for name, kernel in (("forward", forward), ("backward", backward)):
         if kernel.metadata.shared > max_shared:
@@ -136,101 +138,105 @@ def _input_projection(
 class RecurrentLayerFunction(torch.autograd.Function):
     """One layer (all its directions) on the persistent kernels. Inputs and outputs are time-major.
 
-    forward(x [T, B, I], h0 [D, B, H], c0 [D, B, H] or None, w_ih [D*G*H, I], w_hh [D, G*H, H],
-    b_ih, b_hh [D*G*H] or None, cell, plan, residual, dropout) returns (y [T, B, D*H] the layer output
-    (+ x when residual), z [T, B, D*H] = dropout(y) or None, h_n [D, B, H], c_n [D, B, H] or None).
+    forward(x [T, B, I], h0 [D, B, N], c0 [D, B, H] or None, w_ih [D*G*H, I], w_hh [D, G*H, N],
+    b_ih, b_hh [D*G*H] or None, w_hr [D, N, H] or None, cell, plan, residual, dropout) returns
+    (y [T, B, D*N] the layer output (+ x when residual), z [T, B, D*N] = dropout(y) or None,
+    h_n [D, B, N], c_n [D, B, H] or None). N = H, or proj_size for an LSTM with a projection (w_hr).
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell: str, plan: LayerPlan, residual: bool, dropout):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell: str, plan: LayerPlan, residual: bool, dropout):
         T, B, _ = x.shape
-        D, _, hidden = w_hh.shape
+        _, gates, n_saved = CELLS[cell]
+        D, _, width = w_hh.shape
+        hidden = w_hh.shape[1] // gates
         dtype, device = x.dtype, x.device
         acc = _acc_dtype(dtype)
-        _, _, n_saved = CELLS[cell]
-        variant = Variant(D, residual, dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value))
+        variant = _variant(D, residual, dropout, w_hr)
         xproj = _input_projection(cell, hidden, x, w_ih, b_ih, b_hh)
-        if cell == "gru" and b_hh is not None:
-            b_hn = b_hh.view(D, 3, hidden)[:, 2].contiguous()
-        else:
-            b_hn = torch.zeros(D, hidden, dtype=dtype, device=device)
-        hseq = _empty(D, T + 1, B, hidden, dtype=dtype, device=device)
+        hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
         hseq[0, 0] = h0[0]
         if D == 2:
             hseq[1, T] = h0[1]
         # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
         c0_acc = c0.to(acc) if c0 is not None else None
         state = (c0_acc if c0 is not None else h0.to(acc)).clone()
-        save = any(ctx.needs_input_grad[:7])
+        save = any(ctx.needs_input_grad[:8])
         saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if save and n_saved else state
-        y = _empty(T, B, D * hidden, dtype=dtype, device=device) if variant.write_y else hseq[0, 1:]
-        z = _empty(T, B, D * hidden, dtype=dtype, device=device) if dropout is not None else None
-        counter = torch.zeros(D, dtype=torch.int32, device=device)
+        y = _empty(T, B, D * width, dtype=dtype, device=device) if variant.write_y else hseq[0, 1:]
+        z = _empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
         launch = dict(
-            xproj=xproj, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, y=y, res=x,
-            z=z if z is not None else y, counter=counter, T=T, B=B, seed=dropout.seed if dropout else 0,
-            p_drop=dropout.p if dropout else 0.0, SAVE=save and n_saved > 0, SYNC=plan.persistent,
-            WRITE_Y=variant.write_y, **_kernel_constants(cell, hidden, dtype, plan, variant),
+            xproj=xproj, w_hh=w_hh, hseq=hseq, state=state, saved=saved, y=y, res=x, z=z if z is not None else y,
+            counter=torch.zeros(D, dtype=torch.int32, device=device), T=T, B=B,
+            seed=dropout.seed if dropout else 0, p_drop=dropout.p if dropout else 0.0, SAVE=save and n_saved > 0,
+            SYNC=plan.persistent, WRITE_Y=variant.write_y, **_kernel_constants(cell, hidden, dtype, plan, variant),
             **_launch_options(plan, device),
         )  # fmt: skip
+        mseq = None
+        if w_hr is not None:
+            mseq = _empty(D, T, B, hidden, dtype=dtype, device=device)
+            kernel, launch = lstm_proj_fwd_kernel, dict(launch, w_hr=w_hr, mseq=mseq)
+        elif cell == "gru" and b_hh is not None:
+            kernel, launch = rnn_fwd_kernel, dict(launch, b_hn=b_hh.view(D, 3, hidden)[:, 2].contiguous())
+        else:
+            kernel, launch = rnn_fwd_kernel, dict(launch, b_hn=torch.zeros(D, hidden, dtype=dtype, device=device))
         for direction0, count in _direction_groups(plan, D):
             grid = (plan.num_programs, count)
-            if plan.persistent:
-                rnn_fwd_kernel[grid](t_start=0, n_steps=T, direction0=direction0, **launch)
-            else:
-                for t in range(T):
-                    rnn_fwd_kernel[grid](t_start=t, n_steps=1, direction0=direction0, **launch)
+            for step in _steps(plan, T, w_hr is not None):
+                kernel[grid](direction0=direction0, **step, **launch)
         ctx.cell, ctx.plan, ctx.variant, ctx.dropout = cell, plan, variant, dropout
         ctx.has_bias = b_ih is not None
         if save:
-            ctx.save_for_backward(x, c0_acc, w_ih, w_hh, hseq, saved)
+            ctx.save_for_backward(x, c0_acc, w_ih, w_hh, w_hr, hseq, saved, mseq)
         h_n = torch.stack([hseq[0, T], hseq[1, 0]]) if D == 2 else hseq[0, T].unsqueeze(0).clone()
         c_n = state.to(dtype) if cell == "lstm" else None
         return y, z, h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_y, grad_z, grad_hn, grad_cn):
-        x, c0_acc, w_ih, w_hh, hseq, saved = ctx.saved_tensors
+        x, c0_acc, w_ih, w_hh, w_hr, hseq, saved, mseq = ctx.saved_tensors
         cell, plan, variant, dropout = ctx.cell, ctx.plan, ctx.variant, ctx.dropout
         T, B, _ = x.shape
-        D, _, hidden = w_hh.shape
+        _, gates, _ = CELLS[cell]
+        D, _, width = w_hh.shape
+        hidden = w_hh.shape[1] // gates
         dtype, device = x.dtype, x.device
         acc = _acc_dtype(dtype)
-        _, gates, _ = CELLS[cell]
 
-        def acc_state(grad: Tensor | None) -> Tensor:
+        def acc_state(grad: Tensor | None, size: int) -> Tensor:
             if grad is None:
-                return torch.zeros(D, B, hidden, dtype=acc, device=device)
+                return torch.zeros(D, B, size, dtype=acc, device=device)
             return grad.to(acc).contiguous().clone()
 
         def output_grad(grad: Tensor | None) -> Tensor:
             if grad is None:
-                return torch.zeros(T, B, D * hidden, dtype=dtype, device=device)
+                return torch.zeros(T, B, D * width, dtype=dtype, device=device)
             return grad.contiguous()
 
-        grad_h = acc_state(grad_hn)
-        grad_c = acc_state(grad_cn) if cell == "lstm" else grad_h
+        grad_h = acc_state(grad_hn, width)
+        grad_c = acc_state(grad_cn, hidden) if cell == "lstm" else grad_h
         grad_y = output_grad(grad_y)
         grad_z = output_grad(grad_z) if dropout is not None else grad_y
-        grad_res = _empty(T, B, D * hidden, dtype=dtype, device=device) if variant.residual else grad_y
+        grad_res = _empty(T, B, D * width, dtype=dtype, device=device) if variant.residual else grad_y
         grad_gates = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
-        grad_xn = _empty(T, B, D * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
-        counter = torch.zeros(D, dtype=torch.int32, device=device)
         launch = dict(
-            w_hh=w_hh, hseq=hseq, saved=saved, c0=c0_acc if c0_acc is not None else grad_h, grad_y=grad_y,
-            grad_z=grad_z, grad_res=grad_res, grad_gates=grad_gates, grad_xn=grad_xn, grad_h=grad_h, grad_c=grad_c,
-            counter=counter, T=T, B=B, seed=dropout.seed if dropout else 0, p_drop=dropout.p if dropout else 0.0,
-            SYNC=plan.persistent, **_kernel_constants(cell, hidden, dtype, plan, variant),
-            **_launch_options(plan, device),
+            w_hh=w_hh, saved=saved, c0=c0_acc if c0_acc is not None else grad_c, grad_y=grad_y, grad_z=grad_z,
+            grad_res=grad_res, grad_gates=grad_gates, grad_h=grad_h, grad_c=grad_c,
+            counter=torch.zeros(D, dtype=torch.int32, device=device), T=T, B=B,
+            seed=dropout.seed if dropout else 0, p_drop=dropout.p if dropout else 0.0, SYNC=plan.persistent,
+            **_kernel_constants(cell, hidden, dtype, plan, variant), **_launch_options(plan, device),
         )  # fmt: skip
+        grad_hp = grad_xn = None
+        if w_hr is not None:
+            grad_hp = _empty(T, B, D * width, dtype=dtype, device=device)
+            kernel, launch = lstm_proj_bwd_kernel, dict(launch, w_hr=w_hr, grad_hp=grad_hp)
+        else:
+            grad_xn = _empty(T, B, D * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
+            kernel, launch = rnn_bwd_kernel, dict(launch, hseq=hseq, grad_xn=grad_xn)
         for direction0, count in _direction_groups(plan, D):
             grid = (plan.num_programs, count)
-            if plan.persistent:
-                rnn_bwd_kernel[grid](u_start=T - 1, n_steps=T, finish=1, direction0=direction0, **launch)
-            else:
-                for u in range(T - 1, -1, -1):
-                    rnn_bwd_kernel[grid](u_start=u, n_steps=1, finish=0, direction0=direction0, **launch)
-                rnn_bwd_kernel[grid](u_start=-1, n_steps=0, finish=1, direction0=direction0, **launch)
+            for step in _steps(plan, T, w_hr is not None, backward=True):
+                kernel[grid](direction0=direction0, **step, **launch)
 
         if cell == "gru":
             # The input part of n is not multiplied by r: its gradient differs from the recurrent one.
@@ -252,10 +258,33 @@ class RecurrentLayerFunction(torch.autograd.Function):
         if needs[4]:
             # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
             gh = grad_gates.view(T * B, D, -1)
-            dw_hh = torch.stack([gh[:, d].t() @ hseq[d, d : d + T].reshape(T * B, hidden) for d in range(D)])
+            dw_hh = torch.stack([gh[:, d].t() @ hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
         db_ih = grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype) if ctx.has_bias and needs[5] else None
         db_hh = grad_gates.sum(dim=(0, 1), dtype=acc).to(dtype) if ctx.has_bias and needs[6] else None
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None
+        dw_hr = None
+        if w_hr is not None and needs[7]:
+            ghp = grad_hp.view(T * B, D, width)
+            dw_hr = torch.stack([ghp[:, d].t() @ mseq[d].reshape(T * B, hidden) for d in range(D)])
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None, None, None, None
+
+
+def _steps(plan: LayerPlan, T: int, two_phases: bool, backward: bool = False) -> list[dict]:
+    """The launches of one direction group: all steps at once, or one step (one phase) per launch."""
+    phases = dict(phases=3) if two_phases else {}
+    if plan.persistent:
+        if backward:
+            return [dict(u_start=T - 1, n_steps=T, finish=1, **phases)]
+        return [dict(t_start=0, n_steps=T, **phases)]
+    each = [dict(phases=1), dict(phases=2)] if two_phases else [{}]
+    if backward:
+        steps = [dict(u_start=u, n_steps=1, finish=0, **p) for u in range(T - 1, -1, -1) for p in each]
+        return steps + [dict(u_start=-1, n_steps=0, finish=1, **phases)]
+    return [dict(t_start=t, n_steps=1, **p) for t in range(T) for p in each]
+
+
+def _variant(directions: int, residual: bool, dropout: LayerDropout | None, w_hr: Tensor | None) -> Variant:
+    mode = dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value)
+    return Variant(directions, residual, mode, w_hr.shape[1] if w_hr is not None else 0)
 
 
 def kernel_plan(
@@ -286,8 +315,9 @@ def _layer(
     if x.device.type == "cpu" and not interpret_mode():
         return reference.layer(cell, x, h0, c0, weights, residual, dropout)
     D = len(weights)
-    hidden = weights[0][1].shape[1]
-    variant = Variant(D, residual, dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value))
+    hidden = weights[0][1].shape[0] // CELLS[cell][1]
+    w_hr = [w[4] if len(w) > 4 else None for w in weights]
+    variant = _variant(D, residual, dropout, w_hr[0])
     plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if isinstance(plan, str):
         log_once(
@@ -295,17 +325,19 @@ def _layer(
             "running the PyTorch reference implementation instead (correct, much slower)"
         )
         return reference.layer(cell, x, h0, c0, weights, residual, dropout)
-    w_ih, w_hh, b_ih, b_hh = zip(*weights)
+    w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
     if D == 1:
         # No copies for one direction: views of the caller's tensors.
-        w_ih, w_hh, b_ih, b_hh = w_ih[0], w_hh[0].unsqueeze(0), b_ih[0], b_hh[0]
+        w_ih, w_hh, b_ih, b_hh, w_hr = w_ih[0], w_hh[0].unsqueeze(0), b_ih[0], b_hh[0], w_hr[0]
+        w_hr = w_hr.unsqueeze(0) if w_hr is not None else None
     else:
         w_ih, w_hh = torch.cat(w_ih), torch.stack(w_hh)
         b_ih = torch.cat(b_ih) if b_ih[0] is not None else None
         b_hh = torch.cat(b_hh) if b_hh[0] is not None else None
+        w_hr = torch.stack(w_hr) if w_hr[0] is not None else None
     return RecurrentLayerFunction.apply(
         x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None, w_ih.contiguous(),
-        w_hh.contiguous(), b_ih, b_hh, cell, plan, residual, dropout,
+        w_hh.contiguous(), b_ih, b_hh, w_hr.contiguous() if w_hr is not None else None, cell, plan, residual, dropout,
     )  # fmt: skip
 
 
@@ -324,7 +356,8 @@ def stack(
 
     No validation (the modules do it). Arguments and returns are ``scheduler.run_stack``'s:
     x [T, B, I] time-major; h0[l], c0[l] [D, B, H_l] (c0[l] None for non-LSTM layers);
-    layers[l] = StackLayer(cell, ((w_ih, w_hh, b_ih, b_hh), ...)) in torch.nn's layout and gate order.
+    layers[l] = StackLayer(cell, ((w_ih, w_hh, b_ih, b_hh[, w_hr]), ...)) in torch.nn's layout and gate order
+    (w_hr: an LSTM's projection, torch.nn's weight_hr; h is then proj_size wide).
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
     return scheduler.run_stack(

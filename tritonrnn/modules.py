@@ -3,8 +3,8 @@
 They subclass the torch.nn modules, so constructor, parameter names, initialisation, state_dict,
 ``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes, plus
 one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask per sequence and unit).
-What the kernels do not run yet (packed sequences, proj_size, autocast) goes to torch.nn's
-implementation, logged once.
+What the kernels do not run yet (packed sequences, autocast) goes to torch.nn's implementation,
+logged once.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ class _TritonRNNBase(nn.RNNBase):
         """Why torch.nn's implementation has to run this call, or None when the kernels can."""
         if isinstance(input, PackedSequence):
             return "packed sequences"
-        if self.proj_size > 0:
-            return "proj_size > 0"
         if (
             isinstance(input, Tensor)
             and input.device.type in ("cpu", "cuda")
@@ -73,7 +71,10 @@ class _TritonRNNBase(nn.RNNBase):
                 w_hh = getattr(self, f"weight_hh_l{k}{suffix}")
                 b_ih = getattr(self, f"bias_ih_l{k}{suffix}") if self.bias else None
                 b_hh = getattr(self, f"bias_hh_l{k}{suffix}") if self.bias else None
-                directions.append((w_ih, w_hh, b_ih, b_hh))
+                if self.proj_size > 0:
+                    directions.append((w_ih, w_hh, b_ih, b_hh, getattr(self, f"weight_hr_l{k}{suffix}")))
+                else:
+                    directions.append((w_ih, w_hh, b_ih, b_hh))
             layers.append(StackLayer(cell, tuple(directions)))
         return layers
 
@@ -94,10 +95,11 @@ class _TritonRNNBase(nn.RNNBase):
         batch = input.size(batch_dim)
         directions = 2 if self.bidirectional else 1
         if hx is None:
-            zeros = torch.zeros(
-                self.num_layers * directions, batch, self.hidden_size, dtype=input.dtype, device=input.device
-            )
-            hidden = (zeros, zeros) if is_lstm else (zeros,)
+            h_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+            shape = (self.num_layers * directions, batch)
+            h0 = torch.zeros(*shape, h_size, dtype=input.dtype, device=input.device)
+            c0 = torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)
+            hidden = (h0, c0) if is_lstm else (h0,)
         else:
             hidden = self._hidden_tuple(hx, is_lstm, is_batched)
         self.check_forward_args(input, hidden if is_lstm else hidden[0], None)

@@ -34,6 +34,7 @@ def layer_forward(
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    w_hr: Tensor | None = None,
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One direction of one layer over a sequence.
@@ -42,19 +43,20 @@ def layer_forward(
         cell: "lstm", "gru", "rnn_tanh" or "rnn_relu".
         x: [T, B, I] input.
         h0, c0: [B, H] initial states (c0 only for LSTM, else None).
-        w_ih: [G*H, I], w_hh: [G*H, H], b_ih / b_hh: [G*H] or None.
+        w_ih: [G*H, I], w_hh: [G*H, N], b_ih / b_hh: [G*H] or None.
+        w_hr: [N, H] an LSTM's projection (h = W_hr (o * tanh(c)), N = proj_size), or None (N = H).
         reverse: run from the last step to the first (the reverse direction of a bidirectional layer).
 
     Returns:
-        (output [T, B, H] in time order, h_n [B, H], c_n [B, H] or None), in x's dtype.
+        (output [T, B, N] in time order, h_n [B, N], c_n [B, H] or None), in x's dtype.
     """
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
     w_hh = w_hh.to(cdt)
+    hidden = w_hh.shape[0] // {"lstm": 4, "gru": 3}.get(cell, 1)
     xproj = x.to(cdt) @ w_ih.to(cdt).t()
     if b_ih is not None:
         xproj = xproj + b_ih.to(cdt)
-    hidden = w_hh.shape[1]
     b_hh = b_hh.to(cdt) if b_hh is not None else torch.zeros(w_hh.shape[0], dtype=cdt, device=x.device)
     h = h0.to(cdt)
     c = c0.to(cdt) if c0 is not None else None
@@ -67,6 +69,9 @@ def layer_forward(
             i, f, g, o = gates.split(hidden, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
+            if w_hr is not None:
+                # Like the kernels: the projection's input is rounded to the dtype (a tensor-core operand).
+                h = h.to(dtype).to(cdt) @ w_hr.to(cdt).t()
         elif cell == "gru":
             xr, xz, xn = xproj[t].split(hidden, dim=-1)
             hr, hz, hn = gh.split(hidden, dim=-1)
@@ -90,7 +95,8 @@ def layer_forward(
     return out.to(dtype), h.to(dtype), (c.to(dtype) if c is not None else None)
 
 
-Weights = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
+# (w_ih, w_hh, b_ih, b_hh) or, for an LSTM with a projection, (w_ih, w_hh, b_ih, b_hh, w_hr).
+Weights = tuple[Tensor, ...]
 
 
 def layer(
@@ -105,12 +111,12 @@ def layer(
     """One layer, all directions: y = [h_forward, h_reverse] (+ x), z = y * mask.
 
     Args:
-        x: [T, B, I]; h0, c0: [D, B, H] (c0 for LSTM only); weights: D tuples (w_ih, w_hh, b_ih, b_hh).
+        x: [T, B, I]; h0 [D, B, N], c0 [D, B, H] (LSTM only); weights: D tuples (w_ih, w_hh, b_ih, b_hh[, w_hr]).
         residual: add x to the output (I == D*H).
         dropout: the mask applied to the output for the next layer, or None.
 
     Returns:
-        (y [T, B, D*H], z [T, B, D*H] or None, h_n [D, B, H], c_n [D, B, H] or None), in x's dtype.
+        (y [T, B, D*N], z [T, B, D*N] or None, h_n [D, B, N], c_n [D, B, H] or None), in x's dtype.
     """
     results = [
         layer_forward(cell, x, h0[d], c0[d] if c0 is not None else None, *w, reverse=d == 1)

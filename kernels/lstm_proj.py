@@ -1,0 +1,248 @@
+"""LSTM with a projection (torch.nn.LSTM's ``proj_size``): h_t = W_hr (o_t * tanh(c_t)).
+
+Dimension letters as in kernels/recurrent.py, plus P = proj_size (< H): h, the recurrent input and
+the layer output are P wide, c and the gates H wide. BLOCK_KH / BLOCK_KP: next powers of two >= H / P.
+
+Each step runs in two phases, each closed by the grid barrier:
+    A. program i owns hidden units [i*BLOCK_H, (i+1)*BLOCK_H) of the four gates and of c: the gates from
+       h_{t-1} (all P units) and its W_hh slice, then c_t and m_t = o_t * tanh(c_t), written to ``mseq``;
+    B. program i owns projected units [i*BLOCK_H, (i+1)*BLOCK_H) of h (programs past P idle):
+       h_t = m_t (all H units) @ its slice of W_hr^T.
+Backward mirrors it per step: 1. dL/dh_t on the P units, through the next step's gate gradients and
+W_hh; 2. dL/dm_t = dL/dh_t @ W_hr on the H units, then the gate gradients. ``phases`` selects the
+phases one launch runs (3 = both; the one-launch-per-step mode launches them separately).
+Directions, residual and dropout work as in kernels/recurrent.py, on the P-wide output.
+"""
+
+import triton
+import triton.language as tl
+
+from .dropout import DROPOUT_NONE, dropout_scale
+from .recurrent import _bwd_recurrent_step, _dot, _emit, _load_gate_tiles, _lstm_bwd_step, _lstm_fwd_step, _time
+from .sync import grid_barrier
+
+
+@triton.jit
+def _units(H: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """This program's units (o_j; m_j in H, m_p in P) and the reduction ranges over H and P."""
+    o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_kh = tl.arange(0, BLOCK_KH)
+    o_kp = tl.arange(0, BLOCK_KP)
+    return o_j, o_j < H, o_j < P, o_kh, o_kh < H, o_kp, o_kp < P
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed", "p_drop", "phases"])
+def lstm_proj_fwd_kernel(
+    xproj,  # [T, B, D*4*H] x @ W_ih^T + b_ih + b_hh
+    w_hh,  # [D, 4*H, P]
+    w_hr,  # [D, P, H]
+    hseq,  # [D, T+1, B, P] h_t at row t + 1 - d, the initial state at row d * T
+    state,  # [D, B, H] ACC: c; initial state in, final state out
+    saved,  # [D, T, B, 5*H] ACC: i, f, g, o, c by time (written when SAVE)
+    mseq,  # [D, T, B, H] m_t = o_t * tanh(c_t) rounded to the dtype (the projection's input), by time
+    y,  # [T, B, D*P] the layer output (WRITE_Y)
+    res,  # [T, B, D*P] the layer input, added to the output (RESIDUAL)
+    z,  # [T, B, D*P] dropout(y) (DROPOUT)
+    counter,  # [D] int32, zeroed
+    T,
+    B,
+    t_start,
+    n_steps,
+    direction0,
+    seed,
+    p_drop,
+    phases,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    SAVE: tl.constexpr,
+    SYNC: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    num_programs = tl.num_programs(0)
+    d = (direction0 + tl.program_id(1)).to(tl.int64)
+    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    w_hh += d * (4 * H * P)
+    w_hr += d * (P * H)
+    hseq += d * (T + 1) * B * P
+    state += d * B * H
+    saved += d * T * B * (5 * H)
+    mseq += d * T * B * H
+    xproj += d * (4 * H)
+    counter += d
+    # b_w{g}[k, j] = W_hh[g*H + j, k] (k < P) and b_wr[k, p] = W_hr[p, k] (k < H): resident for all steps.
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
+        w_hh + o_j[None, :] * P + o_kp[:, None], m_kp[:, None] & m_j[None, :], H * P, 4
+    )  # fmt: skip
+    b_wr = tl.load(w_hr + o_j[None, :] * H + o_kh[:, None], mask=m_kh[:, None] & m_p[None, :], other=0.0)
+    out_ty = hseq.dtype.element_ty
+
+    for s in range(n_steps):
+        t = _time((t_start + s).to(tl.int64), T, d)
+        if phases % 2 == 1:
+            for b0 in range(0, B, BLOCK_B):
+                o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+                m_b = o_b < B
+                row = t * B + o_b
+                m_bj = m_b[:, None] & m_j[None, :]
+                b_h = tl.load(
+                    hseq + ((t + d) * B + o_b)[:, None] * P + o_kp[None, :],
+                    mask=m_b[:, None] & m_kp[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                p_x = xproj + row[:, None] * (D * 4 * H) + o_j[None, :]
+                a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_m = _lstm_fwd_step(
+                    a0, p_x, b_h, b_w1, b_w2, b_w3, state + o_b[:, None] * H + o_j[None, :],
+                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, H, SAVE, ACC, DOT_PRECISION, DOT_UPCAST,
+                )  # fmt: skip
+                tl.store(mseq + row[:, None] * H + o_j[None, :], b_m.to(out_ty), mask=m_bj)
+            if SYNC:
+                grid_barrier(counter, (2 * s + 1) * num_programs)
+        if phases >= 2:
+            for b0 in range(0, B, BLOCK_B):
+                o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+                m_b = o_b < B
+                row = t * B + o_b
+                # m_t of every hidden unit, written by all programs before the last barrier: bypass L1.
+                b_m = tl.load(
+                    mseq + row[:, None] * H + o_kh[None, :],
+                    mask=m_b[:, None] & m_kh[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                b_hout = _dot(b_m, b_wr, ACC, DOT_PRECISION, DOT_UPCAST).to(out_ty)
+                p_h = hseq + ((t + 1 - d) * B + o_b)[:, None] * P + o_j[None, :]
+                tl.store(p_h, b_hout, mask=m_b[:, None] & m_p[None, :])
+                _emit(
+                    y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_p, d, seed, p_drop, B, P, D,
+                    WRITE_Y, RESIDUAL, DROPOUT,
+                )  # fmt: skip
+            if SYNC:
+                grid_barrier(counter, (2 * s + 2) * num_programs)
+
+
+@triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed", "p_drop", "phases"])
+def lstm_proj_bwd_kernel(
+    w_hh,  # [D, 4*H, P]
+    w_hr,  # [D, P, H]
+    saved,  # [D, T, B, 5*H] ACC from the forward
+    c0,  # [D, B, H] ACC
+    grad_y,  # [T, B, D*P] dL/dy
+    grad_z,  # [T, B, D*P] dL/dz (DROPOUT)
+    grad_res,  # [T, B, D*P] out (RESIDUAL): dL/dy + dropout'(dL/dz)
+    grad_hp,  # [T, B, D*P] out: dL/dh_t through every path (for phase 2 and dW_hr)
+    grad_gates,  # [T, B, D*4*H] out: dL/d(gate pre-activations), by time
+    grad_h,  # [D, B, P] ACC: dL/dh_n in, dL/dh0 out
+    grad_c,  # [D, B, H] ACC: dL/dc_n in, dL/dc0 out
+    counter,  # [D] int32, zeroed
+    T,
+    B,
+    u_start,
+    n_steps,
+    finish,
+    direction0,
+    seed,
+    p_drop,
+    phases,
+    H: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    SYNC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    num_programs = tl.num_programs(0)
+    d = (direction0 + tl.program_id(1)).to(tl.int64)
+    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    w_hh += d * (4 * H * P)
+    w_hr += d * (P * H)
+    saved += d * T * B * (5 * H)
+    c0 += d * B * H
+    grad_h += d * B * P
+    grad_c += d * B * H
+    grad_gates += d * (4 * H)
+    counter += d
+    o_w = d * P + o_j.to(tl.int64)  # this program's columns of the [T, B, D*P] tensors
+    # b_w{g}[k, p] = W_hh[g*H + k, p] (k < H) and b_wr[k, j] = W_hr[k, j] (k < P): resident for all steps.
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
+        w_hh + o_kh[:, None] * P + o_j[None, :], m_kh[:, None] & m_p[None, :], H * P, 4
+    )  # fmt: skip
+    b_wr = tl.load(w_hr + o_kp[:, None] * H + o_j[None, :], mask=m_kp[:, None] & m_j[None, :], other=0.0)
+    grad_ty = grad_hp.dtype.element_ty
+
+    for s in range(n_steps):
+        u = (u_start - s).to(tl.int64)
+        t = _time(u, T, d)
+        if phases % 2 == 1:
+            if u < T - 1:
+                _bwd_recurrent_step(
+                    grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_p, o_kh, m_kh, b_w0, b_w1, b_w2, b_w3,
+                    H, 4, D, P, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+                )  # fmt: skip
+            # grad_h was just written by other threads of this program.
+            tl.debug_barrier()
+            for b0 in range(0, B, BLOCK_B):
+                o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+                m_b = o_b < B
+                m_bp = m_b[:, None] & m_p[None, :]
+                o_y = (t * B + o_b)[:, None] * (D * P) + o_w[None, :]
+                p_dh = grad_h + o_b[:, None] * P + o_j[None, :]
+                b_dy = tl.load(grad_y + o_y, mask=m_bp, other=0.0).to(ACC)
+                if DROPOUT != DROPOUT_NONE:
+                    b_dz = tl.load(grad_z + o_y, mask=m_bp, other=0.0).to(ACC)
+                    b_dy += b_dz * dropout_scale(seed, p_drop, t, o_b, o_w, B, D * P, DROPOUT)
+                if RESIDUAL:
+                    tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bp)
+                b_dh = b_dy + tl.load(p_dh, mask=m_bp, other=0.0)
+                tl.store(grad_hp + o_y, b_dh.to(grad_ty), mask=m_bp)
+                tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bp)
+            if SYNC:
+                grid_barrier(counter, (2 * s + 1) * num_programs)
+        if phases >= 2:
+            for b0 in range(0, B, BLOCK_B):
+                o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+                m_b = o_b < B
+                row = t * B + o_b
+                m_bj = m_b[:, None] & m_j[None, :]
+                # dL/dh_t of every projected unit, written by all programs before the last barrier: bypass L1.
+                b_dhp = tl.load(
+                    grad_hp + row[:, None] * (D * P) + d * P + o_kp[None, :],
+                    mask=m_b[:, None] & m_kp[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                b_dm = _dot(b_dhp, b_wr, ACC, DOT_PRECISION, DOT_UPCAST)
+                p_saved = saved + row[:, None] * (5 * H) + o_j[None, :]
+                if u > 0:
+                    # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse).
+                    p_cprev = p_saved + (1 - 2 * d) * (-B * 5 * H) + 4 * H
+                else:
+                    p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
+                p_dg = grad_gates + row[:, None] * (D * 4 * H) + o_j[None, :]
+                _lstm_bwd_step(b_dm, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, H)
+            if SYNC:
+                grid_barrier(counter, (2 * s + 2) * num_programs)
+
+    if finish != 0:
+        _bwd_recurrent_step(
+            grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_p, o_kh, m_kh,
+            b_w0, b_w1, b_w2, b_w3, H, 4, D, P, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
