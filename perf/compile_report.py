@@ -121,6 +121,7 @@ def report(
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps = constants.pop("num_warps")
+    constants.pop("num_stages")  # the default pipelining, as in the heuristic plan
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
                      mseq=t)  # fmt: skip

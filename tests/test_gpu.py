@@ -13,24 +13,27 @@ import pytest
 import torch
 from helpers import CELLS, loss_weights, make_pair, rel_err, run
 
+import tritonrnn
 from tritonrnn import _plan
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
-def errors_vs_float64(cell, T, B, I, H, L, dtype, seed=0):
+def errors_vs_float64(cell, T, B, I, H, L, dtype, seed=0, **module_kwargs):
     """(ours, cuDNN) relative errors vs a float64 cuDNN run, per tensor."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    ours, exact = make_pair(cell, I, H, num_layers=L)
+    ours, exact = make_pair(cell, I, H, num_layers=L, **module_kwargs)
     cudnn = copy.deepcopy(exact).to(dtype=dtype, device=CUDA)
     cudnn.flatten_parameters()
     ours = ours.to(dtype=dtype, device=CUDA)
     exact = exact.to(CUDA)
     x = torch.randn(T, B, I, dtype=torch.float64, generator=gen).to(CUDA)
-    n_states = 2 if cell == "lstm" else 1
-    weights = loss_weights((T, B, H), [(L, B, H)] * n_states, gen)
+    with torch.no_grad():
+        out, states = exact(x)
+    states = states if isinstance(states, tuple) else (states,)
+    weights = loss_weights(out.shape, [s.shape for s in states], gen)
     ref = run(exact, x, None, weights)
     result = {}
     for name, module in (("ours", ours), ("cudnn", cudnn)):
@@ -142,3 +145,50 @@ def test_sequence_of_100000_steps_with_64bit_offsets():
     assert torch.isfinite(out).all()
     assert rel_err(out[-1000:], ref[-1000:]) < 3e-2
     assert rel_err(h, rh) < 3e-2 and rel_err(c, rc) < 3e-2
+
+
+# --- stacks (issue 3): bidirectional, projection, dropout ----------------------------------------
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bidirectional_error_within_1_5x_cudnn(cell, dtype):
+    ours, cudnn = errors_vs_float64(cell, 128, 64, 512, 512, 2, dtype, bidirectional=True)
+    factor = 3.0 if cell == "rnn_relu" else 1.5
+    bad = {k: (v, cudnn[k]) for k, v in ours.items() if not v <= max(factor * cudnn[k], 1e-3)}
+    assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_lstm_projection_error_within_1_5x_cudnn(dtype, bidirectional):
+    ours, cudnn = errors_vs_float64(
+        "lstm", 128, 64, 512, 512, 2, dtype, proj_size=128, bidirectional=bidirectional
+    )  # fmt: skip
+    bad = {k: (v, cudnn[k]) for k, v in ours.items() if not v <= max(1.5 * cudnn[k], 1e-3)}
+    assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
+
+
+def test_both_directions_run_in_one_launch_at_the_benchmark_size():
+    plan = _plan.plan_layer("lstm", 512, 64, torch.bfloat16, CUDA, directions=2)
+    assert plan.persistent and plan.directions_together
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_dropout_stack_fp32_against_float64_reference_same_masks(mode, caplog):
+    """Training with dropout on the GPU: the fp32 kernels vs the float64 reference (which runs where the GPU kernels
+    do not take float64) under the same seeds, hence the same masks, for the output and every gradient."""
+    layers = [("lstm", 256), ("gru", 256), ("lstm", 128)]
+    torch.manual_seed(0)
+    fast = tritonrnn.StackedRNN(64, layers, dropout=0.3, dropout_mode=mode, bidirectional=True).to(CUDA)
+    exact = tritonrnn.StackedRNN(64, layers, dropout=0.3, dropout_mode=mode, bidirectional=True).double().to(CUDA)
+    exact.load_state_dict(fast.state_dict())
+    x = torch.randn(64, 16, 64, device=CUDA)
+    results = []
+    for model, dtype in ((fast, torch.float32), (exact, torch.float64)):
+        xr = x.to(dtype).requires_grad_()
+        torch.manual_seed(1)
+        out, _ = model(xr)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [xr, *model.parameters()])])
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    assert max(errors) < 2e-5, errors

@@ -36,7 +36,10 @@ MAX_WARPS = 8
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """One layer's launch: ``num_programs`` programs of ``block_h`` units each."""
+    """One layer's launch: ``num_programs`` programs of ``block_h`` units each.
+
+    The forward kernel's plan; ``backward`` holds the backward kernel's where the two differ (autotuned).
+    """
 
     block_h: int
     block_b: int
@@ -45,6 +48,11 @@ class LayerPlan:
     num_warps: int
     persistent: bool  # one launch for all steps (grid barrier) or one launch per step
     directions_together: bool = True  # a bidirectional layer's two grids in one launch (both resident)
+    num_stages: int = 3  # Triton's software pipelining of the batch-tile loop
+    backward: LayerPlan | None = None
+
+    def for_backward(self) -> LayerPlan:
+        return self.backward or self
 
 
 def interpret_mode() -> bool:
@@ -107,6 +115,34 @@ def plan_layer(
         persistent = True
         together = True
     plan = LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together)
+    return apply_forced_plan(plan, hidden_size, device)
+
+
+def plan_with(
+    hidden_size: int, directions: int, device: torch.device, block_h: int, block_b: int, num_warps: int,
+    num_stages: int = 3,
+) -> LayerPlan:  # fmt: skip
+    """The plan of one configuration (the autotuner's candidates): programs and residency derived from it."""
+    num_programs = -(-hidden_size // block_h)
+    sm_count = _sm_count(cuda_index(device))
+    return LayerPlan(
+        block_h=block_h,
+        block_b=block_b,
+        block_k=max(MIN_DOT, next_pow2(hidden_size)),
+        num_programs=num_programs,
+        num_warps=num_warps,
+        persistent=num_programs <= sm_count,
+        directions_together=num_programs * directions <= sm_count,
+        num_stages=num_stages,
+    )
+
+
+def forced() -> bool:
+    return bool(_forced_plan)
+
+
+def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device) -> LayerPlan:
+    """``plan`` with the fields ``force_plan`` set (unchanged when nothing is forced)."""
     if _forced_plan:
         plan = dataclasses.replace(plan, **_forced_plan)
         plan = dataclasses.replace(plan, num_programs=-(-hidden_size // plan.block_h))

@@ -9,6 +9,7 @@ Weights are plain tensors, so weight dropout or any other transform is applied b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -18,8 +19,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tritonrnn import reference, scheduler
-from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, interpret_mode, log_once, next_pow2, plan_layer
+from tritonrnn import autotune, reference, scheduler
+from tritonrnn._plan import (
+    CELLS,
+    MIN_DOT,
+    LayerPlan,
+    cuda_index,
+    forced,
+    interpret_mode,
+    log_once,
+    next_pow2,
+    plan_layer,
+)
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
@@ -64,6 +75,7 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
         DOT_PRECISION="tf32" if tf32 else "ieee",
         DOT_UPCAST=dtype == torch.bfloat16 and interpret_mode(),
         num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     if variant.proj:
         return dict(common, P=variant.proj, BLOCK_KH=plan.block_k, BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)))
@@ -94,25 +106,27 @@ def _gpu_misfit(
     """
     device = torch.device("cuda", device_index)
     acc = _acc_dtype(dtype)
-    constants = _kernel_constants(cell, hidden, dtype, plan, variant)
-    options = _launch_options(plan, device)
-    grid = (plan.num_programs, _direction_groups(plan, variant.directions)[0][1])
 
     def t(dt=dtype):
         return torch.empty(16, dtype=dt, device=device)
 
-    common = dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed=1, p_drop=0.5,
-                  SYNC=plan.persistent, grid=grid, **constants, **options)  # fmt: skip
+    def common(kernel_plan: LayerPlan) -> dict:
+        grid = (kernel_plan.num_programs, _direction_groups(kernel_plan, variant.directions)[0][1])
+        constants = _kernel_constants(cell, hidden, dtype, kernel_plan, variant)
+        options = _launch_options(kernel_plan, device)
+        return dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed=1, p_drop=0.5,
+                    SYNC=kernel_plan.persistent, grid=grid, **constants, **options)  # fmt: skip
+
     forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(), t_start=0,
-                        SAVE=True, WRITE_Y=variant.write_y)  # fmt: skip
+                        SAVE=True, WRITE_Y=variant.write_y, **common(plan))  # fmt: skip
     backward_args = dict(w_hh=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
-                         grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1)  # fmt: skip
+                         grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
     if variant.proj:
-        forward = lstm_proj_fwd_kernel.warmup(w_hr=t(), mseq=t(), phases=3, **forward_args, **common)
-        backward = lstm_proj_bwd_kernel.warmup(w_hr=t(), grad_hp=t(), phases=3, **backward_args, **common)
+        forward = lstm_proj_fwd_kernel.warmup(w_hr=t(), mseq=t(), phases=3, **forward_args)
+        backward = lstm_proj_bwd_kernel.warmup(w_hr=t(), grad_hp=t(), phases=3, **backward_args)
     else:
-        forward = rnn_fwd_kernel.warmup(b_hn=t(), **forward_args, **common)
-        backward = rnn_bwd_kernel.warmup(hseq=t(), grad_xn=t(), **backward_args, **common)
+        forward = rnn_fwd_kernel.warmup(b_hn=t(), **forward_args)
+        backward = rnn_bwd_kernel.warmup(hseq=t(), grad_xn=t(), **backward_args)
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     for name, kernel in (("forward", forward), ("backward", backward)):
         if kernel.metadata.shared > max_shared:
@@ -195,7 +209,8 @@ class RecurrentLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_z, grad_hn, grad_cn):
         x, c0_acc, w_ih, w_hh, w_hr, hseq, saved, mseq = ctx.saved_tensors
-        cell, plan, variant, dropout = ctx.cell, ctx.plan, ctx.variant, ctx.dropout
+        cell, variant, dropout = ctx.cell, ctx.variant, ctx.dropout
+        plan = ctx.plan.for_backward()
         T, B, _ = x.shape
         _, gates, _ = CELLS[cell]
         D, _, width = w_hh.shape
@@ -290,7 +305,11 @@ def _variant(directions: int, residual: bool, dropout: LayerDropout | None, w_hr
 def kernel_plan(
     cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None
 ) -> LayerPlan | str:
-    """How the kernels run a layer on this device, or a string saying why they cannot."""
+    """How the kernels run a layer on this device, or a string saying why they cannot.
+
+    On a GPU: the autotuned configuration (tritonrnn/autotune.py) where tuning is on, else the heuristics;
+    either way both kernels are compiled and checked against the GPU's shared memory before the first launch.
+    """
     variant = variant or Variant()
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
@@ -298,8 +317,53 @@ def kernel_plan(
     if device.type == "cuda" and not isinstance(plan, str):
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
         tf32 = torch.backends.cuda.matmul.allow_tf32
+        if not forced():
+            key = autotune.TuneKey(
+                cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj
+            )  # fmt: skip
+            tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
+            plan = tuned or plan
         return _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device)) or plan
     return plan
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant):
+    """An autotune.Tuner timing this layer's kernels on a random problem of autotune.TUNE_STEPS steps."""
+    import triton.testing
+
+    _, gates, _ = CELLS[cell]
+    D, width = variant.directions, variant.proj or hidden
+    T = autotune.TUNE_STEPS
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+
+    def rand(*shape: int) -> Tensor:
+        return (torch.randn(*shape, device=device) * hidden**-0.5).to(dtype)
+
+    x = rand(T, batch, hidden)
+    h0 = rand(D, batch, width)
+    c0 = rand(D, batch, hidden) if cell == "lstm" else None
+    w_ih, w_hh, bias = rand(D * gates * hidden, hidden), rand(D, gates * hidden, width), rand(D * gates * hidden)
+    w_hr = rand(D, variant.proj, hidden) if variant.proj else None
+
+    def run(plan: LayerPlan, requires_grad: bool):
+        inputs = [t.detach().requires_grad_(requires_grad) if t is not None else None for t in (x, w_hh)]
+        y, _, _, _ = RecurrentLayerFunction.apply(
+            inputs[0], h0, c0, w_ih, inputs[1], bias, bias, w_hr, cell, plan, False, None
+        )  # fmt: skip
+        if requires_grad:
+            torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+
+    return autotune.Tuner(
+        misfit=lambda plan: _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device)),
+        time_forward=lambda plan: bench(lambda: run(plan, False)),
+        time_backward=lambda fwd, bwd: bench(lambda: run(dataclasses.replace(fwd, backward=bwd), True)),
+    )
 
 
 def _layer(

@@ -1,0 +1,161 @@
+"""The autotuner's choices, pruning and cache, with the GPU-facing steps (compile, time) replaced by fakes.
+
+On the device the real steps run through functional.kernel_plan; here the logic around them is checked:
+no candidate that could deadlock is ever timed, the sequence length is not a key, the cache survives
+concurrent writers and corrupt files, and the switches (TRITONRNN_AUTOTUNE, CUDA graph capture) hold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+
+import pytest
+import torch
+
+from tritonrnn import _plan, autotune
+
+GPU = "NVIDIA H100 80GB HBM3"
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda answers as a 132-SM H100 that is not capturing a graph."""
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: GPU)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_plan, "_sm_count", lambda index: 132)
+
+
+class FakeTuner:
+    """Times candidates by a formula; records what it was asked to time."""
+
+    def __init__(self, too_big_block_h: int = 64):
+        self.timed: list[_plan.LayerPlan] = []
+        self.too_big_block_h = too_big_block_h
+
+    def tuner(self) -> autotune.Tuner:
+        def misfit(plan):
+            return "needs too much shared memory" if plan.block_h >= self.too_big_block_h else None
+
+        def time_forward(plan):
+            self.timed.append(plan)
+            return 1.0 / plan.block_h + 0.01 * plan.num_warps + 0.001 * plan.block_b
+
+        def time_backward(fwd, bwd):
+            self.timed.append(bwd)
+            return 1.0 + 0.01 * bwd.num_warps - 0.001 * bwd.block_b
+
+        return autotune.Tuner(misfit, time_forward, time_backward)
+
+
+def test_candidates_respect_residency_and_problem_size():
+    configs = autotune.candidates(hidden=2048, batch=16, directions=2, sm_count=132)
+    # 2048 / 16 = 128 programs per direction: two directions cannot both be resident, so only wider slices remain.
+    assert configs and all(-(-2048 // c.block_h) * 2 <= 132 for c in configs)
+    assert {c.block_h for c in configs} == {32, 64}
+    assert all(c.block_b == 16 and c.num_stages == 3 for c in configs)  # B=16: one batch tile, nothing to pipeline
+    small = autotune.candidates(hidden=20, batch=5, directions=1, sm_count=132)
+    assert {c.block_h for c in small} == {16, 32} and {c.block_b for c in small} == {16}
+
+
+def test_tuner_never_times_a_misfit_and_picks_the_fastest(fake_gpu):
+    fake = FakeTuner(too_big_block_h=64)
+    configs = autotune.candidates(hidden=512, batch=64, directions=1, sm_count=132)
+    entry = fake.tuner().tune(configs, 512, 1, CUDA0)
+    assert all(plan.block_h < 64 and plan.persistent for plan in fake.timed)
+    assert entry["forward"] == {"block_h": 32, "block_b": 16, "num_warps": 4, "num_stages": 1}
+    assert entry["backward"]["block_b"] == 64 and entry["backward"]["num_warps"] == 4
+    plan = autotune.plan_from_entry(entry, 512, 1, CUDA0)
+    assert plan.num_programs == 16 and plan.for_backward().block_b == 64
+
+
+def test_nothing_fits_means_heuristics(cache, fake_gpu):
+    fake = FakeTuner(too_big_block_h=16)
+    key = autotune.TuneKey("lstm", 512, 16, "bf16")
+    assert autotune.tuned_plan(key, CUDA0, fake.tuner) is None
+    assert fake.timed == []
+
+
+def test_tuned_once_then_cached_and_sequence_length_is_no_key(cache, fake_gpu):
+    fake = FakeTuner()
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return fake.tuner()
+
+    key = autotune.TuneKey("gru", 256, autotune.batch_bucket(17), "bf16")
+    first = autotune.tuned_plan(key, CUDA0, factory)
+    second = autotune.tuned_plan(autotune.TuneKey("gru", 256, autotune.batch_bucket(30), "bf16"), CUDA0, factory)
+    assert first == second and len(calls) == 1
+    files = list(cache.glob("autotune-nvidia-h100-80gb-hbm3-triton-*.json"))
+    assert len(files) == 1 and key.text() in json.loads(files[0].read_text())["configs"]
+    assert "T=" not in key.text()
+
+
+def test_shipped_defaults_come_before_tuning(cache, fake_gpu, monkeypatch):
+    key = autotune.TuneKey("lstm", 512, 16, "bf16")
+    entry = {"forward": {"block_h": 32, "block_b": 16, "num_warps": 8, "num_stages": 3}}
+    entry["backward"] = entry["forward"]
+    monkeypatch.setattr(autotune, "shipped_defaults", lambda gpu: {key.text(): entry} if gpu == GPU else {})
+    plan = autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune"))
+    assert plan.block_h == 32 and plan.num_warps == 8 and plan.backward is None
+
+
+def test_switched_off_and_graph_capture_use_heuristics(cache, fake_gpu, monkeypatch):
+    key = autotune.TuneKey("lstm", 512, 16, "bf16")
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "0")
+    assert autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune")) is None
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune during capture")) is None
+
+
+def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(cache, caplog):
+    store = autotune.ConfigStore.for_gpu(GPU)
+    store.path.write_text('{"format": 1, "configs": {"a": ')
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        assert store.load() == {}
+    assert "corrupt autotune cache" in caplog.text
+    store.put({"k": {"forward": {}}})
+    assert json.loads(store.path.read_text()) == {"format": 1, "configs": {"k": {"forward": {}}}}
+    store.path.write_text('["not", "a", "cache"]')
+    assert store.load() == {}
+
+
+def _write_keys(path: str, worker: int) -> None:
+    store = autotune.ConfigStore(autotune.pathlib.Path(path))
+    for k in range(20):
+        store.put({f"w{worker}-{k}": {"worker": worker}})
+
+
+def test_concurrent_processes_merge_their_entries(tmp_path):
+    path = tmp_path / "shared.json"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_keys, args=(str(path), w)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    configs = autotune.ConfigStore(path).load()
+    assert len(configs) == 80
+    assert not list(tmp_path.glob("*.tmp"))  # every write replaced the file atomically
+
+
+def test_pretune_command_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU answer only")
+    assert autotune.main(["--cells", "lstm", "--hidden", "64"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().out

@@ -1,0 +1,277 @@
+"""Per-GPU kernel configurations: chosen by timing candidates once, remembered on disk.
+
+A configuration is the hidden slice per program (``block_h``, which also fixes the number of programs),
+the batch tile, ``num_warps`` and ``num_stages``, for the forward and the backward kernel separately.
+Where the resident weights live (shared memory or registers) is Triton's decision for a configuration;
+the compiled kernel's shared memory and registers decide whether it fits.
+
+Key: (cell, hidden size, batch bucket, dtype, directions, projection, pass); never the sequence length.
+Store: one JSON file per GPU name and Triton version under ``$TRITONRNN_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/tritonrnn`` or ``~/.cache/tritonrnn``), written atomically under a file lock so
+concurrent processes merge their results; a corrupt file is ignored with a warning and rewritten.
+Tuned defaults shipped in ``tritonrnn/tuned/`` (keyed by GPU name) are used before any tuning.
+``TRITONRNN_AUTOTUNE=0`` uses the built-in heuristics (``_plan.plan_layer``); so does a call made
+while a CUDA graph is being captured (timing would break the capture).
+
+Candidates are pruned before anything runs: a persistent grid needs all its programs resident
+(``num_programs * directions`` within the SM count, one program per SM), and each kernel must
+compile within the GPU's shared memory; a candidate that could deadlock is never launched.
+
+Pre-tune a matrix and export it::
+
+    python -m tritonrnn.autotune --cells lstm gru --hidden 256 512 1024 --batch 16 64 --dtypes bf16 \\
+        --export tuned.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import itertools
+import json
+import logging
+import os
+import pathlib
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import triton
+
+from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, log_once, next_pow2, plan_with
+
+log = logging.getLogger("tritonrnn")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BLOCK_H = (16, 32, 64)
+BLOCK_B = (16, 32, 64)
+NUM_WARPS = (4, 8)
+NUM_STAGES = (1, 3)
+TUNE_STEPS = 32  # steps timed per candidate: enough to amortise the launch, independent of the user's T
+FORMAT = 1  # version of the JSON layout
+
+
+def enabled() -> bool:
+    return os.environ.get("TRITONRNN_AUTOTUNE", "1") != "0"
+
+
+def cache_dir() -> pathlib.Path:
+    if os.environ.get("TRITONRNN_CACHE_DIR"):
+        return pathlib.Path(os.environ["TRITONRNN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "tritonrnn"
+
+
+def slug(text: str) -> str:
+    """A file-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch sizes share a configuration within powers of two (17 and 30 tune once, as 32)."""
+    return next_pow2(max(1, batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneKey:
+    cell: str
+    hidden: int
+    batch_bucket: int
+    dtype: str  # "bf16", "fp16", "fp32"
+    directions: int = 1
+    proj: int = 0
+
+    def text(self) -> str:
+        return f"{self.cell}|H={self.hidden}|B<={self.batch_bucket}|{self.dtype}|D={self.directions}|P={self.proj}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    block_h: int
+    block_b: int
+    num_warps: int
+    num_stages: int = 3
+
+
+class ConfigStore:
+    """Tuned configurations of one GPU and Triton version in a JSON file, safe for concurrent processes."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    @classmethod
+    def for_gpu(cls, gpu_name: str) -> ConfigStore:
+        return cls(cache_dir() / f"autotune-{slug(gpu_name)}-triton-{triton.__version__}.json")
+
+    def load(self) -> dict[str, dict]:
+        """The entries on disk; a missing file is empty, a corrupt one is ignored with a warning."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configs"), dict):
+                raise ValueError(f"not a tritonrnn autotune file of format {FORMAT}")
+            return data["configs"]
+        except ValueError as error:
+            log.warning("tritonrnn: ignoring the corrupt autotune cache %s (%s); it will be rebuilt", self.path, error)
+            return {}
+
+    def get(self, key: TuneKey) -> dict | None:
+        return self.load().get(key.text())
+
+    def put(self, entries: dict[str, dict]) -> None:
+        """Merge entries into the file: read, update and atomically replace it under an exclusive lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            configs = self.load()
+            configs.update(entries)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": FORMAT, "configs": configs}, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shipped_defaults(gpu_name: str) -> dict[str, dict]:
+    """Configurations tuned by the project for this GPU, shipped in the package (empty if none)."""
+    path = pathlib.Path(__file__).parent / "tuned" / f"{slug(gpu_name)}.json"
+    if not path.is_file():
+        return {}
+    return ConfigStore(path).load()
+
+
+def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[KernelConfig]:
+    """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem."""
+    result = []
+    for block_h, block_b, num_warps, num_stages in itertools.product(BLOCK_H, BLOCK_B, NUM_WARPS, NUM_STAGES):
+        if block_h > max(MIN_DOT, next_pow2(hidden)) or block_b > max(MIN_DOT, next_pow2(batch)):
+            continue
+        if num_stages != NUM_STAGES[-1] and batch <= block_b:
+            continue  # one batch tile: nothing to pipeline
+        if -(-hidden // block_h) * directions > sm_count:
+            continue  # both directions' programs must be resident at once
+        result.append(KernelConfig(block_h, block_b, num_warps, num_stages))
+    return result
+
+
+def to_plan(config: KernelConfig, hidden: int, directions: int, device: torch.device) -> LayerPlan:
+    return plan_with(hidden, directions, device, config.block_h, config.block_b, config.num_warps, config.num_stages)
+
+
+@dataclasses.dataclass
+class Tuner:
+    """Chooses configurations; the GPU-facing steps are functions so that tests can replace them."""
+
+    misfit: Callable[[LayerPlan], str | None]  # why a plan's kernels cannot run (compiled, not launched)
+    time_forward: Callable[[LayerPlan], float]  # ms of the forward at TUNE_STEPS
+    time_backward: Callable[[LayerPlan, LayerPlan], float]  # ms of forward + backward (forward plan fixed)
+
+    def tune(self, configs: Iterable[KernelConfig], hidden: int, directions: int, device: torch.device) -> dict:
+        plans = {c: to_plan(c, hidden, directions, device) for c in configs}
+        fitting = {c: p for c, p in plans.items() if p.persistent and self.misfit(p) is None}
+        if not fitting:
+            raise LookupError("no candidate configuration fits this GPU")
+        forward_ms = {c: self.time_forward(p) for c, p in fitting.items()}
+        best_forward = min(forward_ms, key=forward_ms.get)
+        backward_ms = {c: self.time_backward(fitting[best_forward], p) for c, p in fitting.items()}
+        best_backward = min(backward_ms, key=backward_ms.get)
+        return {
+            "forward": dataclasses.asdict(best_forward),
+            "backward": dataclasses.asdict(best_backward),
+            "forward_ms": forward_ms[best_forward],
+            "forward_backward_ms": backward_ms[best_backward],
+            "candidates": len(fitting),
+        }
+
+
+def plan_from_entry(entry: dict, hidden: int, directions: int, device: torch.device) -> LayerPlan:
+    forward = to_plan(KernelConfig(**entry["forward"]), hidden, directions, device)
+    backward = to_plan(KernelConfig(**entry["backward"]), hidden, directions, device)
+    return dataclasses.replace(forward, backward=backward if backward != forward else None)
+
+
+def tuned_plan(key: TuneKey, device: torch.device, tuner_factory: Callable[[], Tuner]) -> LayerPlan | None:
+    """The tuned plan for key: the user's cache, then the shipped defaults, then tuning now; None to use heuristics."""
+    if not enabled():
+        return None
+    gpu = torch.cuda.get_device_name(cuda_index(device))
+    store = ConfigStore.for_gpu(gpu)
+    entry = store.get(key) or shipped_defaults(gpu).get(key.text())
+    if entry is None:
+        if torch.cuda.is_current_stream_capturing():
+            log_once(f"tritonrnn: no tuned configuration for {key.text()} during CUDA graph capture; using heuristics")
+            return None
+        log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")
+        sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
+        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count)
+        try:
+            entry = tuner_factory().tune(configs, key.hidden, key.directions, device)
+        except LookupError as error:
+            log_once(f"tritonrnn: {key.text()}: {error}; using heuristics")
+            return None
+        store.put({key.text(): entry})
+    return plan_from_entry(entry, key.hidden, key.directions, device)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh"], choices=sorted(CELLS))
+    parser.add_argument("--hidden", nargs="+", type=int, default=[256, 512, 1024])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64, 256])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--bidirectional", action="store_true", help="tune two-direction layers too")
+    parser.add_argument("--export", type=pathlib.Path, help="also write the tuned entries to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Pre-tune a matrix on this GPU (results land in the cache; --export writes them to a file too)."""
+    args = _parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tritonrnn.autotune: no CUDA GPU; there is nothing to tune (the CPU paths have no configurations)")
+        return 2
+    if not enabled():
+        print("tritonrnn.autotune: TRITONRNN_AUTOTUNE=0 is set; unset it to tune")
+        return 2
+    from tqdm import tqdm
+
+    from tritonrnn import functional
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    directions = [1, 2] if args.bidirectional else [1]
+    matrix = list(itertools.product(args.cells, args.hidden, args.batch, args.dtypes, directions))
+    keys = []
+    for cell, hidden, batch, dtype, d in tqdm(matrix, desc="tuning", unit="config"):
+        # kernel_plan tunes (or finds) the configuration as a first call would.
+        plan = functional.kernel_plan(cell, hidden, batch, DTYPES[dtype], device, functional.Variant(directions=d))
+        keys.append(TuneKey(cell, hidden, batch_bucket(batch), dtype, d).text())
+        if isinstance(plan, str):
+            print(f"{keys[-1]}: {plan}")
+    store = ConfigStore.for_gpu(torch.cuda.get_device_name(device))
+    configs = store.load()
+    print(f"cache: {store.path}")
+    if args.export:
+        ConfigStore(args.export).put({k: configs[k] for k in keys if k in configs})
+        print(f"exported {sum(k in configs for k in keys)} configurations to {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
