@@ -134,89 +134,109 @@ def _gpu_misfit(
     return None
 
 
-def _input_projection(
-    cell: str, hidden: int, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
-) -> Tensor:
-    """x @ W_ih^T plus every bias that can be added before the recurrence, as one GEMM: [T, B, D*G*H]."""
-    T, B, _ = x.shape
-    x2d = x.reshape(T * B, -1)
-    if b_ih is None:
-        return (x2d @ w_ih.t()).view(T, B, -1)
-    bias = b_ih + b_hh
-    if cell == "gru":
-        # GRU's b_hn is multiplied by r: it stays in the kernel. The biases are [D*3*H]: (direction, gate, unit).
-        bias.view(-1, 3, hidden)[:, 2] = b_ih.view(-1, 3, hidden)[:, 2]
-    return torch.addmm(bias, x2d, w_ih.t()).view(T, B, -1)
+def _steps(plan: LayerPlan, t0: int, t1: int, two_phases: bool, backward: bool = False) -> list[dict]:
+    """The launches running steps [t0, t1) of one direction group (backward: from t1 - 1 down to t0, then the
+    carry into dL/dh0 when t0 == 0): all at once with the grid barrier, or one step (one phase) per launch."""
+    phases = dict(phases=3) if two_phases else {}
+    if plan.persistent:
+        if backward:
+            return [dict(u_start=t1 - 1, n_steps=t1 - t0, finish=int(t0 == 0), **phases)]
+        return [dict(t_start=t0, n_steps=t1 - t0, **phases)]
+    each = [dict(phases=1), dict(phases=2)] if two_phases else [{}]
+    if backward:
+        steps = [dict(u_start=u, n_steps=1, finish=0, **p) for u in range(t1 - 1, t0 - 1, -1) for p in each]
+        return steps + ([dict(u_start=-1, n_steps=0, finish=1, **phases)] if t0 == 0 else [])
+    return [dict(t_start=t, n_steps=1, **p) for t in range(t0, t1) for p in each]
 
 
-class RecurrentLayerFunction(torch.autograd.Function):
-    """One layer (all its directions) on the persistent kernels. Inputs and outputs are time-major.
+class LayerRun:
+    """One layer's buffers and kernel launches, able to run its steps in chunks.
 
-    forward(x [T, B, I], h0 [D, B, N], c0 [D, B, H] or None, w_ih [D*G*H, I], w_hh [D, G*H, N],
-    b_ih, b_hh [D*G*H] or None, w_hr [D, N, H] or None, cell, plan, residual, dropout) returns
-    (y [T, B, D*N] the layer output (+ x when residual), z [T, B, D*N] = dropout(y) or None,
-    h_n [D, B, N], c_n [D, B, H] or None). N = H, or proj_size for an LSTM with a projection (w_hr).
+    ``forward_steps(t0, t1)`` projects inputs [t0, t1) and runs those steps; ``backward_steps(t0, t1)``
+    runs them in reverse and writes dL/dx for those rows. A single layer runs one chunk, the whole
+    sequence; the stack wavefront (``WavefrontStackFunction``) interleaves chunks of all layers.
+    Chunks apply to one direction only: a bidirectional layer runs [0, T) at once.
+
+    Shapes: x [T, B, I], h0 [D, B, N], c0 [D, B, H] or None, w_ih [D*G*H, I], w_hh [D, G*H, N],
+    b_ih, b_hh [D*G*H] or None, w_hr [D, N, H] or None (N = H, or proj_size with w_hr).
     """
 
-    @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell: str, plan: LayerPlan, residual: bool, dropout):
+    def __init__(self, cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save: bool):
         T, B, _ = x.shape
         _, gates, n_saved = CELLS[cell]
         D, _, width = w_hh.shape
         hidden = w_hh.shape[1] // gates
         dtype, device = x.dtype, x.device
         acc = _acc_dtype(dtype)
-        variant = _variant(D, residual, dropout, w_hr)
-        xproj = _input_projection(cell, hidden, x, w_ih, b_ih, b_hh)
-        hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
-        hseq[0, 0] = h0[0]
+        self.cell, self.plan, self.dropout = cell, plan, dropout
+        self.T, self.B, self.D, self.hidden, self.width, self.gates = T, B, D, hidden, width, gates
+        self.dtype, self.device, self.acc = dtype, device, acc
+        self.variant = _variant(D, residual, dropout, w_hr)
+        self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
+        self.xproj = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
+        self.hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
+        self.hseq[0, 0] = h0[0]
         if D == 2:
-            hseq[1, T] = h0[1]
+            self.hseq[1, T] = h0[1]
         # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
-        c0_acc = c0.to(acc) if c0 is not None else None
-        state = (c0_acc if c0 is not None else h0.to(acc)).clone()
-        save = any(ctx.needs_input_grad[:8])
-        saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if save and n_saved else state
-        y = _empty(T, B, D * width, dtype=dtype, device=device) if variant.write_y else hseq[0, 1:]
-        z = _empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
-        launch = dict(
-            xproj=xproj, w_hh=w_hh, hseq=hseq, state=state, saved=saved, y=y, res=x, z=z if z is not None else y,
-            counter=torch.zeros(D, dtype=torch.int32, device=device), T=T, B=B,
-            seed=dropout.seed if dropout else 0, p_drop=dropout.p if dropout else 0.0, SAVE=save and n_saved > 0,
-            SYNC=plan.persistent, WRITE_Y=variant.write_y, **_kernel_constants(cell, hidden, dtype, plan, variant),
-            **_launch_options(plan, device),
-        )  # fmt: skip
-        mseq = None
-        if w_hr is not None:
-            mseq = _empty(D, T, B, hidden, dtype=dtype, device=device)
-            kernel, launch = lstm_proj_fwd_kernel, dict(launch, w_hr=w_hr, mseq=mseq)
-        elif cell == "gru" and b_hh is not None:
-            kernel, launch = rnn_fwd_kernel, dict(launch, b_hn=b_hh.view(D, 3, hidden)[:, 2].contiguous())
-        else:
-            kernel, launch = rnn_fwd_kernel, dict(launch, b_hn=torch.zeros(D, hidden, dtype=dtype, device=device))
-        for direction0, count in _direction_groups(plan, D):
-            grid = (plan.num_programs, count)
-            for step in _steps(plan, T, w_hr is not None):
-                kernel[grid](direction0=direction0, **step, **launch)
-        ctx.cell, ctx.plan, ctx.variant, ctx.dropout = cell, plan, variant, dropout
-        ctx.has_bias = b_ih is not None
-        if save:
-            ctx.save_for_backward(x, c0_acc, w_ih, w_hh, w_hr, hseq, saved, mseq)
-        h_n = torch.stack([hseq[0, T], hseq[1, 0]]) if D == 2 else hseq[0, T].unsqueeze(0).clone()
-        c_n = state.to(dtype) if cell == "lstm" else None
-        return y, z, h_n, c_n
+        self.c0_acc = c0.to(acc) if c0 is not None else None
+        self.state = (self.c0_acc if c0 is not None else h0.to(acc)).clone()
+        self.save = save and n_saved > 0
+        self.saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if self.save else self.state
+        self.y = _empty(T, B, D * width, dtype=dtype, device=device) if self.variant.write_y else self.hseq[0, 1:]
+        self.z = _empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
+        self.mseq = _empty(D, T, B, hidden, dtype=dtype, device=device) if w_hr is not None else None
+        self.bias = None
+        if b_ih is not None:
+            self.bias = b_ih + b_hh
+            if cell == "gru":
+                # GRU's b_hn is multiplied by r: it stays in the kernel. Biases are [D*3*H]: (direction, gate, unit).
+                self.bias.view(-1, 3, hidden)[:, 2] = b_ih.view(-1, 3, hidden)[:, 2]
 
-    @staticmethod
-    def backward(ctx, grad_y, grad_z, grad_hn, grad_cn):
-        x, c0_acc, w_ih, w_hh, w_hr, hseq, saved, mseq = ctx.saved_tensors
-        cell, variant, dropout = ctx.cell, ctx.variant, ctx.dropout
-        plan = ctx.plan.for_backward()
-        T, B, _ = x.shape
-        _, gates, _ = CELLS[cell]
-        D, _, width = w_hh.shape
-        hidden = w_hh.shape[1] // gates
-        dtype, device = x.dtype, x.device
-        acc = _acc_dtype(dtype)
+    def _seed(self) -> dict:
+        return dict(seed=self.dropout.seed if self.dropout else 0, p_drop=self.dropout.p if self.dropout else 0.0)
+
+    def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
+        launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant))
+        launch.update(_launch_options(plan, self.device))
+        for direction0, count in _direction_groups(plan, self.D):
+            grid = (plan.num_programs, count)
+            # A persistent launch counts its barriers from zero (one launch per group; stepwise ones do not sync).
+            counter = torch.zeros(self.D, dtype=torch.int32, device=self.device)
+            for step in _steps(plan, t0, t1, self.w_hr is not None, backward):
+                kernel[grid](direction0=direction0, counter=counter, **step, **launch)
+
+    def forward_steps(self, t0: int, t1: int) -> None:
+        rows = slice(t0 * self.B, t1 * self.B)
+        x2d, out = self.x.reshape(self.T * self.B, -1)[rows], self.xproj.view(self.T * self.B, -1)[rows]
+        if self.bias is None:
+            torch.mm(x2d, self.w_ih.t(), out=out)
+        else:
+            torch.addmm(self.bias, x2d, self.w_ih.t(), out=out)
+        launch = dict(
+            xproj=self.xproj, w_hh=self.w_hh, hseq=self.hseq, state=self.state, saved=self.saved, y=self.y,
+            res=self.x, z=self.z if self.z is not None else self.y, T=self.T, B=self.B, SAVE=self.save,
+            SYNC=self.plan.persistent, WRITE_Y=self.variant.write_y, **self._seed(),
+        )  # fmt: skip
+        if self.w_hr is not None:
+            self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=self.w_hr, mseq=self.mseq, **launch)
+            return
+        if self.cell == "gru" and self.b_hh is not None:
+            b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
+        else:
+            b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
+        self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
+
+    def outputs(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(y, z, h_n, c_n) once every step has run."""
+        hseq, T = self.hseq, self.T
+        h_n = torch.stack([hseq[0, T], hseq[1, 0]]) if self.D == 2 else hseq[0, T].unsqueeze(0).clone()
+        c_n = self.state.to(self.dtype) if self.cell == "lstm" else None
+        return self.y, self.z, h_n, c_n
+
+    def start_backward(self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn) -> None:
+        """Gradient buffers; grad_y / grad_z [T, B, D*N] are read by rows as the chunks run (None: zeros)."""
+        T, B, D, dtype, device, acc = self.T, self.B, self.D, self.dtype, self.device, self.acc
 
         def acc_state(grad: Tensor | None, size: int) -> Tensor:
             if grad is None:
@@ -225,76 +245,96 @@ class RecurrentLayerFunction(torch.autograd.Function):
 
         def output_grad(grad: Tensor | None) -> Tensor:
             if grad is None:
-                return torch.zeros(T, B, D * width, dtype=dtype, device=device)
+                return torch.zeros(T, B, D * self.width, dtype=dtype, device=device)
             return grad.contiguous()
 
-        grad_h = acc_state(grad_hn, width)
-        grad_c = acc_state(grad_cn, hidden) if cell == "lstm" else grad_h
-        grad_y = output_grad(grad_y)
-        grad_z = output_grad(grad_z) if dropout is not None else grad_y
-        grad_res = _empty(T, B, D * width, dtype=dtype, device=device) if variant.residual else grad_y
-        grad_gates = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
-        launch = dict(
-            w_hh=w_hh, saved=saved, c0=c0_acc if c0_acc is not None else grad_c, grad_y=grad_y, grad_z=grad_z,
-            grad_res=grad_res, grad_gates=grad_gates, grad_h=grad_h, grad_c=grad_c,
-            counter=torch.zeros(D, dtype=torch.int32, device=device), T=T, B=B,
-            seed=dropout.seed if dropout else 0, p_drop=dropout.p if dropout else 0.0, SYNC=plan.persistent,
-            **_kernel_constants(cell, hidden, dtype, plan, variant), **_launch_options(plan, device),
-        )  # fmt: skip
-        grad_hp = grad_xn = None
-        if w_hr is not None:
-            grad_hp = _empty(T, B, D * width, dtype=dtype, device=device)
-            kernel, launch = lstm_proj_bwd_kernel, dict(launch, w_hr=w_hr, grad_hp=grad_hp)
-        else:
-            grad_xn = _empty(T, B, D * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
-            kernel, launch = rnn_bwd_kernel, dict(launch, hseq=hseq, grad_xn=grad_xn)
-        for direction0, count in _direction_groups(plan, D):
-            grid = (plan.num_programs, count)
-            for step in _steps(plan, T, w_hr is not None, backward=True):
-                kernel[grid](direction0=direction0, **step, **launch)
-
-        if cell == "gru":
+        self.grad_h = acc_state(grad_hn, self.width)
+        self.grad_c = acc_state(grad_cn, self.hidden) if self.cell == "lstm" else self.grad_h
+        self.grad_y = output_grad(grad_y)
+        self.grad_z = output_grad(grad_z) if self.dropout is not None else self.grad_y
+        self.grad_res = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.variant.residual else None
+        self.grad_gates = _empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
+        if self.cell == "gru":
+            self.grad_xn = _empty(T, B, D * self.hidden, dtype=dtype, device=device)
             # The input part of n is not multiplied by r: its gradient differs from the recurrent one.
-            grad_xgates = grad_gates.clone()
-            grad_xgates.view(T, B, D, 3, hidden)[..., 2, :] = grad_xn.view(T, B, D, hidden)
+            self.grad_xgates = _empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
         else:
-            grad_xgates = grad_gates
-        gx2d = grad_xgates.view(T * B, -1)
-        needs = ctx.needs_input_grad
-        dx = None
-        if needs[0]:
-            dx = (gx2d @ w_ih).view(x.shape)
-            if variant.residual:
-                dx += grad_res
-        dh0 = grad_h.to(dtype) if needs[1] else None
-        dc0 = grad_c.to(dtype) if cell == "lstm" and needs[2] else None
-        dw_ih = gx2d.t() @ x.reshape(T * B, -1) if needs[3] else None
-        dw_hh = None
-        if needs[4]:
-            # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
-            gh = grad_gates.view(T * B, D, -1)
-            dw_hh = torch.stack([gh[:, d].t() @ hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
-        db_ih = grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype) if ctx.has_bias and needs[5] else None
-        db_hh = grad_gates.sum(dim=(0, 1), dtype=acc).to(dtype) if ctx.has_bias and needs[6] else None
+            self.grad_xn = self.grad_xgates = self.grad_gates
+        self.grad_hp = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.w_hr is not None else None
+        self.dx = _empty(*self.x.shape, dtype=dtype, device=device)
+
+    def backward_steps(self, t0: int, t1: int) -> None:
+        """Steps t1 - 1 down to t0, then dL/dx for rows [t0, t1)."""
+        plan = self.plan.for_backward()
+        launch = dict(
+            w_hh=self.w_hh, saved=self.saved, c0=self.c0_acc if self.c0_acc is not None else self.grad_c,
+            grad_y=self.grad_y, grad_z=self.grad_z,
+            grad_res=self.grad_res if self.grad_res is not None else self.grad_y, grad_gates=self.grad_gates,
+            grad_h=self.grad_h, grad_c=self.grad_c, T=self.T, B=self.B, SYNC=plan.persistent, **self._seed(),
+        )  # fmt: skip
+        if self.w_hr is not None:
+            self._launch(lstm_proj_bwd_kernel, plan, t0, t1, True, w_hr=self.w_hr, grad_hp=self.grad_hp, **launch)
+        else:
+            self._launch(rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, **launch)
+        if self.cell == "gru":
+            chunk = self.grad_xgates[t0:t1].view(t1 - t0, self.B, self.D, 3, self.hidden)
+            chunk.copy_(self.grad_gates[t0:t1].view_as(chunk))
+            chunk[..., 2, :] = self.grad_xn[t0:t1].view(t1 - t0, self.B, self.D, self.hidden)
+        rows = slice(t0 * self.B, t1 * self.B)
+        gx2d = self.grad_xgates.view(self.T * self.B, -1)[rows]
+        dx2d = self.dx.view(self.T * self.B, -1)[rows]
+        if self.grad_res is not None:
+            torch.addmm(self.grad_res.view(self.T * self.B, -1)[rows], gx2d, self.w_ih, out=dx2d)
+        else:
+            torch.mm(gx2d, self.w_ih, out=dx2d)
+
+    def grads(self) -> tuple:
+        """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) once every step has run backward."""
+        T, B, D, hidden, width, dtype, acc = self.T, self.B, self.D, self.hidden, self.width, self.dtype, self.acc
+        gx2d = self.grad_xgates.view(T * B, -1)
+        dh0 = self.grad_h.to(dtype)
+        dc0 = self.grad_c.to(dtype) if self.cell == "lstm" else None
+        dw_ih = gx2d.t() @ self.x.reshape(T * B, -1)
+        # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
+        gh = self.grad_gates.view(T * B, D, -1)
+        dw_hh = torch.stack([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
+        db_ih = db_hh = None
+        if self.b_ih is not None:
+            db_ih = self.grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype)
+            db_hh = self.grad_gates.sum(dim=(0, 1), dtype=acc).to(dtype)
         dw_hr = None
-        if w_hr is not None and needs[7]:
-            ghp = grad_hp.view(T * B, D, width)
-            dw_hr = torch.stack([ghp[:, d].t() @ mseq[d].reshape(T * B, hidden) for d in range(D)])
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None, None, None, None
+        if self.w_hr is not None:
+            ghp = self.grad_hp.view(T * B, D, width)
+            dw_hr = torch.stack([ghp[:, d].t() @ self.mseq[d].reshape(T * B, hidden) for d in range(D)])
+        return self.dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
 
 
-def _steps(plan: LayerPlan, T: int, two_phases: bool, backward: bool = False) -> list[dict]:
-    """The launches of one direction group: all steps at once, or one step (one phase) per launch."""
-    phases = dict(phases=3) if two_phases else {}
-    if plan.persistent:
-        if backward:
-            return [dict(u_start=T - 1, n_steps=T, finish=1, **phases)]
-        return [dict(t_start=0, n_steps=T, **phases)]
-    each = [dict(phases=1), dict(phases=2)] if two_phases else [{}]
-    if backward:
-        steps = [dict(u_start=u, n_steps=1, finish=0, **p) for u in range(T - 1, -1, -1) for p in each]
-        return steps + [dict(u_start=-1, n_steps=0, finish=1, **phases)]
-    return [dict(t_start=t, n_steps=1, **p) for t in range(T) for p in each]
+class RecurrentLayerFunction(torch.autograd.Function):
+    """One layer (all its directions) on the persistent kernels, all steps in one chunk. Time-major.
+
+    forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell, plan, residual, dropout) with LayerRun's shapes
+    returns (y [T, B, D*N] the layer output (+ x when residual), z [T, B, D*N] = dropout(y) or None,
+    h_n [D, B, N], c_n [D, B, H] or None).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell: str, plan: LayerPlan, residual: bool, dropout):
+        save = any(ctx.needs_input_grad[:8])
+        run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save)
+        run.forward_steps(0, run.T)
+        if save:
+            ctx.run = run
+            # Saved through autograd too, so that modifying them in place before backward is an error.
+            ctx.save_for_backward(x, w_ih, w_hh, w_hr)
+        return run.outputs()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_z, grad_hn, grad_cn):
+        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since forward
+        run = ctx.run
+        run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
+        run.backward_steps(0, run.T)
+        return (*run.grads(), None, None, None, None)
 
 
 def _variant(directions: int, residual: bool, dropout: LayerDropout | None, w_hr: Tensor | None) -> Variant:
