@@ -192,3 +192,21 @@ def test_dropout_stack_fp32_against_float64_reference_same_masks(mode, caplog):
         results.append([out, *torch.autograd.grad(out.square().sum(), [xr, *model.parameters()])])
     errors = [rel_err(a, b) for a, b in zip(*results)]
     assert max(errors) < 2e-5, errors
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_wavefront_on_streams_equals_layer_by_layer(dropout, monkeypatch):
+    """Layers on their own streams, ordered by events per chunk: the same results as whole layers in order."""
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(256, [("lstm", 256), ("gru", 256), ("lstm", 256)], dropout=dropout).to(CUDA)
+    x = torch.randn(256, 16, 256, device=CUDA)
+    results = []
+    for chunk in ("0", "32"):
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", chunk)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        outs, states = model(xr, return_all_layers=True)
+        loss = sum(o.square().sum() for o in outs) + states[1].sum()
+        results.append([*outs, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    assert max(errors) < 1e-5, errors

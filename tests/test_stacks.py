@@ -355,3 +355,79 @@ def test_autocast_runs_in_the_autocast_dtype():
         out, states = model(x)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, model(x)[0]) < TOLERANCE[torch.bfloat16]
+
+
+# --- layer wavefront ---------------------------------------------------------------------------------
+
+
+def run_all(model, x, states, seed=1):
+    """Every output, final state and gradient (x, initial states, parameters) of one training call."""
+    x = x.detach().clone().requires_grad_()
+    states = [tuple(t.detach().clone().requires_grad_() for t in s) if isinstance(s, tuple)
+              else s.detach().clone().requires_grad_() for s in states]  # fmt: skip
+    torch.manual_seed(seed)
+    outs, finals = model(x, states, return_all_layers=True)
+    gen = torch.Generator().manual_seed(5)
+    tensors = outs + flat(finals)
+    loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=gen).to(DEVICE)).sum() for t in tensors)
+    grads = torch.autograd.grad(loss, [x, *flat(states), *model.parameters()])
+    return [t.detach() for t in tensors] + list(grads)
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(dict(dropout=0.3), id="dropout"),
+        pytest.param(dict(dropout=0.3, dropout_mode="variational"), id="variational"),
+        pytest.param(dict(residual=True), id="residual"),
+    ],
+)
+def test_wavefront_equals_layer_by_layer(chunk, options, monkeypatch):
+    """Chunks of layers interleaved in time give what whole layers give: outputs, states, every gradient."""
+    gen = torch.Generator().manual_seed(8)
+    layers = [("lstm", 6), ("gru", 6), ("rnn_relu", 6)] if options.get("residual") else MIXED
+    model = make_stack(layers, input_size=6 if options.get("residual") else 3, **options)
+    x = torch.randn(7, 3, model.input_size, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
+    expected = run_all(model, x, states)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", str(chunk))
+    monkeypatch.setattr(functional, "_layer", None)  # the layer-by-layer path must not be taken
+    actual = run_all(model, x, states)
+    for k, (a, b) in enumerate(zip(actual, expected)):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-12, k
+
+
+def test_wavefront_lstm_module_with_projection_matches_torch(monkeypatch):
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
+    monkeypatch.setattr(functional, "_layer", None)
+    torch.manual_seed(0)
+    ours = tritonrnn.LSTM(3, 6, num_layers=3, proj_size=4).double()
+    theirs = nn.LSTM(3, 6, num_layers=3, proj_size=4).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, (h, c) = ours.to(DEVICE)(x.to(DEVICE))
+    ref, (rh, rc) = theirs(x)
+    torch.testing.assert_close(out.cpu(), ref)
+    torch.testing.assert_close(c.cpu(), rc)
+    grads = torch.autograd.grad(out.sum() + h.sum(), list(ours.parameters()))
+    ref_grads = torch.autograd.grad(ref.sum() + rh.sum(), list(theirs.parameters()))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+def test_wavefront_leaves_bidirectional_stacks_and_short_sequences_layer_by_layer(monkeypatch):
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
+    calls = []
+    real = functional._layer
+    monkeypatch.setattr(functional, "_layer", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    make_stack(MIXED[:2], bidirectional=True)(torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE))
+    make_stack(MIXED[:2])(torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE))  # T <= one chunk
+    assert calls == ["lstm", "gru", "lstm", "gru"]
+
+
+def test_wavefront_switch_rejects_nonsense(monkeypatch):
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "yes")
+    with pytest.raises(ValueError, match="TRITONRNN_WAVEFRONT should be 0, 1 or a number"):
+        make_stack(MIXED[:2])(torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE))
