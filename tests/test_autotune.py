@@ -23,7 +23,7 @@ CUDA0 = torch.device("cuda", 0)
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
     return tmp_path
 
 
@@ -115,8 +115,12 @@ def test_shipped_defaults_come_before_tuning(cache, fake_gpu, monkeypatch):
 
 def test_switched_off_and_graph_capture_use_heuristics(cache, fake_gpu, monkeypatch):
     key = autotune.TuneKey("lstm", 512, 16, "bf16")
-    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "0")
-    assert autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune")) is None
+    for value in ("0", None):  # off, and off by default
+        if value is None:
+            monkeypatch.delenv("TRITONRNN_AUTOTUNE")
+        else:
+            monkeypatch.setenv("TRITONRNN_AUTOTUNE", value)
+        assert autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune")) is None
     monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune during capture")) is None
