@@ -1,0 +1,127 @@
+"""A run against a baseline: which rows got slower or faster, beyond the threshold and outside the noise.
+
+Rows are joined on the config keys + pass + provider. A row is slower when its current median exceeds
+the baseline median by more than the threshold AND its current 20% quantile lies above the baseline's
+80% quantile (the two distributions barely overlap); faster symmetrically. Only tritonrnn's rows can
+fail the comparison (exit 1): a slower row, or one that ran in the baseline and errors now. The other
+providers' changes are reported as environment drift (driver, clocks, library versions).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pandas as pd
+
+from perf.schema import CONTEXT, ROW_KEYS, PerfError, label, read_results
+
+
+def classify(baseline: pd.DataFrame, current: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Every row of either table with its verdict: slower, faster, unchanged, broken, fixed, errors, missing, new."""
+    columns = [*ROW_KEYS, "options", "status", "ms_median", "ms_p20", "ms_p80"]
+    joined = baseline[columns].merge(current[columns], on=ROW_KEYS, how="outer", suffixes=("_base", "_cur"),
+                                     indicator=True, sort=False)  # fmt: skip
+    joined["options"] = joined["options_base"].fillna(joined["options_cur"])
+    base_ok, cur_ok = joined["status_base"] == "ok", joined["status_cur"] == "ok"
+    limit = threshold / 100
+    slower = (joined["ms_median_cur"] > joined["ms_median_base"] * (1 + limit)) & (
+        joined["ms_p20_cur"] > joined["ms_p80_base"]
+    )
+    faster = (joined["ms_median_cur"] < joined["ms_median_base"] * (1 - limit)) & (
+        joined["ms_p80_cur"] < joined["ms_p20_base"]
+    )
+    verdict = pd.Series("unchanged", index=joined.index)
+    verdict[base_ok & cur_ok & slower] = "slower"
+    verdict[base_ok & cur_ok & faster] = "faster"
+    both = joined["_merge"] == "both"
+    verdict[both & base_ok & ~cur_ok] = "broken"
+    verdict[both & ~base_ok & cur_ok] = "fixed"
+    verdict[both & ~base_ok & ~cur_ok] = "errors"
+    verdict[joined["_merge"] == "left_only"] = "missing"
+    verdict[joined["_merge"] == "right_only"] = "new"
+    joined["verdict"] = verdict
+    joined["change_pct"] = (joined["ms_median_cur"] / joined["ms_median_base"] - 1) * 100
+    return joined
+
+
+def compare_files(
+    baseline_path: pathlib.Path, current_path: pathlib.Path, threshold: float = 5.0, allow_different_gpu: bool = False
+) -> tuple[str, int]:
+    """The markdown report and the exit code (1 if a tritonrnn row got slower or broke, else 0)."""
+    if threshold < 0:
+        raise PerfError(f"--threshold must be >= 0, got {threshold}")
+    baseline, current = read_results(baseline_path), read_results(current_path)
+    gpus = baseline["gpu"].iloc[0], current["gpu"].iloc[0]
+    if gpus[0] != gpus[1] and not allow_different_gpu:
+        raise PerfError(
+            f"different GPUs: {baseline_path} ran on {gpus[0]!r}, {current_path} on {gpus[1]!r}; timings of "
+            "different GPUs do not compare (pass --allow-different-gpu to compare them anyway)"
+        )
+    rows = classify(baseline, current, threshold)
+    ours = rows["provider"] == "tritonrnn"
+    failing = rows[ours & rows["verdict"].isin(["slower", "broken"])]
+    lines = ["# Performance comparison", ""]
+    if rows["verdict"].isin(["missing", "new"]).all():
+        lines += ["**WARNING: no row in common: the two runs measured different configs.**", ""]
+    if gpus[0] != gpus[1]:
+        lines += [f"**WARNING: different GPUs ({gpus[0]} vs {gpus[1]}): the changes below mix hardware and code.**", ""]
+    lines += [
+        f"baseline: `{baseline_path}`  ",
+        f"current: `{current_path}`  ",
+        f"threshold: {threshold:g}% on the median, and outside the 20-80% band of both runs",
+        "",
+        _context_table(baseline, current),
+        "",
+        f"**Result: {'FAIL' if len(failing) else 'PASS'}**: {len(failing)} tritonrnn rows slower or broken; "
+        + ", ".join(f"{(rows['verdict'] == v).sum()} {v}" for v in ["slower", "faster", "unchanged", "broken",
+                                                                       "fixed", "errors", "missing", "new"]),
+    ]  # fmt: skip
+    sections = [
+        ("tritonrnn slower (regressions)", ours & (rows["verdict"] == "slower")),
+        ("tritonrnn broken (ran in the baseline, errors now)", ours & (rows["verdict"] == "broken")),
+        ("Other providers slower (environment drift, not a failure)", ~ours & (rows["verdict"] == "slower")),
+        ("Other providers broken (environment drift, not a failure)", ~ours & (rows["verdict"] == "broken")),
+        ("Faster", rows["verdict"] == "faster"),
+        ("Fixed (errored in the baseline, runs now)", rows["verdict"] == "fixed"),
+        ("Errors in both", rows["verdict"] == "errors"),
+        ("Missing from the current run", rows["verdict"] == "missing"),
+        ("New in the current run", rows["verdict"] == "new"),
+        ("Unchanged", rows["verdict"] == "unchanged"),
+    ]
+    for title, mask in sections:
+        if mask.any():
+            lines += ["", f"## {title} ({int(mask.sum())})", "", _rows_table(rows[mask])]
+    return "\n".join(lines) + "\n", 1 if len(failing) else 0
+
+
+def _context_table(baseline: pd.DataFrame, current: pd.DataFrame) -> str:
+    """The runs' context side by side; values that differ are flagged."""
+    lines = ["| | baseline | current | |", "|---|---|---|---|"]
+    for column in CONTEXT:
+        old, new = (", ".join(str(v) for v in frame[column].unique()) for frame in (baseline, current))
+        flag = "" if old == new or column == "timestamp" else "**differs**"
+        lines.append(f"| {column} | {old} | {new} | {flag} |")
+    return "\n".join(lines)
+
+
+def _rows_table(rows: pd.DataFrame) -> str:
+    def ms(value: float) -> str:
+        return "-" if pd.isna(value) else f"{value:.4g}"
+
+    frame = pd.DataFrame(
+        {
+            "config": [label(r) for _, r in rows.iterrows()],
+            "pass": rows["pass"],
+            "provider": rows["provider"],
+            "baseline ms": rows["ms_median_base"].map(ms),
+            "current ms": rows["ms_median_cur"].map(ms),
+            "change": rows["change_pct"].map(lambda v: "-" if pd.isna(v) else f"{v:+.1f}%"),
+            "status": [_status(r) for _, r in rows.iterrows()],
+        }
+    )
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+def _status(row: pd.Series) -> str:
+    statuses = [s for s in (row["status_base"], row["status_cur"]) if isinstance(s, str) and s != "ok"]
+    return "; ".join(statuses)

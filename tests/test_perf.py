@@ -1,0 +1,382 @@
+"""perf/ tools at tiny sizes: the runner's rows, the report, compare's verdicts and exit codes, bad input.
+
+The smoke suite runs once per module (tritonrnn under the Triton interpreter without a GPU); the other
+tests work on copies of its results.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from perf import schema, suites
+from perf.__main__ import main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HAS_GPU = torch.cuda.is_available()
+PROVIDERS = set(schema.GPU_PROVIDERS if HAS_GPU else schema.CPU_PROVIDERS)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> pathlib.Path:
+    """The folder of one smoke-suite run."""
+    out = tmp_path_factory.mktemp("smoke")
+    assert main(["run", "--suite", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(smoke) -> pd.DataFrame:
+    return schema.read_results(smoke / "results.csv")
+
+
+def _write(df: pd.DataFrame, path: pathlib.Path) -> pathlib.Path:
+    df.to_csv(path, index=False)
+    return path
+
+
+def _tight(results: pd.DataFrame) -> pd.DataFrame:
+    """The results with a narrow 20-80% band (1% either side), so a synthetic 30% change is outside the noise."""
+    df = results.copy()
+    df["ms_p20"], df["ms_p80"] = df["ms_median"] * 0.99, df["ms_median"] * 1.01
+    return df
+
+
+def _scaled(df: pd.DataFrame, mask: pd.Series, factor: float) -> pd.DataFrame:
+    df = df.copy()
+    for column in ["ms_median", "ms_p20", "ms_p80"]:
+        df.loc[mask, column] *= factor
+    return df
+
+
+# --- suites ------------------------------------------------------------------------------------------------
+
+
+def test_shipped_suites_expand_as_documented():
+    quick = suites.load("quick")
+    assert len(quick.configs) == 3 * 2 * 4 * 3
+    assert {(c.L, c.T) for c in quick.configs} == {(3, 512)}
+    assert all(c.input_size == c.H and c.passes == ("fwd", "fwd+bwd") for c in quick.configs)
+    full = suites.load("full")
+    assert {c.key() for c in quick.configs} <= {c.key() for c in full.configs}
+    persist = suites.load("persist")
+    assert {(c.cell, c.dtype, c.L, c.T) for c in persist.configs} == {("lstm", "fp16", 1, 1024)}
+    assert len(persist.configs) == 3 * 4
+    # dropout 0 with either mode is one config: no dropout, two dropout modes, then one layer two ways
+    stacks = suites.load("stacks")
+    assert [c.options for c in stacks.configs] == [
+        "", "dropout=0.3 standard", "dropout=0.3 variational", "", "bidirectional",
+    ]  # fmt: skip
+    assert all(c.passes == ("fwd+bwd",) for c in stacks.configs)
+    smoke = suites.load("smoke")
+    assert smoke.cpu_sized and not quick.cpu_sized
+
+
+def test_suite_cases_merge_passes_of_the_same_config():
+    suite = suites.parse(
+        {
+            "name": "merge",
+            "cases": [
+                {"cell": "gru", "dtype": "fp32", "B": 1, "H": 8, "T": 2, "L": 1, "passes": "fwd"},
+                {"cell": "gru", "dtype": "fp32", "B": [1, 2], "H": 8, "T": 2, "L": 1, "input_size": 8},
+            ],
+        }
+    )
+    assert [(c.B, c.passes) for c in suite.configs] == [(1, ("fwd", "fwd+bwd")), (2, ("fwd", "fwd+bwd"))]
+
+
+# --- the runner ----------------------------------------------------------------------------------------------
+
+
+def test_run_writes_one_row_per_config_pass_provider(results):
+    smoke = suites.load("smoke")
+    assert list(results.columns) == schema.COLUMNS
+    assert len(results) == sum(len(c.passes) for c in smoke.configs) * len(PROVIDERS)
+    assert set(results["provider"]) == PROVIDERS
+    assert not results.duplicated(schema.ROW_KEYS).any()
+    assert set(results["suite"]) == {"smoke"}
+    # the only failure allowed: CUDA-graph capture of cuDNN's dropout, which torch may refuse
+    failed = results[(results["status"] != "ok") & ~((results["provider"] == "cudnn_graph") & (results["dropout"] > 0))]
+    assert failed.empty, failed[["options", "pass", "provider", "status"]]
+    ran = schema.ok_rows(results)
+    assert (ran["ms_median"] > 0).all()
+    assert ((ran["ms_p20"] <= ran["ms_median"]) & (ran["ms_median"] <= ran["ms_p80"])).all()
+    assert (ran["us_per_step_layer"] - ran["ms_median"] * 1e3 / (ran["T"] * ran["L"])).abs().max() < 1e-6
+    assert ran["peak_mem_mb"].notna().all() if HAS_GPU else ran["peak_mem_mb"].isna().all()
+    assert results["gpu"].iloc[0] == (torch.cuda.get_device_name() if HAS_GPU else "cpu")
+    assert not results["tf32"].any()
+    assert results["commit"].iloc[0] != ""
+
+
+def test_run_errors_against_float64(results):
+    ran = schema.ok_rows(results)
+    assert (ran["dtype"] == "fp32").all()
+    ours = ran[ran["provider"] == "tritonrnn"]
+    assert (ours["rel_err"] < 1e-5).all(), ours[["options", "pass", "rel_err"]]
+    # with dropout in training, tritonrnn is checked against its own float64 copy (same masks)
+    dropout = ours[ours["dropout"] > 0]
+    assert len(dropout) == 2 and (dropout["note"].str.contains("float64 copy of tritonrnn")).all()
+    theirs = ran[ran["provider"] != "tritonrnn"]
+    masked = theirs["dropout"] > 0
+    assert (theirs[~masked]["rel_err"] < 1e-5).all()
+    assert theirs[masked]["rel_err"].isna().all() and theirs[masked]["note"].str.contains("cannot be reproduced").all()
+
+
+def test_report_has_tables_overheads_and_embedded_plots(smoke):
+    markdown = (smoke / "report.md").read_text()
+    page = (smoke / "report.html").read_text()
+    assert "## Summary" in markdown and "## Per config" in markdown
+    overheads = markdown.split("## Stack overheads")[1].split("##")[0]
+    assert "dropout 0.3 standard" in overheads and "dropout 0.3 variational" in overheads
+    assert "bidirectional" in overheads
+    assert ("CPU comparison, not a GPU benchmark" in markdown) is not HAS_GPU
+    pngs = sorted((smoke / "plots").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    assert page.count('src="data:image/png;base64,') == len(pngs)
+    # one batch size and one hidden size: those plots are skipped with a line, not an error
+    assert "Latency vs batch size: skipped" in markdown
+
+
+def test_report_command_regenerates_from_csv(smoke, tmp_path, capsys):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "results.csv").write_bytes((smoke / "results.csv").read_bytes())
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report.md").read_text() == (smoke / "report.md").read_text()
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_report_plots_latency_when_sizes_vary(results, tmp_path):
+    """Synthetic rows over two batch and two hidden sizes: the latency plots appear."""
+    rows = []
+    for B in (2, 4):
+        for H in (16, 32):
+            part = results[(results["options"] == "") & (results["L"] == 1)].copy()
+            part["B"], part["H"], part["input_size"] = B, H, H
+            rows.append(part)
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    _write(pd.concat(rows), folder / "results.csv")
+    assert main(["report", str(folder)]) == 0
+    names = [p.name for p in (folder / "plots").glob("*.png")]
+    assert any(n.startswith("latency_vs_batch_size_lstm") for n in names)
+    assert any(n.startswith("latency_vs_hidden_size_gru") for n in names)
+
+
+def test_run_accepts_a_suite_file(tmp_path):
+    path = tmp_path / "mine.json"
+    case = {"cell": "rnn_relu", "dtype": "fp32", "B": 1, "H": 8, "T": 3, "L": 1, "passes": ["fwd"]}
+    path.write_text(json.dumps({"name": "mine", "description": "one tiny config", "cases": [case]}))
+    out = tmp_path / "out"
+    assert main(["run", "--suite", str(path), "--providers", "tritonrnn", "--out", str(out)]) == 0
+    df = schema.read_results(out / "results.csv")
+    assert df[["suite", "cell", "pass", "provider", "status"]].values.tolist() == [
+        ["mine", "rnn_relu", "fwd", "tritonrnn", "ok"]
+    ]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the CPU comparison runs only without a GPU")
+def test_run_of_a_gpu_suite_without_gpu_runs_the_cpu_comparison(tmp_path, capsys):
+    assert main(["run", "--suite", "quick", "--providers", "torch_cpu", "--out", str(tmp_path)]) == 0
+    assert "No CUDA GPU here" in capsys.readouterr().out
+    df = schema.read_results(tmp_path / "results.csv")
+    assert set(df["suite"]) == {"smoke"} and set(df["gpu"]) == {"cpu"}
+
+
+# --- compare -------------------------------------------------------------------------------------------------
+
+
+def test_compare_identical_files_pass(smoke, capsys):
+    csv = str(smoke / "results.csv")
+    assert main(["compare", csv, csv]) == 0
+    assert "Result: PASS" in capsys.readouterr().out
+
+
+def test_compare_flags_a_tritonrnn_slowdown(results, tmp_path, capsys):
+    base = _tight(results)
+    slower = _scaled(base, base["provider"] == "tritonrnn", 1.3)
+    report = tmp_path / "compare.md"
+    args = ["compare", str(_write(base, tmp_path / "b.csv")), str(_write(slower, tmp_path / "c.csv"))]
+    assert main([*args, "--out", str(report)]) == 1
+    text = report.read_text()
+    assert "Result: FAIL" in text and "+30.0%" in text
+    regressions = text.split("## tritonrnn slower (regressions)")[1].split("##")[0]
+    assert regressions.count("| tritonrnn ") == (base["provider"] == "tritonrnn").sum()
+    # a 30% change inside a wider noise band is not a regression
+    noisy = base.copy()
+    noisy["ms_p20"], noisy["ms_p80"] = noisy["ms_median"] * 0.5, noisy["ms_median"] * 2
+    assert main(["compare", str(_write(noisy, tmp_path / "n.csv")), args[2]]) == 0
+    capsys.readouterr()
+
+
+def test_compare_reports_other_providers_as_drift(results, tmp_path, capsys):
+    base = _tight(results)
+    other = base["provider"] != "tritonrnn"
+    slower = _scaled(base, other & (base["pass"] == "fwd+bwd"), 1.3)
+    assert main(["compare", str(_write(base, tmp_path / "b.csv")), str(_write(slower, tmp_path / "c.csv"))]) == 0
+    out = capsys.readouterr().out
+    assert "Result: PASS" in out and "Other providers slower (environment drift, not a failure)" in out
+    faster = _scaled(base, base["provider"] == "tritonrnn", 0.7)
+    assert main(["compare", str(tmp_path / "b.csv"), str(_write(faster, tmp_path / "f.csv"))]) == 0
+    assert "## Faster" in capsys.readouterr().out
+
+
+def test_compare_fails_when_a_tritonrnn_row_breaks(results, tmp_path, capsys):
+    broken = results.copy()
+    broken.loc[broken.index[0], "status"] = "error: RuntimeError: boom"
+    assert broken.loc[broken.index[0], "provider"] == "tritonrnn"
+    assert main(["compare", str(_write(results, tmp_path / "b.csv")), str(_write(broken, tmp_path / "c.csv"))]) == 1
+    assert "tritonrnn broken" in capsys.readouterr().out
+
+
+def test_compare_refuses_different_gpus_unless_allowed(results, tmp_path, capsys):
+    other = results.copy()
+    other["gpu"] = "NVIDIA H200"
+    args = ["compare", str(_write(results, tmp_path / "b.csv")), str(_write(other, tmp_path / "c.csv"))]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "NVIDIA H200" in err and repr(results["gpu"].iloc[0]) in err
+    assert main([*args, "--allow-different-gpu"]) == 0
+    assert "WARNING: different GPUs" in capsys.readouterr().out
+
+
+def test_compare_refuses_files_that_are_not_results(results, tmp_path, capsys):
+    good = str(_write(results, tmp_path / "good.csv"))
+    missing = str(_write(results.drop(columns=["ms_p80"]), tmp_path / "missing.csv"))
+    assert main(["compare", good, missing]) == 2
+    assert "missing columns ms_p80" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("name,score\nalice,3\n")
+    assert main(["compare", str(foreign), good]) == 2
+    assert "not a perf results file" in capsys.readouterr().err
+    bad_value = results.copy()
+    bad_value["B"] = "many"
+    assert main(["compare", good, str(_write(bad_value, tmp_path / "bad.csv"))]) == 2
+    assert "column B must hold integers" in capsys.readouterr().err
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main(["compare", good, str(binary)]) == 2
+    assert str(binary) in capsys.readouterr().err
+
+
+# --- readme table -----------------------------------------------------------------------------------------------
+
+
+def test_readme_without_baselines_says_so(tmp_path, capsys):
+    assert main(["readme", "--baselines", str(tmp_path)]) == 0
+    assert "No baseline has been committed yet" in capsys.readouterr().out
+
+
+def test_readme_writes_between_the_markers(results, tmp_path, capsys):
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    _write(results, baselines / "cpu.csv")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- perf-table:start -->\nold table\n<!-- perf-table:end -->\nrest\n")
+    assert main(["readme", "--write", "--baselines", str(baselines), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- perf-table:start -->\n") and text.endswith("<!-- perf-table:end -->\nrest\n")
+    assert "old table" not in text and "`perf/baselines/cpu.csv`" in text
+    readme.write_text("no markers\n")
+    capsys.readouterr()
+    assert main(["readme", "--write", "--baselines", str(baselines), "--readme", str(readme)]) == 2
+    captured = capsys.readouterr()
+    assert "| GPU | pass |" in captured.out and "marker" in captured.err
+    assert readme.read_text() == "no markers\n"
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def _suite_file(tmp_path: pathlib.Path, text: str) -> str:
+    path = tmp_path / "suite.json"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(["run", "--suite", "nope"], "unknown suite 'nope'", id="unknown-suite"),
+        pytest.param(["run", "--suite", "smoke", "--providers", "magic"], "unknown provider 'magic'", id="provider"),
+        pytest.param(["report", "{tmp}/absent"], "no such folder", id="missing-dir"),
+        pytest.param(["report", "{tmp}"], "results.csv: no such file", id="missing-results"),
+        pytest.param(["compare", "{tmp}/a.csv", "{tmp}/b.csv"], "a.csv: no such file", id="missing-csv"),
+        pytest.param(["compare", "x.csv", "y.csv", "--threshold", "-1"], "--threshold must be >= 0", id="threshold"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_message(argv, message, tmp_path, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _one_case(**fields) -> str:
+    """A suite file's text with one case: a valid tiny GRU config changed by ``fields``."""
+    case = {"cell": "gru", "dtype": "fp32", "B": 1, "H": 8, "T": 2, "L": 1, **fields}
+    return json.dumps({"name": "x", "cases": [case]})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        pytest.param('{"name": "x", "cases": [', "not valid JSON", id="malformed"),
+        pytest.param('["a"]', "expected a JSON object", id="not-an-object"),
+        pytest.param('{"name": "x", "cases": [{"cell": "lstm"}]}', "case 1: missing fields", id="missing-field"),
+        pytest.param(_one_case(hidden=3), "case 1: unknown fields ['hidden']", id="unknown-field"),
+        pytest.param(_one_case(cell="lsmt"), "field 'cell': 'lsmt' is not one of", id="bad-cell"),
+        pytest.param(_one_case(B=[1, 0]), "field 'B': 0 is not an integer >= 1", id="bad-size"),
+        pytest.param(_one_case(L=2, dropout=1), "field 'dropout': 1 is not a number in [0, 1)", id="bad-dropout"),
+        pytest.param(_one_case(proj_size=4), "proj_size applies to lstm only", id="proj-gru"),
+        pytest.param(_one_case(passes=["bwd"]), "field 'passes'", id="bad-pass"),
+    ],
+)
+def test_bad_suite_files_exit_2_with_one_message(text, message, tmp_path, capsys):
+    assert main(["run", "--suite", _suite_file(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(HAS_GPU, reason="GPU providers run where there is a GPU")
+def test_gpu_provider_without_gpu_is_refused(capsys):
+    assert main(["run", "--suite", "smoke", "--providers", "cudnn"]) == 2
+    assert "runs only with a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(["run", "--suite", "nope"], "unknown suite", id="unknown-suite"),
+        pytest.param(["compare", "{tmp}/binary.csv", "{tmp}/binary.csv"], "not a results CSV", id="not-csv"),
+        pytest.param([], "the following arguments are required", id="no-command"),
+    ],
+)
+def test_command_line_errors_have_no_traceback(argv, message, tmp_path):
+    """The real `python -m perf`, without the interpreter setting of the tests."""
+    (tmp_path / "binary.csv").write_bytes(b"\x00\xff\xfe" * 100)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "perf", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_baseline_file_names_follow_the_gpu():
+    assert schema.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert schema.gpu_slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_rows_record_tritonrnn_switches(monkeypatch):
+    from perf import runner
+
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "1")
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", "/somewhere")
+    switches = runner.context(torch.device("cpu"))["switches"].split()
+    assert "TRITONRNN_WAVEFRONT=1" in switches and not any(s.startswith("TRITONRNN_CACHE_DIR") for s in switches)
