@@ -18,7 +18,16 @@ import triton
 import triton.language as tl
 
 from .dropout import DROPOUT_NONE, dropout_scale
-from .recurrent import _bwd_recurrent_step, _dot, _emit, _load_gate_tiles, _lstm_bwd_step, _lstm_fwd_step, _time
+from .recurrent import (
+    _bwd_recurrent_step,
+    _dot,
+    _emit,
+    _load_gate_tiles,
+    _lstm_bwd_step,
+    _lstm_fwd_step,
+    _recurrent_preacts,
+    _time,
+)
 from .sync import grid_barrier
 
 
@@ -101,10 +110,15 @@ def lstm_proj_fwd_kernel(
                     cache_modifier=".cg",
                 )
                 p_x = xproj + row[:, None] * (D * 4 * H) + o_j[None, :]
-                a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+                # The reduction is over the P projected units: its tiles always fit (P < H), nothing streamed.
+                r0, r1, r2, r3 = _recurrent_preacts(
+                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j[None, :] * P,
+                    m_j[None, :], P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST,
+                )  # fmt: skip
+                a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + r0
                 b_m = _lstm_fwd_step(
-                    a0, p_x, b_h, b_w1, b_w2, b_w3, state + o_b[:, None] * H + o_j[None, :],
-                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, H, SAVE, ACC, DOT_PRECISION, DOT_UPCAST,
+                    a0, r1, r2, r3, p_x, state + o_b[:, None] * H + o_j[None, :],
+                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, H, SAVE, ACC,
                 )  # fmt: skip
                 tl.store(mseq + row[:, None] * H + o_j[None, :], b_m.to(out_ty), mask=m_bj)
             if SYNC:
@@ -195,7 +209,7 @@ def lstm_proj_bwd_kernel(
             if u < T - 1:
                 _bwd_recurrent_step(
                     grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_p, o_kh, m_kh, b_w0, b_w1, b_w2, b_w3,
-                    H, 4, D, P, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+                    w_hh + o_j[None, :], H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC, DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
             # grad_h was just written by other threads of this program.
             tl.debug_barrier()
@@ -244,5 +258,6 @@ def lstm_proj_bwd_kernel(
     if finish != 0:
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_p, o_kh, m_kh,
-            b_w0, b_w1, b_w2, b_w3, H, 4, D, P, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+            b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC,
+            DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip

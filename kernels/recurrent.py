@@ -6,7 +6,9 @@ Dimension letters:
     D  directions in the buffers (1, or 2 for a bidirectional layer; program_id(1) picks one)
     BLOCK_H  hidden units owned by one program (the grid splits H)
     BLOCK_B  batch rows per tile (a program loops over the batch)
-    BLOCK_K  next power of two >= H: the reduction over the previous hidden state
+    BLOCK_K  units of the reduction over the previous hidden state held on chip (next power of two >= H,
+             or fewer where the slice does not fit: units [BLOCK_K, H) are then read every step in
+             chunks of BLOCK_KS)
 
 Each program owns BLOCK_H hidden units of every gate and keeps that slice of W_hh on chip for the
 whole loop. Once per step the programs exchange the new hidden state (forward) or the gate
@@ -73,21 +75,16 @@ def _load_gate_tiles(p_w, m_w, GATE_STRIDE: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _lstm_fwd_step(
-    a0, p_x, b_h, b_w1, b_w2, b_w3, p_state, p_saved, m_bj, H: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-):  # fmt: skip
-    """One LSTM step of a [BLOCK_B, BLOCK_H] tile given the i gate's pre-activation a0: updates c, returns o*tanh(c).
+def _lstm_fwd_step(a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, H: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr):
+    """One LSTM step of a [BLOCK_B, BLOCK_H] tile: updates c, returns o * tanh(c).
 
+    a0: the i gate's pre-activation; r1..r3: the recurrent parts (h_{t-1} W^T) of the f, g, o gates.
     p_x: the tile's input projection (gate g at +g*H); p_state: c (ACC); p_saved: i, f, g, o, c at +k*H.
     """
-    a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
-    a2 = tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
-    a3 = tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
     b_i = sigmoid(a0)
-    b_f = sigmoid(a1)
-    b_g = tanh(a2)
-    b_o = sigmoid(a3)
+    b_f = sigmoid(tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + r1)
+    b_g = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + r2)
+    b_o = sigmoid(tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC) + r3)
     b_c = b_f * tl.load(p_state, mask=m_bj, other=0.0) + b_i * b_g
     tl.store(p_state, b_c, mask=m_bj)
     if SAVE:
@@ -97,6 +94,43 @@ def _lstm_fwd_step(
         tl.store(p_saved + 3 * H, b_o, mask=m_bj)
         tl.store(p_saved + 4 * H, b_c, mask=m_bj)
     return b_o * tanh(b_c)
+
+
+@triton.jit
+def _recurrent_preacts(
+    b_h, b_w0, b_w1, b_w2, b_w3, p_hrow, m_b, p_wrow, m_j, K: tl.constexpr, GATE_STRIDE: tl.constexpr,
+    G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """h_{t-1} @ W_g^T on this program's units for each gate g < G (r0..r3), a reduction over K units.
+
+    Units [0, BLOCK_K) come from b_h and the held tiles b_w*; where the slice is too large to hold, the units
+    [BLOCK_K, K) are read every step in chunks of BLOCK_KS: h from p_hrow ([BLOCK_B] row pointers), W^T from
+    p_wrow ([1, BLOCK_H] pointers to W[j, 0]; gate g at +g*GATE_STRIDE).
+    """
+    r0 = _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if G > 1:
+        r1 = _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+        r2 = _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+    if G > 3:
+        r3 = _dot(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+    for k0 in range(BLOCK_K, K, BLOCK_KS):
+        o_k = k0 + tl.arange(0, BLOCK_KS)
+        m_k = o_k < K
+        m_bk = m_b[:, None] & m_k[None, :]
+        b_hk = tl.load(p_hrow[:, None] + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+        p_wk = p_wrow + o_k[:, None]
+        m_wk = m_k[:, None] & m_j
+        r0 += _dot(b_hk, tl.load(p_wk, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+        if G > 1:
+            r1 += _dot(b_hk, tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+            r2 += _dot(b_hk, tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+        if G > 3:
+            r3 += _dot(b_hk, tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+    return r0, r1, r2, r3
 
 
 @triton.jit
@@ -168,6 +202,7 @@ def rnn_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
     SAVE: tl.constexpr,
     SYNC: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -209,18 +244,19 @@ def rnn_fwd_kernel(
                 other=0.0,
                 cache_modifier=".cg",
             )
+            r0, r1, r2, r3 = _recurrent_preacts(
+                b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b, w_hh + o_j[None, :] * H,
+                m_j[None, :], H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+            )  # fmt: skip
             p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
-            a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+            a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + r0
             if CELL == CELL_LSTM:
-                b_hnew = _lstm_fwd_step(
-                    a0, p_x, b_h, b_w1, b_w2, b_w3, p_state, p_saved, m_bj, H, SAVE, ACC, DOT_PRECISION, DOT_UPCAST
-                )  # fmt: skip
+                b_hnew = _lstm_fwd_step(a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, H, SAVE, ACC)
             elif CELL == CELL_GRU:
-                a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC)
-                a1 += _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
-                b_ghn = _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST) + b_bhn[None, :]
+                a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + r1
+                b_ghn = r2 + b_bhn[None, :]
                 b_r = sigmoid(a0)
                 b_z = sigmoid(a1)
                 b_n = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + b_r * b_ghn)
@@ -247,14 +283,15 @@ def rnn_fwd_kernel(
 
 @triton.jit
 def _bwd_recurrent_step(
-    grad_gates, grad_h, tn, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    grad_gates, grad_h, tn, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, p_wcol,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
 
     tn is the time of the direction's next step; grad_gates and grad_h [B, N] (N = H, or P with a
-    projection) point at this direction's slice.
+    projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w*, the
+    rest are read every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H] pointers to W_hh[0, j]).
     """
     for b0 in range(0, B, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -263,7 +300,8 @@ def _bwd_recurrent_step(
         m_bj = m_b[:, None] & m_j[None, :]
         p_dh = grad_h + o_b[:, None] * N + o_j[None, :]
         # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
-        p_dg = grad_gates + (tn * B + o_b)[:, None] * (D * G * H) + o_k[None, :]
+        p_row = grad_gates + (tn * B + o_b) * (D * G * H)
+        p_dg = p_row[:, None] + o_k[None, :]
         acc = tl.load(p_dh, mask=m_bj, other=0.0)
         acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
         if G > 1:
@@ -274,6 +312,15 @@ def _bwd_recurrent_step(
         if G > 3:
             b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
             acc += _dot(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+        for k0 in range(BLOCK_K, H, BLOCK_KS):
+            o_ks = k0 + tl.arange(0, BLOCK_KS)
+            m_ks = o_ks < H
+            m_bks = m_b[:, None] & m_ks[None, :]
+            m_wk = m_ks[:, None] & m_j[None, :]
+            for g in tl.static_range(G):
+                b_dgk = tl.load(p_row[:, None] + g * H + o_ks[None, :], mask=m_bks, other=0.0, cache_modifier=".cg")
+                b_wk = tl.load(p_wcol + (g * H + o_ks)[:, None] * N, mask=m_wk, other=0.0)
+                acc += _dot(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST)
         tl.store(p_dh, acc, mask=m_bj)
 
 
@@ -307,6 +354,7 @@ def rnn_bwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
     SYNC: tl.constexpr,
     RESIDUAL: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -338,7 +386,7 @@ def rnn_bwd_kernel(
         if u < T - 1:
             _bwd_recurrent_step(
                 grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-                H, G, D, H, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+                w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
         tl.debug_barrier()
@@ -395,5 +443,6 @@ def rnn_bwd_kernel(
     if finish != 0:
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_j, o_k, m_k,
-            b_w0, b_w1, b_w2, b_w3, H, G, D, H, BLOCK_B, ACC, DOT_PRECISION, DOT_UPCAST,
+            b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION,
+            DOT_UPCAST,
         )  # fmt: skip

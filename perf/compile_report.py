@@ -13,6 +13,7 @@ barrier's lowering is not the expected one. Run it with the interpreter off (TRI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -109,7 +110,11 @@ def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, nu
 def report(
     cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, variant: str = "plain"
 ) -> tuple[str, int]:
-    """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback)."""
+    """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback).
+
+    Like functional.kernel_plan on a GPU, the held rows of the weight slice are halved while the kernels need
+    more shared memory than an H100 has (not with a projection).
+    """
     variant = VARIANTS[variant]
     if variant.proj:
         if cell != "lstm":
@@ -119,6 +124,14 @@ def report(
         plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions)
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
+    while True:
+        line, shared = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
+        if shared <= H100_MAX_SHARED or variant.proj or plan.block_k // 2 < _plan.MIN_HELD_ROWS:
+            return line, shared
+        plan = dataclasses.replace(plan, block_k=plan.block_k // 2)
+
+
+def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int]:
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps = constants.pop("num_warps")
     constants.pop("num_stages")  # the default pipelining, as in the heuristic plan
@@ -140,7 +153,7 @@ def report(
     bwd = _resources(bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent), arch, num_warps)
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
-        f"BLOCK_B={plan.block_b} warps={num_warps} {variant} | fwd {fwd} | bwd {bwd}"
+        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant} | fwd {fwd} | bwd {bwd}"
     )
     return line, max(fwd["smem"], bwd["smem"])
 

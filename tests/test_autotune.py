@@ -72,11 +72,12 @@ def test_candidates_respect_residency_and_problem_size():
 def test_tuner_never_times_a_misfit_and_picks_the_fastest(fake_gpu):
     fake = FakeTuner(too_big_block_h=64)
     configs = autotune.candidates(hidden=512, batch=64, directions=1, sm_count=132)
-    entry = fake.tuner().tune(configs, 512, 1, CUDA0)
+    key = autotune.TuneKey("lstm", 512, 64, "bf16")
+    entry = fake.tuner().tune(configs, key, CUDA0)
     assert all(plan.block_h < 64 and plan.persistent for plan in fake.timed)
     assert entry["forward"] == {"block_h": 32, "block_b": 16, "num_warps": 4, "num_stages": 1}
     assert entry["backward"]["block_b"] == 64 and entry["backward"]["num_warps"] == 4
-    plan = autotune.plan_from_entry(entry, 512, 1, CUDA0)
+    plan = autotune.plan_from_entry(entry, key, CUDA0)
     assert plan.num_programs == 16 and plan.for_backward().block_b == 64
 
 

@@ -28,3 +28,18 @@ def test_kernels_compile_for_sm90_and_the_barrier_lowers_correctly():
     assert "grid barrier lowering: ok" in result.stdout
     # 4 cells x 2 sizes x 3 dtypes x 3 variants, plus the LSTM projection's 2 x 3; none a fallback at these sizes
     assert result.stdout.count("| bwd {") == 78, result.stdout
+
+
+def test_large_hidden_sizes_fit_an_h100_with_streamed_rows():
+    """H=2048 in bf16 and H=1024 in fp32: part of each program's W_hh slice is read every step, and the kernels
+    compile within an H100's shared memory (the GPU halves the held rows the same way until they fit)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for hidden, dtype in (("2048", "bf16"), ("1024", "fp32")):
+        result = subprocess.run(
+            [sys.executable, "-m", "perf.compile_report", "--check", "--hidden", hidden, "--batch", "64",
+             "--cells", "lstm", "gru", "--dtype", dtype],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = [line for line in result.stdout.splitlines() if "| bwd {" in line]
+        assert len(lines) == 2 and all(f"BLOCK_K={int(hidden) // 2}" in line for line in lines), result.stdout

@@ -155,6 +155,19 @@ def test_bidirectional_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=5, bidirectional=True)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("H,bidirectional", [(40, False), (65, True)])
+def test_streamed_weight_rows_match_torch(cell, H, bidirectional, forced_plan):
+    """Only 16 rows of the W_hh slice held on chip, the rest read every step in 16-row chunks (large H)."""
+    forced_plan(block_k=16, block_ks=16)
+    compare(cell, 5, 3, 4, H, 2, seed=8, bidirectional=bidirectional)
+
+
+def test_streamed_weight_rows_split_grid_bfloat16(forced_plan):
+    forced_plan(block_h=16, block_k=32, block_ks=16, persistent=False)
+    compare("lstm", 6, 20, 4, 70, 1, dtype=torch.bfloat16, seed=9)
+
+
 PROJECTION = [
     pytest.param(dict(T=1, B=1, I=3, H=2, L=1, proj_size=1), id="T1-B1-H2-P1"),
     pytest.param(dict(T=7, B=5, I=4, H=9, L=2, proj_size=5), id="T7-B5-H9-P5-L2"),

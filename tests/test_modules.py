@@ -127,3 +127,23 @@ def test_autocast_falls_back_to_torch(caplog):
         ref, _ = theirs(x)
     torch.testing.assert_close(out, ref)
     assert any("autocast" in r.getMessage() for r in caplog.records)
+
+
+def test_layer_too_large_for_the_kernels_runs_on_torch_nn(monkeypatch, caplog):
+    """Where the kernels cannot hold a layer (decided on the GPU by compiling them), the modules hand the call to
+    torch.nn (cuDNN on a GPU), logged once; variational dropout, which torch.nn lacks, stays on tritonrnn."""
+    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", lambda *args: "does not fit this GPU")
+    torch.manual_seed(0)
+    ours, theirs = make_pair("gru", 4, 6, num_layers=2)
+    ours, theirs = ours.float().to(DEVICE), theirs.float().to(DEVICE)
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        for _ in range(2):
+            torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "hidden_size=6 in torch.float32: does not fit this GPU" in messages[0]
+    assert ours._unsupported(x.double()) is None  # float64 stays on the reference: same dropout masks
+    ours.dropout_mode = "variational"
+    ours.dropout = 0.5
+    assert ours.train()._unsupported(x) is None

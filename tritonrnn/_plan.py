@@ -27,10 +27,14 @@ CELLS = {
 
 # Smallest tile tl.dot accepts on the GPU in each dimension.
 MIN_DOT = 16
-# A coarse pre-filter before compiling: the W_hh slice spread over the threads (32-bit words each).
-# Triton decides where the slice lives (shared memory at the sizes seen in perf/compile_report.py);
-# the compiled kernel's shared memory, checked in functional.kernel_plan, is the real test.
-WEIGHT_REGS_PER_THREAD = 128
+# The W_hh slice a program holds on chip, at most (Triton puts it in shared memory; perf/NOTES.md). Rows beyond
+# it are read every step in chunks (BLOCK_KS). A first guess: functional.kernel_plan compiles the kernels and
+# halves the held rows until the compiled shared memory fits the GPU.
+HELD_WEIGHT_BYTES = 128 * 1024
+MIN_HELD_ROWS = 64
+# Beyond these hidden sizes most of the slice would be re-read every step: the persistent kernels are not the
+# right tool there (perf/NOTES.md), so such layers take the fallback.
+MAX_HIDDEN = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
 MAX_WARPS = 8
 
 
@@ -49,6 +53,7 @@ class LayerPlan:
     persistent: bool  # one launch for all steps (grid barrier) or one launch per step
     directions_together: bool = True  # a bidirectional layer's two grids in one launch (both resident)
     num_stages: int = 3  # Triton's software pipelining of the batch-tile loop
+    block_ks: int = 64  # units of the reduction read per chunk every step beyond the held block_k (large H)
     backward: LayerPlan | None = None
 
     def for_backward(self) -> LayerPlan:
@@ -92,18 +97,18 @@ def plan_layer(
     """The launch for one layer, or a string saying why the persistent kernels cannot run it."""
     _, gates, _ = CELLS[cell]
     block_k = max(MIN_DOT, next_pow2(hidden_size))
-    block_b = MIN_DOT if batch <= MIN_DOT else 32
+    # fp32's dot (no tensor cores in IEEE mode) spills kilobytes per thread with 32-row tiles (perf/NOTES.md).
+    block_b = MIN_DOT if batch <= MIN_DOT or dtype == torch.float32 else 32
     if device.type == "cuda":
-        if dtype == torch.float64:
-            return "float64 on the GPU"
+        if dtype not in MAX_HIDDEN:
+            return f"{dtype} on the GPU"
+        if hidden_size > MAX_HIDDEN[dtype]:
+            return f"hidden_size above {MAX_HIDDEN[dtype]} in {dtype}"
         block_h = MIN_DOT
         num_programs = -(-hidden_size // block_h)
-        weight_bytes = gates * block_k * block_h * torch.finfo(dtype).bits // 8
-        for num_warps in (4, MAX_WARPS):
-            if weight_bytes // (4 * 32 * num_warps) <= WEIGHT_REGS_PER_THREAD:
-                break
-        else:
-            return f"W_hh slice of {weight_bytes // 1024} KiB per program does not fit on chip"
+        block_k = held_rows(hidden_size, gates, block_h, dtype)
+        # 8 warps once the held slice is large: 4 spill from LSTM bf16 H=512 on (perf/NOTES.md).
+        num_warps = 4 if gates * block_k * block_h * dtype.itemsize <= 32 * 1024 else MAX_WARPS
         sm_count = _sm_count(cuda_index(device))
         persistent = num_programs <= sm_count
         together = num_programs * directions <= sm_count
@@ -118,9 +123,18 @@ def plan_layer(
     return apply_forced_plan(plan, hidden_size, device)
 
 
+def held_rows(hidden_size: int, gates: int, block_h: int, dtype: torch.dtype) -> int:
+    """Rows of the reduction whose W_hh slice a program holds: all of them (a power of two >= H) where
+    HELD_WEIGHT_BYTES allows, else the largest power of two that fits (the rest is read every step)."""
+    rows = max(MIN_DOT, next_pow2(hidden_size))
+    while rows > MIN_HELD_ROWS and gates * rows * block_h * dtype.itemsize > HELD_WEIGHT_BYTES:
+        rows //= 2
+    return rows
+
+
 def plan_with(
-    hidden_size: int, directions: int, device: torch.device, block_h: int, block_b: int, num_warps: int,
-    num_stages: int = 3,
+    cell: str, hidden_size: int, directions: int, device: torch.device, dtype: torch.dtype, block_h: int,
+    block_b: int, num_warps: int, num_stages: int = 3,
 ) -> LayerPlan:  # fmt: skip
     """The plan of one configuration (the autotuner's candidates): programs and residency derived from it."""
     num_programs = -(-hidden_size // block_h)
@@ -128,7 +142,7 @@ def plan_with(
     return LayerPlan(
         block_h=block_h,
         block_b=block_b,
-        block_k=max(MIN_DOT, next_pow2(hidden_size)),
+        block_k=held_rows(hidden_size, CELLS[cell][1], block_h, dtype),
         num_programs=num_programs,
         num_warps=num_warps,
         persistent=num_programs <= sm_count,

@@ -173,8 +173,11 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[
     return result
 
 
-def to_plan(config: KernelConfig, hidden: int, directions: int, device: torch.device) -> LayerPlan:
-    return plan_with(hidden, directions, device, config.block_h, config.block_b, config.num_warps, config.num_stages)
+def to_plan(config: KernelConfig, key: TuneKey, device: torch.device) -> LayerPlan:
+    return plan_with(
+        key.cell, key.hidden, key.directions, device, DTYPES[key.dtype], config.block_h, config.block_b,
+        config.num_warps, config.num_stages,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -185,8 +188,8 @@ class Tuner:
     time_forward: Callable[[LayerPlan], float]  # ms of the forward at TUNE_STEPS
     time_backward: Callable[[LayerPlan, LayerPlan], float]  # ms of forward + backward (forward plan fixed)
 
-    def tune(self, configs: Iterable[KernelConfig], hidden: int, directions: int, device: torch.device) -> dict:
-        plans = {c: to_plan(c, hidden, directions, device) for c in configs}
+    def tune(self, configs: Iterable[KernelConfig], key: TuneKey, device: torch.device) -> dict:
+        plans = {c: to_plan(c, key, device) for c in configs}
         fitting = {c: p for c, p in plans.items() if p.persistent and self.misfit(p) is None}
         if not fitting:
             raise LookupError("no candidate configuration fits this GPU")
@@ -203,9 +206,9 @@ class Tuner:
         }
 
 
-def plan_from_entry(entry: dict, hidden: int, directions: int, device: torch.device) -> LayerPlan:
-    forward = to_plan(KernelConfig(**entry["forward"]), hidden, directions, device)
-    backward = to_plan(KernelConfig(**entry["backward"]), hidden, directions, device)
+def plan_from_entry(entry: dict, key: TuneKey, device: torch.device) -> LayerPlan:
+    forward = to_plan(KernelConfig(**entry["forward"]), key, device)
+    backward = to_plan(KernelConfig(**entry["backward"]), key, device)
     return dataclasses.replace(forward, backward=backward if backward != forward else None)
 
 
@@ -224,12 +227,12 @@ def tuned_plan(key: TuneKey, device: torch.device, tuner_factory: Callable[[], T
         sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
         configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count)
         try:
-            entry = tuner_factory().tune(configs, key.hidden, key.directions, device)
+            entry = tuner_factory().tune(configs, key, device)
         except LookupError as error:
             log_once(f"tritonrnn: {key.text()}: {error}; using heuristics")
             return None
         store.put({key.text(): entry})
-    return plan_from_entry(entry, key.hidden, key.directions, device)
+    return plan_from_entry(entry, key, device)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

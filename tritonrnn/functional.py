@@ -24,6 +24,7 @@ from tritonrnn import autotune, reference, scheduler
 from tritonrnn._plan import (
     CELLS,
     MIN_DOT,
+    MIN_HELD_ROWS,
     LayerPlan,
     cuda_index,
     forced,
@@ -80,8 +81,14 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
         num_stages=plan.num_stages,
     )
     if variant.proj:
-        return dict(common, P=variant.proj, BLOCK_KH=plan.block_k, BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)))
-    return dict(common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k)
+        # The projection's kernels hold every row of their slices (no streaming): BLOCK_KH covers H.
+        return dict(
+            common,
+            P=variant.proj,
+            BLOCK_KH=max(MIN_DOT, next_pow2(hidden)),
+            BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)),
+        )
+    return dict(common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks)
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
@@ -365,8 +372,19 @@ def kernel_plan(
             )  # fmt: skip
             tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
             plan = tuned or plan
-        return _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device)) or plan
+        while True:
+            reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
+            # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,
+            # whose kernels hold all rows; not under a forced plan).
+            if reason is None or variant.proj or forced() or plan.block_k // 2 < MIN_HELD_ROWS:
+                return reason or plan
+            plan = _halve_held_rows(plan)
     return plan
+
+
+def _halve_held_rows(plan: LayerPlan) -> LayerPlan:
+    backward = dataclasses.replace(plan.backward, block_k=plan.backward.block_k // 2) if plan.backward else None
+    return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

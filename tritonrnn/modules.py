@@ -3,8 +3,8 @@
 They subclass the torch.nn modules, so constructor, parameter names, initialisation, state_dict,
 ``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes, plus
 one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask per sequence and unit).
-What the kernels do not run yet (packed sequences, autocast) goes to torch.nn's implementation,
-logged once.
+What the kernels do not run (packed sequences, autocast, sizes too large for the GPU's kernels)
+goes to torch.nn's implementation, logged once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
-from tritonrnn._plan import log_once
+from tritonrnn._plan import interpret_mode, log_once
 from tritonrnn.scheduler import StackLayer
 
 
@@ -36,6 +36,9 @@ class _TritonRNNBase(nn.RNNBase):
         """Why torch.nn's implementation has to run this call, or None when the kernels can."""
         if isinstance(input, PackedSequence):
             return "packed sequences"
+        misfit = self._kernels_misfit(input)
+        if misfit is not None:
+            return misfit
         if (
             isinstance(input, Tensor)
             and input.device.type in ("cpu", "cuda")
@@ -43,6 +46,25 @@ class _TritonRNNBase(nn.RNNBase):
         ):
             return "autocast"
         return None
+
+    def _kernels_misfit(self, input) -> str | None:
+        """Why the kernels cannot run this layer configuration here (too large for the GPU), or None.
+
+        cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
+        has none) and float64 (a checking precision: the reference draws the same dropout masks as the kernels).
+        """
+        if not isinstance(input, Tensor) or input.dim() not in (2, 3) or input.dtype == torch.float64:
+            return None
+        if not (input.device.type == "cuda" or (input.device.type == "cpu" and interpret_mode())):
+            return None
+        if self.training and self.dropout > 0 and self.dropout_mode == "variational":
+            return None
+        batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
+        variant = functional.Variant(directions=2 if self.bidirectional else 1, proj=self.proj_size)
+        plan = functional.kernel_plan(
+            self.mode.lower(), self.hidden_size, batch, input.dtype, input.device, variant
+        )  # fmt: skip
+        return f"hidden_size={self.hidden_size} in {input.dtype}: {plan}" if isinstance(plan, str) else None
 
     def _check_devices(self, input: Tensor, hidden: tuple[Tensor, ...]) -> None:
         weight = self._flat_weights[0]
