@@ -222,3 +222,24 @@ def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch):
     assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items())
     store = autotune.ConfigStore.for_gpu(torch.cuda.get_device_name())
     assert autotune.TuneKey("gru", 128, 8, "bf16").text() in store.load()
+
+
+@pytest.mark.parametrize(
+    "cell,H,dtype",
+    [("lstm", 2048, torch.bfloat16), ("gru", 2048, torch.float16), ("lstm", 1024, torch.float32)],
+    ids=str,
+)
+def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype):
+    """Persistent kernels past what a program can hold: rows beyond BLOCK_K re-read each step, accuracy kept."""
+    from tritonrnn import functional
+
+    plan = functional.kernel_plan(cell, H, 16, dtype, CUDA)
+    assert isinstance(plan, _plan.LayerPlan) and plan.persistent and plan.block_k < H, plan
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ours, cudnn = errors_vs_float64(cell, 32, 16, 256, H, 1, dtype)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    floor = 2e-5 if dtype == torch.float32 else 1e-3
+    bad = {k: (v, cudnn[k]) for k, v in ours.items() if not v <= max(1.5 * cudnn[k], floor)}
+    assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
