@@ -27,7 +27,11 @@ def dropout_scale(seed, p, t, o_b, o_w, B, W, MODE: tl.constexpr):
         offset = o_b[:, None] * W + o_w[None, :]
     else:
         offset = (t * B + o_b)[:, None] * W + o_w[None, :]
-    keep = tl.rand(seed, offset) >= p
+    # Philox with the 64-bit offset as two 32-bit counters: 32-bit arithmetic, the same numbers on every Triton
+    # (tl.rand runs a 64-bit Philox for int64 offsets on older versions, much dearer on the GPU).
+    zero = (offset * 0).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, offset.to(tl.uint32), (offset >> 32).to(tl.uint32), zero, zero)
+    keep = tl.uint_to_uniform_float(bits) >= p
     return tl.where(keep, 1.0 / (1.0 - p), 0.0)
 
 
