@@ -125,6 +125,8 @@ def test_switched_off_and_graph_capture_use_heuristics(cache, fake_gpu, monkeypa
     monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune during capture")) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert autotune.tuned_plan(key, CUDA0, FakeTuner().tuner) is not None  # tuned once the capture is over
 
 
 def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(cache, caplog):

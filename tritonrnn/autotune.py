@@ -218,11 +218,27 @@ def tuned_plan(key: TuneKey, device: torch.device, tuner_factory: Callable[[], T
         return None
     gpu = torch.cuda.get_device_name(cuda_index(device))
     store = ConfigStore.for_gpu(gpu)
+    memo_key = (str(store.path), key, cuda_index(device))
+    if memo_key not in _memo:  # the file is read once per process and key, not at every call
+        plan = _tuned_plan(key, device, tuner_factory, gpu, store)
+        if plan is _LATER:
+            return None
+        _memo[memo_key] = plan
+    return _memo[memo_key]
+
+
+_memo: dict[tuple, LayerPlan | None] = {}
+_LATER = object()  # not tuned now (graph capture): heuristics for this call, tuning at a later one
+
+
+def _tuned_plan(
+    key: TuneKey, device: torch.device, tuner_factory: Callable[[], Tuner], gpu: str, store: ConfigStore
+) -> LayerPlan | None | object:
     entry = store.get(key) or shipped_defaults(gpu).get(key.text())
     if entry is None:
         if torch.cuda.is_current_stream_capturing():
             log_once(f"tritonrnn: no tuned configuration for {key.text()} during CUDA graph capture; using heuristics")
-            return None
+            return _LATER
         log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")
         sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
         configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count)
