@@ -28,7 +28,7 @@ done_dirs=()
 for stage in "${stages[@]}"; do
     case "$stage" in
         tests)
-            python3 -m pytest -q -x -m gpu -p no:cacheprovider 2>&1 | tail -n 30 | tee "$out/pytest_gpu.txt"
+            python3 -m pytest -q --maxfail=10 -m gpu -p no:cacheprovider 2>&1 | tail -n 60 | tee "$out/pytest_gpu.txt"
             python3 -m pytest -q -p no:cacheprovider -m "not gpu" --deselect tests/test_packaging.py 2>&1 \
                 | tail -n 5 | tee "$out/pytest_rest.txt" ;;
         quick|stacks|persist|full)
