@@ -118,7 +118,7 @@ def lstm_proj_fwd_kernel(
                 a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + r0
                 b_m = _lstm_fwd_step(
                     a0, r1, r2, r3, p_x, state + o_b[:, None] * H + o_j[None, :],
-                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, H, SAVE, ACC,
+                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, m_bj, H, SAVE, ACC, False,
                 )  # fmt: skip
                 tl.store(mseq + row[:, None] * H + o_j[None, :], b_m.to(out_ty), mask=m_bj)
             if SYNC:
@@ -140,7 +140,7 @@ def lstm_proj_fwd_kernel(
                 tl.store(p_h, b_hout, mask=m_b[:, None] & m_p[None, :])
                 _emit(
                     y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_p, d, seed, p_drop, B, P, D,
-                    WRITE_Y, RESIDUAL, DROPOUT,
+                    WRITE_Y, RESIDUAL, DROPOUT, m_b[:, None], False,
                 )  # fmt: skip
             if SYNC:
                 grid_barrier(counter, (2 * s + 2) * num_programs)
@@ -251,7 +251,9 @@ def lstm_proj_bwd_kernel(
                 else:
                     p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
                 p_dg = grad_gates + row[:, None] * (D * 4 * H) + o_j[None, :]
-                _lstm_bwd_step(b_dm, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, H)
+                _lstm_bwd_step(
+                    b_dm, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, m_bj, H, False
+                )  # fmt: skip
             if SYNC:
                 grid_barrier(counter, (2 * s + 2) * num_programs)
 

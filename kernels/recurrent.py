@@ -75,17 +75,24 @@ def _load_gate_tiles(p_w, m_w, GATE_STRIDE: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _lstm_fwd_step(a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, H: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr):
+def _lstm_fwd_step(
+    a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, b_act, H: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+    VARLEN: tl.constexpr,
+):  # fmt: skip
     """One LSTM step of a [BLOCK_B, BLOCK_H] tile: updates c, returns o * tanh(c).
 
     a0: the i gate's pre-activation; r1..r3: the recurrent parts (h_{t-1} W^T) of the f, g, o gates.
     p_x: the tile's input projection (gate g at +g*H); p_state: c (ACC); p_saved: i, f, g, o, c at +k*H.
+    VARLEN: rows outside b_act (past their sequence's end) keep c, also in the saved c slot.
     """
     b_i = sigmoid(a0)
     b_f = sigmoid(tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + r1)
     b_g = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + r2)
     b_o = sigmoid(tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC) + r3)
-    b_c = b_f * tl.load(p_state, mask=m_bj, other=0.0) + b_i * b_g
+    b_cold = tl.load(p_state, mask=m_bj, other=0.0)
+    b_c = b_f * b_cold + b_i * b_g
+    if VARLEN:
+        b_c = tl.where(b_act, b_c, b_cold)
     tl.store(p_state, b_c, mask=m_bj)
     if SAVE:
         tl.store(p_saved, b_i, mask=m_bj)
@@ -134,8 +141,12 @@ def _recurrent_preacts(
 
 
 @triton.jit
-def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, H: tl.constexpr):
-    """Gate gradients of one LSTM step from dL/d(o*tanh(c)) = b_dh; carries dL/dc (p_dc) one step back."""
+def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H: tl.constexpr, VARLEN: tl.constexpr):
+    """Gate gradients of one LSTM step from dL/d(o*tanh(c)) = b_dh; carries dL/dc (p_dc) one step back.
+
+    VARLEN: rows outside b_act (past their sequence's end, where c was kept) get zero gate gradients and pass
+    dL/dc through unchanged.
+    """
     grad_ty = p_dg.dtype.element_ty
     b_i = tl.load(p_saved, mask=m_bj, other=0.0)
     b_f = tl.load(p_saved + H, mask=m_bj, other=0.0)
@@ -143,12 +154,24 @@ def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, H: tl.constexpr):
     b_o = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
     b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0))
     b_cprev = tl.load(p_cprev, mask=m_bj, other=0.0)
-    b_dc = tl.load(p_dc, mask=m_bj, other=0.0) + b_dh * b_o * (1.0 - b_tc * b_tc)
-    tl.store(p_dg, (b_dc * b_g * b_i * (1.0 - b_i)).to(grad_ty), mask=m_bj)
-    tl.store(p_dg + H, (b_dc * b_cprev * b_f * (1.0 - b_f)).to(grad_ty), mask=m_bj)
-    tl.store(p_dg + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(grad_ty), mask=m_bj)
-    tl.store(p_dg + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(grad_ty), mask=m_bj)
-    tl.store(p_dc, b_dc * b_f, mask=m_bj)
+    b_dcin = tl.load(p_dc, mask=m_bj, other=0.0)
+    b_dc = b_dcin + b_dh * b_o * (1.0 - b_tc * b_tc)
+    b_dgi = b_dc * b_g * b_i * (1.0 - b_i)
+    b_dgf = b_dc * b_cprev * b_f * (1.0 - b_f)
+    b_dgg = b_dc * b_i * (1.0 - b_g * b_g)
+    b_dgo = b_dh * b_tc * b_o * (1.0 - b_o)
+    b_dcout = b_dc * b_f
+    if VARLEN:
+        b_dgi = tl.where(b_act, b_dgi, 0.0)
+        b_dgf = tl.where(b_act, b_dgf, 0.0)
+        b_dgg = tl.where(b_act, b_dgg, 0.0)
+        b_dgo = tl.where(b_act, b_dgo, 0.0)
+        b_dcout = tl.where(b_act, b_dcout, b_dcin)
+    tl.store(p_dg, b_dgi.to(grad_ty), mask=m_bj)
+    tl.store(p_dg + H, b_dgf.to(grad_ty), mask=m_bj)
+    tl.store(p_dg + 2 * H, b_dgg.to(grad_ty), mask=m_bj)
+    tl.store(p_dg + 3 * H, b_dgo.to(grad_ty), mask=m_bj)
+    tl.store(p_dc, b_dcout, mask=m_bj)
 
 
 @triton.jit
@@ -158,9 +181,14 @@ def _time(step, T, d):
 
 
 @triton.jit
-def _emit(y, res, z, b_h, t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H: tl.constexpr, D: tl.constexpr,
-          WRITE_Y: tl.constexpr, RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
-    """Write the layer output y = h (+ res) and the next layer's input z = dropout(y) for step t's rows o_b."""
+def _emit(
+    y, res, z, b_h, t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H: tl.constexpr, D: tl.constexpr,
+    WRITE_Y: tl.constexpr, RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, b_act, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Write the layer output y = h (+ res) and the next layer's input z = dropout(y) for step t's rows o_b.
+
+    VARLEN: rows outside b_act (past their sequence's end) output zeros, as torch pads.
+    """
     if WRITE_Y or DROPOUT != DROPOUT_NONE:
         o_w = d * H + o_j.to(tl.int64)
         o_y = (t * B + o_b)[:, None] * (D * H) + o_w[None, :]
@@ -168,6 +196,8 @@ def _emit(y, res, z, b_h, t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H: tl.const
         b_y = b_h
         if RESIDUAL:
             b_y += tl.load(res + o_y, mask=m_bj, other=0.0).to(b_h.dtype)
+        if VARLEN:
+            b_y = tl.where(b_act, b_y, 0.0)
         if WRITE_Y:
             tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_bj)
         if DROPOUT != DROPOUT_NONE:
@@ -187,6 +217,7 @@ def rnn_fwd_kernel(
     res,  # [T, B, D*H] the layer input, added to the output (RESIDUAL)
     z,  # [T, B, D*H] dropout(y), the next layer's input (written when DROPOUT)
     counter,  # [D] int32, zeroed: one grid barrier per direction
+    lengths,  # [B] int32 (VARLEN): each sequence's length; rows keep their state at steps t >= length
     T,
     B,
     t_start,  # runs steps t_start, ..., t_start + n_steps - 1 of each direction
@@ -211,6 +242,7 @@ def rnn_fwd_kernel(
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     num_programs = tl.num_programs(0)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
@@ -237,6 +269,12 @@ def rnn_fwd_kernel(
             m_b = o_b < B
             row = t * B + o_b
             m_bj = m_b[:, None] & m_j[None, :]
+            b_act = m_bj
+            if VARLEN:
+                # Past its length a row keeps its state: carried to the end (forward) or, in the reverse
+                # direction, from the end down to its last element (so its first real step starts from h0).
+                b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
+                b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
             # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
             b_h = tl.load(
                 hseq + ((t + d) * B + o_b)[:, None] * H + o_k[None, :],
@@ -253,14 +291,17 @@ def rnn_fwd_kernel(
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
             a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + r0
             if CELL == CELL_LSTM:
-                b_hnew = _lstm_fwd_step(a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, H, SAVE, ACC)
+                b_hnew = _lstm_fwd_step(a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, b_act, H, SAVE, ACC, VARLEN)
             elif CELL == CELL_GRU:
                 a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + r1
                 b_ghn = r2 + b_bhn[None, :]
                 b_r = sigmoid(a0)
                 b_z = sigmoid(a1)
                 b_n = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + b_r * b_ghn)
-                b_hnew = (1.0 - b_z) * b_n + b_z * tl.load(p_state, mask=m_bj, other=0.0)
+                b_hold = tl.load(p_state, mask=m_bj, other=0.0)
+                b_hnew = (1.0 - b_z) * b_n + b_z * b_hold
+                if VARLEN:
+                    b_hnew = tl.where(b_act, b_hnew, b_hold)
                 tl.store(p_state, b_hnew, mask=m_bj)
                 if SAVE:
                     tl.store(p_saved, b_r, mask=m_bj)
@@ -272,10 +313,13 @@ def rnn_fwd_kernel(
             else:
                 b_hnew = relu(a0)
             b_hout = b_hnew.to(out_ty)
+            if VARLEN:
+                b_hout = tl.where(b_act, b_hout, b_hkeep)
             tl.store(hseq + ((t + 1 - d) * B + o_b)[:, None] * H + o_j[None, :], b_hout, mask=m_bj)
             # The output is h as rounded to the dtype (what the next step and torch.nn see).
             _emit(
-                y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H, D, WRITE_Y, RESIDUAL, DROPOUT
+                y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H, D, WRITE_Y, RESIDUAL, DROPOUT,
+                b_act, VARLEN,
             )  # fmt: skip
         if SYNC:
             grid_barrier(counter, (s + 1) * num_programs)
@@ -338,6 +382,7 @@ def rnn_bwd_kernel(
     grad_h,  # [D, B, H] ACC: dL/dh_n in, dL/dh0 out
     grad_c,  # [D, B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
     counter,  # [D] int32, zeroed: one grid barrier per direction
+    lengths,  # [B] int32 (VARLEN): each sequence's length; steps t >= length pass the gradients through
     T,
     B,
     u_start,  # runs steps u_start, u_start - 1, ..., u_start - n_steps + 1 of each direction
@@ -361,6 +406,7 @@ def rnn_bwd_kernel(
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     num_programs = tl.num_programs(0)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
@@ -404,6 +450,11 @@ def rnn_bwd_kernel(
             if DROPOUT != DROPOUT_NONE:
                 b_dz = tl.load(grad_z + o_y, mask=m_bj, other=0.0).to(ACC)
                 b_dy += b_dz * dropout_scale(seed, p_drop, t, o_b, o_w, B, D * H, DROPOUT)
+            b_act = m_bj
+            if VARLEN:
+                # Past its length a row's outputs are constant zeros and its state is carried unchanged.
+                b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
+                b_dy = tl.where(b_act, b_dy, 0.0)
             if RESIDUAL:
                 tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bj)
             b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
@@ -413,8 +464,9 @@ def rnn_bwd_kernel(
                     p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
                 else:
                     p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
-                _lstm_bwd_step(b_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, H)
-                tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bj)
+                p_dc = grad_c + o_b[:, None] * H + o_j[None, :]
+                _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
+                tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
             elif CELL == CELL_GRU:
                 b_r = tl.load(p_saved, mask=m_bj, other=0.0)
                 b_z = tl.load(p_saved + H, mask=m_bj, other=0.0)
@@ -422,12 +474,20 @@ def rnn_bwd_kernel(
                 b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
                 b_hprev = tl.load(hseq + o_h + d * B * H, mask=m_bj, other=0.0).to(ACC)
                 b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
-                tl.store(p_dg, (b_dan * b_ghn * b_r * (1.0 - b_r)).to(grad_ty), mask=m_bj)
-                tl.store(p_dg + H, (b_dh * (b_hprev - b_n) * b_z * (1.0 - b_z)).to(grad_ty), mask=m_bj)
+                b_dgr = b_dan * b_ghn * b_r * (1.0 - b_r)
+                b_dgz = b_dh * (b_hprev - b_n) * b_z * (1.0 - b_z)
+                # h_t = ... + z * h_{t-1}: the direct path to the previous state.
+                b_dhprev = b_dh * b_z
+                if VARLEN:
+                    b_dan = tl.where(b_act, b_dan, 0.0)
+                    b_dgr = tl.where(b_act, b_dgr, 0.0)
+                    b_dgz = tl.where(b_act, b_dgz, 0.0)
+                    b_dhprev = tl.where(b_act, b_dhprev, b_dh)
+                tl.store(p_dg, b_dgr.to(grad_ty), mask=m_bj)
+                tl.store(p_dg + H, b_dgz.to(grad_ty), mask=m_bj)
                 tl.store(p_dg + 2 * H, (b_dan * b_r).to(grad_ty), mask=m_bj)
                 tl.store(grad_xn + o_y, b_dan.to(grad_ty), mask=m_bj)
-                # h_t = ... + z * h_{t-1}: the direct path to the previous state.
-                tl.store(p_dh, b_dh * b_z, mask=m_bj)
+                tl.store(p_dh, b_dhprev, mask=m_bj)
             else:
                 b_hnew = tl.load(hseq + o_h + (1 - d) * B * H, mask=m_bj, other=0.0).to(ACC)
                 if CELL == CELL_RNN_TANH:
@@ -435,8 +495,10 @@ def rnn_bwd_kernel(
                 else:
                     # torch's threshold_backward: zero where the output is <= 0.
                     b_da = tl.where(b_hnew <= 0, 0.0, b_dh)
+                if VARLEN:
+                    b_da = tl.where(b_act, b_da, 0.0)
                 tl.store(p_dg, b_da.to(grad_ty), mask=m_bj)
-                tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bj)
+                tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
         if SYNC:
             grid_barrier(counter, (s + 1) * num_programs)
 

@@ -41,7 +41,9 @@ SCALAR_TYPES = {"p_drop": "fp32"}  # other scalar arguments are i32
 # What a layer's kernels do besides the recurrence (each compiles separately).
 VARIANTS = {
     "plain": Variant(),
-    "bidir+residual+dropout": Variant(directions=2, residual=True, dropout_mode=int(DROPOUT_STANDARD.value)),
+    "bidir+residual+dropout+varlen": Variant(
+        directions=2, residual=True, dropout_mode=int(DROPOUT_STANDARD.value), varlen=True
+    ),
     "variational": Variant(dropout_mode=int(DROPOUT_VARIATIONAL.value)),
     # LSTM only; proj_size = hidden // 4 (kernels/lstm_proj.py)
     "proj+bidir+residual+dropout": Variant(2, True, int(DROPOUT_STANDARD.value), proj=-1),
@@ -137,9 +139,9 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     constants.pop("num_stages")  # the default pipelining, as in the heuristic plan
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
-                     mseq=t)  # fmt: skip
+                     mseq=t, lengths="i32")  # fmt: skip
     bwd_types = dict(w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
-                     grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t)  # fmt: skip
+                     grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32")  # fmt: skip
     fwd_kernel, bwd_kernel = (
         (lstm_proj_fwd_kernel, lstm_proj_bwd_kernel) if variant.proj else (rnn_fwd_kernel, rnn_bwd_kernel)
     )

@@ -152,12 +152,6 @@ def states(*shapes):
             r"expected h of size \[2, 3, 6\]",
             id="state-directions",
         ),
-        pytest.param(
-            lambda: stack()(torch.nn.utils.rnn.pack_padded_sequence(x(5, 2, 4), torch.tensor([5, 3]))),
-            TypeError,
-            "does not take a PackedSequence",
-            id="packed",
-        ),
     ],
 )
 def test_stacked_rnn_bad_input_raises(call, error, match):

@@ -243,3 +243,25 @@ def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype):
     floor = 2e-5 if dtype == torch.float32 else 1e-3
     bad = {k: (v, cudnn[k]) for k, v in ours.items() if not v <= max(1.5 * cudnn[k], floor)}
     assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_sequences_against_cudnn(cell):
+    """Sequences of different lengths, bidirectional, bf16: outputs and final states as accurate as cuDNN's."""
+    torch.manual_seed(0)
+    ours, exact = make_pair(cell, 256, 256, num_layers=2, bidirectional=True)
+    cudnn = copy.deepcopy(exact).to(dtype=torch.bfloat16, device=CUDA)
+    ours, exact = ours.to(dtype=torch.bfloat16, device=CUDA), exact.to(CUDA)
+    lengths = torch.randint(1, 200, (64,))
+    seqs = [torch.randn(int(n), 256, dtype=torch.float64, device=CUDA) for n in lengths]
+    packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    low = torch.nn.utils.rnn.pack_sequence([s.bfloat16() for s in seqs], enforce_sorted=False)
+    with torch.no_grad():
+        ref, ref_states = exact(packed)
+        results = {name: module(low) for name, module in (("ours", ours), ("cudnn", cudnn))}
+    flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
+    errors = {
+        name: [rel_err(out.data, ref.data)] + [rel_err(a, b) for a, b in zip(flat(states), flat(ref_states))]
+        for name, (out, states) in results.items()
+    }
+    assert all(o <= max(1.5 * c, 1e-3) for o, c in zip(errors["ours"], errors["cudnn"])), errors

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
+from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
 from tritonrnn import reference
@@ -191,6 +192,57 @@ def test_lstm_projection_split_grid_phases_launched_apart(forced_plan):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lstm_projection_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=7, proj_size=24)
+
+
+def compare_packed(cell, lengths, I, H, L, dtype=torch.float64, bidirectional=False, enforce_sorted=False, seed=0):
+    """A PackedSequence through tritonrnn (dtype, DEVICE) and torch.nn (float64): output data, final states and
+    the gradients of the sequences, h0, c0 and every parameter."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ours, theirs = make_pair(cell, I, H, num_layers=L, bidirectional=bidirectional)
+    ours = ours.to(dtype=dtype, device=DEVICE)
+    D = 2 if bidirectional else 1
+    seqs = [torch.randn(n, I, dtype=torch.float64, generator=gen) for n in lengths]
+    states = [torch.randn(L * D, len(lengths), H, dtype=torch.float64, generator=gen) for _ in range(2)]
+    results = []
+    for module, dt, device in ((ours, dtype, DEVICE), (theirs, torch.float64, torch.device("cpu"))):
+        xs = [s.to(dtype=dt, device=device).requires_grad_() for s in seqs]
+        hs = [h.to(dtype=dt, device=device).requires_grad_() for h in states]
+        packed = pack_sequence(xs, enforce_sorted=enforce_sorted)
+        out, final = module(packed, tuple(hs) if cell == "lstm" else hs[0])
+        final = list(final) if cell == "lstm" else [final]
+        weights = torch.Generator().manual_seed(1)
+
+        def weighted(t, weights=weights, device=device):
+            return (t.double() * torch.randn(t.shape, generator=weights, dtype=torch.float64).to(device)).sum()
+
+        loss = weighted(out.data) + sum(weighted(f) for f in final)
+        leaves = xs + hs[: len(final)] + list(module.parameters())
+        results.append(([out.data, *final], torch.autograd.grad(loss, leaves), out.batch_sizes))
+    (outs, grads, sizes), (ref_outs, ref_grads, ref_sizes) = results
+    assert torch.equal(sizes, ref_sizes)
+    bound = TOLERANCE[dtype]
+    errors = [rel_err(a.cpu(), b) for a, b in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads))]
+    assert max(errors) < bound, errors
+
+
+PACKED = [
+    pytest.param(dict(lengths=[4, 6, 1, 6, 3], I=3, H=5, L=2), id="unsorted-L2"),
+    pytest.param(dict(lengths=[7, 5, 5, 2], I=4, H=9, L=1, enforce_sorted=True), id="sorted"),
+    pytest.param(dict(lengths=[1], I=2, H=3, L=1), id="one-sequence-of-one-step"),
+]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", PACKED)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_packed_sequences_match_torch(cell, shape, bidirectional):
+    compare_packed(cell, **shape, bidirectional=bidirectional)
+
+
+def test_packed_sequences_split_grid_bfloat16(forced_plan):
+    forced_plan(block_h=16, block_b=16, persistent=False, directions_together=False)
+    compare_packed("lstm", [9, 3, 20, 17, 1] * 4, 5, 33, 2, dtype=torch.float32, bidirectional=True, seed=3)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -79,15 +79,18 @@ def test_dropout_in_eval_mode_uses_the_kernels():
     torch.testing.assert_close(ours.to(DEVICE)(x.to(DEVICE))[0].cpu(), theirs(x)[0])
 
 
-def test_packed_sequence_falls_back_to_torch():
+def test_packed_sequence_with_projection_falls_back_to_torch(caplog):
     torch.manual_seed(0)
-    ours, theirs = make_pair("lstm", 3, 5)
+    ours, theirs = make_pair("lstm", 3, 5, proj_size=2)
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([6, 4]))
-    out, (h, c) = ours(packed)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        out, (h, c) = ours(packed)
     ref, (rh, rc) = theirs(packed)
     torch.testing.assert_close(out.data, ref.data)
     torch.testing.assert_close(c, rc)
+    assert "packed sequences with proj_size" in caplog.text
 
 
 def test_returns_have_torch_shapes():

@@ -431,3 +431,45 @@ def test_wavefront_switch_rejects_nonsense(monkeypatch):
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "yes")
     with pytest.raises(ValueError, match="TRITONRNN_WAVEFRONT should be 0, 1 or a number"):
         make_stack(MIXED[:2])(torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE))
+
+
+# --- sequences of different lengths ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_packed_batch_equals_each_sequence_alone(bidirectional):
+    """A PackedSequence of unsorted lengths: outputs and final states equal running each sequence on its own, and the
+    parameter gradients of the summed loss equal the sum of the sequences' gradients."""
+    model = make_stack(MIXED, input_size=3, bidirectional=bidirectional, residual=False)
+    gen = torch.Generator().manual_seed(11)
+    seqs = [torch.randn(n, 3, dtype=torch.float64, generator=gen).to(DEVICE) for n in (3, 6, 1, 4)]
+    packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    out, states = model(packed)
+    assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+    padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(out)
+    grads = torch.autograd.grad(out.data.square().sum(), list(model.parameters()))
+    expected_grads = [torch.zeros_like(p) for p in model.parameters()]
+    for i, seq in enumerate(seqs):
+        alone, alone_states = model(seq)  # unbatched [T, F]
+        torch.testing.assert_close(padded[: len(seq), i], alone, rtol=1e-12, atol=1e-12)
+        for state, single in zip(flat(states), flat(alone_states)):
+            torch.testing.assert_close(state[:, i], single, rtol=1e-12, atol=1e-12)
+        for acc, g in zip(expected_grads, torch.autograd.grad(alone.square().sum(), list(model.parameters()))):
+            acc += g
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_packed_batch_through_the_wavefront(monkeypatch):
+    model = make_stack(MIXED[:3], input_size=3, dropout=0.3)
+    gen = torch.Generator().manual_seed(12)
+    seqs = [torch.randn(n, 3, dtype=torch.float64, generator=gen).to(DEVICE) for n in (7, 2, 5)]
+    packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    results = []
+    for chunk in ("0", "2"):
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", chunk)
+        torch.manual_seed(3)
+        out, states = model(packed)
+        results.append([out.data, *flat(states), *torch.autograd.grad(out.data.sum(), list(model.parameters()))])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-12

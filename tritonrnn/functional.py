@@ -57,11 +57,13 @@ class Variant(NamedTuple):
     residual: bool = False
     dropout_mode: int = int(DROPOUT_NONE.value)  # kernels/dropout.py's DROPOUT_*
     proj: int = 0  # LSTM proj_size (kernels/lstm_proj.py), 0 for none
+    varlen: bool = False  # sequences of different lengths (a PackedSequence)
 
     @property
     def write_y(self) -> bool:
-        # A unidirectional layer without residual has its output in hseq already.
-        return self.directions > 1 or self.residual
+        # A unidirectional layer without residual has its output in hseq already, unless rows end early (their
+        # output is zero there, while hseq carries their state).
+        return self.directions > 1 or self.residual or self.varlen
 
 
 def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
@@ -88,7 +90,9 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
             BLOCK_KH=max(MIN_DOT, next_pow2(hidden)),
             BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)),
         )
-    return dict(common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks)
+    return dict(
+        common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen
+    )
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
@@ -134,8 +138,8 @@ def _gpu_misfit(
         forward = lstm_proj_fwd_kernel.warmup(w_hr=t(), mseq=t(), phases=3, **forward_args)
         backward = lstm_proj_bwd_kernel.warmup(w_hr=t(), grad_hp=t(), phases=3, **backward_args)
     else:
-        forward = rnn_fwd_kernel.warmup(b_hn=t(), **forward_args)
-        backward = rnn_bwd_kernel.warmup(hseq=t(), grad_xn=t(), **backward_args)
+        forward = rnn_fwd_kernel.warmup(b_hn=t(), lengths=t(torch.int32), **forward_args)
+        backward = rnn_bwd_kernel.warmup(hseq=t(), grad_xn=t(), lengths=t(torch.int32), **backward_args)
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     for name, kernel in (("forward", forward), ("backward", backward)):
         if kernel.metadata.shared > max_shared:
@@ -170,7 +174,9 @@ class LayerRun:
     b_ih, b_hh [D*G*H] or None, w_hr [D, N, H] or None (N = H, or proj_size with w_hr).
     """
 
-    def __init__(self, cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save: bool):
+    def __init__(
+        self, cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save: bool, lengths=None
+    ):
         T, B, _ = x.shape
         _, gates, n_saved = CELLS[cell]
         D, _, width = w_hh.shape
@@ -180,7 +186,9 @@ class LayerRun:
         self.cell, self.plan, self.dropout = cell, plan, dropout
         self.T, self.B, self.D, self.hidden, self.width, self.gates = T, B, D, hidden, width, gates
         self.dtype, self.device, self.acc = dtype, device, acc
-        self.variant = _variant(D, residual, dropout, w_hr)
+        self.variant = _variant(D, residual, dropout, w_hr, lengths)
+        # Sequence lengths [B] int32 for a batch of different lengths (none: every row runs all T steps).
+        self.lengths = lengths if lengths is not None else torch.zeros(1, dtype=torch.int32, device=device)
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
         self.xproj = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
         self.hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
@@ -230,6 +238,7 @@ class LayerRun:
         if self.w_hr is not None:
             self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=self.w_hr, mseq=self.mseq, **launch)
             return
+        launch["lengths"] = self.lengths
         if self.cell == "gru" and self.b_hh is not None:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
@@ -284,7 +293,9 @@ class LayerRun:
         if self.w_hr is not None:
             self._launch(lstm_proj_bwd_kernel, plan, t0, t1, True, w_hr=self.w_hr, grad_hp=self.grad_hp, **launch)
         else:
-            self._launch(rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, **launch)
+            self._launch(
+                rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, lengths=self.lengths, **launch
+            )  # fmt: skip
         if self.cell == "gru":
             chunk = self.grad_xgates[t0:t1].view(t1 - t0, self.B, self.D, 3, self.hidden)
             chunk.copy_(self.grad_gates[t0:t1].view_as(chunk))
@@ -321,15 +332,17 @@ class LayerRun:
 class RecurrentLayerFunction(torch.autograd.Function):
     """One layer (all its directions) on the persistent kernels, all steps in one chunk. Time-major.
 
-    forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell, plan, residual, dropout) with LayerRun's shapes
+    forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell, plan, residual, dropout, lengths) with LayerRun's shapes
     returns (y [T, B, D*N] the layer output (+ x when residual), z [T, B, D*N] = dropout(y) or None,
     h_n [D, B, N], c_n [D, B, H] or None).
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell: str, plan: LayerPlan, residual: bool, dropout):
+    def forward(
+        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell: str, plan: LayerPlan, residual: bool, dropout, lengths
+    ):
         save = any(ctx.needs_input_grad[:8])
-        run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save)
+        run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
         run.forward_steps(0, run.T)
         if save:
             ctx.run = run
@@ -343,12 +356,14 @@ class RecurrentLayerFunction(torch.autograd.Function):
         run = ctx.run
         run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
         run.backward_steps(0, run.T)
-        return (*run.grads(), None, None, None, None)
+        return (*run.grads(), None, None, None, None, None)
 
 
-def _variant(directions: int, residual: bool, dropout: LayerDropout | None, w_hr: Tensor | None) -> Variant:
+def _variant(
+    directions: int, residual: bool, dropout: LayerDropout | None, w_hr: Tensor | None, lengths: Tensor | None = None
+) -> Variant:
     mode = dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value)
-    return Variant(directions, residual, mode, w_hr.shape[1] if w_hr is not None else 0)
+    return Variant(directions, residual, mode, w_hr.shape[1] if w_hr is not None else 0, lengths is not None)
 
 
 def kernel_plan(
@@ -434,21 +449,24 @@ def _layer(
     weights: Sequence[reference.Weights],
     residual: bool = False,
     dropout: LayerDropout | None = None,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """One layer on the kernels, or on the reference where they cannot run it (``reference.layer``'s contract)."""
     if x.device.type == "cpu" and not interpret_mode():
-        return reference.layer(cell, x, h0, c0, weights, residual, dropout)
+        return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     D = len(weights)
     hidden = weights[0][1].shape[0] // CELLS[cell][1]
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
-    variant = _variant(D, residual, dropout, w_hr[0])
+    variant = _variant(D, residual, dropout, w_hr[0], lengths)
     plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
+    if lengths is not None and variant.proj:
+        plan = "sequences of different lengths with proj_size"
     if isinstance(plan, str):
         log_once(
             f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; "
             "running the PyTorch reference implementation instead (correct, much slower)"
         )
-        return reference.layer(cell, x, h0, c0, weights, residual, dropout)
+        return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
     if D == 1:
         # No copies for one direction: views of the caller's tensors.
@@ -462,6 +480,7 @@ def _layer(
     return RecurrentLayerFunction.apply(
         x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None, w_ih.contiguous(),
         w_hh.contiguous(), b_ih, b_hh, w_hr.contiguous() if w_hr is not None else None, cell, plan, residual, dropout,
+        lengths,
     )  # fmt: skip
 
 
@@ -470,18 +489,18 @@ class WavefrontStackFunction(torch.autograd.Function):
 
     Each layer runs on its own CUDA stream; an event per (layer, chunk) orders a chunk after the chunk below
     it (forward) or above it (backward). Without CUDA (the interpreter) the same order runs sequentially.
-    forward(layers: list of (cell, plan, residual, dropout), chunk, x, then per layer h0, c0, w_ih, w_hh,
-    b_ih, b_hh, w_hr with LayerRun's shapes) returns every layer's y, then every h_n, then every c_n.
+    forward(layers: list of (cell, plan, residual, dropout), chunk, lengths (or None), x, then per layer h0, c0,
+    w_ih, w_hh, b_ih, b_hh, w_hr with LayerRun's shapes) returns every layer's y, then every h_n, then every c_n.
     """
 
     @staticmethod
-    def forward(ctx, layers, chunk: int, x, *tensors):
+    def forward(ctx, layers, chunk: int, lengths, x, *tensors):
         save = any(ctx.needs_input_grad)
         runs: list[LayerRun] = []
         inputs = x
         for index, (cell, plan, residual, dropout) in enumerate(layers):
             h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = tensors[7 * index : 7 * index + 7]
-            run = LayerRun(cell, plan, residual, dropout, inputs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save)
+            run = LayerRun(cell, plan, residual, dropout, inputs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
             runs.append(run)
             inputs = run.z if run.z is not None else run.y
         chunks = [(t0, min(t0 + chunk, x.shape[0])) for t0 in range(0, x.shape[0], chunk)]
@@ -520,7 +539,7 @@ class WavefrontStackFunction(torch.autograd.Function):
             run.backward_steps(t0, t1)
 
         _wavefront(runs, chunks, step, reverse=True)
-        result: list[Tensor | None] = [None, None, runs[0].grads()[0]]
+        result: list[Tensor | None] = [None, None, None, runs[0].grads()[0]]
         for run in runs:
             _, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = run.grads()
             result += [dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
@@ -566,11 +585,13 @@ def wavefront_chunk() -> int:
     return 64 if number == 1 else number
 
 
-def _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, training):
+def _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths):
     """The stack through WavefrontStackFunction, or None where it does not apply (then layer by layer)."""
     chunk = wavefront_chunk()
     if not chunk or len(layers) < 2 or x.shape[0] <= chunk or any(len(layer.weights) != 1 for layer in layers):
         return None
+    if lengths is not None and any(len(layer.weights[0]) > 4 for layer in layers):
+        return None  # the projection's kernels take no lengths
     if x.device.type == "cpu" and not interpret_mode():
         return None
     plans = []
@@ -580,7 +601,8 @@ def _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, trainin
         # The kernels' variant (the seed itself is drawn below, only once the wavefront is certain).
         mode = LayerDropout(dropout, dropout_mode == "variational", 0)
         drop = mode if training and dropout > 0 and index < len(layers) - 1 else None
-        plan = kernel_plan(layer.cell, hidden, x.shape[1], x.dtype, x.device, _variant(1, residual, drop, w_hr))
+        variant = _variant(1, residual, drop, w_hr, lengths)
+        plan = kernel_plan(layer.cell, hidden, x.shape[1], x.dtype, x.device, variant)
         if isinstance(plan, str):
             return None
         plans.append(plan)
@@ -595,7 +617,7 @@ def _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, trainin
         specs.append((layer.cell, plan, residual, drop))
         tensors += [h.contiguous(), c.contiguous() if c is not None else None, w_ih.contiguous(),
                     w_hh.unsqueeze(0).contiguous(), b_ih, b_hh, w_hr]  # fmt: skip
-    outputs = WavefrontStackFunction.apply(specs, chunk, x.contiguous(), *tensors)
+    outputs = WavefrontStackFunction.apply(specs, chunk, lengths, x.contiguous(), *tensors)
     L = len(layers)
     return list(outputs[:L]), list(outputs[L : 2 * L]), list(outputs[2 * L :])
 
@@ -610,6 +632,7 @@ def stack(
     dropout_mode: str = "standard",
     residual: bool = False,
     training: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
     """A stack of layers (any cells, one or two directions) on the kernels, on plain tensors.
 
@@ -617,12 +640,14 @@ def stack(
     x [T, B, I] time-major; h0[l], c0[l] [D, B, H_l] (c0[l] None for non-LSTM layers);
     layers[l] = StackLayer(cell, ((w_ih, w_hh, b_ih, b_hh[, w_hr]), ...)) in torch.nn's layout and gate order
     (w_hr: an LSTM's projection, torch.nn's weight_hr; h is then proj_size wide).
+    lengths: [B] int32 on x's device, each sequence's length (<= T), for a batch of different lengths: rows
+    keep their state past their end (so h_n is each sequence's last state) and output zeros there.
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
-    result = _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, training)
+    result = _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)
     if result is not None:
         return result
     return scheduler.run_stack(
         x, layers, h0, c0, dropout=dropout, dropout_mode=dropout_mode, residual=residual, training=training,
-        layer_fn=_layer,
+        lengths=lengths, layer_fn=_layer,
     )  # fmt: skip

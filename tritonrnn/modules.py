@@ -3,20 +3,35 @@
 They subclass the torch.nn modules, so constructor, parameter names, initialisation, state_dict,
 ``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes, plus
 one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask per sequence and unit).
-What the kernels do not run (packed sequences, autocast, sizes too large for the GPU's kernels)
-goes to torch.nn's implementation, logged once.
+Packed sequences run on the kernels with each sequence's length. What the kernels do not run
+(autocast, packed sequences with proj_size, sizes too large for the GPU's kernels) goes to torch.nn's
+implementation, logged once.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import interpret_mode, log_once
 from tritonrnn.scheduler import StackLayer
+
+
+def unpack(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """A PackedSequence as a padded time-major batch in its original order, and the lengths (int32, on its device)."""
+    padded, lengths = pad_packed_sequence(packed)
+    return padded, lengths.to(device=padded.device, dtype=torch.int32)
+
+
+def repack(out: Tensor, like: PackedSequence) -> PackedSequence:
+    """A padded time-major output [T, B, F] (original batch order) packed in the layout of ``like``."""
+    if like.sorted_indices is not None:
+        out = out.index_select(1, like.sorted_indices.to(out.device))
+    present = torch.arange(out.size(1))[None, :] < like.batch_sizes[:, None]  # [T, B]: packed order is time-major
+    return PackedSequence(out[present.to(out.device)], like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 class _TritonRNNBase(nn.RNNBase):
@@ -34,8 +49,8 @@ class _TritonRNNBase(nn.RNNBase):
 
     def _unsupported(self, input) -> str | None:
         """Why torch.nn's implementation has to run this call, or None when the kernels can."""
-        if isinstance(input, PackedSequence):
-            return "packed sequences"
+        if isinstance(input, PackedSequence) and self.proj_size > 0:
+            return "packed sequences with proj_size"
         misfit = self._kernels_misfit(input)
         if misfit is not None:
             return misfit
@@ -53,13 +68,17 @@ class _TritonRNNBase(nn.RNNBase):
         cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
         has none) and float64 (a checking precision: the reference draws the same dropout masks as the kernels).
         """
+        batch = None
+        if isinstance(input, PackedSequence):
+            input, batch = input.data, int(input.batch_sizes[0])
         if not isinstance(input, Tensor) or input.dim() not in (2, 3) or input.dtype == torch.float64:
             return None
         if not (input.device.type == "cuda" or (input.device.type == "cpu" and interpret_mode())):
             return None
         if self.training and self.dropout > 0 and self.dropout_mode == "variational":
             return None
-        batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
+        if batch is None:
+            batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
         variant = functional.Variant(directions=2 if self.bidirectional else 1, proj=self.proj_size)
         plan = functional.kernel_plan(
             self.mode.lower(), self.hidden_size, batch, input.dtype, input.device, variant
@@ -107,6 +126,8 @@ class _TritonRNNBase(nn.RNNBase):
             return super().forward(input, hx)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx, is_lstm)
         name = self.mode if is_lstm or self.mode == "GRU" else "RNN"
         if input.dim() not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -115,27 +136,14 @@ class _TritonRNNBase(nn.RNNBase):
         if not is_batched:
             input = input.unsqueeze(batch_dim)
         batch = input.size(batch_dim)
-        directions = 2 if self.bidirectional else 1
-        if hx is None:
-            h_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-            shape = (self.num_layers * directions, batch)
-            h0 = torch.zeros(*shape, h_size, dtype=input.dtype, device=input.device)
-            c0 = torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)
-            hidden = (h0, c0) if is_lstm else (h0,)
-        else:
-            hidden = self._hidden_tuple(hx, is_lstm, is_batched)
+        hidden = self._zero_hidden(input, batch, is_lstm) if hx is None else self._hidden_tuple(hx, is_lstm, is_batched)
         self.check_forward_args(input, hidden if is_lstm else hidden[0], None)
         self._check_devices(input, hidden)
         if input.size(1 - batch_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         x = input.transpose(0, 1) if self.batch_first else input
-        h0 = hidden[0].split(directions)
-        c0 = hidden[1].split(directions) if is_lstm else [None] * self.num_layers
-        ys, h_n, c_n = functional.stack(
-            x, self._layers(), h0, c0, dropout=self.dropout, dropout_mode=self.dropout_mode, training=self.training
-        )
-        out, h_n, c_n = ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
+        out, h_n, c_n = self._run(x, hidden, is_lstm)
         if self.batch_first:
             out = out.transpose(0, 1)
         if not is_batched:
@@ -143,6 +151,36 @@ class _TritonRNNBase(nn.RNNBase):
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
         return out, ((h_n, c_n) if is_lstm else h_n)
+
+    def _zero_hidden(self, input: Tensor, batch: int, is_lstm: bool) -> tuple[Tensor, ...]:
+        shape = (self.num_layers * (2 if self.bidirectional else 1), batch)
+        h0 = torch.zeros(*shape, self.proj_size or self.hidden_size, dtype=input.dtype, device=input.device)
+        c0 = torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)
+        return (h0, c0) if is_lstm else (h0,)
+
+    def _run(self, x: Tensor, hidden: tuple[Tensor, ...], is_lstm: bool, lengths: Tensor | None = None):
+        """The stack on time-major x: (output of the top layer, h_n, c_n or None)."""
+        directions = 2 if self.bidirectional else 1
+        h0 = hidden[0].split(directions)
+        c0 = hidden[1].split(directions) if is_lstm else [None] * self.num_layers
+        ys, h_n, c_n = functional.stack(
+            x, self._layers(), h0, c0, dropout=self.dropout, dropout_mode=self.dropout_mode, training=self.training,
+            lengths=lengths,
+        )  # fmt: skip
+        return ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
+
+    def _forward_packed(self, packed: PackedSequence, hx, is_lstm: bool):
+        """A PackedSequence: padded, run with each sequence's length (rows keep their state past their end), packed
+        again in the input's own layout. States are in the batch's original order, as torch.nn's."""
+        data, batch_sizes = packed.data, packed.batch_sizes
+        hidden = self._zero_hidden(data, int(batch_sizes[0]), is_lstm) if hx is None else self._hidden_tuple(
+            hx, is_lstm, True
+        )  # fmt: skip
+        self.check_forward_args(data, hidden if is_lstm else hidden[0], batch_sizes)
+        self._check_devices(data, hidden)
+        padded, lengths = unpack(packed)
+        out, h_n, c_n = self._run(padded, hidden, is_lstm, lengths)
+        return repack(out, packed), ((h_n, c_n) if is_lstm else h_n)
 
     def _hidden_tuple(self, hx, is_lstm: bool, is_batched: bool) -> tuple[Tensor, ...]:
         """hx as a tuple of [L, B, H] tensors, with torch.nn's errors for the wrong structure."""

@@ -36,6 +36,7 @@ def layer_forward(
     b_hh: Tensor | None,
     w_hr: Tensor | None = None,
     reverse: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One direction of one layer over a sequence.
 
@@ -46,6 +47,9 @@ def layer_forward(
         w_ih: [G*H, I], w_hh: [G*H, N], b_ih / b_hh: [G*H] or None.
         w_hr: [N, H] an LSTM's projection (h = W_hr (o * tanh(c)), N = proj_size), or None (N = H).
         reverse: run from the last step to the first (the reverse direction of a bidirectional layer).
+        lengths: [B] each sequence's length: at steps t >= length a row keeps its state and outputs zeros (so
+            h_n is its last real state and, in reverse, its first real step starts from h0), as torch.nn runs a
+            PackedSequence.
 
     Returns:
         (output [T, B, N] in time order, h_n [B, N], c_n [B, H] or None), in x's dtype.
@@ -63,6 +67,7 @@ def layer_forward(
     outputs = []
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     for t in steps:
+        h_before, c_before = h, c
         gh = h @ w_hh.t() + b_hh
         if cell == "lstm":
             gates = xproj[t] + gh
@@ -85,6 +90,12 @@ def layer_forward(
             h = torch.relu(xproj[t] + gh)
         else:
             raise ValueError(f"unknown cell {cell!r}")
+        if lengths is not None:
+            active = (t < lengths).to(x.device)[:, None]
+            outputs.append(torch.where(active, h, torch.zeros_like(h)))
+            h = torch.where(active, h, h_before)
+            c = torch.where(active, c, c_before) if c is not None else None
+            continue
         outputs.append(h)
     if reverse:
         outputs.reverse()
@@ -107,6 +118,7 @@ def layer(
     weights: Sequence[Weights],
     residual: bool = False,
     dropout: _dropout.LayerDropout | None = None,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """One layer, all directions: y = [h_forward, h_reverse] (+ x), z = y * mask.
 
@@ -119,7 +131,7 @@ def layer(
         (y [T, B, D*N], z [T, B, D*N] or None, h_n [D, B, N], c_n [D, B, H] or None), in x's dtype.
     """
     results = [
-        layer_forward(cell, x, h0[d], c0[d] if c0 is not None else None, *w, reverse=d == 1)
+        layer_forward(cell, x, h0[d], c0[d] if c0 is not None else None, *w, reverse=d == 1, lengths=lengths)
         for d, w in enumerate(weights)
     ]
     y = torch.cat([r[0] for r in results], dim=-1)
@@ -130,6 +142,8 @@ def layer(
     cdt = _compute_dtype(x.dtype)
     # Like the kernels: the sum and the dropped output are formed in the compute precision from h as rounded.
     y_c = y.to(cdt) + x.to(cdt) if residual else y.to(cdt)
+    if residual and lengths is not None:
+        y_c = y_c * (torch.arange(y.shape[0], device=y.device)[:, None] < lengths.to(y.device))[..., None]
     z = None
     if dropout is not None:
         T, B, W = y.shape

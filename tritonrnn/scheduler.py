@@ -40,6 +40,7 @@ def run_stack(
     dropout_mode: str = "standard",
     residual: bool = False,
     training: bool = False,
+    lengths: Tensor | None = None,
     layer_fn: LayerFn = reference.layer,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
     """Run a stack (no validation of shapes: the modules do it).
@@ -51,6 +52,7 @@ def run_stack(
         dropout, dropout_mode: inter-layer dropout ("standard" or "variational"), applied when ``training``.
             One seed per layer is drawn from torch's default generator, bottom layer first.
         residual: add each layer's input to its output (sizes must match).
+        lengths: [B] each sequence's length, or None when all run T steps (``functional.stack``).
         layer_fn: runs one layer (``reference.layer``'s signature).
 
     Returns:
@@ -61,7 +63,7 @@ def run_stack(
         drop = None
         if training and dropout > 0 and index < len(layers) - 1:
             drop = _dropout.draw(dropout, dropout_mode)
-        y, z, h, c = layer_fn(layer.cell, x, h0[index], c0[index], layer.weights, residual, drop)
+        y, z, h, c = layer_fn(layer.cell, x, h0[index], c0[index], layer.weights, residual, drop, lengths)
         ys.append(y)
         h_n.append(h)
         c_n.append(c)

@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import CELLS
+from tritonrnn.modules import repack, unpack
 from tritonrnn.scheduler import StackLayer
 
 State = "Tensor | tuple[Tensor, Tensor]"
@@ -97,7 +98,8 @@ class StackedRNN(nn.Module):
     of every layer's output (before inter-layer dropout, after the residual sum); ``states`` holds one
     final state per layer: ``(h, c)`` for LSTM layers, ``h`` otherwise, each [D, B, H] (D = 2 when
     bidirectional). ``states`` given to forward has the same structure; unbatched input [T, F] takes and
-    returns [D, H] states.
+    returns [D, H] states. A PackedSequence input gives PackedSequence outputs (in its layout) and each
+    sequence's own final states, in the batch's original order.
     """
 
     def __init__(
@@ -153,8 +155,11 @@ class StackedRNN(nn.Module):
     def forward(
         self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
     ) -> tuple[Tensor | list[Tensor], list[State]]:
+        packed, lengths = None, None
         if isinstance(x, PackedSequence):
-            raise TypeError("StackedRNN does not take a PackedSequence; pad the batch (all sequences run T steps)")
+            # Sequences of different lengths: each row keeps its state past its end (time-major, original order).
+            packed = x
+            x, lengths = unpack(packed)
         if not isinstance(x, Tensor):
             raise TypeError(f"StackedRNN: expected the input to be a Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3):
@@ -182,7 +187,7 @@ class StackedRNN(nn.Module):
         batched = x.dim() == 3
         if not batched:
             x = x.unsqueeze(1)
-        elif self.batch_first:
+        elif self.batch_first and packed is None:
             x = x.transpose(0, 1)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -196,9 +201,12 @@ class StackedRNN(nn.Module):
             dropout_mode=self.dropout_mode,
             residual=self.residual,
             training=self.training,
+            lengths=lengths,
         )
 
-        def arrange(y: Tensor) -> Tensor:
+        def arrange(y: Tensor) -> Tensor | PackedSequence:
+            if packed is not None:
+                return repack(y, packed)
             if not batched:
                 return y.squeeze(1)
             return y.transpose(0, 1) if self.batch_first else y
