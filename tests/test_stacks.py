@@ -16,7 +16,7 @@ from torch import nn
 
 import tritonrnn
 from tritonrnn import dropout as tdropout
-from tritonrnn import functional, reference
+from tritonrnn import functional, reference, scheduler
 
 MIXED = [("lstm", 5), ("gru", 4), ("rnn_tanh", 6), ("rnn_relu", 3)]
 
@@ -473,3 +473,31 @@ def test_packed_batch_through_the_wavefront(monkeypatch):
         results.append([out.data, *flat(states), *torch.autograd.grad(out.data.sum(), list(model.parameters()))])
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
+    """Bidirectional, residual, dropout and different lengths together, on a split grid launched step by step:
+    the kernels against the reference layers under the same seeds, outputs, states and every gradient."""
+    forced_plan(block_h=16, persistent=False, directions_together=False)
+    model = make_stack([("lstm", 20), ("gru", 20), ("rnn_tanh", 20)], input_size=40, residual=True,
+                       bidirectional=True)  # fmt: skip
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 5, 40, dtype=torch.float64, generator=gen).to(DEVICE).requires_grad_()
+    lengths = torch.tensor([6, 1, 4, 6, 2], dtype=torch.int32, device=DEVICE)
+    states = random_states(model, 5, gen)
+    h0 = [(s[0] if isinstance(s, tuple) else s).requires_grad_() for s in states]
+    c0 = [s[1] if isinstance(s, tuple) else None for s in states]
+    layers = [layer.weights(0.0, True, torch.float64) for layer in model.layers]
+    results = []
+    for layer_fn in (functional._layer, reference.layer):
+        torch.manual_seed(21)
+        ys, h_n, c_n = scheduler.run_stack(x, layers, h0, c0, dropout=0.4, dropout_mode=mode, residual=True,
+                                           training=True, lengths=lengths, layer_fn=layer_fn)  # fmt: skip
+        outs = ys + h_n + [c for c in c_n if c is not None]
+        loss = sum(
+            (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum() for o in outs
+        )
+        results.append(outs + list(torch.autograd.grad(loss, [x, *h0, *model.parameters()])))
+    for k, (a, b) in enumerate(zip(*results)):
+        assert rel_err(a, b) < 1e-11, k
