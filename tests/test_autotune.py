@@ -7,6 +7,7 @@ concurrent writers and corrupt files, and the switches (TRITONRNN_AUTOTUNE, CUDA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -166,3 +167,27 @@ def test_pretune_command_needs_a_gpu(capsys):
         pytest.skip("the CPU answer only")
     assert autotune.main(["--cells", "lstm", "--hidden", "64"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("gru", 0), ("lstm", 8)])
+def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
+    """The real tuner's timed calls (forward; forward and backward under a separate backward plan), here under the
+    interpreter with do_bench replaced by one call, and one program so the grid cannot deadlock there."""
+    import triton.testing
+
+    from tritonrnn import functional
+
+    calls = []
+
+    def one_call(fn, **kwargs):
+        calls.append(fn())
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", one_call)
+    device = torch.device("cpu") if not torch.cuda.is_available() else CUDA0
+    variant = functional.Variant(directions=2, proj=proj)
+    tuner = functional._gpu_tuner(cell, 16, 3, torch.float32, device, variant)
+    plan = _plan.plan_layer(cell, 16, 3, torch.float32, device, 2)
+    assert tuner.time_forward(plan) == 1.0
+    assert tuner.time_backward(plan, dataclasses.replace(plan, num_warps=8)) == 1.0
+    assert len(calls) == 2

@@ -426,7 +426,7 @@ def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: t
     def run(plan: LayerPlan, requires_grad: bool):
         inputs = [t.detach().requires_grad_(requires_grad) if t is not None else None for t in (x, w_hh)]
         y, _, _, _ = RecurrentLayerFunction.apply(
-            inputs[0], h0, c0, w_ih, inputs[1], bias, bias, w_hr, cell, plan, False, None
+            inputs[0], h0, c0, w_ih, inputs[1], bias, bias, w_hr, cell, plan, False, None, None
         )  # fmt: skip
         if requires_grad:
             torch.autograd.grad(y, inputs, torch.ones_like(y))
