@@ -15,7 +15,7 @@ from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
-from tritonrnn import reference
+from tritonrnn import _plan, reference
 
 
 def compare(
@@ -372,3 +372,27 @@ def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatc
     torch.testing.assert_close(ys[-1].cpu(), ref)
     torch.testing.assert_close(torch.cat(c).cpu(), rc)
     assert len(caplog.records) == 1 and "does not fit" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(directions=2, residual=True, dropout_mode=1, varlen=True),
+        dict(dropout_mode=2),
+        dict(directions=2, proj=4),
+    ],
+    ids=str,
+)
+def test_gpu_compile_check_passes_every_kernel_argument(variant):
+    """The GPU's pre-launch compile (functional._gpu_misfit) names every argument of the kernels it compiles: it only
+    runs on a GPU, so its argument lists are checked here against the kernels' signatures."""
+    from tritonrnn import functional
+
+    variant = functional.Variant(**variant)
+    plan = _plan.plan_layer("lstm", 16, 2, torch.float32, torch.device("cpu"))
+    calls = functional._warmup_calls("lstm", 16, torch.float32, plan, variant, torch.device("cpu"))
+    assert [name for name, _, _ in calls] == ["forward", "backward"]
+    launch_options = {"grid", "num_warps", "num_stages", "launch_cooperative_grid"}
+    for _, kernel, kwargs in calls:
+        assert set(kwargs) - launch_options == set(kernel.arg_names)

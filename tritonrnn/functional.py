@@ -109,15 +109,11 @@ def _direction_groups(plan: LayerPlan, directions: int) -> list[tuple[int, int]]
     return [(d, 1) for d in range(directions)]
 
 
-@functools.cache
-def _gpu_misfit(
-    cell: str, hidden: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, variant: Variant, device_index: int
-) -> str | None:
-    """Compile both kernels for this GPU (no launch) and say why they cannot run there, or None.
-
-    Triton decides where the resident weights live; the compiled kernel's shared memory is the fact.
-    """
-    device = torch.device("cuda", device_index)
+def _warmup_calls(
+    cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant, device: torch.device
+) -> list[tuple[str, object, dict]]:
+    """(name, kernel, keyword arguments) that compile the forward and backward kernels of a layer without a launch
+    (tiny placeholder tensors: only dtypes, constants and launch options matter)."""
     acc = _acc_dtype(dtype)
 
     def t(dt=dtype):
@@ -135,15 +131,31 @@ def _gpu_misfit(
     backward_args = dict(w_hh=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
                          grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
     if variant.proj:
-        forward = lstm_proj_fwd_kernel.warmup(w_hr=t(), mseq=t(), phases=3, **forward_args)
-        backward = lstm_proj_bwd_kernel.warmup(w_hr=t(), grad_hp=t(), phases=3, **backward_args)
-    else:
-        forward = rnn_fwd_kernel.warmup(b_hn=t(), lengths=t(torch.int32), **forward_args)
-        backward = rnn_bwd_kernel.warmup(hseq=t(), grad_xn=t(), lengths=t(torch.int32), **backward_args)
+        return [
+            ("forward", lstm_proj_fwd_kernel, dict(w_hr=t(), mseq=t(), phases=3, **forward_args)),
+            ("backward", lstm_proj_bwd_kernel, dict(w_hr=t(), grad_hp=t(), phases=3, **backward_args)),
+        ]
+    return [
+        ("forward", rnn_fwd_kernel, dict(b_hn=t(), lengths=t(torch.int32), **forward_args)),
+        ("backward", rnn_bwd_kernel, dict(hseq=t(), grad_xn=t(), lengths=t(torch.int32), **backward_args)),
+    ]
+
+
+@functools.cache
+def _gpu_misfit(
+    cell: str, hidden: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, variant: Variant, device_index: int
+) -> str | None:
+    """Compile both kernels for this GPU (no launch) and say why they cannot run there, or None.
+
+    Triton decides where the resident weights live; the compiled kernel's shared memory is the fact.
+    """
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    for name, kernel in (("forward", forward), ("backward", backward)):
-        if kernel.metadata.shared > max_shared:
-            return f"the {name} kernel needs {kernel.metadata.shared} bytes of shared memory, the GPU has {max_shared}"
+    for name, kernel, kwargs in _warmup_calls(cell, hidden, dtype, plan, variant, torch.device("cuda", device_index)):
+        compiled = kernel.warmup(**kwargs)
+        if compiled.metadata.shared > max_shared:
+            return (
+                f"the {name} kernel needs {compiled.metadata.shared} bytes of shared memory, the GPU has {max_shared}"
+            )
     return None
 
 
