@@ -1,6 +1,6 @@
 """tritonrnn's benchmarks against cuDNN: run a suite, report it, compare two runs, refresh the README table.
 
-    python -m perf run [--suite quick|full|persist|stacks|smoke|PATH.json] [--out DIR] [--providers ...] [--tf32]
+    python -m perf run [--suite quick|full|persist|stacks|large|smoke|PATH.json] [--out DIR] [--providers ...] [--tf32]
     python -m perf report DIR
     python -m perf compare BASELINE.csv CURRENT.csv [--threshold PCT] [--out REPORT.md] [--allow-different-gpu]
     python -m perf readme [--write]

@@ -5,7 +5,7 @@
 #   bash perf/device_run.sh tests            # GPU tier (pytest -m gpu), then the rest of the tests on the GPU
 #   bash perf/device_run.sh quick            # the quick suite (the README's table and the baseline)
 #   bash perf/device_run.sh stacks wavefront # dropout / bidirectional overheads; the stacks again with the wavefront
-#   bash perf/device_run.sh persist          # where cuDNN runs its persistent kernel
+#   bash perf/device_run.sh persist large    # where cuDNN runs its persistent kernel; hidden sizes read in part each step
 #   bash perf/device_run.sh tune             # pre-tune the quick matrix's bf16 keys (TRITONRNN_AUTOTUNE=1)
 # No stage named: tests quick stacks.
 set -uo pipefail
@@ -31,7 +31,7 @@ for stage in "${stages[@]}"; do
             python3 -m pytest -q --maxfail=10 -m gpu -p no:cacheprovider 2>&1 | tail -n 60 | tee "$out/pytest_gpu.txt"
             python3 -m pytest -q -p no:cacheprovider -m "not gpu" --deselect tests/test_packaging.py 2>&1 \
                 | tail -n 5 | tee "$out/pytest_rest.txt" ;;
-        quick|stacks|persist|full)
+        quick|stacks|persist|full|large)
             suite "$stage"; done_dirs+=("$stage") ;;
         wavefront)
             TRITONRNN_WAVEFRONT=1 suite stacks stacks_wavefront; done_dirs+=(stacks_wavefront) ;;
@@ -39,7 +39,7 @@ for stage in "${stages[@]}"; do
             TRITONRNN_CACHE_DIR="$out/tuned" python3 -m tritonrnn.autotune --dtypes bf16 \
                 --export "$out/tuned/export.json" 2>&1 | tail -n 20 | tee "$out/tune.txt" ;;
         *)
-            echo "unknown stage $stage (tests, quick, stacks, wavefront, persist, full, tune)"; exit 2 ;;
+            echo "unknown stage $stage (tests, quick, stacks, wavefront, persist, large, full, tune)"; exit 2 ;;
     esac
 done
 # The device tool brings back at most 8 files from $OUT: pack the report folders (results.csv, report.md,

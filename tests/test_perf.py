@@ -77,6 +77,8 @@ def test_shipped_suites_expand_as_documented():
     assert all(c.passes == ("fwd+bwd",) for c in stacks.configs)
     smoke = suites.load("smoke")
     assert smoke.cpu_sized and not quick.cpu_sized
+    large = suites.load("large")
+    assert {(c.dtype, c.H) for c in large.configs} == {("bf16", 2048), ("fp32", 1024)} and len(large.configs) == 8
 
 
 def test_suite_cases_merge_passes_of_the_same_config():
