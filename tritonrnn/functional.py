@@ -414,7 +414,7 @@ def _halve_held_rows(plan: LayerPlan) -> LayerPlan:
     return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
 
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE_NAMES = {dtype: name for name, dtype in autotune.DTYPES.items()}
 
 
 def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant):
