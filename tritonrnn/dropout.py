@@ -36,11 +36,14 @@ class LayerDropout:
         return int((DROPOUT_VARIATIONAL if self.variational else DROPOUT_STANDARD).value)
 
 
-def check_args(p: float, mode: str) -> None:
-    """torch-like errors for a bad probability or mode."""
+def check_probability(name: str, p: float) -> None:
+    """torch-like error for a drop probability outside [0, 1)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"dropout should be a number in range [0, 1) representing the probability of an element "
+        raise ValueError(f"{name} should be a number in range [0, 1) representing the probability of an element "
                          f"being zeroed, got {p!r}")  # fmt: skip
+
+
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"dropout_mode should be one of {MODES}, got {mode!r}")
 

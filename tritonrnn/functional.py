@@ -34,7 +34,6 @@ from tritonrnn._plan import (
     plan_layer,
 )
 from tritonrnn.dropout import LayerDropout
-from tritonrnn.dropout import draw as _dropout_draw
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
@@ -470,9 +469,10 @@ def _layer(
     hidden = weights[0][1].shape[0] // CELLS[cell][1]
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
     variant = _variant(D, residual, dropout, w_hr[0], lengths)
-    plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if lengths is not None and variant.proj:
         plan = "sequences of different lengths with proj_size"
+    else:
+        plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if isinstance(plan, str):
         log_once(
             f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; "
@@ -597,7 +597,7 @@ def wavefront_chunk() -> int:
     return 64 if number == 1 else number
 
 
-def _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths):
+def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
     """The stack through WavefrontStackFunction, or None where it does not apply (then layer by layer)."""
     chunk = wavefront_chunk()
     if not chunk or len(layers) < 2 or x.shape[0] <= chunk or any(len(layer.weights) != 1 for layer in layers):
@@ -606,26 +606,15 @@ def _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, trainin
         return None  # the projection's kernels take no lengths
     if x.device.type == "cpu" and not interpret_mode():
         return None
-    plans = []
-    for index, layer in enumerate(layers):
-        hidden = layer.weights[0][1].shape[0] // CELLS[layer.cell][1]
-        w_hr = layer.weights[0][4] if len(layer.weights[0]) > 4 else None
-        # The kernels' variant (the seed itself is drawn below, only once the wavefront is certain).
-        mode = LayerDropout(dropout, dropout_mode == "variational", 0)
-        drop = mode if training and dropout > 0 and index < len(layers) - 1 else None
+    specs, tensors = [], []
+    for layer, drop, h, c in zip(layers, dropouts, h0, c0):
+        w_ih, w_hh, b_ih, b_hh, *rest = layer.weights[0]
+        hidden = w_hh.shape[0] // CELLS[layer.cell][1]
+        w_hr = rest[0].unsqueeze(0).contiguous() if rest else None
         variant = _variant(1, residual, drop, w_hr, lengths)
         plan = kernel_plan(layer.cell, hidden, x.shape[1], x.dtype, x.device, variant)
         if isinstance(plan, str):
             return None
-        plans.append(plan)
-    drops = [
-        _dropout_draw(dropout, dropout_mode) if training and dropout > 0 and index < len(layers) - 1 else None
-        for index in range(len(layers))
-    ]  # the same seeds, in the same order, as scheduler.run_stack draws
-    specs, tensors = [], []
-    for layer, plan, drop, h, c in zip(layers, plans, drops, h0, c0):
-        w_ih, w_hh, b_ih, b_hh, *rest = layer.weights[0]
-        w_hr = rest[0].unsqueeze(0).contiguous() if rest else None
         specs.append((layer.cell, plan, residual, drop))
         tensors += [h.contiguous(), c.contiguous() if c is not None else None, w_ih.contiguous(),
                     w_hh.unsqueeze(0).contiguous(), b_ih, b_hh, w_hr]  # fmt: skip
@@ -656,10 +645,11 @@ def stack(
     keep their state past their end (so h_n is each sequence's last state) and output zeros there.
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
-    result = _wavefront_stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)
+    # Drawn once, whichever path runs: the same seeds with and without the wavefront.
+    dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training)
+    result = _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts)
     if result is not None:
         return result
     return scheduler.run_stack(
-        x, layers, h0, c0, dropout=dropout, dropout_mode=dropout_mode, residual=residual, training=training,
-        lengths=lengths, layer_fn=_layer,
+        x, layers, h0, c0, residual=residual, lengths=lengths, dropouts=dropouts, layer_fn=_layer
     )  # fmt: skip

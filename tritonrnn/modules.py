@@ -40,7 +40,7 @@ class _TritonRNNBase(nn.RNNBase):
     def __init__(self, *args, dropout_mode: str = "standard", **kwargs):
         super().__init__(*args, **kwargs)
         # torch.nn has validated dropout itself (it allows p = 1, which zeroes the inputs of upper layers).
-        _dropout.check_args(0.0, dropout_mode)
+        _dropout.check_mode(dropout_mode)
         self.dropout_mode = dropout_mode
 
     def extra_repr(self) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import dropout as _dropout
+from tritonrnn._plan import CELLS
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,7 +58,9 @@ def layer_forward(
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
     w_hh = w_hh.to(cdt)
-    hidden = w_hh.shape[0] // {"lstm": 4, "gru": 3}.get(cell, 1)
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}")
+    hidden = w_hh.shape[0] // CELLS[cell][1]
     xproj = x.to(cdt) @ w_ih.to(cdt).t()
     if b_ih is not None:
         xproj = xproj + b_ih.to(cdt)

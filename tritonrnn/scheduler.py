@@ -30,6 +30,17 @@ class StackLayer(NamedTuple):
 LayerFn = Callable[..., "tuple[Tensor, Tensor | None, Tensor, Tensor | None]"]
 
 
+def layer_dropouts(
+    n_layers: int, dropout: float, dropout_mode: str, training: bool
+) -> list[_dropout.LayerDropout | None]:
+    """Each layer's output dropout for one call: between layers only (never after the last), in training only,
+    one seed per layer drawn from torch's default generator, bottom layer first."""
+    return [
+        _dropout.draw(dropout, dropout_mode) if training and dropout > 0 and index < n_layers - 1 else None
+        for index in range(n_layers)
+    ]
+
+
 def run_stack(
     x: Tensor,
     layers: Sequence[StackLayer],
@@ -41,6 +52,7 @@ def run_stack(
     residual: bool = False,
     training: bool = False,
     lengths: Tensor | None = None,
+    dropouts: Sequence[_dropout.LayerDropout | None] | None = None,
     layer_fn: LayerFn = reference.layer,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
     """Run a stack (no validation of shapes: the modules do it).
@@ -50,7 +62,8 @@ def run_stack(
         layers: the layers, bottom first.
         h0, c0: per layer [D, B, H_l] initial states (c0[l] for LSTM layers only, else None).
         dropout, dropout_mode: inter-layer dropout ("standard" or "variational"), applied when ``training``.
-            One seed per layer is drawn from torch's default generator, bottom layer first.
+            One seed per layer is drawn from torch's default generator, bottom layer first (``layer_dropouts``),
+            unless ``dropouts`` gives them already drawn.
         residual: add each layer's input to its output (sizes must match).
         lengths: [B] each sequence's length, or None when all run T steps (``functional.stack``).
         layer_fn: runs one layer (``reference.layer``'s signature).
@@ -58,11 +71,10 @@ def run_stack(
     Returns:
         (each layer's output y_l [T, B, D*H_l] before dropout, h_n per layer [D, B, H_l], c_n per layer).
     """
+    if dropouts is None:
+        dropouts = layer_dropouts(len(layers), dropout, dropout_mode, training)
     ys, h_n, c_n = [], [], []
-    for index, layer in enumerate(layers):
-        drop = None
-        if training and dropout > 0 and index < len(layers) - 1:
-            drop = _dropout.draw(dropout, dropout_mode)
+    for index, (layer, drop) in enumerate(zip(layers, dropouts)):
         y, z, h, c = layer_fn(layer.cell, x, h0[index], c0[index], layer.weights, residual, drop, lengths)
         ys.append(y)
         h_n.append(h)

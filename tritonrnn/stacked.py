@@ -121,9 +121,9 @@ class StackedRNN(nn.Module):
             raise ValueError(f"input_size should be a positive integer, got {input_size!r}")
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError(f"layers should be a non-empty list of (cell, hidden_size) pairs, got {layers!r}")
-        _dropout.check_args(dropout, dropout_mode)
-        if isinstance(weight_drop, bool) or not isinstance(weight_drop, (int, float)) or not 0 <= weight_drop < 1:
-            raise ValueError(f"weight_drop should be a number in range [0, 1), got {weight_drop!r}")
+        _dropout.check_probability("dropout", dropout)
+        _dropout.check_mode(dropout_mode)
+        _dropout.check_probability("weight_drop", weight_drop)
         directions = 2 if bidirectional else 1
         modules = []
         size = input_size
