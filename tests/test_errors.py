@@ -157,3 +157,27 @@ def states(*shapes):
 def test_stacked_rnn_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, refused",
+    [("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False), ("4.0.0", "2.4.0", False)],
+)
+def test_interpreter_refuses_triton_numpy_pair_that_fails(monkeypatch, triton_version, numpy_version, refused):
+    """Triton <= 3.6's interpreter fails inside every kernel on numpy >= 2.4: a clear error up front instead."""
+    import numpy
+    import triton
+
+    from tritonrnn import _plan
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    _plan.check_interpreter.cache_clear()
+    try:
+        if refused:
+            with pytest.raises(RuntimeError, match="numpy<2.4 or triton>=3.7"):
+                _plan.check_interpreter()
+        else:
+            _plan.check_interpreter()
+    finally:
+        _plan.check_interpreter.cache_clear()

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 
 import torch
 
@@ -63,6 +64,25 @@ class LayerPlan:
 def interpret_mode() -> bool:
     """True when the Triton interpreter is on, so the kernels can run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", text).groups()
+    return int(major), int(minor)
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """Before a kernel runs on CPU tensors: the interpreter of Triton 3.6 and older fails inside every kernel on
+    numpy 2.4 and newer (it turns 1-element arrays into loop bounds, which numpy 2.4 refuses; fixed in 3.7)."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"the Triton interpreter of triton {triton.__version__} cannot run on numpy {numpy.__version__}: "
+            "install numpy<2.4 or triton>=3.7 (TRITON_INTERPRET=1 runs the kernels on the CPU)"
+        )
 
 
 def next_pow2(n: int) -> int:

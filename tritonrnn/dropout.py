@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from tritonrnn._plan import interpret_mode
+from tritonrnn._plan import check_interpreter, interpret_mode
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
 
 MODES = ("standard", "variational")
@@ -65,6 +65,8 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
         generator = torch.Generator().manual_seed(dropout.seed)
         keep = torch.rand(rows, batch, width, generator=generator) >= dropout.p
         return keep.float() / (1.0 - torch.tensor(dropout.p, dtype=torch.float32))
+    if device.type == "cpu":
+        check_interpreter()
     out = torch.empty(rows, batch, width, dtype=torch.float32, device=device)
     if out.numel():
         dropout_mask_kernel[(rows * batch,)](

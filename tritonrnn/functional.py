@@ -26,6 +26,7 @@ from tritonrnn._plan import (
     MIN_DOT,
     MIN_HELD_ROWS,
     LayerPlan,
+    check_interpreter,
     cuda_index,
     forced,
     interpret_mode,
@@ -98,6 +99,8 @@ def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
     # A grid barrier deadlocks unless all programs are resident: ask the driver to guarantee it.
     if plan.persistent and device.type == "cuda":
         return dict(launch_cooperative_grid=True)
+    if device.type == "cpu":
+        check_interpreter()
     return {}
 
 
