@@ -626,6 +626,7 @@ def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
     return list(outputs[:L]), list(outputs[L : 2 * L]), list(outputs[2 * L :])
 
 
+@torch.compiler.disable  # Dynamo cannot trace the persistent launches: a graph break, the kernels as they are
 def stack(
     x: Tensor,
     layers: Sequence[scheduler.StackLayer],

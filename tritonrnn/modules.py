@@ -119,6 +119,8 @@ class _TritonRNNBase(nn.RNNBase):
             layers.append(StackLayer(cell, tuple(directions)))
         return layers
 
+    # torch.compile runs the kernels as they are (a graph break here): Dynamo cannot trace a persistent launch.
+    @torch.compiler.disable
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
         reason = self._unsupported(input)
         if reason is not None:
