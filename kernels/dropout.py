@@ -35,10 +35,10 @@ def dropout_scale(seed, p, t, o_b, o_w, B, W, MODE: tl.constexpr):
     return tl.where(keep, 1.0 / (1.0 - p), 0.0)
 
 
-@triton.jit(do_not_specialize=["T", "B", "seed", "p"])
+@triton.jit(do_not_specialize=["T", "B", "seed_ptr", "p"])
 def dropout_mask_kernel(
     mask,  # [T, B, W] fp32 out: the multipliers dropout_scale gives (T = 1 for a variational mask)
-    seed,
+    seed_ptr,  # [1] int64
     p,
     T,
     B,
@@ -48,6 +48,7 @@ def dropout_mask_kernel(
 ):
     """Write the mask the layer kernels draw, so the reference (and tests) can apply the same one."""
     row = tl.program_id(0).to(tl.int64)  # t * B + b
+    seed = tl.load(seed_ptr)
     t = row // B
     o_b = row % B + tl.arange(0, 1)
     for w0 in range(0, W, BLOCK_W):

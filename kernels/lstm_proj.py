@@ -40,7 +40,7 @@ def _units(H: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl
     return o_j, o_j < H, o_j < P, o_kh, o_kh < H, o_kp, o_kp < P
 
 
-@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed", "p_drop", "phases"])
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed_ptr", "p_drop", "phases"])
 def lstm_proj_fwd_kernel(
     xproj,  # [T, B, D*4*H] x @ W_ih^T + b_ih + b_hh
     w_hh,  # [D, 4*H, P]
@@ -58,7 +58,7 @@ def lstm_proj_fwd_kernel(
     t_start,
     n_steps,
     direction0,
-    seed,
+    seed_ptr,  # [1] int64: the dropout seed (read on the GPU, so a replayed CUDA graph draws new masks)
     p_drop,
     phases,
     H: tl.constexpr,
@@ -78,6 +78,7 @@ def lstm_proj_fwd_kernel(
     DOT_UPCAST: tl.constexpr,
 ):
     num_programs = tl.num_programs(0)
+    seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
     w_hh += d * (4 * H * P)
@@ -146,7 +147,7 @@ def lstm_proj_fwd_kernel(
                 grid_barrier(counter, (2 * s + 2) * num_programs)
 
 
-@triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed", "p_drop", "phases"])
+@triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed_ptr", "p_drop", "phases"])
 def lstm_proj_bwd_kernel(
     w_hh,  # [D, 4*H, P]
     w_hr,  # [D, P, H]
@@ -166,7 +167,7 @@ def lstm_proj_bwd_kernel(
     n_steps,
     finish,
     direction0,
-    seed,
+    seed_ptr,  # [1] int64: the dropout seed (read on the GPU, so a replayed CUDA graph draws new masks)
     p_drop,
     phases,
     H: tl.constexpr,
@@ -184,6 +185,7 @@ def lstm_proj_bwd_kernel(
     DOT_UPCAST: tl.constexpr,
 ):
     num_programs = tl.num_programs(0)
+    seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
     w_hh += d * (4 * H * P)

@@ -205,7 +205,7 @@ def _emit(
             tl.store(z + o_y, b_z.to(z.dtype.element_ty), mask=m_bj)
 
 
-@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed", "p_drop"])
+@triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed_ptr", "p_drop"])
 def rnn_fwd_kernel(
     xproj,  # [T, B, D*G*H] x @ W_ih^T plus the biases that can be folded in (all but GRU's b_hn)
     w_hh,  # [D, G*H, H]
@@ -223,7 +223,7 @@ def rnn_fwd_kernel(
     t_start,  # runs steps t_start, ..., t_start + n_steps - 1 of each direction
     n_steps,
     direction0,  # the direction of program_id(1) == 0
-    seed,
+    seed_ptr,  # [1] int64: the dropout seed (read on the GPU, so a replayed CUDA graph draws new masks)
     p_drop,
     H: tl.constexpr,
     CELL: tl.constexpr,
@@ -245,6 +245,7 @@ def rnn_fwd_kernel(
     VARLEN: tl.constexpr = False,
 ):
     num_programs = tl.num_programs(0)
+    seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     # This direction's slices of every buffer.
@@ -368,7 +369,7 @@ def _bwd_recurrent_step(
         tl.store(p_dh, acc, mask=m_bj)
 
 
-@triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed", "p_drop"])
+@triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed_ptr", "p_drop"])
 def rnn_bwd_kernel(
     w_hh,  # [D, G*H, H]
     hseq,  # [D, T+1, B, H] from the forward
@@ -389,7 +390,7 @@ def rnn_bwd_kernel(
     n_steps,
     finish,  # nonzero: after the steps, carry the gate gradients of step u_start - n_steps + 1 into grad_h
     direction0,  # the direction of program_id(1) == 0
-    seed,
+    seed_ptr,  # [1] int64: the dropout seed (read on the GPU, so a replayed CUDA graph draws new masks)
     p_drop,
     H: tl.constexpr,
     CELL: tl.constexpr,
@@ -409,6 +410,7 @@ def rnn_bwd_kernel(
     VARLEN: tl.constexpr = False,
 ):
     num_programs = tl.num_programs(0)
+    seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += d * (G * H * H)

@@ -139,9 +139,10 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     constants.pop("num_stages")  # the default pipelining, as in the heuristic plan
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
-                     mseq=t, lengths="i32")  # fmt: skip
+                     mseq=t, lengths="i32", seed_ptr="i64")  # fmt: skip
     bwd_types = dict(w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
-                     grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32")  # fmt: skip
+                     grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
+                     seed_ptr="i64")  # fmt: skip
     fwd_kernel, bwd_kernel = (
         (lstm_proj_fwd_kernel, lstm_proj_bwd_kernel) if variant.proj else (rnn_fwd_kernel, rnn_bwd_kernel)
     )

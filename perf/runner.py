@@ -15,7 +15,7 @@ between calls; CPU: a perf_counter loop), peak memory above what was allocated b
 and the relative error of the returned tensors against a float64 run of torch.nn with the same weights
 and input on the same device. With dropout in a training step the masks are random: tritonrnn is
 checked against a float64 copy of itself with the same ``torch.manual_seed`` (its masks come from
-torch's default CPU generator, so the same seed draws the same masks); torch.nn's masks cannot be
+the device's default generator, so the same seed draws the same masks); torch.nn's masks cannot be
 reproduced, so cuDNN's error is NaN and the note says why. A provider that cannot run a config gives a
 row with status "error: ..." instead of numbers.
 """

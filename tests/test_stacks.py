@@ -182,7 +182,7 @@ def test_initialisation_like_torch():
 @pytest.mark.parametrize("mode", ["standard", "variational"])
 def test_mask_keep_rate_and_scale(p, mode):
     """Kept elements are scaled by 1/(1-p); the keep rate is 1-p within 5 binomial standard deviations."""
-    drop = tdropout.draw(p, mode)
+    drop = tdropout.draw(p, mode, DEVICE)
     mask = tdropout.mask(drop, 8, 64, 100, DEVICE).cpu()
     assert mask.shape == ((1 if mode == "variational" else 8), 64, 100)
     scale = torch.tensor(1.0, dtype=torch.float32) / (1 - torch.tensor(p, dtype=torch.float32))
@@ -192,13 +192,25 @@ def test_mask_keep_rate_and_scale(p, mode):
 
 
 def test_masks_standard_fresh_per_step_variational_constant_over_time():
-    standard = tdropout.mask(tdropout.draw(0.5, "standard"), 6, 16, 32, DEVICE)
+    standard = tdropout.mask(tdropout.draw(0.5, "standard", DEVICE), 6, 16, 32, DEVICE)
     assert not torch.equal(standard[0], standard[1])
-    variational = tdropout.mask(tdropout.draw(0.5, "variational"), 6, 16, 32, DEVICE)
+    variational = tdropout.mask(tdropout.draw(0.5, "variational", DEVICE), 6, 16, 32, DEVICE)
     assert variational.shape[0] == 1  # never a [T, B, H] mask
     rows = variational[0]
     assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]  # different across sequences
     assert 0 < (rows != 0).sum() < rows.numel()
+
+
+def test_kernels_read_the_seed_when_they_run():
+    """The seed lives in a device tensor the kernels read at run time (a replayed CUDA graph draws a new one into
+    it), not a launch argument fixed when the call was made or captured."""
+    drop = tdropout.draw(0.5, "standard", DEVICE)
+    before = tdropout.mask(drop, 3, 4, 32, DEVICE)
+    drop.seed.add_(1)
+    after = tdropout.mask(drop, 3, 4, 32, DEVICE)
+    assert not torch.equal(before, after)
+    again = tdropout.LayerDropout(0.5, False, drop.seed.clone())
+    assert torch.equal(after, tdropout.mask(again, 3, 4, 32, DEVICE))
 
 
 @pytest.mark.parametrize("mode", ["standard", "variational"])
@@ -209,7 +221,7 @@ def test_kernels_apply_the_materialised_mask(mode):
     x = torch.randn(T, B, 2 * H, dtype=torch.float64, device=DEVICE)
     h0 = torch.randn(2, B, H, dtype=torch.float64, device=DEVICE)
     layer = tritonrnn.StackedRNN(2 * H, [("gru", H)], bidirectional=True).double().to(DEVICE).layers[0]
-    drop = tdropout.draw(0.4, mode)
+    drop = tdropout.draw(0.4, mode, DEVICE)
     y, z, _, _ = functional._layer("gru", x, h0, None, layer.weights(0.0, False, torch.float64).weights, True, drop)
     expected = y * tdropout.mask(drop, T, B, 2 * H, DEVICE).double()
     assert torch.equal(z, expected)
@@ -229,7 +241,7 @@ def test_dropout_stack_gradients_under_the_same_masks(mode, bidirectional):
 
     def expected(x, states):
         torch.manual_seed(7)  # the seeds the model drew: one per inter-layer dropout, bottom first
-        draws = [tdropout.draw(0.4, mode) for _ in model.layers[:-1]]
+        draws = [tdropout.draw(0.4, mode, DEVICE) for _ in model.layers[:-1]]
         widths = [layer.directions * layer.hidden_size for layer in model.layers]
         masks = [tdropout.mask(d, 5, 3, w, DEVICE).double() for d, w in zip(draws, widths)] + [None]
         return composed_reference(model, x, states, masks)
@@ -276,7 +288,7 @@ def test_torch_modules_train_with_dropout_on_the_kernels(mode):
     torch.manual_seed(11)
     out, (h, c) = ours(x)
     torch.manual_seed(11)
-    masks = [tdropout.mask(tdropout.draw(0.3, mode), 4, 2, 5, DEVICE).double() for _ in range(2)]
+    masks = [tdropout.mask(tdropout.draw(0.3, mode, DEVICE), 4, 2, 5, DEVICE).double() for _ in range(2)]
     ref, layer_in = None, x
     for k in range(3):
         ws = [getattr(ours, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -344,7 +356,7 @@ def test_split_grid_stack(forced_plan):
 
     def expected(x, states):
         torch.manual_seed(9)
-        masks = [tdropout.mask(tdropout.draw(0.2, "standard"), 3, 2, 40, DEVICE).double(), None]
+        masks = [tdropout.mask(tdropout.draw(0.2, "standard", DEVICE), 3, 2, 40, DEVICE).double(), None]
         return composed_reference(model, x, states, masks)
 
     torch.manual_seed(9)

@@ -1,9 +1,10 @@
 """Inter-layer dropout: one seed per layer and forward call, masks drawn where they are used.
 
-The seed comes from torch's default (CPU) generator, so ``torch.manual_seed`` reproduces the masks
-and drawing it never synchronises with the GPU. The kernels derive the mask from the seed with
-Philox (kernels/dropout.py) in forward and again in backward; ``mask`` materialises the same
-mask for the reference implementation and for tests.
+The seed is drawn by torch's generator of the device the layer runs on, into a one-element tensor there:
+``torch.manual_seed`` reproduces the masks, drawing never synchronises with the GPU, and a CUDA graph
+that captured the call draws a new seed (so new masks) at every replay, as torch's own dropout does. The
+kernels read the seed and derive the mask from it with Philox (kernels/dropout.py) in forward and again in
+backward; ``mask`` materialises the same mask for the reference implementation and for tests.
 
 Modes: "standard" draws a fresh keep/drop per element and step (torch.nn's dropout);
 "variational" draws one per (sequence, unit) and reuses it at every step (Gal & Ghahramani).
@@ -23,13 +24,13 @@ from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dro
 MODES = ("standard", "variational")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LayerDropout:
     """Dropout applied to one layer's output for one forward call."""
 
     p: float
     variational: bool
-    seed: int
+    seed: Tensor  # [1] int64 in [0, 2**31 - 1), on the layer's device
 
     @property
     def kernel_mode(self) -> int:
@@ -48,9 +49,9 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"dropout_mode should be one of {MODES}, got {mode!r}")
 
 
-def draw(p: float, mode: str) -> LayerDropout:
-    """A fresh seed from torch's default generator for one layer's dropout."""
-    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+def draw(p: float, mode: str, device: torch.device | str = "cpu") -> LayerDropout:
+    """A fresh seed from the default generator of ``device`` for one layer's dropout."""
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
     return LayerDropout(float(p), mode == "variational", seed)
 
 
@@ -62,7 +63,7 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
     """
     rows = 1 if dropout.variational else steps
     if device.type == "cpu" and not interpret_mode():
-        generator = torch.Generator().manual_seed(dropout.seed)
+        generator = torch.Generator().manual_seed(int(dropout.seed.item()))
         keep = torch.rand(rows, batch, width, generator=generator) >= dropout.p
         return keep.float() / (1.0 - torch.tensor(dropout.p, dtype=torch.float32))
     if device.type == "cpu":
@@ -70,7 +71,7 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
     out = torch.empty(rows, batch, width, dtype=torch.float32, device=device)
     if out.numel():
         dropout_mask_kernel[(rows * batch,)](
-            mask=out, seed=dropout.seed, p=dropout.p, T=rows, B=batch, W=width, MODE=dropout.kernel_mode,
+            mask=out, seed_ptr=dropout.seed.to(device), p=dropout.p, T=rows, B=batch, W=width, MODE=dropout.kernel_mode,
             BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())),
         )  # fmt: skip
     return out

@@ -125,7 +125,7 @@ def _warmup_calls(
         grid = (kernel_plan.num_programs, _direction_groups(kernel_plan, variant.directions)[0][1])
         constants = _kernel_constants(cell, hidden, dtype, kernel_plan, variant)
         options = _launch_options(kernel_plan, device)
-        return dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed=1, p_drop=0.5,
+        return dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed_ptr=t(torch.int64), p_drop=0.5,
                     SYNC=kernel_plan.persistent, grid=grid, **constants, **options)  # fmt: skip
 
     forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(), t_start=0,
@@ -203,6 +203,8 @@ class LayerRun:
         self.variant = _variant(D, residual, dropout, w_hr, lengths)
         # Sequence lengths [B] int32 for a batch of different lengths (none: every row runs all T steps).
         self.lengths = lengths if lengths is not None else torch.zeros(1, dtype=torch.int32, device=device)
+        # The kernels read a seed with or without dropout: this one is read and ignored.
+        self.no_seed = torch.zeros(1, dtype=torch.int64, device=device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
         self.xproj = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
         self.hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
@@ -225,7 +227,9 @@ class LayerRun:
                 self.bias.view(-1, 3, hidden)[:, 2] = b_ih.view(-1, 3, hidden)[:, 2]
 
     def _seed(self) -> dict:
-        return dict(seed=self.dropout.seed if self.dropout else 0, p_drop=self.dropout.p if self.dropout else 0.0)
+        if self.dropout is None:
+            return dict(seed_ptr=self.no_seed, p_drop=0.0)
+        return dict(seed_ptr=self.dropout.seed, p_drop=self.dropout.p)
 
     def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
         launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant))
@@ -650,7 +654,7 @@ def stack(
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
     # Drawn once, whichever path runs: the same seeds with and without the wavefront.
-    dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training)
+    dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training, x.device)
     result = _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts)
     if result is not None:
         return result

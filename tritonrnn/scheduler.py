@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from tritonrnn import dropout as _dropout
@@ -31,12 +32,12 @@ LayerFn = Callable[..., "tuple[Tensor, Tensor | None, Tensor, Tensor | None]"]
 
 
 def layer_dropouts(
-    n_layers: int, dropout: float, dropout_mode: str, training: bool
+    n_layers: int, dropout: float, dropout_mode: str, training: bool, device: torch.device
 ) -> list[_dropout.LayerDropout | None]:
     """Each layer's output dropout for one call: between layers only (never after the last), in training only,
-    one seed per layer drawn from torch's default generator, bottom layer first."""
+    one seed per layer drawn from the default generator of ``device``, bottom layer first."""
     return [
-        _dropout.draw(dropout, dropout_mode) if training and dropout > 0 and index < n_layers - 1 else None
+        _dropout.draw(dropout, dropout_mode, device) if training and dropout > 0 and index < n_layers - 1 else None
         for index in range(n_layers)
     ]
 
@@ -62,7 +63,7 @@ def run_stack(
         layers: the layers, bottom first.
         h0, c0: per layer [D, B, H_l] initial states (c0[l] for LSTM layers only, else None).
         dropout, dropout_mode: inter-layer dropout ("standard" or "variational"), applied when ``training``.
-            One seed per layer is drawn from torch's default generator, bottom layer first (``layer_dropouts``),
+            One seed per layer is drawn from x's device's generator, bottom layer first (``layer_dropouts``),
             unless ``dropouts`` gives them already drawn.
         residual: add each layer's input to its output (sizes must match).
         lengths: [B] each sequence's length, or None when all run T steps (``functional.stack``).
@@ -72,7 +73,7 @@ def run_stack(
         (each layer's output y_l [T, B, D*H_l] before dropout, h_n per layer [D, B, H_l], c_n per layer).
     """
     if dropouts is None:
-        dropouts = layer_dropouts(len(layers), dropout, dropout_mode, training)
+        dropouts = layer_dropouts(len(layers), dropout, dropout_mode, training, x.device)
     ys, h_n, c_n = [], [], []
     for index, (layer, drop) in enumerate(zip(layers, dropouts)):
         y, z, h, c = layer_fn(layer.cell, x, h0[index], c0[index], layer.weights, residual, drop, lengths)
