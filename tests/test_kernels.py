@@ -267,6 +267,27 @@ def test_gradcheck_float64(cell):
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_training_keeps_only_what_backward_reads(monkeypatch):
+    """The input projection [T, B, G*H] is freed after the forward, not held until backward (layer by layer and in
+    the wavefront); what stays is the hidden sequence and the saved activations."""
+    from tritonrnn import functional
+
+    torch.manual_seed(0)
+    ours, _ = make_pair("lstm", 5, 8, num_layers=2)
+    ours = ours.to(DEVICE)
+    x = torch.randn(7, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    for wavefront in ("0", "3"):
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
+        out, _ = ours(x)
+        node = out.grad_fn
+        while not hasattr(node, "run") and not hasattr(node, "runs"):
+            node = node.next_functions[0][0]
+        runs = node.runs if hasattr(node, "runs") else [node.run]
+        assert all(isinstance(run, functional.LayerRun) for run in runs)
+        assert all(run.xproj is None and run.hseq is not None and run.saved.shape[0] == 1 for run in runs)
+        out.sum().backward()  # and backward still runs
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bitwise_deterministic(cell):
     torch.manual_seed(0)

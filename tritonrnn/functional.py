@@ -263,6 +263,11 @@ class LayerRun:
             b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
         self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
 
+    def end_forward(self) -> None:
+        """Free what only the forward reads (the input projection: as large as the gate activations), so that a
+        training step does not hold it until backward."""
+        self.xproj = self.bias = None
+
     def outputs(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(y, z, h_n, c_n) once every step has run."""
         hseq, T = self.hseq, self.T
@@ -362,6 +367,7 @@ class RecurrentLayerFunction(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:8])
         run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
         run.forward_steps(0, run.T)
+        run.end_forward()
         if save:
             ctx.run = run
             # Saved through autograd too, so that modifying them in place before backward is an error.
@@ -524,6 +530,8 @@ class WavefrontStackFunction(torch.autograd.Function):
             inputs = run.z if run.z is not None else run.y
         chunks = [(t0, min(t0 + chunk, x.shape[0])) for t0 in range(0, x.shape[0], chunk)]
         _wavefront(runs, chunks, lambda run, t0, t1: run.forward_steps(t0, t1), reverse=False)
+        for run in runs:
+            run.end_forward()  # after _wavefront: the main stream has waited for the layers' streams
         if save:
             ctx.runs = runs
             ctx.chunks = chunks
