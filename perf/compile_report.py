@@ -27,11 +27,11 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from tritonrnn import _plan
-from tritonrnn.functional import Variant, _kernel_constants
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.sync import grid_barrier
+from tritonrnn.layer_run import Variant, _kernel_constants
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tritonrnn import _plan, functional  # noqa: E402
+from tritonrnn import _plan, layer_run  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 # Where the device-generic tests run: the GPU when there is one, else the CPU under the interpreter.
@@ -34,7 +34,7 @@ def poison_outputs(monkeypatch):
     def nan_empty(*shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(functional, "_empty", nan_empty)
+    monkeypatch.setattr(layer_run, "_empty", nan_empty)
 
 
 @pytest.fixture(autouse=True)

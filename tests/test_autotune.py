@@ -175,7 +175,7 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
     interpreter with do_bench replaced by one call, and one program so the grid cannot deadlock there."""
     import triton.testing
 
-    from tritonrnn import functional
+    from tritonrnn import functional, layer_run
 
     calls = []
 
@@ -185,7 +185,7 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", one_call)
     device = torch.device("cpu") if not torch.cuda.is_available() else CUDA0
-    variant = functional.Variant(directions=2, proj=proj)
+    variant = layer_run.Variant(directions=2, proj=proj)
     tuner = functional._gpu_tuner(cell, 16, 3, torch.float32, device, variant)
     plan = _plan.plan_layer(cell, 16, 3, torch.float32, device, 2)
     assert tuner.time_forward(plan) == 1.0

@@ -270,7 +270,7 @@ def test_gradcheck_float64(cell):
 def test_training_keeps_only_what_backward_reads(monkeypatch):
     """The input projection [T, B, G*H] is freed after the forward, not held until backward (layer by layer and in
     the wavefront); what stays is the hidden sequence and the saved activations."""
-    from tritonrnn import functional
+    from tritonrnn import layer_run
 
     torch.manual_seed(0)
     ours, _ = make_pair("lstm", 5, 8, num_layers=2)
@@ -283,7 +283,7 @@ def test_training_keeps_only_what_backward_reads(monkeypatch):
         while not hasattr(node, "run") and not hasattr(node, "runs"):
             node = node.next_functions[0][0]
         runs = node.runs if hasattr(node, "runs") else [node.run]
-        assert all(isinstance(run, functional.LayerRun) for run in runs)
+        assert all(isinstance(run, layer_run.LayerRun) for run in runs)
         assert all(run.xproj is None and run.hseq is not None and run.saved.shape[0] == 1 for run in runs)
         out.sum().backward()  # and backward still runs
 
@@ -406,13 +406,13 @@ def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatc
     ids=str,
 )
 def test_gpu_compile_check_passes_every_kernel_argument(variant):
-    """The GPU's pre-launch compile (functional._gpu_misfit) names every argument of the kernels it compiles: it only
+    """The GPU's pre-launch compile (layer_run._gpu_misfit) names every argument of the kernels it compiles: it only
     runs on a GPU, so its argument lists are checked here against the kernels' signatures."""
-    from tritonrnn import functional
+    from tritonrnn import layer_run
 
-    variant = functional.Variant(**variant)
+    variant = layer_run.Variant(**variant)
     plan = _plan.plan_layer("lstm", 16, 2, torch.float32, torch.device("cpu"))
-    calls = functional._warmup_calls("lstm", 16, torch.float32, plan, variant, torch.device("cpu"))
+    calls = layer_run._warmup_calls("lstm", 16, torch.float32, plan, variant, torch.device("cpu"))
     assert [name for name, _, _ in calls] == ["forward", "backward"]
     launch_options = {"grid", "num_warps", "num_stages", "launch_cooperative_grid"}
     for _, kernel, kwargs in calls:

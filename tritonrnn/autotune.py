@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRITONRNN_AUTOTUNE"] = "1"  # this command is the request to tune
     from tqdm import tqdm
 
-    from tritonrnn import functional
+    from tritonrnn import functional, layer_run
 
     device = torch.device("cuda", torch.cuda.current_device())
     directions = [1, 2] if args.bidirectional else [1]
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = []
     for cell, hidden, batch, dtype, d in tqdm(matrix, desc="tuning", unit="config"):
         # kernel_plan tunes (or finds) the configuration as a first call would.
-        plan = functional.kernel_plan(cell, hidden, batch, DTYPES[dtype], device, functional.Variant(directions=d))
+        plan = functional.kernel_plan(cell, hidden, batch, DTYPES[dtype], device, layer_run.Variant(directions=d))
         keys.append(TuneKey(cell, hidden, batch_bucket(batch), dtype, d).text())
         if isinstance(plan, str):
             print(f"{keys[-1]}: {plan}")

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import interpret_mode, log_once
+from tritonrnn.layer_run import Variant
 from tritonrnn.scheduler import StackLayer
 
 
@@ -79,7 +80,7 @@ class _TritonRNNBase(nn.RNNBase):
             return None
         if batch is None:
             batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
-        variant = functional.Variant(directions=2 if self.bidirectional else 1, proj=self.proj_size)
+        variant = Variant(directions=2 if self.bidirectional else 1, proj=self.proj_size)
         plan = functional.kernel_plan(
             self.mode.lower(), self.hidden_size, batch, input.dtype, input.device, variant
         )  # fmt: skip

@@ -1,0 +1,342 @@
+"""One layer's buffers and kernel launches: the input projection GEMM, the persistent recurrence kernels
+(kernels/recurrent.py, kernels/lstm_proj.py) forward and backward, and the GEMMs and sums for the gradients.
+
+``LayerRun`` runs a layer's steps in chunks (the whole sequence, or the wavefront's chunks); the launch
+constants and the pre-launch compile check (``_gpu_misfit``) live beside it because they share the
+kernels' argument lists.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, check_interpreter, interpret_mode, next_pow2
+from tritonrnn.dropout import LayerDropout
+from tritonrnn.kernels.dropout import DROPOUT_NONE
+from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
+from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the kernels must fill comes from here (tests poison it with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and accumulation precision: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Variant(NamedTuple):
+    """What a layer's kernels do besides the recurrence (each choice compiles its own kernels)."""
+
+    directions: int = 1
+    residual: bool = False
+    dropout_mode: int = int(DROPOUT_NONE.value)  # kernels/dropout.py's DROPOUT_*
+    proj: int = 0  # LSTM proj_size (kernels/lstm_proj.py), 0 for none
+    varlen: bool = False  # sequences of different lengths (a PackedSequence)
+
+    @property
+    def write_y(self) -> bool:
+        # A unidirectional layer without residual has its output in hseq already, unless rows end early (their
+        # output is zero there, while hseq carries their state).
+        return self.directions > 1 or self.residual or self.varlen
+
+
+def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
+    cell_id, gates, n_saved = CELLS[cell]
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    common = dict(
+        H=hidden,
+        D=variant.directions,
+        BLOCK_H=plan.block_h,
+        BLOCK_B=plan.block_b,
+        RESIDUAL=variant.residual,
+        DROPOUT=variant.dropout_mode,
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        DOT_PRECISION="tf32" if tf32 else "ieee",
+        DOT_UPCAST=dtype == torch.bfloat16 and interpret_mode(),
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
+    if variant.proj:
+        # The projection's kernels hold every row of their slices (no streaming): BLOCK_KH covers H.
+        return dict(
+            common,
+            P=variant.proj,
+            BLOCK_KH=max(MIN_DOT, next_pow2(hidden)),
+            BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)),
+        )
+    return dict(
+        common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen
+    )
+
+
+def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
+    # A grid barrier deadlocks unless all programs are resident: ask the driver to guarantee it.
+    if plan.persistent and device.type == "cuda":
+        return dict(launch_cooperative_grid=True)
+    if device.type == "cpu":
+        check_interpreter()
+    return {}
+
+
+def _direction_groups(plan: LayerPlan, directions: int) -> list[tuple[int, int]]:
+    """(first direction, number of directions) of each launch: both together when the GPU holds both grids."""
+    if directions == 1 or plan.directions_together:
+        return [(0, directions)]
+    return [(d, 1) for d in range(directions)]
+
+
+def _warmup_calls(
+    cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant, device: torch.device
+) -> list[tuple[str, object, dict]]:
+    """(name, kernel, keyword arguments) that compile the forward and backward kernels of a layer without a launch
+    (tiny placeholder tensors: only dtypes, constants and launch options matter)."""
+    acc = _acc_dtype(dtype)
+
+    def t(dt=dtype):
+        return torch.empty(16, dtype=dt, device=device)
+
+    def common(kernel_plan: LayerPlan) -> dict:
+        grid = (kernel_plan.num_programs, _direction_groups(kernel_plan, variant.directions)[0][1])
+        constants = _kernel_constants(cell, hidden, dtype, kernel_plan, variant)
+        options = _launch_options(kernel_plan, device)
+        return dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed_ptr=t(torch.int64), p_drop=0.5,
+                    SYNC=kernel_plan.persistent, grid=grid, **constants, **options)  # fmt: skip
+
+    forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(), t_start=0,
+                        SAVE=True, WRITE_Y=variant.write_y, **common(plan))  # fmt: skip
+    backward_args = dict(w_hh=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
+                         grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
+    if variant.proj:
+        return [
+            ("forward", lstm_proj_fwd_kernel, dict(w_hr=t(), mseq=t(), phases=3, **forward_args)),
+            ("backward", lstm_proj_bwd_kernel, dict(w_hr=t(), grad_hp=t(), phases=3, **backward_args)),
+        ]
+    return [
+        ("forward", rnn_fwd_kernel, dict(b_hn=t(), lengths=t(torch.int32), **forward_args)),
+        ("backward", rnn_bwd_kernel, dict(hseq=t(), grad_xn=t(), lengths=t(torch.int32), **backward_args)),
+    ]
+
+
+@functools.cache
+def _gpu_misfit(
+    cell: str, hidden: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, variant: Variant, device_index: int
+) -> str | None:
+    """Compile both kernels for this GPU (no launch) and say why they cannot run there, or None.
+
+    Triton decides where the resident weights live; the compiled kernel's shared memory is the fact.
+    """
+    max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    for name, kernel, kwargs in _warmup_calls(cell, hidden, dtype, plan, variant, torch.device("cuda", device_index)):
+        compiled = kernel.warmup(**kwargs)
+        if compiled.metadata.shared > max_shared:
+            return (
+                f"the {name} kernel needs {compiled.metadata.shared} bytes of shared memory, the GPU has {max_shared}"
+            )
+    return None
+
+
+def _steps(plan: LayerPlan, t0: int, t1: int, two_phases: bool, backward: bool = False) -> list[dict]:
+    """The launches running steps [t0, t1) of one direction group (backward: from t1 - 1 down to t0, then the
+    carry into dL/dh0 when t0 == 0): all at once with the grid barrier, or one step (one phase) per launch."""
+    phases = dict(phases=3) if two_phases else {}
+    if plan.persistent:
+        if backward:
+            return [dict(u_start=t1 - 1, n_steps=t1 - t0, finish=int(t0 == 0), **phases)]
+        return [dict(t_start=t0, n_steps=t1 - t0, **phases)]
+    each = [dict(phases=1), dict(phases=2)] if two_phases else [{}]
+    if backward:
+        steps = [dict(u_start=u, n_steps=1, finish=0, **p) for u in range(t1 - 1, t0 - 1, -1) for p in each]
+        return steps + ([dict(u_start=-1, n_steps=0, finish=1, **phases)] if t0 == 0 else [])
+    return [dict(t_start=t, n_steps=1, **p) for t in range(t0, t1) for p in each]
+
+
+class LayerRun:
+    """One layer's buffers and kernel launches, able to run its steps in chunks.
+
+    ``forward_steps(t0, t1)`` projects inputs [t0, t1) and runs those steps; ``backward_steps(t0, t1)``
+    runs them in reverse and writes dL/dx for those rows. A single layer runs one chunk, the whole
+    sequence; the stack wavefront (``WavefrontStackFunction``) interleaves chunks of all layers.
+    Chunks apply to one direction only: a bidirectional layer runs [0, T) at once.
+
+    Shapes: x [T, B, I], h0 [D, B, N], c0 [D, B, H] or None, w_ih [D*G*H, I], w_hh [D, G*H, N],
+    b_ih, b_hh [D*G*H] or None, w_hr [D, N, H] or None (N = H, or proj_size with w_hr).
+    """
+
+    def __init__(
+        self, cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save: bool, lengths=None
+    ):
+        T, B, _ = x.shape
+        _, gates, n_saved = CELLS[cell]
+        D, _, width = w_hh.shape
+        hidden = w_hh.shape[1] // gates
+        dtype, device = x.dtype, x.device
+        acc = _acc_dtype(dtype)
+        self.cell, self.plan, self.dropout = cell, plan, dropout
+        self.T, self.B, self.D, self.hidden, self.width, self.gates = T, B, D, hidden, width, gates
+        self.dtype, self.device, self.acc = dtype, device, acc
+        self.variant = _variant(D, residual, dropout, w_hr, lengths)
+        # Sequence lengths [B] int32 for a batch of different lengths (none: every row runs all T steps).
+        self.lengths = lengths if lengths is not None else torch.zeros(1, dtype=torch.int32, device=device)
+        # The kernels read a seed with or without dropout: this one is read and ignored.
+        self.no_seed = torch.zeros(1, dtype=torch.int64, device=device) if dropout is None else None
+        self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
+        self.xproj = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
+        self.hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
+        self.hseq[0, 0] = h0[0]
+        if D == 2:
+            self.hseq[1, T] = h0[1]
+        # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
+        self.c0_acc = c0.to(acc) if c0 is not None else None
+        self.state = (self.c0_acc if c0 is not None else h0.to(acc)).clone()
+        self.save = save and n_saved > 0
+        self.saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if self.save else self.state
+        self.y = _empty(T, B, D * width, dtype=dtype, device=device) if self.variant.write_y else self.hseq[0, 1:]
+        self.z = _empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
+        self.mseq = _empty(D, T, B, hidden, dtype=dtype, device=device) if w_hr is not None else None
+        self.bias = None
+        if b_ih is not None:
+            self.bias = b_ih + b_hh
+            if cell == "gru":
+                # GRU's b_hn is multiplied by r: it stays in the kernel. Biases are [D*3*H]: (direction, gate, unit).
+                self.bias.view(-1, 3, hidden)[:, 2] = b_ih.view(-1, 3, hidden)[:, 2]
+
+    def _seed(self) -> dict:
+        if self.dropout is None:
+            return dict(seed_ptr=self.no_seed, p_drop=0.0)
+        return dict(seed_ptr=self.dropout.seed, p_drop=self.dropout.p)
+
+    def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
+        launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant))
+        launch.update(_launch_options(plan, self.device))
+        for direction0, count in _direction_groups(plan, self.D):
+            grid = (plan.num_programs, count)
+            # A persistent launch counts its barriers from zero (one launch per group; stepwise ones do not sync).
+            counter = torch.zeros(self.D, dtype=torch.int32, device=self.device)
+            for step in _steps(plan, t0, t1, self.w_hr is not None, backward):
+                kernel[grid](direction0=direction0, counter=counter, **step, **launch)
+
+    def forward_steps(self, t0: int, t1: int) -> None:
+        rows = slice(t0 * self.B, t1 * self.B)
+        x2d, out = self.x.reshape(self.T * self.B, -1)[rows], self.xproj.view(self.T * self.B, -1)[rows]
+        if self.bias is None:
+            torch.mm(x2d, self.w_ih.t(), out=out)
+        else:
+            torch.addmm(self.bias, x2d, self.w_ih.t(), out=out)
+        launch = dict(
+            xproj=self.xproj, w_hh=self.w_hh, hseq=self.hseq, state=self.state, saved=self.saved, y=self.y,
+            res=self.x, z=self.z if self.z is not None else self.y, T=self.T, B=self.B, SAVE=self.save,
+            SYNC=self.plan.persistent, WRITE_Y=self.variant.write_y, **self._seed(),
+        )  # fmt: skip
+        if self.w_hr is not None:
+            self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=self.w_hr, mseq=self.mseq, **launch)
+            return
+        launch["lengths"] = self.lengths
+        if self.cell == "gru" and self.b_hh is not None:
+            b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
+        else:
+            b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
+        self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
+
+    def end_forward(self) -> None:
+        """Free what only the forward reads (the input projection: as large as the gate activations), so that a
+        training step does not hold it until backward."""
+        self.xproj = self.bias = None
+
+    def outputs(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(y, z, h_n, c_n) once every step has run."""
+        hseq, T = self.hseq, self.T
+        h_n = torch.stack([hseq[0, T], hseq[1, 0]]) if self.D == 2 else hseq[0, T].unsqueeze(0).clone()
+        c_n = self.state.to(self.dtype) if self.cell == "lstm" else None
+        return self.y, self.z, h_n, c_n
+
+    def start_backward(self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn) -> None:
+        """Gradient buffers; grad_y / grad_z [T, B, D*N] are read by rows as the chunks run (None: zeros)."""
+        T, B, D, dtype, device, acc = self.T, self.B, self.D, self.dtype, self.device, self.acc
+
+        def acc_state(grad: Tensor | None, size: int) -> Tensor:
+            if grad is None:
+                return torch.zeros(D, B, size, dtype=acc, device=device)
+            return grad.to(acc).contiguous().clone()
+
+        def output_grad(grad: Tensor | None) -> Tensor:
+            if grad is None:
+                return torch.zeros(T, B, D * self.width, dtype=dtype, device=device)
+            return grad.contiguous()
+
+        self.grad_h = acc_state(grad_hn, self.width)
+        self.grad_c = acc_state(grad_cn, self.hidden) if self.cell == "lstm" else self.grad_h
+        self.grad_y = output_grad(grad_y)
+        self.grad_z = output_grad(grad_z) if self.dropout is not None else self.grad_y
+        self.grad_res = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.variant.residual else None
+        self.grad_gates = _empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
+        if self.cell == "gru":
+            self.grad_xn = _empty(T, B, D * self.hidden, dtype=dtype, device=device)
+            # The input part of n is not multiplied by r: its gradient differs from the recurrent one.
+            self.grad_xgates = _empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
+        else:
+            self.grad_xn = self.grad_xgates = self.grad_gates
+        self.grad_hp = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.w_hr is not None else None
+        self.dx = _empty(*self.x.shape, dtype=dtype, device=device)
+
+    def backward_steps(self, t0: int, t1: int) -> None:
+        """Steps t1 - 1 down to t0, then dL/dx for rows [t0, t1)."""
+        plan = self.plan.for_backward()
+        launch = dict(
+            w_hh=self.w_hh, saved=self.saved, c0=self.c0_acc if self.c0_acc is not None else self.grad_c,
+            grad_y=self.grad_y, grad_z=self.grad_z,
+            grad_res=self.grad_res if self.grad_res is not None else self.grad_y, grad_gates=self.grad_gates,
+            grad_h=self.grad_h, grad_c=self.grad_c, T=self.T, B=self.B, SYNC=plan.persistent, **self._seed(),
+        )  # fmt: skip
+        if self.w_hr is not None:
+            self._launch(lstm_proj_bwd_kernel, plan, t0, t1, True, w_hr=self.w_hr, grad_hp=self.grad_hp, **launch)
+        else:
+            self._launch(
+                rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, lengths=self.lengths, **launch
+            )  # fmt: skip
+        if self.cell == "gru":
+            chunk = self.grad_xgates[t0:t1].view(t1 - t0, self.B, self.D, 3, self.hidden)
+            chunk.copy_(self.grad_gates[t0:t1].view_as(chunk))
+            chunk[..., 2, :] = self.grad_xn[t0:t1].view(t1 - t0, self.B, self.D, self.hidden)
+        rows = slice(t0 * self.B, t1 * self.B)
+        gx2d = self.grad_xgates.view(self.T * self.B, -1)[rows]
+        dx2d = self.dx.view(self.T * self.B, -1)[rows]
+        if self.grad_res is not None:
+            torch.addmm(self.grad_res.view(self.T * self.B, -1)[rows], gx2d, self.w_ih, out=dx2d)
+        else:
+            torch.mm(gx2d, self.w_ih, out=dx2d)
+
+    def grads(self) -> tuple:
+        """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) once every step has run backward."""
+        T, B, D, hidden, width, dtype, acc = self.T, self.B, self.D, self.hidden, self.width, self.dtype, self.acc
+        gx2d = self.grad_xgates.view(T * B, -1)
+        dh0 = self.grad_h.to(dtype)
+        dc0 = self.grad_c.to(dtype) if self.cell == "lstm" else None
+        dw_ih = gx2d.t() @ self.x.reshape(T * B, -1)
+        # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
+        gh = self.grad_gates.view(T * B, D, -1)
+        dw_hh = torch.stack([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
+        db_ih = db_hh = None
+        if self.b_ih is not None:
+            db_ih = self.grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype)
+            db_hh = self.grad_gates.sum(dim=(0, 1), dtype=acc).to(dtype)
+        dw_hr = None
+        if self.w_hr is not None:
+            ghp = self.grad_hp.view(T * B, D, width)
+            dw_hr = torch.stack([ghp[:, d].t() @ self.mseq[d].reshape(T * B, hidden) for d in range(D)])
+        return self.dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+
+
+def _variant(
+    directions: int, residual: bool, dropout: LayerDropout | None, w_hr: Tensor | None, lengths: Tensor | None = None
+) -> Variant:
+    mode = dropout.kernel_mode if dropout is not None else int(DROPOUT_NONE.value)
+    return Variant(directions, residual, mode, w_hr.shape[1] if w_hr is not None else 0, lengths is not None)

@@ -1,0 +1,114 @@
+"""The layer wavefront: a unidirectional stack whose layers overlap in time, in chunks of steps on one CUDA
+stream per layer (``TRITONRNN_WAVEFRONT``; off by default until measured on a GPU, perf/NOTES.md)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from tritonrnn.layer_run import LayerRun
+
+
+class WavefrontStackFunction(torch.autograd.Function):
+    """A unidirectional stack whose layers overlap in time: layer l + 1 runs chunk k while layer l runs chunk k + 1.
+
+    Each layer runs on its own CUDA stream; an event per (layer, chunk) orders a chunk after the chunk below
+    it (forward) or above it (backward). Without CUDA (the interpreter) the same order runs sequentially.
+    forward(layers: list of (cell, plan, residual, dropout), chunk, lengths (or None), x, then per layer h0, c0,
+    w_ih, w_hh, b_ih, b_hh, w_hr with LayerRun's shapes) returns every layer's y, then every h_n, then every c_n.
+    """
+
+    @staticmethod
+    def forward(ctx, layers, chunk: int, lengths, x, *tensors):
+        save = any(ctx.needs_input_grad)
+        runs: list[LayerRun] = []
+        inputs = x
+        for index, (cell, plan, residual, dropout) in enumerate(layers):
+            h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = tensors[7 * index : 7 * index + 7]
+            run = LayerRun(cell, plan, residual, dropout, inputs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
+            runs.append(run)
+            inputs = run.z if run.z is not None else run.y
+        chunks = [(t0, min(t0 + chunk, x.shape[0])) for t0 in range(0, x.shape[0], chunk)]
+        _wavefront(runs, chunks, lambda run, t0, t1: run.forward_steps(t0, t1), reverse=False)
+        for run in runs:
+            run.end_forward()  # after _wavefront: the main stream has waited for the layers' streams
+        if save:
+            ctx.runs = runs
+            ctx.chunks = chunks
+            ctx.save_for_backward(x, *tensors)
+        outputs = [run.outputs() for run in runs]
+        return (*[o[0] for o in outputs], *[o[2] for o in outputs], *[o[3] for o in outputs])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since forward
+        runs, chunks = ctx.runs, ctx.chunks
+        L = len(runs)
+        grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
+        add_from_above = [False] * L
+        for index in range(L - 1, -1, -1):
+            run, grad_y, grad_z = runs[index], grad_ys[index], None
+            if index < L - 1:
+                above = runs[index + 1].dx  # dL/d(this layer's contribution to the next layer's input), by chunks
+                if run.dropout is not None:
+                    grad_z = above
+                elif grad_y is None:
+                    grad_y = above
+                else:
+                    grad_y = grad_y.clone()
+                    add_from_above[index] = True
+            run.start_backward(grad_y, grad_z, grad_hns[index], grad_cns[index])
+
+        def step(run: LayerRun, t0: int, t1: int) -> None:
+            index = runs.index(run)
+            if add_from_above[index]:
+                run.grad_y[t0:t1] += runs[index + 1].dx[t0:t1]
+            run.backward_steps(t0, t1)
+
+        _wavefront(runs, chunks, step, reverse=True)
+        result: list[Tensor | None] = [None, None, None, runs[0].grads()[0]]
+        for run in runs:
+            _, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = run.grads()
+            result += [dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
+        return tuple(result)
+
+
+def _wavefront(runs: list[LayerRun], chunks: list[tuple[int, int]], step, reverse: bool) -> None:
+    """Run step(run, t0, t1) for every layer and chunk, each chunk after the same chunk of the layer before
+    (below in forward, above in backward), layers on their own streams where there is CUDA."""
+    order = list(range(len(runs)))
+    chunk_order = list(range(len(chunks)))
+    if reverse:
+        order.reverse()
+        chunk_order.reverse()
+    if runs[0].device.type != "cuda":
+        for k in chunk_order:
+            for index in order:
+                step(runs[index], *chunks[k])
+        return
+    main = torch.cuda.current_stream(runs[0].device)
+    streams = {index: torch.cuda.Stream(runs[0].device) for index in order}
+    events = {(index, k): torch.cuda.Event() for index in order for k in chunk_order}
+    for stream in streams.values():
+        stream.wait_stream(main)
+    for k in chunk_order:
+        for position, index in enumerate(order):
+            with torch.cuda.stream(streams[index]):
+                if position > 0:
+                    streams[index].wait_event(events[order[position - 1], k])
+                step(runs[index], *chunks[k])
+                events[index, k].record(streams[index])
+    for stream in streams.values():
+        main.wait_stream(stream)
+
+
+def wavefront_chunk() -> int:
+    """Steps per chunk of the layer wavefront (``TRITONRNN_WAVEFRONT``: 0 or unset off, 1 on with 64-step chunks,
+    N > 1 on with N-step chunks). Off by default until measured on the GPU (perf/NOTES.md)."""
+    value = os.environ.get("TRITONRNN_WAVEFRONT", "0").strip() or "0"
+    if not value.isdigit():
+        raise ValueError(f"TRITONRNN_WAVEFRONT should be 0, 1 or a number of steps per chunk, got {value!r}")
+    number = int(value)
+    return 64 if number == 1 else number
