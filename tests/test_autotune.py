@@ -175,7 +175,7 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
     interpreter with do_bench replaced by one call, and one program so the grid cannot deadlock there."""
     import triton.testing
 
-    from tritonrnn import functional, layer_run
+    from tritonrnn import layer_op, layer_run
 
     calls = []
 
@@ -186,7 +186,7 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", one_call)
     device = torch.device("cpu") if not torch.cuda.is_available() else CUDA0
     variant = layer_run.Variant(directions=2, proj=proj)
-    tuner = functional._gpu_tuner(cell, 16, 3, torch.float32, device, variant)
+    tuner = layer_op._gpu_tuner(cell, 16, 3, torch.float32, device, variant)
     plan = _plan.plan_layer(cell, 16, 3, torch.float32, device, 2)
     assert tuner.time_forward(plan) == 1.0
     assert tuner.time_backward(plan, dataclasses.replace(plan, num_warps=8)) == 1.0

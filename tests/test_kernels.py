@@ -267,9 +267,20 @@ def test_gradcheck_float64(cell):
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def _graph_nodes(tensor):
+    """Every autograd node behind tensor."""
+    seen, todo = [], [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return seen
+
+
 def test_training_keeps_only_what_backward_reads(monkeypatch):
     """The input projection [T, B, G*H] is freed after the forward, not held until backward (layer by layer and in
-    the wavefront); what stays is the hidden sequence and the saved activations."""
+    the wavefront); what stays is the inputs, the hidden sequence and the saved activations."""
     from tritonrnn import layer_run
 
     torch.manual_seed(0)
@@ -279,12 +290,15 @@ def test_training_keeps_only_what_backward_reads(monkeypatch):
     for wavefront in ("0", "3"):
         monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
         out, _ = ours(x)
-        node = out.grad_fn
-        while not hasattr(node, "run") and not hasattr(node, "runs"):
-            node = node.next_functions[0][0]
-        runs = node.runs if hasattr(node, "runs") else [node.run]
-        assert all(isinstance(run, layer_run.LayerRun) for run in runs)
-        assert all(run.xproj is None and run.hseq is not None and run.saved.shape[0] == 1 for run in runs)
+        nodes = _graph_nodes(out)
+        layer_nodes = [node for node in nodes if hasattr(node, "options")]  # set by layer_op._setup_context
+        runs = [run for node in nodes for run in getattr(node, "runs", [])]
+        assert len(layer_nodes if wavefront == "0" else runs) == 2
+        for node in layer_nodes:
+            shapes = [tuple(t.shape) for t in node.saved_tensors if t is not None]
+            assert (1, 8, 3, 8) in shapes and (1, 7, 3, 5 * 8) in shapes  # hseq [D, T+1, B, H], saved [D, T, B, 5H]
+            assert (7, 3, 4 * 8) not in shapes  # no input projection
+        assert all(isinstance(run, layer_run.LayerRun) and run.xproj is None for run in runs)
         out.sum().backward()  # and backward still runs
 
 
@@ -355,7 +369,7 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     calls = []
     real = reference.layer_forward
     monkeypatch.setattr(reference, "layer_forward", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    monkeypatch.setattr(tritonrnn.functional.RecurrentLayerFunction, "apply", None)  # must not be reached
+    monkeypatch.setattr(tritonrnn.layer_op, "layer", None)  # must not be reached
     torch.manual_seed(0)
     ours, theirs = make_pair("gru", 3, 5, num_layers=2)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -377,21 +391,28 @@ def test_long_sequence_on_the_cpu_path(monkeypatch):
 
 
 def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatch, caplog):
-    """functional.stack falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU)."""
-    monkeypatch.setattr(tritonrnn.functional, "plan_layer", lambda *args: "W_hh slice does not fit on chip")
-    monkeypatch.setattr(tritonrnn.functional.RecurrentLayerFunction, "apply", None)  # must not be reached
+    """functional.stack falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU): outputs,
+    states and every gradient (the backward runs the reference again) match torch.nn."""
+    monkeypatch.setattr(tritonrnn.layer_op, "plan_layer", lambda *args: "W_hh slice does not fit on chip")
+    monkeypatch.setattr(tritonrnn.layer_run.LayerRun, "__init__", None)  # the kernels must not be reached
     tritonrnn._plan._logged.clear()
     torch.manual_seed(0)
     ours, theirs = make_pair("lstm", 3, 5, num_layers=2)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     ours = ours.to(DEVICE)
-    h0 = torch.zeros(2, 2, 5, dtype=torch.float64, device=DEVICE)
+    h0 = torch.randn(2, 2, 5, dtype=torch.float64, device=DEVICE)
+    c0 = torch.randn(2, 2, 5, dtype=torch.float64, device=DEVICE)
     with caplog.at_level("WARNING", logger="tritonrnn"):
         for _ in range(2):
-            ys, h, c = tritonrnn.functional.stack(x.to(DEVICE), ours._layers(), h0.split(1), h0.split(1))
-    ref, (rh, rc) = theirs(x)
-    torch.testing.assert_close(ys[-1].cpu(), ref)
-    torch.testing.assert_close(torch.cat(c).cpu(), rc)
+            xr = x.to(DEVICE).requires_grad_()
+            ys, h, c = tritonrnn.functional.stack(xr, ours._layers(), h0.split(1), c0.split(1))
+            out = [ys[-1], torch.cat(h), torch.cat(c)]
+            grads = torch.autograd.grad([o.square().sum() for o in out], [xr, *ours.parameters()])
+    xr = x.clone().requires_grad_()
+    ref, (rh, rc) = theirs(xr, (h0.cpu(), c0.cpu()))
+    ref_grads = torch.autograd.grad([o.square().sum() for o in (ref, rh, rc)], [xr, *theirs.parameters()])
+    for a, b in zip([*out, *grads], [ref, rh, rc, *ref_grads]):
+        torch.testing.assert_close(a.cpu(), b)
     assert len(caplog.records) == 1 and "does not fit" in caplog.records[0].getMessage()
 
 

@@ -165,31 +165,77 @@ class _Tagger(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "rnn,width",
+    "rnn,width,fullgraph",
     [
-        (lambda: tritonrnn.LSTM(4, 5, num_layers=2, bidirectional=True), 10),
-        (lambda: tritonrnn.StackedRNN(4, [("gru", 5), ("lstm", 6)]), 6),
+        (lambda: tritonrnn.LSTM(4, 5, num_layers=2, bidirectional=True), 10, False),
+        (lambda: tritonrnn.LSTM(4, 5, num_layers=2, bidirectional=True), 10, True),
+        (lambda: tritonrnn.GRU(4, 5, num_layers=2, dropout=0.3, dropout_mode="variational"), 5, True),
+        (lambda: tritonrnn.StackedRNN(4, [("gru", 5), ("lstm", 6)], dropout=0.4, weight_drop=0.2), 6, True),
     ],
-    ids=["LSTM", "StackedRNN"],
+    ids=["LSTM", "LSTM-fullgraph", "GRU-dropout-fullgraph", "StackedRNN-fullgraph"],
 )
-def test_torch_compile_runs_the_kernels_between_its_graphs(rnn, width, monkeypatch):
-    """torch.compile of a model holding our layers: same outputs and gradients as eager, kernels still used."""
-    from tritonrnn import functional
+def test_torch_compile_matches_eager_and_runs_the_kernels(rnn, width, fullgraph, monkeypatch):
+    """torch.compile of a model holding our layers: each layer is one tritonrnn::layer node (fullgraph=True works;
+    torch.nn's RNN classes, ours included, need Dynamo's allow_rnn). Same outputs and gradients as eager (dropout
+    under the same seeds: aot_eager runs torch's generator as eager does), the kernels still run."""
+    from tritonrnn import layer_run
 
     torch.manual_seed(0)
     model = _Tagger(rnn(), width).double().to(DEVICE)
     x = torch.randn(6, 3, 3, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(1)
     expected = model(x)
     expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
     calls = []
-    layer = functional._layer
-    monkeypatch.setattr(functional, "_layer", lambda *args, **kwargs: calls.append(1) or layer(*args, **kwargs))
+    forward_steps = layer_run.LayerRun.forward_steps
+    monkeypatch.setattr(layer_run.LayerRun, "forward_steps", lambda *a: calls.append(1) or forward_steps(*a))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    got = compiled(x)
+    with torch._dynamo.config.patch(allow_rnn=fullgraph):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+        torch.manual_seed(1)
+        got = compiled(x)
     got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
     torch._dynamo.reset()
-    assert len(calls) == 2  # both layers ran on the kernel path, not in a traced graph
+    assert len(calls) == 2  # both layers ran on the kernels
     torch.testing.assert_close(got, expected)
     for a, b in zip(got_grads, expected_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "cell,directions,options",
+    [
+        ("lstm", 1, dict()),
+        ("gru", 2, dict(p_drop=0.3)),
+        ("rnn_tanh", 1, dict(residual=True, lengths=True, p_drop=0.5, variational=True)),
+        ("lstm", 2, dict(proj=3)),
+        ("lstm", 1, dict(fallback=True, p_drop=0.2)),
+        ("rnn_relu", 2, dict(fallback=True, lengths=True)),
+    ],
+    ids=str,
+)
+def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkeypatch):
+    """tritonrnn::layer's schema, fake shapes, autograd registration and compiled forward and backward agree with
+    its real runs, on the kernels and on the fallback (whose backward runs the reference again)."""
+    from tritonrnn import _plan, layer_op
+
+    if options.get("fallback"):
+        monkeypatch.setattr(layer_op, "plan_layer", lambda *args: "forced fallback")
+    _plan._logged.clear()
+    gen = torch.Generator().manual_seed(0)
+    G = _plan.CELLS[cell][1]
+    T, B, H, P, D = 5, 3, 4, options.get("proj", 0), directions
+    N = P or H
+    I = D * N if options.get("residual") else 2
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).to(DEVICE).requires_grad_()
+
+    args = (
+        rand(T, B, I), rand(D, B, N), rand(D, B, H) if cell == "lstm" else None, rand(D * G * H, I),
+        rand(D, G * H, N), rand(D * G * H), rand(D * G * H), rand(D, N, H) if P else None,
+        torch.tensor([5, 2, 4], dtype=torch.int32, device=DEVICE) if options.get("lengths") else None,
+        torch.tensor([7], dtype=torch.int64, device=DEVICE) if options.get("p_drop") else None,
+        cell, options.get("residual", False), options.get("p_drop", 0.0), options.get("variational", False), True,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.tritonrnn.layer.default, args)

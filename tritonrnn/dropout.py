@@ -13,7 +13,7 @@ Kept elements are scaled by 1 / (1 - p) (computed in float32, as the kernels do)
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,9 +24,8 @@ from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dro
 MODES = ("standard", "variational")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class LayerDropout:
-    """Dropout applied to one layer's output for one forward call."""
+class LayerDropout(NamedTuple):
+    """Dropout applied to one layer's output for one forward call (a NamedTuple: torch.compile traces it)."""
 
     p: float
     variational: bool

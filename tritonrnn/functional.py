@@ -1,4 +1,4 @@
-"""Functional API: recurrent stacks on plain tensors, and the autograd Function behind them.
+"""Functional API: recurrent stacks on plain tensors (each layer through layer_op's tritonrnn::layer).
 
 Each layer runs as: the input projection of all steps and directions as one GEMM, one persistent
 kernel launch for the recurrence of both directions (kernels/recurrent.py), which also writes the
@@ -9,123 +9,17 @@ Weights are plain tensors, so weight dropout or any other transform is applied b
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from tritonrnn import autotune, reference, scheduler
-from tritonrnn._plan import CELLS, MIN_HELD_ROWS, LayerPlan, cuda_index, forced, interpret_mode, log_once, plan_layer
+from tritonrnn import layer_op, reference, scheduler
+from tritonrnn._plan import CELLS, interpret_mode
 from tritonrnn.dropout import LayerDropout
-from tritonrnn.layer_run import LayerRun, Variant, _gpu_misfit, _variant
+from tritonrnn.layer_op import kernel_plan
+from tritonrnn.layer_run import _variant
 from tritonrnn.wavefront import WavefrontStackFunction, wavefront_chunk
-
-
-class RecurrentLayerFunction(torch.autograd.Function):
-    """One layer (all its directions) on the persistent kernels, all steps in one chunk. Time-major.
-
-    forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell, plan, residual, dropout, lengths) with LayerRun's shapes
-    returns (y [T, B, D*N] the layer output (+ x when residual), z [T, B, D*N] = dropout(y) or None,
-    h_n [D, B, N], c_n [D, B, H] or None).
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, cell: str, plan: LayerPlan, residual: bool, dropout, lengths
-    ):
-        save = any(ctx.needs_input_grad[:8])
-        run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
-        run.forward_steps(0, run.T)
-        run.end_forward()
-        if save:
-            ctx.run = run
-            # Saved through autograd too, so that modifying them in place before backward is an error.
-            ctx.save_for_backward(x, w_ih, w_hh, w_hr)
-        return run.outputs()
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_z, grad_hn, grad_cn):
-        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since forward
-        run = ctx.run
-        run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
-        run.backward_steps(0, run.T)
-        return (*run.grads(), None, None, None, None, None)
-
-
-def kernel_plan(
-    cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None
-) -> LayerPlan | str:
-    """How the kernels run a layer on this device, or a string saying why they cannot.
-
-    On a GPU: the autotuned configuration (tritonrnn/autotune.py) where tuning is on, else the heuristics;
-    either way both kernels are compiled and checked against the GPU's shared memory before the first launch.
-    """
-    variant = variant or Variant()
-    if device.type not in ("cpu", "cuda"):
-        return f"no kernels for device type {device.type!r}"
-    plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
-    if device.type == "cuda" and not isinstance(plan, str):
-        # The TF32 flag changes the compiled dot, so it is part of the cache key.
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        if not forced():
-            key = autotune.TuneKey(
-                cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj
-            )  # fmt: skip
-            tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
-            plan = tuned or plan
-        while True:
-            reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
-            # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,
-            # whose kernels hold all rows; not under a forced plan).
-            if reason is None or variant.proj or forced() or plan.block_k // 2 < MIN_HELD_ROWS:
-                return reason or plan
-            plan = _halve_held_rows(plan)
-    return plan
-
-
-def _halve_held_rows(plan: LayerPlan) -> LayerPlan:
-    backward = dataclasses.replace(plan.backward, block_k=plan.backward.block_k // 2) if plan.backward else None
-    return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
-
-
-_DTYPE_NAMES = {dtype: name for name, dtype in autotune.DTYPES.items()}
-
-
-def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant):
-    """An autotune.Tuner timing this layer's kernels on a random problem of autotune.TUNE_STEPS steps."""
-    import triton.testing
-
-    _, gates, _ = CELLS[cell]
-    D, width = variant.directions, variant.proj or hidden
-    T = autotune.TUNE_STEPS
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-
-    def rand(*shape: int) -> Tensor:
-        return (torch.randn(*shape, device=device) * hidden**-0.5).to(dtype)
-
-    x = rand(T, batch, hidden)
-    h0 = rand(D, batch, width)
-    c0 = rand(D, batch, hidden) if cell == "lstm" else None
-    w_ih, w_hh, bias = rand(D * gates * hidden, hidden), rand(D, gates * hidden, width), rand(D * gates * hidden)
-    w_hr = rand(D, variant.proj, hidden) if variant.proj else None
-
-    def run(plan: LayerPlan, requires_grad: bool):
-        inputs = [t.detach().requires_grad_(requires_grad) if t is not None else None for t in (x, w_hh)]
-        y, _, _, _ = RecurrentLayerFunction.apply(
-            inputs[0], h0, c0, w_ih, inputs[1], bias, bias, w_hr, cell, plan, False, None, None
-        )  # fmt: skip
-        if requires_grad:
-            torch.autograd.grad(y, inputs, torch.ones_like(y))
-
-    def bench(fn) -> float:
-        return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
-
-    return autotune.Tuner(
-        misfit=lambda plan: _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device)),
-        time_forward=lambda plan: bench(lambda: run(plan, False)),
-        time_backward=lambda fwd, bwd: bench(lambda: run(dataclasses.replace(fwd, backward=bwd), True)),
-    )
 
 
 def _layer(
@@ -139,22 +33,11 @@ def _layer(
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """One layer on the kernels, or on the reference where they cannot run it (``reference.layer``'s contract)."""
-    if x.device.type == "cpu" and not interpret_mode():
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not interpret_mode():
+        # No kernels: the reference under autograd (tritonrnn::layer would run it again for the backward).
         return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     D = len(weights)
-    hidden = weights[0][1].shape[0] // CELLS[cell][1]
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
-    variant = _variant(D, residual, dropout, w_hr[0], lengths)
-    if lengths is not None and variant.proj:
-        plan = "sequences of different lengths with proj_size"
-    else:
-        plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
-    if isinstance(plan, str):
-        log_once(
-            f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; "
-            "running the PyTorch reference implementation instead (correct, much slower)"
-        )
-        return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
     if D == 1:
         # No copies for one direction: views of the caller's tensors.
@@ -165,15 +48,16 @@ def _layer(
         b_ih = torch.cat(b_ih) if b_ih[0] is not None else None
         b_hh = torch.cat(b_hh) if b_hh[0] is not None else None
         w_hr = torch.stack(w_hr) if w_hr[0] is not None else None
-    return RecurrentLayerFunction.apply(
-        x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None, w_ih.contiguous(),
-        w_hh.contiguous(), b_ih, b_hh, w_hr.contiguous() if w_hr is not None else None, cell, plan, residual, dropout,
-        lengths,
+    return layer_op.run_layer(
+        cell, x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None, w_ih.contiguous(),
+        w_hh.contiguous(), b_ih, b_hh, w_hr.contiguous() if w_hr is not None else None, residual, dropout, lengths,
     )  # fmt: skip
 
 
 def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
     """The stack through WavefrontStackFunction, or None where it does not apply (then layer by layer)."""
+    if torch.compiler.is_compiling():
+        return None  # streams and events are not traced: layer by layer, each layer one tritonrnn::layer node
     chunk = wavefront_chunk()
     if not chunk or len(layers) < 2 or x.shape[0] <= chunk or any(len(layer.weights) != 1 for layer in layers):
         return None
@@ -198,7 +82,6 @@ def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
     return list(outputs[:L]), list(outputs[L : 2 * L]), list(outputs[2 * L :])
 
 
-@torch.compiler.disable  # Dynamo cannot trace the persistent launches: a graph break, the kernels as they are
 def stack(
     x: Tensor,
     layers: Sequence[scheduler.StackLayer],

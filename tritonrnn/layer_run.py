@@ -172,8 +172,10 @@ class LayerRun:
     """
 
     def __init__(
-        self, cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save: bool, lengths=None
-    ):
+        self, cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save: bool, lengths=None,
+        forward_buffers: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    ):  # fmt: skip
+        """forward_buffers: (hseq, saved, mseq) of an earlier forward of the same layer, to run its backward."""
         T, B, _ = x.shape
         _, gates, n_saved = CELLS[cell]
         D, _, width = w_hh.shape
@@ -189,13 +191,19 @@ class LayerRun:
         # The kernels read a seed with or without dropout: this one is read and ignored.
         self.no_seed = torch.zeros(1, dtype=torch.int64, device=device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
+        # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
+        self.c0_acc = c0.to(acc) if c0 is not None else None
+        if forward_buffers is not None:
+            self.hseq, self.saved, self.mseq = forward_buffers
+            self.save = n_saved > 0
+            if not self.save:  # RNN cells keep no activations; the kernels still take a pointer of this dtype
+                self.saved = torch.zeros(1, dtype=acc, device=device)
+            return
         self.xproj = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
         self.hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
         self.hseq[0, 0] = h0[0]
         if D == 2:
             self.hseq[1, T] = h0[1]
-        # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
-        self.c0_acc = c0.to(acc) if c0 is not None else None
         self.state = (self.c0_acc if c0 is not None else h0.to(acc)).clone()
         self.save = save and n_saved > 0
         self.saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if self.save else self.state

@@ -69,6 +69,8 @@ class _TritonRNNBase(nn.RNNBase):
         cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
         has none) and float64 (a checking precision: the reference draws the same dropout masks as the kernels).
         """
+        if torch.compiler.is_compiling():
+            return None  # no compiles and timings inside a traced graph; a misfit layer runs the reference there
         batch = None
         if isinstance(input, PackedSequence):
             input, batch = input.data, int(input.batch_sizes[0])
@@ -120,8 +122,6 @@ class _TritonRNNBase(nn.RNNBase):
             layers.append(StackLayer(cell, tuple(directions)))
         return layers
 
-    # torch.compile runs the kernels as they are (a graph break here): Dynamo cannot trace a persistent launch.
-    @torch.compiler.disable
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
         reason = self._unsupported(input)
         if reason is not None:

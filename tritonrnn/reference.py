@@ -122,6 +122,7 @@ def layer(
     residual: bool = False,
     dropout: _dropout.LayerDropout | None = None,
     lengths: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """One layer, all directions: y = [h_forward, h_reverse] (+ x), z = y * mask.
 
@@ -129,6 +130,7 @@ def layer(
         x: [T, B, I]; h0 [D, B, N], c0 [D, B, H] (LSTM only); weights: D tuples (w_ih, w_hh, b_ih, b_hh[, w_hr]).
         residual: add x to the output (I == D*H).
         dropout: the mask applied to the output for the next layer, or None.
+        mask: dropout's mask, when already drawn (``dropout.mask``; under torch.func the mask kernel cannot run).
 
     Returns:
         (y [T, B, D*N], z [T, B, D*N] or None, h_n [D, B, N], c_n [D, B, H] or None), in x's dtype.
@@ -150,7 +152,8 @@ def layer(
     z = None
     if dropout is not None:
         T, B, W = y.shape
-        z = (y_c * _dropout.mask(dropout, T, B, W, x.device).to(cdt)).to(x.dtype)
+        mask = mask if mask is not None else _dropout.mask(dropout, T, B, W, x.device)
+        z = (y_c * mask.to(cdt)).to(x.dtype)
     return y_c.to(x.dtype), z, h_n, c_n
 
 

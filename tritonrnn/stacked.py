@@ -152,7 +152,6 @@ class StackedRNN(nn.Module):
         self.bidirectional = bidirectional
         self.weight_drop = float(weight_drop)
 
-    @torch.compiler.disable  # as tritonrnn.LSTM's: torch.compile runs the kernels eagerly, between its graphs
     def forward(
         self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
     ) -> tuple[Tensor | list[Tensor], list[State]]:

@@ -1,0 +1,331 @@
+"""One layer (all its directions) as two torch.library custom ops, and how the kernels are planned for it.
+
+``tritonrnn::layer`` runs the layer on the persistent kernels (``layer_run.LayerRun``), or on the reference
+implementation where the kernels cannot run it (logged once), and returns the buffers its backward reads;
+``tritonrnn::layer_backward`` runs the backward from them. As custom ops, torch.compile sees each layer as one
+node (``fullgraph=True`` included) and the kernels stay out of its tracing.
+
+Every output has a shape fixed by the arguments alone (``_output_shapes``), whichever path runs, since the
+compiler allocates by those shapes; an absent output is an empty tensor. Outside torch.compile the same two
+implementations run through ``_EagerLayer``, an autograd.Function, without the custom op's dispatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tritonrnn import autotune, reference
+from tritonrnn._plan import CELLS, MIN_HELD_ROWS, LayerPlan, cuda_index, forced, interpret_mode, log_once, plan_layer
+from tritonrnn.dropout import LayerDropout
+from tritonrnn.dropout import mask as _dropout_mask
+from tritonrnn.layer_run import LayerRun, Variant, _acc_dtype, _gpu_misfit, _variant
+
+# Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), in this order.
+N_GRADS = 8
+
+
+def kernel_plan(
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None
+) -> LayerPlan | str:
+    """How the kernels run a layer on this device, or a string saying why they cannot.
+
+    On a GPU: the autotuned configuration (tritonrnn/autotune.py) where tuning is on, else the heuristics;
+    either way both kernels are compiled and checked against the GPU's shared memory before the first launch.
+    """
+    variant = variant or Variant()
+    if device.type not in ("cpu", "cuda"):
+        return f"no kernels for device type {device.type!r}"
+    if variant.varlen and variant.proj:
+        return "sequences of different lengths with proj_size"
+    plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
+    if device.type == "cuda" and not isinstance(plan, str):
+        # The TF32 flag changes the compiled dot, so it is part of the cache key.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        if not forced():
+            key = autotune.TuneKey(
+                cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj
+            )  # fmt: skip
+            tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
+            plan = tuned or plan
+        while True:
+            reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
+            # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,
+            # whose kernels hold all rows; not under a forced plan).
+            if reason is None or variant.proj or forced() or plan.block_k // 2 < MIN_HELD_ROWS:
+                return reason or plan
+            plan = _halve_held_rows(plan)
+    return plan
+
+
+def _halve_held_rows(plan: LayerPlan) -> LayerPlan:
+    backward = dataclasses.replace(plan.backward, block_k=plan.backward.block_k // 2) if plan.backward else None
+    return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in autotune.DTYPES.items()}
+
+
+def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant):
+    """An autotune.Tuner timing this layer's kernels on a random problem of autotune.TUNE_STEPS steps."""
+    import triton.testing
+
+    _, gates, _ = CELLS[cell]
+    D, width = variant.directions, variant.proj or hidden
+    T = autotune.TUNE_STEPS
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+
+    def rand(*shape: int) -> Tensor:
+        return (torch.randn(*shape, device=device) * hidden**-0.5).to(dtype)
+
+    x = rand(T, batch, hidden)
+    h0 = rand(D, batch, width)
+    c0 = rand(D, batch, hidden) if cell == "lstm" else None
+    w_ih, w_hh, bias = rand(D * gates * hidden, hidden), rand(D, gates * hidden, width), rand(D * gates * hidden)
+    w_hr = rand(D, variant.proj, hidden) if variant.proj else None
+
+    def run(plan: LayerPlan, backward: bool):
+        layer = LayerRun(cell, plan, False, None, x, h0, c0, w_ih, w_hh, bias, bias, w_hr, backward)
+        layer.forward_steps(0, T)
+        if backward:
+            layer.end_forward()
+            layer.start_backward(torch.ones_like(layer.y), None, None, None)
+            layer.backward_steps(0, T)
+            layer.grads()
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+
+    return autotune.Tuner(
+        misfit=lambda plan: _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device)),
+        time_forward=lambda plan: bench(lambda: run(plan, False)),
+        time_backward=lambda fwd, bwd: bench(lambda: run(dataclasses.replace(fwd, backward=bwd), True)),
+    )
+
+
+# --- the custom ops ----------------------------------------------------------------------------------------------
+
+
+def _dropout(seed: Tensor | None, p_drop: float, variational: bool) -> LayerDropout | None:
+    return LayerDropout(p_drop, variational, seed) if seed is not None else None
+
+
+def _layer_variant(x, w_hh, w_hr, lengths, seed, residual: bool, p_drop: float, variational: bool) -> Variant:
+    return _variant(w_hh.shape[0], residual, _dropout(seed, p_drop, variational), w_hr, lengths)
+
+
+def _output_shapes(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, variant: Variant, save: bool) -> list:
+    """(shape, dtype) of tritonrnn::layer's outputs: hseq, y, z, h_n, c_n, saved, mseq ((0,) where absent)."""
+    T, B, _ = x.shape
+    _, gates, n_saved = CELLS[cell]
+    D, _, width = w_hh.shape
+    hidden = w_hh.shape[1] // gates
+    dtype, none = x.dtype, (0,)
+    return [
+        ((D, T + 1, B, width), dtype),  # h_t at row t + 1 - d (LayerRun)
+        ((T, B, D * width) if variant.write_y else none, dtype),  # else the output is hseq[0, 1:]
+        ((T, B, D * width) if variant.dropout_mode else none, dtype),
+        ((D, B, width), dtype),
+        ((D, B, hidden) if cell == "lstm" else none, dtype),
+        ((D, T, B, n_saved * hidden) if save and n_saved else none, _acc_dtype(dtype)),
+        ((D, T, B, hidden) if w_hr is not None else none, dtype),
+    ]
+
+
+def _directions(w_ih, w_hh, b_ih, b_hh, w_hr) -> list[tuple]:
+    """Per direction (w_ih, w_hh, b_ih, b_hh[, w_hr]), as reference.layer takes them."""
+    D = w_hh.shape[0]
+    pieces = [w_ih.chunk(D), w_hh.unbind(0), b_ih.chunk(D) if b_ih is not None else [None] * D]
+    pieces.append(b_hh.chunk(D) if b_hh is not None else [None] * D)
+    if w_hr is not None:
+        pieces.append(w_hr.unbind(0))
+    return list(zip(*pieces))
+
+
+def _plan_or_reason(cell, x, w_hh, variant: Variant) -> LayerPlan | str:
+    if x.device.type == "cpu" and not interpret_mode():
+        return "no Triton interpreter on the CPU"
+    hidden = w_hh.shape[1] // CELLS[cell][1]
+    plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
+    if isinstance(plan, str):
+        log_once(
+            f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; "
+            "running the PyTorch reference implementation instead (correct, much slower)"
+        )
+    return plan
+
+
+def _layer_impl(
+    x: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],  # noqa: UP045 - torch.library reads the annotations
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],  # noqa: UP045
+    b_hh: Optional[Tensor],  # noqa: UP045
+    w_hr: Optional[Tensor],  # noqa: UP045
+    lengths: Optional[Tensor],  # noqa: UP045
+    seed: Optional[Tensor],  # noqa: UP045
+    cell: str,
+    residual: bool,
+    p_drop: float,
+    variational: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer with LayerRun's shapes; returns (hseq, y, z, h_n, c_n, saved, mseq) as ``_output_shapes``."""
+    variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
+    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
+    dropout = _dropout(seed, p_drop, variational)
+    plan = _plan_or_reason(cell, x, w_hh, variant)
+    if isinstance(plan, str):
+        with torch.no_grad():
+            y, z, h_n, c_n = reference.layer(
+                cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
+            )  # fmt: skip
+        # Nothing of it is kept: the backward runs the reference again. hseq only carries the output view.
+        out = [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in shapes]
+        for index, value in ((1 if variant.write_y else 0, y), (2, z), (3, h_n), (4, c_n)):
+            if value is not None:
+                (out[index] if index else out[0][0, 1:]).copy_(value)
+        return tuple(out)
+    run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
+    run.forward_steps(0, run.T)
+    run.end_forward()
+    y, z, h_n, c_n = run.outputs()
+    saved = run.saved if run.save else None
+    out = [run.hseq, y if variant.write_y else None, z, h_n, c_n, saved, run.mseq]
+    return tuple(t if t is not None else x.new_empty(shape, dtype=dtype) for t, (shape, dtype) in zip(out, shapes))
+
+
+layer = torch.library.custom_op("tritonrnn::layer", _layer_impl, mutates_args=())
+
+
+@layer.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save):
+    variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
+    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in _output_shapes(cell, x, w_hh, w_hr, variant, save))
+
+
+def _layer_backward_impl(
+    grad_hseq: Optional[Tensor],  # noqa: UP045
+    grad_y: Optional[Tensor],  # noqa: UP045
+    grad_z: Optional[Tensor],  # noqa: UP045
+    grad_hn: Optional[Tensor],  # noqa: UP045
+    grad_cn: Optional[Tensor],  # noqa: UP045
+    x: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],  # noqa: UP045
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],  # noqa: UP045
+    b_hh: Optional[Tensor],  # noqa: UP045
+    w_hr: Optional[Tensor],  # noqa: UP045
+    lengths: Optional[Tensor],  # noqa: UP045
+    seed: Optional[Tensor],  # noqa: UP045
+    hseq: Tensor,
+    saved: Tensor,
+    mseq: Tensor,
+    cell: str,
+    residual: bool,
+    p_drop: float,
+    variational: bool,
+) -> list[Tensor]:
+    """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None)."""
+    variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
+    dropout = _dropout(seed, p_drop, variational)
+    if not variant.write_y:
+        grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
+    inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+    plan = _plan_or_reason(cell, x, w_hh, variant)
+    if isinstance(plan, str):
+        grads = _reference_backward(cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn))
+    else:
+        run = LayerRun(
+            cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True, lengths,
+            forward_buffers=(hseq, saved, mseq if w_hr is not None else None),
+        )  # fmt: skip
+        run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
+        run.backward_steps(0, run.T)
+        grads = list(run.grads())
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+layer_backward = torch.library.custom_op("tritonrnn::layer_backward", _layer_backward_impl, mutates_args=())
+
+
+@layer_backward.register_fake
+def _(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, *_):
+    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+
+
+def _reference_backward(cell, inputs, lengths, dropout, residual, grads) -> list[Tensor | None]:
+    """The fallback's backward: the reference forward again (nothing of it was kept), differentiated with
+    torch.func.vjp (autograd itself is switched off inside a custom op)."""
+    present = [index for index, t in enumerate(inputs) if t is not None]
+    mask = None
+    if dropout is not None:
+        T, B, _ = inputs[0].shape
+        mask = _dropout_mask(dropout, T, B, inputs[4].shape[0] * inputs[4].shape[2], inputs[0].device)
+
+    def forward(*tensors):
+        full = list(inputs)
+        for index, t in zip(present, tensors):
+            full[index] = t
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = full
+        weights = _directions(w_ih, w_hh, b_ih, b_hh, w_hr)
+        y, z, h_n, c_n = reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths, mask)
+        return y, (z if z is not None else y.new_zeros(0)), h_n, (c_n if c_n is not None else y.new_zeros(0))
+
+    outputs, vjp = torch.func.vjp(forward, *[inputs[index] for index in present])
+    cotangents = [g if g is not None else torch.zeros_like(out) for g, out in zip(grads, outputs)]
+    found = iter(vjp(tuple(cotangents)))
+    return [next(found) if t is not None else None for t in inputs]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, _ = inputs
+    hseq, _, _, _, _, saved, mseq = output
+    ctx.options = (cell, residual, p_drop, variational)
+    ctx.present = [t is not None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+    # Through autograd, so that modifying an input or hseq in place before backward is an error.
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved, mseq)
+
+
+def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None):
+    impl = impl or torch.ops.tritonrnn.layer_backward
+    grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *ctx.saved_tensors, *ctx.options)
+    grads = [g if present else None for g, present in zip(grads, ctx.present)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """tritonrnn::layer outside torch.compile: the same implementation and autograd rule, without the custom op's
+    dispatch (which runs each call inside a Dynamo-disabled frame: measurably slower for short sequences)."""
+
+    @staticmethod
+    def forward(*args):
+        return _layer_impl(*args)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, impl=_layer_backward_impl)
+
+
+def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, lengths):
+    """tritonrnn::layer with LayerRun's shapes: (y [T, B, D*N], z or None, h_n [D, B, N], c_n or None)."""
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    seed, p_drop, variational = (dropout.seed, dropout.p, dropout.variational) if dropout else (None, 0.0, False)
+    run = layer if torch.compiler.is_compiling() else _EagerLayer.apply
+    hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save)
+    if not _variant(w_hh.shape[0], residual, dropout, w_hr, lengths).write_y:
+        y = hseq[0, 1:]
+    return y, (z if dropout is not None else None), h_n, (c_n if cell == "lstm" else None)
