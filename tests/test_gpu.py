@@ -14,6 +14,7 @@ import torch
 from helpers import CELLS, loss_weights, make_pair, rel_err, run
 
 import tritonrnn
+from perf.runner import graphed
 from tritonrnn import _plan
 
 pytestmark = pytest.mark.gpu
@@ -267,20 +268,6 @@ def test_packed_sequences_against_cudnn(cell):
     assert all(o <= max(1.5 * c, 1e-3) for o, c in zip(errors["ours"], errors["cudnn"])), errors
 
 
-def _capture(fn):
-    """fn captured in a CUDA graph after two warm-up calls on a side stream (plans and compiles happen there)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph, result
-
-
 def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
     """A captured training step replays the persistent launches: without dropout the same outputs and gradients as
     eager on new data; with dropout a new seed, so new masks, at every replay."""
@@ -291,19 +278,16 @@ def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
 
     def step():
         out, _ = model(x)
-        return (out, *torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()]))
+        return [out, *torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])]
 
-    graph, captured = _capture(step)
+    replay, _ = graphed(step)  # the benchmark's capture (warm-up on a side stream, then one captured call)
     with torch.no_grad():
         x.normal_()  # new data into the captured input
-    graph.replay()
-    for got, expected in zip(captured, step()):
+    for got, expected in zip(replay(), step()):
         # bf16's default tolerance, not bitwise: cuBLAS may pick other GEMM algorithms under capture.
         torch.testing.assert_close(got, expected)
 
     dropped = tritonrnn.StackedRNN(64, layers, dropout=0.5).to(CUDA).bfloat16()
-    graph, (out,) = _capture(lambda: (dropped(x)[0],))
-    graph.replay()
-    first = out.clone()
-    graph.replay()
-    assert not torch.equal(first, out)
+    replay, _ = graphed(lambda: [dropped(x)[0]])
+    first = replay()[0].clone()
+    assert not torch.equal(first, replay()[0])

@@ -202,6 +202,27 @@ def test_torch_compile_matches_eager_and_runs_the_kernels(rnn, width, fullgraph,
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):
+    """Compiled, a layer the kernels cannot hold runs the reference inside tritonrnn::layer and again in its
+    backward: outputs and gradients equal eager's (where the reference runs under autograd)."""
+    from tritonrnn import layer_op, layer_run
+
+    monkeypatch.setattr(layer_op, "plan_layer", lambda *args: "forced fallback")
+    monkeypatch.setattr(layer_run.LayerRun, "__init__", None)  # the kernels must not be reached
+    torch.manual_seed(0)
+    model = _Tagger(tritonrnn.StackedRNN(4, [("lstm", 5), ("gru", 6)], dropout=0.3, bidirectional=True), 12)
+    model = model.double().to(DEVICE)
+    x = torch.randn(6, 3, 3, dtype=torch.float64, device=DEVICE)
+    results = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        torch.manual_seed(1)
+        out = run(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), list(model.parameters()))])
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(
     "cell,directions,options",
     [

@@ -33,11 +33,16 @@ def _layer(
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """One layer on the kernels, or on the reference where they cannot run it (``reference.layer``'s contract)."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not interpret_mode():
-        # No kernels: the reference under autograd (tritonrnn::layer would run it again for the backward).
-        return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
+    if not torch.compiler.is_compiling():
+        # Where the kernels cannot run it, the reference under autograd (tritonrnn::layer, which a traced graph
+        # calls, would run the reference again for the backward).
+        if x.device.type == "cpu" and not interpret_mode():
+            return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
+        variant = _variant(D, residual, dropout, w_hr[0], lengths)
+        if isinstance(layer_op.plan_or_reason(cell, x, weights[0][1], variant), str):
+            return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
     if D == 1:
         # No copies for one direction: views of the caller's tensors.

@@ -145,10 +145,12 @@ def _directions(w_ih, w_hh, b_ih, b_hh, w_hr) -> list[tuple]:
     return list(zip(*pieces))
 
 
-def _plan_or_reason(cell, x, w_hh, variant: Variant) -> LayerPlan | str:
+def plan_or_reason(cell: str, x: Tensor, w_hh: Tensor, variant: Variant) -> LayerPlan | str:
+    """The kernels' plan for this layer, or why they cannot run it (logged once, except for CPU tensors without
+    the interpreter: they run the reference by design). w_hh: [G*H, N] or [D, G*H, N]."""
     if x.device.type == "cpu" and not interpret_mode():
         return "no Triton interpreter on the CPU"
-    hidden = w_hh.shape[1] // CELLS[cell][1]
+    hidden = w_hh.shape[-2] // CELLS[cell][1]
     plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if isinstance(plan, str):
         log_once(
@@ -179,7 +181,7 @@ def _layer_impl(
     variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
     shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
     dropout = _dropout(seed, p_drop, variational)
-    plan = _plan_or_reason(cell, x, w_hh, variant)
+    plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
         with torch.no_grad():
             y, z, h_n, c_n = reference.layer(
@@ -239,7 +241,7 @@ def _layer_backward_impl(
     if not variant.write_y:
         grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
     inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-    plan = _plan_or_reason(cell, x, w_hh, variant)
+    plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
         grads = _reference_backward(cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn))
     else:
