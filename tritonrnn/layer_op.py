@@ -113,10 +113,6 @@ def _dropout(seed: Tensor | None, p_drop: float, variational: bool) -> LayerDrop
     return LayerDropout(p_drop, variational, seed) if seed is not None else None
 
 
-def _layer_variant(x, w_hh, w_hr, lengths, seed, residual: bool, p_drop: float, variational: bool) -> Variant:
-    return _variant(w_hh.shape[0], residual, _dropout(seed, p_drop, variational), w_hr, lengths)
-
-
 def _output_shapes(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, variant: Variant, save: bool) -> list:
     """(shape, dtype) of tritonrnn::layer's outputs: hseq, y, z, h_n, c_n, saved, mseq ((0,) where absent)."""
     T, B, _ = x.shape
@@ -178,9 +174,9 @@ def _layer_impl(
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer with LayerRun's shapes; returns (hseq, y, z, h_n, c_n, saved, mseq) as ``_output_shapes``."""
-    variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
-    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
     dropout = _dropout(seed, p_drop, variational)
+    variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
+    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
     plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
         with torch.no_grad():
@@ -207,7 +203,7 @@ layer = torch.library.custom_op("tritonrnn::layer", _layer_impl, mutates_args=()
 
 @layer.register_fake
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save):
-    variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
+    variant = _variant(w_hh.shape[0], residual, _dropout(seed, p_drop, variational), w_hr, lengths)
     return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in _output_shapes(cell, x, w_hh, w_hr, variant, save))
 
 
@@ -236,8 +232,8 @@ def _layer_backward_impl(
     variational: bool,
 ) -> list[Tensor]:
     """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None)."""
-    variant = _layer_variant(x, w_hh, w_hr, lengths, seed, residual, p_drop, variational)
     dropout = _dropout(seed, p_drop, variational)
+    variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
     if not variant.write_y:
         grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
     inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
