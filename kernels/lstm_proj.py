@@ -19,12 +19,14 @@ import triton.language as tl
 
 from .dropout import DROPOUT_NONE, dropout_scale
 from .recurrent import (
+    CELL_LSTM,
     _bwd_recurrent_step,
+    _cell_fwd,
     _dot,
     _emit,
     _load_gate_tiles,
+    _load_input_preacts,
     _lstm_bwd_step,
-    _lstm_fwd_step,
     _recurrent_preacts,
     _time,
 )
@@ -116,10 +118,10 @@ def lstm_proj_fwd_kernel(
                     b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j[None, :] * P,
                     m_j[None, :], P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
-                a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + r0
-                b_m = _lstm_fwd_step(
-                    a0, r1, r2, r3, p_x, state + o_b[:, None] * H + o_j[None, :],
-                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, m_bj, H, SAVE, ACC, False,
+                x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, 4, ACC)
+                b_m = _cell_fwd(
+                    x0, x1, x2, x3, r0, r1, r2, r3, None, state + o_b[:, None] * H + o_j[None, :],
+                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, m_bj, H, CELL_LSTM, SAVE, False,
                 )  # fmt: skip
                 tl.store(mseq + row[:, None] * H + o_j[None, :], b_m.to(out_ty), mask=m_bj)
             if SYNC:

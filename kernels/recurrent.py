@@ -75,32 +75,68 @@ def _load_gate_tiles(p_w, m_w, GATE_STRIDE: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _lstm_fwd_step(
-    a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, b_act, H: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-    VARLEN: tl.constexpr,
-):  # fmt: skip
-    """One LSTM step of a [BLOCK_B, BLOCK_H] tile: updates c, returns o * tanh(c).
+def _load_input_preacts(p_x, m_bj, H: tl.constexpr, G: tl.constexpr, ACC: tl.constexpr):
+    """The input parts x0..x3 of the G gates' pre-activations of a tile, from the input projection at p_x."""
+    x0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if G > 1:
+        x1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC)
+        x2 = tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC)
+    if G > 3:
+        x3 = tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC)
+    return x0, x1, x2, x3
 
-    a0: the i gate's pre-activation; r1..r3: the recurrent parts (h_{t-1} W^T) of the f, g, o gates.
-    p_x: the tile's input projection (gate g at +g*H); p_state: c (ACC); p_saved: i, f, g, o, c at +k*H.
-    VARLEN: rows outside b_act (past their sequence's end) keep c, also in the saved c slot.
+
+@triton.jit
+def _cell_fwd(
+    x0, x1, x2, x3, r0, r1, r2, r3, b_bhn, p_state, p_saved, m_bj, b_act, H: tl.constexpr, CELL: tl.constexpr,
+    SAVE: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """One step of a [BLOCK_B, BLOCK_H] tile: the new h (ACC) from the gates' input parts x_g and recurrent parts r_g.
+
+    p_state: LSTM's c or GRU's full-precision h (ACC), updated; p_saved: the activations kept for backward, at +k*H
+    (LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn); b_bhn: GRU's [BLOCK_H] b_hn.
+    VARLEN: rows outside b_act (past their sequence's end) keep their state, also in the saved c slot.
     """
-    b_i = sigmoid(a0)
-    b_f = sigmoid(tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + r1)
-    b_g = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + r2)
-    b_o = sigmoid(tl.load(p_x + 3 * H, mask=m_bj, other=0.0).to(ACC) + r3)
-    b_cold = tl.load(p_state, mask=m_bj, other=0.0)
-    b_c = b_f * b_cold + b_i * b_g
-    if VARLEN:
-        b_c = tl.where(b_act, b_c, b_cold)
-    tl.store(p_state, b_c, mask=m_bj)
-    if SAVE:
-        tl.store(p_saved, b_i, mask=m_bj)
-        tl.store(p_saved + H, b_f, mask=m_bj)
-        tl.store(p_saved + 2 * H, b_g, mask=m_bj)
-        tl.store(p_saved + 3 * H, b_o, mask=m_bj)
-        tl.store(p_saved + 4 * H, b_c, mask=m_bj)
-    return b_o * tanh(b_c)
+    if CELL == CELL_LSTM:
+        b_i = sigmoid(x0 + r0)
+        b_f = sigmoid(x1 + r1)
+        b_g = tanh(x2 + r2)
+        b_o = sigmoid(x3 + r3)
+        b_cold = tl.load(p_state, mask=m_bj, other=0.0)
+        b_c = b_f * b_cold + b_i * b_g
+        if VARLEN:
+            b_c = tl.where(b_act, b_c, b_cold)
+        tl.store(p_state, b_c, mask=m_bj)
+        if SAVE:
+            tl.store(p_saved, b_i, mask=m_bj)
+            tl.store(p_saved + H, b_f, mask=m_bj)
+            tl.store(p_saved + 2 * H, b_g, mask=m_bj)
+            tl.store(p_saved + 3 * H, b_o, mask=m_bj)
+            tl.store(p_saved + 4 * H, b_c, mask=m_bj)
+        b_hnew = b_o * tanh(b_c)
+    elif CELL == CELL_GRU:
+        b_ghn = r2 + b_bhn[None, :]
+        b_r = sigmoid(x0 + r0)
+        b_z = sigmoid(x1 + r1)
+        b_n = tanh(x2 + b_r * b_ghn)
+        b_hold = tl.load(p_state, mask=m_bj, other=0.0)
+        b_hnew = (1.0 - b_z) * b_n + b_z * b_hold
+        if VARLEN:
+            b_hnew = tl.where(b_act, b_hnew, b_hold)
+        tl.store(p_state, b_hnew, mask=m_bj)
+        if SAVE:
+            tl.store(p_saved, b_r, mask=m_bj)
+            tl.store(p_saved + H, b_z, mask=m_bj)
+            tl.store(p_saved + 2 * H, b_n, mask=m_bj)
+            tl.store(p_saved + 3 * H, b_ghn, mask=m_bj)
+    elif CELL == CELL_RNN_TANH:
+        b_hnew = tanh(x0 + r0)
+    else:
+        b_hnew = relu(x0 + r0)
+    return b_hnew
 
 
 @triton.jit
@@ -172,6 +208,62 @@ def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H: tl.conste
     tl.store(p_dg + 2 * H, b_dgg.to(grad_ty), mask=m_bj)
     tl.store(p_dg + 3 * H, b_dgo.to(grad_ty), mask=m_bj)
     tl.store(p_dc, b_dcout, mask=m_bj)
+
+
+@triton.jit
+def _cell_bwd(
+    b_dh, p_dh, p_saved, p_cprev, p_dc, p_dg, p_dx, p_hprev, p_hnew, m_bj, b_act, H: tl.constexpr, CELL: tl.constexpr,
+    VARLEN: tl.constexpr, DX_ALL_GATES: tl.constexpr,
+):  # fmt: skip
+    """Gate gradients of one step of a tile from b_dh = dL/dh_t; leaves at p_dh what flows to h_{t-1} directly.
+
+    p_dg: dL/d(recurrent pre-activations) of the G gates at +g*H. GRU's input part of the n gate is not multiplied
+    by r: its gradient goes to p_dx, alone, or after r's and z's (DX_ALL_GATES: p_dx then holds every gate's
+    input-side gradient). p_cprev, p_dc: LSTM's previous c and dL/dc (carried one step back);
+    p_hprev: GRU's h_{t-1}; p_hnew: the RNN cells' h_t.
+    VARLEN: rows outside b_act (past their sequence's end) get zero gate gradients and pass dL/dh, dL/dc through.
+    """
+    grad_ty = p_dg.dtype.element_ty
+    if CELL == CELL_LSTM:
+        _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
+        tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
+    elif CELL == CELL_GRU:
+        b_r = tl.load(p_saved, mask=m_bj, other=0.0)
+        b_z = tl.load(p_saved + H, mask=m_bj, other=0.0)
+        b_n = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
+        b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
+        b_hprev = tl.load(p_hprev, mask=m_bj, other=0.0).to(b_dh.dtype)
+        b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
+        b_dgr = b_dan * b_ghn * b_r * (1.0 - b_r)
+        b_dgz = b_dh * (b_hprev - b_n) * b_z * (1.0 - b_z)
+        # h_t = ... + z * h_{t-1}: the direct path to the previous state.
+        b_dhprev = b_dh * b_z
+        if VARLEN:
+            b_dan = tl.where(b_act, b_dan, 0.0)
+            b_dgr = tl.where(b_act, b_dgr, 0.0)
+            b_dgz = tl.where(b_act, b_dgz, 0.0)
+            b_dhprev = tl.where(b_act, b_dhprev, b_dh)
+        tl.store(p_dg, b_dgr.to(grad_ty), mask=m_bj)
+        tl.store(p_dg + H, b_dgz.to(grad_ty), mask=m_bj)
+        tl.store(p_dg + 2 * H, (b_dan * b_r).to(grad_ty), mask=m_bj)
+        if DX_ALL_GATES:
+            tl.store(p_dx, b_dgr.to(grad_ty), mask=m_bj)
+            tl.store(p_dx + H, b_dgz.to(grad_ty), mask=m_bj)
+            tl.store(p_dx + 2 * H, b_dan.to(grad_ty), mask=m_bj)
+        else:
+            tl.store(p_dx, b_dan.to(grad_ty), mask=m_bj)
+        tl.store(p_dh, b_dhprev, mask=m_bj)
+    else:
+        b_hnew = tl.load(p_hnew, mask=m_bj, other=0.0).to(b_dh.dtype)
+        if CELL == CELL_RNN_TANH:
+            b_da = b_dh * (1.0 - b_hnew * b_hnew)
+        else:
+            # torch's threshold_backward: zero where the output is <= 0.
+            b_da = tl.where(b_hnew <= 0, 0.0, b_dh)
+        if VARLEN:
+            b_da = tl.where(b_act, b_da, 0.0)
+        tl.store(p_dg, b_da.to(grad_ty), mask=m_bj)
+        tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
 
 
 @triton.jit
@@ -259,8 +351,7 @@ def rnn_fwd_kernel(
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
         w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H * H, G
     )
-    if CELL == CELL_GRU:
-        b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)
+    b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (zeros for the other cells)
     out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
@@ -290,29 +381,10 @@ def rnn_fwd_kernel(
             p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
-            a0 = tl.load(p_x, mask=m_bj, other=0.0).to(ACC) + r0
-            if CELL == CELL_LSTM:
-                b_hnew = _lstm_fwd_step(a0, r1, r2, r3, p_x, p_state, p_saved, m_bj, b_act, H, SAVE, ACC, VARLEN)
-            elif CELL == CELL_GRU:
-                a1 = tl.load(p_x + H, mask=m_bj, other=0.0).to(ACC) + r1
-                b_ghn = r2 + b_bhn[None, :]
-                b_r = sigmoid(a0)
-                b_z = sigmoid(a1)
-                b_n = tanh(tl.load(p_x + 2 * H, mask=m_bj, other=0.0).to(ACC) + b_r * b_ghn)
-                b_hold = tl.load(p_state, mask=m_bj, other=0.0)
-                b_hnew = (1.0 - b_z) * b_n + b_z * b_hold
-                if VARLEN:
-                    b_hnew = tl.where(b_act, b_hnew, b_hold)
-                tl.store(p_state, b_hnew, mask=m_bj)
-                if SAVE:
-                    tl.store(p_saved, b_r, mask=m_bj)
-                    tl.store(p_saved + H, b_z, mask=m_bj)
-                    tl.store(p_saved + 2 * H, b_n, mask=m_bj)
-                    tl.store(p_saved + 3 * H, b_ghn, mask=m_bj)
-            elif CELL == CELL_RNN_TANH:
-                b_hnew = tanh(a0)
-            else:
-                b_hnew = relu(a0)
+            x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, G, ACC)
+            b_hnew = _cell_fwd(
+                x0, x1, x2, x3, r0, r1, r2, r3, b_bhn, p_state, p_saved, m_bj, b_act, H, CELL, SAVE, VARLEN
+            )  # fmt: skip
             b_hout = b_hnew.to(out_ty)
             if VARLEN:
                 b_hout = tl.where(b_act, b_hout, b_hkeep)
@@ -331,12 +403,15 @@ def _bwd_recurrent_step(
     grad_gates, grad_h, tn, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, p_wcol,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ACCUMULATE: tl.constexpr = True,
 ):  # fmt: skip
     """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
 
     tn is the time of the direction's next step; grad_gates and grad_h [B, N] (N = H, or P with a
     projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w*, the
     rest are read every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H] pointers to W_hh[0, j]).
+    ACCUMULATE=False: grad_h = the sum, what it held is ignored. The stack kernel (kernels/stack.py) also computes
+    the gradient of a layer's input this way, from the layer above's gate gradients and W_ih.
     """
     for b0 in range(0, B, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -347,7 +422,7 @@ def _bwd_recurrent_step(
         # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
         p_row = grad_gates + (tn * B + o_b) * (D * G * H)
         p_dg = p_row[:, None] + o_k[None, :]
-        acc = tl.load(p_dh, mask=m_bj, other=0.0)
+        acc = tl.load(p_dh, mask=m_bj & ACCUMULATE, other=0.0)
         acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
         if G > 1:
             b_dg1 = tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg")
@@ -426,7 +501,6 @@ def rnn_bwd_kernel(
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
         w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H * H, G
     )
-    grad_ty = grad_gates.dtype.element_ty
 
     for s in range(n_steps):
         u = (u_start - s).to(tl.int64)
@@ -460,47 +534,14 @@ def rnn_bwd_kernel(
             if RESIDUAL:
                 tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bj)
             b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
-            if CELL == CELL_LSTM:
-                if u > 0:
-                    # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse).
-                    p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
-                else:
-                    p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
-                p_dc = grad_c + o_b[:, None] * H + o_j[None, :]
-                _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
-                tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
-            elif CELL == CELL_GRU:
-                b_r = tl.load(p_saved, mask=m_bj, other=0.0)
-                b_z = tl.load(p_saved + H, mask=m_bj, other=0.0)
-                b_n = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
-                b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
-                b_hprev = tl.load(hseq + o_h + d * B * H, mask=m_bj, other=0.0).to(ACC)
-                b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
-                b_dgr = b_dan * b_ghn * b_r * (1.0 - b_r)
-                b_dgz = b_dh * (b_hprev - b_n) * b_z * (1.0 - b_z)
-                # h_t = ... + z * h_{t-1}: the direct path to the previous state.
-                b_dhprev = b_dh * b_z
-                if VARLEN:
-                    b_dan = tl.where(b_act, b_dan, 0.0)
-                    b_dgr = tl.where(b_act, b_dgr, 0.0)
-                    b_dgz = tl.where(b_act, b_dgz, 0.0)
-                    b_dhprev = tl.where(b_act, b_dhprev, b_dh)
-                tl.store(p_dg, b_dgr.to(grad_ty), mask=m_bj)
-                tl.store(p_dg + H, b_dgz.to(grad_ty), mask=m_bj)
-                tl.store(p_dg + 2 * H, (b_dan * b_r).to(grad_ty), mask=m_bj)
-                tl.store(grad_xn + o_y, b_dan.to(grad_ty), mask=m_bj)
-                tl.store(p_dh, b_dhprev, mask=m_bj)
-            else:
-                b_hnew = tl.load(hseq + o_h + (1 - d) * B * H, mask=m_bj, other=0.0).to(ACC)
-                if CELL == CELL_RNN_TANH:
-                    b_da = b_dh * (1.0 - b_hnew * b_hnew)
-                else:
-                    # torch's threshold_backward: zero where the output is <= 0.
-                    b_da = tl.where(b_hnew <= 0, 0.0, b_dh)
-                if VARLEN:
-                    b_da = tl.where(b_act, b_da, 0.0)
-                tl.store(p_dg, b_da.to(grad_ty), mask=m_bj)
-                tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
+            # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse); c0 before the first.
+            p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
+            if u > 0:
+                p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
+            _cell_bwd(
+                b_dh, p_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, grad_xn + o_y,
+                hseq + o_h + d * B * H, hseq + o_h + (1 - d) * B * H, m_bj, b_act, H, CELL, VARLEN, False,
+            )  # fmt: skip
         if SYNC:
             grid_barrier(counter, (s + 1) * num_programs)
 
