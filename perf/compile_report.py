@@ -1,13 +1,15 @@
 """Compile the persistent kernels for a GPU architecture without a GPU and report their resources.
 
-    python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32] [--check]
+    python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32] [--stack 3] [--check]
 
 Prints registers per thread, local stack and shared memory of every kernel at the configuration
 ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to
 one predicated release and one predicated acquire per program between CTA barriers. It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
 lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
-barrier's lowering is not the expected one. Run it with the interpreter off (TRITON_INTERPRET unset).
+barrier's lowering is not the expected one. ``--stack L`` reports the kernels of a stack of L equal layers in
+one launch (kernels/stack.py, ``tritonrnn._plan.plan_stack``) instead. Run it with the interpreter off
+(TRITON_INTERPRET unset).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tritonrnn import _plan
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
+from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import grid_barrier
 from tritonrnn.layer_run import Variant, _kernel_constants
 
@@ -161,6 +164,42 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     return line, max(fwd["smem"], bwd["smem"])
 
 
+def stack_report(
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, layers: int, variant: str = "plain"
+) -> tuple[str, int]:
+    """A line on the stack kernels of ``layers`` equal layers, and the larger shared memory (0: layer by layer)."""
+    variant = VARIANTS[variant]
+    if variant.directions > 1 or variant.residual or variant.varlen or variant.proj:
+        return f"{cell:8} H={hidden:5} B={batch:4}: {variant} is not for the stack kernel", 0
+    with mock.patch.object(_plan, "_sm_count", return_value=132):
+        plan = _plan.plan_stack(cell, hidden, layers, batch, dtype, torch.device("cuda", 0))
+    t = TRITON_TYPES[dtype]
+    if isinstance(plan, str):
+        return f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}: layer by layer ({plan})", 0
+    constants = _kernel_constants(cell, hidden, dtype, plan, variant)
+    for name in ("D", "RESIDUAL", "VARLEN", "num_stages"):
+        constants.pop(name)
+    num_warps = constants.pop("num_warps")
+    acc = "fp32"
+    fwd_types = dict(xproj=t, w_ih=t, bias=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, z=t, counter="i32",
+                     seed_ptr="i64")  # fmt: skip
+    bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
+                     grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64")  # fmt: skip
+    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True, SYNC=True), arch, num_warps)
+    bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, SYNC=True, ALL_LAYERS=False), arch, num_warps)
+    shared = max(fwd["smem"], bwd["smem"])
+    head = f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}:"
+    if shared > H100_MAX_SHARED:
+        # What fused_stack does on the GPU: the compiled kernel is the fact (the held-bytes rule is a first guess).
+        return f"{head} layer by layer (needs {shared} bytes of shared memory)", 0
+    line = (
+        f"{head} programs={plan.num_programs:3}x{layers} "
+        f"BLOCK_H={plan.block_h} BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant} "
+        f"| stack fwd {fwd} | stack bwd {bwd}"
+    )
+    return line, shared
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
@@ -169,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS))
+    parser.add_argument("--stack", type=int, default=0, help="report the stack kernels of this many equal layers")
     parser.add_argument("--check", action="store_true", help="exit 1 on a kernel over H100 shared memory")
     args = parser.parse_args(argv)
     failures = barrier_lowering_problems(args.arch)
@@ -178,7 +218,12 @@ def main(argv: list[str] | None = None) -> None:
             for hidden in args.hidden:
                 for batch in args.batch:
                     for variant in args.variants:
-                        line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant)
+                        if args.stack:
+                            line, shared = stack_report(
+                                cell, hidden, batch, DTYPES[dtype], args.arch, args.stack, variant
+                            )  # fmt: skip
+                        else:
+                            line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant)
                         print(line, flush=True)
                         if shared > H100_MAX_SHARED:
                             failures.append(f"over shared memory: {line}")

@@ -213,6 +213,42 @@ def test_wavefront_on_streams_equals_layer_by_layer(dropout, monkeypatch):
     assert max(errors) < 1e-5, errors
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_stack_equals_layer_by_layer(cell, dropout, monkeypatch):
+    """One persistent launch for the stack (grid barrier per wavefront step): the results of whole layers in order,
+    IEEE fp32, every layer's output and every gradient."""
+    from tritonrnn import functional, fused_stack
+
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(96, [(cell, 128)] * 3, dropout=dropout, dropout_mode="variational").to(CUDA)
+    plan = fused_stack.fused_plan([cell] * 3, [128] * 3, 16, torch.float32, CUDA, int(dropout > 0) * 2)
+    assert isinstance(plan, _plan.LayerPlan) and plan.persistent, plan
+    x = torch.randn(256, 16, 96, device=CUDA)
+    results = []
+    for setting, layer_fn in (("0", functional._layer), ("fused", None)):
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", setting)
+        monkeypatch.setattr(functional, "_layer", layer_fn)  # None: the layer-by-layer path must not run
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        outs, states = model(xr, return_all_layers=True)
+        loss = sum((o * o.detach().sin()).sum() for o in outs) + states[-1][0].sum()
+        results.append([*outs, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    assert max(errors) < 1e-5, errors
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_stack_bf16_error_within_1_5x_cudnn(cell, monkeypatch):
+    """The 3-layer stack target's shape (bf16, B=16, H=512) in one launch, against cuDNN and float64."""
+    from tritonrnn import functional
+
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    monkeypatch.setattr(functional, "_layer", None)
+    ours, cudnn = errors_vs_float64(cell, 128, 16, 512, 512, 3, torch.bfloat16)
+    assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items()), (ours, cudnn)
+
+
 def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch):
     """The real tuner on a small key: candidates compile and time, the choice is cached and used correctly."""
     from tritonrnn import autotune
@@ -289,5 +325,30 @@ def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
 
     dropped = tritonrnn.StackedRNN(64, layers, dropout=0.5).to(CUDA).bfloat16()
     replay, _ = graphed(lambda: [dropped(x)[0]])
+    first = replay()[0].clone()
+    assert not torch.equal(first, replay()[0])
+
+
+def test_cuda_graph_replay_of_a_fused_stack(monkeypatch):
+    """The stack kernel under capture: replayed training steps match eager; with dropout, new masks per replay."""
+    from tritonrnn import functional
+
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    monkeypatch.setattr(functional, "_layer", None)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(64, [("lstm", 256)] * 3, dropout=0.3).to(CUDA).bfloat16().eval()
+    x = torch.randn(48, 16, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out, _ = model(x)
+        return [out, *torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])]
+
+    replay, _ = graphed(step)
+    with torch.no_grad():
+        x.normal_()
+    for got, expected in zip(replay(), step()):
+        torch.testing.assert_close(got, expected)
+    model.train()
+    replay, _ = graphed(lambda: [model(x)[0]])
     first = replay()[0].clone()
     assert not torch.equal(first, replay()[0])

@@ -69,12 +69,14 @@ def test_shipped_suites_expand_as_documented():
     persist = suites.load("persist")
     assert {(c.cell, c.dtype, c.L, c.T) for c in persist.configs} == {("lstm", "fp16", 1, 1024)}
     assert len(persist.configs) == 3 * 4
-    # dropout 0 with either mode is one config: no dropout, two dropout modes, then one layer two ways
+    # dropout 0 with either mode is one config: no dropout, two dropout modes, then one layer two ways, then the
+    # stack against one layer at B=16
     stacks = suites.load("stacks")
     assert [c.options for c in stacks.configs] == [
-        "", "dropout=0.3 standard", "dropout=0.3 variational", "", "bidirectional",
+        "", "dropout=0.3 standard", "dropout=0.3 variational", "", "bidirectional", "", "",
     ]  # fmt: skip
-    assert all(c.passes == ("fwd+bwd",) for c in stacks.configs)
+    assert [c.passes for c in stacks.configs] == [("fwd+bwd",)] * 5 + [("fwd", "fwd+bwd")] * 2
+    assert [(c.B, c.L) for c in stacks.configs[-2:]] == [(16, 1), (16, 3)]
     smoke = suites.load("smoke")
     assert smoke.cpu_sized and not quick.cpu_sized
     large = suites.load("large")

@@ -445,8 +445,110 @@ def test_wavefront_leaves_bidirectional_stacks_and_short_sequences_layer_by_laye
 
 def test_wavefront_switch_rejects_nonsense(monkeypatch):
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "yes")
-    with pytest.raises(ValueError, match="TRITONRNN_WAVEFRONT should be 0, 1 or a number"):
+    with pytest.raises(ValueError, match="TRITONRNN_WAVEFRONT should be 0, 1, a number"):
         make_stack(MIXED[:2])(torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE))
+
+
+# --- one launch for a stack of equal layers (TRITONRNN_WAVEFRONT=fused) ------------------------------
+
+# float64 runs the stack kernel under the interpreter only; the GPU tier tests it in float32 and bfloat16.
+cpu_only = pytest.mark.skipif(DEVICE.type == "cuda", reason="float64 kernels: interpreter only (GPU: test_gpu.py)")
+
+
+@pytest.fixture
+def fused_only(monkeypatch):
+    """The stack kernel on; the layer-by-layer path and the wavefront on streams must not be taken."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    monkeypatch.setattr(functional, "_layer", None)
+    monkeypatch.setattr(functional, "_wavefront_stack", None)
+
+
+def expected_with_masks(model, p, mode, steps, batch):
+    """composed_reference under the masks the model draws after torch.manual_seed(7)."""
+
+    def expected(x, states):
+        masks = None
+        if p:
+            torch.manual_seed(7)
+            draws = [tdropout.draw(p, mode, DEVICE) for _ in model.layers[:-1]]
+            masks = [tdropout.mask(d, steps, batch, layer.hidden_size, DEVICE).double()
+                     for d, layer in zip(draws, model.layers)] + [None]  # fmt: skip
+        return composed_reference(model, x, states, masks)
+
+    return expected
+
+
+@cpu_only
+@pytest.mark.parametrize("return_all", [True, False], ids=["all-layers", "top"])
+@pytest.mark.parametrize(
+    "cell,hidden,options",
+    [
+        pytest.param("lstm", 6, dict(), id="lstm"),
+        pytest.param("gru", 5, dict(dropout=0.4), id="gru-dropout"),
+        pytest.param("rnn_tanh", 3, dict(dropout=0.4, dropout_mode="variational"), id="tanh-variational"),
+        pytest.param("rnn_relu", 7, dict(bias=False), id="relu-nobias"),
+        pytest.param("lstm", 4, dict(dropout=0.3, dropout_mode="variational", bias=False), id="lstm-var-nobias"),
+    ],
+)
+def test_fused_stack_matches_a_composition_of_reference_layers(cell, hidden, options, return_all, fused_only):
+    """Three equal layers in one launch: outputs, final states and every gradient against the reference layers."""
+    gen = torch.Generator().manual_seed(21)
+    model = make_stack([(cell, hidden)] * 3, **options)
+    x = torch.randn(5, 3, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    expected = expected_with_masks(model, options.get("dropout", 0.0), options.get("dropout_mode", "standard"), 5, 3)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected, return_all)
+
+
+@cpu_only
+@pytest.mark.parametrize("steps,batch,layers", [(1, 1, 2), (6, 2, 4)])
+def test_fused_stack_split_grid_and_odd_sizes(steps, batch, layers, forced_plan, fused_only):
+    """Two programs per layer (H = 20 in slices of 16) meeting at every wavefront step; T = 1, B = 1, 4 layers."""
+    forced_plan(block_h=16, persistent=False)
+    gen = torch.Generator().manual_seed(22)
+    model = make_stack([("lstm", 20)] * layers, input_size=7, dropout=0.2)
+    x = torch.randn(steps, batch, 7, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, batch, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.2, "standard", steps, batch))
+
+
+@cpu_only
+@pytest.mark.parametrize("module,cls", [(tritonrnn.LSTM, nn.LSTM), (tritonrnn.GRU, nn.GRU)], ids=["lstm", "gru"])
+def test_fused_stack_module_matches_torch(module, cls, fused_only):
+    torch.manual_seed(0)
+    ours = module(3, 6, num_layers=3, batch_first=True).double().to(DEVICE)
+    theirs = cls(3, 6, num_layers=3, batch_first=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    out, state = ours(x.to(DEVICE))
+    ref, ref_state = theirs(x)
+    finals = list(state) if isinstance(state, tuple) else [state]
+    ref_finals = list(ref_state) if isinstance(ref_state, tuple) else [ref_state]
+    for a, b in zip([out, *finals], [ref, *ref_finals]):
+        assert rel_err(a.cpu(), b) < TOLERANCE[torch.float64]
+    grads = torch.autograd.grad(out.sum() + finals[0].sum(), list(ours.parameters()))
+    ref_grads = torch.autograd.grad(ref.sum() + ref_finals[0].sum(), list(theirs.parameters()))
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a.cpu(), b) < TOLERANCE[torch.float64]
+
+
+def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch, caplog):
+    """Mixed cells, bidirectional, residual: not for the stack kernel; they run layer by layer, logged once."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    calls = []
+    real = functional._layer
+    monkeypatch.setattr(functional, "_layer", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE)
+    with caplog.at_level("WARNING", logger="tritonrnn"):
+        make_stack([("gru", 9), ("lstm", 9)])(x)
+        make_stack([("gru", 9), ("lstm", 9)])(x)
+        make_stack([("gru", 10), ("gru", 10)], bidirectional=True)(x)
+    assert calls == ["gru", "lstm"] * 2 + ["gru", "gru"]
+    reasons = [r.getMessage() for r in caplog.records if "TRITONRNN_WAVEFRONT=fused" in r.getMessage()]
+    assert len(reasons) == 2, reasons
+    assert "differ in cell or hidden size" in reasons[0] and "bidirectional" in reasons[1]
 
 
 # --- sequences of different lengths ------------------------------------------------------------------

@@ -143,6 +143,32 @@ def plan_layer(
     return apply_forced_plan(plan, hidden_size, device)
 
 
+def plan_stack(
+    cell: str, hidden_size: int, n_layers: int, batch: int, dtype: torch.dtype, device: torch.device
+) -> LayerPlan | str:
+    """The launch of kernels/stack.py for n_layers equal layers (grid (num_programs, n_layers)), or why not.
+
+    Each program holds its slices of two weight matrices (W_hh, and W_ih of its own layer or the next), all their
+    rows: the stack kernel reads no weights every step. On the GPU every program of every layer must be resident.
+    The interpreter runs one program per layer, one wavefront step per launch (programs run one after another).
+    """
+    _, gates, _ = CELLS[cell]
+    layer = plan_layer(cell, hidden_size, batch, dtype, device)
+    if isinstance(layer, str):
+        return layer
+    if device.type != "cuda":
+        return dataclasses.replace(layer, persistent=False)
+    block_k = max(MIN_DOT, next_pow2(hidden_size))
+    held = 2 * gates * block_k * layer.block_h * dtype.itemsize
+    if held > HELD_WEIGHT_BYTES:
+        return f"the stack kernel would hold {held} bytes of weights per program (at most {HELD_WEIGHT_BYTES})"
+    programs = layer.num_programs * n_layers
+    if programs > _sm_count(cuda_index(device)):
+        return f"the stack kernel's {programs} programs would not all be resident"
+    num_warps = 4 if held <= 64 * 1024 else MAX_WARPS
+    return dataclasses.replace(layer, block_k=block_k, num_warps=num_warps, persistent=True, backward=None)
+
+
 def held_rows(hidden_size: int, gates: int, block_h: int, dtype: torch.dtype) -> int:
     """Rows of the reduction whose W_hh slice a program holds: all of them (a power of two >= H) where
     HELD_WEIGHT_BYTES allows, else the largest power of two that fits (the rest is read every step)."""

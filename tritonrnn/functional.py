@@ -17,9 +17,10 @@ from torch import Tensor
 from tritonrnn import layer_op, reference, scheduler
 from tritonrnn._plan import CELLS, interpret_mode
 from tritonrnn.dropout import LayerDropout
+from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
 from tritonrnn.layer_run import _variant
-from tritonrnn.wavefront import WavefrontStackFunction, wavefront_chunk
+from tritonrnn.wavefront import WavefrontStackFunction, wavefront_chunk, wavefront_setting
 
 
 def _layer(
@@ -111,7 +112,11 @@ def stack(
     """
     # Drawn once, whichever path runs: the same seeds with and without the wavefront.
     dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training, x.device)
-    result = _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts)
+    result = None
+    if not torch.compiler.is_compiling() and wavefront_setting() == "fused":
+        result = fused_stack(x, layers, h0, c0, residual, lengths, dropouts)
+    if result is None:
+        result = _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts)
     if result is not None:
         return result
     return scheduler.run_stack(

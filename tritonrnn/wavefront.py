@@ -104,11 +104,20 @@ def _wavefront(runs: list[LayerRun], chunks: list[tuple[int, int]], step, revers
         main.wait_stream(stream)
 
 
-def wavefront_chunk() -> int:
-    """Steps per chunk of the layer wavefront (``TRITONRNN_WAVEFRONT``: 0 or unset off, 1 on with 64-step chunks,
-    N > 1 on with N-step chunks). Off by default until measured on the GPU (perf/NOTES.md)."""
+def wavefront_setting() -> int | str:
+    """``TRITONRNN_WAVEFRONT``: 0 (unset) off; 1 on streams with 64-step chunks, N > 1 on streams with N-step chunks;
+    "fused": one launch for a stack of equal layers (tritonrnn/fused_stack.py). Off by default until measured on the
+    GPU (perf/NOTES.md)."""
     value = os.environ.get("TRITONRNN_WAVEFRONT", "0").strip() or "0"
+    if value == "fused":
+        return value
     if not value.isdigit():
-        raise ValueError(f"TRITONRNN_WAVEFRONT should be 0, 1 or a number of steps per chunk, got {value!r}")
+        raise ValueError(f"TRITONRNN_WAVEFRONT should be 0, 1, a number of steps per chunk or 'fused', got {value!r}")
     number = int(value)
     return 64 if number == 1 else number
+
+
+def wavefront_chunk() -> int:
+    """Steps per chunk of the wavefront on streams, 0 when it is off (or fused)."""
+    setting = wavefront_setting()
+    return setting if isinstance(setting, int) else 0

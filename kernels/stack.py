@@ -1,0 +1,253 @@
+"""One persistent launch for a whole stack of equal layers (same cell and hidden size, one direction).
+
+Dimension letters as in recurrent.py, plus L, the layers. The grid is (P, L): program (j, l) owns hidden units
+j of layer l and holds on chip, for the whole loop, its slices of W_hh^l and, for l > 0, of W_ih^l (forward) or
+of W_ih^{l+1} (backward). The layers run as a wavefront: at step s layer l handles time t = s - l (forward) or
+t = T - 1 - s + (L - 1 - l) (backward), so a stack of L layers takes T + L - 1 grid barriers instead of L * T.
+
+Forward: layer 0 reads its input projection (one GEMM on the host, as a single layer does); layer l > 0 projects
+its input in the loop, from the output of layer l - 1 at the same t (after dropout), written one step earlier.
+Backward: layer l adds to dL/dy_t the gradient of its output through layer l + 1's input weights, from layer
+l + 1's gate gradients at the same t, written one step earlier. The weight gradients are GEMMs over all steps
+on the host afterwards, as for a single layer.
+
+With ``SYNC=False`` the host launches one wavefront step at a time (the launch boundary is the barrier): the
+interpreter, which runs programs one after another, tests that mode.
+"""
+
+import triton
+import triton.language as tl
+
+from .dropout import DROPOUT_NONE, dropout_scale
+from .recurrent import (
+    _bwd_recurrent_step,
+    _cell_bwd,
+    _cell_fwd,
+    _emit,
+    _load_gate_tiles,
+    _load_input_preacts,
+    _program_units,
+    _recurrent_preacts,
+)
+from .sync import grid_barrier
+
+
+@triton.jit(do_not_specialize=["T", "B", "s_start", "n_steps", "seed_ptr", "p_drop"])
+def stack_fwd_kernel(
+    xproj,  # [T, B, G*H] layer 0's input projection plus the biases that can be folded in
+    w_ih,  # [L-1, G*H, H] the input weights of layers 1..L-1
+    bias,  # [L-1, G*H] the folded biases of layers 1..L-1 (b_ih + b_hh; GRU's n gate b_in alone)
+    w_hh,  # [L, G*H, H]
+    b_hn,  # [L, H] GRU's hidden bias of the n gate; unused by other cells
+    hseq,  # [L, T+1, B, H] each layer's hidden states: h_t at row t + 1, the initial state at row 0
+    state,  # [L, B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
+    saved,  # [L, T, B, S*H] ACC: activations kept for backward (written when SAVE)
+    z,  # [L-1, T, B, H] dropout(h) of layers 0..L-2, the next layer's input (DROPOUT)
+    counter,  # [1] int32, zeroed
+    seed_ptr,  # [L] int64: each layer's dropout seed
+    T,
+    B,
+    s_start,  # runs wavefront steps s_start, ..., s_start + n_steps - 1 (of T + L - 1)
+    n_steps,
+    p_drop,
+    H: tl.constexpr,
+    CELL: tl.constexpr,
+    G: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+    SAVE: tl.constexpr,
+    SYNC: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    n_layers = tl.num_programs(1)
+    layer = tl.program_id(1).to(tl.int64)
+    below = tl.maximum(layer - 1, 0)
+    seed = tl.load(seed_ptr + layer)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    w_hh += layer * (G * H * H)
+    w_ih += below * (G * H * H)
+    hseq += layer * (T + 1) * B * H
+    state += layer * B * H
+    saved += layer * T * B * (S * H)
+    # This layer's input for l > 0: the layer below's output after dropout, or its hidden states (h_t at row t + 1).
+    if DROPOUT != DROPOUT_NONE:
+        inputs = z + below * T * B * H
+    else:
+        inputs = hseq - (layer - below) * (T + 1) * B * H + B * H
+    z += layer * T * B * H
+    m_w = m_k[:, None] & m_j[None, :]
+    # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
+    m_u = m_w & ((o_k * 0 + layer) > 0)[:, None]
+    # b_w{g}[k, j] = W_hh[g*H + j, k], b_u{g}[k, j] = W_ih[g*H + j, k]: loaded once, resident for all steps.
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + o_k[:, None], m_w, H * H, G)
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_j[None, :] * H + o_k[:, None], m_u, H * H, G)
+    b_b0, b_b1, b_b2, b_b3 = _load_input_preacts(bias + below * (G * H) + o_j[None, :], m_j[None, :], H, G, ACC)
+    b_bhn = tl.load(b_hn + layer * H + o_j, mask=m_j, other=0.0).to(ACC)
+    out_ty = hseq.dtype.element_ty
+
+    for s in range(n_steps):
+        t = (s_start + s).to(tl.int64) - layer
+        if (t >= 0) & (t < T):
+            for b0 in range(0, B, BLOCK_B):
+                o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+                m_b = o_b < B
+                row = t * B + o_b
+                m_bj = m_b[:, None] & m_j[None, :]
+                m_bk = m_b[:, None] & m_k[None, :]
+                # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
+                b_h = tl.load(hseq + row[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+                r0, r1, r2, r3 = _recurrent_preacts(
+                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j[None, :] * H, m_j[None, :], H, H * H,
+                    G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                )  # fmt: skip
+                if layer == 0:
+                    x0, x1, x2, x3 = _load_input_preacts(xproj + row[:, None] * (G * H) + o_j[None, :], m_bj, H, G, ACC)
+                else:
+                    # The layer below's output at t, written by all its programs one barrier ago.
+                    b_x = tl.load(inputs + row[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+                    x0, x1, x2, x3 = _recurrent_preacts(
+                        b_x, b_u0, b_u1, b_u2, b_u3, inputs + row * H, m_b, w_ih + o_j[None, :] * H, m_j[None, :], H,
+                        H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                    )  # fmt: skip
+                    x0 += b_b0
+                    x1 += b_b1
+                    x2 += b_b2
+                    x3 += b_b3
+                b_hnew = _cell_fwd(
+                    x0, x1, x2, x3, r0, r1, r2, r3, b_bhn, state + o_b[:, None] * H + o_j[None, :],
+                    saved + row[:, None] * (S * H) + o_j[None, :], m_bj, m_bj, H, CELL, SAVE, False,
+                )  # fmt: skip
+                b_hout = b_hnew.to(out_ty)
+                tl.store(hseq + (row + B)[:, None] * H + o_j[None, :], b_hout, mask=m_bj)
+                if layer < n_layers - 1:
+                    # Dropout between layers only: the output of the top layer is h itself.
+                    _emit(
+                        z, z, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_j, 0, seed, p_drop, B, H, 1, False, False,
+                        DROPOUT, m_bj, False,
+                    )  # fmt: skip
+        if SYNC:
+            grid_barrier(counter, (s + 1) * num_programs)
+
+
+@triton.jit(do_not_specialize=["T", "B", "s_start", "n_steps", "finish", "seed_ptr", "p_drop"])
+def stack_bwd_kernel(
+    w_ih,  # [L-1, G*H, H] the input weights of layers 1..L-1
+    w_hh,  # [L, G*H, H]
+    hseq,  # [L, T+1, B, H] from the forward
+    saved,  # [L, T, B, S*H] ACC from the forward
+    c0,  # [L, B, H] ACC: LSTM's initial cell states
+    grad_y,  # [T, B, H] dL/d(the top layer's output), or [L, T, B, H] every layer's (ALL_LAYERS)
+    grad_above,  # [L, B, H] ACC scratch: dL/d(layer l's output) through layer l + 1, this step
+    grad_gates,  # [L, T, B, G*H] out: dL/d(recurrent pre-activations W_hh h_{t-1} + b_hh)
+    grad_xgates,  # [L, T, B, G*H] out, GRU only: dL/d(input pre-activations x W_ih^T + b_ih) (else grad_gates)
+    grad_h,  # [L, B, H] ACC: dL/dh_n in, dL/dh0 out
+    grad_c,  # [L, B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
+    counter,  # [1] int32, zeroed
+    seed_ptr,  # [L] int64: each layer's dropout seed
+    T,
+    B,
+    s_start,  # runs wavefront steps s_start, ..., s_start + n_steps - 1 (of T + L - 1)
+    n_steps,
+    finish,  # nonzero: after the steps, carry each layer's gate gradients at t = 0 into grad_h (dL/dh0)
+    p_drop,
+    H: tl.constexpr,
+    CELL: tl.constexpr,
+    G: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+    SYNC: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALL_LAYERS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    n_layers = tl.num_programs(1)
+    layer = tl.program_id(1).to(tl.int64)
+    above = tl.minimum(layer + 1, n_layers - 1)
+    seed = tl.load(seed_ptr + layer)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    w_hh += layer * (G * H * H)
+    w_ih += (above - 1) * (G * H * H)
+    hseq += layer * (T + 1) * B * H
+    saved += layer * T * B * (S * H)
+    c0 += layer * B * H
+    if ALL_LAYERS:
+        grad_y += layer * T * B * H
+    grad_above += layer * B * H
+    grad_h += layer * B * H
+    grad_c += layer * B * H
+    # The layer above's input-side gate gradients (for the top layer: its own, never read).
+    xgates_above = grad_xgates + above * T * B * (G * H)
+    grad_gates += layer * T * B * (G * H)
+    grad_xgates += layer * T * B * (G * H)
+    m_w = m_k[:, None] & m_j[None, :]
+    # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
+    top = (o_j * 0 + layer) == n_layers - 1
+    # b_w{g}[k, j] = W_hh^l[g*H + k, j], b_u{g}[k, j] = W_ih^{l+1}[g*H + k, j]: resident for all steps.
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_k[:, None] * H + o_j[None, :], m_w, H * H, G)
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_k[:, None] * H + o_j[None, :], m_w & ~top[None, :], H * H, G)
+    o_w = o_j.to(tl.int64)
+
+    for s in range(n_steps):
+        t = T - 1 - (s_start + s).to(tl.int64) + (n_layers - 1 - layer)
+        if (t >= 0) & (t < T):
+            if t < T - 1:
+                _bwd_recurrent_step(
+                    grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H,
+                    G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                )  # fmt: skip
+            if layer < n_layers - 1:
+                # dL/d(this layer's output at t) through the layer above, whose step t ran one barrier ago.
+                _bwd_recurrent_step(
+                    xgates_above, grad_above, t, B, o_j, m_j, o_k, m_k, b_u0, b_u1, b_u2, b_u3, w_ih + o_j[None, :],
+                    H, G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, False,
+                )  # fmt: skip
+            # grad_h and grad_above were just written by other threads of this program.
+            tl.debug_barrier()
+            for b0 in range(0, B, BLOCK_B):
+                o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+                m_b = o_b < B
+                row = t * B + o_b
+                m_bj = m_b[:, None] & m_j[None, :]
+                o_h = row[:, None] * H + o_j[None, :]
+                m_dy = m_bj & top[None, :]
+                if ALL_LAYERS:
+                    m_dy = m_bj
+                b_dy = tl.load(grad_y + o_h, mask=m_dy, other=0.0).to(ACC)
+                if layer < n_layers - 1:
+                    b_dz = tl.load(grad_above + o_b[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
+                    if DROPOUT != DROPOUT_NONE:
+                        b_dz *= dropout_scale(seed, p_drop, t, o_b, o_w, B, H, DROPOUT)
+                    b_dy += b_dz
+                p_dh = grad_h + o_b[:, None] * H + o_j[None, :]
+                b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
+                p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
+                # c of the previous step; c0 before the first.
+                p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
+                if t > 0:
+                    p_cprev = p_saved - B * S * H + 4 * H
+                o_g = row[:, None] * (G * H) + o_j[None, :]
+                _cell_bwd(
+                    b_dh, p_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], grad_gates + o_g,
+                    grad_xgates + o_g, hseq + o_h, hseq + o_h + B * H, m_bj, m_bj, H, CELL, False, True,
+                )  # fmt: skip
+        if SYNC:
+            grid_barrier(counter, (s + 1) * num_programs)
+
+    if finish != 0:
+        _bwd_recurrent_step(
+            grad_gates, grad_h, 0, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, 1, H,
+            BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip

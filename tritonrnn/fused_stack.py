@@ -1,0 +1,239 @@
+"""A stack of equal layers in one persistent launch (kernels/stack.py): the layer wavefront inside the kernel
+(``TRITONRNN_WAVEFRONT=fused``; off by default until measured on a GPU, perf/NOTES.md).
+
+Equal layers: the same cell and hidden size, one direction, no projection, no residual, all sequences of the
+same length. Other stacks run layer by layer (or on streams); a stack asked to fuse that cannot says why, once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from tritonrnn import layer_run
+from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_stack
+from tritonrnn.dropout import LayerDropout
+from tritonrnn.kernels.dropout import DROPOUT_NONE
+from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
+from tritonrnn.layer_run import Variant, _acc_dtype, _kernel_constants, _launch_options
+
+
+def _constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, dropout_mode: int) -> dict:
+    constants = _kernel_constants(cell, hidden, dtype, plan, Variant(dropout_mode=dropout_mode))
+    for single_layer_only in ("D", "RESIDUAL", "VARLEN"):
+        del constants[single_layer_only]
+    return constants
+
+
+def _folded_bias(cell: str, b_ih: Tensor, b_hh: Tensor, hidden: int) -> Tensor:
+    """b_ih + b_hh, except GRU's n gate, whose b_hh sits inside r * (...): b_ih alone there."""
+    bias = b_ih + b_hh
+    if cell == "gru":
+        bias[2 * hidden :] = b_ih[2 * hidden :]
+    return bias
+
+
+@functools.cache
+def _gpu_misfit(
+    cell: str, hidden: int, n_layers: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, dropout_mode: int,
+    device_index: int,
+) -> str | None:  # fmt: skip
+    """Compile both stack kernels for this GPU (no launch) and say why they cannot run there, or None."""
+    device = torch.device("cuda", device_index)
+    max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    acc = _acc_dtype(dtype)
+
+    def t(dt=dtype):
+        return torch.empty(16, dtype=dt, device=device)
+
+    common = dict(counter=t(torch.int32), seed_ptr=t(torch.int64), T=1, B=1, s_start=0, n_steps=1, p_drop=0.5,
+                  w_ih=t(), w_hh=t(), hseq=t(), saved=t(acc), SYNC=True, grid=(plan.num_programs, n_layers),
+                  **_constants(cell, hidden, dtype, plan, dropout_mode), **_launch_options(plan, device))  # fmt: skip
+    calls = [
+        ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True)),
+        ("backward", stack_bwd_kernel, dict(c0=t(acc), grad_y=t(), grad_above=t(acc), grad_gates=t(),
+                                            grad_xgates=t(), grad_h=t(acc), grad_c=t(acc), finish=1, ALL_LAYERS=True)),
+    ]  # fmt: skip
+    for name, kernel, kwargs in calls:
+        compiled = kernel.warmup(**common, **kwargs)
+        if compiled.metadata.shared > max_shared:
+            shared = compiled.metadata.shared
+            return f"the stack {name} kernel needs {shared} bytes of shared memory, the GPU has {max_shared}"
+    return None
+
+
+def fused_plan(
+    cells: list[str], hidden_sizes: list[int], batch: int, dtype: torch.dtype, device: torch.device, dropout_mode: int
+) -> LayerPlan | str:
+    """The stack kernel's plan for these layers, or why it cannot run them."""
+    if len(set(cells)) > 1 or len(set(hidden_sizes)) > 1:
+        return "its layers differ in cell or hidden size"
+    if device.type == "cpu" and not interpret_mode():
+        return "no Triton interpreter on the CPU"
+    if device.type not in ("cpu", "cuda"):
+        return f"no kernels for device type {device.type!r}"
+    plan = plan_stack(cells[0], hidden_sizes[0], len(cells), batch, dtype, device)
+    if device.type == "cuda" and not isinstance(plan, str):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        reason = _gpu_misfit(
+            cells[0], hidden_sizes[0], len(cells), dtype, tf32, plan, dropout_mode, cuda_index(device)
+        )  # fmt: skip
+        return reason or plan
+    return plan
+
+
+def fused_stack(
+    x: Tensor, layers, h0: list[Tensor], c0: list[Tensor | None], residual: bool, lengths: Tensor | None,
+    dropouts: list[LayerDropout | None],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None:  # fmt: skip
+    """The stack through FusedStackFunction, or None where the stack kernel cannot run it (logged once)."""
+    if len(layers) < 2 or (x.device.type == "cpu" and not interpret_mode()):
+        return None  # one layer: the single-layer kernels are the same loop; CPU tensors: the reference, by design
+    cells = [layer.cell for layer in layers]
+    hidden = [layer.weights[0][1].shape[0] // CELLS[layer.cell][1] for layer in layers]
+    reason = None
+    if any(len(layer.weights) != 1 for layer in layers):
+        reason = "it is bidirectional"
+    elif any(len(layer.weights[0]) > 4 for layer in layers):
+        reason = "it has a projection (proj_size)"
+    elif residual:
+        reason = "it has residual connections"
+    elif lengths is not None:
+        reason = "its sequences differ in length"
+    drop = next((d for d in dropouts if d is not None), None)
+    mode = drop.kernel_mode if drop is not None else int(DROPOUT_NONE.value)
+    plan = reason or fused_plan(cells, hidden, x.shape[1], x.dtype, x.device, mode)
+    if isinstance(plan, str):
+        log_once(f"tritonrnn: TRITONRNN_WAVEFRONT=fused: a stack of {cells} layers of hidden sizes {hidden} runs "
+                 f"layer by layer: {plan}")  # fmt: skip
+        return None
+    tensors = []
+    for layer, h, c in zip(layers, h0, c0):
+        tensors += [h.contiguous(), c.contiguous() if c is not None else None, *layer.weights[0]]
+    outputs = FusedStackFunction.apply(cells[0], plan, dropouts, x.contiguous(), *tensors)
+    L = len(layers)
+    return list(outputs[:L]), list(outputs[L : 2 * L]), list(outputs[2 * L :])
+
+
+def _launches(plan: LayerPlan, n_steps: int, backward: bool) -> list[dict]:
+    """All wavefront steps in one launch (grid barrier), or one launch per step and, in backward, the carry into
+    dL/dh0 as a last launch."""
+    finish = dict(finish=1) if backward else {}
+    if plan.persistent:
+        return [dict(s_start=0, n_steps=n_steps, **finish)]
+    steps = [dict(s_start=s, n_steps=1, **(dict(finish=0) if backward else {})) for s in range(n_steps)]
+    return steps + ([dict(s_start=0, n_steps=0, finish=1)] if backward else [])
+
+
+class FusedStackFunction(torch.autograd.Function):
+    """forward(cell, plan, dropouts (one per layer, None above the top), x [T, B, I], then per layer h0 [1, B, H],
+    c0 [1, B, H] or None, w_ih, w_hh, b_ih, b_hh (torch.nn's layout, biases None without bias)) returns every layer's
+    y [T, B, H], then every h_n [1, B, H], then every c_n (None for other cells)."""
+
+    @staticmethod
+    def forward(ctx, cell: str, plan: LayerPlan, dropouts, x: Tensor, *tensors):
+        L = len(dropouts)
+        T, B, _ = x.shape
+        h0s, c0s, w_ihs, w_hhs, b_ihs, b_hhs = (list(tensors[k::6]) for k in range(6))
+        _, gates, n_saved = CELLS[cell]
+        hidden = w_hhs[0].shape[1]
+        dtype, device, acc = x.dtype, x.device, _acc_dtype(x.dtype)
+        save = any(ctx.needs_input_grad) and n_saved > 0
+        empty = layer_run._empty  # looked up at the call: tests poison it
+        has_bias = b_ihs[0] is not None
+        drop = next((d for d in dropouts if d is not None), None)
+        mode = drop.kernel_mode if drop is not None else int(DROPOUT_NONE.value)
+
+        x2d = x.view(T * B, -1)
+        if has_bias:
+            xproj = torch.addmm(_folded_bias(cell, b_ihs[0], b_hhs[0], hidden), x2d, w_ihs[0].t())
+            bias = torch.stack([_folded_bias(cell, b_ihs[k], b_hhs[k], hidden) for k in range(1, L)])
+            b_hn = torch.stack([b[2 * hidden :] for b in b_hhs]) if cell == "gru" else None
+        else:
+            xproj = x2d @ w_ihs[0].t()
+            bias = torch.zeros(L - 1, gates * hidden, dtype=dtype, device=device)
+            b_hn = None
+        if b_hn is None:
+            b_hn = torch.zeros(L, hidden, dtype=dtype, device=device)
+        w_ih = torch.stack(w_ihs[1:])
+        w_hh = torch.stack(w_hhs)
+        hseq = empty(L, T + 1, B, hidden, dtype=dtype, device=device)
+        hseq[:, 0] = torch.cat(h0s)
+        state = torch.cat(c0s if cell == "lstm" else h0s).to(acc)
+        saved = empty(L, T, B, n_saved * hidden, dtype=acc, device=device) if save else state
+        z = empty(L - 1, T, B, hidden, dtype=dtype, device=device) if drop is not None else hseq
+        seeds = torch.zeros(L, dtype=torch.int64, device=device)
+        for k, d in enumerate(dropouts):
+            if d is not None:
+                seeds[k : k + 1] = d.seed
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        launch = dict(
+            xproj=xproj, w_ih=w_ih, bias=bias, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, z=z,
+            counter=counter, seed_ptr=seeds, T=T, B=B, p_drop=drop.p if drop is not None else 0.0, SAVE=save,
+            SYNC=plan.persistent, **_constants(cell, hidden, dtype, plan, mode), **_launch_options(plan, device),
+        )  # fmt: skip
+        for step in _launches(plan, T + L - 1, backward=False):
+            stack_fwd_kernel[(plan.num_programs, L)](**step, **launch)
+
+        if any(ctx.needs_input_grad):
+            ctx.cell, ctx.plan, ctx.mode, ctx.p_drop, ctx.has_bias = cell, plan, mode, launch["p_drop"], has_bias
+            ctx.c0 = torch.cat(c0s).to(acc) if cell == "lstm" else None
+            ctx.buffers = (hseq, saved, z if drop is not None else None, seeds, w_ih, w_hh)
+            ctx.save_for_backward(x, *tensors)
+        ys = [hseq[k, 1:] for k in range(L)]
+        h_n = [hseq[k, T].unsqueeze(0).clone() for k in range(L)]
+        c_n = [state[k].unsqueeze(0).to(dtype) if cell == "lstm" else None for k in range(L)]
+        return (*ys, *h_n, *c_n)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *tensors = ctx.saved_tensors  # raises if an input was modified in place since forward
+        hseq, saved, z, seeds, w_ih, w_hh = ctx.buffers
+        cell, plan = ctx.cell, ctx.plan
+        L, T1, B, hidden = hseq.shape
+        T = T1 - 1
+        gates = CELLS[cell][1]
+        dtype, device, acc = x.dtype, x.device, _acc_dtype(x.dtype)
+        grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
+        empty = layer_run._empty
+
+        def zeros_or(grad: Tensor | None, shape, dt) -> Tensor:
+            return torch.zeros(shape, dtype=dt, device=device) if grad is None else grad.to(dt).contiguous()
+
+        all_layers = any(g is not None for g in grad_ys[:-1])
+        if all_layers:
+            grad_y = torch.stack([zeros_or(g, (T, B, hidden), dtype) for g in grad_ys])
+        else:
+            grad_y = zeros_or(grad_ys[-1], (T, B, hidden), dtype).contiguous()
+        grad_h = torch.cat([zeros_or(g, (1, B, hidden), acc) for g in grad_hns])
+        grad_c = torch.cat([zeros_or(g, (1, B, hidden), acc) for g in grad_cns]) if cell == "lstm" else grad_h
+        grad_gates = empty(L, T, B, gates * hidden, dtype=dtype, device=device)
+        grad_xgates = empty(L, T, B, gates * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
+        launch = dict(
+            w_ih=w_ih, w_hh=w_hh, hseq=hseq, saved=saved, c0=ctx.c0 if ctx.c0 is not None else grad_c, grad_y=grad_y,
+            grad_above=empty(L, B, hidden, dtype=acc, device=device), grad_gates=grad_gates, grad_xgates=grad_xgates,
+            grad_h=grad_h, grad_c=grad_c, counter=torch.zeros(1, dtype=torch.int32, device=device), seed_ptr=seeds,
+            T=T, B=B, p_drop=ctx.p_drop, SYNC=plan.persistent, ALL_LAYERS=all_layers,
+            **_constants(cell, hidden, dtype, plan, ctx.mode), **_launch_options(plan, device),
+        )  # fmt: skip
+        for step in _launches(plan, T + L - 1, backward=True):
+            stack_bwd_kernel[(plan.num_programs, L)](**step, **launch)
+
+        w_ih0 = tensors[2]
+        gx = grad_xgates.view(L, T * B, gates * hidden)
+        gh = grad_gates.view(L, T * B, gates * hidden)
+        result: list[Tensor | None] = [None, None, None, (gx[0] @ w_ih0).view_as(x)]
+        for k in range(L):
+            below = x if k == 0 else (z[k - 1] if z is not None else hseq[k - 1, 1:])
+            dw_ih = gx[k].t() @ below.reshape(T * B, -1)
+            dw_hh = gh[k].t() @ hseq[k, :T].reshape(T * B, hidden)
+            db_ih = db_hh = None
+            if ctx.has_bias:
+                db_ih = gx[k].sum(0, dtype=acc).to(dtype)
+                db_hh = gh[k].sum(0, dtype=acc).to(dtype)
+            dc0 = grad_c[k : k + 1].to(dtype) if cell == "lstm" else None
+            result += [grad_h[k : k + 1].to(dtype), dc0, dw_ih, dw_hh, db_ih, db_hh]
+        return tuple(result)
