@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .activations import relu, sigmoid, tanh
 from .dropout import DROPOUT_NONE, dropout_scale
-from .sync import grid_barrier
+from .sync import grid_barrier, load_tagged, tag_of, tag_pack
 
 CELL_RNN_TANH = tl.constexpr(0)
 CELL_RNN_RELU = tl.constexpr(1)
@@ -335,11 +335,16 @@ def rnn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     VARLEN: tl.constexpr = False,
+    ring=None,  # [D, 2, B, H] int32 (16-bit dtypes) or int64 (fp32) words (TAGGED): slot 0 the initial state, tag 1
+    TAGGED: tl.constexpr = False,  # exchange h through ring's tagged words instead of the grid barrier (sync.py)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    out_ty = hseq.dtype.element_ty
+    if TAGGED:
+        ring += d * 2 * B * H
     # This direction's slices of every buffer.
     w_hh += d * (G * H * H)
     hseq += d * (T + 1) * B * H
@@ -352,10 +357,10 @@ def rnn_fwd_kernel(
         w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H * H, G
     )
     b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (zeros for the other cells)
-    out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
-        t = _time((t_start + s).to(tl.int64), T, d)
+        step = (t_start + s).to(tl.int64)
+        t = _time(step, T, d)
         for b0 in range(0, B, BLOCK_B):
             o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             m_b = o_b < B
@@ -367,13 +372,18 @@ def rnn_fwd_kernel(
                 # direction, from the end down to its last element (so its first real step starts from h0).
                 b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
-            # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
-            b_h = tl.load(
-                hseq + ((t + d) * B + o_b)[:, None] * H + o_k[None, :],
-                mask=m_b[:, None] & m_k[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
+            m_bk = m_b[:, None] & m_k[None, :]
+            if TAGGED:
+                # h_{t-1} of every unit: the words the programs wrote at the previous step (slot step % 2).
+                b_h = load_tagged(
+                    ring + (step % 2) * B * H + o_b[:, None] * H + o_k[None, :], m_bk,
+                    tag_of(step + 1, ring.dtype.element_ty), out_ty,
+                )  # fmt: skip
+            else:
+                # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
+                b_h = tl.load(
+                    hseq + ((t + d) * B + o_b)[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg"
+                )
             r0, r1, r2, r3 = _recurrent_preacts(
                 b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b, w_hh + o_j[None, :] * H,
                 m_j[None, :], H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
@@ -389,12 +399,20 @@ def rnn_fwd_kernel(
             if VARLEN:
                 b_hout = tl.where(b_act, b_hout, b_hkeep)
             tl.store(hseq + ((t + 1 - d) * B + o_b)[:, None] * H + o_j[None, :], b_hout, mask=m_bj)
+            if TAGGED:
+                word = ring.dtype.element_ty
+                b_words = tag_pack(b_hout, tag_of(step + 2, word), word)
+                tl.store(ring + ((step + 1) % 2) * B * H + o_b[:, None] * H + o_j[None, :], b_words, mask=m_bj)
             # The output is h as rounded to the dtype (what the next step and torch.nn see).
             _emit(
                 y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_j, d, seed, p_drop, B, H, D, WRITE_Y, RESIDUAL, DROPOUT,
                 b_act, VARLEN,
             )  # fmt: skip
-        if SYNC:
+        if TAGGED:
+            # No grid barrier: the words carry the synchronisation. Threads of this program still reread what
+            # others of it wrote (state, saved c, kept h), which a CTA barrier orders.
+            tl.debug_barrier()
+        elif SYNC:
             grid_barrier(counter, (s + 1) * num_programs)
 
 

@@ -23,3 +23,53 @@ def grid_barrier(counter, target):
         pass
     # The acquire above is made by one thread; make it visible to the whole program.
     tl.debug_barrier()
+
+
+# Tagged exchange (TRITONRNN_EXCHANGE=tagged): instead of a barrier and then a load, each value travels with the
+# step that wrote it, in one word (the tag in the low half, the value's bits in the high half: 32-bit words for
+# 16-bit values, 64-bit words for 32-bit values). A word is stored and loaded whole, so a reader that sees the tag
+# it expects sees that step's value: it polls the words themselves until every tag is right, one round trip to L2
+# instead of two. Two slots (steps alternate) suffice: a program can only write step s + 1 after every program has
+# written step s, hence finished reading step s - 1 from the slot it overwrites. Tags start at 1 over a zeroed
+# ring, so no step can mistake the zeros for its data.
+
+
+@triton.jit
+def tag_pack(x, tag, WORD: tl.constexpr):
+    """Words [x's shape] of dtype WORD (int32 or int64) holding x's bits and tag (tag < 2**16 or < 2**32)."""
+    # One return: the compiler types every return statement, also those of branches it does not take.
+    if WORD == tl.int32:
+        words = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16) | tag
+    else:
+        words = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | tag
+    return words
+
+
+@triton.jit
+def load_tagged(p, mask, tag, VALUE: tl.constexpr):
+    """The values at p (words of p's dtype), once every word under mask carries tag; VALUE is their dtype."""
+    if p.dtype.element_ty == tl.int32:
+        low = 0xFFFF
+    else:
+        low = 0xFFFFFFFF
+    words = tl.load(p, mask=mask, other=0, volatile=True)
+    ready = ((words & low) == tag) | ~mask
+    while tl.min(ready.to(tl.int32)) == 0:
+        # Read again only the words still missing (less L2 traffic while slower programs finish).
+        words = tl.where(ready, words, tl.load(p, mask=~ready, other=0, volatile=True))
+        ready = ((words & low) == tag) | ~mask
+    if p.dtype.element_ty == tl.int32:
+        values = (words >> 16).to(tl.int16).to(VALUE, bitcast=True)
+    else:
+        values = (words >> 32).to(tl.int32).to(VALUE, bitcast=True)
+    return values
+
+
+@triton.jit
+def tag_of(step, WORD: tl.constexpr):
+    """The tag of a step's words (steps wrap around the tag's range; neighbours always differ)."""
+    if WORD == tl.int32:
+        tag = (step & 0xFFFF).to(tl.int32)
+    else:
+        tag = step.to(tl.int64) & 0xFFFFFFFF
+    return tag

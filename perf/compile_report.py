@@ -113,12 +113,13 @@ def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, nu
 
 
 def report(
-    cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, variant: str = "plain"
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, variant: str = "plain", tagged: bool = False
 ) -> tuple[str, int]:
     """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback).
 
     Like functional.kernel_plan on a GPU, the held rows of the weight slice are halved while the kernels need
-    more shared memory than an H100 has (not with a projection).
+    more shared memory than an H100 has (not with a projection); ``tagged``: the forward exchanges h in tagged
+    words where it can (TRITONRNN_EXCHANGE=tagged).
     """
     variant = VARIANTS[variant]
     if variant.proj:
@@ -130,6 +131,7 @@ def report(
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
     while True:
+        plan = dataclasses.replace(plan, tagged=tagged and not variant.proj and plan.block_k >= hidden)
         line, shared = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
         if shared <= H100_MAX_SHARED or variant.proj or plan.block_k // 2 < _plan.MIN_HELD_ROWS:
             return line, shared
@@ -142,7 +144,8 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     constants.pop("num_stages")  # the default pipelining, as in the heuristic plan
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
-                     mseq=t, lengths="i32", seed_ptr="i64")  # fmt: skip
+                     mseq=t, lengths="i32", seed_ptr="i64", ring="i32" if dtype.itemsize == 2 else "i64")  # fmt: skip
+    tagged = {} if variant.proj else dict(TAGGED=plan.tagged)
     bwd_types = dict(w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64")  # fmt: skip
@@ -152,14 +155,15 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     fwd = _resources(
         fwd_kernel,
         fwd_types,
-        dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y),
+        dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y, **tagged),
         arch,
         num_warps,
     )
     bwd = _resources(bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent), arch, num_warps)
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
-        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant} | fwd {fwd} | bwd {bwd}"
+        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant}{' tagged' * plan.tagged} "
+        f"| fwd {fwd} | bwd {bwd}"
     )
     return line, max(fwd["smem"], bwd["smem"])
 
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS))
     parser.add_argument("--stack", type=int, default=0, help="report the stack kernels of this many equal layers")
+    parser.add_argument("--tagged", action="store_true", help="the forward kernels with TRITONRNN_EXCHANGE=tagged")
     parser.add_argument("--check", action="store_true", help="exit 1 on a kernel over H100 shared memory")
     args = parser.parse_args(argv)
     failures = barrier_lowering_problems(args.arch)
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                                 cell, hidden, batch, DTYPES[dtype], args.arch, args.stack, variant
                             )  # fmt: skip
                         else:
-                            line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant)
+                            line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant, args.tagged)
                         print(line, flush=True)
                         if shared > H100_MAX_SHARED:
                             failures.append(f"over shared memory: {line}")

@@ -5,7 +5,9 @@
 #   bash perf/device_run.sh tests            # GPU tier (pytest -m gpu), then the rest of the tests on the GPU
 #   bash perf/device_run.sh quick            # the quick suite (the README's table and the baseline)
 #   bash perf/device_run.sh stacks wavefront # dropout / bidirectional overheads; the stacks again with the wavefront
-#   bash perf/device_run.sh fused            # the stacks and quick suites with each stack in one launch (kernels/stack.py)
+#   bash perf/device_run.sh fused            # the stacks suite with each stack of equal layers in one launch (kernels/stack.py)
+#   bash perf/device_run.sh quick_fused      # the quick suite so (compare with `quick`: python -m perf compare)
+#   bash perf/device_run.sh tagged           # the persist suite with h exchanged in tagged words (no grid barrier)
 #   bash perf/device_run.sh persist large    # where cuDNN runs its persistent kernel; hidden sizes read in part each step
 #   bash perf/device_run.sh tune             # tune a few bf16 LSTM keys: the tuner's cost and effect
 # No stage named: tests quick stacks.
@@ -37,15 +39,18 @@ for stage in "${stages[@]}"; do
         wavefront)
             TRITONRNN_WAVEFRONT=1 suite stacks stacks_wavefront; done_dirs+=(stacks_wavefront) ;;
         fused)
-            TRITONRNN_WAVEFRONT=fused suite stacks stacks_fused; done_dirs+=(stacks_fused)
+            TRITONRNN_WAVEFRONT=fused suite stacks stacks_fused; done_dirs+=(stacks_fused) ;;
+        quick_fused)
             TRITONRNN_WAVEFRONT=fused suite quick quick_fused; done_dirs+=(quick_fused) ;;
+        tagged)
+            TRITONRNN_EXCHANGE=tagged suite persist persist_tagged; done_dirs+=(persist_tagged) ;;
         tune)
             # A first, small matrix: what tuning one key costs and what it changes (the whole quick matrix would
             # not fit one 10-minute call). Compare with `quick` rows after TRITONRNN_AUTOTUNE=1.
             TRITONRNN_CACHE_DIR="$out/tuned" python3 -m tritonrnn.autotune --cells lstm --hidden 512 1024 \
                 --batch 16 64 --dtypes bf16 --export "$out/tuned/export.json" 2>&1 | tail -n 20 | tee "$out/tune.txt" ;;
         *)
-            echo "unknown stage $stage (tests, quick, stacks, wavefront, fused, persist, large, full, tune)"; exit 2 ;;
+            echo "unknown stage $stage (tests, quick, stacks, wavefront, fused, quick_fused, tagged, persist, large, full, tune)"; exit 2 ;;
     esac
 done
 # The device tool brings back at most 8 files from $OUT: pack the report folders (results.csv, report.md,

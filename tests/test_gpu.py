@@ -352,3 +352,47 @@ def test_cuda_graph_replay_of_a_fused_stack(monkeypatch):
     replay, _ = graphed(lambda: [model(x)[0]])
     first = replay()[0].clone()
     assert not torch.equal(first, replay()[0])
+
+
+@pytest.mark.parametrize(
+    "cell,dtype,B,H,bidirectional",
+    [
+        ("lstm", torch.bfloat16, 16, 512, False),
+        ("gru", torch.bfloat16, 64, 768, True),
+        ("rnn_tanh", torch.float32, 16, 256, False),
+        ("lstm", torch.float16, 128, 1024, False),
+    ],
+    ids=str,
+)
+def test_tagged_exchange_is_bitwise_the_barrier_exchange(cell, dtype, B, H, bidirectional, monkeypatch):
+    """h shared as tagged words (no grid barrier in the forward): the barrier's bits, outputs and gradients."""
+    from tritonrnn.layer_op import kernel_plan
+
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    assert kernel_plan(cell, H, B, dtype, CUDA).tagged
+    torch.manual_seed(0)
+    cls = {"lstm": tritonrnn.LSTM, "gru": tritonrnn.GRU, "rnn_tanh": tritonrnn.RNN}[cell]
+    model = cls(H, H, num_layers=2, bidirectional=bidirectional).to(CUDA, dtype)
+    x = torch.randn(200, B, H, device=CUDA, dtype=dtype)
+    results = []
+    for exchange in ("barrier", "tagged"):
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        xr = x.clone().requires_grad_()
+        out, state = model(xr)
+        h = state[0] if isinstance(state, tuple) else state
+        results.append([out, h, *torch.autograd.grad(out.float().sum() + h.float().sum(), [xr, *model.parameters()])])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_tagged_exchange_across_the_16_bit_tag_wrap(monkeypatch):
+    """70000 steps: bf16 tags wrap at 65536; the outputs stay those of the barrier exchange."""
+    torch.manual_seed(0)
+    model = tritonrnn.LSTM(8, 64).to(CUDA, torch.bfloat16)
+    x = torch.randn(70000, 2, 8, device=CUDA, dtype=torch.bfloat16)
+    outputs = []
+    for exchange in ("barrier", "tagged"):
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        with torch.no_grad():
+            outputs.append(model(x)[0])
+    assert torch.equal(*outputs)

@@ -10,12 +10,15 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE
 from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
 from tritonrnn import _plan, reference
+from tritonrnn.kernels.sync import load_tagged, tag_of, tag_pack
 
 
 def compare(
@@ -427,14 +430,114 @@ def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatc
     ids=str,
 )
 def test_gpu_compile_check_passes_every_kernel_argument(variant):
-    """The GPU's pre-launch compile (layer_run._gpu_misfit) names every argument of the kernels it compiles: it only
-    runs on a GPU, so its argument lists are checked here against the kernels' signatures."""
-    from tritonrnn import layer_run
+    """The GPU's pre-launch compiles (layer_run._gpu_misfit, fused_stack._gpu_misfit) name every argument of the
+    kernels they compile: they only run on a GPU, so their argument lists are checked here against the signatures."""
+    import dataclasses
+
+    from tritonrnn import fused_stack, layer_run
 
     variant = layer_run.Variant(**variant)
     plan = _plan.plan_layer("lstm", 16, 2, torch.float32, torch.device("cpu"))
-    calls = layer_run._warmup_calls("lstm", 16, torch.float32, plan, variant, torch.device("cpu"))
-    assert [name for name, _, _ in calls] == ["forward", "backward"]
     launch_options = {"grid", "num_warps", "num_stages", "launch_cooperative_grid"}
-    for _, kernel, kwargs in calls:
-        assert set(kwargs) - launch_options == set(kernel.arg_names)
+    for tagged in (False, True):
+        tagged_plan = dataclasses.replace(plan, tagged=tagged)
+        calls = layer_run._warmup_calls("lstm", 16, torch.float32, tagged_plan, variant, torch.device("cpu"))
+        assert [name for name, _, _ in calls] == ["forward", "backward"]
+        for _, kernel, kwargs in calls:
+            assert set(kwargs) - launch_options == set(kernel.arg_names)
+    if not variant.directions > 1:
+        calls = fused_stack._warmup_calls("lstm", 16, 3, torch.float32, plan, variant.dropout_mode, torch.device("cpu"))
+        assert [name for name, _, _ in calls] == ["forward", "backward"]
+        for _, kernel, kwargs in calls:
+            assert set(kwargs) - launch_options == set(kernel.arg_names)
+
+
+# --- tagged exchange of h (TRITONRNN_EXCHANGE=tagged) -----------------------------------------------
+
+
+@pytest.fixture
+def tagged(monkeypatch):
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+
+
+@triton.jit
+def _tag_roundtrip_kernel(x, words, out, step, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    m = o < n
+    word = words.dtype.element_ty
+    tag = tag_of(step, word)
+    tl.store(words + o, tag_pack(tl.load(x + o, mask=m), tag, word), mask=m)
+    tl.store(out + o, load_tagged(words + o, m, tag, x.dtype.element_ty), mask=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_tagged_words_carry_every_bit_pattern_and_the_step(dtype):
+    """Values survive packing bit for bit (signed zeros, infinities, NaN, subnormals); tags wrap with the step."""
+    info = torch.finfo(dtype)
+    x = torch.tensor([0.0, -0.0, 1.0, -1.5, float("inf"), -float("inf"), float("nan"), info.tiny / 4, info.max,
+                      -info.max], dtype=dtype, device=DEVICE)  # fmt: skip
+    word = torch.int32 if dtype.itemsize == 2 else torch.int64
+    tag_range = 2**16 if word == torch.int32 else 2**32
+    for step in (1, 2, 65535, 65536, 65537, 2**32 + 5):
+        words = torch.zeros(len(x), dtype=word, device=DEVICE)
+        out = torch.full_like(x, 7.0)
+        _tag_roundtrip_kernel[(1,)](x, words, out, step, len(x), BLOCK=16)
+        bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+        assert torch.equal(out.view(bits), x.view(bits)), step
+        assert torch.equal(words & (tag_range - 1), torch.full_like(words, step % tag_range)), step
+
+
+def test_tagged_ring_starts_with_the_initial_state_at_step_zero():
+    from tritonrnn.layer_run import _tagged_ring
+
+    h0 = torch.randn(2, 3, 5, device=DEVICE).to(torch.bfloat16)
+    ring = _tagged_ring(h0, torch.bfloat16)
+    assert ring.shape == (2, 2, 3, 5) and ring.dtype == torch.int32
+    assert torch.equal(ring[:, 0] & 0xFFFF, torch.ones_like(ring[:, 0])) and not ring[:, 1].any()
+    assert torch.equal((ring[:, 0] >> 16).to(torch.int16).view(torch.bfloat16), h0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tagged_exchange_matches_torch(cell, dtype, tagged):
+    compare(cell, 7, 5, 4, 20, 2, dtype=dtype, seed=4, bidirectional=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tagged_exchange_split_grid(cell, tagged, forced_plan):
+    """Three programs (H = 33 in slices of 16) exchanging h in tagged words, one launch a step, two batch tiles."""
+    forced_plan(block_h=16, block_b=16, persistent=False)
+    compare(cell, 5, 20, 4, 33, 1, dtype=torch.float32, seed=5)
+
+
+def test_tagged_exchange_is_bitwise_the_barrier_exchange(monkeypatch):
+    """The same arithmetic either way: outputs and gradients bit for bit, in whole layers and in wavefront chunks."""
+    torch.manual_seed(0)
+    model = tritonrnn.LSTM(6, 24, num_layers=2).to(DEVICE)
+    x = torch.randn(9, 3, 6, device=DEVICE)
+    for wavefront in ("0", "4"):  # chunks: their input GEMMs round unlike one GEMM, so compare like with like
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
+        results = []
+        for exchange in ("barrier", "tagged"):
+            monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+            xr = x.clone().requires_grad_()
+            out, (h, c) = model(xr)
+            results.append([out, h, c, *torch.autograd.grad(out.sum() + c.sum(), [xr, *model.parameters()])])
+        for a, b in zip(*results):
+            assert torch.equal(a, b), wavefront
+
+
+def test_tagged_exchange_applies_where_it_can(tagged):
+    from tritonrnn.layer_op import kernel_plan
+    from tritonrnn.layer_run import Variant
+
+    cpu = torch.device("cpu")
+    assert kernel_plan("gru", 20, 3, torch.float32, cpu).tagged
+    assert not kernel_plan("gru", 20, 3, torch.float64, cpu).tagged  # no 128-bit words
+    assert not kernel_plan("lstm", 20, 3, torch.float32, cpu, Variant(proj=5)).tagged  # the projection's kernels
+
+
+def test_exchange_switch_rejects_nonsense(monkeypatch):
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "flags")
+    with pytest.raises(ValueError, match="TRITONRNN_EXCHANGE should be one of"):
+        tritonrnn.GRU(3, 4).to(DEVICE)(torch.randn(2, 1, 3, device=DEVICE))

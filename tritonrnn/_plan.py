@@ -55,6 +55,7 @@ class LayerPlan:
     directions_together: bool = True  # a bidirectional layer's two grids in one launch (both resident)
     num_stages: int = 3  # Triton's software pipelining of the batch-tile loop
     block_ks: int = 64  # units of the reduction read per chunk every step beyond the held block_k (large H)
+    tagged: bool = False  # forward: h exchanged as tagged words, no grid barrier (kernels/sync.py)
     backward: LayerPlan | None = None
 
     def for_backward(self) -> LayerPlan:
@@ -209,6 +210,29 @@ def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device) -
         if plan.persistent and plan.num_programs > 1 and device.type != "cuda":
             raise ValueError("a persistent grid of several programs deadlocks under the interpreter")
     return plan
+
+
+EXCHANGES = ("barrier", "tagged")
+TAGGED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def exchange_setting() -> str:
+    """``TRITONRNN_EXCHANGE``: how the forward kernel's programs share h each step. "barrier" (default): stores,
+    a grid barrier, loads; "tagged": words carrying their step, polled (kernels/sync.py). Off by default until
+    measured on a GPU (perf/NOTES.md)."""
+    value = os.environ.get("TRITONRNN_EXCHANGE", "barrier").strip() or "barrier"
+    if value not in EXCHANGES:
+        raise ValueError(f"TRITONRNN_EXCHANGE should be one of {EXCHANGES}, got {value!r}")
+    return value
+
+
+def with_exchange(plan: LayerPlan, hidden_size: int, dtype: torch.dtype, proj: int) -> LayerPlan:
+    """The plan with the tagged exchange where it is asked for and applies: the single-layer forward kernel
+    without projection, 16- or 32-bit values, every row of the slice held (streamed rows read h from hseq)."""
+    tagged = (
+        exchange_setting() == "tagged" and not proj and dtype in TAGGED_DTYPES and plan.block_k >= hidden_size
+    )  # fmt: skip
+    return dataclasses.replace(plan, tagged=tagged) if tagged != plan.tagged else plan
 
 
 _logged: set[str] = set()

@@ -36,31 +36,36 @@ def _folded_bias(cell: str, b_ih: Tensor, b_hh: Tensor, hidden: int) -> Tensor:
     return bias
 
 
-@functools.cache
-def _gpu_misfit(
-    cell: str, hidden: int, n_layers: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, dropout_mode: int,
-    device_index: int,
-) -> str | None:  # fmt: skip
-    """Compile both stack kernels for this GPU (no launch) and say why they cannot run there, or None."""
-    device = torch.device("cuda", device_index)
-    max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+def _warmup_calls(
+    cell: str, hidden: int, n_layers: int, dtype: torch.dtype, plan: LayerPlan, dropout_mode: int, device: torch.device
+) -> list[tuple[str, object, dict]]:
+    """(name, kernel, keyword arguments) that compile both stack kernels without a launch (placeholder tensors)."""
     acc = _acc_dtype(dtype)
 
     def t(dt=dtype):
         return torch.empty(16, dtype=dt, device=device)
 
     common = dict(counter=t(torch.int32), seed_ptr=t(torch.int64), T=1, B=1, s_start=0, n_steps=1, p_drop=0.5,
-                  w_ih=t(), w_hh=t(), hseq=t(), saved=t(acc), SYNC=True, grid=(plan.num_programs, n_layers),
+                  w_ih=t(), w_hh=t(), hseq=t(), saved=t(acc), SYNC=plan.persistent, grid=(plan.num_programs, n_layers),
                   **_constants(cell, hidden, dtype, plan, dropout_mode), **_launch_options(plan, device))  # fmt: skip
-    calls = [
-        ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True)),
-        ("backward", stack_bwd_kernel, dict(c0=t(acc), grad_y=t(), grad_above=t(acc), grad_gates=t(),
-                                            grad_xgates=t(), grad_h=t(acc), grad_c=t(acc), finish=1, ALL_LAYERS=True)),
+    return [
+        ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True, **common)),
+        ("backward", stack_bwd_kernel, dict(c0=t(acc), grad_y=t(), grad_above=t(acc), grad_gates=t(), grad_xgates=t(),
+                                            grad_h=t(acc), grad_c=t(acc), finish=1, ALL_LAYERS=True, **common)),
     ]  # fmt: skip
-    for name, kernel, kwargs in calls:
-        compiled = kernel.warmup(**common, **kwargs)
-        if compiled.metadata.shared > max_shared:
-            shared = compiled.metadata.shared
+
+
+@functools.cache
+def _gpu_misfit(
+    cell: str, hidden: int, n_layers: int, dtype: torch.dtype, tf32: bool, plan: LayerPlan, dropout_mode: int,
+    device_index: int,
+) -> str | None:  # fmt: skip
+    """Compile both stack kernels for this GPU (no launch) and say why they cannot run there, or None."""
+    max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    device = torch.device("cuda", device_index)
+    for name, kernel, kwargs in _warmup_calls(cell, hidden, n_layers, dtype, plan, dropout_mode, device):
+        shared = kernel.warmup(**kwargs).metadata.shared
+        if shared > max_shared:
             return f"the stack {name} kernel needs {shared} bytes of shared memory, the GPU has {max_shared}"
     return None
 

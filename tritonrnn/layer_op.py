@@ -19,7 +19,17 @@ import torch
 from torch import Tensor
 
 from tritonrnn import autotune, reference
-from tritonrnn._plan import CELLS, MIN_HELD_ROWS, LayerPlan, cuda_index, forced, interpret_mode, log_once, plan_layer
+from tritonrnn._plan import (
+    CELLS,
+    MIN_HELD_ROWS,
+    LayerPlan,
+    cuda_index,
+    forced,
+    interpret_mode,
+    log_once,
+    plan_layer,
+    with_exchange,
+)
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
 from tritonrnn.layer_run import LayerRun, Variant, _acc_dtype, _gpu_misfit, _variant
@@ -42,6 +52,8 @@ def kernel_plan(
     if variant.varlen and variant.proj:
         return "sequences of different lengths with proj_size"
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
+    if not isinstance(plan, str):
+        plan = with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
         tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -52,6 +64,7 @@ def kernel_plan(
             tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
             plan = tuned or plan
         while True:
+            plan = with_exchange(plan, hidden, dtype, variant.proj)
             reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
             # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,
             # whose kernels hold all rows; not under a forced plan).

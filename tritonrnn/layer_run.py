@@ -33,6 +33,23 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _ring_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The tagged exchange's words: the value's bits and the tag in one word twice the value's width."""
+    return torch.int32 if dtype.itemsize == 2 else torch.int64
+
+
+def _tagged_ring(h0: Tensor, dtype: torch.dtype) -> Tensor:
+    """[D, 2, B, N] words for the tagged exchange (kernels/sync.py): slot 0 the initial state with tag 1 (the
+    first step's), slot 1 zeros (tag 0: no step's). Built as (tag, value) halves: the low half of a little-endian
+    word comes first."""
+    D, B, N = h0.shape
+    half = torch.int16 if dtype.itemsize == 2 else torch.int32
+    halves = torch.zeros(D, 2, B, N, 2, dtype=half, device=h0.device)
+    halves[:, 0, :, :, 0] = 1
+    halves[:, 0, :, :, 1] = h0.to(dtype).view(half)
+    return halves.view(_ring_dtype(dtype)).view(D, 2, B, N)
+
+
 class Variant(NamedTuple):
     """What a layer's kernels do besides the recurrence (each choice compiles its own kernels)."""
 
@@ -120,8 +137,9 @@ def _warmup_calls(
             ("forward", lstm_proj_fwd_kernel, dict(w_hr=t(), mseq=t(), phases=3, **forward_args)),
             ("backward", lstm_proj_bwd_kernel, dict(w_hr=t(), grad_hp=t(), phases=3, **backward_args)),
         ]
+    tagged = dict(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
-        ("forward", rnn_fwd_kernel, dict(b_hn=t(), lengths=t(torch.int32), **forward_args)),
+        ("forward", rnn_fwd_kernel, dict(b_hn=t(), lengths=t(torch.int32), **tagged, **forward_args)),
         ("backward", rnn_bwd_kernel, dict(hseq=t(), grad_xn=t(), lengths=t(torch.int32), **backward_args)),
     ]
 
@@ -210,6 +228,7 @@ class LayerRun:
         self.y = _empty(T, B, D * width, dtype=dtype, device=device) if self.variant.write_y else self.hseq[0, 1:]
         self.z = _empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
         self.mseq = _empty(D, T, B, hidden, dtype=dtype, device=device) if w_hr is not None else None
+        self.ring = _tagged_ring(h0, dtype) if plan.tagged else None
         self.bias = None
         if b_ih is not None:
             self.bias = b_ih + b_hh
@@ -248,6 +267,8 @@ class LayerRun:
             self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=self.w_hr, mseq=self.mseq, **launch)
             return
         launch["lengths"] = self.lengths
+        if self.ring is not None:
+            launch.update(ring=self.ring, TAGGED=True)
         if self.cell == "gru" and self.b_hh is not None:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
