@@ -178,7 +178,8 @@ def _recurrent_preacts(
 
 @triton.jit
 def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H: tl.constexpr, VARLEN: tl.constexpr):
-    """Gate gradients of one LSTM step from dL/d(o*tanh(c)) = b_dh; carries dL/dc (p_dc) one step back.
+    """Gate gradients of one LSTM step from dL/d(o*tanh(c)) = b_dh (stored at p_dg and returned, in p_dg's dtype);
+    carries dL/dc (p_dc) one step back.
 
     VARLEN: rows outside b_act (past their sequence's end, where c was kept) get zero gate gradients and pass
     dL/dc through unchanged.
@@ -203,11 +204,16 @@ def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H: tl.conste
         b_dgg = tl.where(b_act, b_dgg, 0.0)
         b_dgo = tl.where(b_act, b_dgo, 0.0)
         b_dcout = tl.where(b_act, b_dcout, b_dcin)
-    tl.store(p_dg, b_dgi.to(grad_ty), mask=m_bj)
-    tl.store(p_dg + H, b_dgf.to(grad_ty), mask=m_bj)
-    tl.store(p_dg + 2 * H, b_dgg.to(grad_ty), mask=m_bj)
-    tl.store(p_dg + 3 * H, b_dgo.to(grad_ty), mask=m_bj)
+    b_dgi = b_dgi.to(grad_ty)
+    b_dgf = b_dgf.to(grad_ty)
+    b_dgg = b_dgg.to(grad_ty)
+    b_dgo = b_dgo.to(grad_ty)
+    tl.store(p_dg, b_dgi, mask=m_bj)
+    tl.store(p_dg + H, b_dgf, mask=m_bj)
+    tl.store(p_dg + 2 * H, b_dgg, mask=m_bj)
+    tl.store(p_dg + 3 * H, b_dgo, mask=m_bj)
     tl.store(p_dc, b_dcout, mask=m_bj)
+    return b_dgi, b_dgf, b_dgg, b_dgo
 
 
 @triton.jit
@@ -216,6 +222,7 @@ def _cell_bwd(
     VARLEN: tl.constexpr, DX_ALL_GATES: tl.constexpr,
 ):  # fmt: skip
     """Gate gradients of one step of a tile from b_dh = dL/dh_t; leaves at p_dh what flows to h_{t-1} directly.
+    Returns the G gradients stored at p_dg (in its dtype; the others repeat the first).
 
     p_dg: dL/d(recurrent pre-activations) of the G gates at +g*H. GRU's input part of the n gate is not multiplied
     by r: its gradient goes to p_dx, alone, or after r's and z's (DX_ALL_GATES: p_dx then holds every gate's
@@ -225,7 +232,7 @@ def _cell_bwd(
     """
     grad_ty = p_dg.dtype.element_ty
     if CELL == CELL_LSTM:
-        _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
+        g0, g1, g2, g3 = _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
         tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
     elif CELL == CELL_GRU:
         b_r = tl.load(p_saved, mask=m_bj, other=0.0)
@@ -243,12 +250,16 @@ def _cell_bwd(
             b_dgr = tl.where(b_act, b_dgr, 0.0)
             b_dgz = tl.where(b_act, b_dgz, 0.0)
             b_dhprev = tl.where(b_act, b_dhprev, b_dh)
-        tl.store(p_dg, b_dgr.to(grad_ty), mask=m_bj)
-        tl.store(p_dg + H, b_dgz.to(grad_ty), mask=m_bj)
-        tl.store(p_dg + 2 * H, (b_dan * b_r).to(grad_ty), mask=m_bj)
+        g0 = b_dgr.to(grad_ty)
+        g1 = b_dgz.to(grad_ty)
+        g2 = (b_dan * b_r).to(grad_ty)
+        g3 = g0
+        tl.store(p_dg, g0, mask=m_bj)
+        tl.store(p_dg + H, g1, mask=m_bj)
+        tl.store(p_dg + 2 * H, g2, mask=m_bj)
         if DX_ALL_GATES:
-            tl.store(p_dx, b_dgr.to(grad_ty), mask=m_bj)
-            tl.store(p_dx + H, b_dgz.to(grad_ty), mask=m_bj)
+            tl.store(p_dx, g0, mask=m_bj)
+            tl.store(p_dx + H, g1, mask=m_bj)
             tl.store(p_dx + 2 * H, b_dan.to(grad_ty), mask=m_bj)
         else:
             tl.store(p_dx, b_dan.to(grad_ty), mask=m_bj)
@@ -262,8 +273,13 @@ def _cell_bwd(
             b_da = tl.where(b_hnew <= 0, 0.0, b_dh)
         if VARLEN:
             b_da = tl.where(b_act, b_da, 0.0)
-        tl.store(p_dg, b_da.to(grad_ty), mask=m_bj)
+        g0 = b_da.to(grad_ty)
+        g1 = g0
+        g2 = g0
+        g3 = g0
+        tl.store(p_dg, g0, mask=m_bj)
         tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
+    return g0, g1, g2, g3
 
 
 @triton.jit
@@ -422,6 +438,9 @@ def _bwd_recurrent_step(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     ACCUMULATE: tl.constexpr = True,
+    ring=None,
+    tag=0,
+    TAGGED: tl.constexpr = False,
 ):  # fmt: skip
     """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
 
@@ -430,6 +449,7 @@ def _bwd_recurrent_step(
     rest are read every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H] pointers to W_hh[0, j]).
     ACCUMULATE=False: grad_h = the sum, what it held is ignored. The stack kernel (kernels/stack.py) also computes
     the gradient of a layer's input this way, from the layer above's gate gradients and W_ih.
+    TAGGED: the gate gradients come from ring ([B, G*H] words of step tn's slot) once they carry tag (sync.py).
     """
     for b0 in range(0, B, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -441,15 +461,25 @@ def _bwd_recurrent_step(
         p_row = grad_gates + (tn * B + o_b) * (D * G * H)
         p_dg = p_row[:, None] + o_k[None, :]
         acc = tl.load(p_dh, mask=m_bj & ACCUMULATE, other=0.0)
-        acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
-        if G > 1:
-            b_dg1 = tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg")
-            acc += _dot(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
-            b_dg2 = tl.load(p_dg + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
-            acc += _dot(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
-        if G > 3:
-            b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
-            acc += _dot(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+        if TAGGED:
+            grad_ty = grad_gates.dtype.element_ty
+            p_w = ring + o_b[:, None] * (G * H) + o_k[None, :]
+            acc += _dot(load_tagged(p_w, m_bk, tag, grad_ty), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+            if G > 1:
+                acc += _dot(load_tagged(p_w + H, m_bk, tag, grad_ty), b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+                acc += _dot(load_tagged(p_w + 2 * H, m_bk, tag, grad_ty), b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+            if G > 3:
+                acc += _dot(load_tagged(p_w + 3 * H, m_bk, tag, grad_ty), b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+        else:
+            acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+            if G > 1:
+                b_dg1 = tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg")
+                acc += _dot(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_dg2 = tl.load(p_dg + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
+                acc += _dot(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+            if G > 3:
+                b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
+                acc += _dot(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
         for k0 in range(BLOCK_K, H, BLOCK_KS):
             o_ks = k0 + tl.arange(0, BLOCK_KS)
             m_ks = o_ks < H
@@ -460,6 +490,23 @@ def _bwd_recurrent_step(
                 b_wk = tl.load(p_wcol + (g * H + o_ks)[:, None] * N, mask=m_wk, other=0.0)
                 acc += _dot(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST)
         tl.store(p_dh, acc, mask=m_bj)
+
+
+@triton.jit
+def _ring_slot(ring, slot, B, G: tl.constexpr, H: tl.constexpr, TAGGED: tl.constexpr):
+    """The [B, G*H] words of one slot of the backward's ring (ring itself when not TAGGED: unused)."""
+    if TAGGED:
+        ring += slot * B * (G * H)
+    return ring
+
+
+@triton.jit
+def _ring_tag(ring, step, TAGGED: tl.constexpr):
+    """The tag of a step's words in ring (0 when not TAGGED: unused)."""
+    tag = 0
+    if TAGGED:
+        tag = tag_of(step, ring.dtype.element_ty)
+    return tag
 
 
 @triton.jit(do_not_specialize=["T", "B", "u_start", "n_steps", "finish", "direction0", "seed_ptr", "p_drop"])
@@ -501,6 +548,8 @@ def rnn_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     VARLEN: tl.constexpr = False,
+    ring=None,  # [D, 2, B, G*H] int32 or int64 words, zeroed (TAGGED): the gate gradients of the last two steps
+    TAGGED: tl.constexpr = False,  # exchange the gate gradients as tagged words instead of the grid barrier
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
@@ -514,6 +563,8 @@ def rnn_bwd_kernel(
     grad_c += d * B * H
     grad_gates += d * (G * H)
     counter += d
+    if TAGGED:
+        ring += d * 2 * B * (G * H)
     o_w = d * H + o_j.to(tl.int64)  # this program's columns of the [T, B, D*H] tensors
     # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
@@ -523,10 +574,12 @@ def rnn_bwd_kernel(
     for s in range(n_steps):
         u = (u_start - s).to(tl.int64)
         t = _time(u, T, d)
+        k = T - 1 - u  # the backward's step count: tagged words of step k sit in slot k % 2 with tag k + 1
         if u < T - 1:
             _bwd_recurrent_step(
                 grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-                w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
+                _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED,
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
         tl.debug_barrier()
@@ -556,16 +609,30 @@ def rnn_bwd_kernel(
             p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
             if u > 0:
                 p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
-            _cell_bwd(
+            g0, g1, g2, g3 = _cell_bwd(
                 b_dh, p_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, grad_xn + o_y,
                 hseq + o_h + d * B * H, hseq + o_h + (1 - d) * B * H, m_bj, b_act, H, CELL, VARLEN, False,
             )  # fmt: skip
-        if SYNC:
+            if TAGGED:
+                word = ring.dtype.element_ty
+                p_w = ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :]
+                tl.store(p_w, tag_pack(g0, tag_of(k + 1, word), word), mask=m_bj)
+                if G > 1:
+                    tl.store(p_w + H, tag_pack(g1, tag_of(k + 1, word), word), mask=m_bj)
+                    tl.store(p_w + 2 * H, tag_pack(g2, tag_of(k + 1, word), word), mask=m_bj)
+                if G > 3:
+                    tl.store(p_w + 3 * H, tag_pack(g3, tag_of(k + 1, word), word), mask=m_bj)
+        if TAGGED:
+            # The words carry the synchronisation; a CTA barrier orders this program's own rereads (grad_h, dL/dc).
+            tl.debug_barrier()
+        elif SYNC:
             grid_barrier(counter, (s + 1) * num_programs)
 
     if finish != 0:
+        k_last = (T - 1 - (u_start - n_steps + 1)).to(tl.int64)
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_j, o_k, m_k,
             b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION,
-            DOT_UPCAST,
+            DOT_UPCAST, True, _ring_slot(ring, k_last % 2, B, G, H, TAGGED), _ring_tag(ring, k_last + 1, TAGGED),
+            TAGGED,
         )  # fmt: skip

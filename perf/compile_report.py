@@ -118,8 +118,8 @@ def report(
     """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback).
 
     Like functional.kernel_plan on a GPU, the held rows of the weight slice are halved while the kernels need
-    more shared memory than an H100 has (not with a projection); ``tagged``: the forward exchanges h in tagged
-    words where it can (TRITONRNN_EXCHANGE=tagged).
+    more shared memory than an H100 has (not with a projection); ``tagged``: the kernels exchange h and the gate
+    gradients in tagged words where they can (TRITONRNN_EXCHANGE=tagged).
     """
     variant = VARIANTS[variant]
     if variant.proj:
@@ -131,11 +131,17 @@ def report(
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
     while True:
-        plan = dataclasses.replace(plan, tagged=tagged and not variant.proj and plan.block_k >= hidden)
         line, shared = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
         if shared <= H100_MAX_SHARED or variant.proj or plan.block_k // 2 < _plan.MIN_HELD_ROWS:
-            return line, shared
+            break
         plan = dataclasses.replace(plan, block_k=plan.block_k // 2)
+    if tagged and not variant.proj and plan.block_k >= hidden:
+        # As kernel_plan: the tagged kernels on the slice the barrier's kernels hold, where they fit.
+        tagged_line, tagged_shared = _report_plan(cell, hidden, batch, dtype, arch, variant,
+                                                  dataclasses.replace(plan, tagged=True))  # fmt: skip
+        if tagged_shared <= H100_MAX_SHARED:
+            return tagged_line, tagged_shared
+    return line, shared
 
 
 def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int]:
@@ -148,7 +154,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     tagged = {} if variant.proj else dict(TAGGED=plan.tagged)
     bwd_types = dict(w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
-                     seed_ptr="i64")  # fmt: skip
+                     seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip
     fwd_kernel, bwd_kernel = (
         (lstm_proj_fwd_kernel, lstm_proj_bwd_kernel) if variant.proj else (rnn_fwd_kernel, rnn_bwd_kernel)
     )
@@ -159,7 +165,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
         arch,
         num_warps,
     )
-    bwd = _resources(bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent), arch, num_warps)
+    bwd = _resources(bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent, **tagged), arch, num_warps)
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
         f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant}{' tagged' * plan.tagged} "
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS))
     parser.add_argument("--stack", type=int, default=0, help="report the stack kernels of this many equal layers")
-    parser.add_argument("--tagged", action="store_true", help="the forward kernels with TRITONRNN_EXCHANGE=tagged")
+    parser.add_argument("--tagged", action="store_true", help="the kernels with TRITONRNN_EXCHANGE=tagged")
     parser.add_argument("--check", action="store_true", help="exit 1 on a kernel over H100 shared memory")
     args = parser.parse_args(argv)
     failures = barrier_lowering_problems(args.arch)

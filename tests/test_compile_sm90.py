@@ -66,7 +66,7 @@ def test_stack_kernels_compile_for_sm90():
 
 
 def test_tagged_exchange_compiles_for_sm90():
-    """The forward kernels with TRITONRNN_EXCHANGE=tagged: 32-bit words (bf16, fp16) and 64-bit words (fp32)."""
+    """The kernels with TRITONRNN_EXCHANGE=tagged: 32-bit words (bf16, fp16) and 64-bit words (fp32)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "perf.compile_report", "--check", "--tagged", "--hidden", "100", "512", "--batch", "16",

@@ -55,7 +55,7 @@ class LayerPlan:
     directions_together: bool = True  # a bidirectional layer's two grids in one launch (both resident)
     num_stages: int = 3  # Triton's software pipelining of the batch-tile loop
     block_ks: int = 64  # units of the reduction read per chunk every step beyond the held block_k (large H)
-    tagged: bool = False  # forward: h exchanged as tagged words, no grid barrier (kernels/sync.py)
+    tagged: bool = False  # h (forward) or the gate gradients (backward) exchanged as tagged words (kernels/sync.py)
     backward: LayerPlan | None = None
 
     def for_backward(self) -> LayerPlan:
@@ -217,9 +217,9 @@ TAGGED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def exchange_setting() -> str:
-    """``TRITONRNN_EXCHANGE``: how the forward kernel's programs share h each step. "barrier" (default): stores,
-    a grid barrier, loads; "tagged": words carrying their step, polled (kernels/sync.py). Off by default until
-    measured on a GPU (perf/NOTES.md)."""
+    """``TRITONRNN_EXCHANGE``: how the programs of a layer's kernels share h (forward) or the gate gradients
+    (backward) each step. "barrier" (default): stores, a grid barrier, loads; "tagged": words carrying their step,
+    polled (kernels/sync.py). Off by default until measured on a GPU (perf/NOTES.md)."""
     value = os.environ.get("TRITONRNN_EXCHANGE", "barrier").strip() or "barrier"
     if value not in EXCHANGES:
         raise ValueError(f"TRITONRNN_EXCHANGE should be one of {EXCHANGES}, got {value!r}")
@@ -227,12 +227,19 @@ def exchange_setting() -> str:
 
 
 def with_exchange(plan: LayerPlan, hidden_size: int, dtype: torch.dtype, proj: int) -> LayerPlan:
-    """The plan with the tagged exchange where it is asked for and applies: the single-layer forward kernel
-    without projection, 16- or 32-bit values, every row of the slice held (streamed rows read h from hseq)."""
-    tagged = (
-        exchange_setting() == "tagged" and not proj and dtype in TAGGED_DTYPES and plan.block_k >= hidden_size
-    )  # fmt: skip
-    return dataclasses.replace(plan, tagged=tagged) if tagged != plan.tagged else plan
+    """The plan (and its backward's) with the tagged exchange where it is asked for and applies: the single-layer
+    kernels without projection, 16- or 32-bit values, every row of the slice held (streamed rows are read from the
+    plain buffers)."""
+    asked = exchange_setting() == "tagged" and not proj and dtype in TAGGED_DTYPES
+
+    def apply(one: LayerPlan) -> LayerPlan:
+        tagged = asked and one.block_k >= hidden_size
+        return dataclasses.replace(one, tagged=tagged) if tagged != one.tagged else one
+
+    plan = apply(plan)
+    if plan.backward is not None:
+        plan = dataclasses.replace(plan, backward=apply(plan.backward))
+    return plan
 
 
 _logged: set[str] = set()

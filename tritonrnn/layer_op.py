@@ -52,8 +52,8 @@ def kernel_plan(
     if variant.varlen and variant.proj:
         return "sequences of different lengths with proj_size"
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
-    if not isinstance(plan, str):
-        plan = with_exchange(plan, hidden, dtype, variant.proj)
+    if device.type == "cpu" and not isinstance(plan, str):
+        return with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
         tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -64,13 +64,19 @@ def kernel_plan(
             tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
             plan = tuned or plan
         while True:
-            plan = with_exchange(plan, hidden, dtype, variant.proj)
             reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
             # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,
             # whose kernels hold all rows; not under a forced plan).
             if reason is None or variant.proj or forced() or plan.block_k // 2 < MIN_HELD_ROWS:
-                return reason or plan
+                break
             plan = _halve_held_rows(plan)
+        if reason is not None:
+            return reason
+        # The tagged exchange where it is asked for, on the slice the barrier's kernels hold (its own kernels could
+        # fit shared memory where those did not, but only by spilling its wider tiles: perf/NOTES.md).
+        tagged = with_exchange(plan, hidden, dtype, variant.proj)
+        if tagged != plan and _gpu_misfit(cell, hidden, dtype, tf32, tagged, variant, cuda_index(device)) is None:
+            return tagged
     return plan
 
 

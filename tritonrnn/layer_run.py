@@ -132,6 +132,7 @@ def _warmup_calls(
                         SAVE=True, WRITE_Y=variant.write_y, **common(plan))  # fmt: skip
     backward_args = dict(w_hh=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
                          grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
+    backward_tagged = plan.for_backward().tagged
     if variant.proj:
         return [
             ("forward", lstm_proj_fwd_kernel, dict(w_hr=t(), mseq=t(), phases=3, **forward_args)),
@@ -140,7 +141,18 @@ def _warmup_calls(
     tagged = dict(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
         ("forward", rnn_fwd_kernel, dict(b_hn=t(), lengths=t(torch.int32), **tagged, **forward_args)),
-        ("backward", rnn_bwd_kernel, dict(hseq=t(), grad_xn=t(), lengths=t(torch.int32), **backward_args)),
+        (
+            "backward",
+            rnn_bwd_kernel,
+            dict(
+                hseq=t(),
+                grad_xn=t(),
+                lengths=t(torch.int32),
+                TAGGED=backward_tagged,
+                ring=t(_ring_dtype(dtype)) if backward_tagged else None,
+                **backward_args,
+            ),
+        ),
     ]
 
 
@@ -314,6 +326,10 @@ class LayerRun:
         else:
             self.grad_xn = self.grad_xgates = self.grad_gates
         self.grad_hp = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.w_hr is not None else None
+        # The tagged exchange's words (kernels/sync.py): zeros carry tag 0, which no step uses.
+        tagged = self.plan.for_backward().tagged
+        words = (D, 2, B, self.gates * self.hidden)
+        self.grad_ring = torch.zeros(words, dtype=_ring_dtype(dtype), device=device) if tagged else None
         self.dx = _empty(*self.x.shape, dtype=dtype, device=device)
 
     def backward_steps(self, t0: int, t1: int) -> None:
@@ -328,6 +344,8 @@ class LayerRun:
         if self.w_hr is not None:
             self._launch(lstm_proj_bwd_kernel, plan, t0, t1, True, w_hr=self.w_hr, grad_hp=self.grad_hp, **launch)
         else:
+            if self.grad_ring is not None:
+                launch.update(ring=self.grad_ring, TAGGED=True)
             self._launch(
                 rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, lengths=self.lengths, **launch
             )  # fmt: skip
