@@ -493,6 +493,18 @@ def _bwd_recurrent_step(
 
 
 @triton.jit
+def _store_tagged_gates(p_w, g0, g1, g2, g3, tag, m_bj, H: tl.constexpr, G: tl.constexpr):
+    """Store the G gate-gradient tiles as tagged words at p_w (gate g at +g*H)."""
+    word = p_w.dtype.element_ty
+    tl.store(p_w, tag_pack(g0, tag, word), mask=m_bj)
+    if G > 1:
+        tl.store(p_w + H, tag_pack(g1, tag, word), mask=m_bj)
+        tl.store(p_w + 2 * H, tag_pack(g2, tag, word), mask=m_bj)
+    if G > 3:
+        tl.store(p_w + 3 * H, tag_pack(g3, tag, word), mask=m_bj)
+
+
+@triton.jit
 def _ring_slot(ring, slot, B, G: tl.constexpr, H: tl.constexpr, TAGGED: tl.constexpr):
     """The [B, G*H] words of one slot of the backward's ring (ring itself when not TAGGED: unused)."""
     if TAGGED:
@@ -614,14 +626,10 @@ def rnn_bwd_kernel(
                 hseq + o_h + d * B * H, hseq + o_h + (1 - d) * B * H, m_bj, b_act, H, CELL, VARLEN, False,
             )  # fmt: skip
             if TAGGED:
-                word = ring.dtype.element_ty
-                p_w = ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :]
-                tl.store(p_w, tag_pack(g0, tag_of(k + 1, word), word), mask=m_bj)
-                if G > 1:
-                    tl.store(p_w + H, tag_pack(g1, tag_of(k + 1, word), word), mask=m_bj)
-                    tl.store(p_w + 2 * H, tag_pack(g2, tag_of(k + 1, word), word), mask=m_bj)
-                if G > 3:
-                    tl.store(p_w + 3 * H, tag_pack(g3, tag_of(k + 1, word), word), mask=m_bj)
+                _store_tagged_gates(
+                    ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :], g0, g1, g2, g3,
+                    tag_of(k + 1, ring.dtype.element_ty), m_bj, H, G,
+                )  # fmt: skip
         if TAGGED:
             # The words carry the synchronisation; a CTA barrier orders this program's own rereads (grad_h, dL/dc).
             tl.debug_barrier()

@@ -28,8 +28,11 @@ from .recurrent import (
     _load_input_preacts,
     _program_units,
     _recurrent_preacts,
+    _ring_slot,
+    _ring_tag,
+    _store_tagged_gates,
 )
-from .sync import grid_barrier
+from .sync import arrive, grid_barrier, load_tagged, tag_of, tag_pack, wait_count
 
 
 @triton.jit(do_not_specialize=["T", "B", "s_start", "n_steps", "seed_ptr", "p_drop"])
@@ -43,7 +46,7 @@ def stack_fwd_kernel(
     state,  # [L, B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
     saved,  # [L, T, B, S*H] ACC: activations kept for backward (written when SAVE)
     z,  # [L-1, T, B, H] dropout(h) of layers 0..L-2, the next layer's input (DROPOUT)
-    counter,  # [1] int32, zeroed
+    counter,  # [L] int32, zeroed: the grid barrier's (counter[0]), or each layer's steps done (TAGGED)
     seed_ptr,  # [L] int64: each layer's dropout seed
     T,
     B,
@@ -64,11 +67,15 @@ def stack_fwd_kernel(
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    ring=None,  # [L, 2, B, H] words (TAGGED): each layer's h exchange, slot 0 holding h0 under tag 1 (sync.py)
+    TAGGED: tl.constexpr = False,
 ):
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     n_layers = tl.num_programs(1)
     layer = tl.program_id(1).to(tl.int64)
     below = tl.maximum(layer - 1, 0)
+    if TAGGED:
+        ring += layer * 2 * B * H
     seed = tl.load(seed_ptr + layer)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += layer * (G * H * H)
@@ -95,14 +102,25 @@ def stack_fwd_kernel(
     for s in range(n_steps):
         t = (s_start + s).to(tl.int64) - layer
         if (t >= 0) & (t < T):
+            if TAGGED:
+                if layer > 0:
+                    # No grid barrier: wait for the layer below's step t (its programs count their steps).
+                    wait_count(counter + below, (t + 1) * tl.num_programs(0))
             for b0 in range(0, B, BLOCK_B):
                 o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
                 m_b = o_b < B
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
                 m_bk = m_b[:, None] & m_k[None, :]
-                # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
-                b_h = tl.load(hseq + row[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+                if TAGGED:
+                    # h_{t-1} of every unit of this layer, as its programs' tagged words (slot t % 2).
+                    b_h = load_tagged(
+                        ring + (t % 2) * B * H + o_b[:, None] * H + o_k[None, :], m_bk,
+                        tag_of(t + 1, ring.dtype.element_ty), out_ty,
+                    )  # fmt: skip
+                else:
+                    # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
+                    b_h = tl.load(hseq + row[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
                 r0, r1, r2, r3 = _recurrent_preacts(
                     b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j[None, :] * H, m_j[None, :], H, H * H,
                     G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
@@ -126,13 +144,22 @@ def stack_fwd_kernel(
                 )  # fmt: skip
                 b_hout = b_hnew.to(out_ty)
                 tl.store(hseq + (row + B)[:, None] * H + o_j[None, :], b_hout, mask=m_bj)
+                if TAGGED:
+                    word = ring.dtype.element_ty
+                    p_w = ring + ((t + 1) % 2) * B * H + o_b[:, None] * H + o_j[None, :]
+                    tl.store(p_w, tag_pack(b_hout, tag_of(t + 2, word), word), mask=m_bj)
                 if layer < n_layers - 1:
                     # Dropout between layers only: the output of the top layer is h itself.
                     _emit(
                         z, z, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_j, 0, seed, p_drop, B, H, 1, False, False,
                         DROPOUT, m_bj, False,
                     )  # fmt: skip
-        if SYNC:
+            if TAGGED:
+                if layer < n_layers - 1:
+                    arrive(counter + layer)  # this step's output, for the layer above
+                else:
+                    tl.debug_barrier()  # this program's threads reread what others of it wrote (c, saved)
+        if SYNC and not TAGGED:
             grid_barrier(counter, (s + 1) * num_programs)
 
 
@@ -149,7 +176,7 @@ def stack_bwd_kernel(
     grad_xgates,  # [L, T, B, G*H] out, GRU only: dL/d(input pre-activations x W_ih^T + b_ih) (else grad_gates)
     grad_h,  # [L, B, H] ACC: dL/dh_n in, dL/dh0 out
     grad_c,  # [L, B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
-    counter,  # [1] int32, zeroed
+    counter,  # [L] int32, zeroed: the grid barrier's (counter[0]), or each layer's steps done (TAGGED)
     seed_ptr,  # [L] int64: each layer's dropout seed
     T,
     B,
@@ -171,11 +198,17 @@ def stack_bwd_kernel(
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    ring=None,  # [L, 2, B, G*H] words, zeroed (TAGGED): each layer's exchange of gate gradients (sync.py)
+    TAGGED: tl.constexpr = False,
 ):
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     n_layers = tl.num_programs(1)
-    layer = tl.program_id(1).to(tl.int64)
+    # Top layer first in program order: the interpreter, which runs programs one after another, can then run the
+    # TAGGED mode in one launch (each layer only waits for the one above).
+    layer = (n_layers - 1 - tl.program_id(1)).to(tl.int64)
     above = tl.minimum(layer + 1, n_layers - 1)
+    if TAGGED:
+        ring += layer * 2 * B * (G * H)
     seed = tl.load(seed_ptr + layer)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += layer * (G * H * H)
@@ -202,12 +235,18 @@ def stack_bwd_kernel(
 
     for s in range(n_steps):
         t = T - 1 - (s_start + s).to(tl.int64) + (n_layers - 1 - layer)
+        k = T - 1 - t  # this layer's backward step count: its tagged words of step k sit in slot k % 2, tag k + 1
         if (t >= 0) & (t < T):
             if t < T - 1:
                 _bwd_recurrent_step(
                     grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H,
-                    G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                    G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
+                    _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED,
                 )  # fmt: skip
+            if TAGGED:
+                if layer < n_layers - 1:
+                    # No grid barrier: wait for the layer above's step at t (its programs count their steps).
+                    wait_count(counter + above, (k + 1) * tl.num_programs(0))
             if layer < n_layers - 1:
                 # dL/d(this layer's output at t) through the layer above, whose step t ran one barrier ago.
                 _bwd_recurrent_step(
@@ -239,15 +278,26 @@ def stack_bwd_kernel(
                 if t > 0:
                     p_cprev = p_saved - B * S * H + 4 * H
                 o_g = row[:, None] * (G * H) + o_j[None, :]
-                _cell_bwd(
+                g0, g1, g2, g3 = _cell_bwd(
                     b_dh, p_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], grad_gates + o_g,
                     grad_xgates + o_g, hseq + o_h, hseq + o_h + B * H, m_bj, m_bj, H, CELL, False, True,
                 )  # fmt: skip
-        if SYNC:
+                if TAGGED:
+                    _store_tagged_gates(
+                        ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :], g0, g1, g2, g3,
+                        tag_of(k + 1, ring.dtype.element_ty), m_bj, H, G,
+                    )  # fmt: skip
+            if TAGGED:
+                if layer > 0:
+                    arrive(counter + layer)  # this step's input-side gate gradients, for the layer below
+                else:
+                    tl.debug_barrier()  # this program's threads reread what others of it wrote (dL/dh, dL/dc)
+        if SYNC and not TAGGED:
             grid_barrier(counter, (s + 1) * num_programs)
 
     if finish != 0:
         _bwd_recurrent_step(
             grad_gates, grad_h, 0, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, 1, H,
-            BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+            BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
+            _ring_slot(ring, (T - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, T, TAGGED), TAGGED,
         )  # fmt: skip

@@ -10,19 +10,31 @@ import triton.language as tl
 
 
 @triton.jit
+def arrive(counter):
+    """Count this program's arrival on ``counter`` (an int32 in global memory), after all its global stores."""
+    # Order this program's global stores (made by all its threads) before the release.
+    tl.debug_barrier()
+    tl.atomic_add(counter, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_count(counter, target):
+    """Wait until ``counter`` reaches ``target``; then the stores made before those arrivals are visible."""
+    while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < target:
+        pass
+    # The acquire above is made by one thread; make it visible to the whole program.
+    tl.debug_barrier()
+
+
+@triton.jit
 def grid_barrier(counter, target):
     """Wait until ``target`` arrivals have been counted on ``counter`` (an int32 in global memory).
 
     The caller passes ``target = num_programs * (number of barriers so far, this one included)``,
     so one zeroed counter serves all the barriers of a launch.
     """
-    # Order this program's global stores (made by all its threads) before the release.
-    tl.debug_barrier()
-    tl.atomic_add(counter, 1, sem="release", scope="gpu")
-    while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < target:
-        pass
-    # The acquire above is made by one thread; make it visible to the whole program.
-    tl.debug_barrier()
+    arrive(counter)
+    wait_count(counter, target)
 
 
 # Tagged exchange (TRITONRNN_EXCHANGE=tagged): instead of a barrier and then a load, each value travels with the

@@ -175,8 +175,9 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
 
 
 def stack_report(
-    cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, layers: int, variant: str = "plain"
-) -> tuple[str, int]:
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, layers: int, variant: str = "plain",
+    tagged: bool = False,
+) -> tuple[str, int]:  # fmt: skip
     """A line on the stack kernels of ``layers`` equal layers, and the larger shared memory (0: layer by layer)."""
     variant = VARIANTS[variant]
     if variant.directions > 1 or variant.residual or variant.varlen or variant.proj:
@@ -191,12 +192,14 @@ def stack_report(
         constants.pop(name)
     num_warps = constants.pop("num_warps")
     acc = "fp32"
+    ring = "i32" if dtype.itemsize == 2 else "i64"
     fwd_types = dict(xproj=t, w_ih=t, bias=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, z=t, counter="i32",
-                     seed_ptr="i64")  # fmt: skip
+                     seed_ptr="i64", ring=ring)  # fmt: skip
     bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
-                     grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64")  # fmt: skip
-    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True, SYNC=True), arch, num_warps)
-    bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, SYNC=True, ALL_LAYERS=False), arch, num_warps)
+                     grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64", ring=ring)  # fmt: skip
+    constants.update(SYNC=True, TAGGED=tagged)
+    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True), arch, num_warps)
+    bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, ALL_LAYERS=False), arch, num_warps)
     shared = max(fwd["smem"], bwd["smem"])
     head = f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}:"
     if shared > H100_MAX_SHARED:
@@ -204,8 +207,8 @@ def stack_report(
         return f"{head} layer by layer (needs {shared} bytes of shared memory)", 0
     line = (
         f"{head} programs={plan.num_programs:3}x{layers} "
-        f"BLOCK_H={plan.block_h} BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant} "
-        f"| stack fwd {fwd} | stack bwd {bwd}"
+        f"BLOCK_H={plan.block_h} BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant}"
+        f"{' tagged' * tagged} | stack fwd {fwd} | stack bwd {bwd}"
     )
     return line, shared
 
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                     for variant in args.variants:
                         if args.stack:
                             line, shared = stack_report(
-                                cell, hidden, batch, DTYPES[dtype], args.arch, args.stack, variant
+                                cell, hidden, batch, DTYPES[dtype], args.arch, args.stack, variant, args.tagged
                             )  # fmt: skip
                         else:
                             line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant, args.tagged)

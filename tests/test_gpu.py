@@ -213,17 +213,19 @@ def test_wavefront_on_streams_equals_layer_by_layer(dropout, monkeypatch):
     assert max(errors) < 1e-5, errors
 
 
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_stack_equals_layer_by_layer(cell, dropout, monkeypatch):
-    """One persistent launch for the stack (grid barrier per wavefront step): the results of whole layers in order,
-    IEEE fp32, every layer's output and every gradient."""
+def test_fused_stack_equals_layer_by_layer(cell, dropout, exchange, monkeypatch):
+    """One persistent launch for the stack (a grid barrier per wavefront step, or layers decoupled by tagged words
+    and step counts): the results of whole layers in order, IEEE fp32, every layer's output and every gradient."""
     from tritonrnn import functional, fused_stack
 
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
     torch.manual_seed(0)
     model = tritonrnn.StackedRNN(96, [(cell, 128)] * 3, dropout=dropout, dropout_mode="variational").to(CUDA)
     plan = fused_stack.fused_plan([cell] * 3, [128] * 3, 16, torch.float32, CUDA, int(dropout > 0) * 2)
-    assert isinstance(plan, _plan.LayerPlan) and plan.persistent, plan
+    assert isinstance(plan, _plan.LayerPlan) and plan.persistent and plan.tagged == (exchange == "tagged"), plan
     x = torch.randn(256, 16, 96, device=CUDA)
     results = []
     for setting, layer_fn in (("0", functional._layer), ("fused", None)):

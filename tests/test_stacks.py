@@ -534,6 +534,43 @@ def test_fused_stack_module_matches_torch(module, cls, fused_only):
         assert rel_err(a.cpu(), b) < TOLERANCE[torch.float64]
 
 
+@pytest.mark.parametrize(
+    "cell,options,split",
+    [
+        pytest.param("lstm", dict(dropout=0.3), False, id="lstm-dropout-one-launch"),
+        pytest.param("gru", dict(dropout=0.3, dropout_mode="variational"), False, id="gru-variational-one-launch"),
+        pytest.param("rnn_tanh", dict(), False, id="tanh-one-launch"),
+        pytest.param("lstm", dict(dropout=0.3), True, id="lstm-dropout-split"),
+        pytest.param("gru", dict(), True, id="gru-split"),
+    ],
+)
+def test_fused_stack_tagged_is_bitwise_the_barrier(cell, options, split, fused_only, forced_plan, monkeypatch):
+    """Layers decoupled (tagged words within a layer, step counts between layers) give the grid barrier's bits,
+    float32: in one launch (one program a layer: the interpreter runs the layers in order) and split over three
+    programs a layer, one wavefront step a launch."""
+    from tritonrnn import fused_stack
+
+    if split:
+        forced_plan(block_h=16, persistent=False)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [(cell, 40)] * 3, **options).to(DEVICE)
+    x = torch.randn(6, 3, 5, device=DEVICE)
+    results = []
+    for exchange in ("barrier", "tagged"):
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        plan = fused_stack.fused_plan([cell] * 3, [40] * 3, 3, torch.float32, DEVICE, 0)
+        assert plan.tagged == (exchange == "tagged")
+        if DEVICE.type == "cpu":
+            assert plan.persistent == (exchange == "tagged" and not split)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        outs, states = model(xr, return_all_layers=True)
+        loss = sum((o * o.detach().cos()).sum() for o in outs) + sum(t.sum() for t in flat(states))
+        results.append([*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch, caplog):
     """Mixed cells, bidirectional, residual: not for the stack kernel; they run layer by layer, logged once."""
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")

@@ -7,6 +7,7 @@ same length. Other stacks run layer by layer (or on streams); a stack asked to f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -14,11 +15,11 @@ import triton
 from torch import Tensor
 
 from tritonrnn import layer_run
-from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_stack
+from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_stack, with_exchange
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
-from tritonrnn.layer_run import Variant, _acc_dtype, _kernel_constants, _launch_options
+from tritonrnn.layer_run import Variant, _acc_dtype, _kernel_constants, _launch_options, _ring_dtype, _tagged_ring
 
 
 def _constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, dropout_mode: int) -> dict:
@@ -48,6 +49,7 @@ def _warmup_calls(
     common = dict(counter=t(torch.int32), seed_ptr=t(torch.int64), T=1, B=1, s_start=0, n_steps=1, p_drop=0.5,
                   w_ih=t(), w_hh=t(), hseq=t(), saved=t(acc), SYNC=plan.persistent, grid=(plan.num_programs, n_layers),
                   **_constants(cell, hidden, dtype, plan, dropout_mode), **_launch_options(plan, device))  # fmt: skip
+    common.update(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
         ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True, **common)),
         ("backward", stack_bwd_kernel, dict(c0=t(acc), grad_y=t(), grad_above=t(acc), grad_gates=t(), grad_xgates=t(),
@@ -81,6 +83,12 @@ def fused_plan(
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
     plan = plan_stack(cells[0], hidden_sizes[0], len(cells), batch, dtype, device)
+    if not isinstance(plan, str):
+        plan = with_exchange(plan, hidden_sizes[0], dtype, 0)
+        if plan.tagged and plan.num_programs == 1:
+            # No grid barrier and one program a layer: the interpreter runs the layers in one launch too (each
+            # waits only for its neighbour, which runs first in program order).
+            plan = dataclasses.replace(plan, persistent=True)
     if device.type == "cuda" and not isinstance(plan, str):
         tf32 = torch.backends.cuda.matmul.allow_tf32
         reason = _gpu_misfit(
@@ -174,11 +182,13 @@ class FusedStackFunction(torch.autograd.Function):
         for k, d in enumerate(dropouts):
             if d is not None:
                 seeds[k : k + 1] = d.seed
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = torch.zeros(L, dtype=torch.int32, device=device)
+        tagged = dict(ring=_tagged_ring(torch.cat(h0s), dtype), TAGGED=True) if plan.tagged else {}
         launch = dict(
             xproj=xproj, w_ih=w_ih, bias=bias, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, z=z,
             counter=counter, seed_ptr=seeds, T=T, B=B, p_drop=drop.p if drop is not None else 0.0, SAVE=save,
-            SYNC=plan.persistent, **_constants(cell, hidden, dtype, plan, mode), **_launch_options(plan, device),
+            SYNC=plan.persistent, **tagged, **_constants(cell, hidden, dtype, plan, mode),
+            **_launch_options(plan, device),
         )  # fmt: skip
         for step in _launches(plan, T + L - 1, backward=False):
             stack_fwd_kernel[(plan.num_programs, L)](**step, **launch)
@@ -220,10 +230,14 @@ class FusedStackFunction(torch.autograd.Function):
         launch = dict(
             w_ih=w_ih, w_hh=w_hh, hseq=hseq, saved=saved, c0=ctx.c0 if ctx.c0 is not None else grad_c, grad_y=grad_y,
             grad_above=empty(L, B, hidden, dtype=acc, device=device), grad_gates=grad_gates, grad_xgates=grad_xgates,
-            grad_h=grad_h, grad_c=grad_c, counter=torch.zeros(1, dtype=torch.int32, device=device), seed_ptr=seeds,
+            grad_h=grad_h, grad_c=grad_c, counter=torch.zeros(L, dtype=torch.int32, device=device), seed_ptr=seeds,
             T=T, B=B, p_drop=ctx.p_drop, SYNC=plan.persistent, ALL_LAYERS=all_layers,
             **_constants(cell, hidden, dtype, plan, ctx.mode), **_launch_options(plan, device),
         )  # fmt: skip
+        if plan.tagged:
+            launch.update(
+                ring=torch.zeros(L, 2, B, gates * hidden, dtype=_ring_dtype(dtype), device=device), TAGGED=True
+            )
         for step in _launches(plan, T + L - 1, backward=True):
             stack_bwd_kernel[(plan.num_programs, L)](**step, **launch)
 
