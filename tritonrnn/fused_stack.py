@@ -91,10 +91,14 @@ def fused_plan(
             plan = dataclasses.replace(plan, persistent=True)
     if device.type == "cuda" and not isinstance(plan, str):
         tf32 = torch.backends.cuda.matmul.allow_tf32
-        reason = _gpu_misfit(
-            cells[0], hidden_sizes[0], len(cells), dtype, tf32, plan, dropout_mode, cuda_index(device)
-        )  # fmt: skip
-        return reason or plan
+        candidates = [plan, dataclasses.replace(plan, tagged=False)] if plan.tagged else [plan]
+        for candidate in candidates:  # the tagged kernels first where asked for; the barrier's if they do not fit
+            reason = _gpu_misfit(
+                cells[0], hidden_sizes[0], len(cells), dtype, tf32, candidate, dropout_mode, cuda_index(device)
+            )  # fmt: skip
+            if reason is None:
+                return candidate
+        return reason
     return plan
 
 
