@@ -313,6 +313,18 @@ def _emit(
             tl.store(z + o_y, b_z.to(z.dtype.element_ty), mask=m_bj)
 
 
+@triton.jit
+def _load_h_prev(p_h, ring, step, o_words, mask, B, H: tl.constexpr, VALUE: tl.constexpr, TAGGED: tl.constexpr):
+    """h before step ``step`` of every unit: from the plain buffer at p_h, written by all programs before the last
+    barrier (bypassing L1), or (TAGGED) from the words the programs wrote at the previous step, slot step % 2 of
+    ring at offsets o_words, once they carry the step's tag (sync.py)."""
+    if TAGGED:
+        b_h = load_tagged(ring + (step % 2) * B * H + o_words, mask, tag_of(step + 1, ring.dtype.element_ty), VALUE)
+    else:
+        b_h = tl.load(p_h, mask=mask, other=0.0, cache_modifier=".cg")
+    return b_h
+
+
 @triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed_ptr", "p_drop"])
 def rnn_fwd_kernel(
     xproj,  # [T, B, D*G*H] x @ W_ih^T plus the biases that can be folded in (all but GRU's b_hn)
@@ -389,17 +401,8 @@ def rnn_fwd_kernel(
                 b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
             m_bk = m_b[:, None] & m_k[None, :]
-            if TAGGED:
-                # h_{t-1} of every unit: the words the programs wrote at the previous step (slot step % 2).
-                b_h = load_tagged(
-                    ring + (step % 2) * B * H + o_b[:, None] * H + o_k[None, :], m_bk,
-                    tag_of(step + 1, ring.dtype.element_ty), out_ty,
-                )  # fmt: skip
-            else:
-                # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
-                b_h = tl.load(
-                    hseq + ((t + d) * B + o_b)[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg"
-                )
+            o_bk = o_b[:, None] * H + o_k[None, :]
+            b_h = _load_h_prev(hseq + (t + d) * B * H + o_bk, ring, step, o_bk, m_bk, B, H, out_ty, TAGGED)
             r0, r1, r2, r3 = _recurrent_preacts(
                 b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b, w_hh + o_j[None, :] * H,
                 m_j[None, :], H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,

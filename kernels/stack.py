@@ -25,6 +25,7 @@ from .recurrent import (
     _cell_fwd,
     _emit,
     _load_gate_tiles,
+    _load_h_prev,
     _load_input_preacts,
     _program_units,
     _recurrent_preacts,
@@ -32,7 +33,7 @@ from .recurrent import (
     _ring_tag,
     _store_tagged_gates,
 )
-from .sync import arrive, grid_barrier, load_tagged, tag_of, tag_pack, wait_count
+from .sync import arrive, grid_barrier, tag_of, tag_pack, wait_count
 
 
 @triton.jit(do_not_specialize=["T", "B", "s_start", "n_steps", "seed_ptr", "p_drop"])
@@ -112,15 +113,11 @@ def stack_fwd_kernel(
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
                 m_bk = m_b[:, None] & m_k[None, :]
-                if TAGGED:
-                    # h_{t-1} of every unit of this layer, as its programs' tagged words (slot t % 2).
-                    b_h = load_tagged(
-                        ring + (t % 2) * B * H + o_b[:, None] * H + o_k[None, :], m_bk,
-                        tag_of(t + 1, ring.dtype.element_ty), out_ty,
-                    )  # fmt: skip
-                else:
-                    # h_{t-1} of every unit, written by all programs before the last barrier: bypass L1.
-                    b_h = tl.load(hseq + row[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+                # h_{t-1} of every unit of this layer (the step count of a layer's exchange is t).
+                b_h = _load_h_prev(
+                    hseq + row[:, None] * H + o_k[None, :], ring, t, o_b[:, None] * H + o_k[None, :], m_bk, B, H,
+                    out_ty, TAGGED,
+                )  # fmt: skip
                 r0, r1, r2, r3 = _recurrent_preacts(
                     b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j[None, :] * H, m_j[None, :], H, H * H,
                     G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,

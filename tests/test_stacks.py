@@ -19,6 +19,7 @@ from tritonrnn import dropout as tdropout
 from tritonrnn import functional, reference, scheduler
 
 MIXED = [("lstm", 5), ("gru", 4), ("rnn_tanh", 6), ("rnn_relu", 3)]
+real_layer = functional._layer  # the layer-by-layer path, for tests that forbid it in one run and need it in another
 # What the kernels themselves run in here: float64 under the interpreter; on a GPU (which has no float64 kernels)
 # IEEE float32, with its tolerance.
 KERNEL_DTYPE = torch.float64 if DEVICE.type == "cpu" else torch.float32
@@ -569,6 +570,28 @@ def test_fused_stack_tagged_is_bitwise_the_barrier(cell, options, split, fused_o
         results.append([*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_fused_stack_bfloat16_against_float64(exchange, fused_only, monkeypatch):
+    """bf16 through the stack kernel (the upper layers' input products inside the loop): outputs and every parameter
+    gradient against the same stack in float64 (the stack kernel under the interpreter, checked against the
+    reference above; the reference on a GPU), with dropout under the same masks."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    gen = torch.Generator().manual_seed(23)
+    exact = make_stack([("lstm", 24)] * 3, input_size=8, dropout=0.3, dropout_mode="variational")
+    low = tritonrnn.StackedRNN(8, [("lstm", 24)] * 3, dropout=0.3, dropout_mode="variational")
+    low = low.to(device=DEVICE, dtype=torch.bfloat16)
+    low.load_state_dict(exact.state_dict())
+    x = torch.randn(9, 4, 8, dtype=torch.float64, generator=gen).to(DEVICE)
+    results = []
+    for model, dtype in ((low, torch.bfloat16), (exact, torch.float64)):
+        monkeypatch.setattr(functional, "_layer", None if dtype == torch.bfloat16 else real_layer)
+        torch.manual_seed(3)
+        out, _ = model(x.to(dtype))
+        results.append([out, *torch.autograd.grad(out.float().square().sum(), list(model.parameters()))])
+    for a, b in zip(*results):
+        assert rel_err(a.double(), b) < TOLERANCE[torch.bfloat16]
 
 
 def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch, caplog):
