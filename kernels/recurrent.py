@@ -496,9 +496,12 @@ def _bwd_recurrent_step(
 
 
 @triton.jit
-def _store_tagged_gates(p_w, g0, g1, g2, g3, tag, m_bj, H: tl.constexpr, G: tl.constexpr):
-    """Store the G gate-gradient tiles as tagged words at p_w (gate g at +g*H)."""
-    word = p_w.dtype.element_ty
+def _store_tagged_gates(ring, k, o_b, o_j, g0, g1, g2, g3, m_bj, B, H: tl.constexpr, G: tl.constexpr):
+    """Store the G gate-gradient tiles of rows o_b, units o_j as backward step k's tagged words: slot k % 2 of ring
+    ([2, B, G*H] words, gate g at +g*H), tag k + 1."""
+    word = ring.dtype.element_ty
+    tag = tag_of(k + 1, word)
+    p_w = ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :]
     tl.store(p_w, tag_pack(g0, tag, word), mask=m_bj)
     if G > 1:
         tl.store(p_w + H, tag_pack(g1, tag, word), mask=m_bj)
@@ -629,10 +632,7 @@ def rnn_bwd_kernel(
                 hseq + o_h + d * B * H, hseq + o_h + (1 - d) * B * H, m_bj, b_act, H, CELL, VARLEN, False,
             )  # fmt: skip
             if TAGGED:
-                _store_tagged_gates(
-                    ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :], g0, g1, g2, g3,
-                    tag_of(k + 1, ring.dtype.element_ty), m_bj, H, G,
-                )  # fmt: skip
+                _store_tagged_gates(ring, k, o_b, o_j, g0, g1, g2, g3, m_bj, B, H, G)
         if TAGGED:
             # The words carry the synchronisation; a CTA barrier orders this program's own rereads (grad_h, dL/dc).
             tl.debug_barrier()

@@ -280,10 +280,7 @@ def stack_bwd_kernel(
                     grad_xgates + o_g, hseq + o_h, hseq + o_h + B * H, m_bj, m_bj, H, CELL, False, True,
                 )  # fmt: skip
                 if TAGGED:
-                    _store_tagged_gates(
-                        ring + (k % 2) * B * (G * H) + o_b[:, None] * (G * H) + o_j[None, :], g0, g1, g2, g3,
-                        tag_of(k + 1, ring.dtype.element_ty), m_bj, H, G,
-                    )  # fmt: skip
+                    _store_tagged_gates(ring, k, o_b, o_j, g0, g1, g2, g3, m_bj, B, H, G)
             if TAGGED:
                 if layer > 0:
                     arrive(counter + layer)  # this step's input-side gate gradients, for the layer below
