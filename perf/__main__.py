@@ -1,6 +1,8 @@
 """tritonrnn's benchmarks against cuDNN: run a suite, report it, compare two runs, refresh the README table.
 
-    python -m perf run [--suite quick|full|persist|stacks|large|smoke|PATH.json] [--out DIR] [--providers ...] [--tf32]
+    python -m perf run [--suite quick|bars|full|persist|stacks|large|smoke|PATH.json] [--out DIR] [--providers ...]
+                       [--tf32] [--budget-s S]
+    python -m perf warm --suite NAME [--suite ...] [--switches TRITONRNN_X=V ...] [--jobs N]
     python -m perf report DIR
     python -m perf compare BASELINE.csv CURRENT.csv [--threshold PCT] [--out REPORT.md] [--allow-different-gpu]
     python -m perf readme [--write]
@@ -13,8 +15,10 @@ Exit codes: 0 done; 1 compare found a tritonrnn regression; 2 bad input (one lin
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
+import time
 
 from perf import compare, readme_table, report, suites
 from perf.schema import PROVIDERS, PerfError, gpu_slug
@@ -40,16 +44,31 @@ def _run(args: argparse.Namespace) -> int:
         suite = suites.load("smoke")
     out = args.out or RESULTS_DIR / suite.name
     _make_dir(out)
-    results = runner.run_suite(suite, providers, device, tf32=args.tf32)
     csv = out / "results.csv"
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    results, left = runner.run_suite(suite, providers, device, tf32=args.tf32, deadline=deadline, checkpoint=csv)
+    if results.empty:
+        raise PerfError(f"nothing measured: the budget of {args.budget_s:g} s ran out before the first config")
     results.to_csv(csv, index=False)
     markdown, html = report.write(out)
     print(report.summary_markdown(results))
+    if left:
+        print(f"\nbudget of {args.budget_s:g} s reached: {left} of {len(suite.configs)} configs not measured")
     print(f"\nrows: {csv}\nreport: {markdown}\n        {html}")
-    if suite.name == "quick" and device.type == "cuda":
+    if suite.name == "quick" and device.type == "cuda" and not left:
         slug = gpu_slug(results["gpu"].iloc[0])
         print(f"as this GPU's baseline (perf/baselines/README.md): cp {csv} perf/baselines/{slug}.csv")
     return 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _make_dir(path: pathlib.Path) -> None:
@@ -57,6 +76,29 @@ def _make_dir(path: pathlib.Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PerfError(f"cannot use {path} as the output folder: {error.strerror}") from None
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from concurrent.futures.process import BrokenProcessPool
+
+    from perf import warm
+
+    configs = list({config.key(): config for name in args.suite for config in suites.load(name).configs}.values())
+    switch_sets = [warm.parse_switches(text) for text in args.switches or ["-"]]
+    jobs = args.jobs or warm.default_jobs()
+    start = time.perf_counter()
+    try:
+        results = warm.warm(configs, switch_sets, jobs)
+    except BrokenProcessPool as error:  # a worker died (a crash inside a launch): say so, do not hang or trace
+        raise PerfError(f"a warm-up worker died: {error}") from None
+    failed = [(label, error) for label, _, error in results if error]
+    for label, error in failed:
+        print(f"failed: {label}: {error}")
+    label, seconds, _ = max(results, key=lambda r: r[1])
+    elapsed = time.perf_counter() - start
+    print(f"warmed {len(results) - len(failed)} of {len(results)} (config, switches) pairs in {elapsed:.0f} s "
+          f"with {jobs} processes (slowest: {label}, {seconds:.0f} s)")  # fmt: skip
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -96,7 +138,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=pathlib.Path, help="output folder (default perf/results/<suite>)")
     run.add_argument("--providers", nargs="+", metavar="NAME", help=f"a subset of {', '.join(PROVIDERS)}")
     run.add_argument("--tf32", action="store_true", help="let fp32 use TF32 (default IEEE); recorded in the rows")
+    run.add_argument(
+        "--budget-s", type=_positive_seconds, metavar="S",
+        help="start no config after S seconds (configs run in the suite's order; the rows so far are kept)",
+    )  # fmt: skip
     run.set_defaults(func=_run)
+
+    warm = commands.add_parser("warm", help="compile the kernels of suites in parallel processes (Triton's cache)")
+    warm.add_argument("--suite", action="append", required=True, help="a suite name or .json file; repeatable")
+    warm.add_argument(
+        "--switches", action="append", metavar="NAME=VALUE[,...]",
+        help="TRITONRNN_* variables to warm under as well, or '-' for none (default: none); repeatable",
+    )  # fmt: skip
+    warm.add_argument("--jobs", type=int, help="worker processes (default: the cores but one)")
+    warm.set_defaults(func=_warm)
 
     rep = commands.add_parser("report", help="(re)write DIR/report.md and DIR/report.html from DIR/results.csv")
     rep.add_argument("dir", type=pathlib.Path)

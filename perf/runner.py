@@ -324,6 +324,9 @@ def _switches() -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit; PERF_COMMIT where the tree is a copy without its git history (a lent GPU's)."""
+    if os.environ.get("PERF_COMMIT"):
+        return os.environ["PERF_COMMIT"]
     root = pathlib.Path(__file__).resolve().parent.parent
     try:
         result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -343,15 +346,28 @@ def tf32_flags(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def run_suite(suite: Suite, providers: Sequence[str], device: torch.device, tf32: bool = False) -> pd.DataFrame:
-    """Every config x pass x provider of ``suite`` on ``device``: the results table (schema.COLUMNS)."""
+def run_suite(
+    suite: Suite, providers: Sequence[str], device: torch.device, tf32: bool = False,
+    deadline: float | None = None, checkpoint: pathlib.Path | None = None,
+) -> tuple[pd.DataFrame, int]:  # fmt: skip
+    """Every config x pass x provider of ``suite`` on ``device``: the results table (schema.COLUMNS).
+
+    ``deadline`` (a ``time.monotonic()`` value): no config starts after it; configs run in the suite's order, so a
+    suite lists what matters most first. ``checkpoint``: the rows so far are written there after every config,
+    so a run killed from outside (a hung kernel, a device call's time limit) still leaves what it measured.
+    Returns the table and the number of configs left unmeasured by the deadline.
+    """
     rows = []
+    left = 0
     with tf32_flags(tf32):
         shared = context(device)
         if device.type == "cuda":
             warm_up_gpu()
         bar = tqdm(total=len(suite.configs) * len(providers), desc=f"perf {suite.name}", unit="item")
-        for config in suite.configs:
+        for index, config in enumerate(suite.configs):
+            if deadline is not None and time.monotonic() > deadline:
+                left = len(suite.configs) - index
+                break
             case, setup_error = None, None
             try:
                 case = Case(config, device)
@@ -373,8 +389,10 @@ def run_suite(suite: Suite, providers: Sequence[str], device: torch.device, tf32
             del case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if checkpoint is not None:
+                pd.DataFrame(rows, columns=COLUMNS).to_csv(checkpoint, index=False)
         bar.close()
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS), left
 
 
 def _config_columns(config: Config) -> dict:

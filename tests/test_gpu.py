@@ -398,3 +398,13 @@ def test_tagged_exchange_across_the_16_bit_tag_wrap(monkeypatch):
         with torch.no_grad():
             outputs.append(model(x)[0])
     assert torch.equal(*outputs)
+
+
+def test_probe_of_a_device_session_passes(capsys):
+    """perf/probe.py, the first stage of a device call: the barrier floor and one layer of each cell vs cuDNN."""
+    from perf import probe
+
+    assert probe.main() == 0
+    out = capsys.readouterr().out
+    assert out.count("grid barrier") >= 3
+    assert sum("| ok" in line for line in out.splitlines()) == 2 * len(probe.PROBE_CONFIGS)

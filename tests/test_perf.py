@@ -384,3 +384,10 @@ def test_rows_record_tritonrnn_switches(monkeypatch):
     monkeypatch.setenv("TRITONRNN_CACHE_DIR", "/somewhere")
     switches = runner.context(torch.device("cpu"))["switches"].split()
     assert "TRITONRNN_WAVEFRONT=1" in switches and not any(s.startswith("TRITONRNN_CACHE_DIR") for s in switches)
+
+
+def test_rows_take_the_commit_from_perf_commit_where_there_is_no_git_history(monkeypatch):
+    from perf import runner
+
+    monkeypatch.setenv("PERF_COMMIT", "abc1234")
+    assert runner.context(torch.device("cpu"))["commit"] == "abc1234"

@@ -1,0 +1,91 @@
+"""The first minute on a lent GPU: what the card is, what a grid barrier costs on it, and whether the kernels run.
+
+    python -m perf.probe
+
+Prints, as it goes (a hang shows where it happened):
+1. the card and the versions (GPU, SMs, shared memory per block, L2; torch, triton, CUDA, cuDNN, numpy);
+2. the synchronisation floor: a kernel whose programs only meet at the grid barrier (kernels/sync.py) once per
+   step, 1024 steps, at 1, 16, 64 and all-SM programs, in us per step (ANCHORS.md has the H100's figures);
+3. one small layer of each cell (bf16, B=16, H=512, T=256) through the benchmark runner: tritonrnn against cuDNN,
+   forward and training step, time per step and relative error against float64.
+Exit code 1 when a kernel failed to run or erred more than 1.5x cuDNN (or 1e-3, whichever is larger).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import triton
+import triton.testing
+
+from perf import runner
+from perf.compile_report import _barrier_probe
+from perf.suites import Config
+
+BARRIER_STEPS = 1024
+PROBE_CONFIGS = [
+    Config(cell, "bf16", B=16, H=512, T=256, L=1, input_size=512, bidirectional=False, dropout=0.0,
+           dropout_mode="standard", proj_size=0, passes=("fwd", "fwd+bwd"))
+    for cell in ("lstm", "gru", "rnn_tanh")
+]  # fmt: skip
+
+
+def card() -> str:
+    props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+    import numpy
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return (
+        f"{torch.cuda.get_device_name()}: {props['multiprocessor_count']} SMs, "
+        f"{props['max_shared_mem']} B shared memory per block, L2 "
+        f"{torch.cuda.get_device_properties(0).L2_cache_size / 2**20:.0f} MB | torch {torch.__version__}, triton "
+        f"{triton.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn}, numpy {numpy.__version__}"
+    )
+
+
+def barrier_us_per_step(programs: int) -> float:
+    """Median us per step of ``programs`` programs meeting at the grid barrier BARRIER_STEPS times."""
+    out = torch.empty(programs, dtype=torch.int32, device="cuda")
+
+    def launch() -> None:
+        counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+        _barrier_probe[(programs,)](counter=counter, out=out, n=BARRIER_STEPS, launch_cooperative_grid=True)
+
+    launch()
+    torch.cuda.synchronize()
+    if not bool((out == 1).all()):
+        raise RuntimeError(f"barrier probe with {programs} programs: not every program finished")
+    return triton.testing.do_bench(launch, warmup=20, rep=100, return_mode="median") * 1e3 / BARRIER_STEPS
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("perf.probe needs a CUDA GPU")
+        return 2
+    print(card(), flush=True)
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    for programs in sorted({1, 16, 64, sm_count}):
+        print(f"grid barrier, {programs:3} programs: {barrier_us_per_step(programs):.2f} us/step", flush=True)
+    failed = False
+    for config in PROBE_CONFIGS:
+        case = runner.Case(config, torch.device("cuda"))
+        for pass_ in config.passes:
+            rows = {provider: runner.measure(case, provider, pass_) for provider in ("tritonrnn", "cudnn")}
+            ours, theirs = rows["tritonrnn"], rows["cudnn"]
+            bound = max(1.5 * theirs["rel_err"], 1e-3)
+            ok = math.isfinite(ours["rel_err"]) and ours["rel_err"] <= bound
+            failed |= not ok
+            print(
+                f"{config.cell:8} bf16 B16 H512 T256 {pass_:7}: tritonrnn {ours['us_per_step_layer']:6.2f} us/step "
+                f"err {ours['rel_err']:.1e} | cuDNN {theirs['us_per_step_layer']:6.2f} us/step err "
+                f"{theirs['rel_err']:.1e} | {'ok' if ok else 'ERROR ABOVE 1.5x cuDNN'}"
+                f"{' | ' + ours['note'] if ours['note'] else ''}",
+                flush=True,
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The tools of a device call, on the CPU: stages killed at their time limit with everything they started,
+stages skipped when the budget is spent, at most 8 files back, benchmarks that stop on a budget and keep their
+rows, and the parallel warm-up of a suite's kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from perf import device_session, runner, schema, suites, warm
+from perf.__main__ import main
+
+TINY = {"name": "tiny", "cases": [{"cell": "gru", "dtype": "fp32", "B": 2, "H": 8, "T": 3, "L": 1, "passes": "fwd"},
+                                  {"cell": "rnn_tanh", "dtype": "fp32", "B": 2, "H": 8, "T": 3, "L": 1}]}  # fmt: skip
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has ended; only its parent has not reaped it yet.
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_a_stage_past_its_time_is_killed_with_the_processes_it_started(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    start = time.monotonic()
+    result = device_session.run_stage("hang", [sys.executable, "-c", script], dict(os.environ), 3.0,
+                                      tmp_path / "hang.log")  # fmt: skip
+    assert time.monotonic() - start < 30
+    assert result.status == "timed out after 3 s (killed)"
+    assert "started" in (tmp_path / "hang.log").read_text()
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def test_a_stage_records_its_exit_code_and_output(tmp_path):
+    result = device_session.run_stage(
+        "fails", [sys.executable, "-c", "print('to the log'); raise SystemExit(3)"], dict(os.environ), 30,
+        tmp_path / "fails.log",
+    )  # fmt: skip
+    assert result.status == "exit 3"
+    assert device_session.tail(result.log).endswith("to the log")
+
+
+def test_stages_share_the_budget_in_order_and_are_skipped_when_it_is_spent(tmp_path, monkeypatch):
+    sleep = (sys.executable, "-c", "import time; time.sleep(60)")
+    stages = {
+        "quick": device_session.Stage(30, (sys.executable, "-c", "print('done')"), note="prints"),
+        "slow": device_session.Stage(300, sleep, note="sleeps past the budget"),
+        "late": device_session.Stage(30, (sys.executable, "-c", "print('never')"), note="no time left"),
+    }
+    monkeypatch.setattr(device_session, "STAGES", stages)
+    monkeypatch.setattr(device_session, "PACK_RESERVE_S", 0)
+    monkeypatch.setattr(device_session, "MIN_STAGE_S", 2)
+    start = time.monotonic()
+    results = device_session.run_plan(["quick", "slow", "late"], 8.0, tmp_path)
+    assert time.monotonic() - start < 30
+    assert [r.status for r in results[:1]] == ["ok"]
+    assert results[1].status.startswith("timed out after") and results[1].seconds < 9
+    assert results[2].status.startswith("skipped:")
+    text = device_session.summary(results, 8.0, time.monotonic() - start, tmp_path / "reports")
+    assert "| late | skipped:" in text and "done" in text
+
+
+def test_at_most_eight_files_come_back(tmp_path):
+    logs, reports = tmp_path / "logs", tmp_path / "reports"
+    logs.mkdir()
+    (logs / "a.log").write_text("a")
+    for k in range(7):
+        (reports / f"bench{k}").mkdir(parents=True)
+        (reports / f"bench{k}" / "results.csv").write_text("x")
+        (reports / f"bench{k}" / "report.md").write_text("x")
+    files = device_session.pack(tmp_path, [], "summary")
+    assert len(files) <= 8 and all(f.is_file() for f in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+    assert (tmp_path / "summary.md").read_text() == "summary"
+    assert {"logs.tar.gz", "reports.tar.gz", "bench0.csv"} <= {f.name for f in files}
+
+
+def test_every_plan_names_known_stages_and_benchmarks_name_shipped_suites():
+    for plan in device_session.PLANS.values():
+        assert set(plan) <= set(device_session.STAGES)
+    for stage in device_session.STAGES.values():
+        assert stage.cap_s <= 600 and (bool(stage.bench) != bool(stage.command))
+        if stage.bench:
+            suites.load(stage.bench)
+    first = device_session.PLANS["first"]
+    assert first[:2] == ["probe", "warm"]
+
+
+def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(device_session.shutil, "which", lambda name: None)
+    assert device_session.main(["--plan", "first"]) == 2
+    assert "lent GPU" in capsys.readouterr().err
+
+
+def test_a_benchmark_stops_at_its_deadline_and_checkpoints_its_rows(tmp_path):
+    suite = suites.parse(TINY)
+    providers = runner.select_providers(None, DEVICE)
+    checkpoint = tmp_path / "results.csv"
+    rows, left = runner.run_suite(suite, providers, DEVICE, deadline=time.monotonic() - 1, checkpoint=checkpoint)
+    assert rows.empty and left == 2 and not checkpoint.exists()
+    rows, left = runner.run_suite(suite, providers, DEVICE, checkpoint=checkpoint)
+    assert left == 0 and len(rows) == 3 * len(providers)
+    pd.testing.assert_frame_equal(schema.read_results(checkpoint), schema.read_results(_csv(rows, tmp_path)))
+
+
+def _csv(rows: pd.DataFrame, tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "returned.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+def test_a_run_whose_budget_ends_before_the_first_config_says_so(tmp_path, capsys, monkeypatch):
+    import perf.__main__
+
+    class HourAgo:
+        """time, with a monotonic clock an hour behind: the deadline is set from it, so it has passed."""
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() - 3600
+
+    suite_file = tmp_path / "tiny.json"
+    suite_file.write_text(json.dumps(TINY))
+    monkeypatch.setattr(perf.__main__, "time", HourAgo())
+    assert main(["run", "--suite", str(suite_file), "--out", str(tmp_path / "out"), "--budget-s", "5"]) == 2
+    assert "nothing measured: the budget of 5 s ran out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["0", "-3", "soon"])
+def test_a_budget_must_be_a_positive_number_of_seconds(budget, capsys):
+    assert main(["run", "--suite", "smoke", "--budget-s", budget]) == 2
+    assert "positive number of seconds" in capsys.readouterr().err
+
+
+def test_warm_runs_each_config_under_each_switch_set_in_worker_processes(tmp_path, capsys):
+    suite_file = tmp_path / "tiny.json"
+    suite_file.write_text(json.dumps(TINY))
+    argv = ["warm", "--suite", str(suite_file), "--switches", "-", "--switches", "TRITONRNN_EXCHANGE=tagged",
+            "--jobs", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warmed 4 of 4 (config, switches) pairs" in out and "with 2 processes" in out
+
+
+def test_warm_reports_a_config_that_fails(tmp_path):
+    config = suites.parse(TINY).configs[0]
+    results = warm.warm([config], [{"TRITONRNN_EXCHANGE": "bogus"}], jobs=1)
+    assert len(results) == 1
+    label, seconds, error = results[0]
+    assert "TRITONRNN_EXCHANGE=bogus" in label and "TRITONRNN_EXCHANGE should be one of" in error
+
+
+@pytest.mark.parametrize("text", ["EXCHANGE=tagged", "TRITONRNN_EXCHANGE", "TRITONRNN_X=", ""])
+def test_warm_switches_are_checked(text):
+    with pytest.raises(schema.PerfError, match="expected TRITONRNN_NAME=VALUE"):
+        warm.parse_switches(text)
+    assert warm.parse_switches("-") == {}
+    assert warm.parse_switches("TRITONRNN_EXCHANGE=tagged,TRITONRNN_WAVEFRONT=fused") == {
+        "TRITONRNN_EXCHANGE": "tagged", "TRITONRNN_WAVEFRONT": "fused"}  # fmt: skip
+
+
+def test_summary_of_a_switch_stage_sets_its_times_beside_the_default_run(tmp_path):
+    suite = suites.parse(TINY)
+    base, _ = runner.run_suite(suite, runner.select_providers(None, DEVICE), DEVICE)
+    switched = base[base["provider"] == "tritonrnn"].copy()
+    switched["us_per_step_layer"] *= 2
+    for name, rows in (("bars", base), ("bars_tagged", switched)):
+        (tmp_path / name).mkdir()
+        rows.to_csv(tmp_path / name / "results.csv", index=False)
+    text = device_session.bench_tables(tmp_path, "bars_tagged")
+    assert "bars (default switches) vs bars_tagged" in text
+    ratios = [line for line in text.splitlines() if line.startswith("| gru") or line.startswith("| rnn_tanh")]
+    assert len(ratios) == 3 + 3 and all(line.split("|")[-2].strip() == "2" for line in ratios[3:])
