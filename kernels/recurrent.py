@@ -5,7 +5,9 @@ Dimension letters:
     G  gates per unit (RNN 1, GRU 3, LSTM 4)          S  saved activations per unit (LSTM 5, GRU 4, RNN 0)
     D  directions in the buffers (1, or 2 for a bidirectional layer; program_id(1) picks one)
     BLOCK_H  hidden units owned by one program (the grid splits H)
-    BLOCK_B  batch rows per tile (a program loops over the batch)
+    BLOCK_B  batch rows per tile (a program loops over its group's rows)
+    NB       batch groups (grid axis 2): batch rows never interact, so the batch is split in groups of whole
+             tiles, each with its own programs and grid barrier (idle SMs take a share of a large batch)
     BLOCK_K  units of the reduction over the previous hidden state held on chip (next power of two >= H,
              or fewer where the slice does not fit: units [BLOCK_K, H) are then read every step in
              chunks of BLOCK_KS)
@@ -22,7 +24,9 @@ indexed by time (the input projection, the layer output, saved activations, gate
 stored in time order, so the host's GEMMs cover both directions at once; ``hseq`` holds direction
 d's hidden states with h_t at row t + 1 - d and the initial state at row 0 (forward) or T (reverse).
 Both directions run in one launch (grid (P, 2), each with its own barrier counter) where the GPU
-holds both grids, else one after the other (``direction0``).
+holds both grids, else one after the other (``direction0``). Grid axis 2 splits the batch into NB groups of
+whole tiles (``_group_rows``), each group with its own P programs and barrier counter: the host uses it where
+P * D programs leave SMs idle and the batch has tiles to spare. A row's arithmetic does not depend on its group.
 
 The layer output y = h (+ the layer input with ``RESIDUAL``) and the next layer's input
 z = dropout(y) are written where h is, with the mask drawn in place (kernels/dropout.py).
@@ -57,6 +61,15 @@ def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr
     o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     o_k = tl.arange(0, BLOCK_K)
     return o_j, o_j < H, o_k, o_k < H
+
+
+@triton.jit
+def _group_rows(B, BLOCK_B: tl.constexpr):
+    """The batch rows [lo, hi) of this program's group (grid axis 2, NB groups): whole tiles, as evenly as they
+    split; a group may be empty. One group (a grid without axis 2) covers [0, B)."""
+    per_group = tl.cdiv(tl.cdiv(B, BLOCK_B), tl.num_programs(2)) * BLOCK_B
+    lo = tl.program_id(2) * per_group
+    return lo, tl.minimum(lo + per_group, B)
 
 
 @triton.jit
@@ -336,7 +349,7 @@ def rnn_fwd_kernel(
     y,  # [T, B, D*H] the layer output (written when WRITE_Y; else hseq[0, 1:] is the output)
     res,  # [T, B, D*H] the layer input, added to the output (RESIDUAL)
     z,  # [T, B, D*H] dropout(y), the next layer's input (written when DROPOUT)
-    counter,  # [D] int32, zeroed: one grid barrier per direction
+    counter,  # [D, NB] int32, zeroed: one grid barrier per direction and batch group
     lengths,  # [B] int32 (VARLEN): each sequence's length; rows keep their state at steps t >= length
     T,
     B,
@@ -379,7 +392,8 @@ def rnn_fwd_kernel(
     state += d * B * H
     saved += d * T * B * (S * H)
     xproj += d * (G * H)
-    counter += d
+    counter += d * tl.num_programs(2) + tl.program_id(2)
+    b_lo, b_hi = _group_rows(B, BLOCK_B)
     # b_w{g}[k, j] = W_hh[g*H + j, k]: loaded once, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
         w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H * H, G
@@ -389,7 +403,7 @@ def rnn_fwd_kernel(
     for s in range(n_steps):
         step = (t_start + s).to(tl.int64)
         t = _time(step, T, d)
-        for b0 in range(0, B, BLOCK_B):
+        for b0 in range(b_lo, b_hi, BLOCK_B):
             o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             m_b = o_b < B
             row = t * B + o_b
@@ -453,8 +467,10 @@ def _bwd_recurrent_step(
     ACCUMULATE=False: grad_h = the sum, what it held is ignored. The stack kernel (kernels/stack.py) also computes
     the gradient of a layer's input this way, from the layer above's gate gradients and W_ih.
     TAGGED: the gate gradients come from ring ([B, G*H] words of step tn's slot) once they carry tag (sync.py).
+    Rows: this program's batch group's (all of them without grid axis 2).
     """
-    for b0 in range(0, B, BLOCK_B):
+    b_lo, b_hi = _group_rows(B, BLOCK_B)
+    for b0 in range(b_lo, b_hi, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         m_b = o_b < B
         m_bk = m_b[:, None] & m_k[None, :]
@@ -540,7 +556,7 @@ def rnn_bwd_kernel(
     grad_xn,  # [T, B, D*H] out, GRU only: dL/d(input part of the n gate), which differs from grad_gates'
     grad_h,  # [D, B, H] ACC: dL/dh_n in, dL/dh0 out
     grad_c,  # [D, B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
-    counter,  # [D] int32, zeroed: one grid barrier per direction
+    counter,  # [D, NB] int32, zeroed: one grid barrier per direction and batch group
     lengths,  # [B] int32 (VARLEN): each sequence's length; steps t >= length pass the gradients through
     T,
     B,
@@ -580,7 +596,8 @@ def rnn_bwd_kernel(
     grad_h += d * B * H
     grad_c += d * B * H
     grad_gates += d * (G * H)
-    counter += d
+    counter += d * tl.num_programs(2) + tl.program_id(2)
+    b_lo, b_hi = _group_rows(B, BLOCK_B)
     if TAGGED:
         ring += d * 2 * B * (G * H)
     o_w = d * H + o_j.to(tl.int64)  # this program's columns of the [T, B, D*H] tensors
@@ -601,7 +618,7 @@ def rnn_bwd_kernel(
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
         tl.debug_barrier()
-        for b0 in range(0, B, BLOCK_B):
+        for b0 in range(b_lo, b_hi, BLOCK_B):
             o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             m_b = o_b < B
             row = t * B + o_b

@@ -387,6 +387,40 @@ def test_tagged_exchange_is_bitwise_the_barrier_exchange(cell, dtype, B, H, bidi
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+@pytest.mark.parametrize(
+    "cell,dtype,B,H,bidirectional",
+    [("lstm", torch.bfloat16, 256, 512, False), ("gru", torch.float16, 100, 256, True)],
+    ids=str,
+)
+def test_batch_groups_are_bitwise_one_group_at_scale(cell, dtype, B, H, bidirectional, exchange, monkeypatch):
+    """The heuristic's batch groups (idle SMs take tiles of the batch) against the whole batch in one group of
+    programs: outputs and every gradient bit for bit, so the groups' barriers and rows are independent."""
+    from tritonrnn.layer_op import kernel_plan
+    from tritonrnn.layer_run import Variant
+
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    assert kernel_plan(cell, H, B, dtype, CUDA, Variant(directions=2 if bidirectional else 1)).batch_groups > 1
+    torch.manual_seed(0)
+    cls = {"lstm": tritonrnn.LSTM, "gru": tritonrnn.GRU}[cell]
+    model = cls(H, H, num_layers=2, bidirectional=bidirectional).to(CUDA, dtype)
+    x = torch.randn(300, B, H, device=CUDA, dtype=dtype)
+    results = []
+    for one_group in (False, True):
+        if one_group:
+            _plan.force_plan(batch_groups=1)
+        try:
+            xr = x.clone().requires_grad_()
+            out, state = model(xr)
+            h = state[0] if isinstance(state, tuple) else state
+            loss = out.float().sum() + h.float().sum()
+            results.append([out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+        finally:
+            _plan.force_plan()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_tagged_exchange_across_the_16_bit_tag_wrap(monkeypatch):
     """70000 steps: bf16 tags wrap at 65536; the outputs stay those of the barrier exchange."""
     torch.manual_seed(0)

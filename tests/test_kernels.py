@@ -7,6 +7,7 @@ weight and bias, with the final states in the loss; kernel buffers start as NaN 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
 from tritonrnn import _plan, reference
+from tritonrnn.kernels.recurrent import _group_rows
 from tritonrnn.kernels.sync import load_tagged, tag_of, tag_pack
 
 
@@ -541,3 +543,116 @@ def test_exchange_switch_rejects_nonsense(monkeypatch):
     monkeypatch.setenv("TRITONRNN_EXCHANGE", "flags")
     with pytest.raises(ValueError, match="TRITONRNN_EXCHANGE should be one of"):
         tritonrnn.GRU(3, 4).to(DEVICE)(torch.randn(2, 1, 3, device=DEVICE))
+
+
+# --- batch groups (grid axis 2) -------------------------------------------------------------------------------
+
+
+def _training_step(model, x, lengths=None):
+    """Outputs, final states and every gradient of one training step, as a flat list."""
+    xr = x.clone().requires_grad_()
+    inputs = torch.nn.utils.rnn.pack_padded_sequence(xr, lengths, enforce_sorted=False) if lengths is not None else xr
+    out, states = model(inputs)
+    if lengths is not None:
+        out = torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+    states = list(states) if isinstance(states, tuple) else [states]
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum() + sum(s.sum() for s in states)
+    return [out, *states, *torch.autograd.grad(loss, [xr, *model.parameters()])]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(dict(), id="plain"),
+        pytest.param(dict(bidirectional=True, dropout=0.3, dropout_mode="variational"), id="bidir-dropout"),
+        pytest.param(dict(packed=True, tagged=True), id="packed-tagged"),
+    ],
+)
+def test_batch_groups_give_the_one_group_results_bit_for_bit(cell, options, forced_plan, monkeypatch):
+    """B=37 in 16-row tiles (3 tiles) split in 2 groups (2 tiles and 1) and 4 groups (one tile each and one empty):
+    a row's arithmetic does not depend on its group, so every tensor matches one group's bit for bit."""
+    options = dict(options)
+    packed, tagged = options.pop("packed", False), options.pop("tagged", False)
+    if tagged:
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    torch.manual_seed(0)
+    name = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
+    extra = dict(nonlinearity=cell.split("_")[1]) if cell.startswith("rnn") else {}
+    model = getattr(tritonrnn, name)(5, 20, num_layers=2, **extra, **options).to(DEVICE).train()
+    x = torch.randn(6, 37, 5, device=DEVICE)
+    lengths = torch.randint(1, 7, (37,)) if packed else None
+    results = {}
+    for groups in (1, 2, 4):
+        forced_plan(block_b=16, batch_groups=groups)
+        torch.manual_seed(1)  # the same dropout masks
+        results[groups] = _training_step(model, x, lengths)
+    for groups in (2, 4):
+        for k, (a, b) in enumerate(zip(results[1], results[groups])):
+            assert torch.equal(a, b), (groups, k)
+
+
+@triton.jit
+def _group_rows_probe(owner, writes, B, BLOCK_B: tl.constexpr):
+    lo, hi = _group_rows(B, BLOCK_B)
+    for b0 in range(lo, hi, BLOCK_B):
+        o_b = b0 + tl.arange(0, BLOCK_B)
+        tl.store(owner + o_b, tl.program_id(2), mask=o_b < B)
+        tl.atomic_add(writes + o_b, 1, mask=o_b < B)
+
+
+@pytest.mark.parametrize("B, groups", [(37, 1), (37, 2), (37, 3), (37, 4), (1, 3), (64, 4), (65, 4)])
+def test_batch_groups_partition_the_rows_in_whole_tiles(B, groups):
+    """Every row belongs to exactly one group; groups hold whole 16-row tiles, in order, as evenly as they split."""
+    owner = torch.full((B,), -1, dtype=torch.int32, device=DEVICE)
+    writes = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    _group_rows_probe[(1, 1, groups)](owner=owner, writes=writes, B=B, BLOCK_B=16)
+    assert (writes == 1).all()
+    tiles = -(-B // 16)
+    per_group = -(-tiles // groups) * 16
+    assert owner.tolist() == [row // per_group for row in range(B)]
+
+
+def test_batch_groups_split_grid_stepwise_bfloat16(forced_plan):
+    """Groups of a grid whose hidden units are split over programs, one launch per step, against torch.nn."""
+    forced_plan(block_h=16, block_b=16, persistent=False, batch_groups=2)
+    compare("gru", 4, 37, 4, 33, 2, dtype=torch.bfloat16, seed=6, bidirectional=True)
+
+
+def test_batch_groups_take_the_idle_sms():
+    plan = _plan.LayerPlan(block_h=16, block_b=32, block_k=512, num_programs=32, num_warps=8, persistent=True)
+    assert _plan.with_batch_groups(plan, 256, 1, 132).batch_groups == 4  # 4 x 32 programs of 132 SMs
+    assert _plan.with_batch_groups(plan, 64, 1, 132).batch_groups == 2  # two tiles: one each
+    assert _plan.with_batch_groups(plan, 16, 1, 132).batch_groups == 1
+    assert _plan.with_batch_groups(plan, 256, 2, 132).batch_groups == 2  # both directions in the launch
+    apart = dataclasses.replace(plan, directions_together=False)
+    assert _plan.with_batch_groups(apart, 256, 2, 132).batch_groups == 4  # one direction per launch
+    stepwise = dataclasses.replace(plan, persistent=False)
+    assert _plan.with_batch_groups(stepwise, 256, 1, 132).batch_groups == 1
+    backward = dataclasses.replace(plan, block_h=32, num_programs=16)
+    both = _plan.with_batch_groups(dataclasses.replace(plan, backward=backward), 256, 1, 132)
+    assert (both.batch_groups, both.backward.batch_groups) == (4, 8)
+    assert _plan.single_group(both).batch_groups == 1 and _plan.single_group(both).backward.batch_groups == 1
+
+
+def test_the_projection_and_the_stream_wavefront_run_one_group(forced_plan, monkeypatch):
+    from tritonrnn import functional
+    from tritonrnn.layer_op import kernel_plan
+    from tritonrnn.layer_run import Variant
+
+    forced_plan(batch_groups=3)
+    cpu = torch.device("cpu")
+    assert kernel_plan("lstm", 20, 40, torch.float32, cpu).batch_groups == 3
+    assert kernel_plan("lstm", 20, 40, torch.float32, cpu, Variant(proj=5)).batch_groups == 1
+    # The wavefront's layers run at once on their streams, each in its own share of the SMs: one group each.
+    launched = []
+    real_apply = functional.WavefrontStackFunction.apply
+
+    def spy(specs, *args):
+        launched.extend(plan for _, plan, _, _ in specs)
+        return real_apply(specs, *args)
+
+    monkeypatch.setattr(functional.WavefrontStackFunction, "apply", spy)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
+    tritonrnn.LSTM(4, 20, num_layers=2).to(DEVICE)(torch.randn(5, 40, 4, device=DEVICE))
+    assert len(launched) == 2 and all(plan.batch_groups == 1 for plan in launched)

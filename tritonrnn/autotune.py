@@ -174,9 +174,11 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[
 
 
 def to_plan(config: KernelConfig, key: TuneKey, device: torch.device) -> LayerPlan:
+    """The configuration's plan, with the batch groups of the key's batch bucket (kernel_plan sets those of the
+    actual batch)."""
     return plan_with(
         key.cell, key.hidden, key.directions, device, DTYPES[key.dtype], config.block_h, config.block_b,
-        config.num_warps, config.num_stages,
+        config.num_warps, config.num_stages, key.batch_bucket,
     )  # fmt: skip
 
 

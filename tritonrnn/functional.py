@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import layer_op, reference, scheduler
-from tritonrnn._plan import CELLS, interpret_mode
+from tritonrnn._plan import CELLS, interpret_mode, single_group
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
@@ -80,7 +80,8 @@ def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
         plan = kernel_plan(layer.cell, hidden, x.shape[1], x.dtype, x.device, variant)
         if isinstance(plan, str):
             return None
-        specs.append((layer.cell, plan, residual, drop))
+        # The layers' grids run at once on their streams: each keeps to its one group of SMs.
+        specs.append((layer.cell, single_group(plan), residual, drop))
         tensors += [h.contiguous(), c.contiguous() if c is not None else None, w_ih.contiguous(),
                     w_hh.unsqueeze(0).contiguous(), b_ih, b_hh, w_hr]  # fmt: skip
     outputs = WavefrontStackFunction.apply(specs, chunk, lengths, x.contiguous(), *tensors)

@@ -28,6 +28,8 @@ from tritonrnn._plan import (
     interpret_mode,
     log_once,
     plan_layer,
+    single_group,
+    with_batch_groups,
     with_exchange,
 )
 from tritonrnn.dropout import LayerDropout
@@ -52,6 +54,8 @@ def kernel_plan(
     if variant.varlen and variant.proj:
         return "sequences of different lengths with proj_size"
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
+    if not isinstance(plan, str) and variant.proj:
+        plan = single_group(plan)  # the projection's kernels run the whole batch in one group
     if device.type == "cpu" and not isinstance(plan, str):
         return with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
@@ -62,7 +66,12 @@ def kernel_plan(
                 cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj
             )  # fmt: skip
             tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
-            plan = tuned or plan
+            if tuned is not None:
+                # Tuned for the batch bucket: the groups of this batch (one for the projection's kernels).
+                sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
+                plan = single_group(tuned) if variant.proj else with_batch_groups(
+                    tuned, batch, variant.directions, sm_count
+                )  # fmt: skip
         while True:
             reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
             # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,

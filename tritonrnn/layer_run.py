@@ -256,10 +256,13 @@ class LayerRun:
     def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
         launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant))
         launch.update(_launch_options(plan, self.device))
+        if self.w_hr is not None and plan.batch_groups != 1:
+            raise ValueError("the projection's kernels run the whole batch in one group")  # kernel_plan's rule
         for direction0, count in _direction_groups(plan, self.D):
-            grid = (plan.num_programs, count)
-            # A persistent launch counts its barriers from zero (one launch per group; stepwise ones do not sync).
-            counter = torch.zeros(self.D, dtype=torch.int32, device=self.device)
+            grid = (plan.num_programs, count, plan.batch_groups)
+            # A persistent launch counts its barriers from zero, one counter per direction and batch group (one
+            # launch per direction group; stepwise launches do not sync).
+            counter = torch.zeros(self.D * plan.batch_groups, dtype=torch.int32, device=self.device)
             for step in _steps(plan, t0, t1, self.w_hr is not None, backward):
                 kernel[grid](direction0=direction0, counter=counter, **step, **launch)
 
