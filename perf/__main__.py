@@ -1,7 +1,7 @@
 """tritonrnn's benchmarks against cuDNN: run a suite, report it, compare two runs, refresh the README table.
 
     python -m perf run [--suite quick|bars|full|persist|stacks|large|smoke|PATH.json] [--out DIR] [--providers ...]
-                       [--tf32] [--budget-s S]
+                       [--tf32] [--budget-s S] [--resume EARLIER.csv]
     python -m perf warm --suite NAME [--suite ...] [--switches TRITONRNN_X=V ...] [--jobs N]
     python -m perf report DIR
     python -m perf compare BASELINE.csv CURRENT.csv [--threshold PCT] [--out REPORT.md] [--allow-different-gpu]
@@ -20,7 +20,7 @@ import pathlib
 import sys
 import time
 
-from perf import compare, readme_table, report, suites
+from perf import compare, readme_table, report, schema, suites
 from perf.schema import PROVIDERS, PerfError, gpu_slug
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -46,7 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     _make_dir(out)
     csv = out / "results.csv"
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
-    results, left = runner.run_suite(suite, providers, device, tf32=args.tf32, deadline=deadline, checkpoint=csv)
+    done = schema.read_results(args.resume) if args.resume else None
+    results, left = runner.run_suite(
+        suite, providers, device, tf32=args.tf32, deadline=deadline, checkpoint=csv, done=done
+    )  # fmt: skip
     if results.empty:
         raise PerfError(f"nothing measured: the budget of {args.budget_s:g} s ran out before the first config")
     results.to_csv(csv, index=False)
@@ -141,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--budget-s", type=_positive_seconds, metavar="S",
         help="start no config after S seconds (configs run in the suite's order; the rows so far are kept)",
+    )  # fmt: skip
+    run.add_argument(
+        "--resume", type=pathlib.Path, metavar="CSV",
+        help="an earlier results.csv of this GPU: its complete configs are kept, not measured again",
     )  # fmt: skip
     run.set_defaults(func=_run)
 

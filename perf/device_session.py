@@ -19,6 +19,9 @@ A first call on a card, from this machine's checkout (the device tool; 600 s is 
     PERF_COMMIT=<git rev-parse --short HEAD> python3 -m perf.device_session --plan first --budget 540
 then, from the stages summary.md lists as skipped or failed, a second call while the machine is warm (Triton's
 compiled kernels are still in its cache then): ``--stages tests,bars_tagged --budget <what is left>``.
+A suite larger than one call (the quick suite, the README's baseline) continues where an earlier call stopped:
+copy the <stage>.csv files that call brought back into an ignored folder of the checkout (perf/results/resume),
+name it in the tool's carry, and pass ``--resume perf/results/resume``.
 """
 
 from __future__ import annotations
@@ -179,13 +182,19 @@ def child_env(stage: Stage, logs: pathlib.Path) -> dict[str, str]:
     return env
 
 
-def stage_command(stage: Stage, name: str, timeout_s: float, logs: pathlib.Path, reports: pathlib.Path) -> list[str]:
+def stage_command(
+    stage: Stage, name: str, timeout_s: float, logs: pathlib.Path, reports: pathlib.Path,
+    resume: pathlib.Path | None = None,
+) -> list[str]:  # fmt: skip
+    """The stage's command line; a benchmark resumes from resume/<stage>.csv where that file exists."""
     if not stage.bench:
         return [part.replace("@LOGS@", str(logs)) for part in stage.command]
     command = [PY, "-m", "perf", "run", "--suite", stage.bench, "--out", str(reports / name),
                "--budget-s", f"{max(1.0, timeout_s - REPORT_RESERVE_S):.0f}"]  # fmt: skip
     if stage.providers:
         command += ["--providers", *stage.providers]
+    if resume is not None and (resume / f"{name}.csv").is_file():
+        command += ["--resume", str(resume / f"{name}.csv")]
     return command
 
 
@@ -197,9 +206,10 @@ def tail(path: pathlib.Path | None, lines: int = TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
-def run_plan(names: list[str], budget_s: float, out: pathlib.Path) -> list[Result]:
+def run_plan(names: list[str], budget_s: float, out: pathlib.Path, resume: pathlib.Path | None = None) -> list[Result]:
     """Run the stages ``names`` in order within ``budget_s`` seconds; logs under out/logs, reports under
-    out/reports. A stage gets min(its cap, the time left) and is skipped with too little left."""
+    out/reports. A stage gets min(its cap, the time left) and is skipped with too little left. ``resume``: a
+    folder of an earlier call's <stage>.csv files, whose complete configs the benchmarks keep."""
     deadline = time.monotonic() + budget_s - PACK_RESERVE_S
     logs, reports = out / "logs", out / "reports"
     logs.mkdir(parents=True, exist_ok=True)
@@ -214,7 +224,7 @@ def run_plan(names: list[str], budget_s: float, out: pathlib.Path) -> list[Resul
             continue
         timeout_s = min(stage.cap_s, left)
         print(f"[device_session] {name} ({stage.note}): up to {timeout_s:.0f} s", flush=True)
-        command = stage_command(stage, name, timeout_s, logs, reports)
+        command = stage_command(stage, name, timeout_s, logs, reports, resume)
         result = run_stage(name, command, child_env(stage, logs), timeout_s, logs / f"{name}.log")
         result.note = stage.note
         results.append(result)
@@ -300,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", help=f"comma-separated, instead of a plan: {', '.join(STAGES)}")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all stages and the packing")
     parser.add_argument("--out", type=pathlib.Path, help="default $OUT, else perf/results/device_session")
+    parser.add_argument(
+        "--resume", type=pathlib.Path, metavar="DIR",
+        help="an earlier call's <stage>.csv files (carried here): benchmarks keep their complete configs",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="print the plans and stages and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -318,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or pathlib.Path(os.environ.get("OUT") or ROOT / "perf" / "results" / "device_session")
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    results = run_plan(names, args.budget, out)
+    results = run_plan(names, args.budget, out, args.resume)
     text = summary(results, args.budget, time.monotonic() - start, out / "reports")
     files = pack(out, results, text)
     print(text)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import tritonrnn
-from perf.schema import COLUMNS, CPU_PROVIDERS, GPU_PROVIDERS, PROVIDERS, PerfError
+from perf.schema import COLUMNS, CONFIG_KEYS, CPU_PROVIDERS, GPU_PROVIDERS, PROVIDERS, ROW_KEYS, PerfError
 from perf.suites import Config, Suite
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -348,25 +348,32 @@ def tf32_flags(enabled: bool) -> Iterator[None]:
 
 def run_suite(
     suite: Suite, providers: Sequence[str], device: torch.device, tf32: bool = False,
-    deadline: float | None = None, checkpoint: pathlib.Path | None = None,
+    deadline: float | None = None, checkpoint: pathlib.Path | None = None, done: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, int]:  # fmt: skip
     """Every config x pass x provider of ``suite`` on ``device``: the results table (schema.COLUMNS).
 
     ``deadline`` (a ``time.monotonic()`` value): no config starts after it; configs run in the suite's order, so a
     suite lists what matters most first. ``checkpoint``: the rows so far are written there after every config,
     so a run killed from outside (a hung kernel, a device call's time limit) still leaves what it measured.
-    Returns the table and the number of configs left unmeasured by the deadline.
+    ``done``: rows of an earlier run (same GPU, same TF32 setting): a config whose every pass and provider has an
+    "ok" row there keeps those rows, as they were measured, instead of being measured again (a suite spread over
+    several device calls). Returns the table and the number of configs left unmeasured by the deadline.
     """
     rows = []
     left = 0
+    kept = _kept_rows(done, suite, providers, device, tf32)
     with tf32_flags(tf32):
         shared = context(device)
-        if device.type == "cuda":
+        if device.type == "cuda" and len(kept) < len(suite.configs):
             warm_up_gpu()
         bar = tqdm(total=len(suite.configs) * len(providers), desc=f"perf {suite.name}", unit="item")
         for index, config in enumerate(suite.configs):
+            if config.key() in kept:
+                rows += kept[config.key()]
+                bar.update(len(providers))
+                continue
             if deadline is not None and time.monotonic() > deadline:
-                left = len(suite.configs) - index
+                left = sum(c.key() not in kept for c in suite.configs[index:])
                 break
             case, setup_error = None, None
             try:
@@ -393,6 +400,30 @@ def run_suite(
                 pd.DataFrame(rows, columns=COLUMNS).to_csv(checkpoint, index=False)
         bar.close()
     return pd.DataFrame(rows, columns=COLUMNS), left
+
+
+def _kept_rows(
+    done: pd.DataFrame | None, suite: Suite, providers: Sequence[str], device: torch.device, tf32: bool
+) -> dict[tuple, list[dict]]:
+    """Config key -> the rows of ``done`` that complete it (every pass and provider "ok"); configs not complete
+    there are measured again, whole."""
+    if done is None or done.empty:
+        return {}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if set(done["gpu"]) != {gpu}:
+        raise PerfError(f"the rows to resume from were measured on {', '.join(set(done['gpu']))}, not on {gpu}")
+    if set(done["tf32"]) != {tf32}:
+        raise PerfError(f"the rows to resume from were measured with TF32 {'off' if tf32 else 'on'}")
+    ok = done[done["status"] == "ok"]
+    by_row = {tuple(r[k] for k in ROW_KEYS): r.to_dict() for _, r in ok.iterrows()}
+    kept = {}
+    for config in suite.configs:
+        columns = _config_columns(config)
+        wanted = [(*(columns[k] for k in CONFIG_KEYS), pass_, provider) for provider in providers
+                  for pass_ in config.passes]  # fmt: skip
+        if all(key in by_row for key in wanted):
+            kept[config.key()] = [{**by_row[key], "suite": suite.name} for key in wanted]
+    return kept
 
 
 def _config_columns(config: Config) -> dict:

@@ -198,3 +198,62 @@ def test_summary_of_a_switch_stage_sets_its_times_beside_the_default_run(tmp_pat
     assert "bars (default switches) vs bars_tagged" in text
     ratios = [line for line in text.splitlines() if line.startswith("| gru") or line.startswith("| rnn_tanh")]
     assert len(ratios) == 3 + 3 and all(line.split("|")[-2].strip() == "2" for line in ratios[3:])
+
+
+def test_a_run_resumes_from_the_complete_configs_of_an_earlier_one(tmp_path, monkeypatch):
+    suite = suites.parse(TINY)
+    providers = runner.select_providers(None, DEVICE)
+    earlier, _ = runner.run_suite(suite, providers, DEVICE)
+    path = tmp_path / "earlier.csv"
+    earlier.to_csv(path, index=False)
+    done = schema.read_results(path)
+    # Complete: nothing is measured again, and the rows are the earlier ones.
+    monkeypatch.setattr(runner, "measure", lambda *args: pytest.fail("measured a config that was complete"))
+    rows, left = runner.run_suite(suite, providers, DEVICE, done=done)
+    assert left == 0
+    pd.testing.assert_frame_equal(schema.read_results(_csv(rows, tmp_path)), done)
+    # The second config's training row failed: that config (both its passes, every provider) is measured again.
+    broken = done.copy()
+    broken.loc[(broken["cell"] == "rnn_tanh") & (broken["pass"] == "fwd+bwd"), "status"] = "error: earlier"
+    measured = []
+    monkeypatch.setattr(runner, "measure", lambda case, provider, pass_: measured.append((provider, pass_)) or dict(
+        ms_median=1.0, ms_p20=1.0, ms_p80=1.0, us_per_step_layer=1.0, peak_mem_mb=1.0, rel_err=0.0, status="ok",
+        note=""))  # fmt: skip
+    rows, left = runner.run_suite(suite, providers, DEVICE, done=broken)
+    assert sorted(measured) == sorted((p, q) for p in providers for q in ("fwd", "fwd+bwd"))
+    assert len(rows) == len(done) and (rows["status"] == "ok").all()
+
+
+def test_rows_of_another_gpu_are_not_resumed_from(tmp_path):
+    suite = suites.parse(TINY)
+    providers = runner.select_providers(None, DEVICE)
+    earlier, _ = runner.run_suite(suite, providers, DEVICE)
+    earlier["gpu"] = "Some Other GPU"
+    with pytest.raises(schema.PerfError, match="measured on Some Other GPU"):
+        runner.run_suite(suite, providers, DEVICE, done=earlier)
+
+
+def test_benchmark_stages_resume_from_a_carried_folder(tmp_path):
+    stage = device_session.STAGES["quick"]
+    logs, reports, resume = tmp_path / "logs", tmp_path / "reports", tmp_path / "resume"
+    command = device_session.stage_command(stage, "quick", 300, logs, reports, resume)
+    assert "--resume" not in command and command[command.index("--budget-s") + 1] == "275"
+    resume.mkdir()
+    (resume / "quick.csv").write_text("rows")
+    command = device_session.stage_command(stage, "quick", 300, logs, reports, resume)
+    assert command[-2:] == ["--resume", str(resume / "quick.csv")]
+    assert "--resume" not in device_session.stage_command(device_session.STAGES["bars"], "bars", 300, logs, reports,
+                                                          resume)  # fmt: skip
+
+
+def test_run_command_resumes_from_a_results_file(tmp_path, monkeypatch):
+    suite_file = tmp_path / "tiny.json"
+    suite_file.write_text(json.dumps(TINY))
+    assert main(["run", "--suite", str(suite_file), "--out", str(tmp_path / "first")]) == 0
+    monkeypatch.setattr(runner, "measure", lambda *args: pytest.fail("measured a config that was complete"))
+    argv = ["run", "--suite", str(suite_file), "--out", str(tmp_path / "again"), "--resume",
+            str(tmp_path / "first" / "results.csv")]  # fmt: skip
+    assert main(argv) == 0
+    pd.testing.assert_frame_equal(
+        schema.read_results(tmp_path / "again" / "results.csv"), schema.read_results(tmp_path / "first" / "results.csv")
+    )
