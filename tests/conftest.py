@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tritonrnn import _plan, layer_run  # noqa: E402
+from tritonrnn import _plan, functional, layer_run  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 # Where the device-generic tests run: the GPU when there is one, else the CPU under the interpreter.
@@ -51,3 +51,11 @@ def forced_plan():
     """Set plan overrides for one test (``forced_plan(block_h=16, persistent=False)``), cleared after."""
     yield _plan.force_plan
     _plan.force_plan()
+
+
+@pytest.fixture
+def fused_only(monkeypatch):
+    """The stack kernel on; the layer-by-layer path and the wavefront on streams must not be taken."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    monkeypatch.setattr(functional, "_layer", None)
+    monkeypatch.setattr(functional, "_wavefront_stack", None)

@@ -456,14 +456,6 @@ def test_wavefront_switch_rejects_nonsense(monkeypatch):
 cpu_only = pytest.mark.skipif(DEVICE.type == "cuda", reason="float64 kernels: interpreter only (GPU: test_gpu.py)")
 
 
-@pytest.fixture
-def fused_only(monkeypatch):
-    """The stack kernel on; the layer-by-layer path and the wavefront on streams must not be taken."""
-    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
-    monkeypatch.setattr(functional, "_layer", None)
-    monkeypatch.setattr(functional, "_wavefront_stack", None)
-
-
 def expected_with_masks(model, p, mode, steps, batch):
     """composed_reference under the masks the model draws after torch.manual_seed(7)."""
 

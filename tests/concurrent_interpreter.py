@@ -1,0 +1,201 @@
+"""Every program of a launch at once under the Triton interpreter: one thread per program, interleaved by a
+seeded scheduler.
+
+The interpreter runs a grid's programs one after another, so a persistent grid whose programs meet at a grid
+barrier, or poll one another's tagged words, would wait for ever: the library runs such grids with one program
+under it, and the multi-program persistent path (counters, barrier targets, rings, batch groups, both directions
+in one grid, the stack kernel's layers waiting on one another) would run only on a GPU. Inside
+``programs_at_once()`` each launch starts one thread per program, each with its own program id. Only one of them
+runs at a time: at each memory operation the running program hands over, with probability
+``switch_probability`` (always at atomics and volatile loads, the operations that wait for other programs), to a
+program drawn from a seeded generator (itself included). So a launch's interleaving
+is a function of the seed alone: a test that fails fails every time, and different seeds try different
+interleavings. An ordering bug shows as a wrong value, a NaN read from a poisoned buffer, or a wait that never
+ends (raised as ``Deadlock`` after ``timeout_s``).
+
+What it cannot show: the GPU's weak memory ordering (one thread runs at a time, and every store is seen at once),
+caching (``.cg``), or co-residency. Those are the GPU tier's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import random
+import threading
+import time
+import types
+from collections.abc import Iterator
+
+from triton.runtime import interpreter
+
+from tritonrnn import _plan
+
+
+class Deadlock(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What a test asserts ran: the kernel, its grid and its sync constexprs (None where it has none)."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    SYNC: bool | None
+    TAGGED: bool | None
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+# Where a program may hand over to another: every access to memory (a spin at a barrier polls with atomics or loads).
+_MEMORY_OPS = ("create_load", "create_store", "create_masked_load", "create_masked_store", "create_atomic_rmw",
+               "create_atomic_cas")  # fmt: skip
+
+
+class _Scheduler:
+    """One launch's programs as threads, one running at a time; the running one holds the token."""
+
+    def __init__(self, programs: list[tuple[int, int, int]], rng: random.Random, switch_probability: float):
+        self.live = list(programs)
+        self.rng = rng  # drawn from by the running program only, so the draws do not depend on timing
+        self.switch_probability = switch_probability
+        self.turn = {index: threading.Semaphore(0) for index in programs}
+        self.abandoned = False
+
+    def start(self) -> None:
+        self.turn[self.rng.choice(self.live)].release()
+
+    def wait_turn(self, me) -> None:
+        self.turn[me].acquire()
+        if self.abandoned:
+            raise Deadlock("the launch was abandoned")
+
+    def maybe_switch(self, me, always: bool) -> None:
+        if self.abandoned:
+            raise Deadlock("the launch was abandoned")
+        if always or self.rng.random() < self.switch_probability:
+            successor = self.rng.choice(self.live)
+            if successor != me:
+                self.turn[successor].release()
+                self.wait_turn(me)
+
+    def finish(self, me) -> None:
+        self.live.remove(me)
+        if self.live and not self.abandoned:
+            self.turn[self.rng.choice(self.live)].release()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        for turn in self.turn.values():
+            turn.release()
+
+
+@contextlib.contextmanager
+def programs_at_once(
+    seed: int = 0, switch_probability: float = 0.1, timeout_s: float = 120.0
+) -> Iterator[list[Launch]]:
+    """Yields the list of the launches made inside the block, filled as they run."""
+    launches: list[Launch] = []
+    local = threading.local()
+    rng = random.Random(seed)  # one stream for every launch of the block: the same test, the same interleavings
+    builder_cls = interpreter.InterpreterBuilder
+    saved = {name: builder_cls.__dict__.get(name) for name in ("grid_idx", *_MEMORY_OPS)}
+    saved_init = interpreter.GridExecutor.__init__
+
+    # The program id is per thread: the builder is one object shared by every launch.
+    builder_cls.grid_idx = property(lambda self: getattr(local, "grid_idx", None),
+                                    lambda self, value: setattr(local, "grid_idx", value))  # fmt: skip
+    for name in _MEMORY_OPS:
+        setattr(builder_cls, name, _switching(getattr(builder_cls, name), local))
+
+    def init(self, fn, *args, **kwargs):
+        saved_init(self, fn, *args, **kwargs)
+        scheduler = lambda programs: _Scheduler(programs, rng, switch_probability)  # noqa: E731
+        self.fn = _threaded(fn, local, scheduler, launches, timeout_s)
+
+    interpreter.GridExecutor.__init__ = init
+    previous, _plan.PROGRAMS_AT_ONCE = _plan.PROGRAMS_AT_ONCE, True
+    try:
+        yield launches
+    finally:
+        _plan.PROGRAMS_AT_ONCE = previous
+        interpreter.GridExecutor.__init__ = saved_init
+        for name, value in saved.items():
+            if value is None:
+                delattr(builder_cls, name)
+            else:
+                setattr(builder_cls, name, value)
+
+
+def _switching(method, local):
+    # Atomics and volatile loads are how a program waits for others (barrier counters, tagged words): there it
+    # always offers the turn, so a program spinning on a value hands over instead of polling it again and again.
+    name = method.__name__
+    waits = name.startswith("create_atomic")
+    volatile_loads = name in ("create_load", "create_masked_load")  # is_volatile: their last argument
+
+    def op(self, *args, **kwargs):
+        scheduler = getattr(local, "scheduler", None)
+        if scheduler is not None:
+            scheduler.maybe_switch(local.grid_idx, always=waits or (volatile_loads and bool(args[-1])))
+        return method(self, *args, **kwargs)
+
+    return op
+
+
+def _threaded(fn, local, new_scheduler, launches: list[Launch], timeout_s: float):
+    """fn as the interpreter's grid loop calls it, once per program: the calls are collected, and the last one
+    runs them all in threads and waits for them.
+
+    The interpreter finds triton.language through the kernel's globals, so the returned function is built on
+    them: everything else it uses comes through its closure."""
+    pending: list[tuple[int, int, int]] = []
+    builder, Thread, deadlock, launch, monotonic = (interpreter.interpreter_builder, threading.Thread, Deadlock, Launch,
+                                                   time.monotonic)  # fmt: skip
+
+    def call(**args):
+        pending.append(builder.grid_idx)
+        if builder.grid_idx != tuple(n - 1 for n in builder.grid_dim):
+            return
+        programs, errors = list(pending), []
+        pending.clear()
+        launches.append(launch(fn.__name__, builder.grid_dim, args.get("SYNC"), args.get("TAGGED")))
+        scheduler = new_scheduler(programs)
+
+        def run(index):
+            local.grid_idx, local.scheduler = index, scheduler
+            try:
+                scheduler.wait_turn(index)
+                fn(**args)
+            except BaseException as error:  # handed to the launching thread below, which raises it
+                errors.append(error)
+                if not scheduler.abandoned:
+                    scheduler.abandon()  # the others would wait for this program for ever
+            finally:
+                local.scheduler = None
+                if not scheduler.abandoned:
+                    scheduler.finish(index)
+
+        threads = [Thread(target=run, args=(index,), daemon=True) for index in programs]
+        for thread in threads:
+            thread.start()
+        scheduler.start()
+        deadline = monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - monotonic()))
+        stuck = [index for index, thread in zip(programs, threads) if thread.is_alive()]
+        if stuck:
+            scheduler.abandon()
+            for thread in threads:
+                thread.join(10)
+            raise deadlock(f"programs {stuck} of {len(programs)} still running after {timeout_s:g} s")
+        if errors:
+            raise errors[0]
+
+    wrapped = types.FunctionType(call.__code__, fn.__globals__, fn.__name__, None, call.__closure__)
+    wrapped.__signature__ = inspect.signature(fn)  # the interpreter reads the kernel's arguments from it
+    return wrapped

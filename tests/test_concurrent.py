@@ -1,0 +1,296 @@
+"""The persistent kernels with several programs meeting every step, run on the CPU: under the interpreter, the
+programs of each launch as threads interleaved by a seeded scheduler (concurrent_interpreter.py), so the grid
+barrier, the tagged words, the batch groups' counters, both directions in one grid and the stack kernel's layers
+run as on a GPU: one launch for all steps, against torch.nn and the float64 reference. Every test also checks
+from the launches that it ran what it says (several programs, persistent, the exchange it names).
+
+A harness that could not fail would prove nothing: the negative tests take out, one at a time, the grid barrier,
+the wait for the tags, and the stack kernel's wait for the layer below, and show the checks failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from concurrent_interpreter import programs_at_once
+from conftest import DEVICE
+from helpers import rel_err
+from test_kernels import compare, compare_packed
+from test_stacks import assert_matches, expected_with_masks, flat, make_stack, random_states
+from triton.runtime import interpreter
+from triton.runtime.errors import InterpreterError
+
+import tritonrnn
+from tritonrnn.kernels import recurrent, stack
+from tritonrnn.kernels.sync import arrive, grid_barrier, wait_count
+
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's threads (the GPU runs grids itself)")
+
+
+@pytest.fixture
+def launches():
+    with programs_at_once(seed=1) as made:
+        yield made
+
+
+def assert_ran_persistent(launches, tagged: bool, kernels=("rnn_fwd_kernel", "rnn_bwd_kernel")) -> None:
+    """Each of kernels ran, and every launch of a persistent kernel ran all its steps on several programs at once,
+    with the exchange asked for."""
+    recurrent_launches = [launch for launch in launches if launch.SYNC is not None]
+    assert {launch.kernel for launch in recurrent_launches} >= set(kernels)
+    for launch in recurrent_launches:
+        assert launch.SYNC and launch.programs > 1, launch
+        assert bool(launch.TAGGED) == tagged, launch
+
+
+# --- the harness itself ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lockstep_kernel(counter, buf, seen, n_steps, BARRIER: tl.constexpr, P: tl.constexpr):
+    """Each step every program writes the step number, (BARRIER) meets the others, then reads what all wrote."""
+    pid = tl.program_id(0)
+    o = tl.arange(0, P)
+    for s in range(n_steps):
+        tl.store(buf + (s % 2) * P + pid, s)
+        if BARRIER:
+            grid_barrier(counter, (s + 1) * tl.num_programs(0))
+        tl.store(seen + pid * n_steps + s, tl.min(tl.load(buf + (s % 2) * P + o)))
+
+
+@pytest.mark.parametrize("barrier", [True, False], ids=["barrier", "no-barrier"])
+def test_programs_run_at_once_and_a_missing_barrier_shows(barrier, launches):
+    P, steps = 4, 40
+    buf = torch.full((2, P), -1, dtype=torch.int32)
+    seen = torch.full((P, steps), -7, dtype=torch.int32)
+    _lockstep_kernel[(P,)](counter=torch.zeros(1, dtype=torch.int32), buf=buf, seen=seen, n_steps=steps,
+                           BARRIER=barrier, P=P)  # fmt: skip
+    in_step = seen == torch.arange(steps, dtype=torch.int32)
+    assert bool(in_step.all()) == barrier
+
+
+@triton.jit
+def _log_kernel(slot, log, n_entries):
+    """Each program appends its id to the log n_entries times: the log is the order in which programs ran."""
+    for _ in range(n_entries):
+        tl.store(log + tl.atomic_add(slot, 1), tl.program_id(0))
+
+
+def _interleaving(seed: int) -> list[int]:
+    log = torch.full((4 * 30,), -1, dtype=torch.int32)
+    with programs_at_once(seed=seed):
+        _log_kernel[(4,)](torch.zeros(1, dtype=torch.int32), log, 30)
+    return log.tolist()
+
+
+def test_the_seed_alone_decides_the_interleaving():
+    """One program runs at a time and the scheduler's draws are seeded: a failing test fails every time."""
+    first = _interleaving(5)
+    assert sorted(first) == sorted(list(range(4)) * 30)
+    assert first != sorted(first)  # the programs took turns, not one after another
+    assert _interleaving(5) == first
+    assert _interleaving(6) != first
+
+
+@triton.jit
+def _overcounted_barrier(counter):
+    arrive(counter)
+    wait_count(counter, tl.num_programs(0) + 1)  # one arrival more than there are programs
+
+
+def test_a_wait_that_never_ends_is_reported():
+    with programs_at_once(seed=0, timeout_s=2.0), pytest.raises(InterpreterError, match="still running"):
+        _overcounted_barrier[(3,)](torch.zeros(1, dtype=torch.int32))
+
+
+@triton.jit
+def _failing_program(counter):
+    tl.device_assert(tl.program_id(0) != 1, "program 1 fails")
+    grid_barrier(counter, tl.num_programs(0))  # the others wait for program 1 here
+
+
+def test_an_error_in_one_program_is_raised_not_waited_for(monkeypatch):
+    """A program that fails while the others wait for it at the barrier: its error comes out, not a deadlock."""
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))  # device_assert on
+    with programs_at_once(seed=0, timeout_s=60.0), pytest.raises(InterpreterError, match="program 1 fails"):
+        _failing_program[(3,)](torch.zeros(1, dtype=torch.int32))
+
+
+# --- the library's checks have teeth here ----------------------------------------------------------------------
+
+
+@triton.jit
+def _no_barrier(counter, target):
+    pass
+
+
+@triton.jit
+def _load_tagged_without_waiting(p, mask, tag, VALUE: tl.constexpr):
+    """kernels/sync.load_tagged without the wait for the tag: whichever step's words are there."""
+    words = tl.load(p, mask=mask, other=0, volatile=True)
+    if p.dtype.element_ty == tl.int32:
+        values = (words >> 16).to(tl.int16).to(VALUE, bitcast=True)
+    else:
+        values = (words >> 32).to(tl.int32).to(VALUE, bitcast=True)
+    return values
+
+
+@triton.jit
+def _no_wait(counter, target):
+    pass
+
+
+def test_the_layer_kernels_without_their_barrier_fail(launches, forced_plan, monkeypatch):
+    """Three programs a layer with the barrier gone read h (forward) and the gate gradients (backward) before the
+    others wrote them (buffers start as NaN), and the comparison with torch.nn fails."""
+    forced_plan(block_h=16, persistent=True)
+    monkeypatch.setattr(recurrent, "grid_barrier", _no_barrier)
+    with pytest.raises(AssertionError, match="above bound"):
+        compare("gru", 6, 5, 4, 40, 1, seed=1)
+    assert_ran_persistent(launches, tagged=False)
+
+
+def test_the_tagged_exchange_without_its_wait_fails(launches, forced_plan, monkeypatch):
+    forced_plan(block_h=16, persistent=True)
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    monkeypatch.setattr(recurrent, "load_tagged", _load_tagged_without_waiting)
+    with pytest.raises(AssertionError, match="above bound"):
+        compare("lstm", 6, 5, 4, 40, 1, dtype=torch.float32, seed=1)
+    assert_ran_persistent(launches, tagged=True)
+
+
+def _stack_training_step(model, x) -> list[torch.Tensor]:
+    """Every layer's output, the final states and every gradient of one training step (dropout seed fixed)."""
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    outs, states = model(xr, return_all_layers=True)
+    loss = sum((o * o.detach().cos()).sum() for o in outs) + sum(t.sum() for t in flat(states))
+    return [*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])]
+
+
+def test_the_stack_kernel_without_the_wait_for_the_layer_below_fails(launches, forced_plan, fused_only, monkeypatch):
+    """Tagged, the stack's layers meet no grid barrier: each waits only for the step count of the layer below
+    (forward) or above (backward). Without that wait a layer reads its input before it is written."""
+    forced_plan(block_h=16, persistent=True)
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [("lstm", 40)] * 2).to(DEVICE)
+    x = torch.randn(5, 3, 5, device=DEVICE)
+    right = _stack_training_step(model, x)
+    monkeypatch.setattr(stack, "wait_count", _no_wait)
+    wrong = _stack_training_step(model, x)
+    assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
+    assert_ran_persistent(launches, tagged=True, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
+
+
+# --- the kernels, several programs a layer, one launch for all steps --------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_persistent_grid_of_three_programs(cell, launches, forced_plan):
+    """H = 40 in slices of 16 (three programs, the last one partial), all steps in one launch, both directions in
+    one grid, two layers, B = 5: float64 against torch.nn."""
+    forced_plan(block_h=16, persistent=True)
+    compare(cell, 6, 5, 4, 40, 2, seed=2, bidirectional=True)
+    assert_ran_persistent(launches, tagged=False)
+    assert max(launch.programs for launch in launches) == 6
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_tagged_exchange_with_three_programs(cell, launches, forced_plan, monkeypatch):
+    """The same, h and the gate gradients exchanged as tagged words (float32: 64-bit words), no barrier."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    forced_plan(block_h=16, persistent=True)
+    compare(cell, 6, 5, 4, 40, 2, dtype=torch.float32, seed=2, bidirectional=True)
+    assert_ran_persistent(launches, tagged=True)
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_batch_groups_of_several_programs(exchange, launches, forced_plan, monkeypatch):
+    """Three batch groups (B = 37 in 16-row tiles) of three programs each, every group its own counter, both
+    directions: each group's programs meet only one another."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    forced_plan(block_h=16, block_b=16, persistent=True, batch_groups=3)
+    dtype = torch.float32 if exchange == "tagged" else torch.float64  # no tagged words for float64
+    compare("lstm", 4, 37, 3, 40, 1, dtype=dtype, seed=3, bidirectional=True)
+    assert_ran_persistent(launches, tagged=exchange == "tagged")
+    assert {launch.grid for launch in launches if launch.SYNC is not None} == {(3, 2, 3)}
+
+
+def test_streamed_weight_rows_with_several_programs(launches, forced_plan):
+    """Each program holds 16 rows of its slice and reads the rest every step, in 16-row chunks."""
+    forced_plan(block_h=16, block_k=16, block_ks=16, persistent=True)
+    compare("gru", 5, 3, 4, 40, 2, seed=4)
+    assert_ran_persistent(launches, tagged=False)
+
+
+def test_projection_two_barrier_phases_a_step(launches, forced_plan):
+    """LSTM with proj_size: gates then the projection, each phase closed by the grid barrier, three programs."""
+    forced_plan(block_h=16, persistent=True)
+    compare("lstm", 5, 3, 4, 40, 2, seed=5, proj_size=7, bidirectional=True)
+    assert_ran_persistent(launches, tagged=False, kernels=("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"))
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_packed_sequences_with_several_programs(exchange, launches, forced_plan, monkeypatch):
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    forced_plan(block_h=16, persistent=True)
+    dtype = torch.float32 if exchange == "tagged" else torch.float64
+    compare_packed("lstm", [6, 2, 5, 1, 6], 4, 40, 2, dtype=dtype, bidirectional=True, seed=6)
+    assert_ran_persistent(launches, tagged=exchange == "tagged")
+
+
+def test_stack_kernel_with_several_programs_a_layer(launches, forced_plan, fused_only):
+    """Three equal layers in one launch, three programs a layer, the whole grid meeting at every wavefront step.
+    Dropout between the layers; float64 against the reference layers with the same masks."""
+    forced_plan(block_h=16, persistent=True)
+    gen = torch.Generator().manual_seed(23)
+    model = make_stack([("lstm", 40)] * 3, input_size=5, dropout=0.3)
+    x = torch.randn(5, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 5, 3))
+    assert_ran_persistent(launches, tagged=False, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_stack_kernel_tagged_is_bitwise_the_barrier(cell, launches, forced_plan, fused_only, monkeypatch):
+    """Tagged, the layers are decoupled (tagged words within a layer, step counts between layers): float32 with
+    variational dropout, bit for bit the grid barrier's results, both with three programs a layer."""
+    forced_plan(block_h=16, persistent=True)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [(cell, 40)] * 3, dropout=0.3, dropout_mode="variational").to(DEVICE)
+    x = torch.randn(4, 3, 5, device=DEVICE)
+    results = []
+    for exchange in ("barrier", "tagged"):
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        results.append(_stack_training_step(model, x))
+        assert_ran_persistent(launches[-2:], tagged=exchange == "tagged", kernels=("stack_fwd_kernel",))
+    for a, b in zip(*results):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_module_training_step_in_one_launch_per_layer(exchange, launches, forced_plan, monkeypatch):
+    """The drop-in module end to end (dropout between layers, bf16) with multi-program persistent grids gives the
+    one-program grid's bits: the split over programs changes which program computes a unit, not its arithmetic."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    torch.manual_seed(0)
+    model = tritonrnn.LSTM(5, 40, num_layers=2, dropout=0.25).to(DEVICE, torch.bfloat16).train()
+    x = torch.randn(4, 6, 5, device=DEVICE, dtype=torch.bfloat16)
+    results = []
+    for block_h in (64, 16):  # one program (H <= 64), then three
+        forced_plan(block_h=block_h, persistent=True)
+        torch.manual_seed(1)
+        xr = x.clone().requires_grad_()
+        out, (h, c) = model(xr)
+        loss = out.float().sum() + c.float().sum()
+        results.append([out, h, c, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+    assert_ran_persistent(launches[-4:], tagged=exchange == "tagged")
+    for a, b in zip(*results):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
