@@ -56,6 +56,9 @@ _MEMORY_OPS = ("create_load", "create_store", "create_masked_load", "create_mask
                "create_atomic_cas")  # fmt: skip
 
 
+_SPEEDS = (1, 1, 2, 4, 16)
+
+
 class _Scheduler:
     """One launch's programs as threads, one running at a time; the running one holds the token."""
 
@@ -65,9 +68,15 @@ class _Scheduler:
         self.switch_probability = switch_probability
         self.turn = {index: threading.Semaphore(0) for index in programs}
         self.abandoned = False
+        # Programs run at different speeds (drawn per launch): the interleavings where one program falls behind
+        # its peers, which a fair draw makes rare, are the ones that show a wait for the wrong condition.
+        self.speed = {index: rng.choice(_SPEEDS) for index in programs}
+
+    def _draw(self):
+        return self.rng.choices(self.live, weights=[self.speed[index] for index in self.live])[0]
 
     def start(self) -> None:
-        self.turn[self.rng.choice(self.live)].release()
+        self.turn[self._draw()].release()
 
     def wait_turn(self, me) -> None:
         self.turn[me].acquire()
@@ -78,7 +87,7 @@ class _Scheduler:
         if self.abandoned:
             raise Deadlock("the launch was abandoned")
         if always or self.rng.random() < self.switch_probability:
-            successor = self.rng.choice(self.live)
+            successor = self._draw()
             if successor != me:
                 self.turn[successor].release()
                 self.wait_turn(me)
@@ -86,7 +95,7 @@ class _Scheduler:
     def finish(self, me) -> None:
         self.live.remove(me)
         if self.live and not self.abandoned:
-            self.turn[self.rng.choice(self.live)].release()
+            self.turn[self._draw()].release()
 
     def abandon(self) -> None:
         self.abandoned = True
