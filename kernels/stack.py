@@ -33,7 +33,7 @@ from .recurrent import (
     _ring_tag,
     _store_tagged_gates,
 )
-from .sync import arrive, grid_barrier, tag_of, tag_pack, wait_count
+from .sync import arrive, grid_barrier, tag_of, tag_pack, wait_each
 
 
 @triton.jit(do_not_specialize=["T", "B", "s_start", "n_steps", "seed_ptr", "p_drop"])
@@ -47,7 +47,7 @@ def stack_fwd_kernel(
     state,  # [L, B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
     saved,  # [L, T, B, S*H] ACC: activations kept for backward (written when SAVE)
     z,  # [L-1, T, B, H] dropout(h) of layers 0..L-2, the next layer's input (DROPOUT)
-    counter,  # [L] int32, zeroed: the grid barrier's (counter[0]), or each layer's steps done (TAGGED)
+    counter,  # [L, P] int32, zeroed: the grid barrier's (counter[0, 0]), or each program's steps done (TAGGED)
     seed_ptr,  # [L] int64: each layer's dropout seed
     T,
     B,
@@ -105,8 +105,8 @@ def stack_fwd_kernel(
         if (t >= 0) & (t < T):
             if TAGGED:
                 if layer > 0:
-                    # No grid barrier: wait for the layer below's step t (its programs count their steps).
-                    wait_count(counter + below, (t + 1) * tl.num_programs(0))
+                    # No grid barrier: wait for the layer below's step t (each of its programs counts its steps).
+                    wait_each(counter + below * tl.num_programs(0), tl.num_programs(0), t + 1, 32)
             for b0 in range(0, B, BLOCK_B):
                 o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
                 m_b = o_b < B
@@ -153,7 +153,7 @@ def stack_fwd_kernel(
                     )  # fmt: skip
             if TAGGED:
                 if layer < n_layers - 1:
-                    arrive(counter + layer)  # this step's output, for the layer above
+                    arrive(counter + layer * tl.num_programs(0) + tl.program_id(0))  # this step's output, for above
                 else:
                     tl.debug_barrier()  # this program's threads reread what others of it wrote (c, saved)
         if SYNC and not TAGGED:
@@ -173,7 +173,7 @@ def stack_bwd_kernel(
     grad_xgates,  # [L, T, B, G*H] out, GRU only: dL/d(input pre-activations x W_ih^T + b_ih) (else grad_gates)
     grad_h,  # [L, B, H] ACC: dL/dh_n in, dL/dh0 out
     grad_c,  # [L, B, H] ACC: dL/dc_n in, dL/dc0 out (LSTM)
-    counter,  # [L] int32, zeroed: the grid barrier's (counter[0]), or each layer's steps done (TAGGED)
+    counter,  # [L, P] int32, zeroed: the grid barrier's (counter[0, 0]), or each program's steps done (TAGGED)
     seed_ptr,  # [L] int64: each layer's dropout seed
     T,
     B,
@@ -242,8 +242,8 @@ def stack_bwd_kernel(
                 )  # fmt: skip
             if TAGGED:
                 if layer < n_layers - 1:
-                    # No grid barrier: wait for the layer above's step at t (its programs count their steps).
-                    wait_count(counter + above, (k + 1) * tl.num_programs(0))
+                    # No grid barrier: wait for the layer above's step at t (each of its programs counts its steps).
+                    wait_each(counter + above * tl.num_programs(0), tl.num_programs(0), k + 1, 32)
             if layer < n_layers - 1:
                 # dL/d(this layer's output at t) through the layer above, whose step t ran one barrier ago.
                 _bwd_recurrent_step(
@@ -283,7 +283,8 @@ def stack_bwd_kernel(
                     _store_tagged_gates(ring, k, o_b, o_j, g0, g1, g2, g3, m_bj, B, H, G)
             if TAGGED:
                 if layer > 0:
-                    arrive(counter + layer)  # this step's input-side gate gradients, for the layer below
+                    # This step's input-side gate gradients, for the layer below.
+                    arrive(counter + layer * tl.num_programs(0) + tl.program_id(0))
                 else:
                     tl.debug_barrier()  # this program's threads reread what others of it wrote (dL/dh, dL/dc)
         if SYNC and not TAGGED:

@@ -27,6 +27,21 @@ def wait_count(counter, target):
 
 
 @triton.jit
+def wait_each(counters, n, target, BLOCK: tl.constexpr):
+    """Wait until each of ``counters[0 .. n)`` has reached ``target`` (each counter written by one program only).
+
+    A total over several programs cannot say that every one of them got there: one program can be a step ahead
+    of another (kernels/stack.py), so the total reaches n * target with one program a step short."""
+    for c0 in range(0, n, BLOCK):
+        o = c0 + tl.arange(0, BLOCK)
+        m = o < n
+        while tl.min(tl.where(m, tl.atomic_add(counters + o, 0, mask=m, sem="acquire", scope="gpu"), target)) < target:
+            pass
+    # Each thread acquired its own counters; make what they saw visible to the whole program.
+    tl.debug_barrier()
+
+
+@triton.jit
 def grid_barrier(counter, target):
     """Wait until ``target`` arrivals have been counted on ``counter`` (an int32 in global memory).
 
@@ -70,7 +85,13 @@ def load_tagged(p, mask, tag, VALUE: tl.constexpr):
         # Read again only the words still missing (less L2 traffic while slower programs finish).
         words = tl.where(ready, words, tl.load(p, mask=~ready, other=0, volatile=True))
         ready = ((words & low) == tag) | ~mask
-    if p.dtype.element_ty == tl.int32:
+    return tag_unpack(words, VALUE)
+
+
+@triton.jit
+def tag_unpack(words, VALUE: tl.constexpr):
+    """The values held by words (int32 or int64, as tag_pack made them), as dtype VALUE."""
+    if words.dtype == tl.int32:
         values = (words >> 16).to(tl.int16).to(VALUE, bitcast=True)
     else:
         values = (words >> 32).to(tl.int32).to(VALUE, bitcast=True)

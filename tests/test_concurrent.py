@@ -26,7 +26,7 @@ from triton.runtime.errors import InterpreterError
 
 import tritonrnn
 from tritonrnn.kernels import recurrent, stack
-from tritonrnn.kernels.sync import arrive, grid_barrier, wait_count
+from tritonrnn.kernels.sync import arrive, grid_barrier, tag_unpack, wait_count
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's threads (the GPU runs grids itself)")
 
@@ -132,16 +132,11 @@ def _no_barrier(counter, target):
 @triton.jit
 def _load_tagged_without_waiting(p, mask, tag, VALUE: tl.constexpr):
     """kernels/sync.load_tagged without the wait for the tag: whichever step's words are there."""
-    words = tl.load(p, mask=mask, other=0, volatile=True)
-    if p.dtype.element_ty == tl.int32:
-        values = (words >> 16).to(tl.int16).to(VALUE, bitcast=True)
-    else:
-        values = (words >> 32).to(tl.int32).to(VALUE, bitcast=True)
-    return values
+    return tag_unpack(tl.load(p, mask=mask, other=0, volatile=True), VALUE)
 
 
 @triton.jit
-def _no_wait(counter, target):
+def _no_wait(counters, n, target, BLOCK: tl.constexpr):
     pass
 
 
@@ -174,15 +169,15 @@ def _stack_training_step(model, x) -> list[torch.Tensor]:
 
 
 def test_the_stack_kernel_without_the_wait_for_the_layer_below_fails(launches, forced_plan, fused_only, monkeypatch):
-    """Tagged, the stack's layers meet no grid barrier: each waits only for the step count of the layer below
-    (forward) or above (backward). Without that wait a layer reads its input before it is written."""
+    """Tagged, the stack's layers meet no grid barrier: each waits only for the step counts of the programs of the
+    layer below (forward) or above (backward). Without that wait a layer reads its input before it is written."""
     forced_plan(block_h=16, persistent=True)
     monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
     torch.manual_seed(0)
     model = tritonrnn.StackedRNN(5, [("lstm", 40)] * 2).to(DEVICE)
     x = torch.randn(5, 3, 5, device=DEVICE)
     right = _stack_training_step(model, x)
-    monkeypatch.setattr(stack, "wait_count", _no_wait)
+    monkeypatch.setattr(stack, "wait_each", _no_wait)
     wrong = _stack_training_step(model, x)
     assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
     assert_ran_persistent(launches, tagged=True, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
@@ -258,14 +253,22 @@ def test_stack_kernel_with_several_programs_a_layer(launches, forced_plan, fused
     assert_ran_persistent(launches, tagged=False, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_stack_kernel_tagged_is_bitwise_the_barrier(cell, launches, forced_plan, fused_only, monkeypatch):
-    """Tagged, the layers are decoupled (tagged words within a layer, step counts between layers): float32 with
-    variational dropout, bit for bit the grid barrier's results, both with three programs a layer."""
+@pytest.mark.parametrize(
+    "cell,n_layers,mode", [("lstm", 4, "standard"), ("gru", 3, "variational")], ids=["lstm-4", "gru-3"]
+)
+def test_stack_kernel_tagged_is_bitwise_the_barrier(cell, n_layers, mode, launches, forced_plan, fused_only,
+                                                     monkeypatch):  # fmt: skip
+    """Tagged, the layers are decoupled (tagged words within a layer, each program's step count between layers):
+    float32 with dropout, bit for bit the grid barrier's results, both with three programs a layer.
+
+    The 4-layer case caught a bug of the first tagged stack kernel, which counted a layer's steps on one counter
+    for all its programs: a program can finish step t + 1 before a peer has finished step t (it needs only the
+    peer's h_t, which the peer publishes before its output for the layer above), so the total reached (t + 1) P
+    with that output unwritten, and the layer above read NaN from it."""
     forced_plan(block_h=16, persistent=True)
     torch.manual_seed(0)
-    model = tritonrnn.StackedRNN(5, [(cell, 40)] * 3, dropout=0.3, dropout_mode="variational").to(DEVICE)
-    x = torch.randn(4, 3, 5, device=DEVICE)
+    model = tritonrnn.StackedRNN(5, [(cell, 33)] * n_layers, dropout=0.3, dropout_mode=mode).to(DEVICE)
+    x = torch.randn(5, 2, 5, device=DEVICE)
     results = []
     for exchange in ("barrier", "tagged"):
         monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)

@@ -186,7 +186,7 @@ class FusedStackFunction(torch.autograd.Function):
         for k, d in enumerate(dropouts):
             if d is not None:
                 seeds[k : k + 1] = d.seed
-        counter = torch.zeros(L, dtype=torch.int32, device=device)
+        counter = torch.zeros(L, plan.num_programs, dtype=torch.int32, device=device)  # kernels/stack.py
         tagged = dict(ring=_tagged_ring(torch.cat(h0s), dtype), TAGGED=True) if plan.tagged else {}
         launch = dict(
             xproj=xproj, w_ih=w_ih, bias=bias, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, z=z,
@@ -231,10 +231,11 @@ class FusedStackFunction(torch.autograd.Function):
         grad_c = torch.cat([zeros_or(g, (1, B, hidden), acc) for g in grad_cns]) if cell == "lstm" else grad_h
         grad_gates = empty(L, T, B, gates * hidden, dtype=dtype, device=device)
         grad_xgates = empty(L, T, B, gates * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
+        counter = torch.zeros(L, plan.num_programs, dtype=torch.int32, device=device)  # kernels/stack.py
         launch = dict(
             w_ih=w_ih, w_hh=w_hh, hseq=hseq, saved=saved, c0=ctx.c0 if ctx.c0 is not None else grad_c, grad_y=grad_y,
             grad_above=empty(L, B, hidden, dtype=acc, device=device), grad_gates=grad_gates, grad_xgates=grad_xgates,
-            grad_h=grad_h, grad_c=grad_c, counter=torch.zeros(L, dtype=torch.int32, device=device), seed_ptr=seeds,
+            grad_h=grad_h, grad_c=grad_c, counter=counter, seed_ptr=seeds,
             T=T, B=B, p_drop=ctx.p_drop, SYNC=plan.persistent, ALL_LAYERS=all_layers,
             **_constants(cell, hidden, dtype, plan, ctx.mode), **_launch_options(plan, device),
         )  # fmt: skip
