@@ -33,7 +33,7 @@ from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
-from tritonrnn.kernels.sync import grid_barrier
+from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
 from tritonrnn.layer_run import Variant, _kernel_constants
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
@@ -92,6 +92,27 @@ def barrier_lowering_problems(arch: int) -> list[str]:
         problems.append(f"polling is not one predicated gpu-scope acquire: {wait}")
     if sum("bar.sync" in line for line in lines) < 3:
         problems.append("fewer than 3 CTA barriers around the arrival and the poll")
+    return problems
+
+
+@triton.jit
+def _wait_each_probe(counters, out, n):
+    arrive(counters + tl.program_id(0))
+    wait_each(counters, n, 1, 32)
+    tl.store(out + tl.program_id(0), 1)
+
+
+def wait_each_lowering_problems(arch: int) -> list[str]:
+    """What is wrong with sync.wait_each's PTX (the tagged stack kernel's wait for each program of a layer):
+    empty when it polls with predicated gpu-scope acquire atomics and a CTA barrier follows the poll loop."""
+    ptx = _compile(_wait_each_probe, {"counters": "*i32", "out": "*i32", "n": "i32"}, {}, arch).asm["ptx"]
+    lines = [line.strip() for line in ptx.splitlines()]
+    polls = [line for line in lines if ".acquire" in line]
+    problems = []
+    if not polls or not all(p.startswith("@%p") and "atom." in p and ".gpu" in p for p in polls):
+        problems.append(f"the poll is not predicated gpu-scope acquire atomics: {polls}")
+    elif not any("bar.sync" in line for line in lines[lines.index(polls[-1]) :]):
+        problems.append("no CTA barrier after the poll")
     return problems
 
 
@@ -227,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     failures = barrier_lowering_problems(args.arch)
     print("grid barrier lowering:", "; ".join(failures) or "ok", flush=True)
+    wait_failures = wait_each_lowering_problems(args.arch)
+    print("per-program wait lowering:", "; ".join(wait_failures) or "ok", flush=True)
+    failures += wait_failures
     for dtype in args.dtype:
         for cell in args.cells:
             for hidden in args.hidden:
