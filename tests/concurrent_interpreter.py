@@ -13,8 +13,12 @@ is a function of the seed alone: a test that fails fails every time, and differe
 interleavings. An ordering bug shows as a wrong value, a NaN read from a poisoned buffer, or a wait that never
 ends (raised as ``Deadlock`` after ``timeout_s``).
 
-What it cannot show: the GPU's weak memory ordering (one thread runs at a time, and every store is seen at once),
-caching (``.cg``), or co-residency. Those are the GPU tier's.
+With ``weak_stores=True`` a program's plain stores are not seen by the other programs at once: they wait in the
+program's own buffer (its own loads see them) until the program makes a release (an atomic with ``sem="release"``
+or ``"acq_rel"``, as a barrier's arrival does), ends, or, at random, some time later (oldest first). So data
+published without a release, or after it, is read stale by a program that trusts the release: the writer's half
+of the GPU's memory model. The reader's half (loads served from a stale L1 line, which ``.cg`` avoids), the
+ordering between threads of a program, and co-residency remain the GPU tier's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import time
 import types
 from collections.abc import Iterator
 
+import numpy as np
+from triton._C.libtriton import interpreter as _interpreter
+from triton._C.libtriton import ir
 from triton.runtime import interpreter
 
 from tritonrnn import _plan
@@ -52,18 +59,26 @@ class Launch:
 
 
 # Where a program may hand over to another: every access to memory (a spin at a barrier polls with atomics or loads).
-_MEMORY_OPS = ("create_load", "create_store", "create_masked_load", "create_masked_store", "create_atomic_rmw",
-               "create_atomic_cas")  # fmt: skip
+# (create_load and create_store go through the masked ones.)
+_MEMORY_OPS = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
+_RELEASES = (ir.MEM_SEMANTIC.RELEASE, ir.MEM_SEMANTIC.ACQUIRE_RELEASE)
 
 
 _SPEEDS = (1, 1, 2, 4, 16)
+# With weak_stores, the chance that a program's oldest buffered store lands, at each of its memory operations; higher
+# where it waits for others (a program spinning on a peer's words would otherwise starve its own).
+_FLUSH_PROBABILITY = 0.05
+_FLUSH_PROBABILITY_WAITING = 0.5
 
 
 class _Scheduler:
     """One launch's programs as threads, one running at a time; the running one holds the token."""
 
-    def __init__(self, programs: list[tuple[int, int, int]], rng: random.Random, switch_probability: float):
+    def __init__(
+        self, programs: list[tuple[int, int, int]], rng: random.Random, switch_probability: float, weak_stores: bool
+    ):
         self.live = list(programs)
+        self.weak_stores = weak_stores
         self.rng = rng  # drawn from by the running program only, so the draws do not depend on timing
         self.switch_probability = switch_probability
         self.turn = {index: threading.Semaphore(0) for index in programs}
@@ -83,9 +98,12 @@ class _Scheduler:
         if self.abandoned:
             raise Deadlock("the launch was abandoned")
 
-    def maybe_switch(self, me, always: bool) -> None:
+    def maybe_switch(self, me, always: bool, pending: list) -> None:
         if self.abandoned:
             raise Deadlock("the launch was abandoned")
+        if pending and self.rng.random() < (_FLUSH_PROBABILITY_WAITING if always else _FLUSH_PROBABILITY):
+            _flush(pending[:1])  # a buffered store becomes visible, some time after it was made
+            del pending[:1]
         if always or self.rng.random() < self.switch_probability:
             successor = self._draw()
             if successor != me:
@@ -105,7 +123,7 @@ class _Scheduler:
 
 @contextlib.contextmanager
 def programs_at_once(
-    seed: int = 0, switch_probability: float = 0.1, timeout_s: float = 120.0
+    seed: int = 0, switch_probability: float = 0.1, timeout_s: float = 120.0, weak_stores: bool = False
 ) -> Iterator[list[Launch]]:
     """Yields the list of the launches made inside the block, filled as they run."""
     launches: list[Launch] = []
@@ -118,12 +136,14 @@ def programs_at_once(
     # The program id is per thread: the builder is one object shared by every launch.
     builder_cls.grid_idx = property(lambda self: getattr(local, "grid_idx", None),
                                     lambda self, value: setattr(local, "grid_idx", value))  # fmt: skip
-    for name in _MEMORY_OPS:
-        setattr(builder_cls, name, _switching(getattr(builder_cls, name), local))
+    builder_cls.create_masked_load = _load(builder_cls.create_masked_load, local)
+    builder_cls.create_masked_store = _store(builder_cls.create_masked_store, local)
+    builder_cls.create_atomic_rmw = _atomic(builder_cls.create_atomic_rmw, local)
+    builder_cls.create_atomic_cas = _atomic(builder_cls.create_atomic_cas, local)
 
     def init(self, fn, *args, **kwargs):
         saved_init(self, fn, *args, **kwargs)
-        scheduler = lambda programs: _Scheduler(programs, rng, switch_probability)  # noqa: E731
+        scheduler = lambda programs: _Scheduler(programs, rng, switch_probability, weak_stores)  # noqa: E731
         self.fn = _threaded(fn, local, scheduler, launches, timeout_s)
 
     interpreter.GridExecutor.__init__ = init
@@ -140,20 +160,64 @@ def programs_at_once(
                 setattr(builder_cls, name, value)
 
 
-def _switching(method, local):
-    # Atomics and volatile loads are how a program waits for others (barrier counters, tagged words): there it
-    # always offers the turn, so a program spinning on a value hands over instead of polling it again and again.
-    name = method.__name__
-    waits = name.startswith("create_atomic")
-    volatile_loads = name in ("create_load", "create_masked_load")  # is_volatile: their last argument
+def _switch_point(local, always: bool) -> None:
+    scheduler = getattr(local, "scheduler", None)
+    if scheduler is not None:
+        scheduler.maybe_switch(local.grid_idx, always, local.pending)
 
-    def op(self, *args, **kwargs):
+
+# Atomics and volatile loads are how a program waits for others (barrier counters, tagged words): there it always
+# offers the turn, so a program spinning on a value hands over instead of polling it again and again.
+
+
+def _load(method, local):
+    def load(self, ptrs, mask, other, *rest):
+        _switch_point(local, always=bool(rest[-1]))  # is_volatile: the last argument
+        loaded = method(self, ptrs, mask, other, *rest)
+        pending = getattr(local, "pending", None)
+        if pending:  # the program sees its own buffered stores
+            data, addresses = loaded.data.copy(), ptrs.data
+            wanted = np.broadcast_to(mask.data, addresses.shape).astype(bool)
+            for stored_at, values in pending:
+                hit = wanted & np.isin(addresses, stored_at)
+                if hit.any():
+                    order = np.argsort(stored_at, kind="stable")
+                    data[hit] = values[order[np.searchsorted(stored_at[order], addresses[hit])]]
+            loaded = type(loaded)(data, loaded.dtype)
+        return loaded
+
+    return load
+
+
+def _store(method, local):
+    def store(self, ptrs, value, mask, *rest):
+        _switch_point(local, always=False)
         scheduler = getattr(local, "scheduler", None)
-        if scheduler is not None:
-            scheduler.maybe_switch(local.grid_idx, always=waits or (volatile_loads and bool(args[-1])))
-        return method(self, *args, **kwargs)
+        if scheduler is None or not scheduler.weak_stores:
+            return method(self, ptrs, value, mask, *rest)
+        where = np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)
+        values = np.broadcast_to(value.data, ptrs.data.shape)[where]
+        local.pending.append((ptrs.data[where].copy(), values.copy()))
+        return None
 
-    return op
+    return store
+
+
+def _atomic(method, local):
+    def atomic(self, *args):
+        _switch_point(local, always=True)
+        pending = getattr(local, "pending", None)
+        if pending and args[-2] in _RELEASES:  # (..., sem, scope): what came before the release is seen with it
+            _flush(pending)
+            pending.clear()
+        return method(self, *args)
+
+    return atomic
+
+
+def _flush(stores) -> None:
+    for addresses, values in stores:
+        _interpreter.store(addresses, values, np.ones(addresses.shape, dtype=bool))
 
 
 def _threaded(fn, local, new_scheduler, launches: list[Launch], timeout_s: float):
@@ -163,8 +227,8 @@ def _threaded(fn, local, new_scheduler, launches: list[Launch], timeout_s: float
     The interpreter finds triton.language through the kernel's globals, so the returned function is built on
     them: everything else it uses comes through its closure."""
     pending: list[tuple[int, int, int]] = []
-    builder, Thread, deadlock, launch, monotonic = (interpreter.interpreter_builder, threading.Thread, Deadlock, Launch,
-                                                   time.monotonic)  # fmt: skip
+    builder, Thread, deadlock, launch, monotonic, flush = (interpreter.interpreter_builder, threading.Thread, Deadlock,
+                                                          Launch, time.monotonic, _flush)  # fmt: skip
 
     def call(**args):
         pending.append(builder.grid_idx)
@@ -176,16 +240,17 @@ def _threaded(fn, local, new_scheduler, launches: list[Launch], timeout_s: float
         scheduler = new_scheduler(programs)
 
         def run(index):
-            local.grid_idx, local.scheduler = index, scheduler
+            local.grid_idx, local.scheduler, local.pending = index, scheduler, []
             try:
                 scheduler.wait_turn(index)
                 fn(**args)
+                flush(local.pending)  # the end of a kernel makes its stores visible
             except BaseException as error:  # handed to the launching thread below, which raises it
                 errors.append(error)
                 if not scheduler.abandoned:
                     scheduler.abandon()  # the others would wait for this program for ever
             finally:
-                local.scheduler = None
+                local.scheduler, local.pending = None, []
                 if not scheduler.abandoned:
                     scheduler.finish(index)
 

@@ -25,7 +25,7 @@ from triton.runtime import interpreter
 from triton.runtime.errors import InterpreterError
 
 import tritonrnn
-from tritonrnn.kernels import recurrent, stack
+from tritonrnn.kernels import recurrent, stack, sync
 from tritonrnn.kernels.sync import arrive, grid_barrier, tag_unpack, wait_count
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's threads (the GPU runs grids itself)")
@@ -119,6 +119,34 @@ def test_an_error_in_one_program_is_raised_not_waited_for(monkeypatch):
     monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))  # device_assert on
     with programs_at_once(seed=0, timeout_s=60.0), pytest.raises(InterpreterError, match="program 1 fails"):
         _failing_program[(3,)](torch.zeros(1, dtype=torch.int32))
+
+
+@triton.jit
+def _publish_kernel(counter, buf, seen, n_steps, RELEASE: tl.constexpr, P: tl.constexpr):
+    """The lockstep kernel with the barrier spelled out: the arrival a release, or (not RELEASE) relaxed."""
+    pid = tl.program_id(0)
+    o = tl.arange(0, P)
+    for s in range(n_steps):
+        tl.store(buf + (s % 2) * P + pid, s)
+        if RELEASE:
+            tl.atomic_add(counter, 1, sem="release", scope="gpu")
+        else:
+            tl.atomic_add(counter, 1, sem="relaxed", scope="gpu")
+        wait_count(counter, (s + 1) * P)
+        tl.store(seen + pid * n_steps + s, tl.min(tl.load(buf + (s % 2) * P + o)))
+
+
+@pytest.mark.parametrize("weak", [False, True], ids=["sequential", "weak-stores"])
+@pytest.mark.parametrize("release", [True, False], ids=["release", "relaxed"])
+def test_weak_stores_show_an_arrival_that_is_not_a_release(release, weak):
+    """Sequentially consistent, a relaxed arrival passes; with buffered stores only the release publishes the step."""
+    P, steps = 4, 40
+    buf = torch.full((2, P), -1, dtype=torch.int32)
+    seen = torch.full((P, steps), -7, dtype=torch.int32)
+    with programs_at_once(seed=3, weak_stores=weak):
+        _publish_kernel[(P,)](torch.zeros(1, dtype=torch.int32), buf, seen, steps, RELEASE=release, P=P)
+    in_step = seen == torch.arange(steps, dtype=torch.int32)
+    assert bool(in_step.all()) == (release or not weak)
 
 
 # --- the library's checks have teeth here ----------------------------------------------------------------------
@@ -297,3 +325,68 @@ def test_module_training_step_in_one_launch_per_layer(exchange, launches, forced
     assert_ran_persistent(launches[-4:], tagged=exchange == "tagged")
     for a, b in zip(*results):
         assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
+# --- the same with buffered stores (weak_stores): what a program publishes is seen only after its release ---------
+
+
+@pytest.fixture
+def weak_launches():
+    with programs_at_once(seed=2, weak_stores=True) as made:
+        yield made
+
+
+@triton.jit
+def _relaxed_arrive(counter):
+    tl.debug_barrier()
+    tl.atomic_add(counter, 1, sem="relaxed", scope="gpu")
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_layer_kernels_with_weak_stores(exchange, weak_launches, forced_plan, monkeypatch):
+    """h (forward) and the gate gradients (backward) reach the other programs through the barrier's release, or as
+    tagged words whenever they land; three programs, both directions."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    forced_plan(block_h=16, persistent=True)
+    compare("lstm", 5, 5, 4, 40, 1, dtype=torch.float32 if exchange == "tagged" else torch.float64, seed=7,
+            bidirectional=True)  # fmt: skip
+    assert_ran_persistent(weak_launches, tagged=exchange == "tagged")
+
+
+def test_the_layer_kernels_with_a_relaxed_arrival_fail_with_weak_stores(weak_launches, forced_plan, monkeypatch):
+    forced_plan(block_h=16, persistent=True)
+    monkeypatch.setattr(sync, "arrive", _relaxed_arrive)  # the grid barrier's arrival
+    with pytest.raises(AssertionError, match="above bound"):
+        compare("gru", 6, 5, 4, 40, 1, seed=1)
+    assert_ran_persistent(weak_launches, tagged=False)
+
+
+def test_stack_kernel_with_weak_stores(weak_launches, forced_plan, fused_only, monkeypatch):
+    """Between layers the output is plain stores published by each program's release of its step count: tagged,
+    bit for bit the barrier's results; three layers of three programs."""
+    forced_plan(block_h=16, persistent=True)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [("lstm", 33)] * 3, dropout=0.3).to(DEVICE)
+    x = torch.randn(5, 2, 5, device=DEVICE)
+    results = []
+    for exchange in ("barrier", "tagged"):
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        results.append(_stack_training_step(model, x))
+        assert_ran_persistent(weak_launches[-2:], tagged=exchange == "tagged", kernels=("stack_fwd_kernel",))
+    for a, b in zip(*results):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
+def test_the_stack_kernel_with_a_relaxed_step_count_fails_with_weak_stores(weak_launches, forced_plan, fused_only,
+                                                                           monkeypatch):  # fmt: skip
+    """Tagged, a layer's output reaches the layer above only through the release of each program's step count."""
+    forced_plan(block_h=16, persistent=True)
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [("lstm", 33)] * 2).to(DEVICE)
+    x = torch.randn(5, 2, 5, device=DEVICE)
+    right = _stack_training_step(model, x)
+    monkeypatch.setattr(stack, "arrive", _relaxed_arrive)
+    wrong = _stack_training_step(model, x)
+    assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
+    assert_ran_persistent(weak_launches, tagged=True, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
