@@ -50,27 +50,36 @@ def assert_ran_persistent(launches, tagged: bool, kernels=("rnn_fwd_kernel", "rn
 # --- the harness itself ----------------------------------------------------------------------------------------
 
 
+NO_BARRIER, BARRIER, RELAXED_BARRIER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
-def _lockstep_kernel(counter, buf, seen, n_steps, BARRIER: tl.constexpr, P: tl.constexpr):
-    """Each step every program writes the step number, (BARRIER) meets the others, then reads what all wrote."""
+def _lockstep_kernel(counter, buf, seen, n_steps, SYNC: tl.constexpr, P: tl.constexpr):
+    """Each step every program writes the step number, meets the others (SYNC: BARRIER, or RELAXED_BARRIER: the
+    barrier with a relaxed arrival), then reads what all wrote."""
     pid = tl.program_id(0)
     o = tl.arange(0, P)
     for s in range(n_steps):
         tl.store(buf + (s % 2) * P + pid, s)
-        if BARRIER:
-            grid_barrier(counter, (s + 1) * tl.num_programs(0))
+        if SYNC == BARRIER:
+            grid_barrier(counter, (s + 1) * P)
+        if SYNC == RELAXED_BARRIER:
+            tl.atomic_add(counter, 1, sem="relaxed", scope="gpu")
+            wait_count(counter, (s + 1) * P)
         tl.store(seen + pid * n_steps + s, tl.min(tl.load(buf + (s % 2) * P + o)))
+
+
+def _all_in_step(sync: int, P: int = 4, steps: int = 40) -> bool:
+    """Whether every program read every step's values after the meeting (a launch of _lockstep_kernel)."""
+    buf = torch.full((2, P), -1, dtype=torch.int32)
+    seen = torch.full((P, steps), -7, dtype=torch.int32)
+    _lockstep_kernel[(P,)](torch.zeros(1, dtype=torch.int32), buf, seen, steps, SYNC=sync, P=P)
+    return bool((seen == torch.arange(steps, dtype=torch.int32)).all())
 
 
 @pytest.mark.parametrize("barrier", [True, False], ids=["barrier", "no-barrier"])
 def test_programs_run_at_once_and_a_missing_barrier_shows(barrier, launches):
-    P, steps = 4, 40
-    buf = torch.full((2, P), -1, dtype=torch.int32)
-    seen = torch.full((P, steps), -7, dtype=torch.int32)
-    _lockstep_kernel[(P,)](counter=torch.zeros(1, dtype=torch.int32), buf=buf, seen=seen, n_steps=steps,
-                           BARRIER=barrier, P=P)  # fmt: skip
-    in_step = seen == torch.arange(steps, dtype=torch.int32)
-    assert bool(in_step.all()) == barrier
+    assert _all_in_step(BARRIER if barrier else NO_BARRIER) == barrier
 
 
 @triton.jit
@@ -121,32 +130,12 @@ def test_an_error_in_one_program_is_raised_not_waited_for(monkeypatch):
         _failing_program[(3,)](torch.zeros(1, dtype=torch.int32))
 
 
-@triton.jit
-def _publish_kernel(counter, buf, seen, n_steps, RELEASE: tl.constexpr, P: tl.constexpr):
-    """The lockstep kernel with the barrier spelled out: the arrival a release, or (not RELEASE) relaxed."""
-    pid = tl.program_id(0)
-    o = tl.arange(0, P)
-    for s in range(n_steps):
-        tl.store(buf + (s % 2) * P + pid, s)
-        if RELEASE:
-            tl.atomic_add(counter, 1, sem="release", scope="gpu")
-        else:
-            tl.atomic_add(counter, 1, sem="relaxed", scope="gpu")
-        wait_count(counter, (s + 1) * P)
-        tl.store(seen + pid * n_steps + s, tl.min(tl.load(buf + (s % 2) * P + o)))
-
-
 @pytest.mark.parametrize("weak", [False, True], ids=["sequential", "weak-stores"])
 @pytest.mark.parametrize("release", [True, False], ids=["release", "relaxed"])
 def test_weak_stores_show_an_arrival_that_is_not_a_release(release, weak):
     """Sequentially consistent, a relaxed arrival passes; with buffered stores only the release publishes the step."""
-    P, steps = 4, 40
-    buf = torch.full((2, P), -1, dtype=torch.int32)
-    seen = torch.full((P, steps), -7, dtype=torch.int32)
     with programs_at_once(seed=3, weak_stores=weak):
-        _publish_kernel[(P,)](torch.zeros(1, dtype=torch.int32), buf, seen, steps, RELEASE=release, P=P)
-    in_step = seen == torch.arange(steps, dtype=torch.int32)
-    assert bool(in_step.all()) == (release or not weak)
+        assert _all_in_step(BARRIER if release else RELAXED_BARRIER) == (release or not weak)
 
 
 # --- the library's checks have teeth here ----------------------------------------------------------------------
@@ -196,18 +185,37 @@ def _stack_training_step(model, x) -> list[torch.Tensor]:
     return [*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])]
 
 
+def _assert_tagged_stack_breaks(monkeypatch, name: str, replacement) -> None:
+    """The tagged stack kernel's results change (beyond rounding) once kernels/stack.py's ``name`` is replaced."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [("lstm", 33)] * 2).to(DEVICE)
+    x = torch.randn(5, 3, 5, device=DEVICE)
+    right = _stack_training_step(model, x)
+    monkeypatch.setattr(stack, name, replacement)
+    wrong = _stack_training_step(model, x)
+    assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
+
+
+def _assert_tagged_stack_is_bitwise_the_barrier(launches, monkeypatch, cell: str, n_layers: int, mode: str) -> None:
+    """Float32 with dropout, three programs a layer: tagged, the barrier's results bit for bit."""
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(5, [(cell, 33)] * n_layers, dropout=0.3, dropout_mode=mode).to(DEVICE)
+    x = torch.randn(5, 2, 5, device=DEVICE)
+    results = []
+    for exchange in ("barrier", "tagged"):
+        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        results.append(_stack_training_step(model, x))
+        assert_ran_persistent(launches[-2:], tagged=exchange == "tagged", kernels=("stack_fwd_kernel",))
+    for a, b in zip(*results):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
 def test_the_stack_kernel_without_the_wait_for_the_layer_below_fails(launches, forced_plan, fused_only, monkeypatch):
     """Tagged, the stack's layers meet no grid barrier: each waits only for the step counts of the programs of the
     layer below (forward) or above (backward). Without that wait a layer reads its input before it is written."""
     forced_plan(block_h=16, persistent=True)
-    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
-    torch.manual_seed(0)
-    model = tritonrnn.StackedRNN(5, [("lstm", 40)] * 2).to(DEVICE)
-    x = torch.randn(5, 3, 5, device=DEVICE)
-    right = _stack_training_step(model, x)
-    monkeypatch.setattr(stack, "wait_each", _no_wait)
-    wrong = _stack_training_step(model, x)
-    assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
+    _assert_tagged_stack_breaks(monkeypatch, "wait_each", _no_wait)
     assert_ran_persistent(launches, tagged=True, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
 
 
@@ -294,16 +302,7 @@ def test_stack_kernel_tagged_is_bitwise_the_barrier(cell, n_layers, mode, launch
     peer's h_t, which the peer publishes before its output for the layer above), so the total reached (t + 1) P
     with that output unwritten, and the layer above read NaN from it."""
     forced_plan(block_h=16, persistent=True)
-    torch.manual_seed(0)
-    model = tritonrnn.StackedRNN(5, [(cell, 33)] * n_layers, dropout=0.3, dropout_mode=mode).to(DEVICE)
-    x = torch.randn(5, 2, 5, device=DEVICE)
-    results = []
-    for exchange in ("barrier", "tagged"):
-        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
-        results.append(_stack_training_step(model, x))
-        assert_ran_persistent(launches[-2:], tagged=exchange == "tagged", kernels=("stack_fwd_kernel",))
-    for a, b in zip(*results):
-        assert not torch.isnan(a).any() and torch.equal(a, b)
+    _assert_tagged_stack_is_bitwise_the_barrier(launches, monkeypatch, cell, n_layers, mode)
 
 
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])
@@ -365,28 +364,12 @@ def test_stack_kernel_with_weak_stores(weak_launches, forced_plan, fused_only, m
     """Between layers the output is plain stores published by each program's release of its step count: tagged,
     bit for bit the barrier's results; three layers of three programs."""
     forced_plan(block_h=16, persistent=True)
-    torch.manual_seed(0)
-    model = tritonrnn.StackedRNN(5, [("lstm", 33)] * 3, dropout=0.3).to(DEVICE)
-    x = torch.randn(5, 2, 5, device=DEVICE)
-    results = []
-    for exchange in ("barrier", "tagged"):
-        monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
-        results.append(_stack_training_step(model, x))
-        assert_ran_persistent(weak_launches[-2:], tagged=exchange == "tagged", kernels=("stack_fwd_kernel",))
-    for a, b in zip(*results):
-        assert not torch.isnan(a).any() and torch.equal(a, b)
+    _assert_tagged_stack_is_bitwise_the_barrier(weak_launches, monkeypatch, "lstm", 3, "standard")
 
 
 def test_the_stack_kernel_with_a_relaxed_step_count_fails_with_weak_stores(weak_launches, forced_plan, fused_only,
                                                                            monkeypatch):  # fmt: skip
     """Tagged, a layer's output reaches the layer above only through the release of each program's step count."""
     forced_plan(block_h=16, persistent=True)
-    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
-    torch.manual_seed(0)
-    model = tritonrnn.StackedRNN(5, [("lstm", 33)] * 2).to(DEVICE)
-    x = torch.randn(5, 2, 5, device=DEVICE)
-    right = _stack_training_step(model, x)
-    monkeypatch.setattr(stack, "arrive", _relaxed_arrive)
-    wrong = _stack_training_step(model, x)
-    assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
+    _assert_tagged_stack_breaks(monkeypatch, "arrive", _relaxed_arrive)
     assert_ran_persistent(weak_launches, tagged=True, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
