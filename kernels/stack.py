@@ -77,6 +77,9 @@ def stack_fwd_kernel(
     below = tl.maximum(layer - 1, 0)
     if TAGGED:
         ring += layer * 2 * B * H
+    # TAGGED: each program's count of its steps done ([L, P]); the counts of the layer this one reads.
+    my_count = counter + layer * tl.num_programs(0) + tl.program_id(0)
+    counts_read = counter + below * tl.num_programs(0)
     seed = tl.load(seed_ptr + layer)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += layer * (G * H * H)
@@ -106,7 +109,7 @@ def stack_fwd_kernel(
             if TAGGED:
                 if layer > 0:
                     # No grid barrier: wait for the layer below's step t (each of its programs counts its steps).
-                    wait_each(counter + below * tl.num_programs(0), tl.num_programs(0), t + 1, 32)
+                    wait_each(counts_read, tl.num_programs(0), t + 1)
             for b0 in range(0, B, BLOCK_B):
                 o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
                 m_b = o_b < B
@@ -153,7 +156,7 @@ def stack_fwd_kernel(
                     )  # fmt: skip
             if TAGGED:
                 if layer < n_layers - 1:
-                    arrive(counter + layer * tl.num_programs(0) + tl.program_id(0))  # this step's output, for above
+                    arrive(my_count)  # this step's output, for the layer above
                 else:
                     tl.debug_barrier()  # this program's threads reread what others of it wrote (c, saved)
         if SYNC and not TAGGED:
@@ -206,6 +209,9 @@ def stack_bwd_kernel(
     above = tl.minimum(layer + 1, n_layers - 1)
     if TAGGED:
         ring += layer * 2 * B * (G * H)
+    # TAGGED: each program's count of its steps done ([L, P]); the counts of the layer this one reads.
+    my_count = counter + layer * tl.num_programs(0) + tl.program_id(0)
+    counts_read = counter + above * tl.num_programs(0)
     seed = tl.load(seed_ptr + layer)
     o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += layer * (G * H * H)
@@ -243,7 +249,7 @@ def stack_bwd_kernel(
             if TAGGED:
                 if layer < n_layers - 1:
                     # No grid barrier: wait for the layer above's step at t (each of its programs counts its steps).
-                    wait_each(counter + above * tl.num_programs(0), tl.num_programs(0), k + 1, 32)
+                    wait_each(counts_read, tl.num_programs(0), k + 1)
             if layer < n_layers - 1:
                 # dL/d(this layer's output at t) through the layer above, whose step t ran one barrier ago.
                 _bwd_recurrent_step(
@@ -283,8 +289,7 @@ def stack_bwd_kernel(
                     _store_tagged_gates(ring, k, o_b, o_j, g0, g1, g2, g3, m_bj, B, H, G)
             if TAGGED:
                 if layer > 0:
-                    # This step's input-side gate gradients, for the layer below.
-                    arrive(counter + layer * tl.num_programs(0) + tl.program_id(0))
+                    arrive(my_count)  # this step's input-side gate gradients, for the layer below
                 else:
                     tl.debug_barrier()  # this program's threads reread what others of it wrote (dL/dh, dL/dc)
         if SYNC and not TAGGED:

@@ -27,7 +27,7 @@ def wait_count(counter, target):
 
 
 @triton.jit
-def wait_each(counters, n, target, BLOCK: tl.constexpr):
+def wait_each(counters, n, target, BLOCK: tl.constexpr = 32):
     """Wait until each of ``counters[0 .. n)`` has reached ``target`` (each counter written by one program only).
 
     A total over several programs cannot say that every one of them got there: one program can be a step ahead

@@ -98,7 +98,7 @@ def barrier_lowering_problems(arch: int) -> list[str]:
 @triton.jit
 def _wait_each_probe(counters, out, n):
     arrive(counters + tl.program_id(0))
-    wait_each(counters, n, 1, 32)
+    wait_each(counters, n, 1)
     tl.store(out + tl.program_id(0), 1)
 
 

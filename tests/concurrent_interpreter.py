@@ -58,8 +58,7 @@ class Launch:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
 
-# Where a program may hand over to another: every access to memory (a spin at a barrier polls with atomics or loads).
-# (create_load and create_store go through the masked ones.)
+# The builder's memory operations, where a program may hand over (create_load and create_store call the masked ones).
 _MEMORY_OPS = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
 _RELEASES = (ir.MEM_SEMANTIC.RELEASE, ir.MEM_SEMANTIC.ACQUIRE_RELEASE)
 
@@ -161,13 +160,12 @@ def programs_at_once(
 
 
 def _switch_point(local, always: bool) -> None:
+    """A memory operation of the running program: it may hand over. ``always`` at atomics and volatile loads, the
+    ways a program waits for others (barrier counters, tagged words), so a spinning program hands over instead of
+    polling the same value again and again."""
     scheduler = getattr(local, "scheduler", None)
     if scheduler is not None:
         scheduler.maybe_switch(local.grid_idx, always, local.pending)
-
-
-# Atomics and volatile loads are how a program waits for others (barrier counters, tagged words): there it always
-# offers the turn, so a program spinning on a value hands over instead of polling it again and again.
 
 
 def _load(method, local):
@@ -178,11 +176,10 @@ def _load(method, local):
         if pending:  # the program sees its own buffered stores
             data, addresses = loaded.data.copy(), ptrs.data
             wanted = np.broadcast_to(mask.data, addresses.shape).astype(bool)
-            for stored_at, values in pending:
+            for stored_at, values in pending:  # in order: a later store of an address wins
                 hit = wanted & np.isin(addresses, stored_at)
                 if hit.any():
-                    order = np.argsort(stored_at, kind="stable")
-                    data[hit] = values[order[np.searchsorted(stored_at[order], addresses[hit])]]
+                    data[hit] = values[np.searchsorted(stored_at, addresses[hit])]
             loaded = type(loaded)(data, loaded.dtype)
         return loaded
 
@@ -196,8 +193,9 @@ def _store(method, local):
         if scheduler is None or not scheduler.weak_stores:
             return method(self, ptrs, value, mask, *rest)
         where = np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)
-        values = np.broadcast_to(value.data, ptrs.data.shape)[where]
-        local.pending.append((ptrs.data[where].copy(), values.copy()))
+        addresses, values = ptrs.data[where], np.broadcast_to(value.data, ptrs.data.shape)[where]
+        order = np.argsort(addresses)  # sorted once, for the program's own loads to look up
+        local.pending.append((addresses[order], values[order]))
         return None
 
     return store

@@ -5,7 +5,8 @@ run as on a GPU: one launch for all steps, against torch.nn and the float64 refe
 from the launches that it ran what it says (several programs, persistent, the exchange it names).
 
 A harness that could not fail would prove nothing: the negative tests take out, one at a time, the grid barrier,
-the wait for the tags, and the stack kernel's wait for the layer below, and show the checks failing.
+the wait for the tags, and the stack kernel's wait for the layer below, and show the checks failing; with buffered
+stores (weak_stores), a relaxed arrival in the layer kernels or the stack kernel fails them too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from concurrent_interpreter import programs_at_once
 from conftest import DEVICE
 from helpers import rel_err
 from test_kernels import compare, compare_packed
-from test_stacks import assert_matches, expected_with_masks, flat, make_stack, random_states
+from test_stacks import assert_matches, expected_with_masks, make_stack, random_states, stack_training_step
 from triton.runtime import interpreter
 from triton.runtime.errors import InterpreterError
 
@@ -153,7 +154,7 @@ def _load_tagged_without_waiting(p, mask, tag, VALUE: tl.constexpr):
 
 
 @triton.jit
-def _no_wait(counters, n, target, BLOCK: tl.constexpr):
+def _no_wait(counters, n, target, BLOCK: tl.constexpr = 32):
     pass
 
 
@@ -176,24 +177,15 @@ def test_the_tagged_exchange_without_its_wait_fails(launches, forced_plan, monke
     assert_ran_persistent(launches, tagged=True)
 
 
-def _stack_training_step(model, x) -> list[torch.Tensor]:
-    """Every layer's output, the final states and every gradient of one training step (dropout seed fixed)."""
-    xr = x.clone().requires_grad_()
-    torch.manual_seed(1)
-    outs, states = model(xr, return_all_layers=True)
-    loss = sum((o * o.detach().cos()).sum() for o in outs) + sum(t.sum() for t in flat(states))
-    return [*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])]
-
-
 def _assert_tagged_stack_breaks(monkeypatch, name: str, replacement) -> None:
     """The tagged stack kernel's results change (beyond rounding) once kernels/stack.py's ``name`` is replaced."""
     monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
     torch.manual_seed(0)
     model = tritonrnn.StackedRNN(5, [("lstm", 33)] * 2).to(DEVICE)
     x = torch.randn(5, 3, 5, device=DEVICE)
-    right = _stack_training_step(model, x)
+    right = stack_training_step(model, x)
     monkeypatch.setattr(stack, name, replacement)
-    wrong = _stack_training_step(model, x)
+    wrong = stack_training_step(model, x)
     assert max(rel_err(a, b) for a, b in zip(wrong, right)) > 1e-2
 
 
@@ -205,7 +197,7 @@ def _assert_tagged_stack_is_bitwise_the_barrier(launches, monkeypatch, cell: str
     results = []
     for exchange in ("barrier", "tagged"):
         monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
-        results.append(_stack_training_step(model, x))
+        results.append(stack_training_step(model, x))
         assert_ran_persistent(launches[-2:], tagged=exchange == "tagged", kernels=("stack_fwd_kernel",))
     for a, b in zip(*results):
         assert not torch.isnan(a).any() and torch.equal(a, b)

@@ -76,6 +76,15 @@ def flat(states):
     return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
 
 
+def stack_training_step(model, x) -> list[torch.Tensor]:
+    """Every layer's output, the final states and every gradient of one training step (dropout seed fixed)."""
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    outs, states = model(xr, return_all_layers=True)
+    loss = sum((o * o.detach().cos()).sum() for o in outs) + sum(t.sum() for t in flat(states))
+    return [*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])]
+
+
 def assert_matches(model, x, states, expected_fn, return_all=True):
     """Outputs, final states and the gradients of x, the initial states and every parameter, vs expected_fn."""
     x = x.detach().clone().requires_grad_()
@@ -555,11 +564,7 @@ def test_fused_stack_tagged_is_bitwise_the_barrier(cell, options, split, fused_o
         assert plan.tagged == (exchange == "tagged")
         if DEVICE.type == "cpu":
             assert plan.persistent == (exchange == "tagged" and not split)
-        xr = x.clone().requires_grad_()
-        torch.manual_seed(1)
-        outs, states = model(xr, return_all_layers=True)
-        loss = sum((o * o.detach().cos()).sum() for o in outs) + sum(t.sum() for t in flat(states))
-        results.append([*outs, *flat(states), *torch.autograd.grad(loss, [xr, *model.parameters()])])
+        results.append(stack_training_step(model, x))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
