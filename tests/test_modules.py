@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -260,3 +261,68 @@ def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkey
         cell, options.get("residual", False), options.get("p_drop", 0.0), options.get("variational", False), True,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.tritonrnn.layer.default, args)
+
+
+# --- the tensors' device is the current one at every launch ---------------------------------------
+
+
+class _DeviceGuards:
+    """Stands in for _plan.on_device: records which device each entered guard names."""
+
+    def __init__(self):
+        self.entered: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def __call__(self, device):
+        self.entered.append(device)
+        try:
+            yield
+        finally:
+            self.entered.pop()
+
+
+class _GuardedLaunch:
+    """A kernel whose launches check that a guard for ``device`` is the innermost entered one."""
+
+    def __init__(self, name, kernel, guards, device, launched):
+        self.name, self.kernel, self.guards, self.device, self.launched = name, kernel, guards, device, launched
+
+    def __getitem__(self, grid):
+        assert self.guards.entered and self.guards.entered[-1] == self.device, (self.name, self.guards.entered)
+        self.launched.add(self.name)
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@pytest.mark.parametrize("fused_stack_too", [False, True], ids=["layers", "fused-stack"])
+def test_every_kernel_launch_makes_the_tensors_device_current(fused_stack_too, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': forward and backward kernels, the stack kernel
+    and the dropout mask each launch inside a guard for the input's device (cuda:1 while cuda:0 is current would
+    otherwise run on the wrong GPU). On the CPU the guards are no-ops; here they are recorded."""
+    from tritonrnn import dropout, functional, fused_stack, layer_run
+
+    guards, launched = _DeviceGuards(), set()
+    for module in (functional, layer_run, fused_stack, dropout):
+        monkeypatch.setattr(module, "on_device", guards)
+    for module, name in [(layer_run, "rnn_fwd_kernel"), (layer_run, "rnn_bwd_kernel"),
+                         (layer_run, "lstm_proj_fwd_kernel"), (layer_run, "lstm_proj_bwd_kernel"),
+                         (fused_stack, "stack_fwd_kernel"), (fused_stack, "stack_bwd_kernel"),
+                         (dropout, "dropout_mask_kernel")]:  # fmt: skip
+        guarded = _GuardedLaunch(name, getattr(module, name), guards, DEVICE, launched)
+        monkeypatch.setattr(module, name, guarded)
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 3, device=DEVICE, requires_grad=True)
+    models = [tritonrnn.LSTM(3, 5, num_layers=2, dropout=0.5), tritonrnn.LSTM(3, 5, proj_size=2)]
+    if fused_stack_too:
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+        models = [tritonrnn.GRU(3, 5, num_layers=2, dropout=0.5)]
+    for model in models:
+        out, _ = model.to(DEVICE).train()(x)
+        torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+    dropout.mask(dropout.LayerDropout(0.5, False, torch.tensor([3], device=DEVICE)), 2, 2, 4, DEVICE)
+    assert not guards.entered
+    expected = {"stack_fwd_kernel", "stack_bwd_kernel"} if fused_stack_too else {
+        "rnn_fwd_kernel", "rnn_bwd_kernel", "lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"}  # fmt: skip
+    assert launched == expected | {"dropout_mask_kernel"}

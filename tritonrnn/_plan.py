@@ -7,6 +7,7 @@ the autotuner of a later issue replaces the heuristics here, not the kernels or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -95,6 +96,15 @@ def next_pow2(n: int) -> int:
 def cuda_index(device: torch.device) -> int:
     """The CUDA device index, the current device for a bare "cuda"."""
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes a CUDA tensor's device the current one around kernel launches (a no-op for CPU tensors).
+
+    Triton launches on the current CUDA device and its stream, not the tensors': tensors on cuda:1 while cuda:0 is
+    current would be refused at launch, or with peer access run on the wrong GPU, unordered with cuda:1's stream.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tritonrnn._plan import check_interpreter, interpret_mode
+from tritonrnn._plan import check_interpreter, interpret_mode, on_device
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
 
 MODES = ("standard", "variational")
@@ -69,8 +69,9 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
         check_interpreter()
     out = torch.empty(rows, batch, width, dtype=torch.float32, device=device)
     if out.numel():
-        dropout_mask_kernel[(rows * batch,)](
-            mask=out, seed_ptr=dropout.seed.to(device), p=dropout.p, T=rows, B=batch, W=width, MODE=dropout.kernel_mode,
-            BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())),
-        )  # fmt: skip
+        with on_device(device):
+            dropout_mask_kernel[(rows * batch,)](
+                mask=out, seed_ptr=dropout.seed.to(device), p=dropout.p, T=rows, B=batch, W=width,
+                MODE=dropout.kernel_mode, BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())),
+            )  # fmt: skip
     return out

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import layer_op, reference, scheduler
-from tritonrnn._plan import CELLS, interpret_mode, single_group
+from tritonrnn._plan import CELLS, interpret_mode, on_device, single_group
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
@@ -111,6 +111,14 @@ def stack(
     keep their state past their end (so h_n is each sequence's last state) and output zeros there.
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
+    if torch.compiler.is_compiling():
+        return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)  # device: the graph's
+    # x's device current for everything the stack asks of CUDA (tuning, capture checks, launches).
+    with on_device(x.device):
+        return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)
+
+
+def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths):
     # Drawn once, whichever path runs: the same seeds with and without the wavefront.
     dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training, x.device)
     result = None

@@ -15,7 +15,16 @@ import triton
 from torch import Tensor
 
 from tritonrnn import layer_run
-from tritonrnn._plan import CELLS, LayerPlan, cuda_index, interpret_mode, log_once, plan_stack, with_exchange
+from tritonrnn._plan import (
+    CELLS,
+    LayerPlan,
+    cuda_index,
+    interpret_mode,
+    log_once,
+    on_device,
+    plan_stack,
+    with_exchange,
+)
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
@@ -194,8 +203,9 @@ class FusedStackFunction(torch.autograd.Function):
             SYNC=plan.persistent, **tagged, **_constants(cell, hidden, dtype, plan, mode),
             **_launch_options(plan, device),
         )  # fmt: skip
-        for step in _launches(plan, T + L - 1, backward=False):
-            stack_fwd_kernel[(plan.num_programs, L)](**step, **launch)
+        with on_device(device):
+            for step in _launches(plan, T + L - 1, backward=False):
+                stack_fwd_kernel[(plan.num_programs, L)](**step, **launch)
 
         if any(ctx.needs_input_grad):
             ctx.cell, ctx.plan, ctx.mode, ctx.p_drop, ctx.has_bias = cell, plan, mode, launch["p_drop"], has_bias
@@ -243,8 +253,9 @@ class FusedStackFunction(torch.autograd.Function):
             launch.update(
                 ring=torch.zeros(L, 2, B, gates * hidden, dtype=_ring_dtype(dtype), device=device), TAGGED=True
             )
-        for step in _launches(plan, T + L - 1, backward=True):
-            stack_bwd_kernel[(plan.num_programs, L)](**step, **launch)
+        with on_device(device):
+            for step in _launches(plan, T + L - 1, backward=True):
+                stack_bwd_kernel[(plan.num_programs, L)](**step, **launch)
 
         w_ih0 = tensors[2]
         gx = grad_xgates.view(L, T * B, gates * hidden)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, check_interpreter, interpret_mode, next_pow2
+from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, check_interpreter, interpret_mode, next_pow2, on_device
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
@@ -263,8 +263,9 @@ class LayerRun:
             # A persistent launch counts its barriers from zero, one counter per direction and batch group (one
             # launch per direction group; stepwise launches do not sync).
             counter = torch.zeros(self.D * plan.batch_groups, dtype=torch.int32, device=self.device)
-            for step in _steps(plan, t0, t1, self.w_hr is not None, backward):
-                kernel[grid](direction0=direction0, counter=counter, **step, **launch)
+            with on_device(self.device):
+                for step in _steps(plan, t0, t1, self.w_hr is not None, backward):
+                    kernel[grid](direction0=direction0, counter=counter, **step, **launch)
 
     def forward_steps(self, t0: int, t1: int) -> None:
         rows = slice(t0 * self.B, t1 * self.B)
