@@ -11,7 +11,8 @@ Each step runs in two phases, each closed by the grid barrier:
 Backward mirrors it per step: 1. dL/dh_t on the P units, through the next step's gate gradients and
 W_hh; 2. dL/dm_t = dL/dh_t @ W_hr on the H units, then the gate gradients. ``phases`` selects the
 phases one launch runs (3 = both; the one-launch-per-step mode launches them separately).
-Directions, residual and dropout work as in kernels/recurrent.py, on the P-wide output.
+Directions, residual, dropout and sequences of different lengths (VARLEN) work as in kernels/recurrent.py, on the
+P-wide output: past its length a row keeps c (phase A) and h (phase B) and outputs zeros.
 """
 
 import triton
@@ -54,6 +55,7 @@ def lstm_proj_fwd_kernel(
     y,  # [T, B, D*P] the layer output (WRITE_Y)
     res,  # [T, B, D*P] the layer input, added to the output (RESIDUAL)
     z,  # [T, B, D*P] dropout(y) (DROPOUT)
+    lengths,  # [B] int32 (VARLEN): each sequence's length; rows keep their state at steps t >= length
     counter,  # [D] int32, zeroed
     T,
     B,
@@ -75,6 +77,7 @@ def lstm_proj_fwd_kernel(
     WRITE_Y: tl.constexpr,
     RESIDUAL: tl.constexpr,
     DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -119,9 +122,12 @@ def lstm_proj_fwd_kernel(
                     m_j[None, :], P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST,
                 )  # fmt: skip
                 x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, 4, ACC)
+                b_act = m_bj
+                if VARLEN:
+                    b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 b_m = _cell_fwd(
                     x0, x1, x2, x3, r0, r1, r2, r3, None, state + o_b[:, None] * H + o_j[None, :],
-                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, m_bj, H, CELL_LSTM, SAVE, False,
+                    saved + row[:, None] * (5 * H) + o_j[None, :], m_bj, b_act, H, CELL_LSTM, SAVE, VARLEN,
                 )  # fmt: skip
                 tl.store(mseq + row[:, None] * H + o_j[None, :], b_m.to(out_ty), mask=m_bj)
             if SYNC:
@@ -139,11 +145,18 @@ def lstm_proj_fwd_kernel(
                     cache_modifier=".cg",
                 )
                 b_hout = _dot(b_m, b_wr, ACC, DOT_PRECISION, DOT_UPCAST).to(out_ty)
+                m_bp = m_b[:, None] & m_p[None, :]
+                b_act = m_bp
+                if VARLEN:
+                    # Past its length a row keeps h (this program's units, which it wrote at the previous step).
+                    b_act = m_bp & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
+                    b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * P + o_j[None, :], mask=m_bp, other=0.0)
+                    b_hout = tl.where(b_act, b_hout, b_hkeep)
                 p_h = hseq + ((t + 1 - d) * B + o_b)[:, None] * P + o_j[None, :]
-                tl.store(p_h, b_hout, mask=m_b[:, None] & m_p[None, :])
+                tl.store(p_h, b_hout, mask=m_bp)
                 _emit(
                     y, res, z, b_hout.to(ACC), t, o_b, m_b, o_j, m_p, d, seed, p_drop, B, P, D,
-                    WRITE_Y, RESIDUAL, DROPOUT, m_b[:, None], False,
+                    WRITE_Y, RESIDUAL, DROPOUT, b_act, VARLEN,
                 )  # fmt: skip
             if SYNC:
                 grid_barrier(counter, (2 * s + 2) * num_programs)
@@ -162,6 +175,7 @@ def lstm_proj_bwd_kernel(
     grad_gates,  # [T, B, D*4*H] out: dL/d(gate pre-activations), by time
     grad_h,  # [D, B, P] ACC: dL/dh_n in, dL/dh0 out
     grad_c,  # [D, B, H] ACC: dL/dc_n in, dL/dc0 out
+    lengths,  # [B] int32 (VARLEN): each sequence's length; steps t >= length pass the gradients through
     counter,  # [D] int32, zeroed
     T,
     B,
@@ -182,6 +196,7 @@ def lstm_proj_bwd_kernel(
     SYNC: tl.constexpr,
     RESIDUAL: tl.constexpr,
     DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -227,11 +242,17 @@ def lstm_proj_bwd_kernel(
                 if DROPOUT != DROPOUT_NONE:
                     b_dz = tl.load(grad_z + o_y, mask=m_bp, other=0.0).to(ACC)
                     b_dy += b_dz * dropout_scale(seed, p_drop, t, o_b, o_w, B, D * P, DROPOUT)
+                b_act = m_bp
+                if VARLEN:
+                    # Past its length a row's outputs are constant zeros and h_t = h_{t-1}: dL/dh_t flows on to
+                    # h_{t-1} unchanged, none of it through the projection.
+                    b_act = m_bp & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
+                    b_dy = tl.where(b_act, b_dy, 0.0)
                 if RESIDUAL:
                     tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bp)
                 b_dh = b_dy + tl.load(p_dh, mask=m_bp, other=0.0)
-                tl.store(grad_hp + o_y, b_dh.to(grad_ty), mask=m_bp)
-                tl.store(p_dh, tl.zeros_like(b_dh), mask=m_bp)
+                tl.store(grad_hp + o_y, tl.where(b_act, b_dh, 0.0).to(grad_ty), mask=m_bp)
+                tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bp)
             if SYNC:
                 grid_barrier(counter, (2 * s + 1) * num_programs)
         if phases >= 2:
@@ -255,8 +276,11 @@ def lstm_proj_bwd_kernel(
                 else:
                     p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
                 p_dg = grad_gates + row[:, None] * (D * 4 * H) + o_j[None, :]
+                b_act = m_bj
+                if VARLEN:
+                    b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 _lstm_bwd_step(
-                    b_dm, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, m_bj, H, False
+                    b_dm, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, b_act, H, VARLEN
                 )  # fmt: skip
             if SYNC:
                 grid_barrier(counter, (2 * s + 2) * num_programs)

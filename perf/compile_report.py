@@ -49,7 +49,7 @@ VARIANTS = {
     ),
     "variational": Variant(dropout_mode=int(DROPOUT_VARIATIONAL.value)),
     # LSTM only; proj_size = hidden // 4 (kernels/lstm_proj.py)
-    "proj+bidir+residual+dropout": Variant(2, True, int(DROPOUT_STANDARD.value), proj=-1),
+    "proj+bidir+residual+dropout+varlen": Variant(2, True, int(DROPOUT_STANDARD.value), proj=-1, varlen=True),
 }
 
 

@@ -22,7 +22,7 @@ def test_kernels_compile_for_sm90_and_the_barrier_lowers_correctly():
         [sys.executable, "-m", "perf.compile_report", "--check", "--hidden", "64", "100", "--batch", "16",
          "--cells", "lstm", "gru", "rnn_tanh", "rnn_relu", "--dtype", "bf16", "fp16", "fp32",
          "--variants", "plain", "bidir+residual+dropout+varlen", "variational",
-         "proj+bidir+residual+dropout"],
+         "proj+bidir+residual+dropout+varlen"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

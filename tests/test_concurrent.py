@@ -259,6 +259,14 @@ def test_projection_two_barrier_phases_a_step(launches, forced_plan):
     assert_ran_persistent(launches, tagged=False, kernels=("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"))
 
 
+def test_projection_with_packed_sequences(launches, forced_plan):
+    """The projection's kernels with each sequence's length, three programs: a row past its length keeps the h its
+    program wrote at the step before, while the others' h_t arrives through the barrier."""
+    forced_plan(block_h=16, persistent=True)
+    compare_packed("lstm", [6, 2, 5, 1, 6], 4, 40, 2, bidirectional=True, seed=8, proj_size=19)
+    assert_ran_persistent(launches, tagged=False, kernels=("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"))
+
+
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])
 def test_packed_sequences_with_several_programs(exchange, launches, forced_plan, monkeypatch):
     monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)

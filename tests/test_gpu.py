@@ -284,11 +284,13 @@ def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype):
     assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_packed_sequences_against_cudnn(cell):
-    """Sequences of different lengths, bidirectional, bf16: outputs and final states as accurate as cuDNN's."""
+@pytest.mark.parametrize("cell,proj", [(cell, 0) for cell in CELLS] + [("lstm", 128)])
+def test_packed_sequences_against_cudnn(cell, proj):
+    """Sequences of different lengths, bidirectional, bf16 (LSTM also with proj_size): outputs and final states as
+    accurate as cuDNN's."""
     torch.manual_seed(0)
-    ours, exact = make_pair(cell, 256, 256, num_layers=2, bidirectional=True)
+    extra = dict(proj_size=proj) if proj else {}
+    ours, exact = make_pair(cell, 256, 256, num_layers=2, bidirectional=True, **extra)
     cudnn = copy.deepcopy(exact).to(dtype=torch.bfloat16, device=CUDA)
     ours, exact = ours.to(dtype=torch.bfloat16, device=CUDA), exact.to(CUDA)
     lengths = torch.randint(1, 200, (64,))

@@ -199,16 +199,21 @@ def test_lstm_projection_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=7, proj_size=24)
 
 
-def compare_packed(cell, lengths, I, H, L, dtype=torch.float64, bidirectional=False, enforce_sorted=False, seed=0):
+def compare_packed(
+    cell, lengths, I, H, L, dtype=torch.float64, bidirectional=False, enforce_sorted=False, seed=0, proj_size=0
+):  # fmt: skip
     """A PackedSequence through tritonrnn (dtype, DEVICE) and torch.nn (float64): output data, final states and
     the gradients of the sequences, h0, c0 and every parameter."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    ours, theirs = make_pair(cell, I, H, num_layers=L, bidirectional=bidirectional)
+    extra = dict(proj_size=proj_size) if proj_size else {}
+    ours, theirs = make_pair(cell, I, H, num_layers=L, bidirectional=bidirectional, **extra)
     ours = ours.to(dtype=dtype, device=DEVICE)
     D = 2 if bidirectional else 1
     seqs = [torch.randn(n, I, dtype=torch.float64, generator=gen) for n in lengths]
-    states = [torch.randn(L * D, len(lengths), H, dtype=torch.float64, generator=gen) for _ in range(2)]
+    states = [
+        torch.randn(L * D, len(lengths), width, dtype=torch.float64, generator=gen) for width in (proj_size or H, H)
+    ]
     results = []
     for module, dt, device in ((ours, dtype, DEVICE), (theirs, torch.float64, torch.device("cpu"))):
         xs = [s.to(dtype=dt, device=device).requires_grad_() for s in seqs]
@@ -248,6 +253,21 @@ def test_packed_sequences_match_torch(cell, shape, bidirectional):
 def test_packed_sequences_split_grid_bfloat16(forced_plan):
     forced_plan(block_h=16, block_b=16, persistent=False, directions_together=False)
     compare_packed("lstm", [9, 3, 20, 17, 1] * 4, 5, 33, 2, dtype=torch.float32, bidirectional=True, seed=3)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_packed_sequences_with_projection_match_torch(bidirectional):
+    """The projection's kernels with each sequence's length: past it a row keeps c (gates phase) and h (projection
+    phase), outputs zeros, and its gradients pass through."""
+    compare_packed("lstm", [4, 6, 1, 6, 3], 3, 5, 2, bidirectional=bidirectional, proj_size=3)
+
+
+def test_packed_sequences_with_projection_split_grid(forced_plan):
+    """Several programs per phase, launched step by step (each phase its own launch), in float32."""
+    forced_plan(block_h=16, block_b=16, persistent=False, directions_together=False)
+    compare_packed(
+        "lstm", [9, 3, 20, 17, 1] * 4, 5, 33, 2, dtype=torch.float32, bidirectional=True, seed=3, proj_size=19
+    )
 
 
 @pytest.mark.parametrize("cell", CELLS)

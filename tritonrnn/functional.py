@@ -67,8 +67,6 @@ def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
     chunk = wavefront_chunk()
     if not chunk or len(layers) < 2 or x.shape[0] <= chunk or any(len(layer.weights) != 1 for layer in layers):
         return None
-    if lengths is not None and any(len(layer.weights[0]) > 4 for layer in layers):
-        return None  # the projection's kernels take no lengths
     if x.device.type == "cpu" and not interpret_mode():
         return None
     specs, tensors = [], []

@@ -51,8 +51,6 @@ def kernel_plan(
     variant = variant or Variant()
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
-    if variant.varlen and variant.proj:
-        return "sequences of different lengths with proj_size"
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
     if not isinstance(plan, str) and variant.proj:
         plan = single_group(plan)  # the projection's kernels run the whole batch in one group

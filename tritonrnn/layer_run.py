@@ -89,6 +89,7 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
             P=variant.proj,
             BLOCK_KH=max(MIN_DOT, next_pow2(hidden)),
             BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)),
+            VARLEN=variant.varlen,
         )
     return dict(
         common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen
@@ -135,8 +136,16 @@ def _warmup_calls(
     backward_tagged = plan.for_backward().tagged
     if variant.proj:
         return [
-            ("forward", lstm_proj_fwd_kernel, dict(w_hr=t(), mseq=t(), phases=3, **forward_args)),
-            ("backward", lstm_proj_bwd_kernel, dict(w_hr=t(), grad_hp=t(), phases=3, **backward_args)),
+            (
+                "forward",
+                lstm_proj_fwd_kernel,
+                dict(w_hr=t(), mseq=t(), lengths=t(torch.int32), phases=3, **forward_args),
+            ),
+            (
+                "backward",
+                lstm_proj_bwd_kernel,
+                dict(w_hr=t(), grad_hp=t(), lengths=t(torch.int32), phases=3, **backward_args),
+            ),
         ]
     tagged = dict(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
@@ -277,12 +286,11 @@ class LayerRun:
         launch = dict(
             xproj=self.xproj, w_hh=self.w_hh, hseq=self.hseq, state=self.state, saved=self.saved, y=self.y,
             res=self.x, z=self.z if self.z is not None else self.y, T=self.T, B=self.B, SAVE=self.save,
-            SYNC=self.plan.persistent, WRITE_Y=self.variant.write_y, **self._seed(),
+            SYNC=self.plan.persistent, WRITE_Y=self.variant.write_y, lengths=self.lengths, **self._seed(),
         )  # fmt: skip
         if self.w_hr is not None:
             self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=self.w_hr, mseq=self.mseq, **launch)
             return
-        launch["lengths"] = self.lengths
         if self.ring is not None:
             launch.update(ring=self.ring, TAGGED=True)
         if self.cell == "gru" and self.b_hh is not None:
@@ -343,16 +351,15 @@ class LayerRun:
             w_hh=self.w_hh, saved=self.saved, c0=self.c0_acc if self.c0_acc is not None else self.grad_c,
             grad_y=self.grad_y, grad_z=self.grad_z,
             grad_res=self.grad_res if self.grad_res is not None else self.grad_y, grad_gates=self.grad_gates,
-            grad_h=self.grad_h, grad_c=self.grad_c, T=self.T, B=self.B, SYNC=plan.persistent, **self._seed(),
+            grad_h=self.grad_h, grad_c=self.grad_c, lengths=self.lengths, T=self.T, B=self.B, SYNC=plan.persistent,
+            **self._seed(),
         )  # fmt: skip
         if self.w_hr is not None:
             self._launch(lstm_proj_bwd_kernel, plan, t0, t1, True, w_hr=self.w_hr, grad_hp=self.grad_hp, **launch)
         else:
             if self.grad_ring is not None:
                 launch.update(ring=self.grad_ring, TAGGED=True)
-            self._launch(
-                rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, lengths=self.lengths, **launch
-            )  # fmt: skip
+            self._launch(rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, **launch)
         if self.cell == "gru":
             chunk = self.grad_xgates[t0:t1].view(t1 - t0, self.B, self.D, 3, self.hidden)
             chunk.copy_(self.grad_gates[t0:t1].view_as(chunk))

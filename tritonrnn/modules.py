@@ -4,7 +4,7 @@ They subclass the torch.nn modules, so constructor, parameter names, initialisat
 ``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes, plus
 one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask per sequence and unit).
 Packed sequences run on the kernels with each sequence's length. What the kernels do not run
-(autocast, packed sequences with proj_size, sizes too large for the GPU's kernels) goes to torch.nn's
+(autocast, sizes too large for the GPU's kernels) goes to torch.nn's
 implementation, logged once.
 """
 
@@ -50,8 +50,6 @@ class _TritonRNNBase(nn.RNNBase):
 
     def _unsupported(self, input) -> str | None:
         """Why torch.nn's implementation has to run this call, or None when the kernels can."""
-        if isinstance(input, PackedSequence) and self.proj_size > 0:
-            return "packed sequences with proj_size"
         misfit = self._kernels_misfit(input)
         if misfit is not None:
             return misfit
