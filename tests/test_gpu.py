@@ -89,6 +89,35 @@ def test_tf32_follows_the_matmul_flag():
     assert tf32["output"] > 3 * ieee["output"]
 
 
+def test_autocast_float16_error_within_1_5x_cudnn(caplog):
+    """float32 modules called under float16 autocast, the usual mixed-precision training: ours runs the kernels in
+    float16 (no fallback logged), as cuDNN does; errors vs float64 (outputs, states, every gradient) no worse than
+    1.5x cuDNN's."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    ours, exact = make_pair("lstm", 256, 256, num_layers=2)
+    cudnn = copy.deepcopy(exact).float().to(CUDA)
+    cudnn.flatten_parameters()
+    ours, exact = ours.float().to(CUDA), exact.to(CUDA)
+    x = torch.randn(64, 16, 256, dtype=torch.float64, generator=gen).to(CUDA)
+    with torch.no_grad():
+        out, states = exact(x)
+    weights = loss_weights(out.shape, [s.shape for s in states], gen)
+    ref = run(exact, x, None, weights)
+    errors = {}
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        for name, module in (("ours", ours), ("cudnn", cudnn)):
+            with torch.autocast("cuda", dtype=torch.float16):
+                got, got_states, grads = run(module, x.float(), None, weights)
+            assert got.dtype == torch.float16, (name, got.dtype)
+            errors[name] = [rel_err(got, ref[0])] + [rel_err(s, r) for s, r in zip(got_states, ref[1])]
+            errors[name] += [rel_err(grads[k], r) for k, r in ref[2].items()]
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    bad = [(a, b) for a, b in zip(errors["ours"], errors["cudnn"]) if not a <= max(1.5 * b, 1e-3)]
+    assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
+
+
 def test_persistent_kernels_are_used_at_the_benchmark_sizes(caplog):
     _plan._logged.clear()
     with caplog.at_level(logging.WARNING, logger="tritonrnn"):

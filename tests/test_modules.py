@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from conftest import DEVICE
 from helpers import make_pair
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import tritonrnn
 from tritonrnn import _plan
@@ -118,18 +119,105 @@ def test_final_state_feeds_the_next_call():
     torch.testing.assert_close(torch.cat([first, second]).cpu(), ref)
 
 
-def test_autocast_falls_back_to_torch(caplog):
+def _autocast_run(module, x, hx, seed, autocast):
+    """Outputs, states and gradients (input, hx, parameters) of one training call, optionally under bf16 autocast."""
+    x = x.detach().clone().requires_grad_()
+    hx = tuple(h.detach().clone().requires_grad_() for h in hx)
+    torch.manual_seed(seed)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        out, states = module(x, hx if len(hx) == 2 else hx[0])
+    states = states if isinstance(states, tuple) else (states,)
+    data = out.data if isinstance(out, PackedSequence) else out
+    tensors = [data, *states]
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((t.float() * torch.randn(t.shape, generator=gen).to(DEVICE)).sum() for t in tensors)
+    grads = torch.autograd.grad(loss, [x, *hx, *module.parameters()])
+    return tensors, grads
+
+
+@pytest.mark.parametrize(
+    "cell,config",
+    [("lstm", dict(num_layers=2, dropout=0.4)), ("gru", dict(bidirectional=True)), ("lstm", dict(proj_size=3)),
+     ("rnn_relu", dict(bias=False, batch_first=True))],
+    ids=str,
+)  # fmt: skip
+def test_autocast_runs_the_kernels_in_the_autocast_dtype(cell, config, monkeypatch, caplog):
+    """Under autocast the float32 module runs the kernels in bf16: exactly what the module converted to bf16 does,
+    outputs in bf16, float32 gradients (the bf16 ones, through the cast) for the parameters, input and states."""
     torch.manual_seed(0)
-    ours = tritonrnn.GRU(4, 6).float()
-    theirs = nn.GRU(4, 6).float()
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(5, 3, 4)
+    ours, _ = make_pair(cell, 5, 6, **config)
+    ours = ours.float().train().to(DEVICE)
+    explicit = copy.deepcopy(ours).to(torch.bfloat16)
+    layers = ours.num_layers * (2 if ours.bidirectional else 1)
+    hx = [torch.randn(layers, 2, ours.proj_size or 6)] + ([torch.randn(layers, 2, 6)] if cell == "lstm" else [])
+    x = torch.randn(2, 4, 5) if ours.batch_first else torch.randn(4, 2, 5)
+    x, hx = x.to(DEVICE), [h.to(DEVICE) for h in hx]
+    torch_cls = {"lstm": nn.LSTM, "gru": nn.GRU}.get(cell, nn.RNN)
+    monkeypatch.setattr(torch_cls, "forward", None)  # torch.nn's implementation must not be reached
     _plan._logged.clear()
-    with caplog.at_level(logging.WARNING, logger="tritonrnn"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        tensors, grads = _autocast_run(ours, x, hx, seed=7, autocast=True)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    expected, expected_grads = _autocast_run(explicit, x.bfloat16(), [h.bfloat16() for h in hx], 7, autocast=False)
+    for got, want in zip(tensors, expected):
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+    for got, want, param in zip(grads, expected_grads, [x, *hx, *ours.parameters()]):
+        assert got.dtype == param.dtype == torch.float32
+        assert torch.equal(got, want.float())
+
+
+def test_autocast_packed_sequence_and_stacked_rnn_match_the_bf16_modules():
+    torch.manual_seed(0)
+    ours = tritonrnn.GRU(3, 4, num_layers=2).to(DEVICE)
+    explicit = copy.deepcopy(ours).to(torch.bfloat16)
+    x = torch.randn(5, 3, 3, device=DEVICE)
+    packed = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, h_n = ours(packed)
+    want, want_h = explicit(packed.to(torch.bfloat16))
+    assert out.data.dtype == h_n.dtype == torch.bfloat16
+    assert torch.equal(out.data, want.data) and torch.equal(h_n, want_h)
+
+    stack = tritonrnn.StackedRNN(3, [("lstm", 4), ("gru", 4)]).to(DEVICE)
+    explicit = copy.deepcopy(stack).to(torch.bfloat16)
+    states = [(torch.randn(1, 3, 4, device=DEVICE), torch.randn(1, 3, 4, device=DEVICE)), torch.randn(1, 3, 4)]
+    states[1] = states[1].to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, finals = stack(x, states)
+    want, want_finals = explicit(x.bfloat16(), [tuple(s.bfloat16() for s in states[0]), states[1].bfloat16()])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    assert torch.equal(finals[0][1], want_finals[0][1]) and torch.equal(finals[1], want_finals[1])
+
+
+def test_autocast_float64_input_is_not_cast():
+    """torch.autocast leaves float64 alone: a float32 module given float64 input under autocast is a dtype error."""
+    ours = tritonrnn.LSTM(3, 4).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16), pytest.raises((RuntimeError, ValueError), match="dtype"):
+        ours(torch.randn(2, 1, 3, dtype=torch.float64, device=DEVICE))
+
+
+def test_autocast_asks_the_plan_for_the_autocast_dtype(monkeypatch, caplog):
+    """A layer too large for the kernels in the autocast dtype goes to torch.nn, which applies autocast itself."""
+    asked = []
+
+    def kernel_plan(cell, hidden, batch, dtype, device, variant):
+        asked.append(dtype)
+        return "does not fit this GPU"
+
+    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", kernel_plan)
+    torch.manual_seed(0)
+    ours = tritonrnn.GRU(4, 6).to(DEVICE)
+    theirs = nn.GRU(4, 6).to(DEVICE)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out, _ = ours(x)
         ref, _ = theirs(x)
+    assert asked == [torch.bfloat16]
     torch.testing.assert_close(out, ref)
-    assert any("autocast" in r.getMessage() for r in caplog.records)
+    assert any("torch.bfloat16: does not fit" in r.getMessage() for r in caplog.records)
 
 
 def test_layer_too_large_for_the_kernels_runs_on_torch_nn(monkeypatch, caplog):
@@ -200,6 +288,31 @@ def test_torch_compile_matches_eager_and_runs_the_kernels(rnn, width, fullgraph,
     torch.testing.assert_close(got, expected)
     for a, b in zip(got_grads, expected_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_under_autocast_runs_the_kernels(monkeypatch):
+    """fullgraph compile of a float32 LSTM called under bf16 autocast: the kernels run (in bf16), and outputs and
+    float32 parameter gradients equal eager's under autocast."""
+    from tritonrnn import layer_run
+
+    torch.manual_seed(0)
+    model = _Tagger(tritonrnn.LSTM(4, 5, num_layers=2), 5).to(DEVICE)
+    x = torch.randn(6, 3, 3, device=DEVICE)
+    results = []
+    calls = []
+    forward_steps = layer_run.LayerRun.forward_steps
+    monkeypatch.setattr(layer_run.LayerRun, "forward_steps", lambda *a: calls.append(1) or forward_steps(*a))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                out = run(x)
+            results.append([out, *torch.autograd.grad(out.float().square().sum(), list(model.parameters()))])
+    torch._dynamo.reset()
+    assert len(calls) == 4  # two layers, eager then compiled
+    assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):

@@ -23,6 +23,29 @@ from tritonrnn.layer_run import _variant
 from tritonrnn.wavefront import WavefrontStackFunction, wavefront_chunk, wavefront_setting
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast gives recurrent layers on x's device, or None (autocast off; x float64 or integer).
+
+    torch.nn's cuDNN layers under CUDA autocast cast to float16 whatever dtype autocast was given (ATen's
+    cudnn/AutocastRNN.cpp); tritonrnn runs in the dtype autocast was given, float16 or bfloat16.
+    """
+    kind = x.device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return None
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_cast(t, dtype: torch.dtype):
+    """A tensor (or a tuple or list of them) in ``dtype`` where torch.autocast would cast it: floating, not float64."""
+    if isinstance(t, (tuple, list)):
+        return type(t)(autocast_cast(u, dtype) for u in t)
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 def _layer(
     cell: str,
     x: Tensor,

@@ -3,12 +3,15 @@
 They subclass the torch.nn modules, so constructor, parameter names, initialisation, state_dict,
 ``flatten_parameters`` and ``isinstance`` checks are torch.nn's own; only ``forward`` changes, plus
 one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask per sequence and unit).
-Packed sequences run on the kernels with each sequence's length. What the kernels do not run
-(autocast, sizes too large for the GPU's kernels) goes to torch.nn's
+Packed sequences run on the kernels with each sequence's length. Under torch.autocast the kernels run in
+autocast's dtype (input, states and weights cast to it, as torch.nn casts them for cuDNN; the parameters get
+their gradients through the cast). What the kernels cannot hold (sizes too large for the GPU) goes to torch.nn's
 implementation, logged once.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -48,20 +51,12 @@ class _TritonRNNBase(nn.RNNBase):
         text = super().extra_repr()
         return text if self.dropout_mode == "standard" else f"{text}, dropout_mode={self.dropout_mode!r}"
 
-    def _unsupported(self, input) -> str | None:
-        """Why torch.nn's implementation has to run this call, or None when the kernels can."""
-        misfit = self._kernels_misfit(input)
-        if misfit is not None:
-            return misfit
-        if (
-            isinstance(input, Tensor)
-            and input.device.type in ("cpu", "cuda")
-            and torch.is_autocast_enabled(input.device.type)
-        ):
-            return "autocast"
-        return None
+    def _unsupported(self, input, dtype: torch.dtype | None = None) -> str | None:
+        """Why torch.nn's implementation has to run this call, or None when the kernels can (in ``dtype`` under
+        autocast)."""
+        return self._kernels_misfit(input, dtype)
 
-    def _kernels_misfit(self, input) -> str | None:
+    def _kernels_misfit(self, input, dtype: torch.dtype | None = None) -> str | None:
         """Why the kernels cannot run this layer configuration here (too large for the GPU), or None.
 
         cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
@@ -74,6 +69,7 @@ class _TritonRNNBase(nn.RNNBase):
             input, batch = input.data, int(input.batch_sizes[0])
         if not isinstance(input, Tensor) or input.dim() not in (2, 3) or input.dtype == torch.float64:
             return None
+        dtype = dtype or input.dtype
         if not (input.device.type == "cuda" or (input.device.type == "cpu" and interpret_mode())):
             return None
         if self.training and self.dropout > 0 and self.dropout_mode == "variational":
@@ -82,9 +78,9 @@ class _TritonRNNBase(nn.RNNBase):
             batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
         variant = Variant(directions=2 if self.bidirectional else 1, proj=self.proj_size)
         plan = functional.kernel_plan(
-            self.mode.lower(), self.hidden_size, batch, input.dtype, input.device, variant
+            self.mode.lower(), self.hidden_size, batch, dtype, input.device, variant
         )  # fmt: skip
-        return f"hidden_size={self.hidden_size} in {input.dtype}: {plan}" if isinstance(plan, str) else None
+        return f"hidden_size={self.hidden_size} in {dtype}: {plan}" if isinstance(plan, str) else None
 
     def _check_devices(self, input: Tensor, hidden: tuple[Tensor, ...]) -> None:
         weight = self._flat_weights[0]
@@ -102,33 +98,39 @@ class _TritonRNNBase(nn.RNNBase):
             if h.dtype != input.dtype:
                 raise RuntimeError(f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})")
 
-    def _layers(self) -> list[StackLayer]:
-        """The stack as the scheduler takes it: per layer, one weight tuple per direction."""
+    def _layers(self, dtype: torch.dtype | None = None) -> list[StackLayer]:
+        """The stack as the scheduler takes it: per layer, one weight tuple per direction (cast to ``dtype``)."""
         cell = self.mode.lower()
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        names += ["weight_hr"] if self.proj_size > 0 else []
         layers = []
         for k in range(self.num_layers):
             directions = []
             for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
-                w_ih = getattr(self, f"weight_ih_l{k}{suffix}")
-                w_hh = getattr(self, f"weight_hh_l{k}{suffix}")
-                b_ih = getattr(self, f"bias_ih_l{k}{suffix}") if self.bias else None
-                b_hh = getattr(self, f"bias_hh_l{k}{suffix}") if self.bias else None
-                if self.proj_size > 0:
-                    directions.append((w_ih, w_hh, b_ih, b_hh, getattr(self, f"weight_hr_l{k}{suffix}")))
-                else:
-                    directions.append((w_ih, w_hh, b_ih, b_hh))
+                weights = [getattr(self, f"{name}_l{k}{suffix}") for name in names]
+                if dtype is not None:
+                    weights = [w.to(dtype) for w in weights]
+                if not self.bias:
+                    weights[2:2] = [None, None]
+                directions.append(tuple(weights))
             layers.append(StackLayer(cell, tuple(directions)))
         return layers
 
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
-        reason = self._unsupported(input)
+        data = input.data if isinstance(input, PackedSequence) else input
+        dtype = functional.autocast_dtype(data) if isinstance(data, Tensor) else None
+        reason = self._unsupported(input, dtype)
         if reason is not None:
             log_once(f"tritonrnn.{type(self).__name__}: {reason} runs on torch.nn's implementation")
             return super().forward(input, hx)
+        if dtype is not None:
+            # torch.autocast: like torch.nn's cuDNN layers, input and states (and, in _run, the weights) in the
+            # autocast dtype; the outputs come out in it.
+            input, hx = input.to(dtype), functional.autocast_cast(hx, dtype)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         if isinstance(input, PackedSequence):
-            return self._forward_packed(input, hx, is_lstm)
+            return self._forward_packed(input, hx, is_lstm, autocast=dtype is not None)
         name = self.mode if is_lstm or self.mode == "GRU" else "RNN"
         if input.dim() not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -144,7 +146,7 @@ class _TritonRNNBase(nn.RNNBase):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         x = input.transpose(0, 1) if self.batch_first else input
-        out, h_n, c_n = self._run(x, hidden, is_lstm)
+        out, h_n, c_n = self._run(x, hidden, is_lstm, autocast=dtype is not None)
         if self.batch_first:
             out = out.transpose(0, 1)
         if not is_batched:
@@ -159,18 +161,20 @@ class _TritonRNNBase(nn.RNNBase):
         c0 = torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)
         return (h0, c0) if is_lstm else (h0,)
 
-    def _run(self, x: Tensor, hidden: tuple[Tensor, ...], is_lstm: bool, lengths: Tensor | None = None):
-        """The stack on time-major x: (output of the top layer, h_n, c_n or None)."""
+    def _run(self, x: Tensor, hidden: tuple[Tensor, ...], is_lstm: bool, lengths: Tensor | None = None, autocast=False):
+        """The stack on time-major x: (output of the top layer, h_n, c_n or None). ``autocast``: x is already in the
+        autocast dtype; the weights are cast to it and the stack runs with autocast off (as torch.nn's cuDNN call)."""
         directions = 2 if self.bidirectional else 1
         h0 = hidden[0].split(directions)
         c0 = hidden[1].split(directions) if is_lstm else [None] * self.num_layers
-        ys, h_n, c_n = functional.stack(
-            x, self._layers(), h0, c0, dropout=self.dropout, dropout_mode=self.dropout_mode, training=self.training,
-            lengths=lengths,
-        )  # fmt: skip
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            ys, h_n, c_n = functional.stack(
+                x, self._layers(x.dtype if autocast else None), h0, c0, dropout=self.dropout,
+                dropout_mode=self.dropout_mode, training=self.training, lengths=lengths,
+            )  # fmt: skip
         return ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
 
-    def _forward_packed(self, packed: PackedSequence, hx, is_lstm: bool):
+    def _forward_packed(self, packed: PackedSequence, hx, is_lstm: bool, autocast: bool):
         """A PackedSequence: padded, run with each sequence's length (rows keep their state past their end), packed
         again in the input's own layout. States are in the batch's original order, as torch.nn's."""
         data, batch_sizes = packed.data, packed.batch_sizes
@@ -180,7 +184,7 @@ class _TritonRNNBase(nn.RNNBase):
         self.check_forward_args(data, hidden if is_lstm else hidden[0], batch_sizes)
         self._check_devices(data, hidden)
         padded, lengths = unpack(packed)
-        out, h_n, c_n = self._run(padded, hidden, is_lstm, lengths)
+        out, h_n, c_n = self._run(padded, hidden, is_lstm, lengths, autocast)
         return repack(out, packed), ((h_n, c_n) if is_lstm else h_n)
 
     def _hidden_tuple(self, hx, is_lstm: bool, is_batched: bool) -> tuple[Tensor, ...]:

@@ -9,6 +9,7 @@ order (LSTM i, f, g, o; GRU r, z, n), so ``weight_ih_l{k}`` of a torch.nn module
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -166,14 +167,13 @@ class StackedRNN(nn.Module):
             raise ValueError(f"StackedRNN: Expected input to be 2D or 3D, got {x.dim()}D instead")
         weight = self.layers[0].weight_ih
         dtype = weight.dtype
-        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        autocast = functional.autocast_dtype(x)
+        if autocast is not None:
             # Like torch.nn's recurrent layers under autocast: input, states and weights in the autocast dtype.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype) if x.is_floating_point() else x
-            if states is not None and isinstance(states, (list, tuple)):
-                states = [
-                    tuple(h.to(dtype) for h in s) if isinstance(s, (tuple, list)) else s.to(dtype) for s in states
-                ]
+            dtype = autocast
+            x = x.to(dtype)
+            if isinstance(states, (list, tuple)):
+                states = [functional.autocast_cast(s, dtype) for s in states]
         if not x.is_floating_point() or x.dtype != dtype:
             raise ValueError(f"StackedRNN: input dtype {x.dtype} does not match the parameters' {dtype}")
         if x.device != weight.device:
@@ -192,17 +192,19 @@ class StackedRNN(nn.Module):
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = self._initial_states(states, x, batched)
-        ys, h_n, c_n = functional.stack(
-            x,
-            [layer.weights(self.weight_drop, self.training, dtype) for layer in self.layers],
-            h0,
-            c0,
-            dropout=self.dropout,
-            dropout_mode=self.dropout_mode,
-            residual=self.residual,
-            training=self.training,
-            lengths=lengths,
-        )
+        # Under autocast the stack runs with autocast off, its tensors already cast (as torch.nn's cuDNN call).
+        with torch.autocast(x.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
+            ys, h_n, c_n = functional.stack(
+                x,
+                [layer.weights(self.weight_drop, self.training, dtype) for layer in self.layers],
+                h0,
+                c0,
+                dropout=self.dropout,
+                dropout_mode=self.dropout_mode,
+                residual=self.residual,
+                training=self.training,
+                lengths=lengths,
+            )
 
         def arrange(y: Tensor) -> Tensor | PackedSequence:
             if packed is not None:
