@@ -82,6 +82,20 @@ def test_tuner_never_times_a_misfit_and_picks_the_fastest(fake_gpu):
     assert plan.num_programs == 16 and plan.for_backward().block_b == 64
 
 
+def test_projection_candidates_run_the_whole_batch_in_one_group(fake_gpu):
+    """The projection's kernels take no batch groups (LayerRun refuses them): its candidates are timed, and its tuned
+    plans built, with one group, where the same key without projection splits B<=64 on a 132-SM GPU."""
+    fake = FakeTuner(too_big_block_h=64)
+    configs = autotune.candidates(hidden=512, batch=64, directions=1, sm_count=132)
+    fake.tuner().tune(configs, autotune.TuneKey("lstm", 512, 64, "bf16"), CUDA0)
+    assert any(plan.batch_groups > 1 for plan in fake.timed)  # the check below could fail
+    fake.timed.clear()
+    key = autotune.TuneKey("lstm", 512, 64, "bf16", proj=128)
+    entry = fake.tuner().tune(configs, key, CUDA0)
+    assert fake.timed and all(plan.batch_groups == 1 for plan in fake.timed)
+    assert autotune.plan_from_entry(entry, key, CUDA0).batch_groups == 1
+
+
 def test_nothing_fits_means_heuristics(cache, fake_gpu):
     fake = FakeTuner(too_big_block_h=16)
     key = autotune.TuneKey("lstm", 512, 16, "bf16")

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import triton
 
-from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, log_once, next_pow2, plan_with
+from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, log_once, next_pow2, plan_with, single_group
 
 log = logging.getLogger("tritonrnn")
 
@@ -175,11 +175,12 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[
 
 def to_plan(config: KernelConfig, key: TuneKey, device: torch.device) -> LayerPlan:
     """The configuration's plan, with the batch groups of the key's batch bucket (kernel_plan sets those of the
-    actual batch)."""
-    return plan_with(
+    actual batch); one group with a projection, whose kernels run the whole batch in one group."""
+    plan = plan_with(
         key.cell, key.hidden, key.directions, device, DTYPES[key.dtype], config.block_h, config.block_b,
         config.num_warps, config.num_stages, key.batch_bucket,
     )  # fmt: skip
+    return single_group(plan) if key.proj else plan
 
 
 @dataclasses.dataclass
