@@ -31,8 +31,10 @@ def dropout_scale(seed, p, t, o_b, o_w, B, W, MODE: tl.constexpr):
     # (tl.rand runs a 64-bit Philox for int64 offsets on older versions, much dearer on the GPU).
     zero = (offset * 0).to(tl.uint32)
     bits, _, _, _ = tl.philox(seed, offset.to(tl.uint32), (offset >> 32).to(tl.uint32), zero, zero)
-    keep = tl.uint_to_uniform_float(bits) >= p
-    return tl.where(keep, 1.0 / (1.0 - p), 0.0)
+    # p = 1 (torch.nn allows it) drops everything: the uniform draw can round up to 1.0, so it is not left to the
+    # comparison, and the scale is kept finite (never selected then).
+    keep = (tl.uint_to_uniform_float(bits) >= p) & (p < 1.0)
+    return tl.where(keep, 1.0 / tl.maximum(1.0 - p, 1e-30), 0.0)
 
 
 @triton.jit(do_not_specialize=["T", "B", "seed_ptr", "p"])

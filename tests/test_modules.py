@@ -438,3 +438,70 @@ def test_every_kernel_launch_makes_the_tensors_device_current(fused_stack_too, m
     expected = {"stack_fwd_kernel", "stack_bwd_kernel"} if fused_stack_too else {
         "rnn_fwd_kernel", "rnn_bwd_kernel", "lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"}  # fmt: skip
     assert launched == expected | {"dropout_mask_kernel"}
+
+
+# --- degenerate arguments torch.nn accepts ---------------------------------------------------------
+
+
+def flat_outputs(result):
+    """(output, state) or (output, (h, c)) as a flat list of tensors."""
+    out, state = result
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_batch_of_zero_sequences_gives_empty_results_like_torch(cell, batch_first):
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 4, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), dtype=torch.float64, requires_grad=True)
+    ours = ours.to(DEVICE)
+    got, want = ours(x.to(DEVICE)), theirs(x)
+    for a, b in zip(flat_outputs(got), flat_outputs(want)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    # Gradients through the (empty) outputs and the final states: zeros, as torch.nn's.
+    for module, result in ((ours, got), (theirs, want)):
+        loss = sum(t.sum() for t in flat_outputs(result))
+        grads = torch.autograd.grad(loss, [x, *module.parameters()], allow_unused=True)
+        assert all(g is None or not g.any() for g in grads)
+
+    stack = tritonrnn.StackedRNN(3, [(cell, 4), ("gru", 4)], batch_first=batch_first, dropout=0.3).double().to(DEVICE)
+    out, states = stack(x.to(DEVICE))
+    assert out.shape == ((0, 5, 4) if batch_first else (5, 0, 4))
+    assert states[1].shape == (1, 0, 4)
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_dropout_of_one_zeroes_the_upper_layers_inputs_like_torch(mode):
+    """torch.nn accepts dropout=1: every upper layer reads zeros (deterministic, so comparable), nothing is NaN."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 4, num_layers=3, dropout=1.0)
+    ours.dropout_mode = mode
+    ours = ours.to(DEVICE).train()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for module, device in ((ours, DEVICE), (theirs.train(), torch.device("cpu"))):
+        xr = x.to(device).requires_grad_()
+        out, (h, c) = module(xr)
+        loss = out.sum() + h.square().sum() + c.sum()
+        results.append([out, h, c, *torch.autograd.grad(loss, [xr, *module.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("generator", ["kernels", "torch"])
+@pytest.mark.parametrize("variational", [False, True])
+def test_dropout_mask_of_one_is_zeros(generator, variational, monkeypatch):
+    """The multipliers at p = 1, from the kernels' generator and from torch's (the CPU path without the interpreter):
+    zeros, not NaN (0 * inf) or a division error."""
+    from tritonrnn import dropout
+
+    device = DEVICE
+    if generator == "torch":
+        monkeypatch.setattr(dropout, "interpret_mode", lambda: False)
+        device = torch.device("cpu")
+    seed = torch.tensor([5], device=device)
+    multipliers = dropout.mask(dropout.LayerDropout(1.0, variational, seed), 3, 2, 7, device)
+    assert multipliers.shape == ((1 if variational else 3), 2, 7) and not multipliers.any()
+    half = dropout.mask(dropout.LayerDropout(0.5, variational, seed), 3, 2, 7, device)
+    assert set(half.unique().tolist()) <= {0.0, 2.0} and half.any()

@@ -64,7 +64,8 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
     if device.type == "cpu" and not interpret_mode():
         generator = torch.Generator().manual_seed(int(dropout.seed.item()))
         keep = torch.rand(rows, batch, width, generator=generator) >= dropout.p
-        return keep.float() / (1.0 - torch.tensor(dropout.p, dtype=torch.float32))
+        # where, not a product: p = 1 (everything dropped) must give zeros, not 0 * inf.
+        return torch.where(keep, 1.0 / (1.0 - torch.tensor(dropout.p, dtype=torch.float32)), 0.0)
     if device.type == "cpu":
         check_interpreter()
     out = torch.empty(rows, batch, width, dtype=torch.float32, device=device)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import layer_op, reference, scheduler
-from tritonrnn._plan import CELLS, interpret_mode, on_device, single_group
+from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
@@ -142,6 +142,11 @@ def stack(
 def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths):
     # Drawn once, whichever path runs: the same seeds with and without the wavefront.
     dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training, x.device)
+    if x.shape[1] == 0:
+        # No sequences: nothing for the kernels to do (their grids and GEMMs would be empty); the reference returns
+        # the empty outputs and states, and their empty gradients.
+        log_once("tritonrnn: a batch of 0 sequences runs on the reference implementation")
+        return scheduler.run_stack(x, layers, h0, c0, residual=residual, lengths=lengths, dropouts=dropouts)
     result = None
     if not torch.compiler.is_compiling() and wavefront_setting() == "fused":
         result = fused_stack(x, layers, h0, c0, residual, lengths, dropouts)
