@@ -505,3 +505,32 @@ def test_dropout_mask_of_one_is_zeros(generator, variational, monkeypatch):
     assert multipliers.shape == ((1 if variational else 3), 2, 7) and not multipliers.any()
     half = dropout.mask(dropout.LayerDropout(0.5, variational, seed), 3, 2, 7, device)
     assert set(half.unique().tolist()) <= {0.0, 2.0} and half.any()
+
+
+def test_torch_func_transforms_differentiate_the_layers(monkeypatch, caplog):
+    """torch.func.grad over functional_call and jacrev in the input, as with torch.nn: the kernels run the forward,
+    the reference the backward (functorch's wrapped tensors cannot reach a kernel), logged once; a fused stack
+    under a transform runs layer by layer."""
+    from torch.func import functional_call, grad, jacrev
+
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 4, num_layers=2, dropout=0.5)
+    ours, theirs = ours.to(DEVICE).eval(), theirs.eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        got = grad(lambda p: functional_call(ours, p, (x.to(DEVICE),))[0].square().sum())(dict(ours.named_parameters()))
+    want = grad(lambda p: functional_call(theirs, p, (x,))[0].square().sum())(dict(theirs.named_parameters()))
+    for name in want:
+        torch.testing.assert_close(got[name].cpu(), want[name])
+    assert any("torch.func transform" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(
+        jacrev(lambda x: ours(x)[0].sum(0))(x.to(DEVICE)).cpu(), jacrev(lambda x: theirs(x)[0].sum(0))(x)
+    )
+
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    stack = tritonrnn.StackedRNN(3, [("gru", 4), ("gru", 4)]).double().to(DEVICE)
+    expected = torch.autograd.grad(stack(x.to(DEVICE))[0].sum(), list(stack.parameters()))
+    got = grad(lambda p: functional_call(stack, p, (x.to(DEVICE),))[0].sum())(dict(stack.named_parameters()))
+    for a, b in zip(got.values(), expected):
+        torch.testing.assert_close(a, b)

@@ -258,12 +258,24 @@ def _layer_backward_impl(
     variational: bool,
 ) -> list[Tensor]:
     """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None)."""
+    return _layer_grads(
+        grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq,
+        saved, mseq, cell, residual, p_drop, variational,
+    )  # fmt: skip
+
+
+def _layer_grads(
+    grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
+    mseq, cell, residual, p_drop, variational, reference_only=False,
+) -> list[Tensor]:  # fmt: skip
+    """_layer_backward_impl's gradients, on the kernels or (where they cannot run it, or ``reference_only``) by the
+    reference."""
     dropout = _dropout(seed, p_drop, variational)
     variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
     if not variant.write_y:
         grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
     inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-    plan = plan_or_reason(cell, x, w_hh, variant)
+    plan = "reference only" if reference_only else plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
         grads = _reference_backward(cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn))
     else:
@@ -341,7 +353,18 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if any(
+            torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (*grads, *ctx.saved_tensors) if t is not None
+        ):
+            # Under a torch.func transform (grad, jacrev, ...) the tensors are functorch's wrappers, which a kernel
+            # cannot read: the reference's backward, in PyTorch ops the transform sees through.
+            log_once("tritonrnn: a torch.func transform differentiates a layer; its backward runs the reference")
+            return _backward(ctx, *grads, impl=_reference_grads)
         return _backward(ctx, *grads, impl=_layer_backward_impl)
+
+
+def _reference_grads(*args) -> list[Tensor]:
+    return _layer_grads(*args, reference_only=True)
 
 
 def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, lengths):
