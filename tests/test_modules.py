@@ -534,3 +534,22 @@ def test_torch_func_transforms_differentiate_the_layers(monkeypatch, caplog):
     got = grad(lambda p: functional_call(stack, p, (x.to(DEVICE),))[0].sum())(dict(stack.named_parameters()))
     for a, b in zip(got.values(), expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_double_backward_gradient_penalty_matches_torch(cell, caplog):
+    """A gradient penalty (backward with create_graph=True, then differentiated again): the kernels' backward is not
+    differentiable, so that backward runs the reference, logged once; the result is torch.nn's."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 4, num_layers=2)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    results = []
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        for module, device in ((ours.to(DEVICE), DEVICE), (theirs, torch.device("cpu"))):
+            xr = x.to(device).requires_grad_()
+            (gx,) = torch.autograd.grad(module(xr)[0].square().sum(), xr, create_graph=True)
+            results.append([gx, *torch.autograd.grad(gx.square().sum(), list(module.parameters()))])
+    assert any("create_graph=True" in r.getMessage() for r in caplog.records)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.cpu(), b)

@@ -360,6 +360,11 @@ class _EagerLayer(torch.autograd.Function):
             # cannot read: the reference's backward, in PyTorch ops the transform sees through.
             log_once("tritonrnn: a torch.func transform differentiates a layer; its backward runs the reference")
             return _backward(ctx, *grads, impl=_reference_grads)
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, double backward): the backward kernels are not differentiable,
+            # the reference's backward is (cuDNN's is not).
+            log_once("tritonrnn: a backward with create_graph=True runs the reference, which can be differentiated")
+            return _backward(ctx, *grads, impl=_reference_grads)
         return _backward(ctx, *grads, impl=_layer_backward_impl)
 
 
