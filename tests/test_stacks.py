@@ -676,3 +676,17 @@ def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
         results.append(outs + list(torch.autograd.grad(loss, [x, *h0, *model.parameters()])))
     for k, (a, b) in enumerate(zip(*results)):
         assert rel_err(a, b) < 1e-11, k
+
+
+@pytest.mark.parametrize("wavefront", ["fused", "2"])
+def test_stack_wide_backward_refuses_double_backward_clearly(wavefront, monkeypatch):
+    """The fused stack and the stack on streams cannot serve create_graph=True: a clear error naming the switch."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(3, [("gru", 4), ("gru", 4)]).double().to(DEVICE)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward.*TRITONRNN_WAVEFRONT"):
+        torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
+    (gx,) = torch.autograd.grad(model(x)[0].square().sum(), x, create_graph=True)  # layer by layer: it can
+    assert gx.requires_grad

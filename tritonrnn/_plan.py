@@ -297,6 +297,15 @@ def with_exchange(plan: LayerPlan, hidden_size: int, dtype: torch.dtype, proj: i
 _logged: set[str] = set()
 
 
+def refuse_double_backward(what: str) -> None:
+    """In a stack-wide backward: a clear error for create_graph=True, which its kernels cannot serve."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"tritonrnn: {what} has no double backward (a backward with create_graph=True); "
+            "unset TRITONRNN_WAVEFRONT to run the stack layer by layer, whose backward can be differentiated"
+        )
+
+
 def log_once(message: str) -> None:
     """Log a fallback the first time it happens (each distinct message once per process)."""
     if message not in _logged:
