@@ -148,10 +148,10 @@ def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths
         log_once("tritonrnn: a batch of 0 sequences runs on the reference implementation")
         return scheduler.run_stack(x, layers, h0, c0, residual=residual, lengths=lengths, dropouts=dropouts)
     result = None
-    # Under a torch.func transform (grad, jacrev, ...) layer by layer: the stack-wide autograd functions have no
-    # functorch rules, the single layer's has (layer_op).
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        if not torch.compiler.is_compiling() and wavefront_setting() == "fused":
+    # Compiled, and under a torch.func transform (grad, jacrev, ...), layer by layer: the stack-wide autograd
+    # functions are not traced and have no functorch rules; the single layer's op has both (layer_op).
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None:
+        if wavefront_setting() == "fused":
             result = fused_stack(x, layers, h0, c0, residual, lengths, dropouts)
         if result is None:
             result = _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts)
