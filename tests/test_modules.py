@@ -119,16 +119,20 @@ def test_final_state_feeds_the_next_call():
     torch.testing.assert_close(torch.cat([first, second]).cpu(), ref)
 
 
+def flat_outputs(result):
+    """(output, state) or (output, (h, c)) as a flat list of tensors (a PackedSequence output as its data)."""
+    out, state = result
+    out = out.data if isinstance(out, PackedSequence) else out
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
 def _autocast_run(module, x, hx, seed, autocast):
     """Outputs, states and gradients (input, hx, parameters) of one training call, optionally under bf16 autocast."""
     x = x.detach().clone().requires_grad_()
     hx = tuple(h.detach().clone().requires_grad_() for h in hx)
     torch.manual_seed(seed)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
-        out, states = module(x, hx if len(hx) == 2 else hx[0])
-    states = states if isinstance(states, tuple) else (states,)
-    data = out.data if isinstance(out, PackedSequence) else out
-    tensors = [data, *states]
+        tensors = flat_outputs(module(x, hx if len(hx) == 2 else hx[0]))
     gen = torch.Generator().manual_seed(3)
     loss = sum((t.float() * torch.randn(t.shape, generator=gen).to(DEVICE)).sum() for t in tensors)
     grads = torch.autograd.grad(loss, [x, *hx, *module.parameters()])
@@ -441,12 +445,6 @@ def test_every_kernel_launch_makes_the_tensors_device_current(fused_stack_too, m
 
 
 # --- degenerate arguments torch.nn accepts ---------------------------------------------------------
-
-
-def flat_outputs(result):
-    """(output, state) or (output, (h, c)) as a flat list of tensors."""
-    out, state = result
-    return [out, *(state if isinstance(state, tuple) else (state,))]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])

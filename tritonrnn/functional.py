@@ -9,6 +9,7 @@ Weights are plain tensors, so weight dropout or any other transform is applied b
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -132,11 +133,21 @@ def stack(
     keep their state past their end (so h_n is each sequence's last state) and output zeros there.
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
-    if torch.compiler.is_compiling():
-        return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)  # device: the graph's
-    # x's device current for everything the stack asks of CUDA (tuning, capture checks, launches).
-    with on_device(x.device):
-        return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)
+    # The tensors come in the dtype to run (the modules cast them under autocast): autocast off inside, so that the
+    # stack's GEMMs are not recast, as torch.nn's cuDNN call runs.
+    with _autocast_off(x.device):
+        if torch.compiler.is_compiling():
+            return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)  # device: the graph's
+        # x's device current for everything the stack asks of CUDA (tuning, capture checks, launches).
+        with on_device(x.device):
+            return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths):

@@ -353,19 +353,18 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if any(
-            torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (*grads, *ctx.saved_tensors) if t is not None
-        ):
-            # Under a torch.func transform (grad, jacrev, ...) the tensors are functorch's wrappers, which a kernel
-            # cannot read: the reference's backward, in PyTorch ops the transform sees through.
-            log_once("tritonrnn: a torch.func transform differentiates a layer; its backward runs the reference")
-            return _backward(ctx, *grads, impl=_reference_grads)
-        if torch.is_grad_enabled():
-            # create_graph=True (a gradient penalty, double backward): the backward kernels are not differentiable,
-            # the reference's backward is (cuDNN's is not).
-            log_once("tritonrnn: a backward with create_graph=True runs the reference, which can be differentiated")
-            return _backward(ctx, *grads, impl=_reference_grads)
-        return _backward(ctx, *grads, impl=_layer_backward_impl)
+        # The reference's backward, in PyTorch ops, where the kernels' cannot serve: under a torch.func transform
+        # (grad, jacrev, ...) the tensors are functorch's wrappers, which a kernel cannot read; with create_graph=True
+        # (a gradient penalty) the backward must itself be differentiable (cuDNN's is not).
+        tensors = [t for t in (*grads, *ctx.saved_tensors) if t is not None]
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            reason = "a torch.func transform differentiates a layer"
+        elif torch.is_grad_enabled():
+            reason = "a backward with create_graph=True"
+        else:
+            return _backward(ctx, *grads, impl=_layer_backward_impl)
+        log_once(f"tritonrnn: {reason}: its backward runs the reference, which can be differentiated")
+        return _backward(ctx, *grads, impl=_reference_grads)
 
 
 def _reference_grads(*args) -> list[Tensor]:

@@ -11,8 +11,6 @@ implementation, logged once.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -52,12 +50,8 @@ class _TritonRNNBase(nn.RNNBase):
         return text if self.dropout_mode == "standard" else f"{text}, dropout_mode={self.dropout_mode!r}"
 
     def _unsupported(self, input, dtype: torch.dtype | None = None) -> str | None:
-        """Why torch.nn's implementation has to run this call, or None when the kernels can (in ``dtype`` under
-        autocast)."""
-        return self._kernels_misfit(input, dtype)
-
-    def _kernels_misfit(self, input, dtype: torch.dtype | None = None) -> str | None:
-        """Why the kernels cannot run this layer configuration here (too large for the GPU), or None.
+        """Why torch.nn's implementation has to run this call: the kernels cannot run this layer configuration here
+        (too large for the GPU, in ``dtype`` under autocast), or None.
 
         cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
         has none) and float64 (a checking precision: the reference draws the same dropout masks as the kernels).
@@ -163,15 +157,14 @@ class _TritonRNNBase(nn.RNNBase):
 
     def _run(self, x: Tensor, hidden: tuple[Tensor, ...], is_lstm: bool, lengths: Tensor | None = None, autocast=False):
         """The stack on time-major x: (output of the top layer, h_n, c_n or None). ``autocast``: x is already in the
-        autocast dtype; the weights are cast to it and the stack runs with autocast off (as torch.nn's cuDNN call)."""
+        autocast dtype, and the weights are cast to it (functional.stack runs with autocast off)."""
         directions = 2 if self.bidirectional else 1
         h0 = hidden[0].split(directions)
         c0 = hidden[1].split(directions) if is_lstm else [None] * self.num_layers
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            ys, h_n, c_n = functional.stack(
-                x, self._layers(x.dtype if autocast else None), h0, c0, dropout=self.dropout,
-                dropout_mode=self.dropout_mode, training=self.training, lengths=lengths,
-            )  # fmt: skip
+        ys, h_n, c_n = functional.stack(
+            x, self._layers(x.dtype if autocast else None), h0, c0, dropout=self.dropout,
+            dropout_mode=self.dropout_mode, training=self.training, lengths=lengths,
+        )  # fmt: skip
         return ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
 
     def _forward_packed(self, packed: PackedSequence, hx, is_lstm: bool, autocast: bool):

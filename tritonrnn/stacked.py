@@ -9,7 +9,6 @@ order (LSTM i, f, g, o; GRU r, z, n), so ``weight_ih_l{k}`` of a torch.nn module
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -192,19 +191,17 @@ class StackedRNN(nn.Module):
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = self._initial_states(states, x, batched)
-        # Under autocast the stack runs with autocast off, its tensors already cast (as torch.nn's cuDNN call).
-        with torch.autocast(x.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
-            ys, h_n, c_n = functional.stack(
-                x,
-                [layer.weights(self.weight_drop, self.training, dtype) for layer in self.layers],
-                h0,
-                c0,
-                dropout=self.dropout,
-                dropout_mode=self.dropout_mode,
-                residual=self.residual,
-                training=self.training,
-                lengths=lengths,
-            )
+        ys, h_n, c_n = functional.stack(
+            x,
+            [layer.weights(self.weight_drop, self.training, dtype) for layer in self.layers],
+            h0,
+            c0,
+            dropout=self.dropout,
+            dropout_mode=self.dropout_mode,
+            residual=self.residual,
+            training=self.training,
+            lengths=lengths,
+        )
 
         def arrange(y: Tensor) -> Tensor | PackedSequence:
             if packed is not None:
