@@ -119,6 +119,26 @@ def test_final_state_feeds_the_next_call():
     torch.testing.assert_close(torch.cat([first, second]).cpu(), ref)
 
 
+def test_unbatched_lstm_state_stacked_in_one_tensor_like_torch():
+    """torch.nn.LSTM reads an unbatched hx as hx[0], hx[1], so (h_0, c_0) stacked in one [2, L, H] tensor works
+    there: here too, with the same outputs and gradients for the stacked tensor."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 5, num_layers=2)
+    ours = ours.to(DEVICE)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    hx = torch.randn(2, 2, 5, dtype=torch.float64)
+    results = []
+    for module, device in ((ours, DEVICE), (theirs, torch.device("cpu"))):
+        state = hx.to(device).requires_grad_()
+        out, (h_n, c_n) = module(x.to(device), state)
+        (grad,) = torch.autograd.grad(out.sum() + h_n.sum() + 2 * c_n.sum(), state)
+        results.append([t.cpu() for t in (out, h_n, c_n, grad)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="hx must be a tuple"):
+        ours(x.to(DEVICE), torch.randn(3, 2, 5, dtype=torch.float64, device=DEVICE))  # not two states
+
+
 def flat_outputs(result):
     """(output, state) or (output, (h, c)) as a flat list of tensors (a PackedSequence output as its data)."""
     out, state = result

@@ -183,6 +183,8 @@ class _TritonRNNBase(nn.RNNBase):
     def _hidden_tuple(self, hx, is_lstm: bool, is_batched: bool) -> tuple[Tensor, ...]:
         """hx as a tuple of [L, B, H] tensors, with torch.nn's errors for the wrong structure."""
         if is_lstm:
+            if isinstance(hx, Tensor) and not is_batched and hx.dim() == 3 and hx.size(0) == 2:
+                hx = tuple(hx.unbind(0))  # torch.nn takes hx[0], hx[1] of unbatched states stacked in one tensor
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of tensors")
             hidden = tuple(hx)
