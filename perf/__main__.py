@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 import time
@@ -88,6 +89,8 @@ def _warm(args: argparse.Namespace) -> int:
 
     configs = list({config.key(): config for name in args.suite for config in suites.load(name).configs}.values())
     switch_sets = [warm.parse_switches(text) for text in args.switches or ["-"]]
+    if args.jobs is not None and args.jobs < 1:
+        raise PerfError(f"--jobs must be >= 1, got {args.jobs}")
     jobs = args.jobs or warm.default_jobs()
     start = time.perf_counter()
     try:
@@ -187,10 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse has printed the usage and its message
         return int(exit_.code or 0)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader gone away is met here, not at exit
+        return code
     except PerfError as error:
         print(f"perf: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): stop quietly, as a shell tool does, and keep Python's
+        # exit from writing its flush error to stderr.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the shell's code for it
 
 
 if __name__ == "__main__":

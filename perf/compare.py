@@ -9,11 +9,15 @@ providers' changes are reported as environment drift (driver, clocks, library ve
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import pandas as pd
 
 from perf.schema import CONTEXT, ROW_KEYS, PerfError, label, read_results
+
+# Context that changes timings besides the code: a difference is called out above the verdict.
+VERSION_CONTEXT = ["torch", "triton", "cuda", "cudnn", "tf32", "switches"]
 
 
 def classify(baseline: pd.DataFrame, current: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -48,8 +52,8 @@ def compare_files(
     baseline_path: pathlib.Path, current_path: pathlib.Path, threshold: float = 5.0, allow_different_gpu: bool = False
 ) -> tuple[str, int]:
     """The markdown report and the exit code (1 if a tritonrnn row got slower or broke, else 0)."""
-    if threshold < 0:
-        raise PerfError(f"--threshold must be >= 0, got {threshold}")
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise PerfError(f"--threshold must be a finite number >= 0, got {threshold}")
     baseline, current = read_results(baseline_path), read_results(current_path)
     gpus = baseline["gpu"].iloc[0], current["gpu"].iloc[0]
     if gpus[0] != gpus[1] and not allow_different_gpu:
@@ -60,11 +64,19 @@ def compare_files(
     rows = classify(baseline, current, threshold)
     ours = rows["provider"] == "tritonrnn"
     failing = rows[ours & rows["verdict"].isin(["slower", "broken"])]
+    compared = ours & rows["verdict"].isin(["slower", "faster", "unchanged", "broken", "fixed"])
+    if not compared.any():
+        raise PerfError(
+            f"nothing to compare: no tritonrnn row of {current_path} matches a row of {baseline_path} (same config, "
+            "pass and provider, measured in one of them at least); were they run from different suites?"
+        )
     lines = ["# Performance comparison", ""]
-    if rows["verdict"].isin(["missing", "new"]).all():
-        lines += ["**WARNING: no row in common: the two runs measured different configs.**", ""]
     if gpus[0] != gpus[1]:
         lines += [f"**WARNING: different GPUs ({gpus[0]} vs {gpus[1]}): the changes below mix hardware and code.**", ""]
+    drifted = [c for c in VERSION_CONTEXT if _values(baseline, c) != _values(current, c)]
+    if drifted:
+        changes = "; ".join(f"{c} {_values(baseline, c)} -> {_values(current, c)}" for c in drifted)
+        lines += [f"**WARNING: the runs differ in {changes}: the changes below may come from them, not the code.**", ""]
     lines += [
         f"baseline: `{baseline_path}`  ",
         f"current: `{current_path}`  ",
@@ -94,11 +106,15 @@ def compare_files(
     return "\n".join(lines) + "\n", 1 if len(failing) else 0
 
 
+def _values(frame: pd.DataFrame, column: str) -> str:
+    return ", ".join(str(v) for v in frame[column].unique())
+
+
 def _context_table(baseline: pd.DataFrame, current: pd.DataFrame) -> str:
     """The runs' context side by side; values that differ are flagged."""
     lines = ["| | baseline | current | |", "|---|---|---|---|"]
     for column in CONTEXT:
-        old, new = (", ".join(str(v) for v in frame[column].unique()) for frame in (baseline, current))
+        old, new = _values(baseline, column), _values(current, column)
         flag = "" if old == new or column == "timestamp" else "**differs**"
         lines.append(f"| {column} | {old} | {new} | {flag} |")
     return "\n".join(lines)

@@ -49,7 +49,8 @@ PASS_TEXT = (
 STYLES = {"tritonrnn": ("-", "o"), "cudnn": ("--", "s"), "cudnn_graph": (":", "^"), "torch_cpu": ("--", "s")}
 SPEEDUP_TICKS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 # Config fields that stay fixed within one latency plot (batch and hidden size vary along the x axis or the lines).
-PLOT_GROUP = ["cell", "dtype", "L", "T", "bidirectional", "dropout", "dropout_mode", "proj_size"]
+# input_size: a config's own input width, or 0 where it is the hidden size (then it varies with H in one plot).
+PLOT_GROUP = ["cell", "dtype", "L", "T", "bidirectional", "dropout", "dropout_mode", "proj_size", "input_width"]
 
 
 @dataclasses.dataclass
@@ -86,8 +87,11 @@ def write(results_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     df = read_results(results_dir / "results.csv")
     blocks = build(df, results_dir / "plots")
     markdown, page = results_dir / "report.md", results_dir / "report.html"
-    markdown.write_text(to_markdown(blocks, results_dir))
-    page.write_text(to_html(blocks))
+    try:
+        markdown.write_text(to_markdown(blocks, results_dir))
+        page.write_text(to_html(blocks))
+    except OSError as error:
+        raise PerfError(f"cannot write the report in {results_dir}: {error.strerror}") from None
     return markdown, page
 
 
@@ -307,13 +311,16 @@ def _latency_plots(df: pd.DataFrame, plots_dir: pathlib.Path, x: str) -> list[Bl
     """Per-step latency against batch size (x = "B", one line per hidden size and provider) or hidden size."""
     series = "H" if x == "B" else "B"
     what = {"B": "batch size", "H": "hidden size"}[x]
-    ok = ok_rows(df)
+    ok = ok_rows(df).copy()
+    ok["input_width"] = ok["input_size"].where(ok["input_size"] != ok["H"], 0)
     blocks: list[Block] = []
     for key, group in ok.groupby(PLOT_GROUP, sort=False):
         if group[x].nunique() < 2:
             continue
         fixed = dict(zip(PLOT_GROUP, key))
         title = f"{fixed['cell']} {fixed['dtype']} L{fixed['L']} T{fixed['T']} {options(fixed)}".strip()
+        if fixed["input_width"]:
+            title += f" input_size={fixed['input_width']}"
         passes = [p for p in PASSES if p in set(group["pass"])]
         fig, axes = plt.subplots(1, len(passes), figsize=(5.5 * len(passes), 4), squeeze=False)
         colors = {v: f"C{i % 10}" for i, v in enumerate(sorted(group[series].unique()))}

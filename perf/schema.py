@@ -55,6 +55,8 @@ def read_results(path: pathlib.Path) -> pd.DataFrame:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise PerfError(f"{path}: not a results CSV ({type(error).__name__}: {str(error).strip()})") from None
+    except OSError as error:
+        raise PerfError(f"{path}: cannot read it ({error.strerror})") from None
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
         raise PerfError(f"{path}: not a perf results file: missing columns {', '.join(missing)}")
@@ -63,8 +65,10 @@ def read_results(path: pathlib.Path) -> pd.DataFrame:
     df = raw[COLUMNS].copy()
     for column in _INTS:
         values = pd.to_numeric(df[column], errors="coerce")
-        if values.isna().any() or (values != values.round()).any():
-            raise PerfError(f"{path}: column {column} must hold integers, got {_bad(df[column], values.isna())}")
+        # NaN compares unequal to itself: one test for empty, text, inf, fractions and sizes out of range.
+        bad = ~((values == values.round()) & (values >= 0) & (values < 2**31))
+        if bad.any():
+            raise PerfError(f"{path}: column {column} must hold integers >= 0, got {_bad(df[column], bad)}")
         df[column] = values.astype(int)
     for column in _FLOATS:
         values = pd.to_numeric(df[column].replace("", "nan"), errors="coerce")
@@ -81,6 +85,18 @@ def read_results(path: pathlib.Path) -> pd.DataFrame:
         bad = ~df[column].isin(choices)
         if bad.any():
             raise PerfError(f"{path}: column {column} must be one of {', '.join(choices)}, got {_bad(df[column], bad)}")
+    ok = df["status"] == "ok"
+    timings = df.loc[ok, ["ms_p20", "ms_median", "ms_p80"]]
+    # A measured row has three finite positive timings in order (the quantiles of one sample, as written).
+    bad = ~((timings > 0) & timings.apply(lambda c: c.map(math.isfinite))).all(axis=1)
+    bad |= (timings["ms_p20"] > timings["ms_median"] * (1 + 1e-9)) | (timings["ms_median"] > timings["ms_p80"] * (1 + 1e-9))
+    if bad.any():
+        row = df.loc[bad[bad].index[0]]
+        raise PerfError(
+            f"{path}: row {label(row)} {row['pass']} {row['provider']} has status ok but timings "
+            f"(p20, median, p80) = ({row['ms_p20']}, {row['ms_median']}, {row['ms_p80']}): expected finite, "
+            "positive and in that order"
+        )
     gpus = df["gpu"].unique()
     if len(gpus) > 1:
         raise PerfError(f"{path}: rows from several GPUs ({', '.join(gpus)}); one results file holds one GPU's run")

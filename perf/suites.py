@@ -88,12 +88,16 @@ def load(name_or_path: str) -> Suite:
         if name_or_path not in available():
             raise PerfError(f"unknown suite {name_or_path!r}: choose one of {', '.join(available())} or a .json path")
         path = SUITES_DIR / f"{name_or_path}.json"
+    if path.is_dir():
+        raise PerfError(f"suite file {path}: a folder, not a suite .json file")
     if not path.is_file():
         raise PerfError(f"suite file {path}: no such file")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PerfError(f"suite file {path}: not valid JSON ({error})") from None
+    except OSError as error:
+        raise PerfError(f"suite file {path}: cannot read it ({error.strerror})") from None
     try:
         return parse(data)
     except PerfError as error:

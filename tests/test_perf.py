@@ -174,6 +174,23 @@ def test_report_plots_latency_when_sizes_vary(results, tmp_path):
     assert any(n.startswith("latency_vs_hidden_size_gru") for n in names)
 
 
+def test_latency_plots_keep_input_sizes_apart(results, tmp_path):
+    """Configs that differ in input size only are separate plots, not one line zig-zagging between them."""
+    rows = []
+    for B in (2, 4):
+        for input_size in (16, 64):
+            part = results[(results["options"] == "") & (results["L"] == 1)].copy()
+            part["B"], part["H"], part["input_size"] = B, 16, input_size
+            part["options"] = "" if input_size == 16 else "input_size=64"
+            rows.append(part)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    _write(pd.concat(rows), folder / "results.csv")
+    assert main(["report", str(folder)]) == 0
+    lstm_plots = sorted(p.name for p in (folder / "plots").glob("latency_vs_batch_size_lstm*.png"))
+    assert len(lstm_plots) == 2 and any("input-size-64" in n for n in lstm_plots), lstm_plots
+
+
 def test_run_accepts_a_suite_file(tmp_path):
     path = tmp_path / "mine.json"
     case = {"cell": "rnn_relu", "dtype": "fp32", "B": 1, "H": 8, "T": 3, "L": 1, "passes": ["fwd"]}
@@ -270,6 +287,71 @@ def test_compare_refuses_files_that_are_not_results(results, tmp_path, capsys):
     assert str(binary) in capsys.readouterr().err
 
 
+def _one_row_changed(results: pd.DataFrame, **fields) -> pd.DataFrame:
+    """The results with ``fields`` set on the first tritonrnn row (status ok)."""
+    df = results.astype({c: object for c in fields}).copy()
+    first = df.index[(df["provider"] == "tritonrnn") & (df["status"] == "ok")][0]
+    for column, value in fields.items():
+        df.loc[first, column] = value
+    return df
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        pytest.param(dict(B=2.5), "column B must hold integers >= 0, got '2.5'", id="fraction"),
+        pytest.param(dict(B="inf"), "column B must hold integers >= 0, got 'inf'", id="infinite"),
+        pytest.param(dict(H=1e30), "column H must hold integers >= 0", id="huge"),
+        pytest.param(dict(T=-3), "column T must hold integers >= 0, got '-3'", id="negative-size"),
+        pytest.param(dict(ms_median=0.0, ms_p20=0.0), "has status ok but timings", id="zero-ms"),
+        pytest.param(dict(ms_median=-1.0, ms_p20=-1.0, ms_p80=-1.0), "has status ok but timings", id="negative-ms"),
+        pytest.param(dict(ms_median=""), "has status ok but timings", id="empty-ms"),
+        pytest.param(dict(ms_p20=1e9), "expected finite, positive and in that order", id="p20-above-median"),
+    ],
+)
+def test_results_with_impossible_values_are_refused(results, fields, message, tmp_path, capsys):
+    bad = str(_write(_one_row_changed(results, **fields), tmp_path / "bad.csv"))
+    assert main(["compare", str(_write(results, tmp_path / "good.csv")), bad]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "results.csv").write_bytes(pathlib.Path(bad).read_bytes())
+    assert main(["report", str(folder)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_refuses_runs_with_no_tritonrnn_row_in_common(results, tmp_path, capsys):
+    """A comparison that compared nothing must not pass: no tritonrnn rows, or none of the same configs."""
+    base = str(_write(results, tmp_path / "b.csv"))
+    theirs_only = results[results["provider"] != "tritonrnn"]
+    assert main(["compare", base, str(_write(theirs_only, tmp_path / "theirs.csv"))]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+    other_sizes = results.copy()
+    other_sizes["H"] += 1
+    assert main(["compare", base, str(_write(other_sizes, tmp_path / "other.csv"))]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+
+
+def test_compare_calls_out_version_and_tf32_differences(results, tmp_path, capsys):
+    newer = results.copy()
+    newer["torch"], newer["tf32"] = "9.9.9", ~newer["tf32"]
+    assert main(["compare", str(_write(results, tmp_path / "b.csv")), str(_write(newer, tmp_path / "c.csv"))]) == 0
+    out = capsys.readouterr().out
+    banner = out.split("**WARNING: the runs differ in ")[1].split("\n")[0]
+    assert f"torch {results['torch'].iloc[0]} -> 9.9.9" in banner and "tf32" in banner and "triton" not in banner
+
+
+def test_compare_exits_quietly_when_its_reader_goes_away(smoke):
+    """`python -m perf compare A B | head`: a reader that stops (here one that never reads) ends the command
+    quietly, without a traceback or Python's flush error."""
+    csv = str(smoke / "results.csv")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = f"{sys.executable!s} -m perf compare {csv} {csv} | true"
+    result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.stderr == ""
+
+
 # --- readme table -----------------------------------------------------------------------------------------------
 
 
@@ -313,7 +395,9 @@ def _suite_file(tmp_path: pathlib.Path, text: str) -> str:
         pytest.param(["report", "{tmp}/absent"], "no such folder", id="missing-dir"),
         pytest.param(["report", "{tmp}"], "results.csv: no such file", id="missing-results"),
         pytest.param(["compare", "{tmp}/a.csv", "{tmp}/b.csv"], "a.csv: no such file", id="missing-csv"),
-        pytest.param(["compare", "x.csv", "y.csv", "--threshold", "-1"], "--threshold must be >= 0", id="threshold"),
+        pytest.param(["compare", "x.csv", "y.csv", "--threshold", "-1"], "--threshold must be a finite", id="threshold"),
+        pytest.param(["compare", "x.csv", "y.csv", "--threshold", "nan"], "--threshold must be a finite", id="nan"),
+        pytest.param(["warm", "--suite", "smoke", "--jobs", "0"], "--jobs must be >= 1", id="jobs"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_message(argv, message, tmp_path, capsys):
