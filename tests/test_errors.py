@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from conftest import DEVICE
 
 import tritonrnn
@@ -157,6 +158,43 @@ def states(*shapes):
 def test_stacked_rnn_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def _with_mode(module, mode):
+    module.dropout_mode = mode
+    return module.train()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: stack(dropout=0.5), id="stacked"),
+        pytest.param(lambda: tritonrnn.GRU(4, 6, num_layers=2, dropout=0.5).to(DEVICE), id="gru"),
+    ],
+)
+def test_dropout_mode_set_after_construction_is_checked_at_forward(make):
+    """A typo assigned to the attribute later must not run silently as standard dropout."""
+    model = _with_mode(make(), "Variational")
+    with pytest.raises(ValueError, match="dropout_mode should be one of .* got 'Variational'"):
+        model(x(5, 3, 4))
+    _with_mode(model, "variational")(x(5, 3, 4))  # the right spelling runs
+
+
+def test_numpy_scalars_are_accepted_as_probabilities_like_torch():
+    """A probability read from a config file as a numpy scalar: torch.nn takes it, so does StackedRNN."""
+    numpy = pytest.importorskip("numpy")
+    nn.LSTM(4, 6, num_layers=2, dropout=numpy.float32(0.25))
+    model = stack(dropout=numpy.float32(0.25), weight_drop=numpy.float64(0.1))
+    assert model.dropout == 0.25 and isinstance(model.dropout, float)
+    with pytest.raises(ValueError, match="dropout should be a number"):
+        stack(dropout=torch.tensor(0.25))  # a tensor is not a number here (nor in torch.nn)
+
+
+def test_dropout_on_a_one_layer_stack_warns_like_torch():
+    with pytest.warns(UserWarning, match="dropout after all but last recurrent layer"):
+        nn.GRU(4, 6, num_layers=1, dropout=0.5)
+    with pytest.warns(UserWarning, match="dropout after all but last recurrent layer"):
+        stack([("gru", 6)], dropout=0.5)
 
 
 @pytest.mark.parametrize(

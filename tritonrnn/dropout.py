@@ -13,6 +13,7 @@ Kept elements are scaled by 1 / (1 - p) (computed in float32, as the kernels do)
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -38,13 +39,15 @@ class LayerDropout(NamedTuple):
 
 def check_probability(name: str, p: float) -> None:
     """torch-like error for a drop probability outside [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+    # numbers.Real, as torch.nn takes it: a numpy scalar read from a config is a number too.
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
         raise ValueError(f"{name} should be a number in range [0, 1) representing the probability of an element "
                          f"being zeroed, got {p!r}")  # fmt: skip
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES:
+    """Checked at construction and again at every forward (the attribute can be set in between)."""
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"dropout_mode should be one of {MODES}, got {mode!r}")
 
 

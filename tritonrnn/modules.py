@@ -111,6 +111,7 @@ class _TritonRNNBase(nn.RNNBase):
         return layers
 
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
+        _dropout.check_mode(self.dropout_mode)
         data = input.data if isinstance(input, PackedSequence) else input
         dtype = functional.autocast_dtype(data) if isinstance(data, Tensor) else None
         reason = self._unsupported(input, dtype)

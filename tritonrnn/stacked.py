@@ -10,6 +10,7 @@ order (LSTM i, f, g, o; GRU r, z, n), so ``weight_ih_l{k}`` of a torch.nn module
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -124,6 +125,11 @@ class StackedRNN(nn.Module):
         _dropout.check_probability("dropout", dropout)
         _dropout.check_mode(dropout_mode)
         _dropout.check_probability("weight_drop", weight_drop)
+        if dropout > 0 and len(layers) == 1:
+            warnings.warn(  # torch.nn's warning for the same case
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"more than one layer, but got dropout={dropout} and 1 layer", stacklevel=2,
+            )  # fmt: skip
         directions = 2 if bidirectional else 1
         modules = []
         size = input_size
@@ -155,6 +161,7 @@ class StackedRNN(nn.Module):
     def forward(
         self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
     ) -> tuple[Tensor | list[Tensor], list[State]]:
+        _dropout.check_mode(self.dropout_mode)
         packed, lengths = None, None
         if isinstance(x, PackedSequence):
             # Sequences of different lengths: each row keeps its state past its end (time-major, original order).
