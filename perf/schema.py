@@ -89,7 +89,9 @@ def read_results(path: pathlib.Path) -> pd.DataFrame:
     timings = df.loc[ok, ["ms_p20", "ms_median", "ms_p80"]]
     # A measured row has three finite positive timings in order (the quantiles of one sample, as written).
     bad = ~((timings > 0) & timings.apply(lambda c: c.map(math.isfinite))).all(axis=1)
-    bad |= (timings["ms_p20"] > timings["ms_median"] * (1 + 1e-9)) | (timings["ms_median"] > timings["ms_p80"] * (1 + 1e-9))
+    bad |= (timings["ms_p20"] > timings["ms_median"] * (1 + 1e-9)) | (
+        timings["ms_median"] > timings["ms_p80"] * (1 + 1e-9)
+    )
     if bad.any():
         row = df.loc[bad[bad].index[0]]
         raise PerfError(

@@ -19,6 +19,8 @@ from tritonrnn import _plan, autotune
 
 GPU = "NVIDIA H100 80GB HBM3"
 CUDA0 = torch.device("cuda", 0)
+CONFIG = {"block_h": 32, "block_b": 16, "num_warps": 8, "num_stages": 3}
+ENTRY = {"forward": CONFIG, "backward": CONFIG}
 
 
 @pytest.fixture
@@ -150,16 +152,91 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(cache, caplog):
     with caplog.at_level(logging.WARNING, logger="tritonrnn"):
         assert store.load() == {}
     assert "corrupt autotune cache" in caplog.text
-    store.put({"k": {"forward": {}}})
-    assert json.loads(store.path.read_text()) == {"format": 1, "configs": {"k": {"forward": {}}}}
+    store.put({"k": ENTRY})
+    assert json.loads(store.path.read_text()) == {"format": 1, "configs": {"k": ENTRY}}
     store.path.write_text('["not", "a", "cache"]')
     assert store.load() == {}
+    store.path.write_bytes(b"\xff\xfe not text")
+    assert store.load() == {}
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        pytest.param([1, 2], "expected an object, got list", id="list"),
+        pytest.param({"forward": CONFIG}, "backward: expected the fields", id="no-backward"),
+        pytest.param({**ENTRY, "forward": {**CONFIG, "foo": 1}}, "forward: expected the fields", id="unknown-field"),
+        pytest.param({**ENTRY, "forward": {**CONFIG, "block_h": "32"}}, "forward.block_h: '32' is not", id="text"),
+        pytest.param({**ENTRY, "forward": {**CONFIG, "block_h": 0}}, "forward.block_h: 0 is not", id="zero"),
+        pytest.param({**ENTRY, "backward": {**CONFIG, "block_h": -16}}, "backward.block_h: -16", id="negative"),
+        pytest.param({**ENTRY, "forward": {**CONFIG, "block_h": 32.0}}, "forward.block_h: 32.0", id="float"),
+        pytest.param({**ENTRY, "forward": {**CONFIG, "num_warps": 3}}, "forward.num_warps: 3 is not", id="warps"),
+    ],
+)
+def test_a_bad_cache_entry_is_tuned_again_with_a_warning(cache, fake_gpu, entry, problem, caplog):
+    """A hand-edited or foreign entry must not reach the plan (a -16 slice gave a negative grid): the entry is
+    dropped with a warning naming it, the key is tuned again, and the good entries stay."""
+    key = autotune.TuneKey("lstm", 512, 16, "bf16")
+    store = autotune.ConfigStore.for_gpu(GPU)
+    store.path.write_text(json.dumps({"format": 1, "configs": {key.text(): entry, "other": ENTRY}}))
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        plan = autotune.tuned_plan(key, CUDA0, FakeTuner().tuner)
+    assert plan is not None and plan.block_h in autotune.BLOCK_H and plan.num_programs > 0
+    assert f"ignoring the autotune entry {key.text()}" in caplog.text and problem in caplog.text
+    configs = json.loads(store.path.read_text())["configs"]
+    assert configs["other"] == ENTRY and autotune.entry_problem(configs[key.text()]) is None
+
+
+def test_an_unwritable_cache_warns_and_the_tuning_still_serves(tmp_path, fake_gpu, monkeypatch, caplog):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(not_a_folder / "sub"))
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return FakeTuner().tuner()
+
+    key = autotune.TuneKey("rnn_tanh", 128, 16, "bf16")
+    with caplog.at_level(logging.INFO, logger="tritonrnn"):
+        first = autotune.tuned_plan(key, CUDA0, factory)
+        assert autotune.tuned_plan(key, CUDA0, factory) == first and len(calls) == 1
+    assert first is not None and "cannot write the autotune cache" in caplog.text
+
+
+def test_cache_file_is_readable_as_the_umask_allows(cache):
+    store = autotune.ConfigStore.for_gpu(GPU)
+    old = autotune.os.umask(0o022)
+    try:
+        store.put({"k": ENTRY})
+    finally:
+        autotune.os.umask(old)
+    assert store.path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), (" 1 ", True), ("0", False), ("", False), ("yes", None),
+                                             ("2", None)])  # fmt: skip
+def test_autotune_switch_values(monkeypatch, value, expected):
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", value)
+    if expected is None:
+        with pytest.raises(ValueError, match=f"TRITONRNN_AUTOTUNE should be 0 or 1, got {value!r}"):
+            autotune.enabled()
+    else:
+        assert autotune.enabled() is expected
+
+
+def test_tf32_is_part_of_the_key_for_fp32_only():
+    assert autotune.TuneKey("lstm", 512, 16, "fp32", tf32=True).text().endswith("|tf32")
+    assert (
+        autotune.TuneKey("lstm", 512, 16, "fp32").text() != autotune.TuneKey("lstm", 512, 16, "fp32", tf32=True).text()
+    )
 
 
 def _write_keys(path: str, worker: int) -> None:
     store = autotune.ConfigStore(autotune.pathlib.Path(path))
     for k in range(20):
-        store.put({f"w{worker}-{k}": {"worker": worker}})
+        store.put({f"w{worker}-{k}": ENTRY})
 
 
 def test_concurrent_processes_merge_their_entries(tmp_path):
@@ -174,6 +251,23 @@ def test_concurrent_processes_merge_their_entries(tmp_path):
     configs = autotune.ConfigStore(path).load()
     assert len(configs) == 80
     assert not list(tmp_path.glob("*.tmp"))  # every write replaced the file atomically
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(["--hidden", "0"], "'0' is not an integer >= 1", id="hidden"),
+        pytest.param(["--batch", "-3"], "'-3' is not an integer >= 1", id="batch"),
+        pytest.param(["--export", "{tmp}"], "a folder; name the file", id="export-folder"),
+        pytest.param(["--export", "{tmp}/notes.json"], "not a tritonrnn autotune export", id="export-foreign"),
+    ],
+)
+def test_pretune_command_refuses_bad_arguments_before_tuning(argv, message, tmp_path, capsys):
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    with pytest.raises(SystemExit) as exit_:
+        autotune.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
 def test_pretune_command_needs_a_gpu(capsys):

@@ -395,7 +395,9 @@ def _suite_file(tmp_path: pathlib.Path, text: str) -> str:
         pytest.param(["report", "{tmp}/absent"], "no such folder", id="missing-dir"),
         pytest.param(["report", "{tmp}"], "results.csv: no such file", id="missing-results"),
         pytest.param(["compare", "{tmp}/a.csv", "{tmp}/b.csv"], "a.csv: no such file", id="missing-csv"),
-        pytest.param(["compare", "x.csv", "y.csv", "--threshold", "-1"], "--threshold must be a finite", id="threshold"),
+        pytest.param(
+            ["compare", "x.csv", "y.csv", "--threshold", "-1"], "--threshold must be a finite", id="threshold"
+        ),
         pytest.param(["compare", "x.csv", "y.csv", "--threshold", "nan"], "--threshold must be a finite", id="nan"),
         pytest.param(["warm", "--suite", "smoke", "--jobs", "0"], "--jobs must be >= 1", id="jobs"),
     ],

@@ -56,8 +56,13 @@ FORMAT = 1  # version of the JSON layout
 
 
 def enabled() -> bool:
+    """``TRITONRNN_AUTOTUNE``: "1" tunes, "0" (default) uses the heuristics; anything else is refused, as the other
+    switches are (a "yes" that silently meant off would cost a user the tuning they asked for)."""
     # Off by default until the tuner has run on a GPU (perf/NOTES.md); then the default flips to on.
-    return os.environ.get("TRITONRNN_AUTOTUNE", "0") == "1"
+    value = os.environ.get("TRITONRNN_AUTOTUNE", "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"TRITONRNN_AUTOTUNE should be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def cache_dir() -> pathlib.Path:
@@ -85,9 +90,11 @@ class TuneKey:
     dtype: str  # "bf16", "fp16", "fp32"
     directions: int = 1
     proj: int = 0
+    tf32: bool = False  # fp32 only: TF32 dots are another kernel, with other timings
 
     def text(self) -> str:
-        return f"{self.cell}|H={self.hidden}|B<={self.batch_bucket}|{self.dtype}|D={self.directions}|P={self.proj}"
+        text = f"{self.cell}|H={self.hidden}|B<={self.batch_bucket}|{self.dtype}|D={self.directions}|P={self.proj}"
+        return text + "|tf32" if self.tf32 else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +116,31 @@ class ConfigStore:
         return cls(cache_dir() / f"autotune-{slug(gpu_name)}-triton-{triton.__version__}.json")
 
     def load(self) -> dict[str, dict]:
-        """The entries on disk; a missing file is empty, a corrupt one is ignored with a warning."""
+        """The entries on disk; a missing file is empty, an unreadable or corrupt one is ignored with a warning, and
+        so is each entry that is not a configuration the tuner could have chosen (those keys are tuned again)."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as error:
+            log.warning("tritonrnn: ignoring the unreadable autotune cache %s (%s)", self.path, error)
             return {}
         try:
             data = json.loads(text)
             if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configs"), dict):
                 raise ValueError(f"not a tritonrnn autotune file of format {FORMAT}")
-            return data["configs"]
         except ValueError as error:
             log.warning("tritonrnn: ignoring the corrupt autotune cache %s (%s); it will be rebuilt", self.path, error)
             return {}
+        configs = {}
+        for key, entry in data["configs"].items():
+            problem = entry_problem(entry)
+            if problem is None:
+                configs[key] = entry
+            else:
+                log.warning("tritonrnn: ignoring the autotune entry %s in %s (%s); it will be tuned again", key,
+                            self.path, problem)  # fmt: skip
+        return configs
 
     def get(self, key: TuneKey) -> dict | None:
         return self.load().get(key.text())
@@ -134,6 +153,9 @@ class ConfigStore:
             configs.update(entries)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
             try:
+                # mkstemp's file is private (0600); the cache is an ordinary file, readable as the umask allows
+                # (a TRITONRNN_CACHE_DIR shared by a team).
+                os.chmod(tmp, 0o666 & ~_umask())
                 with os.fdopen(fd, "w") as f:
                     json.dump({"format": FORMAT, "configs": configs}, f, indent=1, sort_keys=True)
                 os.replace(tmp, self.path)
@@ -149,6 +171,30 @@ class ConfigStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_CHOICES = {"block_h": BLOCK_H, "block_b": BLOCK_B, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
+def entry_problem(entry) -> str | None:
+    """Why a stored entry is not a configuration the tuner could have chosen, or None."""
+    if not isinstance(entry, dict):
+        return f"expected an object, got {type(entry).__name__}"
+    for name in ("forward", "backward"):
+        config = entry.get(name)
+        if not isinstance(config, dict) or set(config) != set(_CHOICES):
+            return f"{name}: expected the fields {', '.join(_CHOICES)}, got {config!r}"
+        for field, choices in _CHOICES.items():
+            value = config[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value not in choices:
+                return f"{name}.{field}: {value!r} is not one of {choices}"
+    return None
 
 
 def shipped_defaults(gpu_name: str) -> dict[str, dict]:
@@ -250,19 +296,50 @@ def _tuned_plan(
         except LookupError as error:
             log_once(f"tritonrnn: {key.text()}: {error}; using heuristics")
             return None
-        store.put({key.text(): entry})
+        try:
+            store.put({key.text(): entry})
+        except OSError as error:  # the tuning still serves this process (the memo); the next one tunes again
+            log_once(f"tritonrnn: cannot write the autotune cache {store.path} ({error}); set TRITONRNN_CACHE_DIR "
+                     "to a writable folder to keep tuned configurations")  # fmt: skip
     return plan_from_entry(entry, key, device)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn_tanh"], choices=sorted(CELLS))
-    parser.add_argument("--hidden", nargs="+", type=int, default=[256, 512, 1024])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64, 256])
+    parser.add_argument("--hidden", nargs="+", type=_positive_int, default=[256, 512, 1024])
+    parser.add_argument("--batch", nargs="+", type=_positive_int, default=[1, 16, 64, 256])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--bidirectional", action="store_true", help="tune two-direction layers too")
     parser.add_argument("--export", type=pathlib.Path, help="also write the tuned entries to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked before anything is tuned: a matrix's tuning must not end in an export that cannot be written, nor
+    # overwrite a file that is not an export.
+    if args.export is not None:
+        if args.export.is_dir():
+            parser.error(f"--export {args.export}: a folder; name the file to write")
+        if args.export.exists() and not _is_autotune_file(args.export):
+            parser.error(f"--export {args.export}: an existing file that is not a tritonrnn autotune export; "
+                         "not overwriting it")  # fmt: skip
+    return args
+
+
+def _is_autotune_file(path: pathlib.Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("configs"), dict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     for cell, hidden, batch, dtype, d in tqdm(matrix, desc="tuning", unit="config"):
         # kernel_plan tunes (or finds) the configuration as a first call would.
         plan = functional.kernel_plan(cell, hidden, batch, DTYPES[dtype], device, layer_run.Variant(directions=d))
-        keys.append(TuneKey(cell, hidden, batch_bucket(batch), dtype, d).text())
+        tf32 = torch.backends.cuda.matmul.allow_tf32 and dtype == "fp32"
+        keys.append(TuneKey(cell, hidden, batch_bucket(batch), dtype, d, tf32=tf32).text())
         if isinstance(plan, str):
             print(f"{keys[-1]}: {plan}")
     store = ConfigStore.for_gpu(torch.cuda.get_device_name(device))

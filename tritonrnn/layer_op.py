@@ -61,9 +61,13 @@ def kernel_plan(
         tf32 = torch.backends.cuda.matmul.allow_tf32
         if not forced():
             key = autotune.TuneKey(
-                cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj
+                cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj,
+                tf32=tf32 and dtype == torch.float32,
             )  # fmt: skip
-            tuned = autotune.tuned_plan(key, device, lambda: _gpu_tuner(cell, hidden, batch, dtype, device, variant))
+            # Timed at the bucket's batch: the entry serves the whole bucket, whichever batch of it comes first.
+            tuned = autotune.tuned_plan(
+                key, device, lambda: _gpu_tuner(cell, hidden, key.batch_bucket, dtype, device, variant)
+            )  # fmt: skip
             if tuned is not None:
                 # Tuned for the batch bucket: the groups of this batch (one for the projection's kernels).
                 sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
