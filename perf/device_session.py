@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import pathlib
 import re
@@ -49,6 +50,7 @@ REPORT_RESERVE_S = 25
 MIN_STAGE_S = 20  # a stage with less time than this left is not started
 TAIL_LINES = 30
 MAX_CSV_FILES = 5  # with summary.md, logs.tar.gz and reports.tar.gz: the tool's 8 files
+LOG_LIMIT_BYTES = 1 << 20  # per stage log in logs.tar.gz (the tool brings back files up to 16 MiB)
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's lines, left out of the summary's tails
 WARM_SWITCHES = ["-", "TRITONRNN_EXCHANGE=tagged", "TRITONRNN_WAVEFRONT=fused"]
 
@@ -154,23 +156,35 @@ def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: flo
         try:
             code = child.wait(timeout=timeout_s)
             status = "ok" if code == 0 else f"exit {code}"
+            if _end_group(child):
+                status += "; processes it left running were killed"
         except subprocess.TimeoutExpired:
-            _kill_group(child)
+            _end_group(child)
             status = f"timed out after {timeout_s:.0f} s (killed)"
     return Result(name, status, time.monotonic() - start, log)
 
 
-def _kill_group(child: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+def _end_group(child: subprocess.Popen, grace_s: float = 3.0) -> bool:
+    """End the stage's whole process group: the child and whatever it started (a worker left holding the GPU
+    would slow or block the next stages). SIGTERM, then SIGKILL to all of it after ``grace_s``. Returns whether
+    anything was still running."""
+    signalled = False
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(child.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            child.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            return signalled
+        signalled = True
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            child.poll()  # reap the child itself, so that it does not linger in the group
+            try:
+                os.killpg(child.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+    child.poll()
+    return signalled
 
 
 def child_env(stage: Stage, logs: pathlib.Path) -> dict[str, str]:
@@ -201,9 +215,28 @@ def stage_command(
 def tail(path: pathlib.Path | None, lines: int = TAIL_LINES) -> str:
     if path is None or not path.is_file():
         return ""
-    text = path.read_text(errors="replace").replace("\r", "\n")  # tqdm redraws its bar with carriage returns
+    with open(path, "rb") as f:  # the end of the file only: a stage may have written megabytes
+        f.seek(max(0, path.stat().st_size - 64 * 1024))
+        text = f.read().decode(errors="replace").replace("\r", "\n")  # tqdm redraws its bar with carriage returns
     kept = [line for line in text.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
-    return "\n".join(kept[-lines:])
+    return "\n".join(_clip(line) for line in kept[-lines:])
+
+
+def _clip(line: str, width: int = 400) -> str:
+    return line if len(line) <= width else f"{line[: width - 40]} ... [{len(line) - width + 40} characters cut]"
+
+
+def trim_log(path: pathlib.Path, limit: int = LOG_LIMIT_BYTES) -> None:
+    """Keep a log within ``limit`` bytes (its head and its tail, where the errors are), so that the logs' archive
+    stays within what the device tool brings back."""
+    size = path.stat().st_size
+    if size <= limit:
+        return
+    with open(path, "rb") as f:
+        head = f.read(limit // 4)
+        f.seek(size - (limit - limit // 4))
+        end = f.read()
+    path.write_bytes(head + f"\n[... {size - len(head) - len(end)} bytes cut ...]\n".encode() + end)
 
 
 def run_plan(names: list[str], budget_s: float, out: pathlib.Path, resume: pathlib.Path | None = None) -> list[Result]:
@@ -287,13 +320,19 @@ def pack(out: pathlib.Path, results: list[Result], text: str) -> list[pathlib.Pa
     """summary.md, logs.tar.gz, reports.tar.gz and each benchmark's results.csv (at most MAX_CSV_FILES) in
     ``out``; the folders they came from are removed. Returns the files."""
     files = [out / "summary.md"]
-    files[0].write_text(text)
     reports = out / "reports"
-    csvs = sorted(reports.glob("*/results.csv"))
+    # In the plan's order (its priority), not the alphabet's; the rest stay in reports.tar.gz.
+    csvs = [reports / r.name / "results.csv" for r in results if (reports / r.name / "results.csv").is_file()]
+    if len(csvs) > MAX_CSV_FILES:
+        left = ", ".join(c.parent.name for c in csvs[MAX_CSV_FILES:])
+        text += f"\nOnly the first {MAX_CSV_FILES} results.csv come back as files; in reports.tar.gz only: {left}\n"
+    files[0].write_text(text)
     for csv in csvs[:MAX_CSV_FILES]:
         target = out / f"{csv.parent.name}.csv"
         shutil.copyfile(csv, target)
         files.append(target)
+    for log in (out / "logs").glob("*.log"):
+        trim_log(log)
     for folder, archive in ((out / "logs", "logs.tar.gz"), (reports, "reports.tar.gz")):
         if folder.is_dir() and any(folder.iterdir()):
             with tarfile.open(out / archive, "w:gz") as tar:
@@ -304,11 +343,21 @@ def pack(out: pathlib.Path, results: list[Result], text: str) -> list[pathlib.Pa
     return files
 
 
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m perf.device_session", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default="first", choices=sorted(PLANS))
     parser.add_argument("--stages", help=f"comma-separated, instead of a plan: {', '.join(STAGES)}")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all stages and the packing")
+    parser.add_argument("--budget", type=_budget, default=540.0, help="seconds for all stages and the packing")
     parser.add_argument("--out", type=pathlib.Path, help="default $OUT, else perf/results/device_session")
     parser.add_argument(
         "--resume", type=pathlib.Path, metavar="DIR",
@@ -322,22 +371,35 @@ def main(argv: list[str] | None = None) -> int:
         for name, stage in STAGES.items():
             print(f"stage {name:12} up to {stage.cap_s:4.0f} s: {stage.note}")
         return 0
-    names = [n.strip() for n in args.stages.split(",") if n.strip()] if args.stages else PLANS[args.plan]
+    names = [n.strip() for n in args.stages.split(",") if n.strip()] if args.stages is not None else PLANS[args.plan]
+    if not names:
+        parser.error(f"--stages {args.stages!r} names no stage: choose from {', '.join(STAGES)}")
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         parser.error(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
+    if args.resume is not None and not args.resume.is_dir():
+        parser.error(f"--resume {args.resume}: not a folder (of an earlier call's <stage>.csv files)")
     if shutil.which("nvidia-smi") is None:
         print("perf.device_session: no nvidia-smi here: this runs on the lent GPU (the device tool)", file=sys.stderr)
         return 2
     out = args.out or pathlib.Path(os.environ.get("OUT") or ROOT / "perf" / "results" / "device_session")
-    out.mkdir(parents=True, exist_ok=True)
+    taken = [name for name in ("logs", "reports") if (out / name).exists()]
+    if taken:  # pack() archives and removes them: never someone else's folders
+        print(f"perf.device_session: {out} already has {' and '.join(taken)}/; choose an --out without them",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"perf.device_session: cannot use {out} for the results: {error.strerror}", file=sys.stderr)
+        return 2
     start = time.monotonic()
     results = run_plan(names, args.budget, out, args.resume)
     text = summary(results, args.budget, time.monotonic() - start, out / "reports")
     files = pack(out, results, text)
     print(text)
     print("files:", " ".join(str(f) for f in files))
-    return 0 if all(r.status == "ok" for r in results) else 1
+    return 0 if all(r.status.startswith("ok") for r in results) else 1
 
 
 if __name__ == "__main__":

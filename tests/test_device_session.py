@@ -55,6 +55,57 @@ def test_a_stage_past_its_time_is_killed_with_the_processes_it_started(tmp_path)
     assert not _alive(grandchild)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+@pytest.mark.parametrize("stage_ends", ["hangs", "exits"])
+def test_processes_a_stage_leaves_are_killed_even_if_they_ignore_sigterm(tmp_path, stage_ends):
+    """A worker left running (one that ignores SIGTERM, too) would hold the GPU through the later stages."""
+    pid_file = tmp_path / "grandchild.pid"
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    script = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {stubborn!r}])\n"
+        "time.sleep(0.5)\n"  # its handler is set
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        + ("time.sleep(120)\n" if stage_ends == "hangs" else "")
+    )
+    result = device_session.run_stage("stage", [sys.executable, "-c", script], dict(os.environ), 4.0,
+                                      tmp_path / "stage.log")  # fmt: skip
+    if stage_ends == "hangs":
+        assert result.status == "timed out after 4 s (killed)"
+    else:
+        assert result.status == "ok; processes it left running were killed"
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(["--budget", "nan"], "not a positive number of seconds", id="budget-nan"),
+        pytest.param(["--budget", "inf"], "not a positive number of seconds", id="budget-inf"),
+        pytest.param(["--budget", "0"], "not a positive number of seconds", id="budget-0"),
+        pytest.param(["--stages", ""], "names no stage", id="no-stages"),
+        pytest.param(["--stages", ","], "names no stage", id="comma"),
+        pytest.param(["--stages", "probe", "--resume", "{tmp}/absent"], "not a folder", id="resume"),
+    ],
+)
+def test_session_arguments_are_checked_before_anything_runs(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        device_session.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_session_does_not_take_over_existing_folders(tmp_path, monkeypatch, capsys):
+    """pack() archives and removes out/logs and out/reports: never ones that were there before."""
+    monkeypatch.setattr(device_session.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    (tmp_path / "reports" / "mine").mkdir(parents=True)
+    assert device_session.main(["--stages", "probe", "--out", str(tmp_path)]) == 2
+    assert "already has reports/" in capsys.readouterr().err and (tmp_path / "reports" / "mine").is_dir()
+
+
 def test_a_stage_records_its_exit_code_and_output(tmp_path):
     result = device_session.run_stage(
         "fails", [sys.executable, "-c", "print('to the log'); raise SystemExit(3)"], dict(os.environ), 30,
@@ -92,11 +143,33 @@ def test_at_most_eight_files_come_back(tmp_path):
         (reports / f"bench{k}").mkdir(parents=True)
         (reports / f"bench{k}" / "results.csv").write_text("x")
         (reports / f"bench{k}" / "report.md").write_text("x")
-    files = device_session.pack(tmp_path, [], "summary")
+    # in the plan's order (its priority), not the alphabet's
+    results = [device_session.Result(f"bench{k}", "ok", 1.0, None) for k in (6, 5, 4, 3, 2, 1, 0)]
+    files = device_session.pack(tmp_path, results, "summary")
     assert len(files) <= 8 and all(f.is_file() for f in files)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
-    assert (tmp_path / "summary.md").read_text() == "summary"
-    assert {"logs.tar.gz", "reports.tar.gz", "bench0.csv"} <= {f.name for f in files}
+    assert (tmp_path / "summary.md").read_text().startswith("summary")
+    assert "in reports.tar.gz only: bench1, bench0" in (tmp_path / "summary.md").read_text()
+    assert {"logs.tar.gz", "reports.tar.gz", "bench6.csv", "bench2.csv"} <= {f.name for f in files}
+    assert "bench0.csv" not in {f.name for f in files}
+
+
+def test_a_flood_of_output_is_trimmed_in_the_logs_and_the_summary(tmp_path):
+    """A stage that prints megabytes must not push logs.tar.gz past what the tool brings back (every stage's log
+    would be lost) nor summary.md into megabytes of one line."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "noisy.log"
+    log.write_bytes(b"first line\n" + os.urandom(3 << 20).hex().encode() + b"\nthe error at the end\n")
+    tail = device_session.tail(log)
+    assert tail.endswith("the error at the end") and len(tail) < 2000
+    device_session.pack(tmp_path, [], "summary")
+    import tarfile
+
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+        text = tar.extractfile("logs/noisy.log").read()
+    assert len(text) <= device_session.LOG_LIMIT_BYTES + 100
+    assert text.startswith(b"first line") and text.endswith(b"the error at the end\n") and b"bytes cut" in text
 
 
 def test_every_plan_names_known_stages_and_benchmarks_name_shipped_suites():
