@@ -65,8 +65,7 @@ def test_processes_a_stage_leaves_are_killed_even_if_they_ignore_sigterm(tmp_pat
         "import subprocess, sys, time\n"
         f"child = subprocess.Popen([sys.executable, '-c', {stubborn!r}])\n"
         "time.sleep(0.5)\n"  # its handler is set
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        + ("time.sleep(120)\n" if stage_ends == "hangs" else "")
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n" + ("time.sleep(120)\n" if stage_ends == "hangs" else "")
     )
     result = device_session.run_stage("stage", [sys.executable, "-c", script], dict(os.environ), 4.0,
                                       tmp_path / "stage.log")  # fmt: skip
