@@ -270,6 +270,19 @@ def test_pretune_command_refuses_bad_arguments_before_tuning(argv, message, tmp_
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
+def test_pretune_command_runs_as_a_module_without_runpy_warning():
+    """The package does not import tritonrnn.autotune, so `python -m tritonrnn.autotune` runs the only copy."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU answer only")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in autotune.os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "tritonrnn.autotune", "--cells", "lstm"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no CUDA GPU" in result.stdout, result.stderr
+
+
 def test_pretune_command_needs_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("the CPU answer only")

@@ -47,6 +47,7 @@ from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, log_once, nex
 log = logging.getLogger("tritonrnn")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 BLOCK_H = (16, 32, 64)
 BLOCK_B = (16, 32, 64)
 NUM_WARPS = (4, 8)

@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tritonrnn import autotune, reference
+# autotune is imported where a GPU plan is made, not with the package: `python -m tritonrnn.autotune` then runs a
+# module that is not imported already (runpy warns about that, and two copies of its state would exist).
+from tritonrnn import reference
 from tritonrnn._plan import (
     CELLS,
     MIN_HELD_ROWS,
@@ -60,9 +62,11 @@ def kernel_plan(
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
         tf32 = torch.backends.cuda.matmul.allow_tf32
         if not forced():
+            from tritonrnn import autotune
+
             key = autotune.TuneKey(
-                cell, hidden, autotune.batch_bucket(batch), _DTYPE_NAMES[dtype], variant.directions, variant.proj,
-                tf32=tf32 and dtype == torch.float32,
+                cell, hidden, autotune.batch_bucket(batch), autotune.DTYPE_NAMES[dtype], variant.directions,
+                variant.proj, tf32=tf32 and dtype == torch.float32,
             )  # fmt: skip
             # Timed at the bucket's batch: the entry serves the whole bucket, whichever batch of it comes first.
             tuned = autotune.tuned_plan(
@@ -96,12 +100,11 @@ def _halve_held_rows(plan: LayerPlan) -> LayerPlan:
     return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
 
 
-_DTYPE_NAMES = {dtype: name for name, dtype in autotune.DTYPES.items()}
-
-
 def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant):
     """An autotune.Tuner timing this layer's kernels on a random problem of autotune.TUNE_STEPS steps."""
     import triton.testing
+
+    from tritonrnn import autotune
 
     _, gates, _ = CELLS[cell]
     D, width = variant.directions, variant.proj or hidden
