@@ -4,6 +4,7 @@ Without a CUDA GPU the Triton kernels run under the interpreter on CPU tensors; 
 decided before triton is first imported, which is why it happens here, at the top.
 """
 
+import logging
 import os
 
 import torch
@@ -35,6 +36,37 @@ def poison_outputs(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(layer_run, "_empty", nan_empty)
+
+
+# The fallback messages (tritonrnn._plan.log_once): a layer on the reference, a module on torch.nn, a fused stack
+# declined.
+FALLBACK_PHRASES = ("reference implementation", "runs the reference", "torch.nn's implementation", "layer by layer")
+
+
+@pytest.fixture(autouse=True)
+def no_silent_fallback(request, monkeypatch):
+    """A test runs on the kernels unless it is marked ``fallback``: a fallback during an unmarked test fails it, so
+    a check of the kernels cannot pass on the reference or torch.nn. Each test starts with no message logged yet
+    (log_once logs each message once per process), so every fallback of the test is seen."""
+    monkeypatch.setattr(_plan, "_logged", set())
+    seen = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Recorder(logging.WARNING)
+    logger = logging.getLogger("tritonrnn")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    fallbacks = [m for m in seen if any(phrase in m for phrase in FALLBACK_PHRASES)]
+    if fallbacks and request.node.get_closest_marker("fallback") is None:
+        pytest.fail(
+            f"ran a fallback instead of the kernels (mark the test `fallback` if that is its subject): {fallbacks}"
+        )
 
 
 @pytest.fixture(autouse=True)
