@@ -4,6 +4,7 @@ Without a CUDA GPU the Triton kernels run under the interpreter on CPU tensors; 
 decided before triton is first imported, which is why it happens here, at the top.
 """
 
+import contextlib
 import logging
 import os
 
@@ -43,6 +44,20 @@ def poison_outputs(monkeypatch):
 FALLBACK_PHRASES = ("reference implementation", "runs the reference", "torch.nn's implementation", "layer by layer")
 
 
+_expected = []
+
+
+@contextlib.contextmanager
+def fallback_expected():
+    """The fallbacks inside are the test's intent (a float64 reference model on the GPU, say), those outside are
+    still failures: finer than marking the whole test ``fallback``."""
+    _expected.append(True)
+    try:
+        yield
+    finally:
+        _expected.pop()
+
+
 @pytest.fixture(autouse=True)
 def no_silent_fallback(request, monkeypatch):
     """A test runs on the kernels unless it is marked ``fallback``: a fallback during an unmarked test fails it, so
@@ -53,7 +68,8 @@ def no_silent_fallback(request, monkeypatch):
 
     class Recorder(logging.Handler):
         def emit(self, record):
-            seen.append(record.getMessage())
+            if not _expected:
+                seen.append(record.getMessage())
 
     handler = Recorder(logging.WARNING)
     logger = logging.getLogger("tritonrnn")
@@ -79,8 +95,33 @@ def ieee_fp32():
 
 
 @pytest.fixture
-def forced_plan():
-    """Set plan overrides for one test (``forced_plan(block_h=16, persistent=False)``), cleared after."""
+def launched_plans(monkeypatch):
+    """The plans of the single-layer kernels' launches, in order: (kernel name, plan), so a test can check that the
+    path it names ran (a plan that misfits falls back quietly to another path)."""
+    plans = []
+    launch = layer_run.LayerRun._launch
+
+    def recording(self, kernel, plan, *args, **kwargs):
+        plans.append((kernel.__name__, plan))
+        return launch(self, kernel, plan, *args, **kwargs)
+
+    monkeypatch.setattr(layer_run.LayerRun, "_launch", recording)
+    return plans
+
+
+@pytest.fixture
+def forced_plan(monkeypatch):
+    """Set plan overrides for one test (``forced_plan(block_h=16, persistent=False)``), cleared after; every
+    single-layer launch must have the overrides set at its time (a test of a split grid must not pass on one
+    program)."""
+    launch = layer_run.LayerRun._launch
+
+    def checked(self, kernel, plan, *args, **kwargs):
+        ignored = {k: v for k, v in _plan._forced_plan.items() if getattr(plan, k) != v}
+        assert not ignored, f"{kernel.__name__} launched without the forced {ignored}: {plan}"
+        return launch(self, kernel, plan, *args, **kwargs)
+
+    monkeypatch.setattr(layer_run.LayerRun, "_launch", checked)
     yield _plan.force_plan
     _plan.force_plan()
 

@@ -250,7 +250,7 @@ def test_packed_sequences_match_torch(cell, shape, bidirectional):
     compare_packed(cell, **shape, bidirectional=bidirectional)
 
 
-def test_packed_sequences_split_grid_bfloat16(forced_plan):
+def test_packed_sequences_split_grid_float32(forced_plan):
     forced_plan(block_h=16, block_b=16, persistent=False, directions_together=False)
     compare_packed("lstm", [9, 3, 20, 17, 1] * 4, 5, 33, 2, dtype=torch.float32, bidirectional=True, seed=3)
 
@@ -415,6 +415,7 @@ def test_long_sequence_on_the_cpu_path(monkeypatch):
     torch.testing.assert_close(h, rh)
 
 
+@pytest.mark.fallback
 def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatch, caplog):
     """functional.stack falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU): outputs,
     states and every gradient (the backward runs the reference again) match torch.nn."""
@@ -478,8 +479,12 @@ def test_gpu_compile_check_passes_every_kernel_argument(variant):
 
 
 @pytest.fixture
-def tagged(monkeypatch):
+def tagged(monkeypatch, launched_plans):
+    """The tagged exchange asked for; every single-layer launch of the test must then have used it."""
     monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    yield
+    untagged = [(name, plan) for name, plan in launched_plans if not plan.tagged]
+    assert not untagged, f"launched with the barrier exchange: {untagged[:2]}"
 
 
 @triton.jit
@@ -532,19 +537,26 @@ def test_tagged_exchange_split_grid(cell, tagged, forced_plan):
     compare(cell, 5, 20, 4, 33, 1, dtype=torch.float32, seed=5)
 
 
-def test_tagged_exchange_is_bitwise_the_barrier_exchange(monkeypatch):
+def test_tagged_exchange_is_bitwise_the_barrier_exchange(monkeypatch, launched_plans):
     """The same arithmetic either way: outputs and gradients bit for bit, in whole layers and in wavefront chunks."""
+    from tritonrnn import functional
+
     torch.manual_seed(0)
     model = tritonrnn.LSTM(6, 24, num_layers=2).to(DEVICE)
     x = torch.randn(9, 3, 6, device=DEVICE)
+    layer = functional._layer
     for wavefront in ("0", "4"):  # chunks: their input GEMMs round unlike one GEMM, so compare like with like
         monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
+        # in chunks on the streams, not layer by layer (the wavefront declines quietly where it does not apply)
+        monkeypatch.setattr(functional, "_layer", layer if wavefront == "0" else None)
         results = []
         for exchange in ("barrier", "tagged"):
             monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+            launched_plans.clear()
             xr = x.clone().requires_grad_()
             out, (h, c) = model(xr)
             results.append([out, h, c, *torch.autograd.grad(out.sum() + c.sum(), [xr, *model.parameters()])])
+            assert launched_plans and all(plan.tagged == (exchange == "tagged") for _, plan in launched_plans)
         for a, b in zip(*results):
             assert torch.equal(a, b), wavefront
 

@@ -217,10 +217,14 @@ def test_autocast_packed_sequence_and_stacked_rnn_match_the_bf16_modules():
 def test_autocast_float64_input_is_not_cast():
     """torch.autocast leaves float64 alone: a float32 module given float64 input under autocast is a dtype error."""
     ours = tritonrnn.LSTM(3, 4).to(DEVICE)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16), pytest.raises((RuntimeError, ValueError), match="dtype"):
+    message = r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)"
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16), pytest.raises(ValueError, match=message):
+        ours(torch.randn(2, 1, 3, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match=message):  # torch.nn's own check, without autocast
         ours(torch.randn(2, 1, 3, dtype=torch.float64, device=DEVICE))
 
 
+@pytest.mark.fallback
 def test_autocast_asks_the_plan_for_the_autocast_dtype(monkeypatch, caplog):
     """A layer too large for the kernels in the autocast dtype goes to torch.nn, which applies autocast itself."""
     asked = []
@@ -244,6 +248,7 @@ def test_autocast_asks_the_plan_for_the_autocast_dtype(monkeypatch, caplog):
     assert any("torch.bfloat16: does not fit" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.fallback
 def test_layer_too_large_for_the_kernels_runs_on_torch_nn(monkeypatch, caplog):
     """Where the kernels cannot hold a layer (decided on the GPU by compiling them), the modules hand the call to
     torch.nn (cuDNN on a GPU), logged once; variational dropout, which torch.nn lacks, stays on tritonrnn."""
@@ -339,6 +344,7 @@ def test_torch_compile_under_autocast_runs_the_kernels(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.fallback
 def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):
     """Compiled, a layer the kernels cannot hold runs the reference inside tritonrnn::layer and again in its
     backward: outputs and gradients equal eager's (where the reference runs under autograd)."""
@@ -367,8 +373,8 @@ def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):
         ("gru", 2, dict(p_drop=0.3)),
         ("rnn_tanh", 1, dict(residual=True, lengths=True, p_drop=0.5, variational=True)),
         ("lstm", 2, dict(proj=3, lengths=True, p_drop=0.3)),
-        ("lstm", 1, dict(fallback=True, p_drop=0.2)),
-        ("rnn_relu", 2, dict(fallback=True, lengths=True)),
+        pytest.param("lstm", 1, dict(fallback=True, p_drop=0.2), marks=pytest.mark.fallback),
+        pytest.param("rnn_relu", 2, dict(fallback=True, lengths=True), marks=pytest.mark.fallback),
     ],
     ids=str,
 )
@@ -467,6 +473,7 @@ def test_every_kernel_launch_makes_the_tensors_device_current(fused_stack_too, m
 # --- degenerate arguments torch.nn accepts ---------------------------------------------------------
 
 
+@pytest.mark.fallback
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_batch_of_zero_sequences_gives_empty_results_like_torch(cell, batch_first):
@@ -525,6 +532,7 @@ def test_dropout_mask_of_one_is_zeros(generator, variational, monkeypatch):
     assert set(half.unique().tolist()) <= {0.0, 2.0} and half.any()
 
 
+@pytest.mark.fallback
 def test_torch_func_transforms_differentiate_the_layers(monkeypatch, caplog):
     """torch.func.grad over functional_call and jacrev in the input, as with torch.nn: the kernels run the forward,
     the reference the backward (functorch's wrapped tensors cannot reach a kernel), logged once; a fused stack
@@ -554,6 +562,7 @@ def test_torch_func_transforms_differentiate_the_layers(monkeypatch, caplog):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.fallback
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_double_backward_gradient_penalty_matches_torch(cell, caplog):
     """A gradient penalty (backward with create_graph=True, then differentiated again): the kernels' backward is not

@@ -591,6 +591,7 @@ def test_fused_stack_bfloat16_against_float64(exchange, fused_only, monkeypatch)
         assert rel_err(a.double(), b) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.fallback
 def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch, caplog):
     """Mixed cells, bidirectional, residual: not for the stack kernel; they run layer by layer, logged once."""
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
@@ -641,8 +642,10 @@ def test_packed_batch_through_the_wavefront(monkeypatch):
     seqs = [torch.randn(n, 3, dtype=torch.float64, generator=gen).to(DEVICE) for n in (7, 2, 5)]
     packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
     results = []
+    layer = functional._layer
     for chunk in ("0", "2"):
         monkeypatch.setenv("TRITONRNN_WAVEFRONT", chunk)
+        monkeypatch.setattr(functional, "_layer", layer if chunk == "0" else None)  # the streams, not layer by layer
         torch.manual_seed(3)
         out, states = model(packed)
         results.append([out.data, *flat(states), *torch.autograd.grad(out.data.sum(), list(model.parameters()))])
@@ -678,6 +681,7 @@ def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
         assert rel_err(a, b) < 1e-11, k
 
 
+@pytest.mark.fallback
 @pytest.mark.parametrize("wavefront", ["fused", "2"])
 def test_stack_wide_backward_refuses_double_backward_clearly(wavefront, monkeypatch):
     """The fused stack and the stack on streams cannot serve create_graph=True: a clear error naming the switch."""

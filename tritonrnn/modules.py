@@ -122,6 +122,14 @@ class _TritonRNNBase(nn.RNNBase):
             # torch.autocast: like torch.nn's cuDNN layers, input and states (and, in _run, the weights) in the
             # autocast dtype; the outputs come out in it.
             input, hx = input.to(dtype), functional.autocast_cast(hx, dtype)
+        elif isinstance(data, Tensor) and data.dtype != self._flat_weights[0].dtype:
+            # torch.nn's check_input skips this test whenever autocast is on, for the cast its cuDNN layers make; a
+            # tensor autocast leaves alone (float64) meets weights of another dtype: torch's error, not a GEMM's.
+            weight = self._flat_weights[0].dtype
+            raise ValueError(
+                f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight}). Convert input: "
+                f"input.to({weight}), or convert model: model.to({data.dtype})"
+            )
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         if isinstance(input, PackedSequence):
