@@ -128,7 +128,7 @@ class ConfigStore:
             return {}
         try:
             data = json.loads(text)
-            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configs"), dict):
+            if not _is_store_layout(data):
                 raise ValueError(f"not a tritonrnn autotune file of format {FORMAT}")
         except ValueError as error:
             log.warning("tritonrnn: ignoring the corrupt autotune cache %s (%s); it will be rebuilt", self.path, error)
@@ -172,6 +172,11 @@ class ConfigStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _is_store_layout(data) -> bool:
+    """The JSON layout of a cache or export file of this FORMAT."""
+    return isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("configs"), dict)
 
 
 def _umask() -> int:
@@ -337,10 +342,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _is_autotune_file(path: pathlib.Path) -> bool:
     try:
-        data = json.loads(path.read_text())
+        return _is_store_layout(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("configs"), dict)
 
 
 def main(argv: list[str] | None = None) -> int:
