@@ -36,7 +36,7 @@ def poison_outputs(monkeypatch):
     def nan_empty(*shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(layer_run, "_empty", nan_empty)
+    monkeypatch.setattr(_plan, "empty_buffer", nan_empty)
 
 
 # The fallback messages (tritonrnn._plan.log_once): a layer on the reference, a module on torch.nn, a fused stack

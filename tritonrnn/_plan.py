@@ -89,6 +89,11 @@ def check_interpreter() -> None:
         )
 
 
+def empty_buffer(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel must fill comes from here (tests poison it with NaN); callers look it up at the call."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tritonrnn import _plan
 from tritonrnn._plan import check_interpreter, interpret_mode, on_device
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
 
@@ -71,7 +72,7 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
         return torch.where(keep, 1.0 / (1.0 - torch.tensor(dropout.p, dtype=torch.float32)), 0.0)
     if device.type == "cpu":
         check_interpreter()
-    out = torch.empty(rows, batch, width, dtype=torch.float32, device=device)
+    out = _plan.empty_buffer(rows, batch, width, dtype=torch.float32, device=device)
     if out.numel():
         with on_device(device):
             dropout_mask_kernel[(rows * batch,)](

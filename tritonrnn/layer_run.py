@@ -16,16 +16,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tritonrnn import _plan
 from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, check_interpreter, interpret_mode, next_pow2, on_device
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
-
-
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every buffer the kernels must fill comes from here (tests poison it with NaN)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -238,17 +234,18 @@ class LayerRun:
             if not self.save:  # RNN cells keep no activations; the kernels still take a pointer of this dtype
                 self.saved = torch.zeros(1, dtype=acc, device=device)
             return
-        self.xproj = _empty(T, B, D * gates * hidden, dtype=dtype, device=device)
-        self.hseq = _empty(D, T + 1, B, width, dtype=dtype, device=device)
+        empty = _plan.empty_buffer  # looked up at the call: tests poison it
+        self.xproj = empty(T, B, D * gates * hidden, dtype=dtype, device=device)
+        self.hseq = empty(D, T + 1, B, width, dtype=dtype, device=device)
         self.hseq[0, 0] = h0[0]
         if D == 2:
             self.hseq[1, T] = h0[1]
         self.state = (self.c0_acc if c0 is not None else h0.to(acc)).clone()
         self.save = save and n_saved > 0
-        self.saved = _empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if self.save else self.state
-        self.y = _empty(T, B, D * width, dtype=dtype, device=device) if self.variant.write_y else self.hseq[0, 1:]
-        self.z = _empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
-        self.mseq = _empty(D, T, B, hidden, dtype=dtype, device=device) if w_hr is not None else None
+        self.saved = empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if self.save else self.state
+        self.y = empty(T, B, D * width, dtype=dtype, device=device) if self.variant.write_y else self.hseq[0, 1:]
+        self.z = empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
+        self.mseq = empty(D, T, B, hidden, dtype=dtype, device=device) if w_hr is not None else None
         self.ring = _tagged_ring(h0, dtype) if plan.tagged else None
         self.bias = None
         if b_ih is not None:
@@ -314,6 +311,7 @@ class LayerRun:
     def start_backward(self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn) -> None:
         """Gradient buffers; grad_y / grad_z [T, B, D*N] are read by rows as the chunks run (None: zeros)."""
         T, B, D, dtype, device, acc = self.T, self.B, self.D, self.dtype, self.device, self.acc
+        empty = _plan.empty_buffer  # looked up at the call: tests poison it
 
         def acc_state(grad: Tensor | None, size: int) -> Tensor:
             if grad is None:
@@ -329,20 +327,20 @@ class LayerRun:
         self.grad_c = acc_state(grad_cn, self.hidden) if self.cell == "lstm" else self.grad_h
         self.grad_y = output_grad(grad_y)
         self.grad_z = output_grad(grad_z) if self.dropout is not None else self.grad_y
-        self.grad_res = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.variant.residual else None
-        self.grad_gates = _empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
+        self.grad_res = empty(T, B, D * self.width, dtype=dtype, device=device) if self.variant.residual else None
+        self.grad_gates = empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
         if self.cell == "gru":
-            self.grad_xn = _empty(T, B, D * self.hidden, dtype=dtype, device=device)
+            self.grad_xn = empty(T, B, D * self.hidden, dtype=dtype, device=device)
             # The input part of n is not multiplied by r: its gradient differs from the recurrent one.
-            self.grad_xgates = _empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
+            self.grad_xgates = empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
         else:
             self.grad_xn = self.grad_xgates = self.grad_gates
-        self.grad_hp = _empty(T, B, D * self.width, dtype=dtype, device=device) if self.w_hr is not None else None
+        self.grad_hp = empty(T, B, D * self.width, dtype=dtype, device=device) if self.w_hr is not None else None
         # The tagged exchange's words (kernels/sync.py): zeros carry tag 0, which no step uses.
         tagged = self.plan.for_backward().tagged
         words = (D, 2, B, self.gates * self.hidden)
         self.grad_ring = torch.zeros(words, dtype=_ring_dtype(dtype), device=device) if tagged else None
-        self.dx = _empty(*self.x.shape, dtype=dtype, device=device)
+        self.dx = empty(*self.x.shape, dtype=dtype, device=device)
 
     def backward_steps(self, t0: int, t1: int) -> None:
         """Steps t1 - 1 down to t0, then dL/dx for rows [t0, t1)."""
