@@ -580,3 +580,74 @@ def test_double_backward_gradient_penalty_matches_torch(cell, caplog):
     assert any("create_graph=True" in r.getMessage() for r in caplog.records)
     for a, b in zip(*results):
         torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_jit_trace_records_torch_nn_valid_at_other_lengths(cell, caplog):
+    """torch.jit.trace (and the ONNX exporter built on it) records torch.nn's operator, which holds for any length
+    and batch; a trace of the kernels' launch or of the reference's loop would not. Logged once."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 4, num_layers=2, bidirectional=True)
+    ours, theirs = ours.eval(), theirs.eval()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        traced = torch.jit.trace(ours.to(DEVICE), (torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE),))
+    assert any("torch.jit.trace" in r.getMessage() for r in caplog.records)
+    x = torch.randn(7, 3, 3, dtype=torch.float64)
+    got, want = traced(x.to(DEVICE)), theirs(x)
+    torch.testing.assert_close(got[0].cpu(), want[0])
+    h_got, h_want = (got[1][0], want[1][0]) if cell == "lstm" else (got[1], want[1])
+    torch.testing.assert_close(h_got.cpu(), h_want)
+
+
+def test_jit_trace_of_a_stack_is_refused_with_the_way_out():
+    stack = tritonrnn.StackedRNN(3, [("lstm", 4), ("gru", 4)]).to(DEVICE).eval()
+    with pytest.raises(NotImplementedError, match="torch.export"):
+        torch.jit.trace(stack, (torch.randn(5, 2, 3, device=DEVICE),))
+
+
+def _shape_only_models():
+    return [
+        (tritonrnn.LSTM(3, 4, num_layers=2, dropout=0.5, bidirectional=True), (5, 2, 8)),
+        (tritonrnn.LSTM(3, 4, proj_size=2, dropout_mode="variational"), (5, 2, 2)),
+        (tritonrnn.GRU(3, 4, num_layers=2, dropout=0.5, dropout_mode="variational"), (5, 2, 4)),
+        (tritonrnn.StackedRNN(3, [("lstm", 4), ("rnn_relu", 6)], dropout=0.3, dropout_mode="variational"), (5, 2, 6)),
+    ]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_meta_tensors_and_fake_tensor_mode_give_the_shapes(training):
+    """Shape inference with no data, as torch.nn allows it: meta tensors, and FakeTensorMode (which torch.export
+    and tools use). The layers go through the custom op's fake implementation: nothing is launched, nothing falls
+    back, and the backward runs too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for model, shape in _shape_only_models():
+        model = model.to("meta").train(training)
+        out = model(torch.randn(5, 2, 3, device="meta"))[0]
+        assert out.shape == shape and out.device.type == "meta"
+        out.sum().backward()
+        assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    with FakeTensorMode():
+        for model, shape in _shape_only_models():  # built inside the mode: fake parameters
+            model = model.train(training)
+            out = model(torch.randn(5, 2, 3, device=DEVICE))[0]
+            assert out.shape == shape
+            out.sum().backward()
+
+
+def test_functional_call_with_parameters_of_another_dtype_like_torch():
+    """The dtype check reads the parameters of this call: torch.func.functional_call with float64 parameters on a
+    float32 module runs in float64, as torch.nn's does (the check used to read the module's own, stale ones)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 4, num_layers=2)
+    ours, theirs = ours.float().to(DEVICE), theirs.float()
+    params = {k: v.detach().double() for k, v in theirs.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    got = functional_call(ours, {k: v.to(DEVICE) for k, v in params.items()}, (x.to(DEVICE),))[0]
+    want = functional_call(theirs, params, (x,))[0]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.cpu(), want)
+    assert ours(x.float().to(DEVICE))[0].dtype == torch.float32  # the module's own parameters again

@@ -60,7 +60,7 @@ def _layer(
     """One layer on the kernels, or on the reference where they cannot run it (``reference.layer``'s contract)."""
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not layer_op.without_data(x):
         # Where the kernels cannot run it, the reference under autograd (tritonrnn::layer, which a traced graph
         # calls, would run the reference again for the backward).
         if x.device.type == "cpu" and not interpret_mode():
@@ -133,6 +133,12 @@ def stack(
     keep their state past their end (so h_n is each sequence's last state) and output zeros there.
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
+    if torch.jit.is_tracing():
+        raise NotImplementedError(
+            "tritonrnn: torch.jit.trace cannot record StackedRNN or functional.stack (a trace would fix the sequence "
+            "length and the launch plan); use torch.export.export, which records each layer as one tritonrnn::layer "
+            "operator and takes a dynamic sequence length"
+        )
     # The tensors come in the dtype to run (the modules cast them under autocast): autocast off inside, so that the
     # stack's GEMMs are not recast, as torch.nn's cuDNN call runs.
     with _autocast_off(x.device):
@@ -161,7 +167,11 @@ def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths
     result = None
     # Compiled, and under a torch.func transform (grad, jacrev, ...), layer by layer: the stack-wide autograd
     # functions are not traced and have no functorch rules; the single layer's op has both (layer_op).
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None:
+    if (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not layer_op.without_data(x)
+    ):
         if wavefront_setting() == "fused":
             result = fused_stack(x, layers, h0, c0, residual, lengths, dropouts)
         if result is None:

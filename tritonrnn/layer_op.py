@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 # autotune is imported where a GPU plan is made, not with the package: `python -m tritonrnn.autotune` then runs a
 # module that is not imported already (runpy warns about that, and two copies of its state would exist).
@@ -378,12 +379,20 @@ def _reference_grads(*args) -> list[Tensor]:
     return _layer_grads(*args, reference_only=True)
 
 
+def without_data(x: Tensor) -> bool:
+    """A meta tensor or one of FakeTensorMode (shape inference, torch.export): nothing a kernel or the reference
+    could read; the custom op's fake implementation gives the shapes."""
+    return x.device.type == "meta" or is_fake(x)
+
+
 def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, lengths):
     """tritonrnn::layer with LayerRun's shapes: (y [T, B, D*N], z or None, h_n [D, B, N], c_n or None)."""
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     seed, p_drop, variational = (dropout.seed, dropout.p, dropout.variational) if dropout else (None, 0.0, False)
-    run = layer if torch.compiler.is_compiling() else _EagerLayer.apply
+    # The custom op under torch.compile, and for tensors without data, whose outputs its fake implementation gives;
+    # eager calls skip its dispatch (see _EagerLayer).
+    run = layer if torch.compiler.is_compiling() or without_data(x) else _EagerLayer.apply
     hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save)
     if not _variant(w_hh.shape[0], residual, dropout, w_hr, lengths).write_y:
         y = hseq[0, 1:]

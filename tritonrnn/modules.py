@@ -58,6 +58,11 @@ class _TritonRNNBase(nn.RNNBase):
         """
         if torch.compiler.is_compiling():
             return None  # no compiles and timings inside a traced graph; a misfit layer runs the reference there
+        variational = self.training and self.dropout > 0 and self.dropout_mode == "variational"
+        if torch.jit.is_tracing() and not variational:
+            # torch.jit.trace records torch.nn's one operator per module, valid at any length; a trace of the kernels
+            # or of the reference's loop would not be (variational dropout: functional.stack refuses the trace).
+            return "a call traced by torch.jit.trace"
         batch = None
         if isinstance(input, PackedSequence):
             input, batch = input.data, int(input.batch_sizes[0])
@@ -66,7 +71,7 @@ class _TritonRNNBase(nn.RNNBase):
         dtype = dtype or input.dtype
         if not (input.device.type == "cuda" or (input.device.type == "cpu" and interpret_mode())):
             return None
-        if self.training and self.dropout > 0 and self.dropout_mode == "variational":
+        if variational:
             return None
         if batch is None:
             batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
@@ -111,6 +116,8 @@ class _TritonRNNBase(nn.RNNBase):
         return layers
 
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
+        # First, as torch.nn does: parameters replaced since the last call (functional_call, fx) are read fresh.
+        self._update_flat_weights()
         _dropout.check_mode(self.dropout_mode)
         data = input.data if isinstance(input, PackedSequence) else input
         dtype = functional.autocast_dtype(data) if isinstance(data, Tensor) else None
@@ -130,7 +137,6 @@ class _TritonRNNBase(nn.RNNBase):
                 f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight}). Convert input: "
                 f"input.to({weight}), or convert model: model.to({data.dtype})"
             )
-        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx, is_lstm, autocast=dtype is not None)

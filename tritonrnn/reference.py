@@ -57,7 +57,10 @@ def layer_forward(
     """
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
+    # Cast once, outside the loop: the gradients of w_hh and w_hr then flow back through one cast, summed over the
+    # steps in cdt (a cast per step would round each step's contribution to the dtype).
     w_hh = w_hh.to(cdt)
+    w_hr = w_hr.to(cdt) if w_hr is not None else None
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}")
     hidden = w_hh.shape[0] // CELLS[cell][1]
@@ -79,7 +82,7 @@ def layer_forward(
             h = torch.sigmoid(o) * torch.tanh(c)
             if w_hr is not None:
                 # Like the kernels: the projection's input is rounded to the dtype (a tensor-core operand).
-                h = h.to(dtype).to(cdt) @ w_hr.to(cdt).t()
+                h = h.to(dtype).to(cdt) @ w_hr.t()
         elif cell == "gru":
             xr, xz, xn = xproj[t].split(hidden, dim=-1)
             hr, hz, hn = gh.split(hidden, dim=-1)
