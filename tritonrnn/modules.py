@@ -51,7 +51,7 @@ class _TritonRNNBase(nn.RNNBase):
 
     def _unsupported(self, input, dtype: torch.dtype | None = None) -> str | None:
         """Why torch.nn's implementation has to run this call: the kernels cannot run this layer configuration here
-        (too large for the GPU, in ``dtype`` under autocast), or None.
+        (too large for the GPU, in ``dtype`` under autocast), or torch.jit.trace records the call; or None.
 
         cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
         has none) and float64 (a checking precision: the reference draws the same dropout masks as the kernels).
