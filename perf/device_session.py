@@ -40,8 +40,6 @@ import sys
 import tarfile
 import time
 
-from perf.warm import cores
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
 # Seconds kept back from the budget for packing the files, and for a benchmark's report after its last config.
@@ -68,14 +66,17 @@ class Stage:
     note: str = ""
 
 
+def _workers() -> list[str]:
+    """Parallel pytest workers where pytest-xdist is there (kernels compile on the CPU, a few seconds each, so one
+    worker per few cores pays; tests/conftest.py's ``-n auto`` picks the same)."""
+    return ["-n", "auto"] if importlib.util.find_spec("xdist") is not None else []
+
+
 def _pytest_gpu_command(xml: str) -> tuple[str, ...]:
-    """The GPU tier, in parallel workers where pytest-xdist is there (kernels compile on the CPU, a few seconds
-    each, so one worker per few cores pays), each test killed after 150 s where pytest-timeout is there (a test
-    that hangs then fails on its own, its worker is replaced, and the rest still run)."""
+    """The GPU tier, in parallel workers, each test killed after 150 s where pytest-timeout is there (a test that
+    hangs then fails on its own, its worker is replaced, and the rest still run)."""
     command = [PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "-rfE", "--durations=15",
-               f"--junitxml={xml}"]  # fmt: skip
-    if importlib.util.find_spec("xdist") is not None:
-        command += ["-n", str(max(1, min(8, cores() // 2)))]
+               f"--junitxml={xml}", *_workers()]  # fmt: skip
     if importlib.util.find_spec("pytest_timeout") is not None:
         command += ["--timeout=150", "--timeout-method=thread"]
     return tuple(command)
@@ -121,7 +122,14 @@ STAGES: dict[str, Stage] = {
     ),
     "rest": Stage(
         240,
-        (PY, *"-m pytest -q -p no:cacheprovider -m".split(), "not gpu", "--deselect", "tests/test_packaging.py"),
+        (
+            PY,
+            *"-m pytest -q -p no:cacheprovider -m".split(),
+            "not gpu",
+            "--deselect",
+            "tests/test_packaging.py",
+            *_workers(),
+        ),
         note="the CPU tier's tests on the GPU machine",
     ),
 }

@@ -270,26 +270,29 @@ def test_packed_sequences_with_projection_split_grid(forced_plan):
     )
 
 
+@pytest.mark.parametrize(("num_layers", "fast_mode"), [(1, False), (2, True)], ids=["1-layer", "2-layers-fast"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck_float64(cell):
-    """Finite differences through the kernels, for every input of a layer."""
+def test_gradcheck_float64(cell, num_layers, fast_mode):
+    """Finite differences through the kernels, for every input of the module (x, h0, c0, every weight and bias).
+    One layer: every entry of the Jacobian. Two layers (the second reads the first's output and its own h0):
+    gradcheck's fast mode, which compares u^T J v for random u, v, so an error in any entry shows, at a few
+    evaluations instead of two per input element (the full check of two layers cost 4x one layer's)."""
     torch.manual_seed(0)
-    ours, _ = make_pair(cell, 2, 3, num_layers=2)
+    ours, _ = make_pair(cell, 2, 3, num_layers=num_layers)
     ours = ours.to(DEVICE)
     names = [n for n, _ in ours.named_parameters()]
     x = torch.randn(3, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    h0 = torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    c0 = torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    h0, c0 = (torch.randn(num_layers, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in "hc")
+    states0 = (h0, c0) if cell == "lstm" else (h0,)  # c0 only where it is read
     params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
 
-    def fn(x, h0, c0, *params):
-        out, states = torch.func.functional_call(
-            ours, dict(zip(names, params)), (x, (h0, c0) if cell == "lstm" else h0)
-        )
-        states = states if isinstance(states, tuple) else (states,)
-        return (out, *states)
+    def fn(x, *rest):
+        hx, params = (tuple(rest[:2]), rest[2:]) if cell == "lstm" else (rest[0], rest[1:])
+        out, states = torch.func.functional_call(ours, dict(zip(names, params)), (x, hx))
+        return (out, *(states if isinstance(states, tuple) else (states,)))
 
-    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    inputs = (x, *states0, *params)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode)
 
 
 def _graph_nodes(tensor):
