@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from perf.warm import cores  # noqa: E402
 from tritonrnn import _plan, functional, layer_run  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
@@ -22,19 +23,15 @@ HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (the README's test command): one worker per core on the CPU, where the interpreter keeps each
     busy; with a GPU, one per two cores and at most 8, since the workers share the one GPU and its memory."""
-    return max(1, min(8, _cores() // 2)) if HAS_GPU else _cores()
+    return max(1, min(8, cores() // 2)) if HAS_GPU else cores()
 
 
 if not HAS_GPU and os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Workers share the cores: torch's own threads on top of them would only contend.
-    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_collection_modifyitems(config, items):

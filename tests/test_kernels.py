@@ -282,7 +282,7 @@ def test_gradcheck_float64(cell, num_layers, fast_mode):
     ours = ours.to(DEVICE)
     names = [n for n, _ in ours.named_parameters()]
     x = torch.randn(3, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    h0, c0 = (torch.randn(num_layers, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in "hc")
+    h0, c0 = (torch.randn(num_layers, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
     states0 = (h0, c0) if cell == "lstm" else (h0,)  # c0 only where it is read
     params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
 
