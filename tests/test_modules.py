@@ -652,3 +652,50 @@ def test_functional_call_with_parameters_of_another_dtype_like_torch():
     assert got.dtype == torch.float64
     torch.testing.assert_close(got.cpu(), want)
     assert ours(x.float().to(DEVICE))[0].dtype == torch.float32  # the module's own parameters again
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_parametrized_weights_are_computed_once_per_call_like_torch(cell):
+    """weight_norm / spectral_norm on the recurrent weights (torch.nn.utils.parametrizations): each call computes a
+    parametrized weight as often as torch.nn's forward does, so spectral_norm's power iteration (a step per access,
+    in training mode) leaves the same vectors and gives the same outputs and gradients."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    class CountCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, w):
+            self.calls += 1
+            return w
+
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 5, num_layers=2)
+    ours, theirs = ours.float(), theirs.float()
+    counters = []
+    for module in (ours, theirs):
+        spectral_norm(module, "weight_hh_l0")
+        weight_norm(module, "weight_ih_l1")
+        counters.append(CountCalls())
+        parametrize.register_parametrization(module, "weight_hh_l1", counters[-1])
+    # The same power-iteration vectors in both. load_state_dict and .to read the weights too (a power-iteration step
+    # each in training mode): both modules get them.
+    state = copy.deepcopy(theirs.state_dict())
+    ours.load_state_dict(state)
+    theirs.load_state_dict(state)
+    ours, theirs = ours.to(DEVICE), theirs.to("cpu")
+    x = torch.randn(6, 2, 3)
+    for counter in counters:
+        counter.calls = 0  # count the calls' accesses only
+    for _ in range(2):  # the second call starts from the vectors the first left
+        got, want = ours(x.to(DEVICE)), theirs(x)
+        torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-5, rtol=1e-5)
+        got[0].square().sum().backward()
+        want[0].square().sum().backward()
+    assert counters[0].calls == counters[1].calls > 0
+    u = "parametrizations.weight_hh_l0.0._u"
+    torch.testing.assert_close(ours.state_dict()[u].cpu(), theirs.state_dict()[u], atol=1e-6, rtol=1e-6)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad.cpu(), q.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -102,11 +102,14 @@ class _TritonRNNBase(nn.RNNBase):
         cell = self.mode.lower()
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         names += ["weight_hr"] if self.proj_size > 0 else []
+        # The tensors forward's _update_flat_weights just read, as torch.nn's forward uses them: a parametrized weight
+        # (weight_norm, spectral_norm) is computed once per call, and spectral_norm's power iteration steps once.
+        flat = dict(zip(self._flat_weights_names, self._flat_weights))
         layers = []
         for k in range(self.num_layers):
             directions = []
             for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
-                weights = [getattr(self, f"{name}_l{k}{suffix}") for name in names]
+                weights = [flat[f"{name}_l{k}{suffix}"] for name in names]
                 if dtype is not None:
                     weights = [w.to(dtype) for w in weights]
                 if not self.bias:
