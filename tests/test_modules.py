@@ -699,3 +699,60 @@ def test_parametrized_weights_are_computed_once_per_call_like_torch(cell):
     torch.testing.assert_close(ours.state_dict()[u].cpu(), theirs.state_dict()[u], atol=1e-6, rtol=1e-6)
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p.grad.cpu(), q.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_matches_torch(cell, use_reentrant):
+    """torch.utils.checkpoint around a module and a stack: the forward is run again in backward, the gradients are
+    torch.nn's, on the kernels. The non-reentrant form allows each saved tensor to be unpacked once per backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 5, num_layers=2)
+    ours, theirs = ours.float().to(DEVICE), theirs.float()
+    x = torch.randn(6, 2, 3)
+    xs = [x.clone().requires_grad_(), x.to(DEVICE).requires_grad_()]
+    got = checkpoint(ours, xs[1], use_reentrant=use_reentrant)[0]
+    want = theirs(xs[0])[0]
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(xs[1].grad.cpu(), xs[0].grad, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad.cpu(), q.grad, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+    stack = tritonrnn.StackedRNN(3, [(cell, 4), ("gru", 5)]).to(DEVICE)
+    grads = []
+    for run in (stack, lambda x: checkpoint(stack, x, use_reentrant=use_reentrant)):  # the reentrant form: no .grad()
+        stack.zero_grad()
+        xd = x.to(DEVICE).requires_grad_()
+        run(xd)[0].sum().backward()
+        grads.append([xd.grad, *(p.grad for p in stack.parameters())])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_batched_gradients_differentiate_the_layers(cell, caplog):
+    """torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) hand the backward the older vmap's
+    batched tensors, which a kernel cannot read: the reference's backward serves them (logged), as for torch.func."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 4)
+    ours, theirs = ours.float().to(DEVICE), theirs.float()
+    x = torch.randn(5, 2, 3)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        got = torch.autograd.functional.jacobian(lambda x: ours(x)[0][-1], x.to(DEVICE), vectorize=True)
+    want = torch.autograd.functional.jacobian(lambda x: theirs(x)[0][-1], x, vectorize=True)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    assert any("batched gradient" in r.getMessage() for r in caplog.records)
+
+    cotangents = torch.randn(3, 5, 2, 4)
+    outputs = []
+    for module, device in ((ours, DEVICE), (theirs, "cpu")):
+        xd = x.to(device).requires_grad_()
+        out = module(xd)[0]
+        outputs.append(torch.autograd.grad(out, xd, cotangents.to(device), is_grads_batched=True)[0].cpu())
+    torch.testing.assert_close(*outputs, atol=1e-5, rtol=1e-5)

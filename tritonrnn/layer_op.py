@@ -338,9 +338,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved, mseq)
 
 
-def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None):
+def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None, saved=None):
     impl = impl or torch.ops.tritonrnn.layer_backward
-    grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *ctx.saved_tensors, *ctx.options)
+    saved = ctx.saved_tensors if saved is None else saved
+    grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *saved, *ctx.options)
     grads = [g if present else None for g, present in zip(grads, ctx.present)]
     return (*grads, None, None, None, None, None, None, None)
 
@@ -364,15 +365,19 @@ class _EagerLayer(torch.autograd.Function):
         # The reference's backward, in PyTorch ops, where the kernels' cannot serve: under a torch.func transform
         # (grad, jacrev, ...) the tensors are functorch's wrappers, which a kernel cannot read; with create_graph=True
         # (a gradient penalty) the backward must itself be differentiable (cuDNN's is not).
-        tensors = [t for t in (*grads, *ctx.saved_tensors) if t is not None]
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-            reason = "a torch.func transform differentiates a layer"
+        # (is_grads_batched and jacobian(vectorize=True) hand in the older vmap's batched tensors, also wrappers.)
+        # ctx.saved_tensors is read once: torch.utils.checkpoint(use_reentrant=False) allows one unpack per backward.
+        saved = ctx.saved_tensors
+        tensors = [t for t in (*grads, *saved) if t is not None]
+        functorch = torch._C._functorch
+        if any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors):
+            reason = "a torch.func transform or a batched gradient differentiates a layer"
         elif torch.is_grad_enabled():
             reason = "a backward with create_graph=True"
         else:
-            return _backward(ctx, *grads, impl=_layer_backward_impl)
+            return _backward(ctx, *grads, impl=_layer_backward_impl, saved=saved)
         log_once(f"tritonrnn: {reason}: its backward runs the reference, which can be differentiated")
-        return _backward(ctx, *grads, impl=_reference_grads)
+        return _backward(ctx, *grads, impl=_reference_grads, saved=saved)
 
 
 def _reference_grads(*args) -> list[Tensor]:
