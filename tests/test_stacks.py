@@ -694,3 +694,22 @@ def test_stack_wide_backward_refuses_double_backward_clearly(wavefront, monkeypa
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
     (gx,) = torch.autograd.grad(model(x)[0].square().sum(), x, create_graph=True)  # layer by layer: it can
     assert gx.requires_grad
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("wavefront", ["fused", "2"])
+def test_stack_wide_backward_refuses_batched_gradients_clearly(wavefront, monkeypatch):
+    """Nor can they read the older vmap's batched gradients (is_grads_batched=True, jacobian(vectorize=True)): a
+    clear error naming the switch; layer by layer, the reference's backward serves them."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(3, [("gru", 4), ("gru", 4)]).double().to(DEVICE)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    cotangents = torch.randn(2, 5, 2, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no batched backward.*TRITONRNN_WAVEFRONT"):
+        torch.autograd.grad(model(x)[0], x, cotangents, is_grads_batched=True)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
+    (got,) = torch.autograd.grad(model(x)[0], x, cotangents, is_grads_batched=True)
+    out = model(x)[0]
+    want = torch.stack([torch.autograd.grad(out, x, v, retain_graph=True)[0] for v in cotangents])
+    torch.testing.assert_close(got, want)

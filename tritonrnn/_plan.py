@@ -311,6 +311,16 @@ def refuse_double_backward(what: str) -> None:
         )
 
 
+def refuse_batched_gradients(what: str, grads) -> None:
+    """In a stack-wide backward: a clear error for the older vmap's batched gradients (is_grads_batched=True,
+    jacobian(vectorize=True)), which its kernels cannot read."""
+    if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
+        raise RuntimeError(
+            f"tritonrnn: {what} has no batched backward (is_grads_batched=True, jacobian(vectorize=True)); "
+            "unset TRITONRNN_WAVEFRONT to run the stack layer by layer, whose backward takes batched gradients"
+        )
+
+
 def log_once(message: str) -> None:
     """Log a fallback the first time it happens (each distinct message once per process)."""
     if message not in _logged:

@@ -23,6 +23,7 @@ from tritonrnn._plan import (
     log_once,
     on_device,
     plan_stack,
+    refuse_batched_gradients,
     refuse_double_backward,
     with_exchange,
 )
@@ -221,6 +222,7 @@ class FusedStackFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         refuse_double_backward("the fused stack (TRITONRNN_WAVEFRONT=fused)")
+        refuse_batched_gradients("the fused stack (TRITONRNN_WAVEFRONT=fused)", grads)
         x, *tensors = ctx.saved_tensors  # raises if an input was modified in place since forward
         hseq, saved, z, seeds, w_ih, w_hh = ctx.buffers
         cell, plan = ctx.cell, ctx.plan
