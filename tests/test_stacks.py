@@ -159,18 +159,23 @@ def test_batch_first_unbatched_and_default_states():
     torch.testing.assert_close(single_states[1], states[1][:, 1])
 
 
+def stack_state_from_torch(module: nn.RNNBase) -> dict[str, torch.Tensor]:
+    """A torch.nn module's state_dict under StackedRNN's names: weight_ih_l{k}[_reverse] -> layers.{k}.weight_ih..."""
+    renamed = {}
+    for name, value in module.state_dict().items():
+        base, rest = name.rsplit("_l", 1)
+        k, _, reverse = rest.partition("_")
+        renamed[f"layers.{k}.{base}{'_' + reverse if reverse else ''}"] = value
+    return renamed
+
+
 def test_state_dict_names_and_torch_checkpoint():
     """Parameter names are documented; a torch.nn.LSTM checkpoint loads by renaming weight_ih_l{k} -> layers.{k}."""
     model = tritonrnn.StackedRNN(3, [("lstm", 5), ("lstm", 5)], bidirectional=True).double()
     assert "layers.1.weight_hh_reverse" in model.state_dict()
     torch.manual_seed(0)
     theirs = nn.LSTM(3, 5, num_layers=2, bidirectional=True).double()
-    renamed = {}
-    for name, value in theirs.state_dict().items():
-        base, rest = name.rsplit("_l", 1)
-        k, _, reverse = rest.partition("_")
-        renamed[f"layers.{k}.{base}{'_' + reverse if reverse else ''}"] = value
-    model.load_state_dict(renamed, strict=True)
+    model.load_state_dict(stack_state_from_torch(theirs), strict=True)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     out, states = model.to(DEVICE)(x.to(DEVICE))
     ref, (h, c) = theirs(x)
@@ -232,10 +237,10 @@ def test_kernels_apply_the_materialised_mask(mode):
     h0 = torch.randn(2, B, H, dtype=torch.float64, device=DEVICE)
     layer = tritonrnn.StackedRNN(2 * H, [("gru", H)], bidirectional=True).double().to(DEVICE).layers[0]
     drop = tdropout.draw(0.4, mode, DEVICE)
-    y, z, _, _ = functional._layer("gru", x, h0, None, layer.weights(0.0, False, torch.float64).weights, True, drop)
+    y, z, _, _ = functional._layer("gru", x, h0, None, layer(weight_drop=0.0, training=False).weights, True, drop)
     expected = y * tdropout.mask(drop, T, B, 2 * H, DEVICE).double()
     assert torch.equal(z, expected)
-    ry, rz, _, _ = reference.layer("gru", x, h0, None, layer.weights(0.0, False, torch.float64).weights, True, drop)
+    ry, rz, _, _ = reference.layer("gru", x, h0, None, layer(weight_drop=0.0, training=False).weights, True, drop)
     torch.testing.assert_close(y, ry, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(z, rz, rtol=1e-12, atol=1e-12)
 
@@ -666,7 +671,7 @@ def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
     states = random_states(model, 5, gen)
     h0 = [(s[0] if isinstance(s, tuple) else s).requires_grad_() for s in states]
     c0 = [s[1] if isinstance(s, tuple) else None for s in states]
-    layers = [layer.weights(0.0, True, torch.float64) for layer in model.layers]
+    layers = [layer(weight_drop=0.0, training=True) for layer in model.layers]
     results = []
     for layer_fn in (functional._layer, reference.layer):
         torch.manual_seed(21)
@@ -713,3 +718,79 @@ def test_stack_wide_backward_refuses_batched_gradients_clearly(wavefront, monkey
     out = model(x)[0]
     want = torch.stack([torch.autograd.grad(out, x, v, retain_graph=True)[0] for v in cotangents])
     torch.testing.assert_close(got, want)
+
+
+def test_hooks_on_a_layer_run_every_call_so_prune_and_weight_norm_train_like_torch():
+    """prune and the old torch.nn.utils.weight_norm recompute the weight they own in a forward pre-hook of the module
+    holding it: on layers.k, as on a torch.nn module, it runs on every call, so training follows the weights."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    theirs = nn.LSTM(3, 5, num_layers=2).double()
+    ours = tritonrnn.StackedRNN(3, [("lstm", 5), ("lstm", 5)]).double()
+    ours.load_state_dict(stack_state_from_torch(theirs), strict=True)
+    prune.l1_unstructured(ours.layers[1], "weight_hh", amount=0.4)
+    prune.l1_unstructured(theirs, "weight_hh_l1", amount=0.4)
+    with pytest.warns(FutureWarning, match="weight_norm"):
+        nn.utils.weight_norm(ours.layers[0], "weight_ih")
+    with pytest.warns(FutureWarning, match="weight_norm"):
+        nn.utils.weight_norm(theirs, "weight_ih_l0")
+    ours = ours.to(DEVICE)
+    calls = []
+    ours.layers[0].register_forward_hook(lambda module, args, out: calls.append(out.cell))
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ours, theirs)]
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    for step in range(3):  # each step starts from the weights the last one's update left
+        got, want = ours(x.to(DEVICE))[0], theirs(x)[0]
+        torch.testing.assert_close(got.cpu(), want, msg=lambda m, step=step: f"step {step}: {m}")
+        for out, optimiser in zip((got, want), optimisers):
+            optimiser.zero_grad()
+            out.square().sum().backward()
+            optimiser.step()
+    assert calls == ["lstm"] * 3
+    names = {"layers.0.weight_ih_g": "weight_ih_l0_g", "layers.0.weight_ih_v": "weight_ih_l0_v",
+             "layers.1.weight_hh_orig": "weight_hh_l1_orig"}  # fmt: skip
+    ours_params, theirs_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    for name, their_name in names.items():
+        torch.testing.assert_close(ours_params[name].cpu(), theirs_params[their_name], msg=name)
+
+
+def test_parametrized_weights_are_computed_once_per_call():
+    """Each parametrized weight of a stack is computed once per forward call (spectral_norm's power iteration: one
+    step per call in training), the first layer's weight_ih included."""
+    from torch.nn.utils import parametrize
+
+    class CountCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, w):
+            self.calls += 1
+            return w
+
+    model = make_stack([("gru", 4), ("lstm", 3)])
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
+    want = model(x)[0]
+    counters = {name: CountCalls() for name in ("weight_ih", "weight_hh")}
+    for name, counter in counters.items():
+        parametrize.register_parametrization(model.layers[0], name, counter)
+        counter.calls = 0  # registering computes it once: count the call's computations only
+    got = model(x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert {name: c.calls for name, c in counters.items()} == {"weight_ih": 1, "weight_hh": 1}
+
+
+def test_a_layer_converted_on_its_own_is_refused_by_name():
+    """One layer moved to another dtype than the rest: a chain of torch.nn modules refuses the other layers' output
+    there (a ValueError); so does the stack, naming the layer, instead of silently casting that layer's weights."""
+    model = tritonrnn.StackedRNN(3, [("gru", 4), ("rnn_tanh", 3)]).float().to(DEVICE)
+    model.layers[1].double()
+    x = torch.randn(5, 2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"layers\.1\.weight_ih is torch\.float64.*convert the whole stack"):
+        model(x)
+    model.float()
+    assert model(x)[0].dtype == torch.float32
+    model.layers[1].to("meta")  # a device no input is on: torch.nn's error type for a device, a RuntimeError
+    with pytest.raises(RuntimeError, match=r"layers\.1\.weight_ih is torch\.float32 on meta"):
+        model(x)

@@ -59,18 +59,27 @@ class RecurrentLayer(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def weights(self, weight_drop: float, training: bool, dtype: torch.dtype) -> StackLayer:
-        """The layer as the scheduler takes it, in ``dtype``, with DropConnect on W_hh (one mask per call)."""
+    def forward(self, *, weight_drop: float, training: bool, dtype: torch.dtype | None = None) -> StackLayer:
+        """The layer as the scheduler takes it, with DropConnect on W_hh (one mask per call), cast to ``dtype``
+        (autocast's) if given. The stack calls the layer module, so hooks on it run on every call, as on a torch.nn
+        module: ``prune``'s and the old ``weight_norm``'s recompute the weights they own."""
         directions = []
         for suffix in self.suffixes:
-            w_ih = getattr(self, f"weight_ih{suffix}").to(dtype)
-            w_hh = getattr(self, f"weight_hh{suffix}").to(dtype)
+            w_ih = getattr(self, f"weight_ih{suffix}")
+            w_hh = getattr(self, f"weight_hh{suffix}")
             if weight_drop > 0 and training:
                 w_hh = F.dropout(w_hh, weight_drop, training=True)
-            b_ih = getattr(self, f"bias_ih{suffix}").to(dtype) if self.bias else None
-            b_hh = getattr(self, f"bias_hh{suffix}").to(dtype) if self.bias else None
-            directions.append((w_ih, w_hh, b_ih, b_hh))
+            b_ih = getattr(self, f"bias_ih{suffix}") if self.bias else None
+            b_hh = getattr(self, f"bias_hh{suffix}") if self.bias else None
+            weights = (w_ih, w_hh, b_ih, b_hh)
+            if dtype is not None:
+                weights = tuple(w.to(dtype) if w is not None else None for w in weights)
+            directions.append(weights)
         return StackLayer(self.cell, tuple(directions))
+
+    def weight_names(self) -> list[tuple[str, str, str, str]]:
+        """Per direction, the names of forward's weight tuple (for error messages)."""
+        return [(f"weight_ih{s}", f"weight_hh{s}", f"bias_ih{s}", f"bias_hh{s}") for s in self.suffixes]
 
     def extra_repr(self) -> str:
         text = f"{self.cell}, {self.input_size}, {self.hidden_size}"
@@ -171,7 +180,8 @@ class StackedRNN(nn.Module):
             raise TypeError(f"StackedRNN: expected the input to be a Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3):
             raise ValueError(f"StackedRNN: Expected input to be 2D or 3D, got {x.dim()}D instead")
-        weight = self.layers[0].weight_ih
+        # A parameter, not the attribute: a parametrized weight_ih would be computed once more per call.
+        weight = next(self.layers[0].parameters())
         dtype = weight.dtype
         autocast = functional.autocast_dtype(x)
         if autocast is not None:
@@ -198,9 +208,12 @@ class StackedRNN(nn.Module):
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = self._initial_states(states, x, batched)
+        layers = [layer(weight_drop=self.weight_drop, training=self.training, dtype=autocast) for layer in self.layers]
+        if autocast is None:
+            self._check_weights(layers, x)
         ys, h_n, c_n = functional.stack(
             x,
-            [layer.weights(self.weight_drop, self.training, dtype) for layer in self.layers],
+            layers,
             h0,
             c0,
             dropout=self.dropout,
@@ -223,6 +236,20 @@ class StackedRNN(nn.Module):
         final = [(state(h), state(c)) if c is not None else state(h) for h, c in zip(h_n, c_n)]
         output = [arrange(y) for y in ys] if return_all_layers else arrange(ys[-1])
         return output, final
+
+    def _check_weights(self, layers: list[StackLayer], x: Tensor) -> None:
+        """Every layer's weights in the input's dtype and on its device (a layer converted on its own, say)."""
+        for index, (module, layer) in enumerate(zip(self.layers, layers)):
+            for names, weights in zip(module.weight_names(), layer.weights):
+                for name, w in zip(names, weights):
+                    if w is None or (w.dtype == x.dtype and w.device == x.device):
+                        continue
+                    # torch.nn's error types: ValueError for a dtype, RuntimeError for a device.
+                    error = ValueError if w.dtype != x.dtype else RuntimeError
+                    raise error(
+                        f"StackedRNN: layers.{index}.{name} is {w.dtype} on {w.device}, but the input and "
+                        f"layers.0 are {x.dtype} on {x.device}; convert the whole stack (model.to(...))"
+                    )
 
     def _initial_states(
         self, states: Sequence[State] | None, x: Tensor, batched: bool
