@@ -37,7 +37,7 @@ from tritonrnn._plan import (
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
-from tritonrnn.layer_run import LayerRun, Variant, _acc_dtype, _gpu_misfit, _variant
+from tritonrnn.layer_run import LayerRun, Variant, _acc_dtype, _gpu_misfit, _variant, writes_y
 
 # Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), in this order.
 N_GRADS = 8
@@ -399,6 +399,7 @@ def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, 
     # eager calls skip its dispatch (see _EagerLayer).
     run = layer if torch.compiler.is_compiling() or without_data(x) else _EagerLayer.apply
     hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save)
-    if not _variant(w_hh.shape[0], residual, dropout, w_hr, lengths).write_y:
+    # A function, not Variant.write_y: torch 2.10's dynamo cannot read a NamedTuple's property (fullgraph breaks).
+    if not writes_y(w_hh.shape[0], residual, lengths is not None):
         y = hseq[0, 1:]
     return y, (z if dropout is not None else None), h_n, (c_n if cell == "lstm" else None)

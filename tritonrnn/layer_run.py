@@ -57,9 +57,13 @@ class Variant(NamedTuple):
 
     @property
     def write_y(self) -> bool:
-        # A unidirectional layer without residual has its output in hseq already, unless rows end early (their
-        # output is zero there, while hseq carries their state).
-        return self.directions > 1 or self.residual or self.varlen
+        return writes_y(self.directions, self.residual, self.varlen)
+
+
+def writes_y(directions: int, residual: bool, varlen: bool) -> bool:
+    """Whether the kernels write the output y: a unidirectional layer without residual has it in hseq already, unless
+    rows end early (their output is zero there, while hseq carries their state)."""
+    return directions > 1 or residual or varlen
 
 
 def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
