@@ -163,12 +163,14 @@ def _autocast_run(module, x, hx, seed, autocast):
 @pytest.mark.parametrize(
     "cell,config",
     [("lstm", dict(num_layers=2, dropout=0.4)), ("gru", dict(bidirectional=True)), ("lstm", dict(proj_size=3)),
-     ("rnn_relu", dict(bias=False, batch_first=True))],
+     ("rnn_relu", dict(bias=False, batch_first=True)), ("rnn_tanh", dict(bidirectional=True))],
     ids=str,
 )  # fmt: skip
 def test_autocast_runs_the_kernels_in_the_autocast_dtype(cell, config, monkeypatch, caplog):
     """Under autocast the float32 module runs the kernels in bf16: exactly what the module converted to bf16 does,
     outputs in bf16, float32 gradients (the bf16 ones, through the cast) for the parameters, input and states."""
+    if cell == "gru" and DEVICE.type == "cpu":
+        pytest.skip("CPU autocast leaves a GRU in float32 (test_cpu_autocast_casts_what_torch_nn_casts)")
     torch.manual_seed(0)
     ours, _ = make_pair(cell, 5, 6, **config)
     ours = ours.float().train().to(DEVICE)
@@ -194,7 +196,7 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype(cell, config, monkeypat
 
 def test_autocast_packed_sequence_and_stacked_rnn_match_the_bf16_modules():
     torch.manual_seed(0)
-    ours = tritonrnn.GRU(3, 4, num_layers=2).to(DEVICE)
+    ours = tritonrnn.RNN(3, 4, num_layers=2).to(DEVICE)
     explicit = copy.deepcopy(ours).to(torch.bfloat16)
     x = torch.randn(5, 3, 3, device=DEVICE)
     packed = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
@@ -213,6 +215,22 @@ def test_autocast_packed_sequence_and_stacked_rnn_match_the_bf16_modules():
     want, want_finals = explicit(x.bfloat16(), [tuple(s.bfloat16() for s in states[0]), states[1].bfloat16()])
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
     assert torch.equal(finals[0][1], want_finals[0][1]) and torch.equal(finals[1], want_finals[1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cpu_autocast_casts_what_torch_nn_casts(cell):
+    """CPU autocast takes torch.nn's LSTM and RNN to its dtype and leaves its GRU in float32: ours the same, with
+    torch.nn's values to bf16's precision (CUDA autocast casts all three, README: autocast). torch.nn's CPU GRU runs
+    its GEMMs in bf16 under autocast inside the float32 op; ours runs float32 throughout."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 4, num_layers=2)
+    ours, theirs = ours.float(), theirs.float()
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = flat_outputs(ours(x)), flat_outputs(theirs(x))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == (torch.float32 if cell == "gru" else torch.bfloat16)
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
 
 
 def test_autocast_float64_input_is_not_cast():
@@ -236,8 +254,8 @@ def test_autocast_asks_the_plan_for_the_autocast_dtype(monkeypatch, caplog):
 
     monkeypatch.setattr(tritonrnn.functional, "kernel_plan", kernel_plan)
     torch.manual_seed(0)
-    ours = tritonrnn.GRU(4, 6).to(DEVICE)
-    theirs = nn.GRU(4, 6).to(DEVICE)
+    ours = tritonrnn.LSTM(4, 6).to(DEVICE)
+    theirs = nn.LSTM(4, 6).to(DEVICE)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(5, 3, 4, device=DEVICE)
     _plan._logged.clear()

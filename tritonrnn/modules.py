@@ -124,6 +124,8 @@ class _TritonRNNBase(nn.RNNBase):
         _dropout.check_mode(self.dropout_mode)
         data = input.data if isinstance(input, PackedSequence) else input
         dtype = functional.autocast_dtype(data) if isinstance(data, Tensor) else None
+        if dtype is not None and self.mode == "GRU" and data.device.type == "cpu":
+            dtype = None  # torch.nn's GRU keeps its dtype under CPU autocast (its LSTM and RNN take autocast's)
         reason = self._unsupported(input, dtype)
         if reason is not None:
             log_once(f"tritonrnn.{type(self).__name__}: {reason} runs on torch.nn's implementation")
