@@ -32,6 +32,18 @@ def make_pair(cell: str, input_size: int, hidden: int, **kwargs) -> tuple[nn.Mod
     return ours, theirs
 
 
+class CountCalls(nn.Module):
+    """An identity parametrization counting how often the weight it parametrizes is computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, w):
+        self.calls += 1
+        return w
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
     actual, expected = actual.double(), expected.double()

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import make_pair
+from helpers import CountCalls, make_pair
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from torch.utils._pytree import tree_leaves
@@ -679,15 +679,6 @@ def test_parametrized_weights_are_computed_once_per_call_like_torch(cell):
     in training mode) leaves the same vectors and gives the same outputs and gradients."""
     from torch.nn.utils import parametrize
     from torch.nn.utils.parametrizations import spectral_norm, weight_norm
-
-    class CountCalls(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, w):
-            self.calls += 1
-            return w
 
     torch.manual_seed(0)
     ours, theirs = make_pair(cell, 3, 5, num_layers=2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from helpers import TOLERANCE, rel_err
+from helpers import TOLERANCE, CountCalls, rel_err
 from torch import nn
 
 import tritonrnn
@@ -759,15 +759,6 @@ def test_parametrized_weights_are_computed_once_per_call():
     """Each parametrized weight of a stack is computed once per forward call (spectral_norm's power iteration: one
     step per call in training), the first layer's weight_ih included."""
     from torch.nn.utils import parametrize
-
-    class CountCalls(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, w):
-            self.calls += 1
-            return w
 
     model = make_stack([("gru", 4), ("lstm", 3)])
     x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
