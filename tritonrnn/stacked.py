@@ -77,10 +77,6 @@ class RecurrentLayer(nn.Module):
             directions.append(weights)
         return StackLayer(self.cell, tuple(directions))
 
-    def weight_names(self) -> list[tuple[str, str, str, str]]:
-        """Per direction, the names of forward's weight tuple (for error messages)."""
-        return [(f"weight_ih{s}", f"weight_hh{s}", f"bias_ih{s}", f"bias_hh{s}") for s in self.suffixes]
-
     def extra_repr(self) -> str:
         text = f"{self.cell}, {self.input_size}, {self.hidden_size}"
         text += ", bias=False" if not self.bias else ""
@@ -208,12 +204,11 @@ class StackedRNN(nn.Module):
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = self._initial_states(states, x, batched)
-        layers = [layer(weight_drop=self.weight_drop, training=self.training, dtype=autocast) for layer in self.layers]
         if autocast is None:
-            self._check_weights(layers, x)
+            self._check_parameters(x)
         ys, h_n, c_n = functional.stack(
             x,
-            layers,
+            [layer(weight_drop=self.weight_drop, training=self.training, dtype=autocast) for layer in self.layers],
             h0,
             c0,
             dropout=self.dropout,
@@ -237,19 +232,15 @@ class StackedRNN(nn.Module):
         output = [arrange(y) for y in ys] if return_all_layers else arrange(ys[-1])
         return output, final
 
-    def _check_weights(self, layers: list[StackLayer], x: Tensor) -> None:
-        """Every layer's weights in the input's dtype and on its device (a layer converted on its own, say)."""
-        for index, (module, layer) in enumerate(zip(self.layers, layers)):
-            for names, weights in zip(module.weight_names(), layer.weights):
-                for name, w in zip(names, weights):
-                    if w is None or (w.dtype == x.dtype and w.device == x.device):
-                        continue
-                    # torch.nn's error types: ValueError for a dtype, RuntimeError for a device.
-                    error = ValueError if w.dtype != x.dtype else RuntimeError
-                    raise error(
-                        f"StackedRNN: layers.{index}.{name} is {w.dtype} on {w.device}, but the input and "
-                        f"layers.0 are {x.dtype} on {x.device}; convert the whole stack (model.to(...))"
-                    )
+    def _check_parameters(self, x: Tensor) -> None:
+        """Every parameter in the input's dtype and on its device (a layer converted on its own, say)."""
+        for name, p in self.named_parameters():
+            if p.dtype != x.dtype or p.device != x.device:
+                error = ValueError if p.dtype != x.dtype else RuntimeError  # torch.nn's error types
+                raise error(
+                    f"StackedRNN: {name} is {p.dtype} on {p.device}, but the input and layers.0 are {x.dtype} on "
+                    f"{x.device}; convert the whole stack (model.to(...))"
+                )
 
     def _initial_states(
         self, states: Sequence[State] | None, x: Tensor, batched: bool
