@@ -26,6 +26,7 @@ from triton.runtime import interpreter
 from triton.runtime.errors import InterpreterError
 
 import tritonrnn
+from tritonrnn import _plan
 from tritonrnn.kernels import recurrent, stack, sync
 from tritonrnn.kernels.sync import arrive, grid_barrier, tag_unpack, wait_count
 
@@ -303,6 +304,46 @@ def test_stack_kernel_tagged_is_bitwise_the_barrier(cell, n_layers, mode, launch
     with that output unwritten, and the layer above read NaN from it."""
     forced_plan(block_h=16, persistent=True)
     _assert_tagged_stack_is_bitwise_the_barrier(launches, monkeypatch, cell, n_layers, mode)
+
+
+def _module_training_step(model, x) -> list[torch.Tensor]:
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    out, state = model(xr)
+    state = state if isinstance(state, tuple) else (state,)
+    loss = (out * out.detach().cos()).sum() + sum(s.sum() for s in state)
+    return [out, *state, *torch.autograd.grad(loss, [xr, *model.parameters()])]
+
+
+@pytest.mark.parametrize("kind", ["layer", "projection", "stack"])
+def test_a_sequence_too_long_for_the_barrier_counter_runs_in_several_launches(kind, launches, forced_plan,
+                                                                               monkeypatch):  # fmt: skip
+    """The grid barrier counts arrivals on an int32, which would wrap past 2**31 - 1 (some 8M steps on an H100):
+    such a sequence runs as several persistent launches, each from a zeroed counter. With the limit lowered to
+    three steps' arrivals, bidirectional layers of three programs (the projection: two barriers a step) and a fused
+    stack give one launch's results bit for bit, forward and backward (dL/dh0 from the last backward launch only)."""
+    forced_plan(block_h=16, persistent=True)
+    torch.manual_seed(0)
+    if kind == "stack":
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+        model = tritonrnn.StackedRNN(5, [("gru", 40)] * 2, dropout=0.3).to(DEVICE)
+        step, kernels, arrivals_per_step = stack_training_step, ("stack_fwd_kernel", "stack_bwd_kernel"), 3 * 2
+    else:
+        proj = 7 if kind == "projection" else 0
+        model = tritonrnn.LSTM(5, 40, bidirectional=True, proj_size=proj, dropout=0.0).to(DEVICE, torch.float64)
+        step, arrivals_per_step = _module_training_step, 3 * (2 if proj else 1)
+        kernels = ("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel") if proj else ("rnn_fwd_kernel", "rnn_bwd_kernel")
+    x = torch.randn(8, 2, 5, device=DEVICE, dtype=next(model.parameters()).dtype)
+    one_launch = step(model, x)
+    counts = [sum(launch.kernel == k for launch in launches) for k in kernels]
+    monkeypatch.setattr(_plan, "MAX_BARRIER_ARRIVALS", 3 * arrivals_per_step)
+    chunked = step(model, x)
+    chunked_counts = [sum(launch.kernel == k for launch in launches) - n for k, n in zip(kernels, counts)]
+    steps = 8 + (1 if kind == "stack" else 0)  # the stack's wavefront: T + L - 1 steps
+    assert chunked_counts == [n * -(-steps // 3) for n in counts], (counts, chunked_counts)
+    assert_ran_persistent(launches, tagged=False, kernels=kernels)
+    for a, b in zip(one_launch, chunked):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])

@@ -174,6 +174,27 @@ def test_bitwise_deterministic_at_scale():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("proj", [0, 64], ids=["lstm", "lstm-proj"])
+def test_a_sequence_too_long_for_the_barrier_counter_runs_in_chunks_on_the_gpu(proj, monkeypatch, launched_plans):
+    """The int32 barrier counter would wrap after some 8M steps: with the limit lowered to 10 steps' arrivals, a
+    training step of chunked persistent launches (the counter zeroed between them) is one launch's bit for bit."""
+    torch.manual_seed(0)
+    ours, _ = make_pair("lstm", 256, 512, num_layers=2, bidirectional=True, proj_size=proj)
+    ours = ours.to(dtype=torch.bfloat16, device=CUDA)
+    x = torch.randn(97, 16, 256, device=CUDA, dtype=torch.bfloat16)
+    results = []
+    for limit in (None, 10):
+        if limit is not None:
+            programs = max(plan.num_programs for _, plan in launched_plans)
+            monkeypatch.setattr(_plan, "MAX_BARRIER_ARRIVALS", limit * programs * (2 if proj else 1))
+        xr = x.clone().requires_grad_()
+        out, (h, c) = ours(xr)
+        loss = out.float().square().sum() + h.float().sum() + c.float().sum()
+        results.append([out, h, c, *torch.autograd.grad(loss, [xr, *ours.parameters()])])
+    assert all(plan.persistent for _, plan in launched_plans)
+    assert all(torch.isfinite(a.float()).all() and torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_sequence_of_100000_steps_with_64bit_offsets():
     """T * B * 4H = 3.3e9 elements in the input projection: offsets past 2**31 must be 64-bit."""
     torch.manual_seed(0)

@@ -648,6 +648,19 @@ def test_batch_groups_partition_the_rows_in_whole_tiles(B, groups):
     assert owner.tolist() == [row // per_group for row in range(B)]
 
 
+def test_persistent_launches_stay_below_the_barrier_counters_range():
+    """A launch of P programs counting one int32 (kernels/sync.py) runs at most (2**31 - 1) // (P * barriers a step)
+    steps; the chunks cover the steps once, in order (the concurrent tests run chunked launches)."""
+    assert _plan.persistent_chunks(0, 512, 132, 2) == [(0, 512)]
+    limit = (2**31 - 1) // 132
+    assert _plan.persistent_chunks(0, 20_000_000, 132, 1) == [(0, limit), (limit, 20_000_000)]
+    chunks = _plan.persistent_chunks(5, 40_000_005, 129, 2)
+    assert [a for a, _ in chunks[1:]] == [b for _, b in chunks[:-1]]
+    assert chunks[0][0] == 5 and chunks[-1][1] == 40_000_005
+    assert all((b - a) * 129 * 2 <= 2**31 - 1 for a, b in chunks) and len(chunks) == 5
+    assert _plan.persistent_chunks(3, 3, 132, 1) == []
+
+
 def test_batch_groups_split_grid_stepwise_bfloat16(forced_plan):
     """Groups of a grid whose hidden units are split over programs, one launch per step, against torch.nn."""
     forced_plan(block_h=16, block_b=16, persistent=False, batch_groups=2)

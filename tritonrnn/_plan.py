@@ -38,6 +38,10 @@ MIN_HELD_ROWS = 64
 # right tool there (perf/NOTES.md), so such layers take the fallback.
 MAX_HIDDEN = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
 MAX_WARPS = 8
+# A grid barrier waits for the count of arrivals on an int32 counter to reach its target (kernels/sync.py): past
+# 2**31 - 1 both would wrap and a barrier could pass before every program got there. A sequence long enough for
+# that (some 8M steps on an H100) runs as several persistent launches, each counting from a zeroed counter.
+MAX_BARRIER_ARRIVALS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,13 @@ class LayerPlan:
 
     def for_backward(self) -> LayerPlan:
         return self.backward or self
+
+
+def persistent_chunks(t0: int, t1: int, programs: int, barriers_per_step: int) -> list[tuple[int, int]]:
+    """Steps [t0, t1) as the ranges one persistent launch each runs: at most MAX_BARRIER_ARRIVALS arrivals per
+    launch of ``programs`` programs counting on one counter, ``barriers_per_step`` barriers a step."""
+    per_launch = max(1, MAX_BARRIER_ARRIVALS // (programs * barriers_per_step))
+    return [(a, min(a + per_launch, t1)) for a in range(t0, t1, per_launch)]
 
 
 def interpret_mode() -> bool:

@@ -146,12 +146,18 @@ def fused_stack(
     return list(outputs[:L]), list(outputs[L : 2 * L]), list(outputs[2 * L :])
 
 
-def _launches(plan: LayerPlan, n_steps: int, backward: bool) -> list[dict]:
-    """All wavefront steps in one launch (grid barrier), or one launch per step and, in backward, the carry into
-    dL/dh0 as a last launch."""
-    finish = dict(finish=1) if backward else {}
+def _launches(plan: LayerPlan, n_steps: int, n_layers: int, backward: bool) -> list[dict]:
+    """All wavefront steps in one launch (in chunks where a sequence is too long for the grid barrier's counter;
+    TAGGED counts each program's steps instead, never reset), or one launch per step and, in backward, the carry
+    into dL/dh0 as a last launch."""
     if plan.persistent:
-        return [dict(s_start=0, n_steps=n_steps, **finish)]
+        if plan.tagged:
+            chunks = [(0, n_steps)]  # no grid barrier: the counts of steps done (int32) would wrap only past 2**31
+        else:
+            chunks = _plan.persistent_chunks(0, n_steps, plan.num_programs * n_layers, 1)
+        last = dict(finish=1) if backward else {}
+        first = dict(finish=0) if backward else {}
+        return [dict(s_start=a, n_steps=b - a, **(last if b == n_steps else first)) for a, b in chunks]
     steps = [dict(s_start=s, n_steps=1, **(dict(finish=0) if backward else {})) for s in range(n_steps)]
     return steps + ([dict(s_start=0, n_steps=0, finish=1)] if backward else [])
 
@@ -206,7 +212,9 @@ class FusedStackFunction(torch.autograd.Function):
             **_launch_options(plan, device),
         )  # fmt: skip
         with on_device(device):
-            for step in _launches(plan, T + L - 1, backward=False):
+            for i, step in enumerate(_launches(plan, T + L - 1, L, backward=False)):
+                if i and plan.persistent:
+                    counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
                 stack_fwd_kernel[(plan.num_programs, L)](**step, **launch)
 
         if any(ctx.needs_input_grad):
@@ -258,7 +266,9 @@ class FusedStackFunction(torch.autograd.Function):
                 ring=torch.zeros(L, 2, B, gates * hidden, dtype=_ring_dtype(dtype), device=device), TAGGED=True
             )
         with on_device(device):
-            for step in _launches(plan, T + L - 1, backward=True):
+            for i, step in enumerate(_launches(plan, T + L - 1, L, backward=True)):
+                if i and plan.persistent:
+                    counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
                 stack_bwd_kernel[(plan.num_programs, L)](**step, **launch)
 
         w_ih0 = tensors[2]

@@ -17,7 +17,16 @@ import triton.language as tl
 from torch import Tensor
 
 from tritonrnn import _plan
-from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, check_interpreter, interpret_mode, next_pow2, on_device
+from tritonrnn._plan import (
+    CELLS,
+    MIN_DOT,
+    LayerPlan,
+    check_interpreter,
+    interpret_mode,
+    next_pow2,
+    on_device,
+    persistent_chunks,
+)
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
@@ -185,12 +194,14 @@ def _gpu_misfit(
 
 def _steps(plan: LayerPlan, t0: int, t1: int, two_phases: bool, backward: bool = False) -> list[dict]:
     """The launches running steps [t0, t1) of one direction group (backward: from t1 - 1 down to t0, then the
-    carry into dL/dh0 when t0 == 0): all at once with the grid barrier, or one step (one phase) per launch."""
+    carry into dL/dh0 when t0 == 0): all at once with the grid barrier (in chunks where a sequence is too long for
+    the barrier's counter), or one step (one phase) per launch."""
     phases = dict(phases=3) if two_phases else {}
     if plan.persistent:
+        chunks = persistent_chunks(t0, t1, plan.num_programs, 2 if two_phases else 1)
         if backward:
-            return [dict(u_start=t1 - 1, n_steps=t1 - t0, finish=int(t0 == 0), **phases)]
-        return [dict(t_start=t0, n_steps=t1 - t0, **phases)]
+            return [dict(u_start=b - 1, n_steps=b - a, finish=int(a == 0), **phases) for a, b in reversed(chunks)]
+        return [dict(t_start=a, n_steps=b - a, **phases) for a, b in chunks]
     each = [dict(phases=1), dict(phases=2)] if two_phases else [{}]
     if backward:
         steps = [dict(u_start=u, n_steps=1, finish=0, **p) for u in range(t1 - 1, t0 - 1, -1) for p in each]
@@ -274,7 +285,9 @@ class LayerRun:
             # launch per direction group; stepwise launches do not sync).
             counter = torch.zeros(self.D * plan.batch_groups, dtype=torch.int32, device=self.device)
             with on_device(self.device):
-                for step in _steps(plan, t0, t1, self.w_hr is not None, backward):
+                for i, step in enumerate(_steps(plan, t0, t1, self.w_hr is not None, backward)):
+                    if i and plan.persistent:
+                        counter.zero_()  # a very long sequence's next launch (_plan.persistent_chunks)
                     kernel[grid](direction0=direction0, counter=counter, **step, **launch)
 
     def forward_steps(self, t0: int, t1: int) -> None:
