@@ -765,3 +765,32 @@ def test_batched_gradients_differentiate_the_layers(cell, caplog):
         out = module(xd)[0]
         outputs.append(torch.autograd.grad(out, xd, cotangents.to(device), is_grads_batched=True)[0].cpu())
     torch.testing.assert_close(*outputs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
+def test_in_place_ops_on_the_results_are_refused_or_differentiated_correctly(cell, bidirectional):
+    """An in-place op on a result the backward needs raises at backward (one direction's output is a view of the h
+    sequence the kernels save; so is cuDNN's output), never gives wrong gradients; on the final states, and on the
+    bidirectional output (a new tensor), the gradients are torch.nn's."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 5, bidirectional=bidirectional)
+    ours, theirs = ours.float().to(DEVICE), theirs.float()
+    x = torch.randn(6, 2, 3)
+    for target in ("output", "h_n", "c_n") if cell == "lstm" else ("output", "h_n"):
+        grads = []
+        for module, inp in ((ours, x.to(DEVICE)), (theirs, x)):
+            module.zero_grad()
+            out, state = module(inp)
+            h, c = state if isinstance(state, tuple) else (state, None)
+            {"output": out, "h_n": h, "c_n": c}[target].mul_(2.0)
+            loss = out.sin().sum() + h.cos().sum() + (c.square().sum() if c is not None else 0)
+            if module is ours and target == "output" and not bidirectional:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    loss.backward()
+                break
+            loss.backward()
+            grads.append([p.grad.cpu() for p in module.parameters()])
+        else:
+            for (name, _), a, b in zip(ours.named_parameters(), *grads, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, t=target: f"{t} {n}: {m}")
