@@ -794,3 +794,38 @@ def test_in_place_ops_on_the_results_are_refused_or_differentiated_correctly(cel
         else:
             for (name, _), a, b in zip(ours.named_parameters(), *grads, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, t=target: f"{t} {n}: {m}")
+
+
+# RNNBase refreshes _flat_weights in forward; torch.nn's modules get the same warning from export
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights:UserWarning")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
+    """torch.export: each layer one tritonrnn::layer node (the bidirectional layer's two directions in one), the
+    program valid at other lengths than the traced one, gradients through it as eager's. Exported under no_grad the
+    ops save nothing for backward (the op's last argument)."""
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    models = [
+        (tritonrnn.LSTM(3, 5, num_layers=2, bidirectional=True), 2),
+        (tritonrnn.GRU(3, 5, batch_first=True), 1),
+        (tritonrnn.StackedRNN(3, [("lstm", 4), ("rnn_relu", 5)]), 2),
+    ]
+    for model, n_layers in models:
+        model = model.to(DEVICE)
+        time_dim = 1 if getattr(model, "batch_first", False) else 0
+        shape = [2, 2, 3]
+        shape[time_dim] = 6
+        with torch.set_grad_enabled(grad):
+            program = export(
+                model, (torch.randn(shape, device=DEVICE),), dynamic_shapes=({time_dim: Dim("T", max=64)},)
+            )
+        layer_nodes = [n for n in program.graph.nodes if n.target is torch.ops.tritonrnn.layer.default]
+        assert [n.args[-1] for n in layer_nodes] == [grad] * n_layers, type(model).__name__
+        shape[time_dim] = 9
+        x = torch.randn(shape, device=DEVICE, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            got, want = program.module()(x)[0], model(x)[0]
+        torch.testing.assert_close(got, want)
+        if grad:
+            torch.testing.assert_close(*(torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)))
