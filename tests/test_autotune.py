@@ -30,6 +30,18 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_the_cache_folder_is_named_by_the_variable_then_xdg_then_home(tmp_path, monkeypatch):
+    """README: TRITONRNN_CACHE_DIR, by default $XDG_CACHE_HOME/tritonrnn or ~/.cache/tritonrnn."""
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("TRITONRNN_CACHE_DIR")
+    assert autotune.cache_dir() == tmp_path / "xdg" / "tritonrnn"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert autotune.cache_dir() == tmp_path / "home" / ".cache" / "tritonrnn"
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """torch.cuda answers as a 132-SM H100 that is not capturing a graph."""

@@ -574,6 +574,20 @@ def test_tagged_exchange_applies_where_it_can(tagged):
     assert not kernel_plan("lstm", 20, 3, torch.float32, cpu, Variant(proj=5)).tagged  # the projection's kernels
 
 
+def test_exchange_is_the_grid_barrier_by_default(monkeypatch):
+    """Off by default until measured on a GPU (README): unset or empty, every plan syncs with the grid barrier."""
+    from tritonrnn.layer_op import kernel_plan
+
+    cpu = torch.device("cpu")
+    for value in (None, ""):
+        if value is None:
+            monkeypatch.delenv("TRITONRNN_EXCHANGE", raising=False)
+        else:
+            monkeypatch.setenv("TRITONRNN_EXCHANGE", value)
+        assert _plan.exchange_setting() == "barrier"
+        assert not kernel_plan("gru", 20, 3, torch.float32, cpu).tagged
+
+
 def test_exchange_switch_rejects_nonsense(monkeypatch):
     monkeypatch.setenv("TRITONRNN_EXCHANGE", "flags")
     with pytest.raises(ValueError, match="TRITONRNN_EXCHANGE should be one of"):

@@ -625,6 +625,27 @@ def test_jit_trace_of_a_stack_is_refused_with_the_way_out():
         torch.jit.trace(stack, (torch.randn(5, 2, 3, device=DEVICE),))
 
 
+def test_jit_script_is_refused_with_the_way_out():
+    """TorchScript cannot compile the kernels' host code: a clear error naming the module and torch.export, also for
+    a tritonrnn module inside a user's model, instead of TorchScript failing on some line of tritonrnn."""
+    models = [
+        tritonrnn.GRU(3, 4),
+        nn.Sequential(nn.Linear(3, 3), tritonrnn.LSTM(3, 4)),
+        tritonrnn.StackedRNN(3, [("rnn_tanh", 4)]),
+    ]
+    for model, name in zip(models, ["GRU", "LSTM", "StackedRNN"]):
+        with pytest.raises(RuntimeError, match=f"torch.jit.script does not support tritonrnn's {name}.*torch.export"):
+            torch.jit.script(model)
+
+
+def test_forward_mode_ad_is_refused():
+    """Forward-mode AD is not supported (nor by torch.nn's cuDNN and oneDNN layers): torch's error, not a result."""
+    model = tritonrnn.GRU(3, 4).to(DEVICE)
+    x = torch.randn(5, 2, 3, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="forward mode AD"):
+        torch.func.jvp(lambda inp: model(inp)[0], (x,), (torch.randn_like(x),))
+
+
 def _shape_only_models():
     return [
         (tritonrnn.LSTM(3, 4, num_layers=2, dropout=0.5, bidirectional=True), (5, 2, 8)),

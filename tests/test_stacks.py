@@ -16,7 +16,7 @@ from torch import nn
 
 import tritonrnn
 from tritonrnn import dropout as tdropout
-from tritonrnn import functional, reference, scheduler
+from tritonrnn import functional, reference, scheduler, wavefront
 
 MIXED = [("lstm", 5), ("gru", 4), ("rnn_tanh", 6), ("rnn_relu", 3)]
 real_layer = functional._layer  # the layer-by-layer path, for tests that forbid it in one run and need it in another
@@ -456,6 +456,15 @@ def test_wavefront_leaves_bidirectional_stacks_and_short_sequences_layer_by_laye
     make_stack(MIXED[:2], bidirectional=True)(torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE))
     make_stack(MIXED[:2])(torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE))  # T <= one chunk
     assert calls == ["lstm", "gru", "lstm", "gru"]
+
+
+def test_wavefront_is_off_by_default_and_1_means_64_step_chunks(monkeypatch):
+    """README: off by default until measured on a GPU; 1 runs the stream wavefront in 64-step chunks."""
+    monkeypatch.delenv("TRITONRNN_WAVEFRONT", raising=False)
+    assert wavefront.wavefront_setting() == 0 and wavefront.wavefront_chunk() == 0
+    for value, setting, chunk in [("", 0, 0), ("0", 0, 0), ("1", 64, 64), (" 7 ", 7, 7), ("fused", "fused", 0)]:
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", value)
+        assert (wavefront.wavefront_setting(), wavefront.wavefront_chunk()) == (setting, chunk), value
 
 
 def test_wavefront_switch_rejects_nonsense(monkeypatch):

@@ -36,6 +36,15 @@ def repack(out: Tensor, like: PackedSequence) -> PackedSequence:
     return PackedSequence(out[present.to(out.device)], like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+def refuse_script(module: nn.Module) -> None:
+    """torch.jit.script calls this on every module it compiles: a clear error instead of TorchScript's failure
+    somewhere inside tritonrnn's Python."""
+    raise RuntimeError(
+        f"torch.jit.script does not support tritonrnn's {type(module).__name__}: TorchScript cannot compile its "
+        "Triton kernels' host code (and is deprecated); use torch.export, or torch.jit.trace for the LSTM/GRU/RNN"
+    )
+
+
 class _TritonRNNBase(nn.RNNBase):
     """forward() on tritonrnn's kernels; everything else inherited from torch.nn."""
 
@@ -48,6 +57,9 @@ class _TritonRNNBase(nn.RNNBase):
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.dropout_mode == "standard" else f"{text}, dropout_mode={self.dropout_mode!r}"
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)
 
     def _unsupported(self, input, dtype: torch.dtype | None = None) -> str | None:
         """Why torch.nn's implementation has to run this call: the kernels cannot run this layer configuration here

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import CELLS
-from tritonrnn.modules import repack, unpack
+from tritonrnn.modules import refuse_script, repack, unpack
 from tritonrnn.scheduler import StackLayer
 
 State = "Tensor | tuple[Tensor, Tensor]"
@@ -162,6 +162,9 @@ class StackedRNN(nn.Module):
         self.batch_first = batch_first
         self.bidirectional = bidirectional
         self.weight_drop = float(weight_drop)
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)
 
     def forward(
         self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
