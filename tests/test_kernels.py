@@ -418,6 +418,43 @@ def test_long_sequence_on_the_cpu_path(monkeypatch):
     torch.testing.assert_close(h, rh)
 
 
+def test_bfloat16_cell_state_is_carried_in_float32_over_a_long_sequence():
+    """c_t = f c_{t-1} + i g with f ~ 1 and i g ~ 2.5e-3: once c passes 0.5 each increment is below bf16's spacing
+    (2**-8), so a cell state rounded to bf16 at every step drifts (~7% after 300 steps, the simulation below). The
+    kernels carry c in float32 (only c_n is rounded, once): c_n, h_n and the gradients match a float32 reference on
+    the same bf16 weights and inputs."""
+    T, B, H, I = 300, 2, 4, 3
+    torch.manual_seed(0)
+    lstm = tritonrnn.LSTM(I, H).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        lstm.weight_ih_l0.normal_(0, 0.05)
+        lstm.weight_hh_l0.normal_(0, 0.05)
+        bias = [-6.0, 16.0, 4.0, 0.0]  # gates i, f, g, o: i ~ 2.5e-3, f ~ 1, g ~ 1
+        lstm.bias_ih_l0.copy_(torch.tensor(bias).repeat_interleave(H))
+        lstm.bias_hh_l0.zero_()
+    x = torch.randn(T, B, I).bfloat16()
+    out, (h_n, c_n) = lstm(x.to(DEVICE))
+    (c_n.float().sum() + h_n.float().sum()).backward()
+
+    weights = {name: p.detach().float().cpu().requires_grad_() for name, p in lstm.named_parameters()}
+    zeros = torch.zeros(B, H)
+    ref_out, ref_h, ref_c = reference.layer_forward("lstm", x.float(), zeros, zeros, *weights.values())
+    (ref_c.sum() + ref_h.sum()).backward()
+    assert rel_err(c_n.cpu(), ref_c) < 5e-3
+    assert rel_err(h_n.cpu(), ref_h) < 1e-2 and rel_err(out.cpu(), ref_out) < 1e-2
+    for name, p in lstm.named_parameters():
+        assert rel_err(p.grad.cpu(), weights[name].grad) < TOLERANCE[torch.bfloat16], name
+
+    w_ih, w_hh, b_ih, _ = (w.detach() for w in weights.values())
+    xproj = x.float() @ w_ih.t() + b_ih
+    c = h = zeros
+    for t in range(T):  # the same recurrence with c and h rounded to bf16 at every step
+        i, f, g, o = (xproj[t] + h @ w_hh.t()).split(H, dim=-1)
+        c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)).bfloat16().float()
+        h = (torch.sigmoid(o) * torch.tanh(c)).bfloat16().float()
+    assert rel_err(c, ref_c) > 5e-2  # so the bound above tells the two apart
+
+
 @pytest.mark.fallback
 def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatch, caplog):
     """functional.stack falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU): outputs,

@@ -283,9 +283,36 @@ def test_layer_too_large_for_the_kernels_runs_on_torch_nn(monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "hidden_size=6 in torch.float32: does not fit this GPU" in messages[0]
     assert ours._unsupported(x.double()) is None  # float64 stays on the reference: same dropout masks
-    ours.dropout_mode = "variational"
-    ours.dropout = 0.5
-    assert ours.train()._unsupported(x) is None
+
+
+@pytest.mark.fallback
+def test_variational_dropout_the_kernels_cannot_hold_runs_on_the_reference_with_the_same_masks(monkeypatch, caplog):
+    """torch.nn has no variational dropout, so a layer the kernels cannot hold stays on tritonrnn and runs on the
+    reference (logged once), which draws the masks the kernels would: under one seed, the kernels' outputs, states
+    and gradients."""
+    torch.manual_seed(0)
+    ours = tritonrnn.GRU(4, 6, num_layers=2, dropout=0.5, dropout_mode="variational").float().to(DEVICE).train()
+    x = torch.randn(5, 3, 4, device=DEVICE)
+
+    def train_step():
+        torch.manual_seed(1)
+        xr = x.clone().requires_grad_()
+        out, h_n = ours(xr)
+        grads = torch.autograd.grad(out.square().sum() + h_n.sum(), [xr, *ours.parameters()])
+        return [out, h_n, *grads]
+
+    want = train_step()
+    monkeypatch.setattr(tritonrnn.layer_op, "plan_layer", lambda *args: "does not fit this GPU")
+    monkeypatch.setattr(tritonrnn.layer_run.LayerRun, "__init__", None)  # the kernels must not be reached
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        got = [train_step() for _ in range(2)][-1]
+    for name, a, b in zip(["output", "h_n", "input", *dict(ours.named_parameters())], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "does not fit this GPU" in messages[0], messages
+    with torch.no_grad():  # and dropout was applied: eval mode (no dropout) gives another output
+        assert not torch.allclose(ours.eval()(x)[0], got[0])
 
 
 class _Tagger(nn.Module):
@@ -850,3 +877,49 @@ def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
         torch.testing.assert_close(got, want)
         if grad:
             torch.testing.assert_close(*(torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_prune_and_module_hooks_on_the_module_train_like_torch(cell):
+    """prune on LSTM/GRU/RNN itself (a forward pre-hook recomputing weight_hh_l1 = orig * mask) and the module's
+    forward, pre-forward and full backward hooks: three SGD steps give torch.nn's outputs, pruned weights and
+    gradients, the pruned entries stay zero, and each hook runs once per call as on the torch.nn module."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 5, num_layers=2)
+    for module in (ours, theirs):
+        torch.manual_seed(1)  # random_unstructured: the same mask in both
+        prune.random_unstructured(module, "weight_hh_l1", amount=0.5)
+        prune.l1_unstructured(module, "weight_ih_l0", amount=0.3)
+    torch.testing.assert_close(ours.weight_hh_l1_mask, theirs.weight_hh_l1_mask, rtol=0, atol=0)
+    ours = ours.to(DEVICE)
+    calls = {"pre": 0, "forward": 0, "backward": 0}
+
+    def count(name):
+        def hook(*args):
+            calls[name] += 1
+
+        return hook
+
+    ours.register_forward_pre_hook(count("pre"))
+    ours.register_forward_hook(count("forward"))
+    ours.register_full_backward_hook(count("backward"))
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.3) for m in (ours, theirs)]
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    for step in range(3):  # each step runs on the pruned weights the last update left
+        xs = [x.to(DEVICE, copy=True).requires_grad_(), x.clone().requires_grad_()]
+        got, want = ours(xs[0])[0], theirs(xs[1])[0]
+        torch.testing.assert_close(got.cpu(), want, msg=lambda m, step=step: f"step {step}: {m}")
+        for out, optimiser in zip((got, want), optimisers):
+            optimiser.zero_grad()
+            out.square().sum().backward()
+            optimiser.step()
+        torch.testing.assert_close(xs[0].grad.cpu(), xs[1].grad, msg=lambda m, step=step: f"step {step} input: {m}")
+    assert calls == {"pre": 3, "forward": 3, "backward": 3}
+    for name in ("weight_hh_l1_orig", "weight_ih_l0_orig"):
+        torch.testing.assert_close(getattr(ours, name).cpu(), getattr(theirs, name), msg=name)
+    assert (ours.weight_hh_l1.cpu()[theirs.weight_hh_l1_mask == 0] == 0).all()
+    prune.remove(ours, "weight_hh_l1")  # makes the pruning permanent: a plain parameter again
+    prune.remove(theirs, "weight_hh_l1")
+    torch.testing.assert_close(ours(x.to(DEVICE))[0].cpu(), theirs(x)[0])

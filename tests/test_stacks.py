@@ -280,6 +280,31 @@ def test_same_seed_same_masks_eval_mode_no_dropout():
     torch.testing.assert_close(model(x)[0], plain(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
+def test_dropout_saves_one_seed_per_layer_and_no_mask(mode, bidirectional):
+    """The masks are drawn again in backward from their seed: a training step with dropout saves for backward what
+    the same step without dropout saves, plus one [1] int64 seed per layer that has dropout after it (no [T, B, H]
+    mask, no second copy of a layer's output)."""
+    layers = [("lstm", 5), ("gru", 4), ("lstm", 3)]
+
+    def saved_for_backward(model):
+        saved = []
+        x = torch.randn(6, 2, 3, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                      lambda t: t):  # fmt: skip
+            model(x)
+        return sorted(saved, key=str)
+
+    kwargs = dict(bidirectional=bidirectional, dropout_mode=mode)
+    plain = saved_for_backward(make_stack(layers, **kwargs).to(KERNEL_DTYPE))
+    dropped = saved_for_backward(make_stack(layers, dropout=0.3, **kwargs).to(KERNEL_DTYPE).train())
+    seeds = [((1,), torch.int64)] * (len(layers) - 1)
+    assert dropped == sorted(plain + seeds, key=str)
+    module = tritonrnn.LSTM(3, 5, num_layers=3, dropout=0.3, **kwargs).to(DEVICE, KERNEL_DTYPE)
+    assert saved_for_backward(module.train()) == sorted(saved_for_backward(module.eval()) + seeds, key=str)
+
+
 def test_no_dropout_after_the_last_layer():
     """A one-layer stack in training with dropout = 0.9 is deterministic: nothing follows the last layer."""
     model = make_stack([("gru", 6)], dropout=0.9)
