@@ -36,12 +36,12 @@ def repack(out: Tensor, like: PackedSequence) -> PackedSequence:
     return PackedSequence(out[present.to(out.device)], like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-def refuse_script(module: nn.Module) -> None:
+def refuse_script(module: nn.Module, alternatives: str = "torch.export or torch.jit.trace") -> None:
     """torch.jit.script calls this on every module it compiles: a clear error instead of TorchScript's failure
-    somewhere inside tritonrnn's Python."""
+    somewhere inside tritonrnn's Python, naming what does work for this module."""
     raise RuntimeError(
         f"torch.jit.script does not support tritonrnn's {type(module).__name__}: TorchScript cannot compile its "
-        "Triton kernels' host code (and is deprecated); use torch.export, or torch.jit.trace for the LSTM/GRU/RNN"
+        f"Triton kernels' host code (and is deprecated); use {alternatives}"
     )
 
 

@@ -164,7 +164,7 @@ class StackedRNN(nn.Module):
         self.weight_drop = float(weight_drop)
 
     def __prepare_scriptable__(self):
-        refuse_script(self)
+        refuse_script(self, "torch.export (a stack refuses torch.jit.trace too)")
 
     def forward(
         self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
