@@ -322,16 +322,26 @@ def test_fused_stack_bf16_error_within_1_5x_cudnn(cell, monkeypatch):
     assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items()), (ours, cudnn)
 
 
-def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch):
-    """The real tuner on a small key: candidates compile and time, the choice is cached and used correctly."""
+def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch, capsys, caplog):
+    """The pre-tune command (python -m tritonrnn.autotune) on a one-key matrix: the real tuner's candidates compile
+    and time, the choice is cached and exported; a layer of that key then runs it without tuning again, as accurate
+    as cuDNN."""
     from tritonrnn import autotune
 
-    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
-    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
-    ours, cudnn = errors_vs_float64("gru", 64, 8, 128, 128, 1, torch.bfloat16)
-    assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items())
-    store = autotune.ConfigStore.for_gpu(torch.cuda.get_device_name())
-    assert autotune.TuneKey("gru", 128, 8, "bf16").text() in store.load()
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")  # main() sets it too: monkeypatch restores it after the test
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path / "cache"))
+    export = tmp_path / "tuned.json"
+    matrix = ["--cells", "gru", "--hidden", "128", "--batch", "8", "--dtypes", "bf16"]
+    assert autotune.main([*matrix, "--export", str(export)]) == 0
+    assert "exported 1 configurations" in capsys.readouterr().out
+    key = autotune.TuneKey("gru", 128, 8, "bf16").text()
+    cached = autotune.ConfigStore.for_gpu(torch.cuda.get_device_name()).load()
+    assert key in cached and autotune.ConfigStore(export).load()[key] == cached[key]
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        ours, cudnn = errors_vs_float64("gru", 64, 8, 128, 128, 1, torch.bfloat16)
+    assert not [r.getMessage() for r in caplog.records if "tuning" in r.getMessage()]
+    assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items()), (ours, cudnn)
 
 
 @pytest.mark.parametrize(
@@ -357,8 +367,8 @@ def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype):
 
 @pytest.mark.parametrize("cell,proj", [(cell, 0) for cell in CELLS] + [("lstm", 128)])
 def test_packed_sequences_against_cudnn(cell, proj):
-    """Sequences of different lengths, bidirectional, bf16 (LSTM also with proj_size): outputs and final states as
-    accurate as cuDNN's."""
+    """Sequences of different lengths, bidirectional, bf16 (LSTM also with proj_size): outputs, final states and the
+    gradients of every sequence and weight (backward through the lengths in-kernel) as accurate as cuDNN's."""
     torch.manual_seed(0)
     extra = dict(proj_size=proj) if proj else {}
     ours, exact = make_pair(cell, 256, 256, num_layers=2, bidirectional=True, **extra)
@@ -366,17 +376,47 @@ def test_packed_sequences_against_cudnn(cell, proj):
     ours, exact = ours.to(dtype=torch.bfloat16, device=CUDA), exact.to(CUDA)
     lengths = torch.randint(1, 200, (64,))
     seqs = [torch.randn(int(n), 256, dtype=torch.float64, device=CUDA) for n in lengths]
-    packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
-    low = torch.nn.utils.rnn.pack_sequence([s.bfloat16() for s in seqs], enforce_sorted=False)
-    with torch.no_grad():
-        ref, ref_states = exact(packed)
-        results = {name: module(low) for name, module in (("ours", ours), ("cudnn", cudnn))}
     flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
+    cotangents = None
+
+    def forward_backward(module, dtype):
+        nonlocal cotangents
+        xs = [s.to(dtype).requires_grad_() for s in seqs]
+        out, states = module(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
+        results = [out.data, *flat(states)]
+        if cotangents is None:  # the float64 run's shapes: random cotangents, shared by the three runs
+            cotangents = [torch.randn_like(r, dtype=torch.float64) for r in results]
+        loss = sum((r.double() * w).sum() for r, w in zip(results, cotangents))
+        grads = torch.autograd.grad(loss, [*xs, *module.parameters()])
+        return [r.detach() for r in results] + [torch.cat(grads[: len(xs)])] + list(grads[len(xs) :])
+
+    ref = forward_backward(exact, torch.float64)
     errors = {
-        name: [rel_err(out.data, ref.data)] + [rel_err(a, b) for a, b in zip(flat(states), flat(ref_states))]
-        for name, (out, states) in results.items()
+        name: [rel_err(a, b) for a, b in zip(forward_backward(module, torch.bfloat16), ref)]
+        for name, module in (("ours", ours), ("cudnn", cudnn))
     }
     assert all(o <= max(1.5 * c, 1e-3) for o, c in zip(errors["ours"], errors["cudnn"])), errors
+
+
+@pytest.mark.parametrize("cls", [tritonrnn.LSTM, tritonrnn.GRU], ids=lambda c: c.__name__)
+def test_float64_modules_on_the_gpu_run_the_reference_with_the_kernels_masks(cls):
+    """A float64 LSTM/GRU on the GPU (the kernels take no float64) runs tritonrnn's reference, not cuDNN: training
+    with dropout, it draws the masks the float32 kernels draw under the same seed, so both give the same output,
+    final state and gradients (cuDNN's masks would be others)."""
+    torch.manual_seed(0)
+    fast = cls(64, 256, num_layers=3, dropout=0.3, bidirectional=True).to(CUDA)
+    exact = copy.deepcopy(fast).double()
+    x = torch.randn(64, 16, 64, device=CUDA)
+    results = []
+    for model, dtype in ((fast, torch.float32), (exact, torch.float64)):
+        with fallback_expected() if dtype == torch.float64 else contextlib.nullcontext():
+            xr = x.to(dtype).requires_grad_()
+            torch.manual_seed(1)
+            out, state = model(xr)
+            h = state[0] if isinstance(state, tuple) else state
+            results.append([out, h, *torch.autograd.grad(out.square().sum() + h.sum(), [xr, *model.parameters()])])
+    errors = [rel_err(a, b) for a, b in zip(*results)]
+    assert max(errors) < 2e-5, errors
 
 
 def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
@@ -435,6 +475,7 @@ def test_cuda_graph_replay_of_a_fused_stack(monkeypatch):
         ("lstm", torch.bfloat16, 16, 512, False),
         ("gru", torch.bfloat16, 64, 768, True),
         ("rnn_tanh", torch.float32, 16, 256, False),
+        ("lstm", torch.float32, 32, 512, True),
         ("lstm", torch.float16, 128, 1024, False),
     ],
     ids=str,
