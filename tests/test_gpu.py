@@ -241,14 +241,19 @@ def test_both_directions_run_in_one_launch_at_the_benchmark_size():
 
 
 @pytest.mark.parametrize("mode", ["standard", "variational"])
-def test_dropout_stack_fp32_against_float64_reference_same_masks(mode, caplog):
+@pytest.mark.parametrize("kind", ["StackedRNN", "LSTM", "GRU"])
+def test_dropout_fp32_against_float64_reference_same_masks(kind, mode):
     """Training with dropout on the GPU: the fp32 kernels vs the float64 reference (which runs where the GPU kernels
-    do not take float64) under the same seeds, hence the same masks, for the output and every gradient."""
-    layers = [("lstm", 256), ("gru", 256), ("lstm", 128)]
+    do not take float64; a float64 LSTM/GRU does not go to cuDNN, whose masks would be others) under the same seeds,
+    hence the same masks, for the output, h_n (a stack: its top layer's) and every gradient."""
     torch.manual_seed(0)
-    fast = tritonrnn.StackedRNN(64, layers, dropout=0.3, dropout_mode=mode, bidirectional=True).to(CUDA)
-    exact = tritonrnn.StackedRNN(64, layers, dropout=0.3, dropout_mode=mode, bidirectional=True).double().to(CUDA)
-    exact.load_state_dict(fast.state_dict())
+    if kind == "StackedRNN":
+        layers = [("lstm", 256), ("gru", 256), ("lstm", 128)]
+        fast = tritonrnn.StackedRNN(64, layers, dropout=0.3, dropout_mode=mode, bidirectional=True).to(CUDA)
+    else:
+        cls = getattr(tritonrnn, kind)
+        fast = cls(64, 256, num_layers=3, dropout=0.3, dropout_mode=mode, bidirectional=True).to(CUDA)
+    exact = copy.deepcopy(fast).double()
     x = torch.randn(64, 16, 64, device=CUDA)
     results = []
     for model, dtype in ((fast, torch.float32), (exact, torch.float64)):
@@ -256,8 +261,11 @@ def test_dropout_stack_fp32_against_float64_reference_same_masks(mode, caplog):
         with fallback_expected() if dtype == torch.float64 else contextlib.nullcontext():
             xr = x.to(dtype).requires_grad_()
             torch.manual_seed(1)
-            out, _ = model(xr)
-            results.append([out, *torch.autograd.grad(out.square().sum(), [xr, *model.parameters()])])
+            out, states = model(xr)
+            top = states[-1] if kind == "StackedRNN" else states
+            h = top[0] if isinstance(top, tuple) else top
+            loss = out.square().sum() + h.sum()
+            results.append([out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])])
     errors = [rel_err(a, b) for a, b in zip(*results)]
     assert max(errors) < 2e-5, errors
 
@@ -396,27 +404,6 @@ def test_packed_sequences_against_cudnn(cell, proj):
         for name, module in (("ours", ours), ("cudnn", cudnn))
     }
     assert all(o <= max(1.5 * c, 1e-3) for o, c in zip(errors["ours"], errors["cudnn"])), errors
-
-
-@pytest.mark.parametrize("cls", [tritonrnn.LSTM, tritonrnn.GRU], ids=lambda c: c.__name__)
-def test_float64_modules_on_the_gpu_run_the_reference_with_the_kernels_masks(cls):
-    """A float64 LSTM/GRU on the GPU (the kernels take no float64) runs tritonrnn's reference, not cuDNN: training
-    with dropout, it draws the masks the float32 kernels draw under the same seed, so both give the same output,
-    final state and gradients (cuDNN's masks would be others)."""
-    torch.manual_seed(0)
-    fast = cls(64, 256, num_layers=3, dropout=0.3, bidirectional=True).to(CUDA)
-    exact = copy.deepcopy(fast).double()
-    x = torch.randn(64, 16, 64, device=CUDA)
-    results = []
-    for model, dtype in ((fast, torch.float32), (exact, torch.float64)):
-        with fallback_expected() if dtype == torch.float64 else contextlib.nullcontext():
-            xr = x.to(dtype).requires_grad_()
-            torch.manual_seed(1)
-            out, state = model(xr)
-            h = state[0] if isinstance(state, tuple) else state
-            results.append([out, h, *torch.autograd.grad(out.square().sum() + h.sum(), [xr, *model.parameters()])])
-    errors = [rel_err(a, b) for a, b in zip(*results)]
-    assert max(errors) < 2e-5, errors
 
 
 def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
