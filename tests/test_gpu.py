@@ -389,7 +389,7 @@ def test_packed_sequences_against_cudnn(cell, proj):
 
     def forward_backward(module, dtype):
         nonlocal cotangents
-        xs = [s.to(dtype).requires_grad_() for s in seqs]
+        xs = [s.detach().to(dtype).requires_grad_() for s in seqs]  # leaves of this run's graph
         out, states = module(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
         results = [out.data, *flat(states)]
         if cotangents is None:  # the float64 run's shapes: random cotangents, shared by the three runs
