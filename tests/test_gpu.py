@@ -385,16 +385,15 @@ def test_packed_sequences_against_cudnn(cell, proj):
     lengths = torch.randint(1, 200, (64,))
     seqs = [torch.randn(int(n), 256, dtype=torch.float64, device=CUDA) for n in lengths]
     flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
-    cotangents = None
+    width = proj or 256  # of h; an LSTM's c has 256
+    shapes = [(int(lengths.sum()), 2 * width), (4, 64, width)] + ([(4, 64, 256)] if cell == "lstm" else [])
+    cotangents = [torch.randn(shape, dtype=torch.float64, device=CUDA) for shape in shapes]  # packed output, states
 
     def forward_backward(module, dtype):
-        nonlocal cotangents
         xs = [s.detach().to(dtype).requires_grad_() for s in seqs]  # leaves of this run's graph
         out, states = module(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
         results = [out.data, *flat(states)]
-        if cotangents is None:  # the float64 run's shapes: random cotangents, shared by the three runs
-            cotangents = [torch.randn_like(r, dtype=torch.float64) for r in results]
-        loss = sum((r.double() * w).sum() for r, w in zip(results, cotangents))
+        loss = sum((r.double() * w).sum() for r, w in zip(results, cotangents, strict=True))
         grads = torch.autograd.grad(loss, [*xs, *module.parameters()])
         return [r.detach() for r in results] + [torch.cat(grads[: len(xs)])] + list(grads[len(xs) :])
 

@@ -308,7 +308,7 @@ def test_variational_dropout_the_kernels_cannot_hold_runs_on_the_reference_with_
     with caplog.at_level(logging.WARNING, logger="tritonrnn"):
         got = [train_step() for _ in range(2)][-1]
     for name, a, b in zip(["output", "h_n", "input", *dict(ours.named_parameters())], got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "does not fit this GPU" in messages[0], messages
     with torch.no_grad():  # and dropout was applied: eval mode (no dropout) gives another output
