@@ -352,6 +352,60 @@ def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch, capsys, caplog):
     assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items()), (ours, cudnn)
 
 
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_the_tf32_flag_reaches_the_tune_key_for_fp32_only(monkeypatch, tf32):
+    """kernel_plan asks the tuner for a TF32 key exactly when fp32 runs with torch's TF32 flag on (a TF32 dot is
+    another compiled kernel); bf16 keys never carry it. The tuner is replaced by a recorder: nothing is tuned."""
+    from tritonrnn import autotune, functional
+
+    asked = []
+    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "tuned_plan", lambda key, device, tuner_factory: asked.append(key))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert isinstance(functional.kernel_plan("lstm", 256, 16, dtype, CUDA), _plan.LayerPlan)
+    assert [(key.dtype, key.tf32) for key in asked] == [("fp32", tf32), ("bf16", False)]
+
+
+@pytest.mark.parametrize("dropout_mode", ["standard", "variational"])
+def test_cuda_graph_training_step_with_dropout_has_the_gradients_of_its_masks(monkeypatch, dropout_mode):
+    """Every replay of a captured training step with dropout gives the outputs and gradients of an eager step that
+    uses the seeds this replay drew (the captured seed tensors hold them after the replay), and new seeds each time."""
+    from tritonrnn import dropout
+
+    captured, real_draw = [], dropout.draw
+
+    def recording_draw(p, mode, device="cpu"):
+        drawn = real_draw(p, mode, device)
+        captured.append(drawn.seed)
+        return drawn
+
+    def replaying(seed_values):  # a draw that hands out these seeds in order
+        seeds = iter(seed_values)
+        return lambda p, mode, device="cpu": dropout.LayerDropout(float(p), mode == "variational", next(seeds))
+
+    monkeypatch.setattr(dropout, "draw", recording_draw)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(64, [("lstm", 256), ("gru", 256), ("lstm", 256)], dropout=0.3,
+                                 dropout_mode=dropout_mode).to(CUDA).bfloat16()  # fmt: skip
+    x = torch.randn(48, 16, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out, _ = model(x)
+        return [out, *torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])]
+
+    replay, _ = graphed(step)
+    seed_tensors = captured[-2:]  # the captured call's two dropped layers (its warm-up calls drew the others)
+    seen = []
+    for _ in range(2):
+        got = [t.clone() for t in replay()]
+        seen.append([int(s) for s in seed_tensors])
+        monkeypatch.setattr(dropout, "draw", replaying([s.clone() for s in seed_tensors]))
+        for g, expected in zip(got, step()):
+            torch.testing.assert_close(g, expected)  # bf16's tolerance: cuBLAS may choose other GEMMs under capture
+    assert seen[0] != seen[1]
+
+
 @pytest.mark.parametrize(
     "cell,H,dtype",
     [("lstm", 2048, torch.bfloat16), ("gru", 2048, torch.float16), ("lstm", 1024, torch.float32)],
