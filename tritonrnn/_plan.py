@@ -313,6 +313,22 @@ def with_exchange(plan: LayerPlan, hidden_size: int, dtype: torch.dtype, proj: i
 _logged: set[str] = set()
 
 
+def unpack_saved(ctx) -> tuple[torch.Tensor, ...]:
+    """ctx.saved_tensors; torch's error for a tensor modified in place since forward gets what it means here."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        # The tensor torch names can be a view the user never saw: the kernels take a one-way layer's weight_hh_l{k}
+        # (and weight_hr_l{k}) as [1, rows, columns].
+        raise RuntimeError(
+            f"{error}\ntritonrnn: an input or a parameter of a layer was modified in place between its forward and "
+            "its backward (an optimizer step before backward, say), as torch.nn's layers refuse too; a one-way "
+            "layer's weight_hh_l{k} and weight_hr_l{k} [rows, columns] appear above as [1, rows, columns]"
+        ) from error
+
+
 def refuse_double_backward(what: str) -> None:
     """In a stack-wide backward: a clear error for create_graph=True, which its kernels cannot serve."""
     if torch.is_grad_enabled():

@@ -25,6 +25,7 @@ from tritonrnn._plan import (
     plan_stack,
     refuse_batched_gradients,
     refuse_double_backward,
+    unpack_saved,
     with_exchange,
 )
 from tritonrnn.dropout import LayerDropout
@@ -231,7 +232,7 @@ class FusedStackFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         refuse_double_backward("the fused stack (TRITONRNN_WAVEFRONT=fused)")
         refuse_batched_gradients("the fused stack (TRITONRNN_WAVEFRONT=fused)", grads)
-        x, *tensors = ctx.saved_tensors  # raises if an input was modified in place since forward
+        x, *tensors = unpack_saved(ctx)  # raises if an input was modified in place since forward
         hseq, saved, z, seeds, w_ih, w_hh = ctx.buffers
         cell, plan = ctx.cell, ctx.plan
         L, T1, B, hidden = hseq.shape

@@ -32,6 +32,7 @@ from tritonrnn._plan import (
     log_once,
     plan_layer,
     single_group,
+    unpack_saved,
     with_batch_groups,
     with_exchange,
 )
@@ -340,7 +341,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None, saved=None):
     impl = impl or torch.ops.tritonrnn.layer_backward
-    saved = ctx.saved_tensors if saved is None else saved
+    saved = unpack_saved(ctx) if saved is None else saved
     grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *saved, *ctx.options)
     grads = [g if present else None for g, present in zip(grads, ctx.present)]
     return (*grads, None, None, None, None, None, None, None)
@@ -367,7 +368,7 @@ class _EagerLayer(torch.autograd.Function):
         # (a gradient penalty) the backward must itself be differentiable (cuDNN's is not).
         # (is_grads_batched and jacobian(vectorize=True) hand in the older vmap's batched tensors, also wrappers.)
         # ctx.saved_tensors is read once: torch.utils.checkpoint(use_reentrant=False) allows one unpack per backward.
-        saved = ctx.saved_tensors
+        saved = unpack_saved(ctx)
         tensors = [t for t in (*grads, *saved) if t is not None]
         functorch = torch._C._functorch
         if any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors):

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from tritonrnn._plan import refuse_batched_gradients, refuse_double_backward
+from tritonrnn._plan import refuse_batched_gradients, refuse_double_backward, unpack_saved
 from tritonrnn.layer_run import LayerRun
 
 
@@ -46,7 +46,7 @@ class WavefrontStackFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         refuse_double_backward("the stack on streams (TRITONRNN_WAVEFRONT=N)")
         refuse_batched_gradients("the stack on streams (TRITONRNN_WAVEFRONT=N)", grads)
-        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since forward
+        unpack_saved(ctx)  # raises if an input was modified in place since forward
         runs, chunks = ctx.runs, ctx.chunks
         L = len(runs)
         grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
