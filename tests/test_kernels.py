@@ -441,6 +441,7 @@ def test_bfloat16_cell_state_is_carried_in_float32_over_a_long_sequence():
     ref_out, ref_h, ref_c = reference.layer_forward("lstm", x.float(), zeros, zeros, *weights.values())
     (ref_c.sum() + ref_h.sum()).backward()
     assert rel_err(c_n.cpu(), ref_c) < 5e-3
+    # h_n and the output are themselves bf16 (rounded once, relative spacing up to 2**-8 = 3.9e-3), measured 3.8e-3
     assert rel_err(h_n.cpu(), ref_h) < 1e-2 and rel_err(out.cpu(), ref_out) < 1e-2
     for name, p in lstm.named_parameters():
         assert rel_err(p.grad.cpu(), weights[name].grad) < TOLERANCE[torch.bfloat16], name

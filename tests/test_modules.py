@@ -845,32 +845,35 @@ def test_in_place_ops_on_the_results_are_refused_or_differentiated_correctly(cel
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, t=target: f"{t} {n}: {m}")
 
 
-def _in_place_cases():
-    lstm2, stack = [("lstm", 4)] * 2, [("lstm", 4), ("rnn_tanh", 4)]
-    stack_targets = ["input", "layers.0.weight_ih", "layers.1.weight_hh", "layers.0.bias_hh"]
-    # (model, TRITONRNN_WAVEFRONT, targets that raise, targets forward kept a copy of)
-    return {
-        "LSTM": (lambda: tritonrnn.LSTM(3, 4, num_layers=2), None,
-                 ["input", "weight_ih_l0", "weight_hh_l1", "bias_ih_l0", "bias_hh_l1"], []),
+_LSTM2, _STACK = [("lstm", 4)] * 2, [("lstm", 4), ("rnn_tanh", 4)]
+_STACK_TARGETS = ["input", "layers.0.weight_ih", "layers.1.weight_hh", "layers.0.bias_hh"]
+
+
+# (model, TRITONRNN_WAVEFRONT, targets that raise, targets forward kept a copy of)
+@pytest.mark.parametrize(
+    "make,wavefront,raising,copied",
+    [
+        pytest.param(lambda: tritonrnn.LSTM(3, 4, num_layers=2), None,
+                     ["input", "weight_ih_l0", "weight_hh_l1", "bias_ih_l0", "bias_hh_l1"], [], id="LSTM"),
         # a bidirectional layer's kernels take its two directions' weights concatenated: a copy
-        "GRU-bidirectional": (lambda: tritonrnn.GRU(3, 4, bidirectional=True), None,
-                              ["input"], ["weight_ih_l0", "weight_hh_l0_reverse", "bias_hh_l0"]),
-        "LSTM-proj": (lambda: tritonrnn.LSTM(3, 4, proj_size=2), None, ["weight_hr_l0", "weight_hh_l0"], []),
-        "StackedRNN": (lambda: tritonrnn.StackedRNN(3, stack), None, stack_targets, []),
-        "StackedRNN-fused": (lambda: tritonrnn.StackedRNN(3, lstm2), "fused", stack_targets, []),
-        "StackedRNN-streams": (lambda: tritonrnn.StackedRNN(3, lstm2), "2", stack_targets, []),
-    }  # fmt: skip
-
-
-@pytest.mark.parametrize("case", list(_in_place_cases()))
-def test_inputs_and_weights_modified_in_place_before_backward_raise_or_keep_the_forwards_gradients(monkeypatch, case):
+        pytest.param(lambda: tritonrnn.GRU(3, 4, bidirectional=True), None,
+                     ["input"], ["weight_ih_l0", "weight_hh_l0_reverse", "bias_hh_l0"], id="GRU-bidirectional"),
+        pytest.param(lambda: tritonrnn.LSTM(3, 4, proj_size=2), None, ["weight_hr_l0", "weight_hh_l0"], [],
+                     id="LSTM-proj"),
+        pytest.param(lambda: tritonrnn.StackedRNN(3, _STACK), None, _STACK_TARGETS, [], id="StackedRNN"),
+        pytest.param(lambda: tritonrnn.StackedRNN(3, _LSTM2), "fused", _STACK_TARGETS, [], id="StackedRNN-fused"),
+        pytest.param(lambda: tritonrnn.StackedRNN(3, _LSTM2), "2", _STACK_TARGETS, [], id="StackedRNN-streams"),
+    ],
+)  # fmt: skip
+def test_inputs_and_weights_modified_in_place_before_backward_raise_or_keep_the_forwards_gradients(
+    monkeypatch, make, wavefront, raising, copied
+):
     """The input or a parameter changed in place between forward and backward (an optimizer step too early) never
     gives wrong gradients: backward raises torch's error, with what it means here (a one-way layer's weight_hh
     appears as a [1, rows, columns] view), or, where forward kept a copy, gives the gradients forward's function has.
     A one-way layer's weights raise, as torch.nn's do."""
     from tritonrnn import functional
 
-    make, wavefront, raising, copied = _in_place_cases()[case]
     if wavefront:
         monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
         monkeypatch.setattr(functional, "_layer", None)  # the stack-wide path, not layer by layer
