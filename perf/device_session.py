@@ -110,6 +110,11 @@ STAGES: dict[str, Stage] = {
     "persist": Stage(240, bench="persist", note="where cuDNN runs its persistent kernel"),
     "stacks": Stage(180, bench="stacks", note="dropout and bidirectional overheads"),
     "large": Stage(180, bench="large", note="hidden sizes read in part every step"),
+    "fuzz": Stage(
+        180,
+        (PY, "tests/fuzz.py", "--seed", "1", "--minutes", "2.5"),
+        note="random modules and stacks vs torch.nn, gradients too (tests/fuzz.py)",
+    ),
     "tune": Stage(
         300,
         (
@@ -140,7 +145,7 @@ PLANS: dict[str, list[str]] = {
     "first": ["probe", "warm", "bars", "tests", "bars_tagged", "bars_fused"],
     # The README's table and the committed baseline.
     "baseline": ["warm_quick", "quick"],
-    "more": ["warm_more", "persist", "stacks", "large"],
+    "more": ["warm_more", "persist", "stacks", "large", "fuzz"],
 }
 
 

@@ -1,0 +1,407 @@
+"""A random sweep of tritonrnn, beyond the fixed cases of the tests (a script; tests/test_fuzz.py runs a few of its
+configurations so that it cannot rot).
+
+    python tests/fuzz.py --seed 1 --minutes 20               # against torch.nn holding the same weights
+    python tests/fuzz.py --seed 1 --minutes 20 --concurrent  # several programs a layer: the one-program run's bits
+    python tests/fuzz.py --replay '{"kind": "module", ...}'  # one configuration again, as printed on a failure
+
+Each configuration is a JSON dict drawn from the seed: the LSTM/GRU/RNN modules (layers, bias, batch_first,
+bidirectional, proj_size, dropout) or a StackedRNN (mixed or equal cells, residual, all-layer outputs), batched,
+unbatched or packed input of random lengths, initial states or none, a dtype, and the switches TRITONRNN_WAVEFRONT
+and TRITONRNN_EXCHANGE. Every buffer the kernels fill starts as NaN.
+
+Against torch.nn (the default; CPU under the interpreter, or a GPU): torch.nn modules hold the same weights in
+float64; outputs, final states and the gradients of the input, the initial states and every parameter must agree
+to the tests' tolerances (helpers.TOLERANCE), and the step must run on the kernels (a fallback to the reference or
+to torch.nn fails it). Dropout is drawn in eval mode only, since torch.nn's masks are its own. A failure in a
+reduced precision is run again in the most precise dtype the kernels have (float64 on the CPU, float32 on a GPU):
+if that passes, it is reported as "precision only", to be looked at (a relu pre-activation within rounding of 0
+flips that unit's derivative, say), not as a proven bug.
+
+--concurrent (CPU only): a training step (dropout in both modes) runs on the default grid, one program a layer,
+then with block_h=16 (2-3 programs a layer) under concurrent_interpreter.programs_at_once: a random scheduler seed
+and hand-over probability, weak stores at random, two batch groups in some module cases, and in some the barrier
+counter's limit lowered so that a layer takes several launches. Outputs, states and gradients must be the one-program
+run's bit for bit and NaN-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+# The repository root, where perf/ (which conftest imports) lies, as pytest's pythonpath has it.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from conftest import DEVICE, FALLBACK_PHRASES  # noqa: E402  (first of ours: sets TRITON_INTERPRET before triton)
+from helpers import TOLERANCE, rel_err  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+import tritonrnn  # noqa: E402
+from tritonrnn import _plan  # noqa: E402
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# The kernels' dtypes here: float64 exists on the CPU paths only.
+DTYPES = ["float64", "float32"] if DEVICE.type == "cpu" else ["float32", "bfloat16", "float16"]
+MOST_PRECISE = DTYPES[0]
+
+
+def draw(rng: random.Random, concurrent: bool = False) -> dict:
+    """One random configuration (plain JSON values, so that a failure can be replayed)."""
+    hidden_sizes = [17, 20, 33, 40, 47] if concurrent else [1, 2, 3, 5, 8, 17, 33]
+    dtypes = ["float64", "float32", "bfloat16"] if concurrent else DTYPES
+    steps = rng.randint(1, 6 if concurrent else 8)
+    batch = rng.choice([1, 2, 3, 5, 20]) if concurrent else rng.randint(1, 6)
+    config = {
+        "kind": "stack" if rng.random() < 0.35 else "module",
+        "steps": steps,
+        "batch": batch,
+        "form": rng.choice(["batched", "batched", "batched", "unbatched", "packed"]),
+        "states": rng.random() < 0.5,
+        "bias": rng.random() < 0.8,
+        "batch_first": rng.random() < 0.3,
+        "bidirectional": rng.random() < 0.3,
+        "dtype": rng.choice(dtypes),
+        "wavefront": rng.choice(["0", "0", "fused", "2"]),
+        "exchange": rng.choice(["barrier", "tagged"]),
+        "data_seed": rng.randrange(2**31),
+    }
+    if config["form"] == "packed":
+        config["lengths"] = [rng.randint(1, steps) for _ in range(batch)]
+        config["lengths"][rng.randrange(batch)] = steps
+        config["enforce_sorted"] = False
+    if config["kind"] == "module":
+        cell = rng.choice(CELLS)
+        hidden = rng.choice(hidden_sizes)
+        layers = rng.randint(1, 3)
+        config.update(cell=cell, input_size=rng.randint(1, 12), hidden=hidden, layers=layers)
+        config["proj_size"] = rng.randint(1, hidden - 1) if cell == "lstm" and hidden > 1 and rng.random() < 0.25 else 0
+        config["dropout"] = rng.choice([0.0, 0.0, 0.3]) if layers > 1 else 0.0
+    else:
+        n_layers = rng.randint(2, 4)
+        if rng.random() < 0.5:  # equal layers: the fused stack kernel's case
+            layers = [[rng.choice(CELLS), rng.choice(hidden_sizes)]] * n_layers
+        else:
+            layers = [[rng.choice(CELLS), rng.choice(hidden_sizes)] for _ in range(n_layers)]
+        directions = 2 if config["bidirectional"] else 1
+        residual = len({h for _, h in layers}) == 1 and rng.random() < 0.4
+        config.update(layers=layers, residual=residual, return_all=rng.random() < 0.5)
+        config["input_size"] = directions * layers[0][1] if residual else rng.randint(1, 12)
+        config["dropout"] = rng.choice([0.0, 0.0, 0.3])
+        config["dropout_mode"] = rng.choice(["standard", "variational"])
+    if concurrent:
+        config["training"] = True
+        config["sched_seed"] = rng.randrange(2**31)
+        config["switch_probability"] = rng.choice([0.05, 0.1, 0.3])
+        config["weak_stores"] = rng.random() < 0.5
+        plain_module = config["kind"] == "module" and config["wavefront"] == "0" and not config["proj_size"]
+        config["batch_groups"] = 2 if plain_module and batch > 16 and rng.random() < 0.5 else 1
+        config["max_arrivals"] = 40 if rng.random() < 0.2 else 0
+    else:
+        config["training"] = config["dropout"] == 0.0  # dropout in eval mode only: torch.nn's masks are its own
+    return config
+
+
+# --- building the models --------------------------------------------------------------------------------------
+
+
+def _torch_layer(cell: str, input_size: int, hidden: int, **kwargs) -> nn.Module:
+    if cell.startswith("rnn"):
+        return nn.RNN(input_size, hidden, nonlinearity=cell.split("_")[1], **kwargs)
+    return {"lstm": nn.LSTM, "gru": nn.GRU}[cell](input_size, hidden, **kwargs)
+
+
+def build(config: dict) -> tuple[nn.Module, list[tuple[nn.Module, dict[str, str]]]]:
+    """tritonrnn's model in the config's dtype, and the torch.nn modules (float64) holding its weights: one module,
+    or one a layer for a stack, each with the names of ours its parameters copy."""
+    torch.manual_seed(config["data_seed"])
+    dtype = getattr(torch, config["dtype"])
+    common = dict(bias=config["bias"], batch_first=config["batch_first"], bidirectional=config["bidirectional"])
+    if config["kind"] == "module":
+        kwargs = dict(common, num_layers=config["layers"], dropout=config["dropout"])
+        if config["proj_size"]:
+            kwargs["proj_size"] = config["proj_size"]
+        ours = _our_module(config["cell"], config["input_size"], config["hidden"], kwargs)
+        theirs = _torch_layer(config["cell"], config["input_size"], config["hidden"], **kwargs)
+        pairs = [(theirs, {name: name for name, _ in theirs.named_parameters()})]
+    else:
+        ours = tritonrnn.StackedRNN(
+            config["input_size"], [tuple(layer) for layer in config["layers"]], dropout=config["dropout"],
+            dropout_mode=config["dropout_mode"], residual=config["residual"], **common,
+        )  # fmt: skip
+        pairs, size = [], config["input_size"]
+        for index, (cell, hidden) in enumerate(config["layers"]):
+            theirs = _torch_layer(cell, size, hidden, **common)
+            names = {name: f"layers.{index}.{name.replace('_l0', '')}" for name, _ in theirs.named_parameters()}
+            pairs.append((theirs, names))
+            size = hidden * (2 if config["bidirectional"] else 1)
+    ours = ours.to(DEVICE, dtype).train(config["training"])
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for theirs, names in pairs:
+            theirs.to(DEVICE, torch.float64).train(config["training"])
+            for name, p in theirs.named_parameters():
+                p.copy_(mine[names[name]])
+    return ours, pairs
+
+
+def _our_module(cell: str, input_size: int, hidden: int, kwargs: dict) -> nn.Module:
+    if cell.startswith("rnn"):
+        return tritonrnn.RNN(input_size, hidden, nonlinearity=cell.split("_")[1], **kwargs)
+    return {"lstm": tritonrnn.LSTM, "gru": tritonrnn.GRU}[cell](input_size, hidden, **kwargs)
+
+
+def _state_shapes(config: dict) -> list[list[tuple[int, ...]]]:
+    """Per layer of states (one entry for a module), the shapes of (h,) or (h, c)."""
+    D = 2 if config["bidirectional"] else 1
+    lead = (config["batch"],) if config["form"] != "unbatched" else ()
+    if config["kind"] == "module":
+        h_size = config["proj_size"] or config["hidden"]
+        shapes = [(D * config["layers"], *lead, h_size)]
+        if config["cell"] == "lstm":
+            shapes.append((D * config["layers"], *lead, config["hidden"]))
+        return [shapes]
+    return [[(D, *lead, hidden)] * (2 if cell == "lstm" else 1) for cell, hidden in config["layers"]]
+
+
+def inputs(config: dict) -> tuple[torch.Tensor, list[list[torch.Tensor]] | None]:
+    """The input (padded for packed configs: [B, T, F] if batch_first else [T, B, F]; [T, F] unbatched) and the
+    initial states (None: not given), float64."""
+    gen = torch.Generator().manual_seed(config["data_seed"] + 1)
+    T, B, F = config["steps"], config["batch"], config["input_size"]
+    if config["form"] == "unbatched":
+        shape = (T, F)
+    else:
+        shape = (B, T, F) if config["batch_first"] else (T, B, F)
+    x = torch.randn(shape, dtype=torch.float64, generator=gen)
+    states = None
+    if config["states"]:
+        shapes = _state_shapes(config)
+        states = [[torch.randn(s, dtype=torch.float64, generator=gen) for s in layer] for layer in shapes]
+    return x, states
+
+
+# --- one step -------------------------------------------------------------------------------------------------
+
+
+def _pack(config: dict, x: torch.Tensor):
+    if config["form"] != "packed":
+        return x
+    return pack_padded_sequence(x, torch.tensor(config["lengths"]), batch_first=config["batch_first"],
+                                enforce_sorted=config["enforce_sorted"])  # fmt: skip
+
+
+def _data(y) -> torch.Tensor:
+    return y.data if isinstance(y, PackedSequence) else y
+
+
+def _as_arg(layer_states: list[torch.Tensor]):
+    return tuple(layer_states) if len(layer_states) == 2 else layer_states[0]
+
+
+def _flat(states) -> list[torch.Tensor]:
+    return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
+
+
+def step(config: dict, model: nn.Module, torch_layers=None) -> tuple[list[torch.Tensor], list[str]]:
+    """One forward and backward pass of ``model`` (tritonrnn's), or with ``torch_layers`` of the torch.nn modules
+    composed as the config says, in float64. Returns the results (outputs, final states, then the gradients of the
+    input, the initial states and ours' parameters, in ours' order) and their names."""
+    x, states = inputs(config)
+    dtype = torch.float64 if torch_layers is not None else getattr(torch, config["dtype"])
+    x = x.to(DEVICE, dtype).requires_grad_()
+    states = [[s.to(DEVICE, dtype).requires_grad_() for s in layer] for layer in states] if states else None
+    torch.manual_seed(config["data_seed"] + 2)  # dropout's masks, in training
+    if torch_layers is None:
+        params = list(model.named_parameters())
+        if config["kind"] == "module":
+            out, final = model(_pack(config, x), _as_arg(states[0]) if states else None)
+            outs, final = [out], [final]
+        else:
+            outs, final = model(_pack(config, x), [_as_arg(s) for s in states] if states else None,
+                                return_all_layers=config["return_all"])  # fmt: skip
+            outs = outs if config["return_all"] else [outs]
+    else:
+        params = [(ours_name, p) for theirs, names in torch_layers for name, p in theirs.named_parameters()
+                  for ours_name in [names[name]]]  # fmt: skip
+        order = [name for name, _ in model.named_parameters()]
+        params.sort(key=lambda item: order.index(item[0]))
+        y, outs, final = _pack(config, x), [], []
+        for index, (theirs, _) in enumerate(torch_layers):
+            below = y
+            y, state = theirs(y, _as_arg(states[index]) if states else None)
+            if config["kind"] == "stack" and config["residual"]:
+                y = _add(y, below)
+            outs.append(y)
+            final.append(state)
+        if config["kind"] == "module" or not config["return_all"]:
+            outs = outs[-1:]
+    results = [_data(y) for y in outs] + _flat(final)
+    names = [f"output{k}" for k in range(len(outs))] + [f"state{k}" for k in range(len(results) - len(outs))]
+    gen = torch.Generator().manual_seed(config["data_seed"] + 3)
+    cotangents = [torch.randn(r.shape, dtype=torch.float64, generator=gen).to(DEVICE) for r in results]
+    loss = sum((r.double() * c).sum() for r, c in zip(results, cotangents))
+    initial = [t for layer in states or [] for t in layer]
+    leaves = [("input", x), *[(f"h0.{k}", s) for k, s in enumerate(initial)], *params]
+    grads = torch.autograd.grad(loss, [leaf for _, leaf in leaves], allow_unused=True)
+    for (name, leaf), grad in zip(leaves, grads):
+        results.append(torch.zeros_like(leaf) if grad is None else grad)
+        names.append(f"grad {name}")
+    return [r.detach() for r in results], names
+
+
+def _add(y, x):
+    if isinstance(y, PackedSequence):
+        return y._replace(data=y.data + x.data)
+    return y + x
+
+
+class _Fallbacks(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record):
+        self.seen.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def switches(config: dict):
+    """The config's TRITONRNN_WAVEFRONT and TRITONRNN_EXCHANGE set around the block; yields the problems list with
+    the fallbacks (to the reference or torch.nn) logged inside added once it ends. A fused stack declined is not one:
+    that is what TRITONRNN_WAVEFRONT=fused does with a stack it cannot fuse."""
+    saved = {key: os.environ.get(key) for key in ("TRITONRNN_WAVEFRONT", "TRITONRNN_EXCHANGE")}
+    os.environ["TRITONRNN_WAVEFRONT"] = config["wavefront"]
+    os.environ["TRITONRNN_EXCHANGE"] = config["exchange"]
+    handler = _Fallbacks()
+    logging.getLogger("tritonrnn").addHandler(handler)
+    _plan._logged.clear()  # log_once logs each message once per process: every configuration's fallbacks are seen
+    problems: list[str] = []
+    try:
+        yield problems
+    finally:
+        logging.getLogger("tritonrnn").removeHandler(handler)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    problems += [f"fell back: {m}" for m in handler.seen if any(p in m for p in FALLBACK_PHRASES) and
+                 "layer by layer" not in m]  # fmt: skip
+
+
+def run_config(config: dict) -> list[str]:
+    """The problems of one configuration against torch.nn (empty: it passed)."""
+    with switches(config) as problems:
+        ours, torch_layers = build(config)
+        actual, names = step(config, ours)
+        expected, _ = step(config, ours, torch_layers)
+    tolerance = TOLERANCE[getattr(torch, config["dtype"])]
+    for name, a, b in zip(names, actual, expected):
+        if a.shape != b.shape:
+            problems.append(f"{name}: shape {tuple(a.shape)}, torch.nn's {tuple(b.shape)}")
+        elif (err := rel_err(a, b)) > tolerance or not math.isfinite(err):
+            problems.append(f"{name}: relative error {err:.2e} above {tolerance:.0e}")
+    return problems
+
+
+# --- several programs at once (CPU) ---------------------------------------------------------------------------
+
+# The kernels each concurrent configuration ran on several programs, counted over the sweep.
+SPLIT_KERNELS: collections.Counter[str] = collections.Counter()
+
+
+def run_concurrent(config: dict) -> list[str]:
+    """The problems of one configuration on several programs a layer against one program (empty: it passed)."""
+    from concurrent_interpreter import programs_at_once  # the interpreter's internals: CPU only
+
+    fields = dict(block_h=16, persistent=True)
+    if config["batch_groups"] > 1:
+        fields["batch_groups"] = config["batch_groups"]
+    saved_limit = _plan.MAX_BARRIER_ARRIVALS
+    with switches(config) as problems:
+        ours, _ = build(config)
+        one, names = step(config, ours)
+        try:
+            if config["max_arrivals"]:
+                _plan.MAX_BARRIER_ARRIVALS = config["max_arrivals"]
+            with programs_at_once(config["sched_seed"], config["switch_probability"],
+                                  weak_stores=config["weak_stores"]) as launches:  # fmt: skip
+                _plan.force_plan(**fields)
+                several, _ = step(config, ours)
+        finally:
+            _plan.force_plan()
+            _plan.MAX_BARRIER_ARRIVALS = saved_limit
+    split = {launch.kernel for launch in launches if launch.SYNC and launch.programs > 1}
+    SPLIT_KERNELS.update(split)
+    if not split:
+        problems.append(f"no persistent launch of several programs: {launches}")
+    for name, a, b in zip(names, one, several):
+        if torch.isnan(a).any() or torch.isnan(b).any():
+            problems.append(f"{name}: NaN")
+        elif not torch.equal(a, b):
+            problems.append(f"{name}: differs from one program's by {rel_err(b, a):.2e}")
+    return problems
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------
+
+
+def check(config: dict) -> tuple[str, list[str]]:
+    """("pass" | "precision only" | "fail", problems) of one configuration."""
+    if "sched_seed" in config:
+        problems = run_concurrent(config)
+        return ("fail" if problems else "pass"), problems
+    problems = run_config(config)
+    if problems and config["dtype"] != MOST_PRECISE:
+        if not run_config(dict(config, dtype=MOST_PRECISE)):
+            return "precision only", problems
+    return ("fail" if problems else "pass"), problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--count", type=int, default=0, help="stop after this many configurations (0: no limit)")
+    parser.add_argument("--concurrent", action="store_true", help="several programs a layer (CPU only)")
+    parser.add_argument("--replay", help="one configuration, as printed on a failure")
+    args = parser.parse_args(argv)
+    _plan.empty_buffer = lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if args.concurrent and DEVICE.type != "cpu":
+        parser.error("--concurrent runs the interpreter's threads: CPU only")
+    if args.replay:
+        verdict, problems = check(json.loads(args.replay))
+        print(verdict, *problems, sep="\n  ")
+        return 0 if verdict == "pass" else 1
+    rng = random.Random(args.seed)
+    end = time.monotonic() + 60 * args.minutes
+    tally: dict[str, int] = {}
+    while time.monotonic() < end and (not args.count or sum(tally.values()) < args.count):
+        config = draw(rng, args.concurrent)
+        try:
+            verdict, problems = check(config)
+        except Exception as error:  # a crash is a finding too: report it with the config and go on
+            verdict, problems = "fail", [f"raised {type(error).__name__}: {error}"]
+        tally[verdict] = tally.get(verdict, 0) + 1
+        if verdict != "pass":
+            print(f"{verdict}: {json.dumps(config)}", *problems[:8], sep="\n  ", flush=True)
+    print(f"seed {args.seed}: {sum(tally.values())} configurations, {tally} ({DEVICE})", flush=True)
+    if SPLIT_KERNELS:
+        print(f"kernels run on several programs (configurations): {dict(SPLIT_KERNELS)}")
+    return 0 if set(tally) <= {"pass"} else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""tests/fuzz.py, the random sweep, kept working: a few of its configurations pass in each mode, and each mode fails
+once the kernels are broken (a sweep that could not fail would prove nothing)."""
+
+from __future__ import annotations
+
+import random
+
+import fuzz
+import pytest
+import triton
+import triton.language as tl
+from conftest import DEVICE, fallback_expected
+
+import tritonrnn
+from tritonrnn.kernels import recurrent
+
+
+def _configs(seed: int, count: int, concurrent: bool = False, keep=lambda config: True) -> list[dict]:
+    rng = random.Random(seed)
+    configs = []
+    while len(configs) < count:
+        config = fuzz.draw(rng, concurrent)
+        if keep(config):
+            configs.append(config)
+    return configs
+
+
+def test_the_sweep_against_torch_passes():
+    # The sweep judges the fallbacks itself: a fused stack declined (TRITONRNN_WAVEFRONT=fused on a stack it cannot
+    # fuse) is logged and allowed, the reference or torch.nn fails the configuration.
+    with fallback_expected():
+        assert fuzz.main(["--seed", "7", "--count", "12" if DEVICE.type == "cpu" else "4"]) == 0  # GPU: compiles
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's threads (CPU only)")
+def test_the_concurrent_sweep_passes():
+    with fallback_expected():
+        assert fuzz.main(["--seed", "7", "--count", "4", "--concurrent"]) == 0
+
+
+@triton.jit
+def _sigmoid_off_by_a_percent(x):
+    return 1.01 / (1.0 + tl.exp(-x))
+
+
+def _gated_layer_by_layer(config: dict) -> bool:
+    """An LSTM or GRU module on the layer kernels (the fused stack kernel has its own copy of the cells)."""
+    return config["kind"] == "module" and config["cell"] in ("lstm", "gru") and config["wavefront"] == "0" \
+        and not config["proj_size"]  # fmt: skip
+
+
+def test_the_sweep_fails_on_a_wrong_gate(monkeypatch):
+    configs = _configs(3, 3, keep=_gated_layer_by_layer)
+    monkeypatch.setattr(recurrent, "sigmoid", _sigmoid_off_by_a_percent)
+    for config in configs:
+        verdict, problems = fuzz.check(config)
+        assert verdict == "fail" and any("relative error" in p for p in problems), (config, problems)
+
+
+@triton.jit
+def _no_barrier(counter, target):
+    pass
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's threads (CPU only)")
+def test_the_concurrent_sweep_fails_without_the_grid_barrier(monkeypatch):
+    """Without the layer kernels' grid barrier, programs read h and gate gradients before the others wrote them."""
+    configs = _configs(4, 3, concurrent=True, keep=lambda c: _gated_layer_by_layer(c) and c["exchange"] == "barrier")
+    monkeypatch.setattr(recurrent, "grid_barrier", _no_barrier)
+    for config in configs:
+        verdict, problems = fuzz.check(config)
+        assert verdict == "fail" and any("NaN" in p or "differs" in p for p in problems), (config, problems)
+
+
+def test_a_failure_in_a_reduced_precision_is_rerun_in_the_most_precise(monkeypatch):
+    """A reduced-precision failure that the most precise dtype passes is "precision only", one it fails too "fail"."""
+    config = dict(_configs(5, 1, keep=lambda c: c["dtype"] != fuzz.MOST_PRECISE)[0])
+    dtypes = []
+
+    def run_config(config):
+        dtypes.append(config["dtype"])
+        return ["off"] if config["dtype"] != fuzz.MOST_PRECISE or fail_precise else []
+
+    monkeypatch.setattr(fuzz, "run_config", run_config)
+    fail_precise = False
+    assert fuzz.check(config)[0] == "precision only"
+    fail_precise = True
+    assert fuzz.check(config)[0] == "fail"
+    assert dtypes == [config["dtype"], fuzz.MOST_PRECISE] * 2
+
+
+@pytest.mark.fallback
+def test_a_configuration_that_falls_back_fails(monkeypatch):
+    """A configuration must run on the kernels: torch.nn or the reference standing in for them fails it, though its
+    results agree."""
+    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", lambda *args: "does not fit this GPU")
+    monkeypatch.setattr(tritonrnn.layer_op, "plan_layer", lambda *args: "does not fit this GPU")
+    for config in _configs(6, 2, keep=lambda c: c["kind"] == "module" and c["dtype"] == fuzz.MOST_PRECISE):
+        verdict, problems = fuzz.check(config)
+        assert verdict == "fail" and all(p.startswith("fell back: ") for p in problems), (config, problems)
