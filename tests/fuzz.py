@@ -108,6 +108,8 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         plain_module = config["kind"] == "module" and config["wavefront"] == "0" and not config["proj_size"]
         config["batch_groups"] = 2 if plain_module and batch > 16 and rng.random() < 0.5 else 1
         config["max_arrivals"] = 40 if rng.random() < 0.2 else 0
+        config["dropout_mode"] = rng.choice(["standard", "variational"])
+        config["weight_drop"] = rng.choice([0.0, 0.0, 0.2]) if config["kind"] == "stack" else 0.0
     else:
         config["training"] = config["dropout"] == 0.0  # dropout in eval mode only: torch.nn's masks are its own
     return config
@@ -132,13 +134,15 @@ def build(config: dict) -> tuple[nn.Module, list[tuple[nn.Module, dict[str, str]
         kwargs = dict(common, num_layers=config["layers"], dropout=config["dropout"])
         if config["proj_size"]:
             kwargs["proj_size"] = config["proj_size"]
-        ours = _our_module(config["cell"], config["input_size"], config["hidden"], kwargs)
+        mode = dict(dropout_mode=config["dropout_mode"]) if "dropout_mode" in config else {}  # torch.nn has none
+        ours = _our_module(config["cell"], config["input_size"], config["hidden"], dict(kwargs, **mode))
         theirs = _torch_layer(config["cell"], config["input_size"], config["hidden"], **kwargs)
         pairs = [(theirs, {name: name for name, _ in theirs.named_parameters()})]
     else:
         ours = tritonrnn.StackedRNN(
             config["input_size"], [tuple(layer) for layer in config["layers"]], dropout=config["dropout"],
-            dropout_mode=config["dropout_mode"], residual=config["residual"], **common,
+            dropout_mode=config["dropout_mode"], residual=config["residual"],
+            weight_drop=config.get("weight_drop", 0.0), **common,
         )  # fmt: skip
         pairs, size = [], config["input_size"]
         for index, (cell, hidden) in enumerate(config["layers"]):
