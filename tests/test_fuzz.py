@@ -25,17 +25,21 @@ def _configs(seed: int, count: int, concurrent: bool = False, keep=lambda config
     return configs
 
 
-def test_the_sweep_against_torch_passes():
-    # The sweep judges the fallbacks itself: a fused stack declined (TRITONRNN_WAVEFRONT=fused on a stack it cannot
-    # fuse) is logged and allowed, the reference or torch.nn fails the configuration.
+@pytest.fixture(autouse=True)
+def sweep_judges_fallbacks():
+    """The sweep judges the fallbacks itself: a fused stack declined (TRITONRNN_WAVEFRONT=fused on a stack it cannot
+    fuse) is logged and allowed, the reference or torch.nn fails the configuration."""
     with fallback_expected():
-        assert fuzz.main(["--seed", "7", "--count", "12" if DEVICE.type == "cpu" else "4"]) == 0  # GPU: compiles
+        yield
+
+
+def test_the_sweep_against_torch_passes():
+    assert fuzz.main(["--seed", "7", "--count", "12" if DEVICE.type == "cpu" else "4"]) == 0  # GPU: compiles
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's threads (CPU only)")
 def test_the_concurrent_sweep_passes():
-    with fallback_expected():
-        assert fuzz.main(["--seed", "7", "--count", "4", "--concurrent"]) == 0
+    assert fuzz.main(["--seed", "7", "--count", "4", "--concurrent"]) == 0
 
 
 @triton.jit
@@ -44,13 +48,21 @@ def _sigmoid_off_by_a_percent(x):
 
 
 def _gated_layer_by_layer(config: dict) -> bool:
-    """An LSTM or GRU module on the layer kernels (the fused stack kernel has its own copy of the cells)."""
+    """An LSTM or GRU module on the layer kernels, as the concurrent sweep's barrier test wants."""
     return config["kind"] == "module" and config["cell"] in ("lstm", "gru") and config["wavefront"] == "0" \
         and not config["proj_size"]  # fmt: skip
 
 
+def _gated(config: dict) -> bool:
+    cells = [config["cell"]] if config["kind"] == "module" else [cell for cell, _ in config["layers"]]
+    return all(cell in ("lstm", "gru") for cell in cells)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a @triton.jit global replaced reaches the interpreter at once")
 def test_the_sweep_fails_on_a_wrong_gate(monkeypatch):
-    configs = _configs(3, 3, keep=_gated_layer_by_layer)
+    """Every kernel's cells (the layer kernels', the projection's, the stack kernel's) take recurrent.py's sigmoid."""
+    configs = _configs(3, 6, keep=_gated)
+    assert {c["kind"] for c in configs} == {"module", "stack"}
     monkeypatch.setattr(recurrent, "sigmoid", _sigmoid_off_by_a_percent)
     for config in configs:
         verdict, problems = fuzz.check(config)
