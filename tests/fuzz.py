@@ -13,7 +13,8 @@ and TRITONRNN_EXCHANGE. Every buffer the kernels fill starts as NaN.
 Against torch.nn (the default; CPU under the interpreter, or a GPU): torch.nn modules hold the same weights in
 float64; outputs, final states and the gradients of the input, the initial states and every parameter must agree
 to the tests' tolerances (helpers.TOLERANCE), and the step must run on the kernels (a fallback to the reference or
-to torch.nn fails it). Dropout is drawn in eval mode only, since torch.nn's masks are its own. A failure in a
+to torch.nn fails it). With dropout in training (torch.nn's masks are its own) the expected values come from a
+float64 copy of the model on the reference implementation, which draws the kernels' masks. A failure in a
 reduced precision is run again in the most precise dtype the kernels have (float64 on the CPU, float32 on a GPU):
 if that passes, it is reported as "precision only", to be looked at (a relu pre-activation within rounding of 0
 flips that unit's derivative, say), not as a proven bug.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -49,7 +51,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
 
 import tritonrnn  # noqa: E402
-from tritonrnn import _plan  # noqa: E402
+from tritonrnn import _plan, layer_op, layer_run  # noqa: E402
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 # The kernels' dtypes here: float64 exists on the CPU paths only.
@@ -111,7 +113,11 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         config["dropout_mode"] = rng.choice(["standard", "variational"])
         config["weight_drop"] = rng.choice([0.0, 0.0, 0.2]) if config["kind"] == "stack" else 0.0
     else:
-        config["training"] = config["dropout"] == 0.0  # dropout in eval mode only: torch.nn's masks are its own
+        # With dropout in training the check is against the float64 reference run of the same model, which draws
+        # the kernels' masks (torch.nn's are its own).
+        config["training"] = config["dropout"] == 0.0 or rng.random() < 0.5
+        if config["kind"] == "module" and config["training"] and config["dropout"]:
+            config["dropout_mode"] = rng.choice(["standard", "variational"])
     return config
 
 
@@ -305,12 +311,31 @@ def switches(config: dict):
                  "layer by layer" not in m]  # fmt: skip
 
 
+def reference_step(config: dict, model: nn.Module) -> list[torch.Tensor]:
+    """``step`` of a float64 copy of ``model`` on the reference implementation, with the same dropout seeds (so the
+    kernels' masks): the layers' plans say the kernels cannot hold them, and the kernels' launcher is taken away."""
+    model = copy.deepcopy(model).double()
+    saved = layer_op.plan_layer, layer_run.LayerRun.__init__
+    layer_op.plan_layer = lambda *args: "the sweep's reference run"
+    layer_run.LayerRun.__init__ = None  # the kernels must not be reached
+    try:
+        with switches(dict(config, wavefront="0")):  # its fallbacks are its purpose: their problems are dropped
+            return step(dict(config, dtype="float64"), model)[0]
+    finally:
+        layer_op.plan_layer, layer_run.LayerRun.__init__ = saved
+
+
 def run_config(config: dict) -> list[str]:
-    """The problems of one configuration against torch.nn (empty: it passed)."""
+    """The problems of one configuration against torch.nn, or with dropout in training against the reference
+    (empty: it passed)."""
+    against_reference = config["training"] and config["dropout"] > 0
     with switches(config) as problems:
         ours, torch_layers = build(config)
         actual, names = step(config, ours)
-        expected, _ = step(config, ours, torch_layers)
+        if not against_reference:
+            expected, _ = step(config, ours, torch_layers)
+    if against_reference:  # outside: its fallbacks are not this run's
+        expected = reference_step(config, ours)
     tolerance = TOLERANCE[getattr(torch, config["dtype"])]
     for name, a, b in zip(names, actual, expected):
         if a.shape != b.shape:
@@ -362,13 +387,48 @@ def run_concurrent(config: dict) -> list[str]:
 # --- the sweep ------------------------------------------------------------------------------------------------
 
 
+class _InDtype(nn.Module):
+    """A torch.nn layer run in another dtype on step's float64 values, its results back in float64."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.layer, self.dtype = copy.deepcopy(layer).to(dtype), dtype
+
+    def named_parameters(self, *args, **kwargs):  # the names step maps: the layer's own
+        return self.layer.named_parameters(*args, **kwargs)
+
+    def forward(self, y, hx):
+        def cast(value, dtype):
+            if isinstance(value, tuple) and not isinstance(value, PackedSequence):
+                return tuple(cast(v, dtype) for v in value)
+            return value.to(dtype) if value is not None else None
+
+        out, state = self.layer(cast(y, self.dtype), cast(hx, self.dtype))
+        return cast(out, torch.float64), cast(state, torch.float64)
+
+
+def torch_errors(config: dict) -> dict[str, float]:
+    """torch.nn's own relative errors in the config's dtype against float64, by result name: how well the problem
+    is conditioned (outside dropout in training, whose reference is ours)."""
+    ours, torch_layers = build(config)
+    expected, names = step(config, ours, torch_layers)
+    dtype = getattr(torch, config["dtype"])
+    theirs, _ = step(config, ours, [(_InDtype(layer, dtype), n) for layer, n in torch_layers])
+    return {name: rel_err(a, b) for name, a, b in zip(names, theirs, expected)}
+
+
 def check(config: dict) -> tuple[str, list[str]]:
-    """("pass" | "precision only" | "fail", problems) of one configuration."""
+    """("pass" | "precision only" | "fail", problems) of one configuration. A reduced-precision failure says, for
+    each tensor, what torch.nn reaches in that dtype on the same inputs."""
     if "sched_seed" in config:
         problems = run_concurrent(config)
         return ("fail" if problems else "pass"), problems
     problems = run_config(config)
     if problems and config["dtype"] != MOST_PRECISE:
+        if not (config["training"] and config["dropout"]):
+            theirs = torch_errors(config)
+            problems = [f"{p} (torch.nn in {config['dtype']}: {theirs[p.split(':')[0]]:.2e})"
+                        if p.split(":")[0] in theirs else p for p in problems]  # fmt: skip
         if not run_config(dict(config, dtype=MOST_PRECISE)):
             return "precision only", problems
     return ("fail" if problems else "pass"), problems
