@@ -82,7 +82,9 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
     if config["form"] == "packed":
         config["lengths"] = [rng.randint(1, steps) for _ in range(batch)]
         config["lengths"][rng.randrange(batch)] = steps
-        config["enforce_sorted"] = False
+        config["enforce_sorted"] = rng.random() < 0.3
+        if config["enforce_sorted"]:
+            config["lengths"].sort(reverse=True)
     if config["kind"] == "module":
         cell = rng.choice(CELLS)
         hidden = rng.choice(hidden_sizes)
