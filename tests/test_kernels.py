@@ -540,6 +540,29 @@ def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatc
     assert len(caplog.records) == 1 and "does not fit" in caplog.records[0].getMessage()
 
 
+def test_amd_gpus_take_the_fallbacks_before_the_gpu_is_asked_anything(monkeypatch):
+    """On ROCm torch calls an AMD GPU "cuda": a layer's plan, the fused stack's and kernel_plan (which the modules ask)
+    give the reason, so the modules run torch.nn's implementation and stacks the reference (those fallbacks:
+    test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once, test_modules' ..._runs_on_torch_nn)."""
+    from tritonrnn.layer_run import Variant
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_plan, "_sm_count", lambda index: 132)
+    assert isinstance(_plan.plan_layer("lstm", 256, 16, torch.bfloat16, cuda), _plan.LayerPlan)  # NVIDIA: kernels
+
+    def asked(*args):
+        raise AssertionError("the GPU was asked for its properties")
+
+    monkeypatch.setattr(_plan, "_sm_count", asked)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    reasons = {
+        _plan.plan_layer("lstm", 256, 16, torch.bfloat16, cuda),
+        _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, cuda),
+        tritonrnn.functional.kernel_plan("rnn_tanh", 256, 16, torch.float16, cuda, Variant(directions=2)),
+    }
+    assert reasons == {"an AMD GPU (ROCm), where the kernels have not been run yet"}
+
+
 @pytest.mark.parametrize(
     "variant",
     [

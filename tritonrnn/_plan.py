@@ -152,6 +152,13 @@ def plan_layer(
     # fp32's dot (no tensor cores in IEEE mode) spills kilobytes per thread with 32-row tiles (perf/NOTES.md).
     block_b = MIN_DOT if batch <= MIN_DOT or dtype == torch.float32 else 32
     if device.type == "cuda":
+        if torch.version.hip is not None:
+            # torch's "cuda" device on ROCm. Triton compiles the kernels for it, but their cross-program handshakes
+            # are written for NVIDIA's one L2 that all SMs share. An MI300 has an L2 per XCD: in the LSTM's forward
+            # compiled for gfx942 (Triton 3.9), the tagged words are plain stores left in the writer's L2 (no
+            # release), polled by loads that read past it, so other XCDs may never see them. Until the kernels
+            # have been run on an AMD GPU: the fallbacks, which are correct.
+            return "an AMD GPU (ROCm), where the kernels have not been run yet"
         if dtype not in MAX_HIDDEN:
             return f"{dtype} on the GPU"
         if hidden_size > MAX_HIDDEN[dtype]:
