@@ -371,7 +371,7 @@ def run_concurrent(config: dict) -> list[str]:
         try:
             # Step by step, the launch boundary is the barrier: programs run one after another, race-free.
             _plan.force_plan(**fields, persistent=False)
-            one, names = step(config, ours)
+            stepwise, names = step(config, ours)
             if config["max_arrivals"]:
                 _plan.MAX_BARRIER_ARRIVALS = config["max_arrivals"]
             with programs_at_once(config["sched_seed"], config["switch_probability"],
@@ -385,7 +385,7 @@ def run_concurrent(config: dict) -> list[str]:
     SPLIT_KERNELS.update(split)
     if not split:
         problems.append(f"no persistent launch of several programs: {launches}")
-    for name, a, b in zip(names, one, several):
+    for name, a, b in zip(names, stepwise, several):
         if torch.isnan(a).any() or torch.isnan(b).any():
             problems.append(f"{name}: NaN")
         elif not torch.equal(a, b):
