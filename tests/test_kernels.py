@@ -448,21 +448,6 @@ def test_reference_matches_torch(bidirectional):
             torch.testing.assert_close(c_n, states[1])
 
 
-def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
-    """CPU tensors go to the reference when the interpreter is off, and still match torch.nn."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    calls = []
-    real = reference.layer_forward
-    monkeypatch.setattr(reference, "layer_forward", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    monkeypatch.setattr(tritonrnn.layer_op, "layer", None)  # must not be reached
-    torch.manual_seed(0)
-    ours, theirs = make_pair("gru", 3, 5, num_layers=2)
-    x = torch.randn(4, 2, 3, dtype=torch.float64)
-    out, _ = ours(x)
-    torch.testing.assert_close(out, theirs(x)[0])
-    assert calls == ["gru", "gru"]
-
-
 def test_long_sequence_on_the_cpu_path(monkeypatch):
     """T = 100000 steps (the CPU reference path; the kernels' 64-bit offsets are a GPU test)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tritonrnn import layer_op, reference, scheduler
+from tritonrnn import layer_op, native_cpu, reference, scheduler
 from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.fused_stack import fused_stack
@@ -57,14 +57,15 @@ def _layer(
     dropout: LayerDropout | None = None,
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """One layer on the kernels, or on the reference where they cannot run it (``reference.layer``'s contract)."""
+    """One layer on the kernels, or where they cannot run it on torch's CPU op (CPU tensors, no interpreter) or the
+    reference (``reference.layer``'s contract)."""
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
     if not torch.compiler.is_compiling() and not layer_op.without_data(x):
         # Where the kernels cannot run it, the reference under autograd (tritonrnn::layer, which a traced graph
         # calls, would run the reference again for the backward).
         if x.device.type == "cpu" and not interpret_mode():
-            return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
+            return native_cpu.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
         variant = _variant(D, residual, dropout, w_hr[0], lengths)
         if isinstance(layer_op.plan_or_reason(cell, x, weights[0][1], variant), str):
             return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)

@@ -120,7 +120,7 @@ def fused_stack(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None:  # fmt: skip
     """The stack through FusedStackFunction, or None where the stack kernel cannot run it (logged once)."""
     if len(layers) < 2 or (x.device.type == "cpu" and not interpret_mode()):
-        return None  # one layer: the single-layer kernels are the same loop; CPU tensors: the reference, by design
+        return None  # one layer: the single-layer kernels are the same loop; CPU tensors: torch's CPU op, by design
     cells = [layer.cell for layer in layers]
     hidden = [layer.weights[0][1].shape[0] // CELLS[layer.cell][1] for layer in layers]
     reason = None

@@ -178,7 +178,7 @@ def _directions(w_ih, w_hh, b_ih, b_hh, w_hr) -> list[tuple]:
 
 def plan_or_reason(cell: str, x: Tensor, w_hh: Tensor, variant: Variant) -> LayerPlan | str:
     """The kernels' plan for this layer, or why they cannot run it (logged once, except for CPU tensors without
-    the interpreter: they run the reference by design). w_hh: [G*H, N] or [D, G*H, N]."""
+    the interpreter: they run torch's CPU op by design, tritonrnn/native_cpu.py). w_hh: [G*H, N] or [D, G*H, N]."""
     if x.device.type == "cpu" and not interpret_mode():
         return "no Triton interpreter on the CPU"
     hidden = w_hh.shape[-2] // CELLS[cell][1]

@@ -1,8 +1,8 @@
 """Pure-PyTorch recurrent layers: the one statement of the math.
 
-Tests compare the kernels against it (in float64), perf measures errors with it, and CPU tensors
-run on it when the Triton interpreter is off. Gate orders are torch.nn's: LSTM (i, f, g, o),
-GRU (r, z, n) with the hidden bias of n inside ``r * (W_hn h + b_hn)``.
+Tests compare the kernels against it (in float64), perf measures errors with it, and the layers the
+kernels cannot run (on the CPU: those torch's own CPU op cannot, tritonrnn/native_cpu.py) run on it.
+Gate orders are torch.nn's: LSTM (i, f, g, o), GRU (r, z, n) with the hidden bias of n inside ``r * (W_hn h + b_hn)``.
 Half-precision inputs are computed in float32 (the kernels' state and accumulation precision)
 and the outputs rounded back.
 
@@ -145,6 +145,21 @@ def layer(
     y = torch.cat([r[0] for r in results], dim=-1)
     h_n = torch.stack([r[1] for r in results])
     c_n = torch.stack([r[2] for r in results]) if c0 is not None else None
+    return layer_output(x, y, h_n, c_n, residual, dropout, lengths, mask)
+
+
+def layer_output(
+    x: Tensor,
+    y: Tensor,
+    h_n: Tensor,
+    c_n: Tensor | None,
+    residual: bool = False,
+    dropout: _dropout.LayerDropout | None = None,
+    lengths: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The end of ``layer`` once its directions have run (y [T, B, D*N], h_n, c_n): the residual sum and the
+    dropped-out output, with ``layer``'s arguments and returns."""
     if not residual and dropout is None:
         return y, None, h_n, c_n
     cdt = _compute_dtype(x.dtype)

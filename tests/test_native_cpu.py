@@ -1,0 +1,180 @@
+"""CPU tensors without the Triton interpreter: the layers' recurrence on torch's own CPU op (tritonrnn/native_cpu.py),
+against the reference (the same dropout masks and residual sums) and against torch.nn, outputs, states and every
+gradient; and the cases where the reference runs instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
+from torch.nn.utils.rnn import pack_sequence
+
+import tritonrnn
+from tritonrnn import dropout as _dropout
+from tritonrnn import native_cpu, reference
+from tritonrnn._plan import CELLS as GATES
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """The CPU path a user gets (TRITON_INTERPRET off), with torch's op calls counted by cell."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+
+    def counted(cell, op):
+        return lambda *args: calls.append(cell) or op(*args)
+
+    monkeypatch.setattr(native_cpu, "_OPS", {cell: counted(cell, op) for cell, op in native_cpu._OPS.items()})
+    return calls
+
+
+def _weights(cell, I, H, D, bias, proj, generator=None):
+    """D directions of (w_ih, w_hh, b_ih, b_hh[, w_hr]) in float64, requiring gradients (biases None without bias)."""
+    G, N = GATES[cell][1], proj or H
+
+    def randn(*shape):
+        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * 0.4).requires_grad_()
+
+    biases = (randn(G * H), randn(G * H)) if bias else (None, None)
+    return [(randn(G * H, I), randn(G * H, N), *biases) + ((randn(N, H),) if proj else ()) for _ in range(D)]
+
+
+VARIANTS = ["plain", "no bias", "lengths", "residual+dropout", "residual+variational dropout+lengths", "projection"]
+
+
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bidir"])
+@pytest.mark.parametrize(
+    "cell, variant", [(c, v) for c in CELLS for v in VARIANTS if v != "projection" or c == "lstm"]
+)  # fmt: skip
+def test_native_layer_matches_the_reference(no_interpreter, cell, D, variant):
+    """One layer, float64, odd sizes: y, the dropped-out z, h_n, c_n and the gradients of x, h0, c0 and every
+    weight equal the reference's (the same dropout seed gives both the same mask)."""
+    generator = torch.Generator().manual_seed(CELLS.index(cell) * 100 + D * 10 + VARIANTS.index(variant))
+    T, B, H = 7, 5, 3
+    proj = 2 if variant == "projection" else 0
+    N = proj or H
+    I = D * N if "residual" in variant else 4
+    weights = _weights(cell, I, H, D, variant != "no bias", proj, generator)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=generator, requires_grad=True)
+    h0 = torch.randn(D, B, N, dtype=torch.float64, generator=generator, requires_grad=True)
+    c0 = torch.randn(D, B, H, dtype=torch.float64, generator=generator, requires_grad=True) if cell == "lstm" else None
+    lengths = torch.tensor([7, 2, 5, 1, 7], dtype=torch.int32) if "lengths" in variant else None
+    dropout = None
+    if "dropout" in variant:
+        dropout = _dropout.draw(0.4, "variational" if "variational" in variant else "standard")
+    residual = "residual" in variant
+
+    inputs = [x, h0] + ([c0] if c0 is not None else []) + [w for d in weights for w in d if w is not None]
+    results = []
+    for layer_fn in (native_cpu.layer, reference.layer):
+        y, z, h_n, c_n = layer_fn(cell, x, h0, c0, weights, residual, dropout, lengths)
+        outputs = [t for t in (y, z, h_n, c_n) if t is not None]
+        seeds = [torch.Generator().manual_seed(k) for k in range(len(outputs))]
+        loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=g)).sum() for t, g in zip(outputs, seeds))
+        results.append(outputs + list(torch.autograd.grad(loss, inputs)))
+    assert no_interpreter == [cell]
+    for ours, expected in zip(*results):
+        assert rel_err(ours, expected) < TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_modules_without_the_interpreter_run_torchs_op_and_match_torch_nn(no_interpreter, cell):
+    """The modules on CPU tensors, two bidirectional layers in float32, batched and packed: torch.nn's outputs,
+    states and gradients (input, states, every parameter) to float32's tolerance."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 5, num_layers=2, bidirectional=True)
+    ours, theirs = ours.float(), theirs.float()
+    x = torch.randn(6, 4, 3)
+    hx = torch.randn(4, 4, 5)
+    hx = (hx, torch.randn(4, 4, 5)) if cell == "lstm" else hx
+    weights = loss_weights((6, 4, 10), [(4, 4, 5)] * (2 if cell == "lstm" else 1))
+    for got, expected in zip(run(ours, x, hx, weights), run(theirs, x, hx, weights)):
+        got = got.values() if isinstance(got, dict) else got
+        expected = expected.values() if isinstance(expected, dict) else expected
+        for a, b in zip(got, expected):
+            assert rel_err(a, b) < TOLERANCE[torch.float32]
+    assert no_interpreter == [cell] * 2
+
+    sequences = [torch.randn(n, 3) for n in (5, 2, 4)]
+    packed = pack_sequence(sequences, enforce_sorted=False)
+    out, states = ours(packed)
+    ref_out, ref_states = theirs(packed)
+    assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
+    assert rel_err(out.data, ref_out.data) < TOLERANCE[torch.float32]
+    for a, b in zip(states if cell == "lstm" else [states], ref_states if cell == "lstm" else [ref_states]):
+        assert rel_err(a, b) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_half_precision_is_computed_in_float32(no_interpreter, cell, dtype):
+    """bf16 and fp16 layers run torch's op in float32 and round the results, as the reference does: outputs, states
+    and gradients equal the reference's but where float32's rounding tips an element to the neighbouring half value
+    (at most 5% of the elements, by one unit in the last place). torch's op run in the half dtype itself gives other
+    outputs in 25-70% of the elements here."""
+    generator = torch.Generator().manual_seed(3)
+    T, B, I, H = 9, 2, 3, 6
+    weights = [tuple(w.detach().to(dtype).requires_grad_() for w in _weights(cell, I, H, 1, True, 0, generator)[0])]
+    x = torch.randn(T, B, I, generator=generator).to(dtype).requires_grad_()
+    h0 = torch.randn(1, B, H, generator=generator).to(dtype).requires_grad_()
+    c0 = torch.randn(1, B, H, generator=generator).to(dtype).requires_grad_() if cell == "lstm" else None
+    inputs = [x, h0, *weights[0]] + ([c0] if c0 is not None else [])
+    results = []
+    for layer_fn in (native_cpu.layer, reference.layer):
+        y, _, h_n, c_n = layer_fn(cell, x, h0, c0, weights)
+        outputs = [t for t in (y, h_n, c_n) if t is not None]
+        assert all(t.dtype == dtype for t in outputs)
+        loss = sum((t.double() * (k + 1)).sum() for k, t in enumerate(outputs))
+        results.append(outputs + list(torch.autograd.grad(loss, inputs)))
+    assert no_interpreter == [cell]
+    for ours, expected in zip(*results):
+        assert ours.dtype == dtype and (ours != expected).float().mean() <= 0.05
+        torch.testing.assert_close(ours, expected, rtol=torch.finfo(dtype).eps, atol=1e-30)
+
+
+def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpreter, monkeypatch):
+    """A mixed StackedRNN in training (variational dropout, residual): with the same seed, the native layers and the
+    reference layers give the same outputs and gradients; only the recurrence differs between them."""
+    torch.manual_seed(0)
+    stack = tritonrnn.StackedRNN(4, [("lstm", 4), ("gru", 4), ("rnn_relu", 4)], dropout=0.5,
+                                 dropout_mode="variational", residual=True).double()  # fmt: skip
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(native_cpu, "_runs_natively", lambda *a: False)
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        outputs, states = stack(xi, return_all_layers=True)
+        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outputs)) + states[0][1].sum() + states[1].sum()
+        results.append([*outputs, *torch.autograd.grad(loss, [xi, *stack.parameters()])])
+    assert no_interpreter == ["lstm", "gru", "rnn_relu"]
+    for a, b in zip(*results):
+        assert rel_err(a, b) < TOLERANCE[torch.float64]
+
+
+def test_where_torchs_op_cannot_serve_the_reference_runs(no_interpreter, monkeypatch):
+    """torch.func (the op has no batching rule), a sequence of length 0 and a missing bias run the reference, and
+    still give the reference's results."""
+    calls = []
+    real = reference.layer_forward
+    monkeypatch.setattr(reference, "layer_forward", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    torch.manual_seed(0)
+    ours, theirs = make_pair("gru", 3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    params = dict(ours.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (x,))[0].sum())(params)
+    theirs(x)[0].sum().backward()
+    for name, p in theirs.named_parameters():
+        assert rel_err(grads[name], p.grad) < TOLERANCE[torch.float64]
+    assert calls == ["gru"] and no_interpreter == []
+
+    one_bias = [_weights("lstm", 3, 2, 1, True, 0)[0][:3] + (None,)]
+    h0, c0 = torch.zeros(1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64)
+    length_0 = torch.tensor([5, 0], dtype=torch.int32)
+    for lengths, w in ((length_0, _weights("lstm", 3, 2, 1, True, 0)), (None, one_bias)):
+        got = native_cpu.layer("lstm", x, h0, c0, w, lengths=lengths)
+        expected = reference.layer("lstm", x, h0, c0, w, lengths=lengths)
+        for a, b in zip(got, expected):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert no_interpreter == []
