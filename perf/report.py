@@ -37,8 +37,8 @@ from perf.schema import (  # noqa: E402
 DROPOUT_BAR = 1.1
 BIDIRECTIONAL_BAR = 1.2
 CPU_DISCLAIMER = (
-    "CPU comparison, not a GPU benchmark: tritonrnn's CPU path against torch.nn on the CPU at tiny sizes. "
-    "It shows that the tools work; its timings say nothing about speed on a GPU."
+    "CPU comparison, not a GPU benchmark: tritonrnn's CPU path (torch's CPU op for each layer's recurrence) "
+    "against torch.nn on the CPU, at CPU sizes. Its timings say nothing about speed on a GPU."
 )
 PASS_TEXT = (
     "Passes: fwd = inference (eval mode, no autograd); fwd+bwd = a training step (train mode, so dropout acts: "
