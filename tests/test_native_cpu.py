@@ -178,3 +178,19 @@ def test_where_torchs_op_cannot_serve_the_reference_runs(no_interpreter, monkeyp
         for a, b in zip(got, expected):
             assert (a is None and b is None) or torch.equal(a, b)
     assert no_interpreter == []
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_double_backward_matches_torch_nn(no_interpreter, cell):
+    """create_graph=True (a gradient penalty) on the CPU path: torch's op differentiates its own backward, as torch.nn
+    does; the second-order gradients of every parameter match torch.nn's."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for model in (ours, theirs):
+        (grad_x,) = torch.autograd.grad(model(x)[0].pow(2).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.pow(2).sum(), list(model.parameters())))
+    assert no_interpreter == [cell] * 2
+    for a, b in zip(*results):
+        assert rel_err(a, b) < TOLERANCE[torch.float64]
