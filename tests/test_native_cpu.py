@@ -194,3 +194,22 @@ def test_double_backward_matches_torch_nn(no_interpreter, cell):
     assert no_interpreter == [cell] * 2
     for a, b in zip(*results):
         assert rel_err(a, b) < TOLERANCE[torch.float64]
+
+
+# RNNBase refreshes _flat_weights in forward; torch.nn's modules get the same warning from export
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights:UserWarning")
+def test_an_exported_program_runs_torchs_op_inside_the_layer_op(no_interpreter):
+    """torch.export records tritonrnn::layer; run on CPU tensors without the interpreter, the op's forward is torch's
+    CPU op too (its backward the reference's, through torch.func.vjp): eager's outputs and input gradients."""
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(3, [("lstm", 4), ("gru", 5)], bidirectional=True).double()
+    program = export(model, (torch.randn(6, 2, 3, dtype=torch.float64),), dynamic_shapes=({0: Dim("T", max=64)},))
+    del no_interpreter[:]
+    x = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    got, want = program.module()(x)[0], model(x)[0]
+    assert no_interpreter == ["lstm", "gru"] * 2
+    assert rel_err(got, want) < TOLERANCE[torch.float64]
+    grads = [torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)]
+    assert rel_err(*grads) < TOLERANCE[torch.float64]

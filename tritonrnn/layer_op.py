@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 # autotune is imported where a GPU plan is made, not with the package: `python -m tritonrnn.autotune` then runs a
 # module that is not imported already (runpy warns about that, and two copies of its state would exist).
-from tritonrnn import reference
+from tritonrnn import native_cpu, reference
 from tritonrnn._plan import (
     CELLS,
     MIN_HELD_ROWS,
@@ -214,8 +214,10 @@ def _layer_impl(
     shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
     plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
+        # CPU tensors without the interpreter: torch's own CPU op, as in eager (functional._layer).
+        layer_fn = native_cpu.layer if x.device.type == "cpu" and not interpret_mode() else reference.layer
         with torch.no_grad():
-            y, z, h_n, c_n = reference.layer(
+            y, z, h_n, c_n = layer_fn(
                 cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
             )  # fmt: skip
         # Nothing of it is kept: the backward runs the reference again. hseq only carries the output view.
