@@ -62,8 +62,8 @@ def _layer(
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
     if not torch.compiler.is_compiling() and not layer_op.without_data(x):
-        # Where the kernels cannot run it, the reference under autograd (tritonrnn::layer, which a traced graph
-        # calls, would run the reference again for the backward).
+        # Where the kernels cannot run it, torch's CPU op (CPU tensors without the interpreter) or the reference,
+        # under autograd (tritonrnn::layer, which a traced graph calls, would run the reference again for the backward).
         if x.device.type == "cpu" and not interpret_mode():
             return native_cpu.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
         variant = _variant(D, residual, dropout, w_hr[0], lengths)

@@ -30,8 +30,9 @@ def _runs_natively(x: Tensor, weights: Sequence[reference.Weights], lengths: Ten
     if torch._C._functorch.peek_interpreter_stack() is not None or x.shape[0] == 0:
         return False
     # torch's op reads one layout for every direction: both biases or neither, a projection or not.
-    layouts = {(w[2] is None, w[3] is None, len(w) > 4 and w[4] is not None) for w in weights}
-    if len(layouts) != 1 or len({*next(iter(layouts))[:2]}) != 1:
+    layouts = {(w[2] is not None, w[3] is not None, len(w) > 4 and w[4] is not None) for w in weights}
+    (has_b_ih, has_b_hh, _), *other_layouts = layouts
+    if other_layouts or has_b_ih != has_b_hh:
         return False
     return lengths is None or bool((lengths > 0).all())
 
