@@ -449,7 +449,7 @@ def test_reference_matches_torch(bidirectional):
 
 
 def test_long_sequence_on_the_cpu_path(monkeypatch):
-    """T = 100000 steps (the CPU reference path; the kernels' 64-bit offsets are a GPU test)."""
+    """T = 100000 steps (the CPU path, torch's CPU op; the kernels' 64-bit offsets are a GPU test)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)
     ours, theirs = make_pair("gru", 2, 3)
