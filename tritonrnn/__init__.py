@@ -24,6 +24,7 @@ if not (_here / "kernels").is_dir() and (_here.parent / "kernels" / "__init__.py
 from tritonrnn import functional, reference  # noqa: E402
 from tritonrnn.modules import GRU, LSTM, RNN  # noqa: E402
 from tritonrnn.stacked import StackedRNN  # noqa: E402
+from tritonrnn.tbptt import detach_states, hold_dropout_masks  # noqa: E402
 
-__all__ = ["GRU", "LSTM", "RNN", "StackedRNN", "functional", "reference"]
+__all__ = ["GRU", "LSTM", "RNN", "StackedRNN", "detach_states", "functional", "hold_dropout_masks", "reference"]
 __version__ = "0.1.0"

@@ -9,6 +9,9 @@ backward; ``mask`` materialises the same mask for the reference implementation a
 Modes: "standard" draws a fresh keep/drop per element and step (torch.nn's dropout);
 "variational" draws one per (sequence, unit) and reuses it at every step (Gal & Ghahramani).
 Kept elements are scaled by 1 / (1 - p) (computed in float32, as the kernels do).
+
+``HeldMasks`` keeps masks from one call to the next, for truncated BPTT: a long sequence run in chunks keeps
+one variational mask (and one DropConnect mask) for the whole sequence (``tritonrnn.hold_dropout_masks``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numbers
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tritonrnn import _plan
@@ -56,6 +60,56 @@ def draw(p: float, mode: str, device: torch.device | str = "cpu") -> LayerDropou
     """A fresh seed from the default generator of ``device`` for one layer's dropout."""
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
     return LayerDropout(float(p), mode == "variational", seed)
+
+
+class HeldMasks:
+    """Dropout masks drawn at the first call that needs them and reused by every later call given the same store.
+
+    Held: variational inter-layer masks (one seed per layer: the mask of sequence b and unit w depends on the seed
+    and (b, w) alone, so it is the same at every step of every chunk) and DropConnect masks on W_hh. Not held:
+    standard dropout, which draws a new mask for every step anyway (a later chunk's steps are new steps), so it
+    draws fresh seeds at every call. A held variational mask belongs to the batch's sequences: a call with another
+    batch size (other sequences) is refused.
+    """
+
+    def __init__(self) -> None:
+        self._seeds: dict[tuple[int, torch.device], Tensor] = {}
+        self._weight_masks: dict[tuple, Tensor] = {}
+        self._batch: int | None = None
+
+    def __reduce__(self):
+        # A copy or a pickle of a model made inside a hold_dropout_masks block is not in the block: it holds nothing.
+        return (_nothing_held, ())
+
+    def layer_dropout(self, index: int, p: float, device: torch.device, batch: int) -> LayerDropout:
+        """Layer ``index``'s variational dropout, its seed drawn once (from ``device``'s generator, as ``draw``)."""
+        if self._batch is None:
+            self._batch = batch
+        elif batch != self._batch:
+            raise ValueError(
+                f"hold_dropout_masks: the held variational dropout masks belong to a batch of {self._batch} "
+                f"sequences, this call has {batch}; start a new hold_dropout_masks block for other sequences"
+            )
+        key = (index, torch.device(device))
+        if key not in self._seeds:
+            self._seeds[key] = draw(p, "variational", device).seed
+        return LayerDropout(float(p), True, self._seeds[key])
+
+    def drop_weight(self, key: str, weight: Tensor, p: float) -> Tensor:
+        """``weight`` with DropConnect (as ``F.dropout(weight, p)``) under the mask held for ``key``."""
+        full_key = (key, float(p), tuple(weight.shape), weight.device)
+        held = self._weight_masks.get(full_key)
+        if held is None:
+            # The multipliers (0 or 1 / (1 - p)) in at least float32: one rounding of the product, as torch's CUDA
+            # dropout computes it.
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            held = F.dropout(torch.ones(weight.shape, dtype=dtype, device=weight.device), p, training=True)
+            self._weight_masks[full_key] = held
+        return (weight.to(held.dtype) * held).to(weight.dtype)
+
+
+def _nothing_held() -> None:
+    return None
 
 
 def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torch.device) -> Tensor:

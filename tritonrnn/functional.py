@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tritonrnn import layer_op, native_cpu, reference, scheduler
 from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group
-from tritonrnn.dropout import LayerDropout
+from tritonrnn.dropout import HeldMasks, LayerDropout
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
 from tritonrnn.layer_run import _variant
@@ -123,6 +123,7 @@ def stack(
     residual: bool = False,
     training: bool = False,
     lengths: Tensor | None = None,
+    held_masks: HeldMasks | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
     """A stack of layers (any cells, one or two directions) on the kernels, on plain tensors.
 
@@ -132,6 +133,8 @@ def stack(
     (w_hr: an LSTM's projection, torch.nn's weight_hr; h is then proj_size wide).
     lengths: [B] int32 on x's device, each sequence's length (<= T), for a batch of different lengths: rows
     keep their state past their end (so h_n is each sequence's last state) and output zeros there.
+    held_masks: a ``dropout.HeldMasks`` shared by the calls that run one batch of sequences in chunks (truncated
+    BPTT): variational dropout keeps the masks of the first call (``tritonrnn.hold_dropout_masks`` for modules).
     Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
     """
     if torch.jit.is_tracing():
@@ -144,10 +147,11 @@ def stack(
     # stack's GEMMs are not recast, as torch.nn's cuDNN call runs.
     with _autocast_off(x.device):
         if torch.compiler.is_compiling():
-            return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)  # device: the graph's
+            # device: the graph's
+            return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths, held_masks)
         # x's device current for everything the stack asks of CUDA (tuning, capture checks, launches).
         with on_device(x.device):
-            return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths)
+            return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths, held_masks)
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -157,9 +161,11 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths):
+def _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths, held_masks):
     # Drawn once, whichever path runs: the same seeds with and without the wavefront.
-    dropouts = scheduler.layer_dropouts(len(layers), dropout, dropout_mode, training, x.device)
+    dropouts = scheduler.layer_dropouts(
+        len(layers), dropout, dropout_mode, training, x.device, x.shape[1], held_masks
+    )  # fmt: skip
     if x.shape[1] == 0:
         # No sequences: nothing for the kernels to do (their grids and GEMMs would be empty); the reference returns
         # the empty outputs and states, and their empty gradients.

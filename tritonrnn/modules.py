@@ -196,6 +196,7 @@ class _TritonRNNBase(nn.RNNBase):
         ys, h_n, c_n = functional.stack(
             x, self._layers(x.dtype if autocast else None), h0, c0, dropout=self.dropout,
             dropout_mode=self.dropout_mode, training=self.training, lengths=lengths,
+            held_masks=getattr(self, "_held_masks", None),  # set by tritonrnn.hold_dropout_masks
         )  # fmt: skip
         return ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
 

@@ -32,14 +32,26 @@ LayerFn = Callable[..., "tuple[Tensor, Tensor | None, Tensor, Tensor | None]"]
 
 
 def layer_dropouts(
-    n_layers: int, dropout: float, dropout_mode: str, training: bool, device: torch.device
+    n_layers: int,
+    dropout: float,
+    dropout_mode: str,
+    training: bool,
+    device: torch.device,
+    batch: int = 0,
+    held: _dropout.HeldMasks | None = None,
 ) -> list[_dropout.LayerDropout | None]:
     """Each layer's output dropout for one call: between layers only (never after the last), in training only,
-    one seed per layer drawn from the default generator of ``device``, bottom layer first."""
-    return [
-        _dropout.draw(dropout, dropout_mode, device) if training and dropout > 0 and index < n_layers - 1 else None
-        for index in range(n_layers)
-    ]
+    one seed per layer drawn from the default generator of ``device``, bottom layer first. With ``held``, the
+    variational seeds drawn by an earlier call with the same store (truncated BPTT; ``batch`` sequences)."""
+    dropouts = []
+    for index in range(n_layers):
+        if not training or dropout <= 0 or index == n_layers - 1:
+            dropouts.append(None)
+        elif held is not None and dropout_mode == "variational":
+            dropouts.append(held.layer_dropout(index, dropout, device, batch))
+        else:
+            dropouts.append(_dropout.draw(dropout, dropout_mode, device))
+    return dropouts
 
 
 def run_stack(

@@ -59,16 +59,28 @@ class RecurrentLayer(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, *, weight_drop: float, training: bool, dtype: torch.dtype | None = None) -> StackLayer:
-        """The layer as the scheduler takes it, with DropConnect on W_hh (one mask per call), cast to ``dtype``
-        (autocast's) if given. The stack calls the layer module, so hooks on it run on every call, as on a torch.nn
-        module: ``prune``'s and the old ``weight_norm``'s recompute the weights they own."""
+    def forward(
+        self,
+        *,
+        weight_drop: float,
+        training: bool,
+        dtype: torch.dtype | None = None,
+        held: _dropout.HeldMasks | None = None,
+        name: str = "",
+    ) -> StackLayer:
+        """The layer as the scheduler takes it, with DropConnect on W_hh (one mask per call, or the mask ``held``
+        keeps under ``name`` across calls), cast to ``dtype`` (autocast's) if given. The stack calls the layer module,
+        so hooks on it run on every call, as on a torch.nn module: ``prune``'s and the old ``weight_norm``'s recompute
+        the weights they own."""
         directions = []
         for suffix in self.suffixes:
             w_ih = getattr(self, f"weight_ih{suffix}")
             w_hh = getattr(self, f"weight_hh{suffix}")
             if weight_drop > 0 and training:
-                w_hh = F.dropout(w_hh, weight_drop, training=True)
+                if held is not None:
+                    w_hh = held.drop_weight(f"{name}{suffix}", w_hh, weight_drop)
+                else:
+                    w_hh = F.dropout(w_hh, weight_drop, training=True)
             b_ih = getattr(self, f"bias_ih{suffix}") if self.bias else None
             b_hh = getattr(self, f"bias_hh{suffix}") if self.bias else None
             weights = (w_ih, w_hh, b_ih, b_hh)
@@ -96,7 +108,8 @@ class StackedRNN(nn.Module):
         residual: add each layer's input to its output; every layer's input size must equal its output size.
         batch_first: input and output are [B, T, F] instead of [T, B, F].
         bidirectional: every layer runs both directions; its output is [forward, reverse] (2 * hidden_size).
-        weight_drop: DropConnect on every W_hh in training (one mask per forward call, AWD-LSTM). In [0, 1).
+        weight_drop: DropConnect on every W_hh in training (one mask per forward call, AWD-LSTM, or per
+            ``tritonrnn.hold_dropout_masks`` block). In [0, 1).
         bias: layers have the biases b_ih and b_hh.
 
     ``forward(x, states=None, return_all_layers=False)`` returns ``(output, states)``: output is the top
@@ -209,9 +222,15 @@ class StackedRNN(nn.Module):
         h0, c0 = self._initial_states(states, x, batched)
         if autocast is None:
             self._check_parameters(x)
+        # Set by tritonrnn.hold_dropout_masks: masks kept from call to call (truncated BPTT).
+        held = getattr(self, "_held_masks", None)
+        layers = [
+            layer(weight_drop=self.weight_drop, training=self.training, dtype=autocast, held=held, name=str(index))
+            for index, layer in enumerate(self.layers)
+        ]
         ys, h_n, c_n = functional.stack(
             x,
-            [layer(weight_drop=self.weight_drop, training=self.training, dtype=autocast) for layer in self.layers],
+            layers,
             h0,
             c0,
             dropout=self.dropout,
@@ -219,6 +238,7 @@ class StackedRNN(nn.Module):
             residual=self.residual,
             training=self.training,
             lengths=lengths,
+            held_masks=held,
         )
 
         def arrange(y: Tensor) -> Tensor | PackedSequence:
