@@ -106,10 +106,13 @@ STAGES: dict[str, Stage] = {
     "bars_streams": Stage(90, bench="bars", providers=OURS, env=STREAMS, note="bars with the stream wavefront"),
     "warm_quick": Stage(240, _warm("quick"), note="compile the quick suite's kernels"),
     "quick": Stage(540, bench="quick", note="the quick suite: the README table and the baseline"),
-    "warm_more": Stage(240, _warm("persist", "stacks", "large"), note="compile persist, stacks and large"),
+    "warm_more": Stage(
+        240, _warm("persist", "stacks", "large", "short"), note="compile persist, stacks, large and short"
+    ),
     "persist": Stage(240, bench="persist", note="where cuDNN runs its persistent kernel"),
     "stacks": Stage(180, bench="stacks", note="dropout and bidirectional overheads"),
     "large": Stage(180, bench="large", note="hidden sizes read in part every step"),
+    "short": Stage(150, bench="short", note="short sequences: a call's fixed cost against cuDNN's"),
     "fuzz": Stage(
         180,
         (PY, "tests/fuzz.py", "--seed", "1", "--minutes", "2.5"),
@@ -145,7 +148,7 @@ PLANS: dict[str, list[str]] = {
     "first": ["probe", "warm", "bars", "tests", "bars_tagged", "bars_fused"],
     # The README's table and the committed baseline.
     "baseline": ["warm_quick", "quick"],
-    "more": ["warm_more", "persist", "stacks", "large", "fuzz"],
+    "more": ["warm_more", "persist", "stacks", "large", "short", "fuzz"],
 }
 
 
