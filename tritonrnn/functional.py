@@ -147,7 +147,7 @@ def stack(
     # stack's GEMMs are not recast, as torch.nn's cuDNN call runs.
     with _autocast_off(x.device):
         if torch.compiler.is_compiling():
-            # device: the graph's
+            # Traced: the graph's device, no device switch.
             return _stack(x, layers, h0, c0, dropout, dropout_mode, residual, training, lengths, held_masks)
         # x's device current for everything the stack asks of CUDA (tuning, capture checks, launches).
         with on_device(x.device):
