@@ -18,7 +18,7 @@ from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
-from tritonrnn import _plan, reference
+from tritonrnn import _plan, functional, layer_op, reference
 from tritonrnn.kernels import activations
 from tritonrnn.kernels.recurrent import _group_rows
 from tritonrnn.kernels.sync import load_tagged, tag_of, tag_pack
@@ -187,6 +187,25 @@ PROJECTION = [
 @pytest.mark.parametrize("shape", PROJECTION)
 def test_lstm_projection_float64_matches_torch(shape):
     compare("lstm", **shape)
+
+
+def test_every_plan_of_a_projected_layer_is_made_for_its_projection(monkeypatch):
+    """Wherever a plan is asked for (the module's check, the layer's, the op's, backward's), it is for the layer's
+    proj_size: made for the hidden size instead, a GPU would tune and size-check a layer that does not exist, and
+    could send this one to the fallback."""
+    seen = []
+
+    def recording(cell, hidden, batch, dtype, device, variant=None):
+        seen.append(variant.proj if variant is not None else None)
+        return real(cell, hidden, batch, dtype, device, variant)
+
+    real = layer_op.kernel_plan
+    monkeypatch.setattr(layer_op, "kernel_plan", recording)
+    monkeypatch.setattr(functional, "kernel_plan", recording)
+    torch.manual_seed(0)
+    lstm = tritonrnn.LSTM(4, 6, num_layers=2, proj_size=3).to(DEVICE)
+    lstm(torch.randn(5, 2, 4, device=DEVICE))[0].sum().backward()
+    assert len(seen) >= 4 and set(seen) == {3}, seen
 
 
 def test_lstm_projection_split_grid_phases_launched_apart(forced_plan):

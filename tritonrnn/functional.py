@@ -66,7 +66,8 @@ def _layer(
         # under autograd (tritonrnn::layer, which a traced graph calls, would run the reference again for the backward).
         if x.device.type == "cpu" and not interpret_mode():
             return native_cpu.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
-        variant = _variant(D, residual, dropout, w_hr[0], lengths)
+        # _variant reads the projection's width from the stacked [D, N, H] form (not one direction's [N, H]).
+        variant = _variant(D, residual, dropout, w_hr[0][None] if w_hr[0] is not None else None, lengths)
         if isinstance(layer_op.plan_or_reason(cell, x, weights[0][1], variant), str):
             return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
