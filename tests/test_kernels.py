@@ -208,6 +208,22 @@ def test_every_plan_of_a_projected_layer_is_made_for_its_projection(monkeypatch)
     assert len(seen) >= 4 and set(seen) == {3}, seen
 
 
+def test_an_eager_forward_plans_each_layer_once(monkeypatch):
+    """The plan that chose the kernels for a layer is the one its op runs with, not made a second time inside it
+    (host time: perf/NOTES.md, twenty-third session)."""
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    real = layer_op.plan_or_reason
+    monkeypatch.setattr(layer_op, "plan_or_reason", counting)
+    with torch.no_grad():
+        tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)(torch.randn(5, 2, 4, device=DEVICE))
+    assert calls == ["gru", "gru"]
+
+
 def test_lstm_projection_split_grid_phases_launched_apart(forced_plan):
     """H over three programs, the projection over two (the third idle in its phase), one phase per launch."""
     forced_plan(block_h=16, persistent=False, directions_together=False)

@@ -61,6 +61,7 @@ def _layer(
     reference (``reference.layer``'s contract)."""
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
+    plan = None
     if not torch.compiler.is_compiling() and not layer_op.without_data(x):
         # Where the kernels cannot run it, torch's CPU op (CPU tensors without the interpreter) or the reference,
         # under autograd (tritonrnn::layer, which a traced graph calls, would run the reference again for the backward).
@@ -68,7 +69,8 @@ def _layer(
             return native_cpu.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
         # _variant reads the projection's width from the stacked [D, N, H] form (not one direction's [N, H]).
         variant = _variant(D, residual, dropout, w_hr[0][None] if w_hr[0] is not None else None, lengths)
-        if isinstance(layer_op.plan_or_reason(cell, x, weights[0][1], variant), str):
+        plan = layer_op.plan_or_reason(cell, x, weights[0][1], variant)
+        if isinstance(plan, str):
             return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
     if D == 1:
@@ -83,6 +85,7 @@ def _layer(
     return layer_op.run_layer(
         cell, x.contiguous(), h0.contiguous(), c0.contiguous() if c0 is not None else None, w_ih.contiguous(),
         w_hh.contiguous(), b_ih, b_hh, w_hr.contiguous() if w_hr is not None else None, residual, dropout, lengths,
+        plan,
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ implementations run through ``_EagerLayer``, an autograd.Function, without the c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -209,10 +210,19 @@ def _layer_impl(
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer with LayerRun's shapes; returns (hseq, y, z, h_n, c_n, saved, mseq) as ``_output_shapes``."""
+    return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational,
+                          save)  # fmt: skip
+
+
+def _layer_forward(
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, plan=None
+):
+    """``_layer_impl`` with the layer's plan (or the reason it has none) given, where the caller has it already."""
     dropout = _dropout(seed, p_drop, variational)
     variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
     shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
-    plan = plan_or_reason(cell, x, w_hh, variant)
+    if plan is None:
+        plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
         # CPU tensors without the interpreter: torch's own CPU op, as in eager (functional._layer).
         layer_fn = native_cpu.layer if x.device.type == "cpu" and not interpret_mode() else reference.layer
@@ -383,6 +393,23 @@ class _EagerLayer(torch.autograd.Function):
         return _backward(ctx, *grads, impl=_reference_grads, saved=saved)
 
 
+class _EagerLayerPlain(torch.autograd.Function):
+    """_EagerLayer where no torch.func transform is active: the same forward, context and backward, in the old
+    form (forward takes ctx), with the plan the caller made. torch's Function.apply binds the default arguments of a
+    function that defines setup_context through inspect.signature at every call: a sixth of a one-layer call's host
+    time (perf/NOTES.md). torch.func transforms need setup_context, so under them _EagerLayer runs."""
+
+    @staticmethod
+    def forward(ctx, plan, *args):
+        output = _layer_forward(*args, plan=plan)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return None, *_EagerLayer.backward(ctx, *grads)
+
+
 def _reference_grads(*args) -> list[Tensor]:
     return _layer_grads(*args, reference_only=True)
 
@@ -393,14 +420,20 @@ def without_data(x: Tensor) -> bool:
     return x.device.type == "meta" or is_fake(x)
 
 
-def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, lengths):
-    """tritonrnn::layer with LayerRun's shapes: (y [T, B, D*N], z or None, h_n [D, B, N], c_n or None)."""
+def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, lengths, plan=None):
+    """tritonrnn::layer with LayerRun's shapes: (y [T, B, D*N], z or None, h_n [D, B, N], c_n or None).
+    ``plan``: the layer's ``plan_or_reason``, where the caller has made it (eager calls then skip planning again)."""
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     seed, p_drop, variational = (dropout.seed, dropout.p, dropout.variational) if dropout else (None, 0.0, False)
     # The custom op under torch.compile, and for tensors without data, whose outputs its fake implementation gives;
     # eager calls skip its dispatch (see _EagerLayer).
-    run = layer if torch.compiler.is_compiling() or without_data(x) else _EagerLayer.apply
+    if torch.compiler.is_compiling() or without_data(x):
+        run = layer
+    elif torch._C._functorch.peek_interpreter_stack() is not None:
+        run = _EagerLayer.apply
+    else:
+        run = functools.partial(_EagerLayerPlain.apply, plan)
     hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save)
     # A function, not Variant.write_y: torch 2.10's dynamo cannot read a NamedTuple's property (fullgraph breaks).
     if not writes_y(w_hh.shape[0], residual, lengths is not None):
