@@ -488,12 +488,22 @@ class _GuardedLaunch:
 def test_every_kernel_launch_makes_the_tensors_device_current(fused_stack_too, monkeypatch):
     """Triton launches on the current CUDA device, not the tensors': forward and backward kernels, the stack kernel
     and the dropout mask each launch inside a guard for the input's device (cuda:1 while cuda:0 is current would
-    otherwise run on the wrong GPU). On the CPU the guards are no-ops; here they are recorded."""
-    from tritonrnn import dropout, functional, fused_stack, layer_run
+    otherwise run on the wrong GPU), and so does the modules' first plan (tuning and fit checks run there). On the
+    CPU the guards are no-ops; here they are recorded."""
+    from tritonrnn import dropout, functional, fused_stack, layer_run, modules
 
     guards, launched = _DeviceGuards(), set()
-    for module in (functional, layer_run, fused_stack, dropout):
+    for module in (functional, layer_run, fused_stack, dropout, modules):
         monkeypatch.setattr(module, "on_device", guards)
+    real_plan = functional.kernel_plan
+
+    def guarded_plan(*args, **kwargs):
+        # A plan can be where the layer is tuned (timed on the current device) and compiled to check it fits.
+        assert guards.entered and guards.entered[-1] == DEVICE, ("kernel_plan", guards.entered)
+        launched.add("kernel_plan")
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "kernel_plan", guarded_plan)
     for module, name in [(layer_run, "rnn_fwd_kernel"), (layer_run, "rnn_bwd_kernel"),
                          (layer_run, "lstm_proj_fwd_kernel"), (layer_run, "lstm_proj_bwd_kernel"),
                          (fused_stack, "stack_fwd_kernel"), (fused_stack, "stack_bwd_kernel"),
@@ -513,7 +523,7 @@ def test_every_kernel_launch_makes_the_tensors_device_current(fused_stack_too, m
     assert not guards.entered
     expected = {"stack_fwd_kernel", "stack_bwd_kernel"} if fused_stack_too else {
         "rnn_fwd_kernel", "rnn_bwd_kernel", "lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"}  # fmt: skip
-    assert launched == expected | {"dropout_mask_kernel"}
+    assert launched == expected | {"dropout_mask_kernel", "kernel_plan"}
 
 
 # --- degenerate arguments torch.nn accepts ---------------------------------------------------------

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
-from tritonrnn._plan import interpret_mode, log_once
+from tritonrnn._plan import interpret_mode, log_once, on_device
 from tritonrnn.layer_run import Variant
 from tritonrnn.scheduler import StackLayer
 
@@ -88,9 +88,10 @@ class _TritonRNNBase(nn.RNNBase):
         if batch is None:
             batch = input.size(0 if self.batch_first else 1) if input.dim() == 3 else 1
         variant = Variant(directions=2 if self.bidirectional else 1, proj=self.proj_size)
-        plan = functional.kernel_plan(
-            self.mode.lower(), self.hidden_size, batch, dtype, input.device, variant
-        )  # fmt: skip
+        # The input's device current: this is the layer's first plan, where it is tuned (timed on the current
+        # device) and compiled to check that it fits (for the current device's architecture).
+        with on_device(input.device):
+            plan = functional.kernel_plan(self.mode.lower(), self.hidden_size, batch, dtype, input.device, variant)
         return f"hidden_size={self.hidden_size} in {dtype}: {plan}" if isinstance(plan, str) else None
 
     def _check_devices(self, input: Tensor, hidden: tuple[Tensor, ...]) -> None:
