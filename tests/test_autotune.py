@@ -324,3 +324,15 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
     assert tuner.time_forward(plan) == 1.0
     assert tuner.time_backward(plan, dataclasses.replace(plan, num_warps=8)) == 1.0
     assert len(calls) == 2
+
+
+def test_tuning_leaves_the_users_random_numbers_alone():
+    """The tuner's random problem comes from its own generator: a first call that tunes draws the same dropout masks
+    (and leaves the same random numbers to the rest of the step) as a call that finds the layer tuned."""
+    from tritonrnn import layer_op, layer_run
+
+    device = torch.device("cpu") if not torch.cuda.is_available() else CUDA0
+    state = torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+    layer_op._gpu_tuner("lstm", 16, 3, torch.float32, device, layer_run.Variant(directions=1, proj=4))
+    after = torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+    assert torch.equal(after, state)

@@ -114,8 +114,11 @@ def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: t
     T = autotune.TUNE_STEPS
     tf32 = torch.backends.cuda.matmul.allow_tf32
 
+    # Its own generator: tuning must not move the user's random numbers (the dropout masks drawn next, say).
+    generator = torch.Generator(device=device).manual_seed(0)
+
     def rand(*shape: int) -> Tensor:
-        return (torch.randn(*shape, device=device) * hidden**-0.5).to(dtype)
+        return (torch.randn(*shape, device=device, generator=generator) * hidden**-0.5).to(dtype)
 
     x = rand(T, batch, hidden)
     h0 = rand(D, batch, width)
