@@ -456,6 +456,23 @@ def test_wavefront_equals_layer_by_layer(chunk, options, monkeypatch):
         assert a.shape == b.shape and rel_err(a, b) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5), k
 
 
+def test_wavefront_backward_forms_each_layers_weight_gradients_once(monkeypatch):
+    """The GEMMs and reductions that give a layer's weight gradients run once per layer and backward."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
+    calls = []
+    real = wavefront.LayerRun.grads
+
+    def counted(self):
+        calls.append(id(self))
+        return real(self)
+
+    monkeypatch.setattr(wavefront.LayerRun, "grads", counted)
+    model = make_stack(MIXED, input_size=3).to(KERNEL_DTYPE)
+    x = torch.randn(5, 2, 3, device=DEVICE, dtype=KERNEL_DTYPE, requires_grad=True)
+    model(x)[0].sum().backward()
+    assert len(calls) == len(MIXED) == len(set(calls))
+
+
 def test_wavefront_lstm_module_with_projection_matches_torch(monkeypatch):
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
     monkeypatch.setattr(functional, "_layer", None)

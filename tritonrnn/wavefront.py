@@ -71,9 +71,9 @@ class WavefrontStackFunction(torch.autograd.Function):
             run.backward_steps(t0, t1)
 
         _wavefront(runs, chunks, step, reverse=True)
-        result: list[Tensor | None] = [None, None, None, runs[0].grads()[0]]
-        for run in runs:
-            _, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = run.grads()
+        grads = [run.grads() for run in runs]  # each run's GEMMs and reductions once
+        result: list[Tensor | None] = [None, None, None, grads[0][0]]
+        for _, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr in grads:
             result += [dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
         return tuple(result)
 
