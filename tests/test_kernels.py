@@ -442,6 +442,34 @@ def test_activations_keep_their_relative_precision_near_zero():
         assert (_activations_of(x)[0] - torch.tanh(x)).abs().max() < 4 * torch.finfo(torch.float64).eps
 
 
+@pytest.mark.parametrize("api", ["global", "matmul"])
+def test_tf32_setting_read_through_torchs_new_precision_api(api):
+    """torch 2.9's ``fp32_precision`` API: once it is used, reading the old ``allow_tf32`` flag raises, so tritonrnn
+    reads the new one (a float32 layer under it ran into torch's RuntimeError before)."""
+    backends = torch.backends if api == "global" else torch.backends.cuda.matmul
+    torch.manual_seed(0)
+    ours, theirs = make_pair("lstm", 3, 5)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    expected = theirs(x)[0]
+    ours = ours.float().to(DEVICE)
+    try:
+        # The test's IEEE fixture set the matmul's own flag, which the global one does not override: back to "none".
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        backends.fp32_precision = "tf32"
+        assert _plan.tf32_matmul()
+        out = ours(x.float().to(DEVICE))[0]
+        assert rel_err(out.cpu(), expected) < 1e-2  # TF32 keeps 10 bits of mantissa
+        backends.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert not _plan.tf32_matmul()
+        out = ours(x.float().to(DEVICE))[0]
+        assert rel_err(out.cpu(), expected) < TOLERANCE[torch.float32]
+    finally:
+        # "none" for both returns to torch's default state, in which the old flag can be read again.
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+
 def test_small_pre_activations_keep_float32_precision():
     """A deep bias-free LSTM on small inputs: every pre-activation near 0, where tanh computed as a difference near 1
     lost precision layer after layer (output 1.9e-5 relative to float64, torch.nn in float32 2.6e-7; now 2.1e-7)."""

@@ -81,6 +81,14 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tf32_matmul() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32, set through either of its APIs: ``allow_tf32``, or from
+    torch 2.9 ``fp32_precision`` (after which reading ``allow_tf32`` raises: torch refuses a mix of the two)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 def _version(text: str) -> tuple[int, int]:
     major, minor = re.match(r"(\d+)\.(\d+)", text).groups()
     return int(major), int(minor)

@@ -42,7 +42,17 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import triton
 
-from tritonrnn._plan import CELLS, MIN_DOT, LayerPlan, cuda_index, log_once, next_pow2, plan_with, single_group
+from tritonrnn._plan import (
+    CELLS,
+    MIN_DOT,
+    LayerPlan,
+    cuda_index,
+    log_once,
+    next_pow2,
+    plan_with,
+    single_group,
+    tf32_matmul,
+)
 
 log = logging.getLogger("tritonrnn")
 
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     for cell, hidden, batch, dtype, d in tqdm(matrix, desc="tuning", unit="config"):
         # kernel_plan tunes (or finds) the configuration as a first call would.
         plan = functional.kernel_plan(cell, hidden, batch, DTYPES[dtype], device, layer_run.Variant(directions=d))
-        tf32 = torch.backends.cuda.matmul.allow_tf32 and dtype == "fp32"
+        tf32 = tf32_matmul() and dtype == "fp32"
         keys.append(TuneKey(cell, hidden, batch_bucket(batch), dtype, d, tf32=tf32).text())
         if isinstance(plan, str):
             print(f"{keys[-1]}: {plan}")

@@ -25,6 +25,7 @@ from tritonrnn._plan import (
     plan_stack,
     refuse_batched_gradients,
     refuse_double_backward,
+    tf32_matmul,
     unpack_saved,
     with_exchange,
 )
@@ -102,7 +103,7 @@ def fused_plan(
             # waits only for its neighbour, which runs first in program order).
             plan = dataclasses.replace(plan, persistent=True)
     if device.type == "cuda" and not isinstance(plan, str):
-        tf32 = torch.backends.cuda.matmul.allow_tf32
+        tf32 = tf32_matmul()
         candidates = [plan, dataclasses.replace(plan, tagged=False)] if plan.tagged else [plan]
         for candidate in candidates:  # the tagged kernels first where asked for; the barrier's if they do not fit
             reason = _gpu_misfit(

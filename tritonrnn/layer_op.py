@@ -33,6 +33,7 @@ from tritonrnn._plan import (
     log_once,
     plan_layer,
     single_group,
+    tf32_matmul,
     unpack_saved,
     with_batch_groups,
     with_exchange,
@@ -63,7 +64,7 @@ def kernel_plan(
         return with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
         # The TF32 flag changes the compiled dot, so it is part of the cache key.
-        tf32 = torch.backends.cuda.matmul.allow_tf32
+        tf32 = tf32_matmul()
         if not forced():
             from tritonrnn import autotune
 
@@ -112,7 +113,7 @@ def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: t
     _, gates, _ = CELLS[cell]
     D, width = variant.directions, variant.proj or hidden
     T = autotune.TUNE_STEPS
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    tf32 = tf32_matmul()
 
     # Its own generator: tuning must not move the user's random numbers (the dropout masks drawn next, say).
     generator = torch.Generator(device=device).manual_seed(0)

@@ -26,6 +26,7 @@ from tritonrnn._plan import (
     next_pow2,
     on_device,
     persistent_chunks,
+    tf32_matmul,
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
@@ -77,7 +78,7 @@ def writes_y(directions: int, residual: bool, varlen: bool) -> bool:
 
 def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
     cell_id, gates, n_saved = CELLS[cell]
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and tf32_matmul()
     common = dict(
         H=hidden,
         D=variant.directions,
