@@ -79,7 +79,9 @@ def test_candidates_respect_residency_and_problem_size():
     # 2048 / 16 = 128 programs per direction: two directions cannot both be resident, so only wider slices remain.
     assert configs and all(-(-2048 // c.block_h) * 2 <= 132 for c in configs)
     assert {c.block_h for c in configs} == {32, 64}
-    assert all(c.block_b == 16 and c.num_stages == 3 for c in configs)  # B=16: one batch tile, nothing to pipeline
+    assert all(c.block_b == 16 for c in configs)  # B=16: one batch tile
+    # Both stage counts even for one tile: the pipeliner still buffers its loads (perf/NOTES.md, twenty-third session).
+    assert {c.num_stages for c in configs} == {1, 3}
     small = autotune.candidates(hidden=20, batch=5, directions=1, sm_count=132)
     assert {c.block_h for c in small} == {16, 32} and {c.block_b for c in small} == {16}
 
@@ -336,3 +338,63 @@ def test_tuning_leaves_the_users_random_numbers_alone():
     layer_op._gpu_tuner("lstm", 16, 3, torch.float32, device, layer_run.Variant(directions=1, proj=4))
     after = torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
     assert torch.equal(after, state)
+
+
+def _plan_under(monkeypatch, batch: int, proj: int, fits) -> _plan.LayerPlan | str:
+    """kernel_plan's GPU branch (the heuristics, as by default) for an LSTM bf16 H=512, with the compile-and-fit
+    check replaced by ``fits(stages, held_rows)``."""
+    from tritonrnn import layer_op, layer_run
+
+    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+
+    def misfit(cell, hidden, dtype, tf32, plan, variant, index):
+        stages = max(plan.num_stages, plan.for_backward().num_stages)
+        return None if fits(stages, plan.block_k) else "needs more shared memory"
+
+    monkeypatch.setattr(layer_op, "_gpu_misfit", misfit)
+    return layer_op.kernel_plan("lstm", 512, batch, torch.bfloat16, CUDA0, layer_run.Variant(proj=proj))
+
+
+@pytest.mark.parametrize("proj", [0, 128], ids=["plain", "projection"])
+def test_a_plan_over_shared_memory_with_one_batch_tile_takes_one_stage_first(fake_gpu, monkeypatch, proj):
+    """One batch tile (B=16): the pipeline's extra stages overlap nothing, so they go before any held row; then rows
+    are halved (not with a projection, which then falls back)."""
+    heuristic = _plan.plan_layer("lstm", 512, 16, torch.bfloat16, CUDA0, 1)
+    assert heuristic.num_stages == 3 and heuristic.block_k == 512 and heuristic.block_b >= 16
+    plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1)
+    assert plan.num_stages == 1 and plan.block_k == 512
+    plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1 and rows <= 256)
+    if proj:
+        assert isinstance(plan, str) and "shared memory" in plan
+    else:
+        assert plan.num_stages == 1 and plan.block_k == 256
+
+
+def test_a_plan_over_shared_memory_with_several_batch_tiles_keeps_the_pipeline_first(fake_gpu, monkeypatch):
+    """Several batch tiles a group (B=256: 4 groups of 64 rows in tiles of 32): fewer held rows with the pipeline
+    kept; where no number of rows fits, one stage from the whole slice again."""
+    heuristic = _plan.plan_layer("lstm", 512, 256, torch.bfloat16, CUDA0, 1)
+    assert heuristic.num_stages == 3 and heuristic.block_k == 512
+    assert -(-256 // heuristic.batch_groups) > heuristic.block_b
+    plan = _plan_under(monkeypatch, 256, 0, lambda stages, rows: rows <= 256)
+    assert plan.num_stages == 3 and plan.block_k == 256
+    plan = _plan_under(monkeypatch, 256, 0, lambda stages, rows: stages == 1)
+    assert plan.num_stages == 1 and plan.block_k == 512
+
+
+def test_a_fused_stack_over_shared_memory_takes_one_stage(fake_gpu, monkeypatch):
+    """The stack kernel's plan on the GPU: where three pipeline stages do not fit shared memory, one is tried before
+    the stack is refused (and runs layer by layer); the tagged exchange keeps its precedence."""
+    from tritonrnn import fused_stack
+
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")
+    tried = []
+
+    def misfit(cell, hidden, layers, dtype, tf32, plan, mode, index):
+        tried.append((plan.tagged, plan.num_stages))
+        return None if plan.num_stages == 1 and not plan.tagged else "needs more shared memory"
+
+    monkeypatch.setattr(fused_stack, "_gpu_misfit", misfit)
+    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 16, torch.bfloat16, CUDA0, 0)
+    assert isinstance(plan, _plan.LayerPlan) and plan.num_stages == 1 and not plan.tagged
+    assert tried == [(True, 3), (True, 1), (False, 3), (False, 1)]

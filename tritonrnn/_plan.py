@@ -221,6 +221,28 @@ def single_group(plan: LayerPlan) -> LayerPlan:
     return dataclasses.replace(plan, batch_groups=1, backward=backward)
 
 
+def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> LayerPlan | None:
+    """The next plan to try when ``plan``'s compiled kernels need more shared memory than the GPU has (``full``: the
+    first plan tried), or None when there is none.
+
+    Triton's pipeliner buffers the batch-tile loop's loads num_stages times even for a single tile (the batch is not
+    specialised), which can take more than the weights: LSTM bf16 H=512 B=64 backward 329,728 bytes with 3 stages,
+    100,352 with 1 (sm_90, Triton 3.9; perf/NOTES.md, twenty-third session). With one tile a group there is nothing to
+    overlap: one stage first. With several, fewer held rows of the slice (the rest read every step; not with a
+    projection, whose kernels hold all rows), keeping the pipeline; where that runs out, one stage from the full
+    slice again.
+    """
+    one_tile = -(-batch // plan.batch_groups) <= plan.block_b
+    can_halve = not proj and plan.block_k // 2 >= MIN_HELD_ROWS
+    if max(plan.num_stages, plan.for_backward().num_stages) > 1 and (one_tile or not can_halve):
+        backward = dataclasses.replace(full.backward, num_stages=1) if full.backward else None
+        return dataclasses.replace(full, num_stages=1, backward=backward)
+    if can_halve:
+        backward = dataclasses.replace(plan.backward, block_k=plan.backward.block_k // 2) if plan.backward else None
+        return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
+    return None
+
+
 def plan_stack(
     cell: str, hidden_size: int, n_layers: int, batch: int, dtype: torch.dtype, device: torch.device
 ) -> LayerPlan | str:

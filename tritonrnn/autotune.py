@@ -227,8 +227,6 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[
     for block_h, block_b, num_warps, num_stages in itertools.product(BLOCK_H, BLOCK_B, NUM_WARPS, NUM_STAGES):
         if block_h > max(MIN_DOT, next_pow2(hidden)) or block_b > max(MIN_DOT, next_pow2(batch)):
             continue
-        if num_stages != NUM_STAGES[-1] and batch <= block_b:
-            continue  # one batch tile: nothing to pipeline
         if -(-hidden // block_h) * directions > sm_count:
             continue  # both directions' programs must be resident at once
         result.append(KernelConfig(block_h, block_b, num_warps, num_stages))

@@ -25,7 +25,6 @@ from torch._subclasses.fake_tensor import is_fake
 from tritonrnn import native_cpu, reference
 from tritonrnn._plan import (
     CELLS,
-    MIN_HELD_ROWS,
     LayerPlan,
     cuda_index,
     forced,
@@ -33,6 +32,7 @@ from tritonrnn._plan import (
     log_once,
     plan_layer,
     single_group,
+    smaller_plan,
     tf32_matmul,
     unpack_saved,
     with_batch_groups,
@@ -82,13 +82,13 @@ def kernel_plan(
                 plan = single_group(tuned) if variant.proj else with_batch_groups(
                     tuned, batch, variant.directions, sm_count
                 )  # fmt: skip
-        while True:
+        full, attempt = plan, plan
+        while attempt is not None:
+            plan = attempt
             reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
-            # Over shared memory: hold fewer rows of the slice and read the rest every step (not with a projection,
-            # whose kernels hold all rows; not under a forced plan).
-            if reason is None or variant.proj or forced() or plan.block_k // 2 < MIN_HELD_ROWS:
+            if reason is None or forced():
                 break
-            plan = _halve_held_rows(plan)
+            attempt = smaller_plan(plan, full, batch, variant.proj)
         if reason is not None:
             return reason
         # The tagged exchange where it is asked for, on the slice the barrier's kernels hold (its own kernels could
@@ -97,11 +97,6 @@ def kernel_plan(
         if tagged != plan and _gpu_misfit(cell, hidden, dtype, tf32, tagged, variant, cuda_index(device)) is None:
             return tagged
     return plan
-
-
-def _halve_held_rows(plan: LayerPlan) -> LayerPlan:
-    backward = dataclasses.replace(plan.backward, block_k=plan.backward.block_k // 2) if plan.backward else None
-    return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
 
 
 def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant):
