@@ -66,9 +66,14 @@ def _signature(fn, pointer_types: dict[str, str], constants: dict) -> tuple[dict
     return signature, constexprs
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4):
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 3):
+    # Pointers 16-byte aligned, as every tensor torch allocates is, and as a launch (and layer_run._gpu_misfit's
+    # compile) tells Triton: without it the pipeliner leaves out its async-copy buffers and the shared memory
+    # reported is not the launched kernel's (perf/NOTES.md, twenty-third session).
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 @triton.jit
@@ -116,8 +121,10 @@ def wait_each_lowering_problems(arch: int) -> list[str]:
     return problems
 
 
-def _resources(fn, pointer_types: dict[str, str], constants: dict, arch: int, num_warps: int) -> dict:
-    kernel = _compile(fn, *_signature(fn, pointer_types, constants), arch, num_warps)
+def _resources(
+    fn, pointer_types: dict[str, str], constants: dict, arch: int, num_warps: int, num_stages: int = 3
+) -> dict:
+    kernel = _compile(fn, *_signature(fn, pointer_types, constants), arch, num_warps, num_stages)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -138,9 +145,9 @@ def report(
 ) -> tuple[str, int]:
     """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback).
 
-    Like functional.kernel_plan on a GPU, the held rows of the weight slice are halved while the kernels need
-    more shared memory than an H100 has (not with a projection); ``tagged``: the kernels exchange h and the gate
-    gradients in tagged words where they can (TRITONRNN_EXCHANGE=tagged).
+    Like functional.kernel_plan on a GPU, while the kernels need more shared memory than an H100 has, smaller plans
+    (``_plan.smaller_plan``: one pipeline stage, or fewer held rows of the weight slice); ``tagged``: the kernels
+    exchange h and the gate gradients in tagged words where they can (TRITONRNN_EXCHANGE=tagged).
     """
     variant = VARIANTS[variant]
     if variant.proj:
@@ -151,11 +158,13 @@ def report(
         plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions)
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
-    while True:
+    full, attempt = plan, plan
+    while attempt is not None:
+        plan = attempt
         line, shared = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
-        if shared <= H100_MAX_SHARED or variant.proj or plan.block_k // 2 < _plan.MIN_HELD_ROWS:
+        if shared <= H100_MAX_SHARED:
             break
-        plan = dataclasses.replace(plan, block_k=plan.block_k // 2)
+        attempt = _plan.smaller_plan(plan, full, batch, variant.proj)
     if tagged and not variant.proj and plan.block_k >= hidden:
         # As kernel_plan: the tagged kernels on the slice the barrier's kernels hold, where they fit.
         tagged_line, tagged_shared = _report_plan(cell, hidden, batch, dtype, arch, variant,
@@ -167,8 +176,7 @@ def report(
 
 def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int]:
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
-    num_warps = constants.pop("num_warps")
-    constants.pop("num_stages")  # the default pipelining, as in the heuristic plan
+    num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
                      mseq=t, lengths="i32", seed_ptr="i64", ring="i32" if dtype.itemsize == 2 else "i64")  # fmt: skip
@@ -185,11 +193,15 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
         dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y, **tagged),
         arch,
         num_warps,
+        num_stages,
     )
-    bwd = _resources(bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent, **tagged), arch, num_warps)
+    bwd = _resources(
+        bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent, **tagged), arch, num_warps, num_stages
+    )  # fmt: skip
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
-        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant}{' tagged' * plan.tagged} "
+        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} stages={num_stages} {variant}"
+        f"{' tagged' * plan.tagged} "
         f"| fwd {fwd} | bwd {bwd}"
     )
     return line, max(fwd["smem"], bwd["smem"])
@@ -208,10 +220,31 @@ def stack_report(
     t = TRITON_TYPES[dtype]
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}: layer by layer ({plan})", 0
+    head = f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}:"
+    for stages in (plan.num_stages, 1):  # as fused_stack.fused_plan: one pipeline stage where more do not fit
+        fwd, bwd, num_warps = _stack_resources(cell, hidden, dtype, arch, dataclasses.replace(plan, num_stages=stages),
+                                               variant, tagged)  # fmt: skip
+        shared = max(fwd["smem"], bwd["smem"])
+        if shared <= H100_MAX_SHARED:
+            break
+    if shared > H100_MAX_SHARED:
+        # What fused_stack does on the GPU: the compiled kernel is the fact (the held-bytes rule is a first guess).
+        return f"{head} layer by layer (needs {shared} bytes of shared memory)", 0
+    line = (
+        f"{head} programs={plan.num_programs:3}x{layers} "
+        f"BLOCK_H={plan.block_h} BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} stages={stages} "
+        f"{variant}{' tagged' * tagged} | stack fwd {fwd} | stack bwd {bwd}"
+    )
+    return line, shared
+
+
+def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[dict, dict, int]:
+    """The stack kernels' resources at ``plan``: (forward, backward, num_warps)."""
+    t = TRITON_TYPES[dtype]
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
-    for name in ("D", "RESIDUAL", "VARLEN", "num_stages"):
+    for name in ("D", "RESIDUAL", "VARLEN"):
         constants.pop(name)
-    num_warps = constants.pop("num_warps")
+    num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     acc = "fp32"
     ring = "i32" if dtype.itemsize == 2 else "i64"
     fwd_types = dict(xproj=t, w_ih=t, bias=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, z=t, counter="i32",
@@ -219,19 +252,9 @@ def stack_report(
     bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
                      grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64", ring=ring)  # fmt: skip
     constants.update(SYNC=True, TAGGED=tagged)
-    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True), arch, num_warps)
-    bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, ALL_LAYERS=False), arch, num_warps)
-    shared = max(fwd["smem"], bwd["smem"])
-    head = f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}:"
-    if shared > H100_MAX_SHARED:
-        # What fused_stack does on the GPU: the compiled kernel is the fact (the held-bytes rule is a first guess).
-        return f"{head} layer by layer (needs {shared} bytes of shared memory)", 0
-    line = (
-        f"{head} programs={plan.num_programs:3}x{layers} "
-        f"BLOCK_H={plan.block_h} BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} {variant}"
-        f"{' tagged' * tagged} | stack fwd {fwd} | stack bwd {bwd}"
-    )
-    return line, shared
+    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True), arch, num_warps, num_stages)
+    bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, ALL_LAYERS=False), arch, num_warps, num_stages)
+    return fwd, bwd, num_warps
 
 
 def main(argv: list[str] | None = None) -> None:
