@@ -221,7 +221,8 @@ def stack_report(
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}: layer by layer ({plan})", 0
     head = f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}:"
-    for stages in (plan.num_stages, 1):  # as fused_stack.fused_plan: one pipeline stage where more do not fit
+    # As fused_stack.fused_plan: one pipeline stage where more do not fit (each stage count compiled once).
+    for stages in dict.fromkeys((plan.num_stages, 1)):
         fwd, bwd, num_warps = _stack_resources(cell, hidden, dtype, arch, dataclasses.replace(plan, num_stages=stages),
                                                variant, tagged)  # fmt: skip
         shared = max(fwd["smem"], bwd["smem"])

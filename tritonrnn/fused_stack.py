@@ -104,10 +104,12 @@ def fused_plan(
             plan = dataclasses.replace(plan, persistent=True)
     if device.type == "cuda" and not isinstance(plan, str):
         tf32 = tf32_matmul()
-        exchanges = [plan, dataclasses.replace(plan, tagged=False)] if plan.tagged else [plan]
-        # Each also with one pipeline stage, which can fit where three do not (as in layer_op.kernel_plan).
-        candidates = [c for e in exchanges for c in ([e, dataclasses.replace(e, num_stages=1)] if e.num_stages > 1
-                                                     else [e])]  # fmt: skip
+        candidates = []
+        for exchange in [plan, dataclasses.replace(plan, tagged=False)] if plan.tagged else [plan]:
+            candidates.append(exchange)
+            if exchange.num_stages > 1:
+                # One pipeline stage can fit where three do not (_plan.smaller_plan).
+                candidates.append(dataclasses.replace(exchange, num_stages=1))
         for candidate in candidates:  # the tagged kernels first where asked for; the barrier's if they do not fit
             reason = _gpu_misfit(
                 cells[0], hidden_sizes[0], len(cells), dtype, tf32, candidate, dropout_mode, cuda_index(device)
