@@ -51,9 +51,15 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(_plan, "empty_buffer", nan_empty)
 
 
-# The fallback messages (tritonrnn._plan.log_once): a layer on the reference, a module on torch.nn, a fused stack
-# declined.
-FALLBACK_PHRASES = ("reference implementation", "runs the reference", "torch.nn's implementation", "layer by layer")
+# The fallback messages (tritonrnn._plan.log_once): a layer on the reference or on torch's op, a module on torch.nn,
+# a fused stack declined.
+FALLBACK_PHRASES = (
+    "reference implementation",
+    "runs the reference",
+    "torch.nn's implementation",
+    "torch's own RNN op",
+    "layer by layer",
+)
 
 
 _expected = []
@@ -99,11 +105,12 @@ def no_silent_fallback(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def ieee_fp32():
-    """fp32 tests run in IEEE precision; TF32 is checked separately."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """fp32 tests run in IEEE precision; TF32 is checked separately. cuDNN's own flag too (on by default in torch):
+    torch.nn's layers and the fallback (torch's op) read it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ Against torch.nn (the default; CPU under the interpreter, or a GPU): torch.nn mo
 float64; outputs, final states and the gradients of the input, the initial states and every parameter must agree
 to the tests' tolerances (helpers.TOLERANCE), and the step must run on the kernels (a fallback to the reference or
 to torch.nn fails it). With dropout in training (torch.nn's masks are its own) the expected values come from a
-float64 copy of the model on the reference implementation, which draws the kernels' masks. A failure in a
-reduced precision is run again in the most precise dtype the kernels have (float64 on the CPU, float32 on a GPU):
-if that passes, it is reported as "precision only", to be looked at (a relu pre-activation within rounding of 0
-flips that unit's derivative, say), not as a proven bug.
+float64 copy of the model on the fallback (torch's own op on the CPU, the reference on a GPU), which draws the
+kernels' masks. A failure in a reduced precision is run again in the most precise dtype the kernels have (float64
+on the CPU, float32 on a GPU): if that passes, it is reported as "precision only", to be looked at (a relu
+pre-activation within rounding of 0 flips that unit's derivative, say), not as a proven bug.
 
 --concurrent (CPU only): a training step (dropout in both modes) runs with block_h=16 (2-3 programs a layer) launched
 one step at a time, then persistent under concurrent_interpreter.programs_at_once: a random scheduler seed and
@@ -314,8 +314,9 @@ def switches(config: dict):
 
 
 def reference_step(config: dict, model: nn.Module) -> list[torch.Tensor]:
-    """``step`` of a float64 copy of ``model`` on the reference implementation, with the same dropout seeds (so the
-    kernels' masks): the layers' plans say the kernels cannot hold them, and the kernels' launcher is taken away."""
+    """``step`` of a float64 copy of ``model`` on the fallback (torch's op on the CPU, the reference on a GPU), with the
+    same dropout seeds (so the kernels' masks): the layers' plans say the kernels cannot hold them, and the kernels'
+    launcher is taken away."""
     model = copy.deepcopy(model).double()
     saved = layer_op.plan_layer, layer_run.LayerRun.__init__
     layer_op.plan_layer = lambda *args: "the sweep's reference run"

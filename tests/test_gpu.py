@@ -161,6 +161,48 @@ def test_hidden_size_beyond_the_kernels_falls_back_correctly(caplog, monkeypatch
     assert max(ours.values()) < TOLERANCE[torch.bfloat16], ours
 
 
+@pytest.mark.fallback
+def test_a_stacked_layer_beyond_the_kernels_runs_on_cudnn(caplog, monkeypatch, launched_plans):
+    """In a StackedRNN, a layer the kernels cannot hold (GRU H=2100 in bf16, above 2048) runs torch's own op (cuDNN),
+    logged once, instead of the reference's step loop; the layer that fits stays on the kernels. Every output and
+    gradient within 1.5x torch.nn's bf16 error vs float64 (torch.nn's layers with the same weights)."""
+    from tritonrnn import native
+
+    calls = []
+    ops = {c: (lambda *a, c=c, op=op: calls.append(c) or op(*a)) for c, op in native._OPS.items()}
+    monkeypatch.setattr(native, "_OPS", ops)
+    torch.manual_seed(0)
+    stack = tritonrnn.StackedRNN(64, [("lstm", 128), ("gru", 2100)])
+    exact = [torch.nn.LSTM(64, 128), torch.nn.GRU(128, 2100)]
+    for k, module in enumerate(exact):
+        module.load_state_dict({f"{name}_l0": p for name, p in stack.layers[k].state_dict().items()})
+    exact = [m.double().to(CUDA) for m in exact]
+    cudnn = [copy.deepcopy(m).to(torch.bfloat16) for m in exact]
+    stack = stack.to(device=CUDA, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, 64, dtype=torch.float64, generator=gen).to(CUDA)
+    weight = torch.randn(16, 4, 2100, dtype=torch.float64, generator=gen).to(CUDA)
+
+    def step(forward, params, dtype):
+        xr = x.to(dtype).requires_grad_()
+        out = forward(xr)
+        return [out, *torch.autograd.grad((out.double() * weight).sum(), [xr, *params])]
+
+    def torch_nn(modules):
+        return lambda xr: modules[1](modules[0](xr)[0])[0]
+
+    ref = step(torch_nn(exact), [p for m in exact for p in m.parameters()], torch.float64)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        ours = step(lambda xr: stack(xr)[0], list(stack.parameters()), torch.bfloat16)
+    theirs = step(torch_nn(cudnn), [p for m in cudnn for p in m.parameters()], torch.bfloat16)
+    assert calls == ["gru"] and launched_plans  # the LSTM on the kernels, the GRU on cuDNN
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "hidden_size=2100" in messages[0] and "torch's own RNN op" in messages[0], messages
+    errors = [(rel_err(a, r), rel_err(b, r)) for a, b, r in zip(ours, theirs, ref)]
+    assert all(a <= max(1.5 * b, 1e-3) for a, b in errors), errors
+
+
 def test_split_grid_stepwise_mode_on_gpu(forced_plan, launched_plans):
     """The one-launch-per-step mode (the fallback where a grid cannot be co-resident)."""
     forced_plan(persistent=False)

@@ -286,9 +286,9 @@ def test_layer_too_large_for_the_kernels_runs_on_torch_nn(monkeypatch, caplog):
 
 
 @pytest.mark.fallback
-def test_variational_dropout_the_kernels_cannot_hold_runs_on_the_reference_with_the_same_masks(monkeypatch, caplog):
-    """torch.nn has no variational dropout, so a layer the kernels cannot hold stays on tritonrnn and runs on the
-    reference (logged once), which draws the masks the kernels would: under one seed, the kernels' outputs, states
+def test_variational_dropout_the_kernels_cannot_hold_runs_on_torchs_op_with_the_same_masks(monkeypatch, caplog):
+    """torch.nn has no variational dropout, so a layer the kernels cannot hold stays on tritonrnn and runs torch's own
+    op between tritonrnn's masks (logged once), which are the kernels': under one seed, the kernels' outputs, states
     and gradients."""
     torch.manual_seed(0)
     ours = tritonrnn.GRU(4, 6, num_layers=2, dropout=0.5, dropout_mode="variational").float().to(DEVICE).train()

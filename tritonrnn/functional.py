@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tritonrnn import layer_op, native_cpu, reference, scheduler
+from tritonrnn import layer_op, native, reference, scheduler
 from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group
 from tritonrnn.dropout import HeldMasks, LayerDropout
 from tritonrnn.fused_stack import fused_stack
@@ -57,21 +57,21 @@ def _layer(
     dropout: LayerDropout | None = None,
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """One layer on the kernels, or where they cannot run it on torch's CPU op (CPU tensors, no interpreter) or the
-    reference (``reference.layer``'s contract)."""
+    """One layer on the kernels, or where they cannot run it on torch's own op (tritonrnn/native.py: CPU tensors
+    without the interpreter, and layers the kernels cannot hold), ``reference.layer``'s contract."""
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]
     plan = None
     if not torch.compiler.is_compiling() and not layer_op.without_data(x):
-        # Where the kernels cannot run it, torch's CPU op (CPU tensors without the interpreter) or the reference,
-        # under autograd (tritonrnn::layer, which a traced graph calls, would run the reference again for the backward).
+        # Where the kernels cannot run it, torch's own op (or where that cannot, the reference) under autograd:
+        # tritonrnn::layer, which a traced graph calls, would run the reference again for the backward.
         if x.device.type == "cpu" and not interpret_mode():
-            return native_cpu.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
+            return native.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
         # _variant reads the projection's width from the stacked [D, N, H] form (not one direction's [N, H]).
         variant = _variant(D, residual, dropout, w_hr[0][None] if w_hr[0] is not None else None, lengths)
         plan = layer_op.plan_or_reason(cell, x, weights[0][1], variant)
         if isinstance(plan, str):
-            return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
+            return native.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     w_ih, w_hh, b_ih, b_hh = (list(t) for t in zip(*(w[:4] for w in weights)))
     if D == 1:
         # No copies for one direction: views of the caller's tensors.

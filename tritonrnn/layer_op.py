@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 # autotune is imported where a GPU plan is made, not with the package: `python -m tritonrnn.autotune` then runs a
 # module that is not imported already (runpy warns about that, and two copies of its state would exist).
-from tritonrnn import native_cpu, reference
+from tritonrnn import native, reference
 from tritonrnn._plan import (
     CELLS,
     LayerPlan,
@@ -178,16 +178,18 @@ def _directions(w_ih, w_hh, b_ih, b_hh, w_hr) -> list[tuple]:
 
 def plan_or_reason(cell: str, x: Tensor, w_hh: Tensor, variant: Variant) -> LayerPlan | str:
     """The kernels' plan for this layer, or why they cannot run it (logged once, except for CPU tensors without
-    the interpreter: they run torch's CPU op by design, tritonrnn/native_cpu.py). w_hh: [G*H, N] or [D, G*H, N]."""
+    the interpreter: they run torch's CPU op by design, tritonrnn/native.py). w_hh: [G*H, N] or [D, G*H, N]."""
     if x.device.type == "cpu" and not interpret_mode():
         return "no Triton interpreter on the CPU"
     hidden = w_hh.shape[-2] // CELLS[cell][1]
     plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if isinstance(plan, str):
-        log_once(
-            f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; "
-            "running the PyTorch reference implementation instead (correct, much slower)"
+        instead = (
+            "torch's own RNN op instead (what torch.nn runs: cuDNN on an NVIDIA GPU)"
+            if native.compute_dtype(x.device, x.dtype) is not None
+            else "the PyTorch reference implementation instead (correct, much slower)"
         )
+        log_once(f"tritonrnn: {cell} layer with hidden_size={hidden}, {x.dtype}, on {x.device.type}: {plan}; {instead}")
     return plan
 
 
@@ -223,10 +225,9 @@ def _layer_forward(
     if plan is None:
         plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
-        # CPU tensors without the interpreter: torch's own CPU op, as in eager (functional._layer).
-        layer_fn = native_cpu.layer if x.device.type == "cpu" and not interpret_mode() else reference.layer
+        # torch's own op (or where that cannot, the reference), as in eager (functional._layer).
         with torch.no_grad():
-            y, z, h_n, c_n = layer_fn(
+            y, z, h_n, c_n = native.layer(
                 cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
             )  # fmt: skip
         # Nothing of it is kept: the backward runs the reference again. hseq only carries the output view.

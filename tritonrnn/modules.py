@@ -65,11 +65,12 @@ class _TritonRNNBase(nn.RNNBase):
         """Why torch.nn's implementation has to run this call: the kernels cannot run this layer configuration here
         (too large for the GPU, in ``dtype`` under autocast), or torch.jit.trace records the call; or None.
 
-        cuDNN is then far faster than the pure-PyTorch reference. Not handed over: variational dropout (torch.nn
-        has none) and float64 (a checking precision: the reference draws the same dropout masks as the kernels).
+        torch.nn runs cuDNN on its flattened weights. Not handed over: variational dropout (torch.nn has none; each
+        layer then runs torch's own op between tritonrnn's masks, tritonrnn/native.py) and float64 (a checking
+        precision, which keeps tritonrnn's dropout masks: on a GPU the reference runs it).
         """
         if torch.compiler.is_compiling():
-            return None  # no compiles and timings inside a traced graph; a misfit layer runs the reference there
+            return None  # no compiles and timings inside a traced graph; tritonrnn::layer falls back inside
         variational = self.training and self.dropout > 0 and self.dropout_mode == "variational"
         if torch.jit.is_tracing() and not variational:
             # torch.jit.trace records torch.nn's one operator per module, valid at any length; a trace of the kernels

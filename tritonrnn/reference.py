@@ -1,7 +1,7 @@
 """Pure-PyTorch recurrent layers: the one statement of the math.
 
 Tests compare the kernels against it (in float64), perf measures errors with it, and the layers the
-kernels cannot run (on the CPU: those torch's own CPU op cannot, tritonrnn/native_cpu.py) run on it.
+kernels cannot run (on the CPU: those torch's own CPU op cannot, tritonrnn/native.py) run on it.
 Gate orders are torch.nn's: LSTM (i, f, g, o), GRU (r, z, n) with the hidden bias of n inside ``r * (W_hn h + b_hn)``.
 Half-precision inputs are computed in float32 (the kernels' state and accumulation precision)
 and the outputs rounded back.

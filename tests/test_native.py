@@ -1,4 +1,4 @@
-"""CPU tensors without the Triton interpreter: the layers' recurrence on torch's own CPU op (tritonrnn/native_cpu.py),
+"""CPU tensors without the Triton interpreter: the layers' recurrence on torch's own CPU op (tritonrnn/native.py),
 against the reference (the same dropout masks and residual sums) and against torch.nn, outputs, states and every
 gradient; and the cases where the reference runs instead."""
 
@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
 from tritonrnn import dropout as _dropout
-from tritonrnn import native_cpu, reference
+from tritonrnn import native, reference
 from tritonrnn._plan import CELLS as GATES
 
 
@@ -24,7 +25,7 @@ def no_interpreter(monkeypatch):
     def counted(cell, op):
         return lambda *args: calls.append(cell) or op(*args)
 
-    monkeypatch.setattr(native_cpu, "_OPS", {cell: counted(cell, op) for cell, op in native_cpu._OPS.items()})
+    monkeypatch.setattr(native, "_OPS", {cell: counted(cell, op) for cell, op in native._OPS.items()})
     return calls
 
 
@@ -66,7 +67,7 @@ def test_native_layer_matches_the_reference(no_interpreter, cell, D, variant):
 
     inputs = [x, h0] + ([c0] if c0 is not None else []) + [w for d in weights for w in d if w is not None]
     results = []
-    for layer_fn in (native_cpu.layer, reference.layer):
+    for layer_fn in (native.layer, reference.layer):
         y, z, h_n, c_n = layer_fn(cell, x, h0, c0, weights, residual, dropout, lengths)
         outputs = [t for t in (y, z, h_n, c_n) if t is not None]
         seeds = [torch.Generator().manual_seed(k) for k in range(len(outputs))]
@@ -120,7 +121,7 @@ def test_half_precision_is_computed_in_float32(no_interpreter, cell, dtype):
     c0 = torch.randn(1, B, H, generator=generator).to(dtype).requires_grad_() if cell == "lstm" else None
     inputs = [x, h0, *weights[0]] + ([c0] if c0 is not None else [])
     results = []
-    for layer_fn in (native_cpu.layer, reference.layer):
+    for layer_fn in (native.layer, reference.layer):
         y, _, h_n, c_n = layer_fn(cell, x, h0, c0, weights)
         outputs = [t for t in (y, h_n, c_n) if t is not None]
         assert all(t.dtype == dtype for t in outputs)
@@ -140,9 +141,9 @@ def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpret
                                  dropout_mode="variational", residual=True).double()  # fmt: skip
     x = torch.randn(6, 3, 4, dtype=torch.float64)
     results = []
-    for native in (True, False):
-        if not native:
-            monkeypatch.setattr(native_cpu, "_runs_natively", lambda *a: False)
+    for on_torchs_op in (True, False):
+        if not on_torchs_op:
+            monkeypatch.setattr(native, "_runs_natively", lambda *a: False)
         torch.manual_seed(1)
         xi = x.clone().requires_grad_()
         outputs, states = stack(xi, return_all_layers=True)
@@ -173,7 +174,7 @@ def test_where_torchs_op_cannot_serve_the_reference_runs(no_interpreter, monkeyp
     h0, c0 = torch.zeros(1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64)
     length_0 = torch.tensor([5, 0], dtype=torch.int32)
     for lengths, w in ((length_0, _weights("lstm", 3, 2, 1, True, 0)), (None, one_bias)):
-        got = native_cpu.layer("lstm", x, h0, c0, w, lengths=lengths)
+        got = native.layer("lstm", x, h0, c0, w, lengths=lengths)
         expected = reference.layer("lstm", x, h0, c0, w, lengths=lengths)
         for a, b in zip(got, expected):
             assert (a is None and b is None) or torch.equal(a, b)
@@ -213,3 +214,79 @@ def test_an_exported_program_runs_torchs_op_inside_the_layer_op(no_interpreter):
     assert rel_err(got, want) < TOLERANCE[torch.float64]
     grads = [torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)]
     assert rel_err(*grads) < TOLERANCE[torch.float64]
+
+
+def test_the_op_runs_in_the_dtype_torch_nn_would_use():
+    """On the CPU half precision in float32 (the reference's and the kernels' numerics); on a GPU in the dtype itself,
+    as torch.nn's cuDNN layers; float64 on a GPU on the reference (whose backward can be differentiated again)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+    assert [native.compute_dtype(cpu, d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] == [
+        torch.float32, torch.float32, torch.float32, torch.float64
+    ]  # fmt: skip
+    assert [native.compute_dtype(cuda, d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] == [
+        torch.bfloat16, torch.float16, torch.float32, None
+    ]  # fmt: skip
+
+
+@pytest.mark.fallback
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the kernels on CPU tensors need the interpreter (GPU: test_gpu.py)")
+def test_layers_the_kernels_cannot_hold_run_torchs_op_with_the_kernels_masks(monkeypatch, caplog):
+    """With the interpreter (the kernels' path), a layer whose plan says it does not fit runs torch's op, not the
+    reference's step loop, logged once per layer: a mixed StackedRNN with variational dropout, residual sums and
+    DropConnect gives, under one seed, the kernels' outputs, states and every gradient (so the same masks)."""
+    import logging
+
+    from tritonrnn import _plan, layer_op, layer_run
+
+    torch.manual_seed(0)
+    stack = tritonrnn.StackedRNN(5, [("lstm", 5), ("gru", 5), ("rnn_tanh", 5)], dropout=0.4, weight_drop=0.3,
+                                 dropout_mode="variational", residual=True).double()  # fmt: skip
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+
+    def train_step():
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        outputs, states = stack(xi, return_all_layers=True)
+        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outputs)) + states[0][1].sum() + states[2].sum()
+        return [*outputs, states[0][0], states[1], *torch.autograd.grad(loss, [xi, *stack.parameters()])]
+
+    want = train_step()
+    calls = []
+    monkeypatch.setattr(
+        native, "_OPS", {c: (lambda *a, c=c, op=op: calls.append(c) or op(*a)) for c, op in native._OPS.items()}
+    )
+    monkeypatch.setattr(layer_op, "plan_layer", lambda *args: "does not fit this GPU")
+    monkeypatch.setattr(layer_run.LayerRun, "__init__", None)  # the kernels must not be reached
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        got = [train_step() for _ in range(2)][-1]
+    assert calls == ["lstm", "gru", "rnn_tanh"] * 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and all("does not fit this GPU; torch's own RNN op instead" in m for m in messages)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) < TOLERANCE[torch.float64], k
+
+
+def test_cudnns_advice_to_flatten_is_silenced_and_nothing_else(monkeypatch):
+    """cuDNN warns at every call with weights that are not one flat buffer (the fallback's never are) and advises
+    flatten_parameters(), which does not apply: that warning is dropped, any other reaches the user."""
+    import warnings
+
+    def warning_op(text):
+        def op(*args):
+            warnings.warn(text, UserWarning, stacklevel=1)
+            return native_ops["gru"](*args)
+
+        return op
+
+    native_ops = dict(native._OPS)
+    weights = _weights("gru", 3, 4, 1, True, 0)
+    x, h0 = torch.randn(5, 2, 3, dtype=torch.float64), torch.zeros(1, 2, 4, dtype=torch.float64)
+    flat = native._UNFLATTENED_WARNING + ". This means they need to be compacted at every call, ..."
+    monkeypatch.setattr(native, "_OPS", {"gru": warning_op(flat)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        native.layer("gru", x, h0, None, weights)
+    monkeypatch.setattr(native, "_OPS", {"gru": warning_op("something else")})
+    with pytest.warns(UserWarning, match="something else"):
+        native.layer("gru", x, h0, None, weights)
