@@ -81,7 +81,11 @@ def test_shipped_suites_expand_as_documented():
     smoke = suites.load("smoke")
     assert smoke.cpu_sized and not quick.cpu_sized
     large = suites.load("large")
-    assert {(c.dtype, c.H) for c in large.configs} == {("bf16", 2048), ("fp32", 1024)} and len(large.configs) == 8
+    assert {(c.dtype, c.H) for c in large.configs[:8]} == {("bf16", 2048), ("fp32", 1024)}
+    # and one beyond the kernels, which tritonrnn keeps for its variational dropout (its layers on torch's op)
+    assert [(c.H, c.L, c.options, c.passes) for c in large.configs[8:]] == [
+        (3072, 2, "dropout=0.3 variational", ("fwd+bwd",))
+    ]
 
 
 def test_suite_cases_merge_passes_of_the_same_config():
