@@ -190,9 +190,9 @@ def test_lstm_projection_float64_matches_torch(shape):
 
 
 def test_every_plan_of_a_projected_layer_is_made_for_its_projection(monkeypatch):
-    """Wherever a plan is asked for (the module's check, the layer's, the op's, backward's), it is for the layer's
-    proj_size: made for the hidden size instead, a GPU would tune and size-check a layer that does not exist, and
-    could send this one to the fallback."""
+    """Wherever a plan is asked for (the module's check, each layer's, which its op and backward reuse), it is for the
+    layer's proj_size: made for the hidden size instead, a GPU would tune and size-check a layer that does not exist,
+    and could send this one to the fallback."""
     seen = []
 
     def recording(cell, hidden, batch, dtype, device, variant=None):
@@ -205,12 +205,12 @@ def test_every_plan_of_a_projected_layer_is_made_for_its_projection(monkeypatch)
     torch.manual_seed(0)
     lstm = tritonrnn.LSTM(4, 6, num_layers=2, proj_size=3).to(DEVICE)
     lstm(torch.randn(5, 2, 4, device=DEVICE))[0].sum().backward()
-    assert len(seen) >= 4 and set(seen) == {3}, seen
+    assert len(seen) == 3 and set(seen) == {3}, seen
 
 
-def test_an_eager_forward_plans_each_layer_once(monkeypatch):
-    """The plan that chose the kernels for a layer is the one its op runs with, not made a second time inside it
-    (host time: perf/NOTES.md, twenty-third session)."""
+def test_an_eager_call_plans_each_layer_once(monkeypatch):
+    """The plan that chose the kernels for a layer is the one its op runs with, and its backward too, not made again
+    (host time: perf/NOTES.md, twenty-third and twenty-fourth sessions)."""
     calls = []
 
     def counting(*args):
@@ -219,9 +219,13 @@ def test_an_eager_forward_plans_each_layer_once(monkeypatch):
 
     real = layer_op.plan_or_reason
     monkeypatch.setattr(layer_op, "plan_or_reason", counting)
+    model = tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)
+    x = torch.randn(5, 2, 4, device=DEVICE)
     with torch.no_grad():
-        tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)(torch.randn(5, 2, 4, device=DEVICE))
+        model(x)
     assert calls == ["gru", "gru"]
+    model(x)[0].sum().backward()
+    assert calls == ["gru"] * 4
 
 
 def test_lstm_projection_split_grid_phases_launched_apart(forced_plan):

@@ -288,16 +288,19 @@ def _layer_backward_impl(
 
 def _layer_grads(
     grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
-    mseq, cell, residual, p_drop, variational, reference_only=False,
+    mseq, cell, residual, p_drop, variational, reference_only=False, plan=None,
 ) -> list[Tensor]:  # fmt: skip
     """_layer_backward_impl's gradients, on the kernels or (where they cannot run it, or ``reference_only``) by the
-    reference."""
+    reference. ``plan``: the forward's (``plan_or_reason``), where the caller kept it."""
     dropout = _dropout(seed, p_drop, variational)
     variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
     if not variant.write_y:
         grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
     inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-    plan = "reference only" if reference_only else plan_or_reason(cell, x, w_hh, variant)
+    if reference_only:
+        plan = "reference only"
+    elif plan is None:
+        plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
         grads = _reference_backward(cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn))
     else:
@@ -389,7 +392,9 @@ class _EagerLayer(torch.autograd.Function):
         elif torch.is_grad_enabled():
             reason = "a backward with create_graph=True"
         else:
-            return _backward(ctx, *grads, impl=_layer_backward_impl, saved=saved)
+            # The forward's plan where it was kept (_EagerLayerPlain): the backward need not plan again.
+            impl = functools.partial(_layer_grads, plan=getattr(ctx, "plan", None))
+            return _backward(ctx, *grads, impl=impl, saved=saved)
         log_once(f"tritonrnn: {reason}: its backward runs the reference, which can be differentiated")
         return _backward(ctx, *grads, impl=_reference_grads, saved=saved)
 
@@ -404,6 +409,7 @@ class _EagerLayerPlain(torch.autograd.Function):
     def forward(ctx, plan, *args):
         output = _layer_forward(*args, plan=plan)
         _setup_context(ctx, args, output)
+        ctx.plan = plan
         return output
 
     @staticmethod
