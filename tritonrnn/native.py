@@ -20,6 +20,7 @@ reads the lengths on the host).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -35,8 +36,20 @@ _OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_
 
 # cuDNN copies weights that are not views of one flat buffer into one at every call and warns each time, advising
 # flatten_parameters(). The fallback's weights are per layer (a StackedRNN's, or weight_drop's products): the copy is
-# the price of the fallback, and the advice does not apply.
+# the price of the fallback, and the advice does not apply. torch raises the warning from the Python frame that called
+# the op, so a filter on this module drops it here only (torch.nn's own layers keep it). It is added where it is
+# missing (a catch_warnings block around an import or a call takes it away on exit), not around every call: a changed
+# filter list makes Python forget which warnings it has shown, everywhere.
 _UNFLATTENED_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
+
+
+def _ignore_flatten_advice() -> None:
+    warnings.filterwarnings("ignore", _UNFLATTENED_WARNING, UserWarning, module=re.escape(__name__) + r"\Z")
+
+
+with warnings.catch_warnings():  # the entry as this Python stores it, to look for in warnings.filters
+    _ignore_flatten_advice()
+    _FLATTEN_ADVICE_FILTER = warnings.filters[0]
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -82,9 +95,9 @@ def layer(
     hx = (h0.to(cdt), c0.to(cdt)) if cell == "lstm" else h0.to(cdt)
     # Keep what backward needs only when there will be one (torch.nn passes its training flag here).
     options = (has_biases, 1, 0.0, torch.is_grad_enabled(), len(weights) == 2)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_UNFLATTENED_WARNING)
-        out, states = _run(cell, x.to(cdt), hx, params, options, lengths)
+    if _FLATTEN_ADVICE_FILTER not in warnings.filters:
+        _ignore_flatten_advice()
+    out, states = _run(cell, x.to(cdt), hx, params, options, lengths)
     h_n = states[0].to(dtype)
     c_n = states[1].to(dtype) if cell == "lstm" else None
     return reference.layer_output(x, out.to(dtype), h_n, c_n, residual, dropout, lengths)
