@@ -37,6 +37,10 @@ def card() -> str:
     import numpy
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    # torch sends bf16 RNNs to cuDNN only when built against cuDNN 9.13 or newer (else ATen's step loop): what the
+    # fallback layers and torch.nn's bf16 layers run.
+    built = getattr(getattr(torch._C, "_cudnn", None), "getCompileVersion", lambda: None)()
+    cudnn = f"{cudnn} (built with {'.'.join(map(str, built)) if built else 'unknown'})"
     return (
         f"{torch.cuda.get_device_name()}: {props['multiprocessor_count']} SMs, "
         f"{props['max_shared_mem']} B shared memory per block, L2 "

@@ -143,7 +143,7 @@ def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpret
     results = []
     for on_torchs_op in (True, False):
         if not on_torchs_op:
-            monkeypatch.setattr(native, "_runs_natively", lambda *a: False)
+            monkeypatch.setattr(native, "_why_not", lambda *a: "the test's reference run")
         torch.manual_seed(1)
         xi = x.clone().requires_grad_()
         outputs, states = stack(xi, return_all_layers=True)
@@ -294,3 +294,66 @@ def test_cudnns_advice_to_flatten_is_dropped_for_the_fallbacks_calls_only(monkey
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn(advice, UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == [advice]
+
+
+@pytest.mark.fallback
+def test_sequences_longer_than_one_call_of_the_op_takes(no_interpreter, monkeypatch, caplog):
+    """cuDNN takes at most 65,535 steps a call: a longer one-way sequence runs in chunks with the state carried (the
+    one call's outputs, states and gradients), both directions or a batch of lengths on the reference, logged once
+    where the op is a GPU's fallback (here the CPU stands in, with a limit of 3 steps)."""
+    import logging
+
+    from tritonrnn import _plan
+
+    monkeypatch.setattr(native, "MAX_STEPS_PER_CALL", {"cpu": 3})
+    generator = torch.Generator().manual_seed(5)
+    T, B, H = 7, 2, 3
+    x = torch.randn(T, B, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    for D, lengths, chunks in ((1, None, 3), (2, None, 0), (1, torch.tensor([7, 4], dtype=torch.int32), 0)):
+        weights = _weights("lstm", 4, H, D, True, 0, generator)
+        h0 = torch.randn(D, B, H, dtype=torch.float64, generator=generator, requires_grad=True)
+        c0 = torch.randn(D, B, H, dtype=torch.float64, generator=generator, requires_grad=True)
+        inputs = [x, h0, c0, *[w for d in weights for w in d]]
+        results = []
+        for layer_fn in (native.layer, reference.layer):
+            y, _, h_n, c_n = layer_fn("lstm", x, h0, c0, weights, lengths=lengths)
+            loss = (
+                (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + h_n.sum() + c_n.square().sum()
+            )
+            results.append([y, h_n, c_n, *torch.autograd.grad(loss, inputs)])
+        assert no_interpreter == ["lstm"] * chunks
+        del no_interpreter[:]
+        for a, b in zip(*results):
+            assert rel_err(a, b) < TOLERANCE[torch.float64]
+    # On the CPU the reference is a path by design, not news; a GPU's fallback says why it is not torch's op.
+    both_ways = _weights("lstm", 4, H, 2, True, 0)
+    assert "more than 3 steps" in native._why_not(x, both_ways, None)
+    h0, c0 = torch.zeros(2, B, H, dtype=torch.float64), torch.zeros(2, B, H, dtype=torch.float64)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        native.layer("lstm", x, h0, c0, both_ways)
+    assert not caplog.records
+
+
+def test_non_contiguous_states_and_weights_reach_the_op_contiguous(no_interpreter, monkeypatch):
+    """cuDNN refuses a non-contiguous hx and cannot view a non-contiguous weight flat (a learned initial state
+    expanded over the batch, a parametrized weight): the op is handed contiguous tensors, with the same results."""
+    seen = []
+    real = native._OPS["gru"]
+
+    def checking(x, hx, params, *options):
+        seen.append(hx.is_contiguous() and all(p.is_contiguous() for p in params))
+        return real(x, hx, params, *options)
+
+    monkeypatch.setattr(native, "_OPS", {"gru": checking})
+    generator = torch.Generator().manual_seed(6)
+    w_ih, w_hh, b_ih, b_hh = _weights("gru", 4, 3, 1, True, 0, generator)[0]
+    weights = [(w_ih, w_hh.detach().t().contiguous().t().requires_grad_(), b_ih, b_hh)]  # transposed storage
+    x = torch.randn(5, 2, 4, dtype=torch.float64, generator=generator)
+    h0 = torch.randn(1, 1, 3, dtype=torch.float64, generator=generator).expand(1, 2, 3)
+    assert not weights[0][1].is_contiguous() and not h0.is_contiguous()
+    got = native.layer("gru", x, h0, None, weights)
+    expected = reference.layer("gru", x, h0, None, weights)
+    assert seen == [True]
+    for a, b in zip(got, expected):
+        assert (a is None and b is None) or rel_err(a, b) < TOLERANCE[torch.float64]

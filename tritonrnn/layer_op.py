@@ -186,7 +186,7 @@ def plan_or_reason(cell: str, x: Tensor, w_hh: Tensor, variant: Variant) -> Laye
     plan = kernel_plan(cell, hidden, x.shape[1], x.dtype, x.device, variant)
     if isinstance(plan, str):
         instead = (
-            "torch's own RNN op instead (what torch.nn runs: cuDNN on an NVIDIA GPU)"
+            "torch's own RNN op instead (what torch.nn runs there: cuDNN on an NVIDIA GPU)"
             if native.compute_dtype(x.device, x.dtype) is not None
             else "the PyTorch reference implementation instead (correct, much slower)"
         )

@@ -65,9 +65,9 @@ class _TritonRNNBase(nn.RNNBase):
         """Why torch.nn's implementation has to run this call: the kernels cannot run this layer configuration here
         (too large for the GPU, in ``dtype`` under autocast), or torch.jit.trace records the call; or None.
 
-        torch.nn runs cuDNN on its flattened weights. Not handed over: variational dropout (torch.nn has none; each
-        layer then runs torch's own op between tritonrnn's masks, tritonrnn/native.py) and float64 (a checking
-        precision, which keeps tritonrnn's dropout masks: on a GPU the reference runs it).
+        torch.nn runs cuDNN, on its flattened weights (in fp16 and fp32). Not handed over: variational dropout
+        (torch.nn has none; each layer then runs torch's own op between tritonrnn's masks, tritonrnn/native.py) and
+        float64 (a checking precision, which keeps tritonrnn's dropout masks: on a GPU the reference runs it).
         """
         if torch.compiler.is_compiling():
             return None  # no compiles and timings inside a traced graph; tritonrnn::layer falls back inside

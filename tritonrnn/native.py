@@ -3,19 +3,23 @@ Triton interpreter, and the layers the kernels cannot hold (the fallback, on any
 
 On the CPU torch's op (oneDNN or ATen's fused cells) trains a layer several times faster than the reference's step
 loop under autograd (perf/NOTES.md, twenty-second session), so a model moved to the CPU is no slower than torch.nn's.
-On a GPU it is cuDNN (MIOpen on ROCm), with torch's own settings for it (``torch.backends.cudnn``, its TF32 flag
-included), as torch.nn's layers run it: a layer too large for the kernels costs what it costs in torch.nn instead of
-the reference's few small kernels per step. Only the recurrence is torch's (a batch of lengths as a PackedSequence,
-which is the semantics of tritonrnn's lengths); what lies between layers (the dropout masks, standard or variational,
-and the residual sums) stays tritonrnn's (``reference.layer_output``), so the masks are the kernels'.
+On a GPU it is what torch.nn's layers run there, with torch's own settings (``torch.backends.cudnn``, its TF32 flag
+included): cuDNN (MIOpen on ROCm in fp32 and fp16), or where torch does not give a dtype to those (bf16 with a cuDNN
+older than 9.13, bf16 on ROCm) ATen's step loop in C++. A layer too large for the kernels costs what it costs in
+torch.nn instead of the reference's few small kernels per step, each from Python. Only the recurrence is torch's (a
+batch of lengths as a PackedSequence, which is the semantics of tritonrnn's lengths); what lies between layers (the
+dropout masks, standard or variational, and the residual sums) stays tritonrnn's (``reference.layer_output``), so the
+masks are the kernels'.
 On the CPU half precision is computed in float32 and rounded back, as the reference and the kernels do; on a GPU in
-the half dtype itself, as torch.nn's cuDNN layers compute it.
+the half dtype itself, as torch.nn's cuDNN layers compute it. cuDNN refuses sequences of more than 65,535 steps
+(pytorch/pytorch#133751): on a GPU a longer one-way sequence runs in chunks, the state carried.
 
-Where torch's op cannot serve, the reference runs: under a torch.func transform (the op has no batching rule), an
-empty sequence, a sequence of length 0, one bias without the other or directions of different layouts (torch's op
-takes both biases or neither, the same in every direction), float64 on a GPU (a checking precision: the reference's
-backward can be differentiated again, cuDNN's cannot), and a batch of lengths while a CUDA graph is captured (packing
-reads the lengths on the host).
+Where torch's op cannot serve, the reference runs (logged once on a GPU): under a torch.func transform (the op has no
+batching rule), an empty sequence, a sequence of length 0, one bias without the other or directions of different
+layouts (torch's op takes both biases or neither, the same in every direction), float64 on a GPU (a checking
+precision: the reference's backward can be differentiated again, cuDNN's cannot), a batch of lengths while a CUDA
+graph is captured (packing reads the lengths on the host), and on a GPU more than 65,535 steps in both directions or
+with lengths (no chunks there).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import reference
+from tritonrnn._plan import log_once
 
 _OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh, "rnn_relu": torch._VF.rnn_relu}
 
@@ -59,19 +64,34 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | Non
     return None if dtype == torch.float64 else dtype
 
 
-def _runs_natively(x: Tensor, weights: Sequence[reference.Weights], lengths: Tensor | None) -> bool:
-    if torch._C._functorch.peek_interpreter_stack() is not None or x.shape[0] == 0:
-        return False
+# The longest sequence one call of torch's op takes, by device type (cuDNN's limit; MIOpen's is not known, so the
+# same). Longer one-way sequences run in chunks.
+MAX_STEPS_PER_CALL = {"cuda": 65535}
+
+
+def _why_not(x: Tensor, weights: Sequence[reference.Weights], lengths: Tensor | None) -> str | None:
+    """Why torch's op cannot run this layer (the reference runs it then), or None."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (torch's op has no batching rule)"
+    if x.shape[0] == 0:
+        return "an empty sequence"
     if compute_dtype(x.device, x.dtype) is None:
-        return False
+        return f"{x.dtype} on {x.device.type}"
+    limit = MAX_STEPS_PER_CALL.get(x.device.type)
+    if limit is not None and x.shape[0] > limit and (len(weights) > 1 or lengths is not None):
+        return (
+            f"more than {limit} steps (torch's op on {x.device.type} takes no more) in both directions or with lengths"
+        )
     if lengths is not None and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
+        return "a batch of lengths during CUDA graph capture (packing reads the lengths on the host)"
     # torch's op reads one layout for every direction: both biases or neither, a projection or not.
     layouts = {(w[2] is not None, w[3] is not None, len(w) > 4 and w[4] is not None) for w in weights}
     (has_b_ih, has_b_hh, _), *other_layouts = layouts
     if other_layouts or has_b_ih != has_b_hh:
-        return False
-    return lengths is None or bool((lengths > 0).all())
+        return "one bias without the other, or directions of different layouts"
+    if lengths is not None and not bool((lengths > 0).all()):
+        return "a sequence of length 0"
+    return None
 
 
 def layer(
@@ -85,14 +105,20 @@ def layer(
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """``reference.layer``'s contract (arguments and returns), the recurrence of all directions in one torch op."""
-    if not _runs_natively(x, weights, lengths):
+    why = _why_not(x, weights, lengths)
+    if why is not None:
+        # On a GPU this layer is a fallback already (logged with the kernels' reason), but not the one logged, unless
+        # the dtype was the reason (the log named the reference then). CPU tensors take the reference by design.
+        if x.device.type != "cpu" and compute_dtype(x.device, x.dtype) is not None:
+            log_once(f"tritonrnn: a {cell} layer on {x.device.type} runs the reference instead of torch's op: {why}")
         return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     dtype = x.dtype
     cdt = compute_dtype(x.device, dtype)
-    # torch's parameter list: per direction w_ih, w_hh, then b_ih, b_hh when present, then an LSTM's w_hr.
-    params = [w.to(cdt) for direction in weights for w in direction if w is not None]
+    # torch's parameter list: per direction w_ih, w_hh, then b_ih, b_hh when present, then an LSTM's w_hr. Contiguous,
+    # as cuDNN needs (it views each weight flat to copy it, and checks hx); on the CPU a no-op for the usual tensors.
+    params = [w.to(cdt).contiguous() for direction in weights for w in direction if w is not None]
     has_biases = weights[0][2] is not None
-    hx = (h0.to(cdt), c0.to(cdt)) if cell == "lstm" else h0.to(cdt)
+    hx = (h0.to(cdt).contiguous(), c0.to(cdt).contiguous()) if cell == "lstm" else h0.to(cdt).contiguous()
     # Keep what backward needs only when there will be one (torch.nn passes its training flag here).
     options = (has_biases, 1, 0.0, torch.is_grad_enabled(), len(weights) == 2)
     if _FLATTEN_ADVICE_FILTER not in warnings.filters:
@@ -106,8 +132,13 @@ def layer(
 def _run(cell, x, hx, params, options, lengths):
     """torch's op on time-major x (packed by ``lengths`` when given): the output [T, B, D*H] and the final states."""
     if lengths is None:
-        out, *states = _OPS[cell](x, hx, params, *options, False)
-        return out, states
+        limit = MAX_STEPS_PER_CALL.get(x.device.type) or len(x)
+        outs = []
+        for chunk in x.split(limit):  # one chunk but past the limit (one direction: _why_not)
+            out, *states = _OPS[cell](chunk, hx, params, *options, False)
+            hx = tuple(states) if cell == "lstm" else states[0]
+            outs.append(out)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), states
     packed = pack_padded_sequence(x, lengths.to("cpu", torch.int64), enforce_sorted=False)
     order, restore = packed.sorted_indices, packed.unsorted_indices
     hx = tuple(s.index_select(1, order) for s in hx) if cell == "lstm" else hx.index_select(1, order)
