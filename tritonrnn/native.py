@@ -134,7 +134,7 @@ def _run(cell, x, hx, params, options, lengths):
     if lengths is None:
         limit = MAX_STEPS_PER_CALL.get(x.device.type) or len(x)
         outs = []
-        for chunk in x.split(limit):  # one chunk but past the limit (one direction: _why_not)
+        for chunk in x.split(limit):  # several only for one direction: _why_not sends the others to the reference
             out, *states = _OPS[cell](chunk, hx, params, *options, False)
             hx = tuple(states) if cell == "lstm" else states[0]
             outs.append(out)
