@@ -1,6 +1,6 @@
-"""CPU tensors without the Triton interpreter: the layers' recurrence on torch's own CPU op (tritonrnn/native.py),
-against the reference (the same dropout masks and residual sums) and against torch.nn, outputs, states and every
-gradient; and the cases where the reference runs instead."""
+"""The layers' recurrence on torch's own op (tritonrnn/native.py), which CPU tensors without the Triton interpreter
+run and, on any device, the layers the kernels cannot hold: against the reference (the same dropout masks and residual
+sums) and against torch.nn, outputs, states and every gradient; and the cases where the reference runs instead."""
 
 from __future__ import annotations
 
