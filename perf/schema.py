@@ -26,7 +26,6 @@ DROPOUT_MODES = ("standard", "variational")
 GPU_PROVIDERS = ("tritonrnn", "cudnn", "cudnn_graph")
 CPU_PROVIDERS = ("tritonrnn", "torch_cpu")
 PROVIDERS = ("tritonrnn", "cudnn", "cudnn_graph", "torch_cpu")
-BASELINE_PROVIDERS = ("cudnn", "cudnn_graph", "torch_cpu")
 
 CONFIG_KEYS = [
     "cell", "dtype", "B", "H", "T", "L", "input_size", "bidirectional", "dropout", "dropout_mode", "proj_size",

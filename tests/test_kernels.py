@@ -482,7 +482,7 @@ def test_small_pre_activations_keep_float32_precision():
     x = torch.randn(1, 3, 3, dtype=torch.float64)
     out, (h, c) = ours.float().to(DEVICE)(x.float().to(DEVICE))
     ref, (h_ref, c_ref) = theirs(x)
-    assert rel_err(out.cpu(), ref) < 1e-6 and rel_err(c.cpu(), c_ref) < 1e-6
+    assert rel_err(out.cpu(), ref) < 1e-6 and rel_err(h.cpu(), h_ref) < 1e-6 and rel_err(c.cpu(), c_ref) < 1e-6
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -43,9 +43,6 @@ from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
 from tritonrnn.layer_run import LayerRun, Variant, _acc_dtype, _gpu_misfit, _variant, writes_y
 
-# Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), in this order.
-N_GRADS = 8
-
 
 def kernel_plan(
     cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None
