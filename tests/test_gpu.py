@@ -545,6 +545,43 @@ def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
     assert not torch.equal(first, replay()[0])
 
 
+def test_decoding_step_by_step_from_a_cuda_graph_matches_eager_decoding():
+    """An autoregressive decoder's loop, the README's advice for one-step calls: the step (one time step of a 2-layer
+    LSTM, its state in static buffers) captured once and replayed, so no host code runs per step. Twenty replays give
+    the outputs and final states of the same twenty calls made eagerly."""
+    torch.manual_seed(0)
+    model = tritonrnn.LSTM(64, 256, num_layers=2).to(CUDA).bfloat16().eval()
+    inputs = torch.randn(20, 1, 16, 64, device=CUDA, dtype=torch.bfloat16)
+    x = torch.empty_like(inputs[0])
+    h = torch.empty(2, 16, 256, device=CUDA, dtype=torch.bfloat16)
+    c = torch.empty_like(h)
+
+    def step():
+        with torch.no_grad():
+            out, (h_n, c_n) = model(x, (h, c))
+        return [out, h_n, c_n]
+
+    def decode(call):
+        h.zero_()
+        c.zero_()
+        outputs = []
+        for t in range(inputs.shape[0]):
+            x.copy_(inputs[t])
+            out, h_n, c_n = call()
+            outputs.append(out.clone())
+            h.copy_(h_n)
+            c.copy_(c_n)
+        return torch.cat(outputs), h.clone(), c.clone()
+
+    x.copy_(inputs[0])
+    h.zero_()
+    c.zero_()
+    replay, _ = graphed(step)
+    for got, expected in zip(decode(replay), decode(step)):
+        # bf16's default tolerance, not bitwise: cuBLAS may pick other GEMM algorithms under capture.
+        torch.testing.assert_close(got, expected)
+
+
 def test_cuda_graph_replay_of_a_fused_stack(monkeypatch):
     """The stack kernel under capture: replayed training steps match eager; with dropout, new masks per replay."""
     from tritonrnn import functional
