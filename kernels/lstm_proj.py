@@ -29,6 +29,7 @@ from .recurrent import (
     _load_input_preacts,
     _lstm_bwd_step,
     _recurrent_preacts,
+    _saved_c_prev,
     _time,
 )
 from .sync import grid_barrier
@@ -50,7 +51,7 @@ def lstm_proj_fwd_kernel(
     w_hr,  # [D, P, H]
     hseq,  # [D, T+1, B, P] h_t at row t + 1 - d, the initial state at row d * T
     state,  # [D, B, H] ACC: c; initial state in, final state out
-    saved,  # [D, T, B, 5*H] ACC: i, f, g, o, c by time (written when SAVE)
+    saved,  # [D, T, B, 5*H] in the layer's dtype: pre-activations of i, f, g, o, and c, by time (written when SAVE)
     mseq,  # [D, T, B, H] m_t = o_t * tanh(c_t) rounded to the dtype (the projection's input), by time
     y,  # [T, B, D*P] the layer output (WRITE_Y)
     res,  # [T, B, D*P] the layer input, added to the output (RESIDUAL)
@@ -166,7 +167,7 @@ def lstm_proj_fwd_kernel(
 def lstm_proj_bwd_kernel(
     w_hh,  # [D, 4*H, P]
     w_hr,  # [D, P, H]
-    saved,  # [D, T, B, 5*H] ACC from the forward
+    saved,  # [D, T, B, 5*H] from the forward (recurrent._cell_fwd)
     c0,  # [D, B, H] ACC
     grad_y,  # [T, B, D*P] dL/dy
     grad_z,  # [T, B, D*P] dL/dz (DROPOUT)
@@ -270,17 +271,17 @@ def lstm_proj_bwd_kernel(
                 )
                 b_dm = _dot(b_dhp, b_wr, ACC, DOT_PRECISION, DOT_UPCAST)
                 p_saved = saved + row[:, None] * (5 * H) + o_j[None, :]
-                if u > 0:
-                    # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse).
-                    p_cprev = p_saved + (1 - 2 * d) * (-B * 5 * H) + 4 * H
-                else:
-                    p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
+                # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse); c0 before the first.
+                b_cprev = _saved_c_prev(
+                    c0 + o_b[:, None] * H + o_j[None, :], p_saved + (1 - 2 * d) * (-B * 5 * H), u == 0, m_bj, H, ACC,
+                    CELL_LSTM,
+                )  # fmt: skip
                 p_dg = grad_gates + row[:, None] * (D * 4 * H) + o_j[None, :]
                 b_act = m_bj
                 if VARLEN:
                     b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 _lstm_bwd_step(
-                    b_dm, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, b_act, H, VARLEN
+                    b_dm, p_saved, b_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, m_bj, b_act, H, VARLEN
                 )  # fmt: skip
             if SYNC:
                 grid_barrier(counter, (2 * s + 2) * num_programs)

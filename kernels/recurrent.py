@@ -2,7 +2,7 @@
 
 Dimension letters:
     T  time steps            B  batch                 H  hidden units
-    G  gates per unit (RNN 1, GRU 3, LSTM 4)          S  saved activations per unit (LSTM 5, GRU 4, RNN 0)
+    G  gates per unit (RNN 1, GRU 3, LSTM 4)          S  values saved for backward per unit (LSTM 5, GRU 4, RNN 0)
     D  directions in the buffers (1, or 2 for a bidirectional layer; program_id(1) picks one)
     BLOCK_H  hidden units owned by one program (the grid splits H)
     BLOCK_B  batch rows per tile (a program loops over its group's rows)
@@ -109,42 +109,55 @@ def _cell_fwd(
 ):  # fmt: skip
     """One step of a [BLOCK_B, BLOCK_H] tile: the new h (ACC) from the gates' input parts x_g and recurrent parts r_g.
 
-    p_state: LSTM's c or GRU's full-precision h (ACC), updated; p_saved: the activations kept for backward, at +k*H
-    (LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn); b_bhn: GRU's [BLOCK_H] b_hn.
+    p_state: LSTM's c or GRU's full-precision h (ACC), updated; p_saved: what backward needs, at +k*H, in the
+    layer's dtype (LSTM the pre-activations of i, f, g, o, and c; GRU those of r, z, n, and W_hn h + b_hn);
+    b_bhn: GRU's [BLOCK_H] b_hn.
+    Pre-activations, not activations, are saved: rounded to bf16 or fp16 they cost the gradients nothing measurable,
+    where activations rounded so lose the derivative of a saturated gate, f (1 - f) from an f near 1 (perf/NOTES.md).
+    The step itself runs on the unrounded values.
     VARLEN: rows outside b_act (past their sequence's end) keep their state, also in the saved c slot.
     """
     if CELL == CELL_LSTM:
-        b_i = sigmoid(x0 + r0)
-        b_f = sigmoid(x1 + r1)
-        b_g = tanh(x2 + r2)
-        b_o = sigmoid(x3 + r3)
+        a_i = x0 + r0
+        a_f = x1 + r1
+        a_g = x2 + r2
+        a_o = x3 + r3
+        b_i = sigmoid(a_i)
+        b_f = sigmoid(a_f)
+        b_g = tanh(a_g)
+        b_o = sigmoid(a_o)
         b_cold = tl.load(p_state, mask=m_bj, other=0.0)
         b_c = b_f * b_cold + b_i * b_g
         if VARLEN:
             b_c = tl.where(b_act, b_c, b_cold)
         tl.store(p_state, b_c, mask=m_bj)
         if SAVE:
-            tl.store(p_saved, b_i, mask=m_bj)
-            tl.store(p_saved + H, b_f, mask=m_bj)
-            tl.store(p_saved + 2 * H, b_g, mask=m_bj)
-            tl.store(p_saved + 3 * H, b_o, mask=m_bj)
-            tl.store(p_saved + 4 * H, b_c, mask=m_bj)
+            saved_ty = p_saved.dtype.element_ty
+            tl.store(p_saved, a_i.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + H, a_f.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + 2 * H, a_g.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + 3 * H, a_o.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + 4 * H, b_c.to(saved_ty), mask=m_bj)
         b_hnew = b_o * tanh(b_c)
     elif CELL == CELL_GRU:
         b_ghn = r2 + b_bhn[None, :]
-        b_r = sigmoid(x0 + r0)
-        b_z = sigmoid(x1 + r1)
-        b_n = tanh(x2 + b_r * b_ghn)
+        a_r = x0 + r0
+        a_z = x1 + r1
+        b_r = sigmoid(a_r)
+        b_z = sigmoid(a_z)
+        a_n = x2 + b_r * b_ghn
+        b_n = tanh(a_n)
         b_hold = tl.load(p_state, mask=m_bj, other=0.0)
         b_hnew = (1.0 - b_z) * b_n + b_z * b_hold
         if VARLEN:
             b_hnew = tl.where(b_act, b_hnew, b_hold)
         tl.store(p_state, b_hnew, mask=m_bj)
         if SAVE:
-            tl.store(p_saved, b_r, mask=m_bj)
-            tl.store(p_saved + H, b_z, mask=m_bj)
-            tl.store(p_saved + 2 * H, b_n, mask=m_bj)
-            tl.store(p_saved + 3 * H, b_ghn, mask=m_bj)
+            saved_ty = p_saved.dtype.element_ty
+            tl.store(p_saved, a_r.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + H, a_z.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + 2 * H, a_n.to(saved_ty), mask=m_bj)
+            tl.store(p_saved + 3 * H, b_ghn.to(saved_ty), mask=m_bj)
     elif CELL == CELL_RNN_TANH:
         b_hnew = tanh(x0 + r0)
     else:
@@ -190,20 +203,21 @@ def _recurrent_preacts(
 
 
 @triton.jit
-def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H: tl.constexpr, VARLEN: tl.constexpr):
+def _lstm_bwd_step(b_dh, p_saved, b_cprev, p_dc, p_dg, m_bj, b_act, H: tl.constexpr, VARLEN: tl.constexpr):
     """Gate gradients of one LSTM step from dL/d(o*tanh(c)) = b_dh (stored at p_dg and returned, in p_dg's dtype);
-    carries dL/dc (p_dc) one step back.
+    carries dL/dc (p_dc) one step back. b_cprev: the previous step's c (_saved_c_prev).
 
     VARLEN: rows outside b_act (past their sequence's end, where c was kept) get zero gate gradients and pass
     dL/dc through unchanged.
     """
     grad_ty = p_dg.dtype.element_ty
-    b_i = tl.load(p_saved, mask=m_bj, other=0.0)
-    b_f = tl.load(p_saved + H, mask=m_bj, other=0.0)
-    b_g = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
-    b_o = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
-    b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0))
-    b_cprev = tl.load(p_cprev, mask=m_bj, other=0.0)
+    acc = b_dh.dtype
+    # The activations again, from the saved pre-activations (_cell_fwd).
+    b_i = sigmoid(tl.load(p_saved, mask=m_bj, other=0.0).to(acc))
+    b_f = sigmoid(tl.load(p_saved + H, mask=m_bj, other=0.0).to(acc))
+    b_g = tanh(tl.load(p_saved + 2 * H, mask=m_bj, other=0.0).to(acc))
+    b_o = sigmoid(tl.load(p_saved + 3 * H, mask=m_bj, other=0.0).to(acc))
+    b_tc = tanh(tl.load(p_saved + 4 * H, mask=m_bj, other=0.0).to(acc))
     b_dcin = tl.load(p_dc, mask=m_bj, other=0.0)
     b_dc = b_dcin + b_dh * b_o * (1.0 - b_tc * b_tc)
     b_dgi = b_dc * b_g * b_i * (1.0 - b_i)
@@ -230,8 +244,21 @@ def _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H: tl.conste
 
 
 @triton.jit
+def _saved_c_prev(p_c0, p_saved_prev, first, m_bj, H: tl.constexpr, ACC: tl.constexpr, CELL: tl.constexpr):
+    """LSTM's c of the previous step (ACC): c0 at p_c0 before the first step (first), else the c the forward saved
+    at p_saved_prev (that step's saved row). Zeros for the other cells, which keep no c."""
+    b_cprev = tl.zeros(p_c0.shape, ACC)  # p_c0: [BLOCK_B, BLOCK_H] pointers
+    if CELL == CELL_LSTM:
+        if first:
+            b_cprev = tl.load(p_c0, mask=m_bj, other=0.0).to(ACC)
+        else:
+            b_cprev = tl.load(p_saved_prev + 4 * H, mask=m_bj, other=0.0).to(ACC)
+    return b_cprev
+
+
+@triton.jit
 def _cell_bwd(
-    b_dh, p_dh, p_saved, p_cprev, p_dc, p_dg, p_dx, p_hprev, p_hnew, m_bj, b_act, H: tl.constexpr, CELL: tl.constexpr,
+    b_dh, p_dh, p_saved, b_cprev, p_dc, p_dg, p_dx, p_hprev, p_hnew, m_bj, b_act, H: tl.constexpr, CELL: tl.constexpr,
     VARLEN: tl.constexpr, DX_ALL_GATES: tl.constexpr,
 ):  # fmt: skip
     """Gate gradients of one step of a tile from b_dh = dL/dh_t; leaves at p_dh what flows to h_{t-1} directly.
@@ -239,19 +266,20 @@ def _cell_bwd(
 
     p_dg: dL/d(recurrent pre-activations) of the G gates at +g*H. GRU's input part of the n gate is not multiplied
     by r: its gradient goes to p_dx, alone, or after r's and z's (DX_ALL_GATES: p_dx then holds every gate's
-    input-side gradient). p_cprev, p_dc: LSTM's previous c and dL/dc (carried one step back);
+    input-side gradient). b_cprev, p_dc: LSTM's previous c (_saved_c_prev) and dL/dc (carried one step back);
     p_hprev: GRU's h_{t-1}; p_hnew: the RNN cells' h_t.
     VARLEN: rows outside b_act (past their sequence's end) get zero gate gradients and pass dL/dh, dL/dc through.
     """
     grad_ty = p_dg.dtype.element_ty
     if CELL == CELL_LSTM:
-        g0, g1, g2, g3 = _lstm_bwd_step(b_dh, p_saved, p_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
+        g0, g1, g2, g3 = _lstm_bwd_step(b_dh, p_saved, b_cprev, p_dc, p_dg, m_bj, b_act, H, VARLEN)
         tl.store(p_dh, tl.where(b_act, 0.0, b_dh), mask=m_bj)
     elif CELL == CELL_GRU:
-        b_r = tl.load(p_saved, mask=m_bj, other=0.0)
-        b_z = tl.load(p_saved + H, mask=m_bj, other=0.0)
-        b_n = tl.load(p_saved + 2 * H, mask=m_bj, other=0.0)
-        b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0)
+        acc = b_dh.dtype
+        b_r = sigmoid(tl.load(p_saved, mask=m_bj, other=0.0).to(acc))
+        b_z = sigmoid(tl.load(p_saved + H, mask=m_bj, other=0.0).to(acc))
+        b_n = tanh(tl.load(p_saved + 2 * H, mask=m_bj, other=0.0).to(acc))
+        b_ghn = tl.load(p_saved + 3 * H, mask=m_bj, other=0.0).to(acc)
         b_hprev = tl.load(p_hprev, mask=m_bj, other=0.0).to(b_dh.dtype)
         b_dan = b_dh * (1.0 - b_z) * (1.0 - b_n * b_n)
         b_dgr = b_dan * b_ghn * b_r * (1.0 - b_r)
@@ -345,7 +373,7 @@ def rnn_fwd_kernel(
     b_hn,  # [D, H] GRU's hidden bias of the n gate (sits inside r * (...)); unused by other cells
     hseq,  # [D, T+1, B, H] the hidden states: h_t at row t + 1 - d, the initial state at row d * T
     state,  # [D, B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
-    saved,  # [D, T, B, S*H] ACC: activations kept for backward, by time (written when SAVE)
+    saved,  # [D, T, B, S*H] in the layer's dtype: what backward needs (_cell_fwd), by time (written when SAVE)
     y,  # [T, B, D*H] the layer output (written when WRITE_Y; else hseq[0, 1:] is the output)
     res,  # [T, B, D*H] the layer input, added to the output (RESIDUAL)
     z,  # [T, B, D*H] dropout(y), the next layer's input (written when DROPOUT)
@@ -547,7 +575,7 @@ def _ring_tag(ring, step, TAGGED: tl.constexpr):
 def rnn_bwd_kernel(
     w_hh,  # [D, G*H, H]
     hseq,  # [D, T+1, B, H] from the forward
-    saved,  # [D, T, B, S*H] ACC from the forward, by time
+    saved,  # [D, T, B, S*H] from the forward (_cell_fwd), by time
     c0,  # [D, B, H] ACC: LSTM's initial cell state
     grad_y,  # [T, B, D*H] dL/dy, the layer output
     grad_z,  # [T, B, D*H] dL/dz, the next layer's input (DROPOUT)
@@ -641,11 +669,11 @@ def rnn_bwd_kernel(
                 tl.store(grad_res + o_y, b_dy.to(grad_res.dtype.element_ty), mask=m_bj)
             b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
             # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse); c0 before the first.
-            p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
-            if u > 0:
-                p_cprev = p_saved + (1 - 2 * d) * (-B * S * H) + 4 * H
+            b_cprev = _saved_c_prev(
+                c0 + o_b[:, None] * H + o_j[None, :], p_saved + (1 - 2 * d) * (-B * S * H), u == 0, m_bj, H, ACC, CELL
+            )  # fmt: skip
             g0, g1, g2, g3 = _cell_bwd(
-                b_dh, p_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, grad_xn + o_y,
+                b_dh, p_dh, p_saved, b_cprev, grad_c + o_b[:, None] * H + o_j[None, :], p_dg, grad_xn + o_y,
                 hseq + o_h + d * B * H, hseq + o_h + (1 - d) * B * H, m_bj, b_act, H, CELL, VARLEN, False,
             )  # fmt: skip
             if TAGGED:

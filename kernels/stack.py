@@ -31,6 +31,7 @@ from .recurrent import (
     _recurrent_preacts,
     _ring_slot,
     _ring_tag,
+    _saved_c_prev,
     _store_tagged_gates,
 )
 from .sync import arrive, grid_barrier, tag_of, tag_pack, wait_each
@@ -45,7 +46,7 @@ def stack_fwd_kernel(
     b_hn,  # [L, H] GRU's hidden bias of the n gate; unused by other cells
     hseq,  # [L, T+1, B, H] each layer's hidden states: h_t at row t + 1, the initial state at row 0
     state,  # [L, B, H] ACC: LSTM c, GRU h in full precision; initial state in, final state out
-    saved,  # [L, T, B, S*H] ACC: activations kept for backward (written when SAVE)
+    saved,  # [L, T, B, S*H] in the layer's dtype: what backward needs (recurrent._cell_fwd; written when SAVE)
     z,  # [L-1, T, B, H] dropout(h) of layers 0..L-2, the next layer's input (DROPOUT)
     counter,  # [L, P] int32, zeroed: the grid barrier's (counter[0, 0]), or each program's steps done (TAGGED)
     seed_ptr,  # [L] int64: each layer's dropout seed
@@ -168,7 +169,7 @@ def stack_bwd_kernel(
     w_ih,  # [L-1, G*H, H] the input weights of layers 1..L-1
     w_hh,  # [L, G*H, H]
     hseq,  # [L, T+1, B, H] from the forward
-    saved,  # [L, T, B, S*H] ACC from the forward
+    saved,  # [L, T, B, S*H] from the forward (recurrent._cell_fwd)
     c0,  # [L, B, H] ACC: LSTM's initial cell states
     grad_y,  # [T, B, H] dL/d(the top layer's output), or [L, T, B, H] every layer's (ALL_LAYERS)
     grad_above,  # [L, B, H] ACC scratch: dL/d(layer l's output) through layer l + 1, this step
@@ -277,12 +278,12 @@ def stack_bwd_kernel(
                 b_dh = b_dy + tl.load(p_dh, mask=m_bj, other=0.0)
                 p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
                 # c of the previous step; c0 before the first.
-                p_cprev = c0 + o_b[:, None] * H + o_j[None, :]
-                if t > 0:
-                    p_cprev = p_saved - B * S * H + 4 * H
+                b_cprev = _saved_c_prev(
+                    c0 + o_b[:, None] * H + o_j[None, :], p_saved - B * S * H, t == 0, m_bj, H, ACC, CELL
+                )  # fmt: skip
                 o_g = row[:, None] * (G * H) + o_j[None, :]
                 g0, g1, g2, g3 = _cell_bwd(
-                    b_dh, p_dh, p_saved, p_cprev, grad_c + o_b[:, None] * H + o_j[None, :], grad_gates + o_g,
+                    b_dh, p_dh, p_saved, b_cprev, grad_c + o_b[:, None] * H + o_j[None, :], grad_gates + o_g,
                     grad_xgates + o_g, hseq + o_h, hseq + o_h + B * H, m_bj, m_bj, H, CELL, False, True,
                 )  # fmt: skip
                 if TAGGED:

@@ -178,10 +178,10 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     t, acc = TRITON_TYPES[dtype], "fp32"
-    fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, y=t, res=t, z=t, counter="i32", w_hr=t,
+    fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=t, y=t, res=t, z=t, counter="i32", w_hr=t,
                      mseq=t, lengths="i32", seed_ptr="i64", ring="i32" if dtype.itemsize == 2 else "i64")  # fmt: skip
     tagged = {} if variant.proj else dict(TAGGED=plan.tagged)
-    bwd_types = dict(w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
+    bwd_types = dict(w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip
     fwd_kernel, bwd_kernel = (
@@ -248,9 +248,9 @@ def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     acc = "fp32"
     ring = "i32" if dtype.itemsize == 2 else "i64"
-    fwd_types = dict(xproj=t, w_ih=t, bias=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=acc, z=t, counter="i32",
+    fwd_types = dict(xproj=t, w_ih=t, bias=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=t, z=t, counter="i32",
                      seed_ptr="i64", ring=ring)  # fmt: skip
-    bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=acc, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
+    bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
                      grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64", ring=ring)  # fmt: skip
     constants.update(SYNC=True, TAGGED=tagged)
     fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True), arch, num_warps, num_stages)

@@ -60,7 +60,7 @@ def _warmup_calls(
         return torch.empty(16, dtype=dt, device=device)
 
     common = dict(counter=t(torch.int32), seed_ptr=t(torch.int64), T=1, B=1, s_start=0, n_steps=1, p_drop=0.5,
-                  w_ih=t(), w_hh=t(), hseq=t(), saved=t(acc), SYNC=plan.persistent, grid=(plan.num_programs, n_layers),
+                  w_ih=t(), w_hh=t(), hseq=t(), saved=t(), SYNC=plan.persistent, grid=(plan.num_programs, n_layers),
                   **_constants(cell, hidden, dtype, plan, dropout_mode), **_launch_options(plan, device))  # fmt: skip
     common.update(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
@@ -204,7 +204,7 @@ class FusedStackFunction(torch.autograd.Function):
         hseq = empty(L, T + 1, B, hidden, dtype=dtype, device=device)
         hseq[:, 0] = torch.cat(h0s)
         state = torch.cat(c0s if cell == "lstm" else h0s).to(acc)
-        saved = empty(L, T, B, n_saved * hidden, dtype=acc, device=device) if save else state
+        saved = empty(L, T, B, n_saved * hidden, dtype=dtype, device=device) if save else hseq
         z = empty(L - 1, T, B, hidden, dtype=dtype, device=device) if drop is not None else hseq
         seeds = torch.zeros(L, dtype=torch.int64, device=device)
         for k, d in enumerate(dropouts):

@@ -41,7 +41,7 @@ from tritonrnn._plan import (
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
-from tritonrnn.layer_run import LayerRun, Variant, _acc_dtype, _gpu_misfit, _variant, writes_y
+from tritonrnn.layer_run import LayerRun, Variant, _gpu_misfit, _variant, writes_y
 
 
 def kernel_plan(
@@ -159,7 +159,7 @@ def _output_shapes(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, vari
         ((T, B, D * width) if variant.dropout_mode else none, dtype),
         ((D, B, width), dtype),
         ((D, B, hidden) if cell == "lstm" else none, dtype),
-        ((D, T, B, n_saved * hidden) if save and n_saved else none, _acc_dtype(dtype)),
+        ((D, T, B, n_saved * hidden) if save and n_saved else none, dtype),
         ((D, T, B, hidden) if w_hr is not None else none, dtype),
     ]
 

@@ -139,9 +139,9 @@ def _warmup_calls(
         return dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed_ptr=t(torch.int64), p_drop=0.5,
                     SYNC=kernel_plan.persistent, grid=grid, **constants, **options)  # fmt: skip
 
-    forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(acc), y=t(), res=t(), z=t(), t_start=0,
+    forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(), y=t(), res=t(), z=t(), t_start=0,
                         SAVE=True, WRITE_Y=variant.write_y, **common(plan))  # fmt: skip
-    backward_args = dict(w_hh=t(), saved=t(acc), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
+    backward_args = dict(w_hh=t(), saved=t(), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
                          grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
     backward_tagged = plan.for_backward().tagged
     if variant.proj:
@@ -247,8 +247,8 @@ class LayerRun:
         if forward_buffers is not None:
             self.hseq, self.saved, self.mseq = forward_buffers
             self.save = n_saved > 0
-            if not self.save:  # RNN cells keep no activations; the kernels still take a pointer of this dtype
-                self.saved = torch.zeros(1, dtype=acc, device=device)
+            if not self.save:  # RNN cells save nothing; the kernels still take a pointer of this dtype
+                self.saved = torch.zeros(1, dtype=dtype, device=device)
             return
         empty = _plan.empty_buffer  # looked up at the call: tests poison it
         self.xproj = empty(T, B, D * gates * hidden, dtype=dtype, device=device)
@@ -258,7 +258,8 @@ class LayerRun:
             self.hseq[1, T] = h0[1]
         self.state = (self.c0_acc if c0 is not None else h0.to(acc)).clone()
         self.save = save and n_saved > 0
-        self.saved = empty(D, T, B, n_saved * hidden, dtype=acc, device=device) if self.save else self.state
+        # What backward needs, in the layer's dtype (kernels/recurrent.py: _cell_fwd); else a placeholder pointer.
+        self.saved = empty(D, T, B, n_saved * hidden, dtype=dtype, device=device) if self.save else self.hseq
         self.y = empty(T, B, D * width, dtype=dtype, device=device) if self.variant.write_y else self.hseq[0, 1:]
         self.z = empty(T, B, D * width, dtype=dtype, device=device) if dropout is not None else None
         self.mseq = empty(D, T, B, hidden, dtype=dtype, device=device) if w_hr is not None else None
