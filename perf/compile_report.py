@@ -34,7 +34,7 @@ from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kern
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
-from tritonrnn.layer_run import Variant, _kernel_constants
+from tritonrnn.layer_run import FP_FUSION, Variant, _kernel_constants
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
@@ -72,7 +72,7 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 
     # reported is not the launched kernel's (perf/NOTES.md, twenty-third session).
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": FP_FUSION}  # as a launch
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
