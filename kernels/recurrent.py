@@ -20,7 +20,7 @@ That mode lets the interpreter (which runs programs one after another) test a sp
 is the fallback where the grid could not be co-resident.
 
 Directions: step s of direction d handles time t = s (forward) or T - 1 - s (reverse). Everything
-indexed by time (the input projection, the layer output, saved activations, gate gradients) is
+indexed by time (the input projection, the layer output, saved values, gate gradients) is
 stored in time order, so the host's GEMMs cover both directions at once; ``hseq`` holds direction
 d's hidden states with h_t at row t + 1 - d and the initial state at row 0 (forward) or T (reverse).
 Both directions run in one launch (grid (P, 2), each with its own barrier counter) where the GPU

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger("tritonrnn")
 
-# Cell name -> (kernel cell id, gates per unit G, saved activations per unit S).
+# Cell name -> (kernel cell id, gates per unit G, values saved for backward per unit S: kernels/recurrent._cell_fwd).
 # The ids match kernels/recurrent.py's CELL_* constants.
 CELLS = {
     "rnn_tanh": (0, 1, 0),

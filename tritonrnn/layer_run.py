@@ -324,7 +324,7 @@ class LayerRun:
         self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
 
     def end_forward(self) -> None:
-        """Free what only the forward reads (the input projection: as large as the gate activations), so that a
+        """Free what only the forward reads (the input projection: one value per gate, unit and step), so that a
         training step does not hold it until backward."""
         self.xproj = self.bias = None
 
