@@ -103,6 +103,17 @@ def _load_input_preacts(p_x, m_bj, H: tl.constexpr, G: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
+def _store_saved(p, x, mask):
+    """x stored at p in p's dtype (the layer's). In fp16 a value past 65504 is stored as the largest finite one instead
+    of inf: backward multiplies GRU's W_hn h + b_hn by r (1 - r), which can be exactly 0, and inf * 0 is NaN; sigmoid
+    and tanh of the stored value are those of the true one. NaN stays NaN."""
+    ty = p.dtype.element_ty
+    if ty == tl.float16:
+        x = tl.where(x > 65504.0, 65504.0, tl.where(x < -65504.0, -65504.0, x))
+    tl.store(p, x.to(ty), mask=mask)
+
+
+@triton.jit
 def _cell_fwd(
     x0, x1, x2, x3, r0, r1, r2, r3, b_bhn, p_state, p_saved, m_bj, b_act, H: tl.constexpr, CELL: tl.constexpr,
     SAVE: tl.constexpr, VARLEN: tl.constexpr,
@@ -132,12 +143,11 @@ def _cell_fwd(
             b_c = tl.where(b_act, b_c, b_cold)
         tl.store(p_state, b_c, mask=m_bj)
         if SAVE:
-            saved_ty = p_saved.dtype.element_ty
-            tl.store(p_saved, a_i.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + H, a_f.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + 2 * H, a_g.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + 3 * H, a_o.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + 4 * H, b_c.to(saved_ty), mask=m_bj)
+            _store_saved(p_saved, a_i, m_bj)
+            _store_saved(p_saved + H, a_f, m_bj)
+            _store_saved(p_saved + 2 * H, a_g, m_bj)
+            _store_saved(p_saved + 3 * H, a_o, m_bj)
+            _store_saved(p_saved + 4 * H, b_c, m_bj)
         b_hnew = b_o * tanh(b_c)
     elif CELL == CELL_GRU:
         b_ghn = r2 + b_bhn[None, :]
@@ -153,11 +163,10 @@ def _cell_fwd(
             b_hnew = tl.where(b_act, b_hnew, b_hold)
         tl.store(p_state, b_hnew, mask=m_bj)
         if SAVE:
-            saved_ty = p_saved.dtype.element_ty
-            tl.store(p_saved, a_r.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + H, a_z.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + 2 * H, a_n.to(saved_ty), mask=m_bj)
-            tl.store(p_saved + 3 * H, b_ghn.to(saved_ty), mask=m_bj)
+            _store_saved(p_saved, a_r, m_bj)
+            _store_saved(p_saved + H, a_z, m_bj)
+            _store_saved(p_saved + 2 * H, a_n, m_bj)
+            _store_saved(p_saved + 3 * H, b_ghn, m_bj)
     elif CELL == CELL_RNN_TANH:
         b_hnew = tanh(x0 + r0)
     else:

@@ -29,12 +29,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from tritonrnn import _plan
+from tritonrnn._plan import FP_FUSION
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
-from tritonrnn.layer_run import FP_FUSION, Variant, _kernel_constants
+from tritonrnn.layer_run import Variant, _kernel_constants
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 

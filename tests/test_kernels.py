@@ -408,6 +408,29 @@ def test_bitwise_deterministic(cell):
         assert torch.equal(a, b)
 
 
+# The safe sigmoid relies on exp(-x) overflowing to inf (giving exactly 0); numpy warns about it.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_float16_gru_past_float16s_range_keeps_finite_gradients():
+    """Backward reads what the forward saved in the layer's dtype; GRU's W_hn h + b_hn beyond fp16's 65504 is saved as
+    65504, not inf: multiplied by r (1 - r) = 0 of a saturated r, inf would make NaN gradients. Huge recurrent weights
+    (r saturated, W_hn h about 7e4): the fp16 gradients are finite and those of the same network in float32."""
+    grads = {}
+    for dtype in (torch.float16, torch.float32):
+        torch.manual_seed(0)
+        gru = tritonrnn.GRU(4, 8)
+        with torch.no_grad():
+            gru.weight_hh_l0[:8] = 3000.0  # r
+            gru.weight_hh_l0[16:] = 9000.0  # n: W_hn h = 8 * 9000 for h = 1
+        gru = gru.to(DEVICE, dtype)
+        x = torch.ones(3, 2, 4, dtype=dtype, device=DEVICE, requires_grad=True)
+        h0 = torch.ones(1, 2, 8, dtype=dtype, device=DEVICE, requires_grad=True)
+        gru(x, h0)[0].float().sum().backward()
+        grads[dtype] = [x.grad, h0.grad, *(p.grad for p in gru.parameters())]
+    for half, single in zip(grads[torch.float16], grads[torch.float32]):
+        assert torch.isfinite(half).all()
+        assert rel_err(half.float().cpu(), single.cpu()) < 1e-2
+
+
 @pytest.mark.parametrize("cell", CELLS)
 # The safe sigmoid relies on exp(-x) overflowing to inf (giving exactly 0); numpy warns about it.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -675,6 +698,7 @@ class _LaunchRecorder:
 
     def __init__(self, kernel, launched: dict, name: str):
         parameters = inspect.signature(kernel.fn).parameters.values()
+        self.arguments = {p.name for p in parameters}
         self.constants = {p.name: p.default for p in parameters if "constexpr" in str(p.annotation)}
         self.launched, self.name = launched, name
 
@@ -682,11 +706,14 @@ class _LaunchRecorder:
         return lambda **kwargs: self.launched.setdefault(self.name, kwargs)
 
     def check(self, placeholders: dict) -> None:
-        """Each tensor argument of the launch has the placeholder's dtype, each constant its value (or default)."""
+        """Each tensor argument of the launch has the placeholder's dtype, each constant and each launch option
+        (num_warps, enable_fp_fusion, ...: compile options too) its value (or default)."""
         kwargs = self.launched[self.name]
         for key, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 assert placeholders[key].dtype == value.dtype, (self.name, key)
+            elif key not in self.arguments:
+                assert placeholders[key] == value, (self.name, key)
         for key, default in self.constants.items():
             assert placeholders.get(key, default) == kwargs.get(key, default), (self.name, key)
 

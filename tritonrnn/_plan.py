@@ -18,6 +18,11 @@ import torch
 
 log = logging.getLogger("tritonrnn")
 
+# Floating-point contraction (FMA) chosen at every launch, not left to Triton's default: Triton 3.9 warns at every
+# compile that leaves it unset, 3.10 turns the default off, and the kernels' numerics are those with FMA (the default
+# of the GPU's Triton 3.6).
+FP_FUSION = True
+
 # Cell name -> (kernel cell id, gates per unit G, values saved for backward per unit S: kernels/recurrent._cell_fwd).
 # The ids match kernels/recurrent.py's CELL_* constants.
 CELLS = {

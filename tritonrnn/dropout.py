@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tritonrnn import _plan
-from tritonrnn._plan import check_interpreter, interpret_mode, on_device
+from tritonrnn._plan import FP_FUSION, check_interpreter, interpret_mode, on_device
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
 
 MODES = ("standard", "variational")
@@ -128,9 +128,10 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
         check_interpreter()
     out = _plan.empty_buffer(rows, batch, width, dtype=torch.float32, device=device)
     if out.numel():
+        options = dict(enable_fp_fusion=FP_FUSION) if device.type == "cuda" else {}
         with on_device(device):
             dropout_mask_kernel[(rows * batch,)](
                 mask=out, seed_ptr=dropout.seed.to(device), p=dropout.p, T=rows, B=batch, W=width,
-                MODE=dropout.kernel_mode, BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())),
+                MODE=dropout.kernel_mode, BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())), **options,
             )  # fmt: skip
     return out

@@ -19,6 +19,7 @@ from torch import Tensor
 from tritonrnn import _plan
 from tritonrnn._plan import (
     CELLS,
+    FP_FUSION,
     MIN_DOT,
     LayerPlan,
     check_interpreter,
@@ -104,11 +105,6 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
     return dict(
         common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen
     )
-
-
-# Floating-point contraction (FMA) chosen, not left to Triton's default: Triton 3.9 warns at every compile that leaves
-# it unset, 3.10 turns the default off, and the kernels' numerics are those with FMA (the default of the GPU's 3.6).
-FP_FUSION = True
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
