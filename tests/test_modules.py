@@ -421,16 +421,29 @@ def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):
         ("lstm", 2, dict(proj=3, lengths=True, p_drop=0.3)),
         pytest.param("lstm", 1, dict(fallback=True, p_drop=0.2), marks=pytest.mark.fallback),
         pytest.param("rnn_relu", 2, dict(fallback=True, lengths=True), marks=pytest.mark.fallback),
+        pytest.param("lstm", 2, dict(fallback=True, proj=3, residual=True), marks=pytest.mark.fallback),
+        pytest.param("gru", 1, dict(misfit=True, p_drop=0.3), marks=pytest.mark.fallback),
+        pytest.param("lstm", 1, dict(native=True, proj=2), marks=pytest.mark.fallback),
+        pytest.param("gru", 2, dict(native=True, lengths=True), marks=pytest.mark.fallback),
     ],
     ids=str,
 )
 def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkeypatch):
     """tritonrnn::layer's schema, fake shapes, autograd registration and compiled forward and backward agree with
-    its real runs, on the kernels and on the fallback (whose backward runs the reference again)."""
+    its real runs, on the kernels and on the fallback (whose backward runs the reference again): where the device,
+    dtype or hidden size rule the kernels out ("fallback"; "native": CPU tensors without the interpreter), the outputs
+    leave out the kernels' buffers, which the fallback's backward never reads; where only the GPU's compile check
+    would ("misfit", which the fake shapes cannot know), they keep them, as zeros."""
     from tritonrnn import _plan, layer_op
 
     if options.get("fallback"):
         monkeypatch.setattr(layer_op, "plan_layer", lambda *args: "forced fallback")
+    if options.get("misfit"):
+        monkeypatch.setattr(layer_op, "kernel_plan", lambda *args: "forced misfit")
+    if options.get("native"):
+        if DEVICE.type != "cpu":
+            pytest.skip("torch's CPU op: CPU tensors")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     _plan._logged.clear()
     gen = torch.Generator().manual_seed(0)
     G = _plan.CELLS[cell][1]
@@ -449,6 +462,15 @@ def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkey
         cell, options.get("residual", False), options.get("p_drop", 0.0), options.get("variational", False), True,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.tritonrnn.layer.default, args)
+    hseq, y, _, h_n, _, saved, mseq = torch.ops.tritonrnn.layer(*args)
+    kept = not (options.get("fallback") or options.get("native"))
+    n_saved = _plan.CELLS[cell][2]  # none for the plain RNN, whose backward needs only hseq
+    assert saved.shape == ((D, T, B, n_saved * H) if kept and n_saved else (0,))
+    assert mseq.shape == ((D, T, B, H) if kept and P else (0,))
+    writes_y = D > 1 or options.get("residual") or options.get("lengths")
+    assert hseq.shape == ((D, T + 1, B, N) if kept or not writes_y else (0,))
+    output = y if writes_y else hseq[0, 1:]
+    assert output.shape == (T, B, D * N) and h_n.shape == (D, B, N) and output.isfinite().all()
 
 
 # --- the tensors' device is the current one at every launch ---------------------------------------

@@ -6,9 +6,11 @@ backward reads;
 ``tritonrnn::layer_backward`` runs the backward from them. As custom ops, torch.compile sees each layer as one
 node (``fullgraph=True`` included) and the kernels stay out of its tracing.
 
-Every output has a shape fixed by the arguments alone (``_output_shapes``), whichever path runs, since the
-compiler allocates by those shapes; an absent output is an empty tensor. Outside torch.compile the same two
-implementations run through ``_EagerLayer``, an autograd.Function, without the custom op's dispatch.
+Every output has a shape fixed by the arguments' shapes, dtype and device alone (``_output_shapes``), whichever
+path runs, since the compiler allocates by those shapes; an absent output is an empty tensor (so are the kernels'
+buffers where the device, dtype or hidden size alone rule the kernels out: ``_certain_fallback``). Outside
+torch.compile the same two implementations run through ``_EagerLayer``, an autograd.Function, without the custom op's
+dispatch.
 """
 
 from __future__ import annotations
@@ -146,21 +148,44 @@ def _dropout(seed: Tensor | None, p_drop: float, variational: bool) -> LayerDrop
     return LayerDropout(p_drop, variational, seed) if seed is not None else None
 
 
-def _output_shapes(cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, variant: Variant, save: bool) -> list:
-    """(shape, dtype) of tritonrnn::layer's outputs: hseq, y, z, h_n, c_n, saved, mseq ((0,) where absent)."""
+def _certain_fallback(cell: str, x: Tensor, w_hh: Tensor, variant: Variant) -> bool:
+    """Whether the layer runs on the fallback whatever the GPU's compile check finds, decided from the device, dtype
+    and shapes alone, so that the fake implementation knows it too: the outputs then leave out the kernels' buffers
+    (saved values, the projection's sequence, an unused hseq), which the fallback's backward never reads."""
+    device = x.device
+    if device.type == "cpu":
+        if not interpret_mode():
+            return True
+    elif device.type != "cuda":
+        return True
+    elif not torch.cuda.is_available():
+        return False  # fake CUDA tensors on a machine without a GPU: no real run to agree with, the full shapes
+    hidden = w_hh.shape[1] // CELLS[cell][1]
+    # plan_layer's reasons (the device, dtype and hidden size) do not depend on the batch: 1, not a symbolic size
+    # that a dynamic-shape trace would guard on.
+    return isinstance(plan_layer(cell, hidden, 1, x.dtype, device, variant.directions), str)
+
+
+def _output_shapes(
+    cell: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, variant: Variant, save: bool, fallback: bool
+) -> list:
+    """(shape, dtype) of tritonrnn::layer's outputs: hseq, y, z, h_n, c_n, saved, mseq ((0,) where absent).
+    ``fallback``: ``_certain_fallback``'s answer (its outputs are those the fallback's backward reads)."""
     T, B, _ = x.shape
     _, gates, n_saved = CELLS[cell]
     D, _, width = w_hh.shape
     hidden = w_hh.shape[1] // gates
     dtype, none = x.dtype, (0,)
+    kernels = not fallback
     return [
-        ((D, T + 1, B, width), dtype),  # h_t at row t + 1 - d (LayerRun)
+        # h_t at row t + 1 - d (LayerRun); the fallback's only where it carries the output
+        ((D, T + 1, B, width) if kernels or not variant.write_y else none, dtype),
         ((T, B, D * width) if variant.write_y else none, dtype),  # else the output is hseq[0, 1:]
         ((T, B, D * width) if variant.dropout_mode else none, dtype),
         ((D, B, width), dtype),
         ((D, B, hidden) if cell == "lstm" else none, dtype),
-        ((D, T, B, n_saved * hidden) if save and n_saved else none, dtype),
-        ((D, T, B, hidden) if w_hr is not None else none, dtype),
+        ((D, T, B, n_saved * hidden) if kernels and save and n_saved else none, dtype),
+        ((D, T, B, hidden) if kernels and w_hr is not None else none, dtype),
     ]
 
 
@@ -219,16 +244,18 @@ def _layer_forward(
     """``_layer_impl`` with the layer's plan (or the reason it has none) given, where the caller has it already."""
     dropout = _dropout(seed, p_drop, variational)
     variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
-    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save)
     if plan is None:
         plan = plan_or_reason(cell, x, w_hh, variant)
+    fallback = isinstance(plan, str) and _certain_fallback(cell, x, w_hh, variant)
+    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save, fallback)
     if isinstance(plan, str):
         # torch's own op (or where that cannot, the reference), as in eager (functional._layer).
         with torch.no_grad():
             y, z, h_n, c_n = native.layer(
                 cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
             )  # fmt: skip
-        # Nothing of it is kept: the backward runs the reference again. hseq only carries the output view.
+        # Nothing of it is kept: the backward runs the reference again. hseq only carries the output view; saved and
+        # mseq are empty unless the GPU's compile check alone turned the kernels down (the fake shapes cannot know).
         out = [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in shapes]
         for index, value in ((1 if variant.write_y else 0, y), (2, z), (3, h_n), (4, c_n)):
             if value is not None:
@@ -249,7 +276,8 @@ layer = torch.library.custom_op("tritonrnn::layer", _layer_impl, mutates_args=()
 @layer.register_fake
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save):
     variant = _variant(w_hh.shape[0], residual, _dropout(seed, p_drop, variational), w_hr, lengths)
-    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in _output_shapes(cell, x, w_hh, w_hr, variant, save))
+    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save, _certain_fallback(cell, x, w_hh, variant))
+    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in shapes)
 
 
 def _layer_backward_impl(
