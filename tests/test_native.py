@@ -154,22 +154,82 @@ def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpret
         assert rel_err(a, b) < TOLERANCE[torch.float64]
 
 
-def test_where_torchs_op_cannot_serve_the_reference_runs(no_interpreter, monkeypatch):
-    """torch.func (the op has no batching rule), a sequence of length 0 and a missing bias run the reference, and
-    still give the reference's results."""
+def test_torch_func_grad_runs_torchs_op_and_vmap_the_reference(no_interpreter, monkeypatch):
+    """torch.func.grad (autograd on functorch's wrapped tensors) runs torch's op; vmap over it (per-sample gradients:
+    the op has no batching rule), grad begun inside torch.no_grad and grad with a batch of lengths (packing wraps the
+    op's batch_sizes) run the reference. Every gradient equals torch.nn's (or the reference's)."""
     calls = []
     real = reference.layer_forward
     monkeypatch.setattr(reference, "layer_forward", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     torch.manual_seed(0)
-    ours, theirs = make_pair("gru", 3, 4)
+    ours, theirs = make_pair("gru", 3, 4, num_layers=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     params = dict(ours.named_parameters())
-    grads = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (x,))[0].sum())(params)
-    theirs(x)[0].sum().backward()
+
+    def loss(p, inputs):
+        return torch.func.functional_call(ours, p, (inputs,))[0].square().sum()
+
+    grads = torch.func.grad(loss)(params, x)
+    theirs(x)[0].square().sum().backward()
     for name, p in theirs.named_parameters():
         assert rel_err(grads[name], p.grad) < TOLERANCE[torch.float64]
-    assert calls == ["gru"] and no_interpreter == []
+    assert no_interpreter == ["gru"] * 2 and calls == []  # one op call a layer
 
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x[:, :, None])
+    assert no_interpreter == ["gru"] * 2 and calls == ["gru"] * 2  # the reference, once for each layer
+    for b in range(2):
+        theirs.zero_grad()
+        theirs(x[:, b : b + 1])[0].square().sum().backward()
+        for name, p in theirs.named_parameters():
+            assert rel_err(per_sample[name][b], p.grad) < TOLERANCE[torch.float64]
+
+    # Begun inside torch.no_grad, grad runs the op with grad off below its level: the reference (torch 2.13's CPU
+    # LSTM then keeps no workspace for its backward). float32 LSTM: the oneDNN kernel.
+    lstm, lstm_nn = (m.float() for m in make_pair("lstm", 3, 4))
+    with torch.no_grad():
+        grads = torch.func.grad(lambda p: torch.func.functional_call(lstm, p, (x.float(),))[0].square().sum())(
+            dict(lstm.named_parameters())
+        )  # fmt: skip
+    lstm_nn(x.float())[0].square().sum().backward()
+    for name, p in lstm_nn.named_parameters():
+        assert rel_err(grads[name], p.grad) < TOLERANCE[torch.float32]
+    assert no_interpreter == ["gru"] * 2 and calls == ["gru"] * 2 + ["lstm"]
+
+    lengths = torch.tensor([5, 3], dtype=torch.int32)
+    weights = _weights("lstm", 3, 2, 1, True, 0)
+    h0, c0 = torch.zeros(1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64)
+    got, expected = (
+        torch.func.grad(lambda w, f=f: f("lstm", x, h0, c0, [w], lengths=lengths)[0].square().sum())(weights[0])
+        for f in (native.layer, reference.layer)
+    )  # fmt: skip
+    assert no_interpreter == ["gru"] * 2 and calls == ["gru"] * 2 + ["lstm"] * 3  # the last: `expected`'s own
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_training_runs_torchs_op_forward_and_backward(no_interpreter, dtype):
+    """torch.compile of a CPU model without the interpreter: each layer's tritonrnn::layer runs torch's op, and its
+    backward runs it again under torch.func.vjp (float32: the LSTM's oneDNN kernel, which needs grad on there).
+    Outputs and every gradient equal eager's."""
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(3, [("lstm", 4), ("gru", 5)], dropout=0.3).to(dtype)
+    x = torch.randn(6, 2, 3, dtype=dtype, requires_grad=True)
+    results = []
+    for call in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        torch.manual_seed(1)
+        out = call(x)[0]
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()])])
+    torch._dynamo.reset()
+    # eager: one call a layer (its backward is torch's op's own); compiled: one in the forward, one in the backward
+    assert no_interpreter == ["lstm", "gru"] * 2 + ["gru", "lstm"]
+    for a, b in zip(*results):
+        assert rel_err(a, b) < TOLERANCE[dtype]
+
+
+def test_where_torchs_op_cannot_serve_the_reference_runs(no_interpreter):
+    """A sequence of length 0 and a missing bias run the reference, and still give the reference's results."""
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
     one_bias = [_weights("lstm", 3, 2, 1, True, 0)[0][:3] + (None,)]
     h0, c0 = torch.zeros(1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2, dtype=torch.float64)
     length_0 = torch.tensor([5, 0], dtype=torch.int32)
@@ -201,7 +261,8 @@ def test_double_backward_matches_torch_nn(no_interpreter, cell):
 @pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights:UserWarning")
 def test_an_exported_program_runs_torchs_op_inside_the_layer_op(no_interpreter):
     """torch.export records tritonrnn::layer; run on CPU tensors without the interpreter, the op's forward is torch's
-    CPU op too (its backward the reference's, through torch.func.vjp): eager's outputs and input gradients."""
+    CPU op too, and so is its backward (the forward again, through torch.func.vjp): eager's outputs and input
+    gradients."""
     from torch.export import Dim, export
 
     torch.manual_seed(0)
@@ -214,6 +275,7 @@ def test_an_exported_program_runs_torchs_op_inside_the_layer_op(no_interpreter):
     assert rel_err(got, want) < TOLERANCE[torch.float64]
     grads = [torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)]
     assert rel_err(*grads) < TOLERANCE[torch.float64]
+    assert no_interpreter == ["lstm", "gru"] * 2 + ["gru", "lstm"]  # the program's backward, top layer first
 
 
 def test_the_op_runs_in_the_dtype_torch_nn_would_use():

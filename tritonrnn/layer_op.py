@@ -15,6 +15,7 @@ dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -327,7 +328,9 @@ def _layer_grads(
     elif plan is None:
         plan = plan_or_reason(cell, x, w_hh, variant)
     if isinstance(plan, str):
-        grads = _reference_backward(cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn))
+        grads = _fallback_backward(
+            cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn), torch_op=not reference_only
+        )  # fmt: skip
     else:
         run = LayerRun(
             cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True, lengths,
@@ -347,9 +350,11 @@ def _(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, 
     return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
 
 
-def _reference_backward(cell, inputs, lengths, dropout, residual, grads) -> list[Tensor | None]:
-    """The fallback's backward: the reference forward again (nothing of it was kept), differentiated with
-    torch.func.vjp (autograd itself is switched off inside a custom op)."""
+def _fallback_backward(cell, inputs, lengths, dropout, residual, grads, torch_op: bool) -> list[Tensor | None]:
+    """The fallback's backward: its forward again (nothing of it was kept), differentiated with torch.func.vjp
+    (autograd itself is switched off inside a custom op). ``torch_op``: that forward on torch's own op where it runs
+    under vjp (``native.layer``: CPU tensors, where it is several times faster than the reference's step loop,
+    perf/NOTES.md), else the reference, which ``reference_only`` callers need (its backward can be differentiated)."""
     present = [index for index, t in enumerate(inputs) if t is not None]
     mask = None
     if dropout is not None:
@@ -362,12 +367,17 @@ def _reference_backward(cell, inputs, lengths, dropout, residual, grads) -> list
             full[index] = t
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = full
         weights = _directions(w_ih, w_hh, b_ih, b_hh, w_hr)
-        y, z, h_n, c_n = reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths, mask)
+        y, z, h_n, c_n = (native.layer if torch_op else reference.layer)(
+            cell, x, h0, c0, weights, residual, dropout, lengths, mask
+        )  # fmt: skip
         return y, (z if z is not None else y.new_zeros(0)), h_n, (c_n if c_n is not None else y.new_zeros(0))
 
-    outputs, vjp = torch.func.vjp(forward, *[inputs[index] for index in present])
-    cotangents = [g if g is not None else torch.zeros_like(out) for g, out in zip(grads, outputs)]
-    found = iter(vjp(tuple(cotangents)))
+    # Grad on for torch's op: vjp runs it in the grad mode it began in, and a custom op's backward runs with grad off
+    # (native._transform_in_the_way). Below autograd's dispatch, so nothing outside records it.
+    with torch.enable_grad() if torch_op else contextlib.nullcontext():
+        outputs, vjp = torch.func.vjp(forward, *[inputs[index] for index in present])
+        cotangents = [g if g is not None else torch.zeros_like(out) for g, out in zip(grads, outputs)]
+        found = iter(vjp(tuple(cotangents)))
     return [next(found) if t is not None else None for t in inputs]
 
 

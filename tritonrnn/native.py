@@ -14,12 +14,13 @@ On the CPU half precision is computed in float32 and rounded back, as the refere
 the half dtype itself, as torch.nn's cuDNN layers compute it. cuDNN refuses sequences of more than 65,535 steps
 (pytorch/pytorch#133751): on a GPU a longer one-way sequence runs in chunks, the state carried.
 
-Where torch's op cannot serve, the reference runs (logged once on a GPU): under a torch.func transform (the op has no
-batching rule), an empty sequence, a sequence of length 0, one bias without the other or directions of different
-layouts (torch's op takes both biases or neither, the same in every direction), float64 on a GPU (a checking
-precision: the reference's backward can be differentiated again, cuDNN's cannot), a batch of lengths while a CUDA
-graph is captured (packing reads the lengths on the host), and on a GPU more than 65,535 steps in both directions or
-with lengths (no chunks there).
+Where torch's op cannot serve, the reference runs (logged once on a GPU): under a torch.func transform (on CPU tensors
+one other than grad and vjp, which the op has no batching rule for, or one begun inside torch.no_grad, or with a batch
+of lengths; on a GPU any: cuDNN's op under functorch has not been run here), an empty sequence, a sequence of length
+0, one bias without the other or directions of different layouts (torch's op takes both biases or neither, the same
+in every direction), float64 on a GPU (a checking precision: the reference's backward can be differentiated again,
+cuDNN's cannot), a batch of lengths while a CUDA graph is captured (packing reads the lengths on the host), and on a
+GPU more than 65,535 steps in both directions or with lengths (no chunks there).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from tritonrnn import dropout as _dropout
@@ -69,10 +71,33 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | Non
 MAX_STEPS_PER_CALL = {"cuda": 65535}
 
 
+def _transform_in_the_way(device: torch.device, lengths: Tensor | None) -> str | None:
+    """The torch.func transform torch's op cannot run under, or None: on CPU tensors any but grad's (also vjp's, and
+    the inner level of jacrev: autograd on wrapped tensors, which the CPU op takes; vmap needs a batching rule the op
+    lacks), on a GPU any (cuDNN's op under functorch has not been run here)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return None
+    if device.type != "cpu":
+        return "a torch.func transform"
+    if lengths is not None:
+        # Packing makes batch_sizes a functorch-wrapped tensor, whose data the packed op reads.
+        return "a torch.func transform with a batch of lengths"
+    grad = torch._C._functorch.TransformType.Grad
+    levels = retrieve_all_functorch_interpreters()
+    if any(level.key() != grad for level in levels):
+        return "a torch.func transform other than grad and vjp (torch's op has no batching rule)"
+    if not all(level.prev_grad_mode() for level in levels):
+        # The transform runs the op below its level in the grad mode it began in: the CPU LSTM's oneDNN kernel then
+        # keeps no workspace for the backward ("Expected a proper Tensor ... 'workspace'", torch 2.13).
+        return "a torch.func grad begun inside torch.no_grad"
+    return None
+
+
 def _why_not(x: Tensor, weights: Sequence[reference.Weights], lengths: Tensor | None) -> str | None:
     """Why torch's op cannot run this layer (the reference runs it then), or None."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return "a torch.func transform (torch's op has no batching rule)"
+    transform = _transform_in_the_way(x.device, lengths)
+    if transform is not None:
+        return transform
     if x.shape[0] == 0:
         return "an empty sequence"
     if compute_dtype(x.device, x.dtype) is None:
@@ -103,6 +128,7 @@ def layer(
     residual: bool = False,
     dropout: _dropout.LayerDropout | None = None,
     lengths: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """``reference.layer``'s contract (arguments and returns), the recurrence of all directions in one torch op."""
     why = _why_not(x, weights, lengths)
@@ -111,7 +137,7 @@ def layer(
         # the dtype was the reason (the log named the reference then). CPU tensors take the reference by design.
         if x.device.type != "cpu" and compute_dtype(x.device, x.dtype) is not None:
             log_once(f"tritonrnn: a {cell} layer on {x.device.type} runs the reference instead of torch's op: {why}")
-        return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
+        return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths, mask)
     dtype = x.dtype
     cdt = compute_dtype(x.device, dtype)
     # torch's parameter list: per direction w_ih, w_hh, then b_ih, b_hh when present, then an LSTM's w_hr. Contiguous,
@@ -126,7 +152,7 @@ def layer(
     out, states = _run(cell, x.to(cdt), hx, params, options, lengths)
     h_n = states[0].to(dtype)
     c_n = states[1].to(dtype) if cell == "lstm" else None
-    return reference.layer_output(x, out.to(dtype), h_n, c_n, residual, dropout, lengths)
+    return reference.layer_output(x, out.to(dtype), h_n, c_n, residual, dropout, lengths, mask)
 
 
 def _run(cell, x, hx, params, options, lengths):
