@@ -255,8 +255,9 @@ def _layer_forward(
             y, z, h_n, c_n = native.layer(
                 cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
             )  # fmt: skip
-        # Nothing of it is kept: the backward runs the reference again. hseq only carries the output view; saved and
-        # mseq are empty unless the GPU's compile check alone turned the kernels down (the fake shapes cannot know).
+        # Nothing of it is kept: the backward runs the layer again (_fallback_backward). hseq only carries the output
+        # view; saved and mseq are empty unless the GPU's compile check alone turned the kernels down (the fake shapes
+        # cannot know).
         out = [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in shapes]
         for index, value in ((1 if variant.write_y else 0, y), (2, z), (3, h_n), (4, c_n)):
             if value is not None:

@@ -72,9 +72,9 @@ MAX_STEPS_PER_CALL = {"cuda": 65535}
 
 
 def _transform_in_the_way(device: torch.device, lengths: Tensor | None) -> str | None:
-    """The torch.func transform torch's op cannot run under, or None: on CPU tensors any but grad's (also vjp's, and
-    the inner level of jacrev: autograd on wrapped tensors, which the CPU op takes; vmap needs a batching rule the op
-    lacks), on a GPU any (cuDNN's op under functorch has not been run here)."""
+    """The torch.func transform torch's op cannot run under, or None: on CPU tensors any but grad's (vjp's too:
+    autograd on wrapped tensors, which the CPU op takes; vmap, jacrev's included, needs a batching rule the op lacks),
+    on a GPU any (cuDNN's op under functorch has not been run here)."""
     if torch._C._functorch.peek_interpreter_stack() is None:
         return None
     if device.type != "cpu":
