@@ -46,6 +46,7 @@ PY = sys.executable
 PACK_RESERVE_S = 15
 REPORT_RESERVE_S = 25
 MIN_STAGE_S = 20  # a stage with less time than this left is not started
+INTERRUPT_GRACE_S = 10  # a stage past its time is interrupted this long before its end, then ended (run_stage)
 TAIL_LINES = 30
 MAX_CSV_FILES = 5  # with summary.md, logs.tar.gz and reports.tar.gz: the tool's 8 files
 LOG_LIMIT_BYTES = 1 << 20  # per stage log in logs.tar.gz (the tool brings back files up to 16 MiB)
@@ -73,13 +74,19 @@ def _workers() -> list[str]:
 
 
 def _pytest_gpu_command(xml: str) -> tuple[str, ...]:
-    """The GPU tier, in parallel workers, each test killed after 150 s where pytest-timeout is there (a test that
-    hangs then fails on its own, its worker is replaced, and the rest still run)."""
+    """The GPU tier, in parallel workers, each test killed after half the stage's time (at most 150 s) where
+    pytest-timeout is there (a test that hangs then fails on its own, its worker is replaced, and the rest still
+    run, where a hung test would otherwise hold its worker until the stage is spent)."""
     command = [PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "-rfE", "--durations=15",
                f"--junitxml={xml}", *_workers()]  # fmt: skip
     if importlib.util.find_spec("pytest_timeout") is not None:
-        command += ["--timeout=150", "--timeout-method=thread"]
+        command += ["--timeout=@TEST_TIMEOUT@", "--timeout-method=thread"]
     return tuple(command)
+
+
+def per_test_limit_s(stage_s: float) -> int:
+    """One test's limit in a stage of ``stage_s`` seconds: half of it, within [20, 150] s."""
+    return round(min(150.0, max(20.0, stage_s / 2)))
 
 
 def _warm(*suites: str, switches: list[str] | None = None) -> tuple[str, ...]:
@@ -162,22 +169,40 @@ class Result:
 
 
 def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: float, log: pathlib.Path) -> Result:
-    """Run ``command`` as its own process group with output to ``log``; kill the group when ``timeout_s`` runs out."""
+    """Run ``command`` as its own process group with output to ``log``; end the group when ``timeout_s`` runs out.
+
+    Ending it starts with an interrupt (SIGINT) ``INTERRUPT_GRACE_S`` before the end (a quarter of the time for short
+    stages): pytest then still prints the tracebacks of the failures so far, their summary and its XML, which a
+    SIGTERM loses (a process blocked in a hung kernel does not see it; the SIGTERM and SIGKILL that follow do)."""
     start = time.monotonic()
     with open(log, "w") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
         child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)  # fmt: skip
+        interrupt_at = timeout_s - min(INTERRUPT_GRACE_S, timeout_s / 4)
         try:
-            code = child.wait(timeout=timeout_s)
+            code = child.wait(timeout=interrupt_at)
             status = "ok" if code == 0 else f"exit {code}"
             if _end_group(child):
                 status += "; processes it left running were killed"
         except subprocess.TimeoutExpired:
+            _interrupt(child, timeout_s - interrupt_at)
             _end_group(child)
             status = f"timed out after {timeout_s:.0f} s (killed)"
     return Result(name, status, time.monotonic() - start, log)
+
+
+def _interrupt(child: subprocess.Popen, wait_s: float) -> None:
+    """SIGINT to the child's process group, then up to ``wait_s`` seconds for the child to exit (one blocked in a
+    kernel does not: _end_group's signals come next)."""
+    try:
+        os.killpg(child.pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _end_group(child: subprocess.Popen, grace_s: float = 3.0) -> bool:
@@ -218,7 +243,8 @@ def stage_command(
 ) -> list[str]:  # fmt: skip
     """The stage's command line; a benchmark resumes from resume/<stage>.csv where that file exists."""
     if not stage.bench:
-        return [part.replace("@LOGS@", str(logs)) for part in stage.command]
+        limit = str(per_test_limit_s(timeout_s))
+        return [part.replace("@LOGS@", str(logs)).replace("@TEST_TIMEOUT@", limit) for part in stage.command]
     command = [PY, "-m", "perf", "run", "--suite", stage.bench, "--out", str(reports / name),
                "--budget-s", f"{max(1.0, timeout_s - REPORT_RESERVE_S):.0f}"]  # fmt: skip
     if stage.providers:
@@ -294,18 +320,24 @@ def bench_tables(reports: pathlib.Path, name: str) -> str:
     import pandas as pd
 
     from perf import report
-    from perf.schema import read_results
+    from perf.schema import PerfError, read_results
 
     csv = reports / name / "results.csv"
     if not csv.is_file():
         return ""
-    df = read_results(csv)
+    try:
+        df = read_results(csv)
+    except PerfError as error:  # a stage cut before its first row, say: the summary and the files still come back
+        return f"(no table: {error})"
     parts = [report.config_table(df).to_markdown(index=False)]
     stage = STAGES.get(name)
     base = next((n for n, s in STAGES.items() if stage and s.bench == stage.bench and not s.env and not s.providers),
                 None)  # fmt: skip
     if stage is not None and stage.env and base and (reports / base / "results.csv").is_file():
-        other = read_results(reports / base / "results.csv")
+        try:
+            other = read_results(reports / base / "results.csv")
+        except PerfError as error:
+            return "\n\n".join([*parts, f"(no comparison with {base}: {error})"])
         keys = ["cell", "dtype", "L", "B", "H", "T", "options", "pass"]
         ours = [
             d[(d["provider"] == "tritonrnn") & (d["status"] == "ok")].set_index(keys)["us_per_step_layer"].rename(n)

@@ -4,6 +4,7 @@ rows, and the parallel warm-up of a suite's kernels."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -115,7 +116,8 @@ def test_a_stage_records_its_exit_code_and_output(tmp_path):
 
 
 def test_stages_share_the_budget_in_order_and_are_skipped_when_it_is_spent(tmp_path, monkeypatch):
-    sleep = (sys.executable, "-c", "import time; time.sleep(60)")
+    # Deaf to the interrupt that comes first (as a process blocked in a kernel): it takes all its time.
+    sleep = (sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)")
     stages = {
         "quick": device_session.Stage(30, (sys.executable, "-c", "print('done')"), note="prints"),
         "slow": device_session.Stage(300, sleep, note="sleeps past the budget"),
@@ -329,3 +331,46 @@ def test_run_command_resumes_from_a_results_file(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(
         schema.read_results(tmp_path / "again" / "results.csv"), schema.read_results(tmp_path / "first" / "results.csv")
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_a_stage_past_its_time_is_interrupted_first_so_pytest_still_reports(tmp_path):
+    """A pytest run cut by its stage's time still prints the tracebacks of the failures so far and writes its XML:
+    the stage is interrupted (SIGINT) before it is ended. A real pytest in two workers, one test failing, two
+    sleeping."""
+    if importlib.util.find_spec("xdist") is None:
+        pytest.skip("pytest-xdist")
+    (tmp_path / "test_cut.py").write_text(
+        "import time\n"
+        "def test_fails():\n    assert 1 == 2, 'the reason it failed'\n"
+        "def test_sleeps():\n    time.sleep(120)\n"
+        "def test_sleeps_too():\n    time.sleep(120)\n"
+    )
+    options = "-v -rfE -n 2 -p no:cacheprovider".split()
+    command = [sys.executable, "-m", "pytest", *options, f"--junitxml={tmp_path / 'cut.xml'}", "--rootdir",
+               str(tmp_path), str(tmp_path / "test_cut.py")]  # fmt: skip
+    start = time.monotonic()
+    result = device_session.run_stage("cut", command, dict(os.environ), 20.0, tmp_path / "cut.log")
+    assert time.monotonic() - start < 30
+    assert result.status == "timed out after 20 s (killed)"
+    log = (tmp_path / "cut.log").read_text()
+    assert "the reason it failed" in log and "FAILED" in log and (tmp_path / "cut.xml").is_file()
+
+
+def test_one_tests_limit_is_half_its_stages_time_within_bounds(tmp_path):
+    stage = device_session.Stage(240, ("pytest", "--timeout=@TEST_TIMEOUT@", "--junitxml=@LOGS@/x.xml"))
+    for stage_s, limit in ((400, 150), (240, 120), (100, 50), (30, 20)):
+        command = device_session.stage_command(stage, "tests", stage_s, tmp_path, tmp_path)
+        assert command == ["pytest", f"--timeout={limit}", f"--junitxml={tmp_path}/x.xml"]
+
+
+@pytest.mark.parametrize("content", ["", ",".join(schema.COLUMNS) + "\n", "cell,dtype\nlstm,bf16,extra,fields\n"])
+def test_a_benchmark_cut_before_its_first_row_still_gets_a_summary(tmp_path, content):
+    """A results.csv with no rows, or one cut mid-line, is named in the summary instead of stopping it (the files
+    are packed after the summary)."""
+    for name in ("bars", "bars_tagged"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.csv").write_text(content)
+    results = [device_session.Result(n, "timed out after 9 s (killed)", 9.0, None) for n in ("bars", "bars_tagged")]
+    text = device_session.summary(results, 60.0, 20.0, tmp_path)
+    assert text.count("(no table: ") == 2 and "| bars | timed out" in text

@@ -17,7 +17,7 @@ from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 
 import tritonrnn
 from perf.runner import graphed
-from tritonrnn import _plan
+from tritonrnn import _plan, layer_run
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -129,15 +129,18 @@ def test_autocast_float16_error_within_1_5x_cudnn(caplog):
     assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
 
 
-def test_persistent_kernels_are_used_at_the_benchmark_sizes(caplog):
+def test_persistent_kernels_are_used_at_the_benchmark_sizes(caplog, launched_plans):
+    """What a training step launches at H=512, B=16 in bf16 (after the compile check and any tuning): persistent
+    grids of several programs, forward and backward, nothing logged."""
     _plan._logged.clear()
     with caplog.at_level(logging.WARNING, logger="tritonrnn"):
         for cell in CELLS:
-            plan = _plan.plan_layer(cell, 512, 16, torch.bfloat16, CUDA)
-            assert isinstance(plan, _plan.LayerPlan) and plan.persistent and plan.num_programs > 1
+            del launched_plans[:]
             ours, _ = make_pair(cell, 512, 512)
             x = torch.randn(8, 16, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
             ours.to(dtype=torch.bfloat16, device=CUDA)(x)[0].sum().backward()
+            assert sorted(name for name, _ in launched_plans) == ["rnn_bwd_kernel", "rnn_fwd_kernel"], cell
+            assert all(plan.persistent and plan.num_programs > 1 for _, plan in launched_plans), launched_plans
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
@@ -235,16 +238,22 @@ def test_a_sequence_too_long_for_the_barrier_counter_runs_in_chunks_on_the_gpu(p
     ours, _ = make_pair("lstm", 256, 512, num_layers=2, bidirectional=True, proj_size=proj)
     ours = ours.to(dtype=torch.bfloat16, device=CUDA)
     x = torch.randn(97, 16, 256, device=CUDA, dtype=torch.bfloat16)
+    chunk_counts = []
+    split = layer_run.persistent_chunks
+    monkeypatch.setattr(layer_run, "persistent_chunks", lambda *a: chunk_counts.append(len(split(*a))) or split(*a))
     results = []
     for limit in (None, 10):
         if limit is not None:
             programs = max(plan.num_programs for _, plan in launched_plans)
             monkeypatch.setattr(_plan, "MAX_BARRIER_ARRIVALS", limit * programs * (2 if proj else 1))
+            assert set(chunk_counts) == {1}  # one launch a kernel call at the real limit
+            del chunk_counts[:]
         xr = x.clone().requires_grad_()
         out, (h, c) = ours(xr)
         loss = out.float().square().sum() + h.float().sum() + c.float().sum()
         results.append([out, h, c, *torch.autograd.grad(loss, [xr, *ours.parameters()])])
     assert all(plan.persistent for _, plan in launched_plans)
+    assert chunk_counts and min(chunk_counts) > 1  # every kernel call ran as several launches
     assert all(torch.isfinite(a.float()).all() and torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -296,9 +305,15 @@ def test_lstm_projection_error_within_1_5x_cudnn(dtype, bidirectional):
     assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"
 
 
-def test_both_directions_run_in_one_launch_at_the_benchmark_size():
-    plan = _plan.plan_layer("lstm", 512, 64, torch.bfloat16, CUDA, directions=2)
-    assert plan.persistent and plan.directions_together
+def test_both_directions_run_in_one_launch_at_the_benchmark_size(launched_plans):
+    """A bidirectional bf16 LSTM at H=512, B=64 launches both directions' grids at once (after the compile check
+    and any tuning), forward and backward."""
+    ours, _ = make_pair("lstm", 512, 512, bidirectional=True)
+    x = torch.randn(8, 64, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    ours.to(dtype=torch.bfloat16, device=CUDA)(x)[0].float().sum().backward()
+    assert sorted(name for name, _ in launched_plans) == ["rnn_bwd_kernel", "rnn_fwd_kernel"]
+    assert all(plan.persistent and plan.directions_together for _, plan in launched_plans), launched_plans
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("mode", ["standard", "variational"])
