@@ -4,6 +4,8 @@ sums) and against torch.nn, outputs, states and every gradient; and the cases wh
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -225,6 +227,26 @@ def test_compiled_training_runs_torchs_op_forward_and_backward(no_interpreter, d
     assert no_interpreter == ["lstm", "gru"] * 2 + ["gru", "lstm"]
     for a, b in zip(*results):
         assert rel_err(a, b) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("clang++") is None, reason="inductor needs a C++ compiler"
+)
+def test_inductor_compiles_a_model_that_trains_as_eager_does(no_interpreter):
+    """torch.compile's default backend (inductor; the other compile tests use aot_eager): a bidirectional LSTM and GRU
+    stack trains as eager does, on torch's op forward and backward."""
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(3, [("lstm", 4), ("gru", 5)], bidirectional=True)
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    results = []
+    torch._dynamo.reset()
+    for call in (model, torch.compile(model, fullgraph=True)):
+        out = call(x)[0]
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()])])
+    torch._dynamo.reset()
+    assert no_interpreter == ["lstm", "gru"] * 2 + ["gru", "lstm"]
+    for a, b in zip(*results):
+        assert rel_err(a, b) < TOLERANCE[torch.float32]
 
 
 def test_where_torchs_op_cannot_serve_the_reference_runs(no_interpreter):
