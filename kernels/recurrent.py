@@ -565,10 +565,12 @@ def _store_tagged_gates(ring, k, o_b, o_j, g0, g1, g2, g3, m_bj, B, H: tl.conste
 
 @triton.jit
 def _ring_slot(ring, slot, B, G: tl.constexpr, H: tl.constexpr, TAGGED: tl.constexpr):
-    """The [B, G*H] words of one slot of the backward's ring (ring itself when not TAGGED: unused)."""
+    """The [B, G*H] words of one slot of the backward's ring; when not TAGGED (ring is None) ``slot``, unused: Triton
+    3.6's compiler cannot return None from a function (its interpreter and Triton 3.9 can)."""
     if TAGGED:
-        ring += slot * B * (G * H)
-    return ring
+        return ring + slot * B * (G * H)
+    else:
+        return slot
 
 
 @triton.jit

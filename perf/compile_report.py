@@ -181,7 +181,9 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=t, y=t, res=t, z=t, counter="i32", w_hr=t,
                      mseq=t, lengths="i32", seed_ptr="i64", ring="i32" if dtype.itemsize == 2 else "i64")  # fmt: skip
-    tagged = {} if variant.proj else dict(TAGGED=plan.tagged)
+    # ring is None where the exchange is not tagged, as a launch passes it (a constexpr: Triton 3.6 compiles the
+    # kernels differently then).
+    tagged = {} if variant.proj else dict(TAGGED=plan.tagged, **({} if plan.tagged else dict(ring=None)))
     bwd_types = dict(w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip
@@ -253,7 +255,7 @@ def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[
                      seed_ptr="i64", ring=ring)  # fmt: skip
     bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
                      grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64", ring=ring)  # fmt: skip
-    constants.update(SYNC=True, TAGGED=tagged)
+    constants.update(SYNC=True, TAGGED=tagged, **({} if tagged else dict(ring=None)))  # as _report_plan
     fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True), arch, num_warps, num_stages)
     bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, ALL_LAYERS=False), arch, num_warps, num_stages)
     return fwd, bwd, num_warps

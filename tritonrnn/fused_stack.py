@@ -11,7 +11,6 @@ import dataclasses
 import functools
 
 import torch
-import triton
 from torch import Tensor
 
 from tritonrnn import _plan
@@ -32,7 +31,15 @@ from tritonrnn._plan import (
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.kernels.dropout import DROPOUT_NONE
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
-from tritonrnn.layer_run import Variant, _acc_dtype, _kernel_constants, _launch_options, _ring_dtype, _tagged_ring
+from tritonrnn.layer_run import (
+    Variant,
+    _acc_dtype,
+    _kernel_constants,
+    _launch_options,
+    _ring_dtype,
+    _tagged_ring,
+    compile_misfit,
+)
 
 
 def _constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, dropout_mode: int) -> dict:
@@ -76,13 +83,9 @@ def _gpu_misfit(
     device_index: int,
 ) -> str | None:  # fmt: skip
     """Compile both stack kernels for this GPU (no launch) and say why they cannot run there, or None."""
-    max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
     device = torch.device("cuda", device_index)
-    for name, kernel, kwargs in _warmup_calls(cell, hidden, n_layers, dtype, plan, dropout_mode, device):
-        shared = kernel.warmup(**kwargs).metadata.shared
-        if shared > max_shared:
-            return f"the stack {name} kernel needs {shared} bytes of shared memory, the GPU has {max_shared}"
-    return None
+    return compile_misfit(_warmup_calls(cell, hidden, n_layers, dtype, plan, dropout_mode, device), device_index,
+                          "stack ")  # fmt: skip
 
 
 def fused_plan(

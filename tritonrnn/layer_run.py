@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.errors import TritonError
 
 from tritonrnn import _plan
 from tritonrnn._plan import (
@@ -187,14 +188,31 @@ def _gpu_misfit(
 
     Triton decides where the resident weights live; the compiled kernel's shared memory is the fact.
     """
+    calls = _warmup_calls(cell, hidden, dtype, plan, variant, torch.device("cuda", device_index))
+    return compile_misfit(calls, device_index)
+
+
+def compile_misfit(calls: list[tuple[str, object, dict]], device_index: int, what: str = "") -> str | None:
+    """Compile each (name, kernel, keyword arguments) of ``calls`` for the GPU (no launch): why they cannot run
+    there, or None. A kernel the installed Triton fails to compile is a misfit too, not the user's error: the caller's
+    fallback runs, logged with the compiler's message (it caught Triton 3.6 rejecting a None ``ring``)."""
     max_shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    for name, kernel, kwargs in _warmup_calls(cell, hidden, dtype, plan, variant, torch.device("cuda", device_index)):
-        compiled = kernel.warmup(**kwargs)
-        if compiled.metadata.shared > max_shared:
-            return (
-                f"the {name} kernel needs {compiled.metadata.shared} bytes of shared memory, the GPU has {max_shared}"
-            )
+    for name, kernel, kwargs in calls:
+        try:
+            shared = kernel.warmup(**kwargs).metadata.shared
+        except (TritonError, RuntimeError) as error:  # RuntimeError: an MLIR pass that failed
+            return f"the {what}{name} kernel does not compile with Triton {triton.__version__} ({_innermost(error)})"
+        if shared > max_shared:
+            return f"the {what}{name} kernel needs {shared} bytes of shared memory, the GPU has {max_shared}"
     return None
+
+
+def _innermost(error: BaseException) -> str:
+    """The root cause's last line (a CompilationError carries the failing function's source before its message)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
 
 
 def _steps(plan: LayerPlan, t0: int, t1: int, two_phases: bool, backward: bool = False) -> list[dict]:

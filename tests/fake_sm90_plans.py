@@ -1,0 +1,140 @@
+"""The GPU's own compile check, run without a GPU: ``layer_op.kernel_plan`` and ``fused_stack.fused_plan`` on a
+``cuda`` device, against a stand-in Triton driver whose target is an H100's sm_90 (132 SMs, 227 KB of shared memory).
+
+On a GPU, a layer's first call compiles its forward and backward kernels with exactly the arguments a launch passes
+(``layer_run._warmup_calls``, which a CPU test checks against recorded launches) and reads their shared memory
+(``_gpu_misfit``). perf/compile_report.py compiles the kernels from its own signatures; this runs the library's path
+itself with Triton's real compiler, nothing launched: a kernel that only the installed Triton's GPU compiler rejects
+for the arguments a launch passes (Triton 3.6 and a None ``ring``, twenty-sixth session) fails here, on the CPU.
+
+    python tests/fake_sm90_plans.py     # TRITON_INTERPRET unset; exit code 1 on any failure
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("fake_sm90_plans.py compiles for sm_90: run it with TRITON_INTERPRET unset")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+SM_COUNT, MAX_SHARED = 132, 232448  # ANCHORS.md's H100 (the H200: the same)
+
+
+class _Utils:
+    def get_device_properties(self, index):
+        return {"max_shared_mem": MAX_SHARED, "max_num_regs": 65536, "multiprocessor_count": SM_COUNT, "warpSize": 32,
+                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}  # fmt: skip
+
+
+class _Driver:
+    """What Triton's JIT asks of its active driver to compile (``warmup``) for sm_90 without launching."""
+
+    utils = _Utils()
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+class _Properties:
+    multi_processor_count = SM_COUNT
+    name = "NVIDIA H100 80GB HBM3"
+
+
+def install() -> None:
+    """The stand-in driver, torch.cuda's device queries, and CUDA placeholder tensors allocated on the CPU (only
+    their dtypes and alignment matter to a compile)."""
+    driver.set_active(_Driver())
+    torch.cuda.get_device_properties = lambda *args, **kwargs: _Properties()
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.get_device_name = lambda *args, **kwargs: _Properties.name
+    torch.cuda.is_current_stream_capturing = lambda: False
+    empty = torch.empty
+
+    def on_the_cpu(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return empty(*args, device=device, **kwargs)
+
+    torch.empty = on_the_cpu
+
+
+# (cell, hidden, batch, dtype, variant options); every variant a launch can compile differently.
+LAYERS = [
+    ("lstm", 64, 16, torch.bfloat16, {}),
+    ("gru", 100, 16, torch.float16, {}),
+    ("rnn_tanh", 64, 16, torch.float32, {}),
+    ("rnn_relu", 64, 64, torch.bfloat16, {}),
+    ("lstm", 100, 16, torch.float32, dict(directions=2, residual=True, dropout_mode=1, varlen=True)),
+    ("gru", 64, 16, torch.bfloat16, dict(directions=2, dropout_mode=2)),
+    ("lstm", 64, 16, torch.bfloat16, dict(directions=2, residual=True, dropout_mode=1, varlen=True, proj=16)),
+]
+STACKS = [("lstm", 64, 16, torch.bfloat16, 0), ("gru", 100, 16, torch.float32, 1)]
+
+
+def main() -> int:
+    install()
+    from tritonrnn import fused_stack, layer_op
+    from tritonrnn._plan import LayerPlan
+    from tritonrnn.layer_run import Variant
+
+    device, failures = torch.device("cuda", 0), 0
+    for exchange in ("barrier", "tagged"):
+        os.environ["TRITONRNN_EXCHANGE"] = exchange
+        for cell, hidden, batch, dtype, options in LAYERS:
+            plan = layer_op.kernel_plan(cell, hidden, batch, dtype, device, Variant(**options))
+            ok = isinstance(plan, LayerPlan) and (exchange == "barrier" or options.get("proj") or plan.tagged)
+            failures += not ok
+            print(f"{'ok ' if ok else 'BAD'} layer {cell} H={hidden} B={batch} {dtype} {options} {exchange}: {plan}")
+        for cell, hidden, batch, dtype, dropout_mode in STACKS:
+            plan = fused_stack.fused_plan([cell] * 3, [hidden] * 3, batch, dtype, device, dropout_mode)
+            ok = isinstance(plan, LayerPlan) and plan.tagged == (exchange == "tagged")
+            failures += not ok
+            print(f"{'ok ' if ok else 'BAD'} stack 3 x {cell} H={hidden} B={batch} {dtype} {exchange}: {plan}")
+    failures += not _a_kernel_that_does_not_compile_is_a_fallback(layer_op, device)
+    print(f"{failures} failed")
+    return int(failures > 0)
+
+
+def _a_kernel_that_does_not_compile_is_a_fallback(layer_op, device) -> bool:
+    """A kernel the installed Triton rejects (here a tagged backward given no ring) is a reason for the fallback,
+    with the compiler's message, not an exception in the user's forward."""
+    from tritonrnn import layer_run
+    from tritonrnn.layer_run import Variant
+
+    os.environ["TRITONRNN_EXCHANGE"] = "barrier"
+    real = layer_run._warmup_calls
+
+    def broken(*args):
+        calls = real(*args)
+        name, kernel, kwargs = calls[-1]
+        return [*calls[:-1], (name, kernel, dict(kwargs, ring=None, TAGGED=True))]
+
+    layer_run._warmup_calls = broken
+    try:
+        reason = layer_op.kernel_plan("gru", 48, 16, torch.bfloat16, device, Variant())
+    finally:
+        layer_run._warmup_calls = real
+    ok = isinstance(reason, str) and "the backward kernel does not compile with Triton" in reason
+    print(f"{'ok ' if ok else 'BAD'} a backward kernel that does not compile: {reason}")
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())
