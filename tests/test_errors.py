@@ -219,3 +219,19 @@ def test_interpreter_refuses_triton_numpy_pair_that_fails(monkeypatch, triton_ve
             _plan.check_interpreter()
     finally:
         _plan.check_interpreter.cache_clear()
+
+
+def test_a_forced_persistent_grid_the_gpu_cannot_hold_is_refused(forced_plan, monkeypatch):
+    """force_plan's persistent grids must be resident at once (else the grid barrier would wait for ever, or the
+    cooperative launch fail with a CUDA error): both directions' grids count where they launch together."""
+    from tritonrnn import _plan
+
+    monkeypatch.setattr(_plan, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    for directions, together in ((1, True), (2, False)):  # H=1120: 70 programs a direction
+        forced_plan(block_h=16, persistent=True, directions_together=together)
+        plan = _plan.plan_layer("lstm", 1120, 16, torch.bfloat16, cuda, directions)
+        assert plan.num_programs == 70 and plan.persistent
+    forced_plan(block_h=16, persistent=True, directions_together=True)
+    with pytest.raises(ValueError, match="a persistent grid of 140 programs would not all be resident"):
+        _plan.plan_layer("lstm", 1120, 16, torch.bfloat16, cuda, 2)

@@ -192,7 +192,8 @@ def plan_layer(
         persistent = True
         together = True
     plan = apply_forced_plan(
-        LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together), hidden_size, device
+        LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together), hidden_size, device,
+        directions,
     )  # fmt: skip
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
         plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
@@ -308,7 +309,7 @@ def forced() -> bool:
     return bool(_forced_plan)
 
 
-def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device) -> LayerPlan:
+def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device, directions: int = 1) -> LayerPlan:
     """``plan`` with the fields ``force_plan`` set (unchanged when nothing is forced)."""
     if _forced_plan:
         plan = dataclasses.replace(plan, **_forced_plan)
@@ -316,7 +317,8 @@ def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device) -
         if plan.persistent and plan.num_programs > 1 and device.type != "cuda" and not PROGRAMS_AT_ONCE:
             raise ValueError("a persistent grid of several programs deadlocks under the interpreter")
         if plan.persistent and device.type == "cuda":
-            programs = plan.num_programs * plan.batch_groups
+            # One launch holds both directions' grids where they go together.
+            programs = plan.num_programs * plan.batch_groups * (directions if plan.directions_together else 1)
             if programs > _sm_count(cuda_index(device)):
                 raise ValueError(f"a persistent grid of {programs} programs would not all be resident")
     return plan
