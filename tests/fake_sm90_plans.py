@@ -90,7 +90,7 @@ STACKS = [("lstm", 64, 16, torch.bfloat16, 0), ("gru", 100, 16, torch.float32, 1
 
 def main() -> int:
     install()
-    from tritonrnn import fused_stack, layer_op
+    from tritonrnn import _plan, fused_stack, layer_op
     from tritonrnn._plan import LayerPlan
     from tritonrnn.layer_run import Variant
 
@@ -107,6 +107,20 @@ def main() -> int:
             ok = isinstance(plan, LayerPlan) and plan.tagged == (exchange == "tagged")
             failures += not ok
             print(f"{'ok ' if ok else 'BAD'} stack 3 x {cell} H={hidden} B={batch} {dtype} {exchange}: {plan}")
+    # Weight rows streamed each step (H=2048 bf16: the held slice halved until it fits), and a step-by-step grid.
+    os.environ["TRITONRNN_EXCHANGE"] = "barrier"
+    plan = layer_op.kernel_plan("lstm", 2048, 64, torch.bfloat16, device, Variant())
+    ok = isinstance(plan, LayerPlan) and plan.block_k < 2048
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} layer lstm H=2048 B=64 bf16, rows streamed: {plan}")
+    _plan.force_plan(persistent=False)
+    try:
+        plan = layer_op.kernel_plan("gru", 64, 16, torch.float32, device, Variant(directions=2))
+    finally:
+        _plan.force_plan()
+    ok = isinstance(plan, LayerPlan) and not plan.persistent
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} layer gru H=64 B=16 fp32 bidirectional, step by step: {plan}")
     failures += not _a_kernel_that_does_not_compile_is_a_fallback(layer_op, device)
     print(f"{failures} failed")
     return int(failures > 0)
