@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-SM_COUNT, MAX_SHARED = 132, 232448  # ANCHORS.md's H100 (the H200: the same)
+SM_COUNT, MAX_SHARED = 132, 232448  # ANCHORS.md's H100 (the H200: the same), as perf/compile_report.py
 
 
 class _Utils:
