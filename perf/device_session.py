@@ -179,7 +179,7 @@ def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: flo
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
         child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # fmt: skip
+                                 start_new_session=True, preexec_fn=_interruptible)  # fmt: skip
         interrupt_at = timeout_s - min(INTERRUPT_GRACE_S, timeout_s / 4)
         try:
             code = child.wait(timeout=interrupt_at)
@@ -191,6 +191,12 @@ def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: flo
             _end_group(child)
             status = f"timed out after {timeout_s:.0f} s (killed)"
     return Result(name, status, time.monotonic() - start, log)
+
+
+def _interruptible() -> None:
+    """In the stage's process before it starts: SIGINT back to its default. A command started in the background of a
+    shell script inherits SIGINT ignored, and so would the stage (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(child: subprocess.Popen, wait_s: float) -> None:

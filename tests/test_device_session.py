@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -335,16 +336,23 @@ def test_run_command_resumes_from_a_results_file(tmp_path, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
 def test_a_stage_past_its_time_is_interrupted_before_it_is_ended(tmp_path):
     """A stage cut by its time gets SIGINT first, and time to report (pytest prints its failures' tracebacks, their
-    summary and its XML on an interrupt, and loses them to a SIGTERM; perf/NOTES.md), then what is left is ended."""
+    summary and its XML on an interrupt, and loses them to a SIGTERM; perf/NOTES.md), then what is left is ended;
+    also where the session itself was started with SIGINT ignored."""
     script = (
         "import time\n"
         "print('started', flush=True)\n"
         "try:\n    time.sleep(120)\n"
         "except KeyboardInterrupt:\n    print('interrupted', 'in time', flush=True)\n"  # the log echoes the script
     )
-    start = time.monotonic()
-    result = device_session.run_stage("cut", [sys.executable, "-c", script], dict(os.environ), 8.0,
-                                      tmp_path / "cut.log")  # fmt: skip
+    # As where the session runs in the background of a shell script (CI, perhaps the device tool): SIGINT ignored,
+    # which a child inherits unless the stage restores it.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        start = time.monotonic()
+        result = device_session.run_stage("cut", [sys.executable, "-c", script], dict(os.environ), 8.0,
+                                          tmp_path / "cut.log")  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert time.monotonic() - start < 20
     assert result.status == "timed out after 8 s (killed)"
     assert "interrupted in time" in (tmp_path / "cut.log").read_text()
