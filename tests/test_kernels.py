@@ -613,7 +613,7 @@ def test_bfloat16_cell_state_is_carried_in_float32_over_a_long_sequence():
 @pytest.mark.fallback
 def test_layer_the_kernels_cannot_hold_runs_the_reference_logged_once(monkeypatch, caplog):
     """functional.stack falls back per layer (here forced: the GPU's resource checks cannot fail on a CPU): outputs,
-    states and every gradient (the backward runs the reference again) match torch.nn."""
+    states and every gradient (torch's op's own backward) match torch.nn."""
     monkeypatch.setattr(tritonrnn.layer_op, "plan_layer", lambda *args: "W_hh slice does not fit on chip")
     monkeypatch.setattr(tritonrnn.layer_run.LayerRun, "__init__", None)  # the kernels must not be reached
     tritonrnn._plan._logged.clear()

@@ -430,7 +430,7 @@ def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):
 )
 def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkeypatch):
     """tritonrnn::layer's schema, fake shapes, autograd registration and compiled forward and backward agree with
-    its real runs, on the kernels and on the fallback (whose backward runs the reference again): where the device,
+    its real runs, on the kernels and on the fallback (whose backward runs the layer again): where the device,
     dtype or hidden size rule the kernels out ("fallback"; "native": CPU tensors without the interpreter), the outputs
     leave out the kernels' buffers, which the fallback's backward never reads; where only the GPU's compile check
     would ("misfit", which the fake shapes cannot know), they keep them, as zeros."""

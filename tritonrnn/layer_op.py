@@ -1,8 +1,8 @@
 """One layer (all its directions) as two torch.library custom ops, and how the kernels are planned for it.
 
 ``tritonrnn::layer`` runs the layer on the persistent kernels (``layer_run.LayerRun``), or where they cannot run it
-on torch's own op (``native``; logged once; its backward then runs the reference), and returns the buffers its
-backward reads;
+on torch's own op (``native``; logged once; its backward then runs the layer again under torch.func.vjp: torch's op
+on CPU tensors, else the reference), and returns the buffers its backward reads;
 ``tritonrnn::layer_backward`` runs the backward from them. As custom ops, torch.compile sees each layer as one
 node (``fullgraph=True`` included) and the kernels stay out of its tracing.
 
