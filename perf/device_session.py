@@ -187,8 +187,7 @@ def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: flo
             if _end_group(child):
                 status += "; processes it left running were killed"
         except subprocess.TimeoutExpired:
-            _interrupt(child, timeout_s - interrupt_at)
-            _end_group(child)
+            _end_group(child, interrupt_s=timeout_s - interrupt_at)
             status = f"timed out after {timeout_s:.0f} s (killed)"
     return Result(name, status, time.monotonic() - start, log)
 
@@ -199,24 +198,14 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _interrupt(child: subprocess.Popen, wait_s: float) -> None:
-    """SIGINT to the child's process group, then up to ``wait_s`` seconds for the child to exit (one blocked in a
-    kernel does not: _end_group's signals come next)."""
-    try:
-        os.killpg(child.pid, signal.SIGINT)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + wait_s
-    while child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _end_group(child: subprocess.Popen, grace_s: float = 3.0) -> bool:
+def _end_group(child: subprocess.Popen, grace_s: float = 3.0, interrupt_s: float = 0.0) -> bool:
     """End the stage's whole process group: the child and whatever it started (a worker left holding the GPU
-    would slow or block the next stages). SIGTERM, then SIGKILL to all of it after ``grace_s``. Returns whether
+    would slow or block the next stages). SIGTERM, then SIGKILL to all of it after ``grace_s``; with
+    ``interrupt_s``, SIGINT first and that long to end (a process blocked in a kernel does not). Returns whether
     anything was still running."""
     signalled = False
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+    steps = [(signal.SIGINT, interrupt_s)] if interrupt_s > 0 else []
+    for sig, wait_s in (*steps, (signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(child.pid, sig)
         except ProcessLookupError:
