@@ -122,6 +122,7 @@ def main() -> int:
     failures += not ok
     print(f"{'ok ' if ok else 'BAD'} layer gru H=64 B=16 fp32 bidirectional, step by step: {plan}")
     failures += not _a_kernel_that_does_not_compile_is_a_fallback(layer_op, device)
+    failures += not _a_first_launch_during_capture_loads_with_the_capture_relaxed(layer_op, device)
     print(f"{failures} failed")
     return int(failures > 0)
 
@@ -147,6 +148,39 @@ def _a_kernel_that_does_not_compile_is_a_fallback(layer_op, device) -> bool:
         layer_run._warmup_calls = real
     ok = isinstance(reason, str) and "the backward kernel does not compile with Triton" in reason
     print(f"{'ok ' if ok else 'BAD'} a backward kernel that does not compile: {reason}")
+    return ok
+
+
+def _a_first_launch_during_capture_loads_with_the_capture_relaxed(layer_op, device) -> bool:
+    """A kernel first launched while a CUDA graph is captured: ``_capture.launch`` loads its module through Triton's
+    own loading code (the driver's load recorded here) with the thread's capture mode relaxed, puts the mode back,
+    then launches; a second launch loads nothing. Checks that the Triton installed still loads as we call it."""
+    from tritonrnn import _capture, layer_run
+    from tritonrnn.layer_run import Variant
+
+    mode, events = [0], []  # this thread's capture mode (0: global, torch's default), what the driver saw
+
+    def exchange(pointer) -> int:  # cuThreadExchangeStreamCaptureMode: swap the thread's mode and *pointer
+        mode[0], pointer._obj.value = pointer._obj.value, mode[0]
+        return 0
+
+    def load_binary(name, kernel, shared, device_index):
+        events.append(("load", mode[0]))
+        return 1, 2, 64, 0, 1024  # module, function, registers, spills, most threads
+
+    os.environ["TRITONRNN_EXCHANGE"] = "barrier"
+    plan = layer_op.kernel_plan("gru", 40, 16, torch.bfloat16, device, Variant())
+    _, kernel, kwargs = layer_run._warmup_calls("gru", 40, torch.bfloat16, plan, Variant(), device)[0]
+    grid = kwargs.pop("grid")
+    _capture._exchange_function = lambda: exchange
+    driver.active.utils.load_binary = load_binary
+    driver.active.utils.unload_module = lambda module: None
+    driver.active.launcher_cls = lambda src, metadata: lambda *args: events.append(("launch", mode[0]))
+    torch.cuda.is_current_stream_capturing = lambda: True
+    _capture.launch(kernel, grid, device, **kwargs)
+    _capture.launch(kernel, grid, device, **kwargs)
+    ok = events == [("load", 2), ("launch", 0), ("launch", 0)]
+    print(f"{'ok ' if ok else 'BAD'} a first launch during capture loads relaxed, then launches: {events}")
     return ok
 
 

@@ -93,11 +93,13 @@ def test_the_gpus_own_compile_check_passes_for_sm90():
     """layer_op.kernel_plan and fused_stack.fused_plan on a cuda device, against a stand-in sm_90 driver
     (tests/fake_sm90_plans.py): the library's own pre-launch compile of what a launch passes, with Triton's real
     compiler. Every layer variant and stack gets a plan with both exchanges, so do streamed weight rows and a
-    step-by-step grid, and a kernel that does not compile is a logged fallback's reason, not an exception."""
+    step-by-step grid, a kernel that does not compile is a logged fallback's reason, not an exception, and a kernel
+    first launched during a CUDA graph capture is loaded (through Triton's own loading code) with the capture
+    relaxed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "fake_sm90_plans.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 2 * (7 + 2) + 3, result.stdout
+    assert result.stdout.count("ok ") == 2 * (7 + 2) + 4, result.stdout

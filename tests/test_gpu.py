@@ -560,6 +560,32 @@ def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
     assert not torch.equal(first, replay()[0])
 
 
+def test_a_training_step_captured_after_only_an_inference_call_loads_its_kernels_during_the_capture():
+    """Torch's default capture mode forbids loading a module, which a Triton kernel's first launch does: a training
+    step captured after only an inference call (its training forward and its backward kernels never launched in this
+    process) loads them with the capture relaxed (tritonrnn/_capture.py), and its replays match eager steps."""
+    torch.manual_seed(0)
+    model = tritonrnn.GRU(48, 72, num_layers=2).to(CUDA).bfloat16()  # H=72: compiled by no other test
+    x = torch.randn(40, 8, 48, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out, h_n = model(x)
+        return [out, h_n, *torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])]
+
+    with torch.no_grad():
+        model(x)  # cuBLAS and the inference kernels are ready; nothing of training has run
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture_error_mode "global", torch's default
+        outputs = step()
+    for _ in range(2):
+        with torch.no_grad():
+            x.normal_()
+        graph.replay()
+        for got, expected in zip(outputs, step()):
+            torch.testing.assert_close(got, expected)  # bf16's tolerance: cuBLAS may choose other GEMMs under capture
+
+
 def test_decoding_step_by_step_from_a_cuda_graph_matches_eager_decoding():
     """An autoregressive decoder's loop, the README's advice for one-step calls: the step (one time step of a 2-layer
     LSTM, its state in static buffers) captured once and replayed, so no host code runs per step. Twenty replays give

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tritonrnn import _plan
+from tritonrnn._capture import launch as launch_kernel
 from tritonrnn._plan import FP_FUSION, check_interpreter, interpret_mode, on_device
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
 
@@ -130,7 +131,8 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
     if out.numel():
         options = dict(enable_fp_fusion=FP_FUSION) if device.type == "cuda" else {}
         with on_device(device):
-            dropout_mask_kernel[(rows * batch,)](
+            launch_kernel(
+                dropout_mask_kernel, (rows * batch,), device,
                 mask=out, seed_ptr=dropout.seed.to(device), p=dropout.p, T=rows, B=batch, W=width,
                 MODE=dropout.kernel_mode, BLOCK_W=min(1024, max(16, 1 << (width - 1).bit_length())), **options,
             )  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import _plan
+from tritonrnn._capture import launch as launch_kernel
 from tritonrnn._plan import (
     CELLS,
     LayerPlan,
@@ -225,7 +226,7 @@ class FusedStackFunction(torch.autograd.Function):
             for i, step in enumerate(_launches(plan, T + L - 1, L, backward=False)):
                 if i and plan.persistent:
                     counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
-                stack_fwd_kernel[(plan.num_programs, L)](**step, **launch)
+                launch_kernel(stack_fwd_kernel, (plan.num_programs, L), device, **step, **launch)
 
         if any(ctx.needs_input_grad):
             ctx.cell, ctx.plan, ctx.mode, ctx.p_drop, ctx.has_bias = cell, plan, mode, launch["p_drop"], has_bias
@@ -279,7 +280,7 @@ class FusedStackFunction(torch.autograd.Function):
             for i, step in enumerate(_launches(plan, T + L - 1, L, backward=True)):
                 if i and plan.persistent:
                     counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
-                stack_bwd_kernel[(plan.num_programs, L)](**step, **launch)
+                launch_kernel(stack_bwd_kernel, (plan.num_programs, L), device, **step, **launch)
 
         w_ih0 = tensors[2]
         gx = grad_xgates.view(L, T * B, gates * hidden)

@@ -18,6 +18,7 @@ from torch import Tensor
 from triton.errors import TritonError
 
 from tritonrnn import _plan
+from tritonrnn._capture import launch as launch_kernel
 from tritonrnn._plan import (
     CELLS,
     FP_FUSION,
@@ -312,7 +313,7 @@ class LayerRun:
                 for i, step in enumerate(_steps(plan, t0, t1, self.w_hr is not None, backward)):
                     if i and plan.persistent:
                         counter.zero_()  # a very long sequence's next launch (_plan.persistent_chunks)
-                    kernel[grid](direction0=direction0, counter=counter, **step, **launch)
+                    launch_kernel(kernel, grid, self.device, direction0=direction0, counter=counter, **step, **launch)
 
     def forward_steps(self, t0: int, t1: int) -> None:
         rows = slice(t0 * self.B, t1 * self.B)
