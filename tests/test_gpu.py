@@ -17,7 +17,7 @@ from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 
 import tritonrnn
 from perf.runner import graphed
-from tritonrnn import _plan, layer_run
+from tritonrnn import _capture, _plan, layer_run
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -560,7 +560,7 @@ def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
     assert not torch.equal(first, replay()[0])
 
 
-def test_a_training_step_captured_after_only_an_inference_call_loads_its_kernels_during_the_capture():
+def test_a_training_step_captured_after_only_an_inference_call_loads_its_kernels_during_the_capture(monkeypatch):
     """Torch's default capture mode forbids loading a module, which a Triton kernel's first launch does: a training
     step captured after only an inference call (its training forward and its backward kernels never launched in this
     process) loads them with the capture relaxed (tritonrnn/_capture.py), and its replays match eager steps."""
@@ -572,12 +572,20 @@ def test_a_training_step_captured_after_only_an_inference_call_loads_its_kernels
         out, h_n = model(x)
         return [out, h_n, *torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])]
 
+    relaxed, real_relaxed = [], _capture.relaxed_capture_mode
+
+    def counted():
+        relaxed.append(1)
+        return real_relaxed()
+
+    monkeypatch.setattr(_capture, "relaxed_capture_mode", counted)
     with torch.no_grad():
         model(x)  # cuBLAS and the inference kernels are ready; nothing of training has run
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # capture_error_mode "global", torch's default
         outputs = step()
+    assert relaxed, "no kernel was loaded during the capture: the test did not test the relaxed load"
     for _ in range(2):
         with torch.no_grad():
             x.normal_()
