@@ -79,3 +79,53 @@ def test_no_capture_and_the_cpu_load_nothing_before_the_launch(monkeypatch, thre
     monkeypatch.setattr("torch.cuda.is_current_stream_capturing", lambda: True)  # a CPU tensor never asks
     _capture.launch(kernel, (2,), torch.device("cpu"), x=2)
     assert kernel.compiled.loads == 0 and len(kernel.launches) == 2
+
+
+def test_the_loads_own_error_is_raised_even_where_putting_the_mode_back_fails(monkeypatch):
+    results = iter([0, 999])  # the switch works, the restore fails
+
+    monkeypatch.setattr(_capture, "_exchange_function", lambda: lambda pointer: next(results))
+    with pytest.raises(ValueError, match="the load failed"):
+        with _capture.relaxed_capture_mode():
+            raise ValueError("the load failed")
+
+
+class _Future:
+    """What Triton's warmup returns inside AsyncCompileMode."""
+
+    def result(self):
+        raise AssertionError("the launch, not tritonrnn, waits for an asynchronous compile")
+
+
+@pytest.mark.parametrize("compiled", [None, _Future()], ids=["a jit cache hook's None", "an asynchronous compile"])
+def test_what_is_not_a_compiled_kernel_is_left_to_the_launch(monkeypatch, thread_mode, compiled):
+    monkeypatch.setattr("torch.cuda.is_current_stream_capturing", lambda: True)
+    kernel = _Kernel(compiled)
+    _capture.launch(kernel, (1,), torch.device("cuda", 0), x=1)
+    assert kernel.launches == [((1,), {"x": 1})] and thread_mode[0] == 0
+
+
+def test_without_the_nvidia_driver_or_on_rocm_the_launch_goes_ahead_as_before(monkeypatch, caplog):
+    monkeypatch.setattr("torch.cuda.is_current_stream_capturing", lambda: True)
+    _capture._exchange_function.cache_clear()
+    monkeypatch.setattr(_capture.ctypes, "CDLL", _no_library)
+    try:
+        kernel = _Kernel(_Compiled(False))
+        with caplog.at_level("WARNING", logger="tritonrnn"):
+            _capture.launch(kernel, (1,), torch.device("cuda", 0), x=1)
+        assert kernel.compiled.loads == 0 and len(kernel.launches) == 1
+        assert "load as Triton loads them (libcuda.so.1: cannot open" in caplog.text
+    finally:
+        _capture._exchange_function.cache_clear()
+    monkeypatch.setattr("torch.version.hip", "6.2")
+    monkeypatch.setattr("torch.cuda.is_current_stream_capturing", _never_asked)
+    _capture.launch(kernel, (1,), torch.device("cuda", 0), x=2)
+    assert kernel.compiled.loads == 0 and len(kernel.launches) == 2
+
+
+def _no_library(name):
+    raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+
+
+def _never_asked():
+    raise AssertionError("a ROCm launch asked whether a CUDA capture is under way")
