@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 
 import pytest
@@ -967,6 +968,73 @@ def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
         torch.testing.assert_close(got, want)
         if grad:
             torch.testing.assert_close(*(torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)))
+
+
+def _onnx_export(model, x):
+    """torch.onnx.export's default (dynamo) exporter: (the ONNX model, an onnxruntime session on it)."""
+    pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (the test extra installs it)")
+    ort = pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        program = torch.onnx.export(model, (x,), dynamo=True)
+    model_proto = program.model_proto
+    return model_proto, ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+ONNX_MODELS = {
+    "lstm-2-layers": lambda: tritonrnn.LSTM(6, 5, num_layers=2),
+    "gru-bidirectional-batch-first-no-bias": lambda: tritonrnn.GRU(
+        6, 5, bidirectional=True, batch_first=True, bias=False
+    ),  # fmt: skip
+    "rnn-relu": lambda: tritonrnn.RNN(6, 5, nonlinearity="relu"),
+    "stack-mixed-residual": lambda: tritonrnn.StackedRNN(6, [("lstm", 6), ("gru", 6), ("rnn_tanh", 6)], residual=True),
+}
+
+
+# RNNBase refreshes _flat_weights in forward; torch.nn's modules get the same warning from export
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights:UserWarning")
+@pytest.mark.parametrize("name", ONNX_MODELS)
+def test_onnx_export_records_onnx_rnn_ops_and_onnxruntime_gives_eagers_outputs(name):
+    """torch.onnx.export (its default exporter, on torch.export) records torch's RNN op for each layer, which ONNX has
+    (LSTM, GRU; a vanilla RNN as MatMul and its activation), not tritonrnn::layer, which it has not; onnxruntime
+    then gives the eager model's output and final states."""
+    torch.manual_seed(0)
+    model = ONNX_MODELS[name]().eval()
+    batch_first = getattr(model, "batch_first", False)
+    x = torch.randn((3, 7, 6) if batch_first else (7, 3, 6))
+    model_proto, session = _onnx_export(model, x)
+    ops = {node.op_type for node in model_proto.graph.node}
+    domains = {node.domain for node in model_proto.graph.node}
+    assert domains <= {"", "ai.onnx"}, (domains, ops)  # no custom operator
+    expected_op = {"lstm": "LSTM", "gru": "GRU", "rnn": "Relu", "stack": "GRU"}[name.split("-")[0]]
+    assert expected_op in ops, ops
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        out, states = model(x)
+    expected = [out, *tree_leaves(states)]
+    assert len(got) == len(expected), (len(got), len(expected))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights:UserWarning")
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode:UserWarning")
+@pytest.mark.parametrize("dropout_mode", ["standard", "variational"])
+def test_onnx_export_in_training_draws_the_dropout_masks_with_onnxs_random_op(dropout_mode):
+    """In training mode the kernels' masks come from a seed ONNX cannot read: the export draws them with torch's random
+    op, which ONNX records (RandomUniformLike), and onnxruntime's outputs keep whole units of the first layer's output
+    zero in the second layer's input only through the mask: with p = 1 every unit is dropped, so the second layer sees
+    zeros and its output is the model's output for a zero input to it."""
+    torch.manual_seed(0)
+    model = tritonrnn.LSTM(6, 5, num_layers=2, dropout=1.0, dropout_mode=dropout_mode).train()
+    x = torch.randn(7, 3, 6)
+    model_proto, session = _onnx_export(model, x)
+    assert "RandomUniformLike" in {node.op_type for node in model_proto.graph.node}
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    second = nn.LSTM(5, 5)
+    second.load_state_dict({k.replace("_l1", "_l0"): v for k, v in model.state_dict().items() if "_l1" in k})
+    with torch.no_grad():
+        expected = second(torch.zeros(7, 3, 5))[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])

@@ -120,11 +120,12 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
     on the CPU without it, a torch generator seeded with the same seed (same law, other numbers).
     """
     rows = 1 if dropout.variational else steps
-    if device.type == "cpu" and not interpret_mode():
-        generator = torch.Generator().manual_seed(int(dropout.seed.item()))
-        keep = torch.rand(rows, batch, width, generator=generator) >= dropout.p
+    onnx = torch.onnx.is_in_onnx_export()  # the seed cannot be read there: torch's own draw, which ONNX records
+    if onnx or (device.type == "cpu" and not interpret_mode()):
+        drawn = {} if onnx else dict(generator=torch.Generator().manual_seed(int(dropout.seed.item())))
+        keep = torch.rand(rows, batch, width, device=device, **drawn) >= dropout.p
         # where, not a product: p = 1 (everything dropped) must give zeros, not 0 * inf.
-        return torch.where(keep, 1.0 / (1.0 - torch.tensor(dropout.p, dtype=torch.float32)), 0.0)
+        return torch.where(keep, 1.0 / (1.0 - torch.tensor(dropout.p, dtype=torch.float32, device=device)), 0.0)
     if device.type == "cpu":
         check_interpreter()
     out = _plan.empty_buffer(rows, batch, width, dtype=torch.float32, device=device)
