@@ -970,6 +970,45 @@ def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
             torch.testing.assert_close(*(torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)))
 
 
+class _Tagger(nn.Module):
+    """A model around recurrent modules, as users write them: an LSTM given its states, a batch-first GRU, and a
+    StackedRNN with every layer's output (a keyword argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = tritonrnn.LSTM(6, 5, num_layers=2)
+        self.gru = tritonrnn.GRU(5, 4, batch_first=True, bidirectional=True)
+        self.stack = tritonrnn.StackedRNN(8, [("rnn_relu", 8), ("lstm", 8)], residual=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, h0, c0):
+        out, (h_n, _) = self.lstm(x, (h0, c0))
+        out, _ = self.gru(out.transpose(0, 1))
+        outs, states = self.stack(out.transpose(0, 1), return_all_layers=True)
+        return self.head(outs[0] + outs[1]) + h_n[-1].sum(-1, keepdim=True), states[1][1]
+
+
+def test_fx_symbolic_trace_records_each_recurrent_module_as_one_call_like_torch_nn():
+    """torch.fx.symbolic_trace keeps torch.nn's modules as leaves (one call_module node each); ours too, though they
+    live outside torch.nn, so a model holding them traces (torchvision's feature extraction, FX passes). The traced
+    GraphModule gives eager's outputs and gradients."""
+    torch.manual_seed(0)
+    model = _Tagger().to(DEVICE)
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert calls == ["lstm", "gru", "stack", "head"], calls
+    stack_call = next(n for n in traced.graph.nodes if n.target == "stack")
+    assert stack_call.kwargs == {"return_all_layers": True}, stack_call.kwargs
+    x = torch.randn(7, 3, 6, device=DEVICE, requires_grad=True)
+    h0, c0 = torch.randn(2, 2, 3, 5, device=DEVICE).unbind(0)
+    results = []
+    for run in (traced, model):
+        out, c = run(x, h0, c0)
+        results.append([out, c, *torch.autograd.grad(out.sum() + c.sum(), [x, *model.parameters()])])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _onnx_export(model, x):
     """torch.onnx.export's default (dynamo) exporter: (the ONNX model, an onnxruntime session on it)."""
     pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (the test extra installs it)")

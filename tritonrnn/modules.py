@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils._pytree import tree_leaves
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
@@ -43,6 +45,19 @@ def refuse_script(module: nn.Module, alternatives: str = "torch.export or torch.
         f"torch.jit.script does not support tritonrnn's {type(module).__name__}: TorchScript cannot compile its "
         f"Triton kernels' host code (and is deprecated); use {alternatives}"
     )
+
+
+def fx_proxy_of_the_call(module: nn.Module, *args, **kwargs) -> torch.fx.Proxy | None:
+    """Under torch.fx.symbolic_trace (an argument is a Proxy): the call as one ``call_module`` node, which the traced
+    GraphModule runs by calling the module. torch.fx records torch.nn's modules so, as leaves; ours live outside
+    torch.nn, so the tracer would run their forward on Proxies, whose Python it cannot follow. Else None."""
+    if not is_fx_symbolic_tracing():  # a flag: nothing more on the path of every call
+        return None
+    proxies = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.fx.Proxy)]
+    if not proxies:
+        return None
+    tracer = proxies[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 class _TritonRNNBase(nn.RNNBase):
@@ -133,6 +148,9 @@ class _TritonRNNBase(nn.RNNBase):
         return layers
 
     def forward(self, input, hx=None):  # noqa: A002 - torch.nn's argument name
+        traced = fx_proxy_of_the_call(self, input, hx)
+        if traced is not None:
+            return traced
         # First, as torch.nn does: parameters replaced since the last call (functional_call, fx) are read fresh.
         self._update_flat_weights()
         _dropout.check_mode(self.dropout_mode)

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import CELLS
-from tritonrnn.modules import refuse_script, repack, unpack
+from tritonrnn.modules import fx_proxy_of_the_call, refuse_script, repack, unpack
 from tritonrnn.scheduler import StackLayer
 
 State = "Tensor | tuple[Tensor, Tensor]"
@@ -182,6 +182,9 @@ class StackedRNN(nn.Module):
     def forward(
         self, x: Tensor, states: Sequence[State] | None = None, return_all_layers: bool = False
     ) -> tuple[Tensor | list[Tensor], list[State]]:
+        traced = fx_proxy_of_the_call(self, x, states, return_all_layers=return_all_layers)
+        if traced is not None:
+            return traced
         _dropout.check_mode(self.dropout_mode)
         packed, lengths = None, None
         if isinstance(x, PackedSequence):
