@@ -970,7 +970,7 @@ def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
             torch.testing.assert_close(*(torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)))
 
 
-class _Tagger(nn.Module):
+class _ModelOfRecurrentModules(nn.Module):
     """A model around recurrent modules, as users write them: an LSTM given its states, a batch-first GRU, and a
     StackedRNN with every layer's output (a keyword argument)."""
 
@@ -993,7 +993,7 @@ def test_fx_symbolic_trace_records_each_recurrent_module_as_one_call_like_torch_
     live outside torch.nn, so a model holding them traces (torchvision's feature extraction, FX passes). The traced
     GraphModule gives eager's outputs and gradients."""
     torch.manual_seed(0)
-    model = _Tagger().to(DEVICE)
+    model = _ModelOfRecurrentModules().to(DEVICE)
     traced = torch.fx.symbolic_trace(model)
     calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
     assert calls == ["lstm", "gru", "stack", "head"], calls
