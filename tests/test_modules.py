@@ -642,6 +642,36 @@ def test_torch_func_transforms_differentiate_the_layers(monkeypatch, caplog):
 
 
 @pytest.mark.fallback
+def test_torch_func_vmap_runs_the_reference_where_torch_nn_has_no_batching_rule(caplog):
+    """torch.func.vmap over the input (an ensemble's calls, say) and per-sample gradients (vmap of grad): torch.nn's
+    layers fail there (no batching rule for aten::lstm), and the kernels' autograd Function has none either, so
+    under vmap each layer runs the reference's torch ops, logged once: the results of a loop over the samples."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    lstm = tritonrnn.LSTM(3, 4, num_layers=2).double().to(DEVICE)
+    stack = tritonrnn.StackedRNN(3, [("gru", 4), ("rnn_tanh", 4)]).double().to(DEVICE)
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64, device=DEVICE)
+    _plan._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"):
+        for model in (lstm, stack):
+            got = vmap(lambda x, model=model: model(x)[0])(xs)
+            for k in range(len(xs)):
+                torch.testing.assert_close(got[k], model(xs[k])[0])
+    assert any("under torch.func.vmap runs the reference" in r.getMessage() for r in caplog.records)
+
+    def loss(params, x):
+        return functional_call(lstm, params, (x,))[0].square().sum()
+
+    params = {name: p.detach() for name, p in lstm.named_parameters()}
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for k in range(len(xs)):
+        expected = torch.autograd.grad(loss(dict(lstm.named_parameters()), xs[k]), list(lstm.parameters()))
+        for name, want in zip(params, expected):
+            torch.testing.assert_close(per_sample[name][k], want)
+
+
+@pytest.mark.fallback
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_double_backward_gradient_penalty_matches_torch(cell, caplog):
     """A gradient penalty (backward with create_graph=True, then differentiated again): the kernels' backward is not

@@ -70,6 +70,10 @@ def _layer(
         # tritonrnn::layer, which a traced graph calls, would run the reference again for the backward.
         if x.device.type == "cpu" and not interpret_mode():
             return native.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
+        if native.under_vmap():
+            log_once(f"tritonrnn: a {cell} layer under torch.func.vmap runs the reference (no batching rule for the "
+                     "kernels, nor for torch's RNN op)")  # fmt: skip
+            return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
         # _variant reads the projection's width from the stacked [D, N, H] form (not one direction's [N, H]).
         variant = _variant(D, residual, dropout, w_hr[0][None] if w_hr[0] is not None else None, lengths)
         plan = layer_op.plan_or_reason(cell, x, weights[0][1], variant)
