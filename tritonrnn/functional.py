@@ -60,7 +60,8 @@ def _layer(
     """One layer on the kernels, or where they cannot run it on torch's own op (tritonrnn/native.py: CPU tensors
     without the interpreter, and layers the kernels cannot hold), ``reference.layer``'s contract."""
     if torch.onnx.is_in_onnx_export():
-        # torch.onnx.export records torch's RNN op, which ONNX has (LSTM, GRU, RNN); it has no tritonrnn::layer.
+        # torch.onnx.export records torch's RNN op, which ONNX has (LSTM, GRU; a vanilla RNN as MatMul and its
+        # activation); it has no tritonrnn::layer.
         return native.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
     D = len(weights)
     w_hr = [w[4] if len(w) > 4 else None for w in weights]

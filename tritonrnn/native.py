@@ -168,11 +168,10 @@ def _run(cell, x, hx, params, options, lengths):
     """torch's op on time-major x (packed by ``lengths`` when given): the output [T, B, D*H] and the final states."""
     if lengths is None:
         limit = MAX_STEPS_PER_CALL.get(x.device.type)
-        if limit is None:  # no chunks: x.shape[0], unlike len(x), stays symbolic in an export with a dynamic length
-            out, *states = _OPS[cell](x, hx, params, *options, False)
-            return out, states
         outs = []
-        for chunk in x.split(limit):  # several only for one direction: _why_not sends the others to the reference
+        # Chunks: several only for one direction (_why_not sends the others to the reference). Without a limit, x
+        # whole: splitting by len(x) would fix the sequence length of an export.
+        for chunk in x.split(limit) if limit is not None else (x,):
             out, *states = _OPS[cell](chunk, hx, params, *options, False)
             hx = tuple(states) if cell == "lstm" else states[0]
             outs.append(out)
