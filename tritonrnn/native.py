@@ -167,11 +167,9 @@ def layer(
 def _run(cell, x, hx, params, options, lengths):
     """torch's op on time-major x (packed by ``lengths`` when given): the output [T, B, D*H] and the final states."""
     if lengths is None:
-        limit = MAX_STEPS_PER_CALL.get(x.device.type)
+        limit = MAX_STEPS_PER_CALL.get(x.device.type) or len(x)
         outs = []
-        # Chunks: several only for one direction (_why_not sends the others to the reference). Without a limit, x
-        # whole: splitting by len(x) would fix the sequence length of an export.
-        for chunk in x.split(limit) if limit is not None else (x,):
+        for chunk in x.split(limit):  # several only for one direction: _why_not sends the others to the reference
             out, *states = _OPS[cell](chunk, hx, params, *options, False)
             hx = tuple(states) if cell == "lstm" else states[0]
             outs.append(out)
