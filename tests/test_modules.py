@@ -642,10 +642,11 @@ def test_torch_func_transforms_differentiate_the_layers(monkeypatch, caplog):
 
 
 @pytest.mark.fallback
-def test_torch_func_vmap_runs_the_reference_where_torch_nn_has_no_batching_rule(caplog):
-    """torch.func.vmap over the input (an ensemble's calls, say) and per-sample gradients (vmap of grad): torch.nn's
-    layers fail there (no batching rule for aten::lstm), and the kernels' autograd Function has none either, so
-    under vmap each layer runs the reference's torch ops, logged once: the results of a loop over the samples."""
+def test_torch_func_vmap_and_jvp_run_the_reference_where_torch_nn_has_no_rule(caplog):
+    """torch.func.vmap over the input (an ensemble's calls, say), per-sample gradients (vmap of grad) and forward mode
+    (jvp): torch.nn's layers fail there (no batching rule for aten::lstm), and the kernels' autograd Function has no
+    such rule either, so each layer runs the reference's torch ops there, logged once: the results of a loop over
+    the samples, and of central differences."""
     from torch.func import functional_call, grad, vmap
 
     torch.manual_seed(0)
@@ -658,7 +659,7 @@ def test_torch_func_vmap_runs_the_reference_where_torch_nn_has_no_batching_rule(
             got = vmap(lambda x, model=model: model(x)[0])(xs)
             for k in range(len(xs)):
                 torch.testing.assert_close(got[k], model(xs[k])[0])
-    assert any("under torch.func.vmap runs the reference" in r.getMessage() for r in caplog.records)
+    assert any("under torch.func's vmap runs the reference" in r.getMessage() for r in caplog.records)
 
     def loss(params, x):
         return functional_call(lstm, params, (x,))[0].square().sum()
@@ -669,6 +670,22 @@ def test_torch_func_vmap_runs_the_reference_where_torch_nn_has_no_batching_rule(
         expected = torch.autograd.grad(loss(dict(lstm.named_parameters()), xs[k]), list(lstm.parameters()))
         for name, want in zip(params, expected):
             torch.testing.assert_close(per_sample[name][k], want)
+
+    # Forward mode (jvp, jacfwd) likewise: against central differences in float64.
+    x, v = xs[0], torch.randn_like(xs[0])
+    _, tangent = torch.func.jvp(lambda x: lstm(x)[0], (x,), (v,))
+    with torch.no_grad():
+        eps = 1e-6
+        expected = (lstm(x + eps * v)[0] - lstm(x - eps * v)[0]) / (2 * eps)
+    torch.testing.assert_close(tangent, expected, rtol=1e-6, atol=1e-8)
+
+    # Dropout in training: the masks are torch's draws, per sample with randomness="different" (the kernels' seed,
+    # batched per sample then, cannot be read), the same for every sample with "same".
+    dropped = tritonrnn.StackedRNN(3, [("lstm", 4), ("gru", 4)], dropout=0.5, dropout_mode="variational")
+    dropped = dropped.double().to(DEVICE).train()
+    same = vmap(lambda x: dropped(x)[0], randomness="same")(xs[:1].expand(2, -1, -1, -1))
+    different = vmap(lambda x: dropped(x)[0], randomness="different")(xs[:1].expand(2, -1, -1, -1))
+    assert torch.equal(same[0], same[1]) and not torch.equal(different[0], different[1])
 
 
 @pytest.mark.fallback
@@ -729,12 +746,16 @@ def test_jit_script_is_refused_with_the_way_out():
             torch.jit.script(model)
 
 
-def test_forward_mode_ad_is_refused():
-    """Forward-mode AD is not supported (nor by torch.nn's cuDNN and oneDNN layers): torch's error, not a result."""
+def test_forward_mode_ad_outside_torch_func_is_refused():
+    """torch.autograd.forward_ad's dual tensors reach the kernels' autograd Function, which has no forward-mode rule
+    (nor have torch.nn's cuDNN and oneDNN layers): torch's error, not a result. (torch.func.jvp runs the reference:
+    test_torch_func_vmap_and_jvp_run_the_reference_where_torch_nn_has_no_rule.)"""
+    from torch.autograd import forward_ad
+
     model = tritonrnn.GRU(3, 4).to(DEVICE)
     x = torch.randn(5, 2, 3, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="forward mode AD"):
-        torch.func.jvp(lambda inp: model(inp)[0], (x,), (torch.randn_like(x),))
+    with pytest.raises(NotImplementedError, match="forward mode AD"), forward_ad.dual_level():
+        model(forward_ad.make_dual(x, torch.randn_like(x)))
 
 
 def _shape_only_models():
@@ -1027,6 +1048,12 @@ def test_fx_symbolic_trace_records_each_recurrent_module_as_one_call_like_torch_
     traced = torch.fx.symbolic_trace(model)
     calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
     assert calls == ["lstm", "gru", "stack", "head"], calls
+    # Traced themselves, they are not leaves: fx's own error, as for torch.nn's, or StackedRNN's on a Proxy input.
+    for module, error in ((nn.LSTM(6, 5), "cannot be used as inputs to control flow"),
+                          (model.lstm, "cannot be used as inputs to control flow"),
+                          (model.stack, "StackedRNN: expected the input to be a Tensor, got Proxy")):  # fmt: skip
+        with pytest.raises((torch.fx.proxy.TraceError, TypeError), match=error):
+            torch.fx.symbolic_trace(module)
     stack_call = next(n for n in traced.graph.nodes if n.target == "stack")
     assert stack_call.kwargs == {"return_all_layers": True}, stack_call.kwargs
     x = torch.randn(7, 3, 6, device=DEVICE, requires_grad=True)

@@ -392,6 +392,19 @@ def refuse_batched_gradients(what: str, grads) -> None:
         )
 
 
+def transform_beyond_grad() -> str | None:
+    """The torch.func transform other than grad and vjp under way (vmap: ensembles, per-sample gradients; jvp,
+    jacfwd), or None. The kernels' autograd Function has neither a batching rule nor a forward-mode rule, nor has
+    torch's RNN op (torch.nn's layers fail there); the reference's torch ops have both."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return None
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad = torch._C._functorch.TransformType.Grad
+    other = [level.key() for level in retrieve_all_functorch_interpreters() if level.key() != grad]
+    return f"torch.func's {other[0].name.lower()}" if other else None
+
+
 def log_once(message: str) -> None:
     """Log a fallback the first time it happens (each distinct message once per process)."""
     if message not in _logged:

@@ -120,9 +120,11 @@ def mask(dropout: LayerDropout, steps: int, batch: int, width: int, device: torc
     on the CPU without it, a torch generator seeded with the same seed (same law, other numbers).
     """
     rows = 1 if dropout.variational else steps
-    onnx = torch.onnx.is_in_onnx_export()  # the seed cannot be read there: torch's own draw, which ONNX records
-    if onnx or (device.type == "cpu" and not interpret_mode()):
-        drawn = {} if onnx else dict(generator=torch.Generator().manual_seed(int(dropout.seed.item())))
+    # The seed cannot be read in an ONNX export, nor under vmap (one seed per sample): torch's own draw there, which
+    # ONNX records and vmap's randomness option governs.
+    fresh = torch.onnx.is_in_onnx_export() or _plan.transform_beyond_grad() is not None
+    if fresh or (device.type == "cpu" and not interpret_mode()):
+        drawn = {} if fresh else dict(generator=torch.Generator().manual_seed(int(dropout.seed.item())))
         keep = torch.rand(rows, batch, width, device=device, **drawn) >= dropout.p
         # where, not a product: p = 1 (everything dropped) must give zeros, not 0 * inf.
         return torch.where(keep, 1.0 / (1.0 - torch.tensor(dropout.p, dtype=torch.float32, device=device)), 0.0)

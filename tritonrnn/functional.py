@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import layer_op, native, reference, scheduler
-from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group
+from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group, transform_beyond_grad
 from tritonrnn.dropout import HeldMasks, LayerDropout
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
@@ -71,9 +71,10 @@ def _layer(
         # tritonrnn::layer, which a traced graph calls, would run the reference again for the backward.
         if x.device.type == "cpu" and not interpret_mode():
             return native.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
-        if native.under_vmap():
-            log_once(f"tritonrnn: a {cell} layer under torch.func.vmap runs the reference (no batching rule for the "
-                     "kernels, nor for torch's RNN op)")  # fmt: skip
+        transform = transform_beyond_grad()
+        if transform is not None:
+            log_once(f"tritonrnn: a {cell} layer under {transform} runs the reference (the kernels and torch's RNN op "
+                     "have no rule for it)")  # fmt: skip
             return reference.layer(cell, x, h0, c0, weights, residual, dropout, lengths)
         # _variant reads the projection's width from the stacked [D, N, H] form (not one direction's [N, H]).
         variant = _variant(D, residual, dropout, w_hr[0][None] if w_hr[0] is not None else None, lengths)

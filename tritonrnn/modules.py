@@ -57,6 +57,8 @@ def fx_proxy_of_the_call(module: nn.Module, *args, **kwargs) -> torch.fx.Proxy |
     if not proxies:
         return None
     tracer = proxies[0].tracer
+    if module is tracer.root:
+        return None  # the module traced itself: torch.fx fails on its forward, as on torch.nn's
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 

@@ -71,15 +71,6 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | Non
 MAX_STEPS_PER_CALL = {"cuda": 65535}
 
 
-def under_vmap() -> bool:
-    """A torch.func.vmap level is active (ensembles, per-sample gradients): the kernels' autograd Function has no
-    batching rule, nor has torch's op (torch.nn's layers fail there); the reference's torch ops have."""
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return False
-    vmap = torch._C._functorch.TransformType.Vmap
-    return any(level.key() == vmap for level in retrieve_all_functorch_interpreters())
-
-
 def _transform_in_the_way(device: torch.device, lengths: Tensor | None) -> str | None:
     """The torch.func transform torch's op cannot run under, or None: on CPU tensors any but grad's (vjp's too:
     autograd on wrapped tensors, which the CPU op takes; vmap, jacrev's included, needs a batching rule the op lacks),
