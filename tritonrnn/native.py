@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import reference
-from tritonrnn._plan import log_once
+from tritonrnn._plan import log_once, transform_beyond_grad
 
 _OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh, "rnn_relu": torch._VF.rnn_relu}
 
@@ -82,11 +82,10 @@ def _transform_in_the_way(device: torch.device, lengths: Tensor | None) -> str |
     if lengths is not None:
         # Packing makes batch_sizes a functorch-wrapped tensor, whose data the packed op reads.
         return "a torch.func transform with a batch of lengths"
-    grad = torch._C._functorch.TransformType.Grad
-    levels = retrieve_all_functorch_interpreters()
-    if any(level.key() != grad for level in levels):
-        return "a torch.func transform other than grad and vjp (torch's op has no batching rule)"
-    if not all(level.prev_grad_mode() for level in levels):
+    beyond = transform_beyond_grad()
+    if beyond is not None:
+        return f"{beyond}, a torch.func transform torch's op has no rule for"
+    if not all(level.prev_grad_mode() for level in retrieve_all_functorch_interpreters()):
         # The transform runs the op below its level in the grad mode it began in: the CPU LSTM's oneDNN kernel then
         # keeps no workspace for the backward ("Expected a proper Tensor ... 'workspace'", torch 2.13).
         return "a torch.func grad begun inside torch.no_grad"
