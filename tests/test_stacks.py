@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from helpers import TOLERANCE, CountCalls, rel_err
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonrnn
 from tritonrnn import dropout as tdropout
@@ -663,6 +664,44 @@ def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch
     reasons = [r.getMessage() for r in caplog.records if "TRITONRNN_WAVEFRONT=fused" in r.getMessage()]
     assert len(reasons) == 2, reasons
     assert "differ in cell or hidden size" in reasons[0] and "bidirectional" in reasons[1]
+
+
+class _ZeroFills(TorchDispatchMode):
+    """The number of elements of each tensor of zeros made while the mode is on (not the tests' NaN poison of the
+    buffers the kernels fill: conftest.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("zeros", "zeros_like", "new_zeros", "zero_"):
+            self.numels.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("path", ["layers", "streams", "fused"])
+def test_backward_fills_no_gradient_for_outputs_the_loss_does_not_reach(path, monkeypatch):
+    """A loss on the top layer's output alone: autograd hands None, not tensors of zeros, for what it does not reach
+    (each layer's saved gate values, the lower layers' outputs in the stack-wide paths, h_n and c_n), so the backward
+    fills nothing of a layer's output size; the gradients stay right (against the layer-by-layer float64 path)."""
+    T, B, H = 6, 3, 8
+    model = make_stack([("lstm", H)] * 3, input_size=H).to(KERNEL_DTYPE)
+    x = torch.randn(T, B, H, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=True)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
+    expected = torch.autograd.grad(model(x)[0].sum(), [x, *model.parameters()])
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", {"layers": "0", "streams": "2", "fused": "fused"}[path])
+    if path != "layers":
+        monkeypatch.setattr(functional, "_layer", None)  # the stack-wide path, not layer by layer
+        monkeypatch.setattr(functional, "_wavefront_stack", None if path == "fused" else functional._wavefront_stack)
+    out, _ = model(x)
+    with _ZeroFills() as fills:
+        grads = torch.autograd.grad(out.sum(), [x, *model.parameters()])
+    assert fills.numels and max(fills.numels) < T * B * H, fills.numels
+    for a, b in zip(grads, expected):
+        assert rel_err(a, b) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5)
 
 
 # --- sequences of different lengths ------------------------------------------------------------------

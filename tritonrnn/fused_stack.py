@@ -61,7 +61,9 @@ def _folded_bias(cell: str, b_ih: Tensor, b_hh: Tensor, hidden: int) -> Tensor:
 def _warmup_calls(
     cell: str, hidden: int, n_layers: int, dtype: torch.dtype, plan: LayerPlan, dropout_mode: int, device: torch.device
 ) -> list[tuple[str, object, dict]]:
-    """(name, kernel, keyword arguments) that compile both stack kernels without a launch (placeholder tensors)."""
+    """(name, kernel, keyword arguments) that compile both stack kernels without a launch (placeholder tensors).
+    The backward as a loss on the top layer's output launches it (ALL_LAYERS=False); with every layer's output in the
+    loss it reads more rows of grad_y, and compiles at its first launch."""
     acc = _acc_dtype(dtype)
 
     def t(dt=dtype):
@@ -74,7 +76,7 @@ def _warmup_calls(
     return [
         ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True, **common)),
         ("backward", stack_bwd_kernel, dict(c0=t(acc), grad_y=t(), grad_above=t(acc), grad_gates=t(), grad_xgates=t(),
-                                            grad_h=t(acc), grad_c=t(acc), finish=1, ALL_LAYERS=True, **common)),
+                                            grad_h=t(acc), grad_c=t(acc), finish=1, ALL_LAYERS=False, **common)),
     ]  # fmt: skip
 
 
@@ -229,6 +231,7 @@ class FusedStackFunction(torch.autograd.Function):
                 launch_kernel(stack_fwd_kernel, (plan.num_programs, L), device, **step, **launch)
 
         if any(ctx.needs_input_grad):
+            ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
             ctx.cell, ctx.plan, ctx.mode, ctx.p_drop, ctx.has_bias = cell, plan, mode, launch["p_drop"], has_bias
             ctx.c0 = torch.cat(c0s).to(acc) if cell == "lstm" else None
             ctx.buffers = (hseq, saved, z if drop is not None else None, seeds, w_ih, w_hh)

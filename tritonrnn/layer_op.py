@@ -444,6 +444,9 @@ class _EagerLayerPlain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, *args):
         output = _layer_forward(*args, plan=plan)
+        # An output's gradient stays None where the loss does not reach it, rather than a tensor of zeros: saved
+        # (the size of every gate of every step) has none, and neither do h_n and c_n unless the loss reads them.
+        ctx.set_materialize_grads(False)
         _setup_context(ctx, args, output)
         ctx.plan = plan
         return output

@@ -36,6 +36,7 @@ class WavefrontStackFunction(torch.autograd.Function):
         for run in runs:
             run.end_forward()  # after _wavefront: the main stream has waited for the layers' streams
         if save:
+            ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
             ctx.runs = runs
             ctx.chunks = chunks
             ctx.save_for_backward(x, *tensors)
