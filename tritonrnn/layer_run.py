@@ -261,9 +261,9 @@ class LayerRun:
         self.dtype, self.device, self.acc = dtype, device, acc
         self.variant = _variant(D, residual, dropout, w_hr, lengths)
         # Sequence lengths [B] int32 for a batch of different lengths (none: every row runs all T steps).
-        self.lengths = lengths if lengths is not None else torch.zeros(1, dtype=torch.int32, device=device)
+        self.lengths = lengths if lengths is not None else _plan.placeholder(torch.int32, device)
         # The kernels read a seed with or without dropout: this one is read and ignored.
-        self.no_seed = torch.zeros(1, dtype=torch.int64, device=device) if dropout is None else None
+        self.no_seed = _plan.placeholder(torch.int64, device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
         # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
         self.c0_acc = c0.to(acc) if c0 is not None else None
@@ -332,7 +332,9 @@ class LayerRun:
             return
         if self.ring is not None:
             launch.update(ring=self.ring, TAGGED=True)
-        if self.cell == "gru" and self.b_hh is not None:
+        if self.cell != "gru":
+            b_hn = self.w_hh  # the kernel reads D*H values of the layer's dtype, which other cells do not use
+        elif self.b_hh is not None:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
             b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
