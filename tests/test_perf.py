@@ -486,3 +486,17 @@ def test_rows_take_the_commit_from_perf_commit_where_there_is_no_git_history(mon
 
     monkeypatch.setenv("PERF_COMMIT", "abc1234")
     assert runner.context(torch.device("cpu"))["commit"] == "abc1234"
+
+
+def test_host_cost_times_the_host_code_of_each_call_and_counts_its_device_operations():
+    """perf.host_cost in its own process (it turns the interpreter on): a row per cell and layer count, each with a
+    time and a count of device operations for an inference call and a training step."""
+    command = [sys.executable, "-m", "perf.host_cost", "--cells", "lstm", "gru", "--layers", "2", "--calls", "3",
+               "--rounds", "1"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("lstm ", "gru "))]
+    assert [row[:2] for row in rows] == [["lstm", "2"], ["gru", "2"]]
+    for row in rows:
+        inference_us, inference_ops, training_us, training_ops = float(row[2]), int(row[3]), float(row[4]), int(row[5])
+        assert 0 < inference_us < training_us and 0 < inference_ops < training_ops, row
