@@ -1177,3 +1177,21 @@ def test_prune_and_module_hooks_on_the_module_train_like_torch(cell):
     prune.remove(ours, "weight_hh_l1")  # makes the pruning permanent: a plain parameter again
     prune.remove(theirs, "weight_hh_l1")
     torch.testing.assert_close(ours(x.to(DEVICE))[0].cpu(), theirs(x)[0])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (1, True), (2, False)])
+def test_output_and_final_states_are_separate_tensors_like_torch_nn(cell, num_layers, bidirectional):
+    """As torch.nn's: no two of output, h_n and c_n share memory, so an in-place change of a state (a decoder that
+    edits h_n) leaves the output as it was; one layer's states are the layer's own outputs (no copy), still not
+    views of the output sequence."""
+    torch.manual_seed(0)
+    module = getattr(tritonrnn, cell)(3, 5, num_layers=num_layers, bidirectional=bidirectional).double().to(DEVICE)
+    out, states = module(torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE))
+    tensors = [out, *(states if isinstance(states, tuple) else (states,))]
+    storages = [t.untyped_storage().data_ptr() for t in tensors]
+    assert len(set(storages)) == len(storages)
+    before = out.clone()
+    for state in tensors[1:]:
+        state.add_(1.0)
+    assert torch.equal(out, before)

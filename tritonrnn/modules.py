@@ -220,7 +220,9 @@ class _TritonRNNBase(nn.RNNBase):
             dropout_mode=self.dropout_mode, training=self.training, lengths=lengths,
             held_masks=getattr(self, "_held_masks", None),  # set by tritonrnn.hold_dropout_masks
         )  # fmt: skip
-        return ys[-1], torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
+        # One layer's states are its own outputs already: no copy.
+        cat = (lambda states: states[0]) if self.num_layers == 1 else torch.cat
+        return ys[-1], cat(h_n), (cat(c_n) if is_lstm else None)
 
     def _forward_packed(self, packed: PackedSequence, hx, is_lstm: bool, autocast: bool):
         """A PackedSequence: padded, run with each sequence's length (rows keep their state past their end), packed
