@@ -120,6 +120,8 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         config["training"] = config["dropout"] == 0.0 or rng.random() < 0.5
         if config["kind"] == "module" and config["training"] and config["dropout"]:
             config["dropout_mode"] = rng.choice(["standard", "variational"])
+    # Each output and final state left out of the loss with this probability: backward then gets no gradient for it.
+    config["loss_drop"] = rng.choice([0.0, 0.0, 0.5])
     return config
 
 
@@ -263,7 +265,12 @@ def step(config: dict, model: nn.Module, torch_layers=None) -> tuple[list[torch.
     names = [f"output{k}" for k in range(len(outs))] + [f"state{k}" for k in range(len(results) - len(outs))]
     gen = torch.Generator().manual_seed(config["data_seed"] + 3)
     cotangents = [torch.randn(r.shape, dtype=torch.float64, generator=gen).to(DEVICE) for r in results]
-    loss = sum((r.double() * c).sum() for r, c in zip(results, cotangents))
+    in_loss = [True] * len(results)
+    if config.get("loss_drop"):  # configs drawn before the key existed have every result in the loss
+        pick = torch.Generator().manual_seed(config["data_seed"] + 4)
+        in_loss = (torch.rand(len(results), generator=pick) >= config["loss_drop"]).tolist()
+        in_loss[int(torch.randint(len(results), (1,), generator=pick))] = True  # at least one
+    loss = sum((r.double() * c).sum() for r, c, used in zip(results, cotangents, in_loss) if used)
     initial = [t for layer in states or [] for t in layer]
     leaves = [("input", x), *[(f"h0.{k}", s) for k, s in enumerate(initial)], *params]
     grads = torch.autograd.grad(loss, [leaf for _, leaf in leaves], allow_unused=True)
