@@ -435,7 +435,7 @@ def rnn_fwd_kernel(
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
         w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H * H, G
     )
-    b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (zeros for the other cells)
+    b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (other cells: any values, unused)
 
     for s in range(n_steps):
         step = (t_start + s).to(tl.int64)

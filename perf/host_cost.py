@@ -6,10 +6,11 @@ Runs tritonrnn's modules on CPU tensors with the Triton interpreter's plan and e
 function that does nothing, at T=1, B=4, H=32, so what is timed is the library's Python and the torch operations
 around the kernels (allocations, the input GEMM, copies). Per cell and layer count, for an inference call (no
 grad) and a training step (forward and backward): the median over rounds of the mean time per call, and the
-number of torch operations that run on the device (views, which are host only, not counted): on a GPU each is an
-allocation or a kernel launch that the CPU pays for. The launches themselves are not in it (Triton's launcher: some
-20 us of Python each on the session machine, perf/NOTES.md), nor the time a GPU runs. Compare versions only on the
-same machine in the same hour: the figures are a 2-core CPU's and move with its load.
+torch operations a GPU would see (views, host only, not counted), as allocations without a kernel + kernel launches:
+the CPU pays for each (the dispatcher, the caching allocator, a launch). The Triton launches themselves are not in
+it (Triton's launcher: some 20 us of Python each on the session machine, perf/NOTES.md), nor the time a GPU runs.
+The TRITONRNN_* switches of the environment apply. Compare versions only on the same machine in the same hour: the
+figures are a 2-core CPU's and move with its load.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ def _interpreter_on() -> None:
 @contextlib.contextmanager
 def launches_stubbed() -> Iterator[None]:
     """Every Triton launch of a layer does nothing (the outputs are then garbage, which nothing here reads)."""
-    from tritonrnn import layer_run
+    from tritonrnn import fused_stack, layer_run
 
-    with mock.patch.object(layer_run, "launch_kernel", lambda *args, **kwargs: None):
-        yield
+    def nothing(*args, **kwargs):
+        return None
+
+    with mock.patch.object(layer_run, "launch_kernel", nothing):
+        with mock.patch.object(fused_stack, "launch_kernel", nothing):
+            yield
 
 
 def per_call_us(call: Callable[[], object], calls: int, rounds: int) -> float:
@@ -57,22 +62,29 @@ def per_call_us(call: Callable[[], object], calls: int, rounds: int) -> float:
     return statistics.median(times)
 
 
-def device_ops(call: Callable[[], object]) -> int:
-    """The torch operations one call runs that would run on a GPU: all but views (a new tensor header only)."""
+ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+HOST_ONLY = ("detach", "t", "view", "_unsafe_view")  # views: a new tensor header, nothing on the device
+
+
+def device_ops(call: Callable[[], object]) -> tuple[int, int]:
+    """The torch operations of one call that a GPU would see: (allocations without a kernel, kernel launches)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        count = 0
+        allocations = kernels = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func.overloadpacket.__name__ not in ("detach", "t", "view", "_unsafe_view"):
-                self.count += 1
+            name = func.overloadpacket.__name__
+            if name in ALLOCATIONS:
+                self.allocations += 1
+            elif not func.is_view and name not in HOST_ONLY:
+                self.kernels += 1
             return func(*args, **(kwargs or {}))
 
     call()
     with Count() as counter:
         call()
-    return counter.count
+    return counter.allocations, counter.kernels
 
 
 def measure(cell: str, layers: int, calls: int, rounds: int) -> dict:
@@ -117,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     print(f"host code a call, T={T} B={B} H={HIDDEN}, launches stubbed (torch {torch.__version__}, one thread)")
-    print("cell      layers  inference us  ops  training step us  ops")
+    print("(ops: allocations without a kernel + kernel launches, Triton's excepted)")
+    print("cell      layers  inference us      ops  training step us      ops")
     for cell in args.cells:
         for layers in args.layers:
             row = measure(cell, layers, args.calls, args.rounds)
-            print(f"{cell:<9} {layers:>6}  {row['inference_us']:>12.1f}  {row['inference_ops']:>3}  "
-                  f"{row['training_us']:>16.1f}  {row['training_ops']:>3}")  # fmt: skip
+            inference, training = ("{:>2} + {:>2}".format(*row[key]) for key in ("inference_ops", "training_ops"))
+            print(f"{cell:<9} {layers:>6}  {row['inference_us']:>12.1f}  {inference:>7}  "
+                  f"{row['training_us']:>16.1f}  {training:>7}")  # fmt: skip
     return 0
 
 

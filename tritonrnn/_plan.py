@@ -118,20 +118,6 @@ def empty_buffer(*shape: int, dtype: torch.dtype, device: torch.device) -> torch
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A one-element tensor for a pointer a kernel reads but whose value it does not use (the seed without dropout,
-    the lengths of a batch without them), made once per dtype and device rather than allocated and filled at every
-    call; made anew while a CUDA graph is captured, so that none of them lives on in the graph's private memory."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(1, dtype=dtype, device=device)
-    return _placeholder(dtype, device)
-
-
-@functools.cache
-def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(1, dtype=dtype, device=device)
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -260,10 +260,12 @@ class LayerRun:
         self.T, self.B, self.D, self.hidden, self.width, self.gates = T, B, D, hidden, width, gates
         self.dtype, self.device, self.acc = dtype, device, acc
         self.variant = _variant(D, residual, dropout, w_hr, lengths)
-        # Sequence lengths [B] int32 for a batch of different lengths (none: every row runs all T steps).
-        self.lengths = lengths if lengths is not None else _plan.placeholder(torch.int32, device)
-        # The kernels read a seed with or without dropout: this one is read and ignored.
-        self.no_seed = _plan.placeholder(torch.int64, device) if dropout is None else None
+        # Sequence lengths [B] int32 for a batch of different lengths (none: every row runs all T steps; the kernels
+        # read them only with lengths). The kernels read a seed with or without dropout, and use it only with dropout.
+        # Values never used: allocated, not filled (a tensor kept for all calls instead could be made during the
+        # warm-up run of torch.compile's CUDA graphs, whose memory pool that run's allocations come from).
+        self.lengths = lengths if lengths is not None else torch.empty(1, dtype=torch.int32, device=device)
+        self.no_seed = torch.empty(1, dtype=torch.int64, device=device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
         # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
         self.c0_acc = c0.to(acc) if c0 is not None else None
