@@ -425,7 +425,7 @@ class LayerRun:
         dw_ih = gx2d.t() @ self.x.reshape(T * B, -1)
         # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
         gh = self.grad_gates.view(T * B, D, -1)
-        dw_hh = torch.stack([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
+        dw_hh = _stacked([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
         db_ih = db_hh = None
         if self.b_ih is not None:
             db_ih = self.grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype)
@@ -433,8 +433,13 @@ class LayerRun:
         dw_hr = None
         if self.w_hr is not None:
             ghp = self.grad_hp.view(T * B, D, width)
-            dw_hr = torch.stack([ghp[:, d].t() @ self.mseq[d].reshape(T * B, hidden) for d in range(D)])
+            dw_hr = _stacked([ghp[:, d].t() @ self.mseq[d].reshape(T * B, hidden) for d in range(D)])
         return self.dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+
+
+def _stacked(per_direction: list[Tensor]) -> Tensor:
+    """torch.stack, without its copy for one direction."""
+    return per_direction[0].unsqueeze(0) if len(per_direction) == 1 else torch.stack(per_direction)
 
 
 def _variant(
