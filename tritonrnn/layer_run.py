@@ -267,8 +267,7 @@ class LayerRun:
         self.lengths = lengths if lengths is not None else torch.empty(1, dtype=torch.int32, device=device)
         self.no_seed = torch.empty(1, dtype=torch.int64, device=device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
-        # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype).
-        self.c0_acc = c0.to(acc) if c0 is not None else None
+        self.c0 = c0
         if forward_buffers is not None:
             self.hseq, self.saved, self.mseq = forward_buffers
             self.save = n_saved > 0
@@ -281,7 +280,9 @@ class LayerRun:
         self.hseq[0, 0] = h0[0]
         if D == 2:
             self.hseq[1, T] = h0[1]
-        self.state = (self.c0_acc if c0 is not None else h0.to(acc)).clone()
+        # LSTM carries c in full precision, GRU its h (the output sequence holds h rounded to dtype); the kernels
+        # update it in place: one copy (and cast) of c0 or h0.
+        self.state = (c0 if c0 is not None else h0).to(acc, copy=True)
         self.save = save and n_saved > 0
         # What backward needs, in the layer's dtype (kernels/recurrent.py: _cell_fwd); else a placeholder pointer.
         self.saved = empty(D, T, B, n_saved * hidden, dtype=dtype, device=device) if self.save else self.hseq
@@ -369,6 +370,7 @@ class LayerRun:
                 return torch.zeros(T, B, D * self.width, dtype=dtype, device=device)
             return grad.contiguous()
 
+        self.c0_acc = self.c0.to(acc) if self.c0 is not None else None  # LSTM's c before the first step
         self.grad_h = acc_state(grad_hn, self.width)
         self.grad_c = acc_state(grad_cn, self.hidden) if self.cell == "lstm" else self.grad_h
         self.grad_y = output_grad(grad_y)
@@ -428,8 +430,13 @@ class LayerRun:
         dw_hh = _stacked([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
         db_ih = db_hh = None
         if self.b_ih is not None:
-            db_ih = self.grad_xgates.sum(dim=(0, 1), dtype=acc).to(dtype)
-            db_hh = self.grad_gates.sum(dim=(0, 1), dtype=acc).to(dtype)
+            # Both biases reach every gate alike but GRU's n, whose recurrent part sits inside r * (...): one
+            # reduction over all steps serves both, and for GRU one more over n's input part.
+            db_hh = self.grad_gates.sum(dim=(0, 1), dtype=acc)
+            db_ih = db_hh.clone()
+            if self.cell == "gru":
+                db_ih.view(D, 3, hidden)[:, 2] = self.grad_xn.sum(dim=(0, 1), dtype=acc).view(D, hidden)
+            db_ih, db_hh = db_ih.to(dtype), db_hh.to(dtype)
         dw_hr = None
         if self.w_hr is not None:
             ghp = self.grad_hp.view(T * B, D, width)
