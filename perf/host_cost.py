@@ -1,16 +1,16 @@
 """The host code of a call, without a GPU: what a decoder calling one step at a time pays before its kernels run.
 
-    python -m perf.host_cost [--cells lstm gru rnn_tanh] [--layers 1 3] [--calls 1000] [--rounds 5]
+    python -m perf.host_cost [--cells lstm gru rnn_tanh] [--layers 1 3] [--dtype bf16] [--calls 1000] [--rounds 5]
 
 Runs tritonrnn's modules on CPU tensors with the Triton interpreter's plan and every Triton launch replaced by a
-function that does nothing, at T=1, B=4, H=32, so what is timed is the library's Python and the torch operations
-around the kernels (allocations, the input GEMM, copies). Per cell and layer count, for an inference call (no
-grad) and a training step (forward and backward): the median over rounds of the mean time per call, and the
-torch operations a GPU would see (views, host only, not counted), as allocations without a kernel + kernel launches:
-the CPU pays for each (the dispatcher, the caching allocator, a launch). The Triton launches themselves are not in
-it (Triton's launcher: some 20 us of Python each on the session machine, perf/NOTES.md), nor the time a GPU runs.
-The TRITONRNN_* switches of the environment apply. Compare versions only on the same machine in the same hour: the
-figures are a 2-core CPU's and move with its load.
+function that does nothing, at T=1, B=4, H=32 (bf16 by default, as on a GPU), so what is timed is the library's
+Python and the torch operations around the kernels (allocations, the input GEMM, copies). Per cell and layer count,
+for an inference call (no grad) and a training step (forward and backward): the median over rounds of the mean time
+per call, and the torch operations a GPU would see (views, host only, not counted), as allocations without a kernel
++ kernel launches: the CPU pays for each (the dispatcher, the caching allocator, a launch). The Triton launches
+themselves are not in it (Triton's launcher: some 20 us of Python each on the session machine, perf/NOTES.md), nor
+the time a GPU runs. The TRITONRNN_* switches of the environment apply. Compare versions only on the same machine in
+the same hour: the figures are a 2-core CPU's and move with its load.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from unittest import mock
 
 CELLS = ("lstm", "gru", "rnn_tanh")
+DTYPES = ("bf16", "fp16", "fp32")
 T, B, HIDDEN = 1, 4, 32
 
 
@@ -87,14 +88,16 @@ def device_ops(call: Callable[[], object]) -> tuple[int, int]:
     return counter.allocations, counter.kernels
 
 
-def measure(cell: str, layers: int, calls: int, rounds: int) -> dict:
+def measure(cell: str, layers: int, dtype: str, calls: int, rounds: int) -> dict:
     import torch
 
     import tritonrnn
 
     torch.manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     module = {"lstm": tritonrnn.LSTM, "gru": tritonrnn.GRU, "rnn_tanh": tritonrnn.RNN}[cell](HIDDEN, HIDDEN, layers)
-    x = torch.randn(T, B, HIDDEN)
+    module = module.to(dtype)
+    x = torch.randn(T, B, HIDDEN, dtype=dtype)
     x_grad = x.clone().requires_grad_()
 
     def inference():
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.host_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
     parser.add_argument("--layers", nargs="+", type=int, default=[1, 3])
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--calls", type=int, default=1000, help="calls per round (a training step: a third of it)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
@@ -128,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    print(f"host code a call, T={T} B={B} H={HIDDEN}, launches stubbed (torch {torch.__version__}, one thread)")
+    print(f"host code a call, T={T} B={B} H={HIDDEN} {args.dtype}, launches stubbed (torch {torch.__version__}, one "
+          "thread)")  # fmt: skip
     print("(ops: allocations without a kernel + kernel launches, Triton's excepted)")
     print("cell      layers  inference us      ops  training step us      ops")
     for cell in args.cells:
         for layers in args.layers:
-            row = measure(cell, layers, args.calls, args.rounds)
+            row = measure(cell, layers, args.dtype, args.calls, args.rounds)
             inference, training = ("{:>2} + {:>2}".format(*row[key]) for key in ("inference_ops", "training_ops"))
             print(f"{cell:<9} {layers:>6}  {row['inference_us']:>12.1f}  {inference:>7}  "
                   f"{row['training_us']:>16.1f}  {training:>7}")  # fmt: skip
