@@ -295,8 +295,10 @@ class FusedStackFunction(torch.autograd.Function):
             dw_hh = gh[k].t() @ hseq[k, :T].reshape(T * B, hidden)
             db_ih = db_hh = None
             if ctx.has_bias:
-                db_ih = gx[k].sum(0, dtype=acc).to(dtype)
-                db_hh = gh[k].sum(0, dtype=acc).to(dtype)
+                db_hh = gh[k].sum(0, dtype=acc)
+                # The same gate gradients but for GRU (its n's input part differs): one reduction for both.
+                db_ih = gx[k].sum(0, dtype=acc) if cell == "gru" else db_hh.clone()
+                db_ih, db_hh = db_ih.to(dtype), db_hh.to(dtype)
             dc0 = grad_c[k : k + 1].to(dtype) if cell == "lstm" else None
             result += [grad_h[k : k + 1].to(dtype), dc0, dw_ih, dw_hh, db_ih, db_hh]
         return tuple(result)
