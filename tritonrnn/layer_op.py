@@ -483,5 +483,7 @@ def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, 
     hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save)
     # A function, not Variant.write_y: torch 2.10's dynamo cannot read a NamedTuple's property (fullgraph breaks).
     if not writes_y(w_hh.shape[0], residual, lengths is not None):
-        y = hseq[0, 1:]
+        # One direction: squeeze, whose backward is a view, where hseq[0] would make backward build a zero-filled
+        # hseq-sized gradient beside the one slicing builds.
+        y = hseq.squeeze(0)[1:]
     return y, (z if dropout is not None else None), h_n, (c_n if cell == "lstm" else None)
