@@ -1,15 +1,17 @@
 """Compile the persistent kernels for a GPU architecture without a GPU and report their resources.
 
     python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32] [--stack 3] [--check]
+                                  [--max-stack BYTES]
 
 Prints registers per thread, local stack and shared memory of every kernel at the configuration
 ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to
 one predicated release and one predicated acquire per program between CTA barriers. It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
 lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
-barrier's lowering is not the expected one. ``--stack L`` reports the kernels of a stack of L equal layers in
-one launch (kernels/stack.py, ``tritonrnn._plan.plan_stack``) instead. Run it with the interpreter off
-(TRITON_INTERPRET unset).
+barrier's lowering is not the expected one, and with ``--max-stack`` when a planned kernel spills more than that
+many bytes of registers to its local stack frame (a spill is read and written every step). ``--stack L`` reports the
+kernels of a stack of L equal layers in one launch (kernels/stack.py, ``tritonrnn._plan.plan_stack``) instead. Run
+it with the interpreter off (TRITON_INTERPRET unset).
 """
 
 from __future__ import annotations
@@ -143,8 +145,9 @@ def _resources(
 
 def report(
     cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, variant: str = "plain", tagged: bool = False
-) -> tuple[str, int]:
-    """A line on the kernels of one config, and the larger shared memory of the two (0 on fallback).
+) -> tuple[str, int, int]:
+    """A line on the kernels of one config, the larger shared memory of the two and the larger local stack frame
+    (spilled registers; both 0 on fallback).
 
     Like functional.kernel_plan on a GPU, while the kernels need more shared memory than an H100 has, smaller plans
     (``_plan.smaller_plan``: one pipeline stage, or fewer held rows of the weight slice); ``tagged``: the kernels
@@ -153,29 +156,29 @@ def report(
     variant = VARIANTS[variant]
     if variant.proj:
         if cell != "lstm":
-            return f"{cell:8} H={hidden:5} B={batch:4}: no projection (LSTM only)", 0
+            return f"{cell:8} H={hidden:5} B={batch:4}: no projection (LSTM only)", 0, 0
         variant = variant._replace(proj=max(1, hidden // 4))
     with mock.patch.object(_plan, "_sm_count", return_value=132):
         plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions)
     if isinstance(plan, str):
-        return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0
+        return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0, 0
     full, attempt = plan, plan
     while attempt is not None:
         plan = attempt
-        line, shared = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
+        line, shared, stack = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
         if shared <= H100_MAX_SHARED:
             break
         attempt = _plan.smaller_plan(plan, full, batch, variant.proj)
     if tagged and not variant.proj and plan.block_k >= hidden:
         # As kernel_plan: the tagged kernels on the slice the barrier's kernels hold, where they fit.
-        tagged_line, tagged_shared = _report_plan(cell, hidden, batch, dtype, arch, variant,
-                                                  dataclasses.replace(plan, tagged=True))  # fmt: skip
+        tagged_line, tagged_shared, tagged_stack = _report_plan(cell, hidden, batch, dtype, arch, variant,
+                                                                dataclasses.replace(plan, tagged=True))  # fmt: skip
         if tagged_shared <= H100_MAX_SHARED:
-            return tagged_line, tagged_shared
-    return line, shared
+            return tagged_line, tagged_shared, tagged_stack
+    return line, shared, stack
 
 
-def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int]:
+def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int, int]:
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     t, acc = TRITON_TYPES[dtype], "fp32"
@@ -207,22 +210,23 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
         f"{' tagged' * plan.tagged} "
         f"| fwd {fwd} | bwd {bwd}"
     )
-    return line, max(fwd["smem"], bwd["smem"])
+    return line, max(fwd["smem"], bwd["smem"]), max(fwd["stack"], bwd["stack"])
 
 
 def stack_report(
     cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, layers: int, variant: str = "plain",
     tagged: bool = False,
-) -> tuple[str, int]:  # fmt: skip
-    """A line on the stack kernels of ``layers`` equal layers, and the larger shared memory (0: layer by layer)."""
+) -> tuple[str, int, int]:  # fmt: skip
+    """A line on the stack kernels of ``layers`` equal layers, the larger shared memory and the larger local stack
+    frame (both 0: layer by layer)."""
     variant = VARIANTS[variant]
     if variant.directions > 1 or variant.residual or variant.varlen or variant.proj:
-        return f"{cell:8} H={hidden:5} B={batch:4}: {variant} is not for the stack kernel", 0
+        return f"{cell:8} H={hidden:5} B={batch:4}: {variant} is not for the stack kernel", 0, 0
     with mock.patch.object(_plan, "_sm_count", return_value=132):
         plan = _plan.plan_stack(cell, hidden, layers, batch, dtype, torch.device("cuda", 0))
     t = TRITON_TYPES[dtype]
     if isinstance(plan, str):
-        return f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}: layer by layer ({plan})", 0
+        return f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}: layer by layer ({plan})", 0, 0
     head = f"{cell:8} H={hidden:5} B={batch:4} {t} L={layers}:"
     # As fused_stack.fused_plan: one pipeline stage where more do not fit (each stage count compiled once).
     for stages in dict.fromkeys((plan.num_stages, 1)):
@@ -233,13 +237,13 @@ def stack_report(
             break
     if shared > H100_MAX_SHARED:
         # What fused_stack does on the GPU: the compiled kernel is the fact (the held-bytes rule is a first guess).
-        return f"{head} layer by layer (needs {shared} bytes of shared memory)", 0
+        return f"{head} layer by layer (needs {shared} bytes of shared memory)", 0, 0
     line = (
         f"{head} programs={plan.num_programs:3}x{layers} "
         f"BLOCK_H={plan.block_h} BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} stages={stages} "
         f"{variant}{' tagged' * tagged} | stack fwd {fwd} | stack bwd {bwd}"
     )
-    return line, shared
+    return line, shared, max(fwd["stack"], bwd["stack"])
 
 
 def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[dict, dict, int]:
@@ -272,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack", type=int, default=0, help="report the stack kernels of this many equal layers")
     parser.add_argument("--tagged", action="store_true", help="the kernels with TRITONRNN_EXCHANGE=tagged")
     parser.add_argument("--check", action="store_true", help="exit 1 on a kernel over H100 shared memory")
+    parser.add_argument(
+        "--max-stack", type=int, default=None, metavar="BYTES",
+        help="with --check, also exit 1 on a kernel whose local stack frame (spilled registers) is larger",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     failures = barrier_lowering_problems(args.arch)
     print("grid barrier lowering:", "; ".join(failures) or "ok", flush=True)
@@ -284,14 +292,18 @@ def main(argv: list[str] | None = None) -> None:
                 for batch in args.batch:
                     for variant in args.variants:
                         if args.stack:
-                            line, shared = stack_report(
+                            line, shared, stack = stack_report(
                                 cell, hidden, batch, DTYPES[dtype], args.arch, args.stack, variant, args.tagged
                             )  # fmt: skip
                         else:
-                            line, shared = report(cell, hidden, batch, DTYPES[dtype], args.arch, variant, args.tagged)
+                            line, shared, stack = report(
+                                cell, hidden, batch, DTYPES[dtype], args.arch, variant, args.tagged
+                            )  # fmt: skip
                         print(line, flush=True)
                         if shared > H100_MAX_SHARED:
                             failures.append(f"over shared memory: {line}")
+                        if args.max_stack is not None and stack > args.max_stack:
+                            failures.append(f"a stack frame of {stack} bytes: {line}")
     if args.check and failures:
         print("FAILED:\n" + "\n".join(failures))
         sys.exit(1)

@@ -356,11 +356,11 @@ def _plan_under(monkeypatch, batch: int, proj: int, fits) -> _plan.LayerPlan | s
 
 
 @pytest.mark.parametrize("proj", [0, 128], ids=["plain", "projection"])
-def test_a_plan_over_shared_memory_with_one_batch_tile_takes_one_stage_first(fake_gpu, monkeypatch, proj):
-    """One batch tile (B=16): the pipeline's extra stages overlap nothing, so they go before any held row; then rows
-    are halved (not with a projection, which then falls back)."""
+def test_a_plan_with_one_batch_tile_takes_one_stage_then_fewer_rows(fake_gpu, monkeypatch, proj):
+    """One batch tile (B=16): the heuristics take one pipeline stage from the start (more overlap nothing); where that
+    does not fit, rows are halved (not with a projection, which then falls back)."""
     heuristic = _plan.plan_layer("lstm", 512, 16, torch.bfloat16, CUDA0, 1)
-    assert heuristic.num_stages == 3 and heuristic.block_k == 512 and heuristic.block_b >= 16
+    assert heuristic.num_stages == 1 and heuristic.block_k == 512 and heuristic.block_b >= 16
     plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1)
     assert plan.num_stages == 1 and plan.block_k == 512
     plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1 and rows <= 256)
@@ -368,6 +368,46 @@ def test_a_plan_over_shared_memory_with_one_batch_tile_takes_one_stage_first(fak
         assert isinstance(plan, str) and "shared memory" in plan
     else:
         assert plan.num_stages == 1 and plan.block_k == 256
+
+
+def test_the_heuristics_choose_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
+    """float32 without TF32 (its dot on the FMA units) takes 8 warps at every size: with 4 its kernels spill
+    kilobytes a thread; with TF32, or in bf16, a small slice takes 4. One pipeline stage where each group of programs
+    has one batch tile and holds its whole slice, three where a group loops over tiles or streams rows; a forced
+    stage count is kept (sm_90 compiles, perf/NOTES.md)."""
+
+    def plan(cell, hidden, batch, dtype):
+        return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
+
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
+    assert [plan(cell, 64, 16, torch.float32).num_warps for cell in ("rnn_tanh", "lstm")] == [8, 8]
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
+    assert [plan(cell, 64, 16, torch.float32).num_warps for cell in ("rnn_tanh", "lstm")] == [4, 4]
+    assert plan("rnn_tanh", 256, 16, torch.bfloat16).num_warps == 4
+    assert plan("lstm", 512, 16, torch.bfloat16).num_warps == 8  # a 64 KB slice
+    assert plan("lstm", 512, 16, torch.bfloat16).num_stages == 1  # one tile of 16 rows
+    two_groups = plan("lstm", 512, 64, torch.bfloat16)  # two 32-row tiles, a group each
+    assert (two_groups.batch_groups, two_groups.block_b, two_groups.num_stages) == (2, 32, 1)
+    looping = plan("lstm", 512, 256, torch.bfloat16)  # four groups of two tiles
+    assert (looping.batch_groups, looping.num_stages) == (4, 3)
+    streamed = plan("lstm", 2048, 16, torch.bfloat16)
+    assert streamed.block_k < 2048 and streamed.num_stages == 3
+    stack = _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0)
+    assert (stack.batch_groups, stack.num_stages) == (1, 1)
+    assert _plan.plan_stack("gru", 256, 3, 64, torch.bfloat16, CUDA0).num_stages == 3  # one group, two tiles
+    _plan.force_plan(num_stages=3)
+    try:
+        assert plan("lstm", 512, 16, torch.bfloat16).num_stages == 3
+    finally:
+        _plan.force_plan()
+
+
+def test_a_three_stage_plan_over_shared_memory_with_one_batch_tile_drops_stages_before_rows():
+    """A tuned plan of three stages at one batch tile: smaller_plan tries one stage before it halves the held rows."""
+    tuned = _plan.LayerPlan(block_h=16, block_b=16, block_k=512, num_programs=32, num_warps=8, persistent=True)
+    smaller = _plan.smaller_plan(tuned, tuned, 16, 0)
+    assert smaller.num_stages == 1 and smaller.block_k == 512
+    assert _plan.smaller_plan(smaller, tuned, 16, 0).block_k == 256
 
 
 def test_a_plan_over_shared_memory_with_several_batch_tiles_keeps_the_pipeline_first(fake_gpu, monkeypatch):
@@ -395,6 +435,10 @@ def test_a_fused_stack_over_shared_memory_takes_one_stage(fake_gpu, monkeypatch)
         return None if plan.num_stages == 1 and not plan.tagged else "needs more shared memory"
 
     monkeypatch.setattr(fused_stack, "_gpu_misfit", misfit)
-    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 16, torch.bfloat16, CUDA0, 0)
+    # B=64: two batch tiles of 32 rows in the stack kernel's one group, so three stages first
+    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 64, torch.bfloat16, CUDA0, 0)
     assert isinstance(plan, _plan.LayerPlan) and plan.num_stages == 1 and not plan.tagged
     assert tried == [(True, 3), (True, 1), (False, 3), (False, 1)]
+    tried.clear()  # B=16, one tile: one stage from the start
+    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 16, torch.bfloat16, CUDA0, 0)
+    assert isinstance(plan, _plan.LayerPlan) and plan.num_stages == 1 and tried == [(True, 1), (False, 1)]

@@ -34,6 +34,22 @@ def test_kernels_compile_for_sm90_and_the_barrier_lowers_correctly():
     assert result.stdout.count("| bwd {") == 78, result.stdout
 
 
+def test_the_planned_kernels_spill_no_registers_where_the_heuristics_were_fitted_to_the_compiles():
+    """Where sm_90 compiles showed the heuristics spilling kilobytes a thread, read and written every step
+    (perf/NOTES.md, twenty-ninth session): float32 without TF32 on 4 warps (RNN-tanh H=256: 2.4 KB), three pipeline
+    stages over one batch tile (RNN-tanh bf16 H=1024 B=16: 1.9 KB). The planned kernels keep within 64 bytes. (Not
+    LSTM bf16 H=1024, whose one-stage forward keeps a 416-byte frame on Triton 3.6, none on 3.9: left.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for cells, hidden in ((["lstm", "rnn_tanh"], ["128", "256"]), (["rnn_tanh"], ["1024"])):
+        result = subprocess.run(
+            [sys.executable, "-m", "perf.compile_report", "--check", "--max-stack", "64", "--hidden", *hidden,
+             "--batch", "16", "--cells", *cells, "--dtype", "bf16", "fp32"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("| bwd {") == 2 * len(cells) * len(hidden), result.stdout
+
+
 def test_large_hidden_sizes_fit_an_h100_with_streamed_rows():
     """H=2048 in bf16 and H=1024 in fp32: part of each program's W_hh slice is read every step, and the kernels
     compile within an H100's shared memory (the GPU halves the held rows the same way until they fit)."""

@@ -179,8 +179,7 @@ def plan_layer(
         block_h = MIN_DOT
         num_programs = -(-hidden_size // block_h)
         block_k = held_rows(hidden_size, gates, block_h, dtype)
-        # 8 warps once the held slice is large: 4 spill from LSTM bf16 H=512 on (perf/NOTES.md).
-        num_warps = 4 if gates * block_k * block_h * dtype.itemsize <= 32 * 1024 else MAX_WARPS
+        num_warps = heuristic_warps(gates * block_k * block_h * dtype.itemsize, 32 * 1024, dtype)
         sm_count = _sm_count(cuda_index(device))
         persistent = num_programs <= sm_count
         together = num_programs * directions <= sm_count
@@ -197,7 +196,33 @@ def plan_layer(
     )  # fmt: skip
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
         plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
+    if device.type == "cuda":
+        plan = with_pipeline(plan, batch, hidden_size)
     return plan
+
+
+def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
+    """Warps of a program holding ``held_bytes`` of weights: 8 once the slice is large (4 spill from LSTM bf16 H=512
+    on), and always for float32 without TF32, whose dot runs on the FMA units: with 4 warps each thread's share of it
+    spills kilobytes at every hidden size from 128 (RNN-tanh fp32 H=512: 5 KB of stack a thread), with 8 none
+    (sm_90 compiles, perf/NOTES.md)."""
+    if dtype == torch.float32 and not tf32_matmul():
+        return MAX_WARPS
+    return 4 if held_bytes <= four_warps_up_to else MAX_WARPS
+
+
+def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int) -> LayerPlan:
+    """The heuristics' pipeline depth: one stage where each group of programs has a single batch tile and holds its
+    whole W_hh slice, else three. Triton's pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with
+    rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
+    and registers: with three stages the RNN-tanh bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none
+    (sm_90 compiles, perf/NOTES.md). A forced num_stages is kept."""
+    if "num_stages" in _forced_plan:
+        return plan
+    one_tile = -(-batch // plan.batch_groups) <= plan.block_b
+    stages = 1 if one_tile and plan.block_k >= hidden_size else 3
+    backward = dataclasses.replace(plan.backward, num_stages=stages) if plan.backward is not None else None
+    return dataclasses.replace(plan, num_stages=stages, backward=backward)
 
 
 def with_batch_groups(plan: LayerPlan, batch: int, directions: int, sm_count: int) -> LayerPlan:
@@ -271,8 +296,12 @@ def plan_stack(
     programs = layer.num_programs * n_layers
     if programs > _sm_count(cuda_index(device)):
         return f"the stack kernel's {programs} programs would not all be resident"
-    num_warps = 4 if held <= 64 * 1024 else MAX_WARPS
-    return dataclasses.replace(layer, block_k=block_k, num_warps=num_warps, persistent=True, backward=None)
+    num_warps = heuristic_warps(held, 64 * 1024, dtype)
+    # One group: the stack kernel loops over the whole batch.
+    stack = dataclasses.replace(
+        layer, block_k=block_k, num_warps=num_warps, persistent=True, batch_groups=1, backward=None
+    )  # fmt: skip
+    return with_pipeline(stack, batch, hidden_size)
 
 
 def held_rows(hidden_size: int, gates: int, block_h: int, dtype: torch.dtype) -> int:

@@ -41,6 +41,7 @@ from tritonrnn._plan import (
     unpack_saved,
     with_batch_groups,
     with_exchange,
+    with_pipeline,
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
@@ -61,6 +62,8 @@ def kernel_plan(
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
     if not isinstance(plan, str) and variant.proj:
         plan = single_group(plan)  # the projection's kernels run the whole batch in one group
+        if device.type == "cuda":
+            plan = with_pipeline(plan, batch, hidden)  # of that one group's batch tiles
     if device.type == "cpu" and not isinstance(plan, str):
         return with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
