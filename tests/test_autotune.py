@@ -402,6 +402,28 @@ def test_the_heuristics_choose_warps_and_stages_as_the_sm90_compiles_advise(fake
         _plan.force_plan()
 
 
+def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gpu, monkeypatch):
+    """The projection's kernels and the stream wavefront's layers run the whole batch in one group: at B=64 (two
+    32-row tiles) that group loops over tiles and keeps three stages, where two groups of one tile each take one."""
+    from tritonrnn import layer_op, layer_run
+
+    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+    monkeypatch.setattr(layer_op, "_gpu_misfit", lambda *args: None)
+
+    def plan(batch, proj=0, one_group=False):
+        variant = layer_run.Variant(proj=proj)
+        return layer_op.kernel_plan("lstm", 256, batch, torch.bfloat16, CUDA0, variant, one_group=one_group)
+
+    assert (plan(64).batch_groups, plan(64).num_stages) == (2, 1)
+    for one in (plan(64, proj=64), plan(64, one_group=True)):
+        assert (one.batch_groups, one.num_stages) == (1, 3)
+    for one in (plan(16, proj=64), plan(16, one_group=True)):
+        assert (one.batch_groups, one.num_stages) == (1, 1)
+    # The projection's kernels hold every row of their slices: one stage over one tile at any hidden size
+    held = layer_op.kernel_plan("lstm", 2048, 16, torch.bfloat16, CUDA0, layer_run.Variant(proj=64))
+    assert held.block_k < 2048 and held.num_stages == 1
+
+
 def test_a_three_stage_plan_over_shared_memory_with_one_batch_tile_drops_stages_before_rows():
     """A tuned plan of three stages at one batch tile: smaller_plan tries one stage before it halves the held rows."""
     tuned = _plan.LayerPlan(block_h=16, block_b=16, block_k=512, num_programs=32, num_warps=8, persistent=True)

@@ -108,7 +108,7 @@ def test_a_failure_in_a_reduced_precision_is_rerun_in_the_most_precise(monkeypat
 def test_a_configuration_that_falls_back_fails(monkeypatch):
     """A configuration must run on the kernels: torch.nn or the reference standing in for them fails it, though its
     results agree."""
-    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", lambda *args: "does not fit this GPU")
+    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", lambda *args, **kwargs: "does not fit this GPU")
     monkeypatch.setattr(tritonrnn.layer_op, "plan_layer", lambda *args: "does not fit this GPU")
 
     def layer_by_layer(c):  # the fused stack plans its own launch

@@ -272,7 +272,7 @@ def test_autocast_asks_the_plan_for_the_autocast_dtype(monkeypatch, caplog):
 def test_layer_too_large_for_the_kernels_runs_on_torch_nn(monkeypatch, caplog):
     """Where the kernels cannot hold a layer (decided on the GPU by compiling them), the modules hand the call to
     torch.nn (cuDNN on a GPU), logged once; variational dropout, which torch.nn lacks, stays on tritonrnn."""
-    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", lambda *args: "does not fit this GPU")
+    monkeypatch.setattr(tritonrnn.functional, "kernel_plan", lambda *args, **kwargs: "does not fit this GPU")
     torch.manual_seed(0)
     ours, theirs = make_pair("gru", 4, 6, num_layers=2)
     ours, theirs = ours.float().to(DEVICE), theirs.float().to(DEVICE)

@@ -204,23 +204,25 @@ def plan_layer(
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
     """Warps of a program holding ``held_bytes`` of weights: 8 once the slice is large (4 spill from LSTM bf16 H=512
     on), and always for float32 without TF32, whose dot runs on the FMA units: with 4 warps each thread's share of it
-    spills kilobytes at every hidden size from 128 (RNN-tanh fp32 H=512: 5 KB of stack a thread), with 8 none
+    spills, hundreds of bytes at H=128 and kilobytes from 256 (RNN-tanh fp32 H=512: 5 KB a thread), with 8 nothing
     (sm_90 compiles, perf/NOTES.md)."""
     if dtype == torch.float32 and not tf32_matmul():
         return MAX_WARPS
     return 4 if held_bytes <= four_warps_up_to else MAX_WARPS
 
 
-def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int) -> LayerPlan:
+def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) -> LayerPlan:
     """The heuristics' pipeline depth: one stage where each group of programs has a single batch tile and holds its
     whole W_hh slice, else three. Triton's pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with
     rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
     and registers: with three stages the RNN-tanh bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none
-    (sm_90 compiles, perf/NOTES.md). A forced num_stages is kept."""
+    (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A forced num_stages is
+    kept."""
     if "num_stages" in _forced_plan:
         return plan
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
-    stages = 1 if one_tile and plan.block_k >= hidden_size else 3
+    streamed = not proj and plan.block_k < hidden_size
+    stages = 1 if one_tile and not streamed else 3
     backward = dataclasses.replace(plan.backward, num_stages=stages) if plan.backward is not None else None
     return dataclasses.replace(plan, num_stages=stages, backward=backward)
 
@@ -250,6 +252,12 @@ def single_group(plan: LayerPlan) -> LayerPlan:
     """The plan with the whole batch in one group of programs (forward and backward)."""
     backward = dataclasses.replace(plan.backward, batch_groups=1) if plan.backward is not None else None
     return dataclasses.replace(plan, batch_groups=1, backward=backward)
+
+
+def in_one_group(plan: LayerPlan, batch: int, hidden_size: int, proj: int) -> LayerPlan:
+    """A heuristic GPU plan run as one group of programs over the whole batch (the projection's kernels, a layer of
+    the stream wavefront), its pipeline depth counted on that group's tiles."""
+    return with_pipeline(single_group(plan), batch, hidden_size, proj)
 
 
 def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> LayerPlan | None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import layer_op, native, reference, scheduler
-from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, single_group, transform_beyond_grad
+from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, transform_beyond_grad
 from tritonrnn.dropout import HeldMasks, LayerDropout
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
@@ -113,11 +113,11 @@ def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
         hidden = w_hh.shape[0] // CELLS[layer.cell][1]
         w_hr = rest[0].unsqueeze(0).contiguous() if rest else None
         variant = _variant(1, residual, drop, w_hr, lengths)
-        plan = kernel_plan(layer.cell, hidden, x.shape[1], x.dtype, x.device, variant)
+        # The layers' grids run at once on their streams: each keeps to its one group of SMs.
+        plan = kernel_plan(layer.cell, hidden, x.shape[1], x.dtype, x.device, variant, one_group=True)
         if isinstance(plan, str):
             return None
-        # The layers' grids run at once on their streams: each keeps to its one group of SMs.
-        specs.append((layer.cell, single_group(plan), residual, drop))
+        specs.append((layer.cell, plan, residual, drop))
         tensors += [h.contiguous(), c.contiguous() if c is not None else None, w_ih.contiguous(),
                     w_hh.unsqueeze(0).contiguous(), b_ih, b_hh, w_hr]  # fmt: skip
     outputs = WavefrontStackFunction.apply(specs, chunk, lengths, x.contiguous(), *tensors)

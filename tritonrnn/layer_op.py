@@ -32,6 +32,7 @@ from tritonrnn._plan import (
     LayerPlan,
     cuda_index,
     forced,
+    in_one_group,
     interpret_mode,
     log_once,
     plan_layer,
@@ -41,7 +42,6 @@ from tritonrnn._plan import (
     unpack_saved,
     with_batch_groups,
     with_exchange,
-    with_pipeline,
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
@@ -49,21 +49,23 @@ from tritonrnn.layer_run import LayerRun, Variant, _gpu_misfit, _variant, writes
 
 
 def kernel_plan(
-    cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None
-) -> LayerPlan | str:
+    cell: str, hidden: int, batch: int, dtype: torch.dtype, device: torch.device, variant: Variant | None = None,
+    one_group: bool = False,
+) -> LayerPlan | str:  # fmt: skip
     """How the kernels run a layer on this device, or a string saying why they cannot.
 
     On a GPU: the autotuned configuration (tritonrnn/autotune.py) where tuning is on, else the heuristics;
     either way both kernels are compiled and checked against the GPU's shared memory before the first launch.
+    ``one_group``: the caller runs the whole batch in one group of programs (the stream wavefront's layers, whose
+    grids run at once); the projection's kernels always do.
     """
     variant = variant or Variant()
+    one_group = one_group or bool(variant.proj)
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
-    if not isinstance(plan, str) and variant.proj:
-        plan = single_group(plan)  # the projection's kernels run the whole batch in one group
-        if device.type == "cuda":
-            plan = with_pipeline(plan, batch, hidden)  # of that one group's batch tiles
+    if not isinstance(plan, str) and one_group:
+        plan = in_one_group(plan, batch, hidden, variant.proj) if device.type == "cuda" else single_group(plan)
     if device.type == "cpu" and not isinstance(plan, str):
         return with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
@@ -83,7 +85,7 @@ def kernel_plan(
             if tuned is not None:
                 # Tuned for the batch bucket: the groups of this batch (one for the projection's kernels).
                 sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
-                plan = single_group(tuned) if variant.proj else with_batch_groups(
+                plan = single_group(tuned) if one_group else with_batch_groups(
                     tuned, batch, variant.directions, sm_count
                 )  # fmt: skip
         full, attempt = plan, plan
