@@ -159,7 +159,9 @@ def report(
             return f"{cell:8} H={hidden:5} B={batch:4}: no projection (LSTM only)", 0, 0
         variant = variant._replace(proj=max(1, hidden // 4))
     with mock.patch.object(_plan, "_sm_count", return_value=132):
-        plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions)
+        # As layer_op.kernel_plan: the projection's kernels on the narrow slice
+        block_h = _plan.MIN_DOT if variant.proj else None
+        plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions, block_h)
     if isinstance(plan, str):
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0, 0
     if variant.proj:  # as layer_op.kernel_plan: the projection's kernels run one group

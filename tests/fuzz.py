@@ -114,6 +114,10 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         config["max_arrivals"] = 40 if rng.random() < 0.2 else 0
         config["dropout_mode"] = rng.choice(["standard", "variational"])
         config["weight_drop"] = rng.choice([0.0, 0.0, 0.2]) if config["kind"] == "stack" else 0.0
+        # Units a program: the GPU heuristics' two widths (_plan.heuristic_block_h), 32 where a layer then still
+        # splits into several programs.
+        widest = max([config["hidden"]] if config["kind"] == "module" else [h for _, h in config["layers"]])
+        config["block_h"] = 32 if widest > 32 and rng.random() < 0.5 else 16
     else:
         # With dropout in training the check is against the float64 reference run of the same model, which draws
         # the kernels' masks (torch.nn's are its own).
@@ -370,7 +374,7 @@ def run_concurrent(config: dict) -> list[str]:
     AVX-512 CPU does not), so a one-program run is no bitwise reference for a split grid."""
     from concurrent_interpreter import programs_at_once  # the interpreter's internals: CPU only
 
-    fields = dict(block_h=16)
+    fields = dict(block_h=config.get("block_h", 16))
     if config["batch_groups"] > 1:
         fields["batch_groups"] = config["batch_groups"]
     saved_limit = _plan.MAX_BARRIER_ARRIVALS

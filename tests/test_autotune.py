@@ -370,31 +370,42 @@ def test_a_plan_with_one_batch_tile_takes_one_stage_then_fewer_rows(fake_gpu, mo
         assert plan.num_stages == 1 and plan.block_k == 256
 
 
-def test_the_heuristics_choose_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
-    """float32 without TF32 (its dot on the FMA units) takes 8 warps at every size: with 4 its kernels spill
-    kilobytes a thread; with TF32, or in bf16, a small slice takes 4. One pipeline stage where each group of programs
-    has one batch tile and holds its whole slice, three where a group loops over tiles or streams rows; a forced
-    stage count is kept (sm_90 compiles, perf/NOTES.md)."""
+def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
+    """Where the dots run on tensor cores and the whole slice fits at 32 units, a program takes 32 units, one 16-row
+    batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units, where float32 without TF32
+    (its dot on the FMA units) takes 8 warps at every size (with 4 its kernels spill kilobytes a thread), and a
+    small slice in bf16 4. One pipeline stage where each group of programs has one batch tile and holds its whole
+    slice, three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90 compiles,
+    perf/NOTES.md)."""
 
     def plan(cell, hidden, batch, dtype):
         return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
 
+    def shape(p):
+        return p.block_h, p.block_b, p.num_warps, p.num_programs
+
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
-    assert [plan(cell, 64, 16, torch.float32).num_warps for cell in ("rnn_tanh", "lstm")] == [8, 8]
+    assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(16, 16, 8, 4)] * 2
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
-    assert [plan(cell, 64, 16, torch.float32).num_warps for cell in ("rnn_tanh", "lstm")] == [4, 4]
-    assert plan("rnn_tanh", 256, 16, torch.bfloat16).num_warps == 4
-    assert plan("lstm", 512, 16, torch.bfloat16).num_warps == 8  # a 64 KB slice
+    assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(32, 16, 4, 2)] * 2
+    assert shape(plan("lstm", 512, 16, torch.float32)) == (16, 16, 8, 32)  # 256 KB at 32 units in fp32
+    assert shape(plan("rnn_tanh", 256, 16, torch.bfloat16)) == (32, 16, 4, 8)
+    assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (32, 16, 4, 16)  # a 128 KB slice
+    assert shape(plan("lstm", 1024, 64, torch.bfloat16)) == (16, 32, 8, 64)  # 256 KB at 32 units: 16
+    assert shape(plan("gru", 256, 16, torch.bfloat16)) == (32, 16, 4, 8)
+    assert shape(plan("gru", 16, 16, torch.bfloat16)) == (16, 16, 4, 1)  # one 16-unit program
     assert plan("lstm", 512, 16, torch.bfloat16).num_stages == 1  # one tile of 16 rows
-    two_groups = plan("lstm", 512, 64, torch.bfloat16)  # two 32-row tiles, a group each
-    assert (two_groups.batch_groups, two_groups.block_b, two_groups.num_stages) == (2, 32, 1)
-    looping = plan("lstm", 512, 256, torch.bfloat16)  # four groups of two tiles
-    assert (looping.batch_groups, looping.num_stages) == (4, 3)
+    groups = plan("lstm", 512, 64, torch.bfloat16)  # four 16-row tiles, a group each
+    assert (groups.batch_groups, groups.num_stages) == (4, 1)
+    looping = plan("lstm", 512, 256, torch.bfloat16)  # eight groups of 16 programs, two tiles each
+    assert (looping.batch_groups, looping.num_stages) == (8, 3)
     streamed = plan("lstm", 2048, 16, torch.bfloat16)
     assert streamed.block_k < 2048 and streamed.num_stages == 3
-    stack = _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0)
-    assert (stack.batch_groups, stack.num_stages) == (1, 1)
-    assert _plan.plan_stack("gru", 256, 3, 64, torch.bfloat16, CUDA0).num_stages == 3  # one group, two tiles
+    stack = _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0)  # two slices of 48 KB at 32 units
+    assert (stack.block_h, stack.num_warps, stack.batch_groups, stack.num_stages) == (32, 4, 1, 1)
+    assert _plan.plan_stack("gru", 256, 3, 64, torch.bfloat16, CUDA0).num_stages == 3  # one group, four tiles
+    narrow = _plan.plan_stack("lstm", 512, 3, 16, torch.bfloat16, CUDA0)  # two 128 KB slices do not fit at 32
+    assert (narrow.block_h, narrow.num_warps, narrow.num_programs) == (16, 8, 32)
     _plan.force_plan(num_stages=3)
     try:
         assert plan("lstm", 512, 16, torch.bfloat16).num_stages == 3
@@ -403,8 +414,8 @@ def test_the_heuristics_choose_warps_and_stages_as_the_sm90_compiles_advise(fake
 
 
 def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gpu, monkeypatch):
-    """The projection's kernels and the stream wavefront's layers run the whole batch in one group: at B=64 (two
-    32-row tiles) that group loops over tiles and keeps three stages, where two groups of one tile each take one."""
+    """The projection's kernels and the stream wavefront's layers run the whole batch in one group: at B=64 that group
+    loops over tiles and keeps three stages, where groups of one tile each take one."""
     from tritonrnn import layer_op, layer_run
 
     monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
@@ -414,8 +425,8 @@ def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gp
         variant = layer_run.Variant(proj=proj)
         return layer_op.kernel_plan("lstm", 256, batch, torch.bfloat16, CUDA0, variant, one_group=one_group)
 
-    assert (plan(64).batch_groups, plan(64).num_stages) == (2, 1)
-    for one in (plan(64, proj=64), plan(64, one_group=True)):
+    assert (plan(64).batch_groups, plan(64).num_stages) == (4, 1)  # four 16-row tiles, a group each
+    for one in (plan(64, proj=64), plan(64, one_group=True)):  # two 32-row tiles (the projection), four of 16
         assert (one.batch_groups, one.num_stages) == (1, 3)
     for one in (plan(16, proj=64), plan(16, one_group=True)):
         assert (one.batch_groups, one.num_stages) == (1, 1)

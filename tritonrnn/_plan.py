@@ -34,6 +34,10 @@ CELLS = {
 
 # Smallest tile tl.dot accepts on the GPU in each dimension.
 MIN_DOT = 16
+# Columns of mma.sync's tile (16 x 8), and the units a program takes where its dots run on tensor cores and its
+# slice fits (heuristic_block_h).
+MMA_N = 8
+WIDE_BLOCK_H = 32
 # The W_hh slice a program holds on chip, at most (Triton puts it in shared memory; perf/NOTES.md). Rows beyond
 # it are read every step in chunks (BLOCK_KS). A first guess: functional.kernel_plan compiles the kernels and
 # halves the held rows until the compiled shared memory fits the GPU.
@@ -157,9 +161,11 @@ def force_plan(**fields: int | bool) -> None:
 
 
 def plan_layer(
-    cell: str, hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device, directions: int = 1
-) -> LayerPlan | str:
-    """The launch for one layer, or a string saying why the persistent kernels cannot run it."""
+    cell: str, hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device, directions: int = 1,
+    block_h: int | None = None,
+) -> LayerPlan | str:  # fmt: skip
+    """The launch for one layer, or a string saying why the persistent kernels cannot run it. ``block_h``: units a
+    program on the GPU (default ``heuristic_block_h``)."""
     _, gates, _ = CELLS[cell]
     block_k = max(MIN_DOT, next_pow2(hidden_size))
     # fp32's dot (no tensor cores in IEEE mode) spills kilobytes per thread with 32-row tiles (perf/NOTES.md).
@@ -176,10 +182,14 @@ def plan_layer(
             return f"{dtype} on the GPU"
         if hidden_size > MAX_HIDDEN[dtype]:
             return f"hidden_size above {MAX_HIDDEN[dtype]} in {dtype}"
-        block_h = MIN_DOT
+        block_h = block_h or heuristic_block_h(hidden_size, gates, dtype)
         num_programs = -(-hidden_size // block_h)
         block_k = held_rows(hidden_size, gates, block_h, dtype)
-        num_warps = heuristic_warps(gates * block_k * block_h * dtype.itemsize, 32 * 1024, dtype)
+        if block_h > MIN_DOT:
+            # One 16-row batch tile and a warp per 8 units: each warp its own columns of the gate dots (below).
+            block_b, num_warps = MIN_DOT, block_h // MMA_N
+        else:
+            num_warps = heuristic_warps(gates * block_k * block_h * dtype.itemsize, 32 * 1024, dtype)
         sm_count = _sm_count(cuda_index(device))
         persistent = num_programs <= sm_count
         together = num_programs * directions <= sm_count
@@ -199,6 +209,21 @@ def plan_layer(
     if device.type == "cuda":
         plan = with_pipeline(plan, batch, hidden_size)
     return plan
+
+
+def heuristic_block_h(hidden_size: int, gates: int, dtype: torch.dtype) -> int:
+    """Units a program takes: WIDE_BLOCK_H where its dots run on tensor cores and the whole slice of W_hh fits
+    HELD_WEIGHT_BYTES at that width, else MIN_DOT.
+
+    Triton gives every warp of a program the batch rows of its gate dots where the tile has at least as many rows as
+    columns (the dots share their h operand, which Triton counts as a chain): with 16 rows and 16 units, 16 x 16, each
+    of 4 or 8 warps computes the whole tile, a copy per warp, and reads the whole slice from shared memory every
+    step. With 32 units (16 x 32) the warps take the columns, 8 each (mma.sync's tile is 16 x 8): LSTM bf16 H=512
+    B=16, a quarter of the forward's mma per SM and 30% of its shared-memory reads (sm_90 PTX, perf/NOTES.md).
+    float32 without TF32 multiplies on the FMA units, where this does not apply."""
+    tensor_cores = dtype != torch.float32 or tf32_matmul()
+    whole_slice = gates * max(MIN_DOT, next_pow2(hidden_size)) * WIDE_BLOCK_H * dtype.itemsize
+    return WIDE_BLOCK_H if tensor_cores and hidden_size > MIN_DOT and whole_slice <= HELD_WEIGHT_BYTES else MIN_DOT
 
 
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
@@ -298,13 +323,16 @@ def plan_stack(
     if device.type != "cuda":
         return dataclasses.replace(layer, persistent=PROGRAMS_AT_ONCE and layer.persistent)
     block_k = max(MIN_DOT, next_pow2(hidden_size))
+    if 2 * gates * block_k * layer.block_h * dtype.itemsize > HELD_WEIGHT_BYTES and layer.block_h > MIN_DOT:
+        # Two matrices held: where a layer's wide slice does not fit twice, the narrow one may.
+        layer = plan_layer(cell, hidden_size, batch, dtype, device, block_h=MIN_DOT)
     held = 2 * gates * block_k * layer.block_h * dtype.itemsize
     if held > HELD_WEIGHT_BYTES:
         return f"the stack kernel would hold {held} bytes of weights per program (at most {HELD_WEIGHT_BYTES})"
     programs = layer.num_programs * n_layers
     if programs > _sm_count(cuda_index(device)):
         return f"the stack kernel's {programs} programs would not all be resident"
-    num_warps = heuristic_warps(held, 64 * 1024, dtype)
+    num_warps = layer.num_warps if layer.block_h > MIN_DOT else heuristic_warps(held, 64 * 1024, dtype)
     # One group: the stack kernel loops over the whole batch.
     stack = dataclasses.replace(
         layer, block_k=block_k, num_warps=num_warps, persistent=True, batch_groups=1, backward=None

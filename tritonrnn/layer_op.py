@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 from tritonrnn import native, reference
 from tritonrnn._plan import (
     CELLS,
+    MIN_DOT,
     LayerPlan,
     cuda_index,
     forced,
@@ -63,7 +64,8 @@ def kernel_plan(
     one_group = one_group or bool(variant.proj)
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
-    plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions)
+    # The projection's kernels keep the narrow slice: the dots of their second phase were not analysed for the wide.
+    plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions, MIN_DOT if variant.proj else None)
     if not isinstance(plan, str) and one_group:
         plan = in_one_group(plan, batch, hidden, variant.proj) if device.type == "cuda" else single_group(plan)
     if device.type == "cpu" and not isinstance(plan, str):
