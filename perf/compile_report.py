@@ -3,9 +3,10 @@
     python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32] [--stack 3] [--check]
                                   [--max-stack BYTES]
 
-Prints registers per thread, local stack and shared memory of every kernel at the configuration
-``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to
-one predicated release and one predicated acquire per program between CTA barriers. It needs only the
+Prints registers per thread, local stack, shared memory and the layout of the dots' warps (rows x columns of
+mma.sync tiles) of every kernel at the configuration ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and
+checks that the grid barrier lowers to one predicated release and one predicated acquire per program between CTA
+barriers. It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
 lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
 barrier's lowering is not the expected one, and with ``--max-stack`` when a planned kernel spills more than that
@@ -134,12 +135,14 @@ def _resources(
         f.flush()
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    spills = re.findall(r"(\d+) bytes spill stores", kernel.asm.get("ptx", "")) or ["?"]
+    # How Triton laid the warps over the rows and columns of the dots' results (mma.sync's 16 x 8 tiles): warps on
+    # rows a tile does not have compute copies of it (_plan.heuristic_block_h). "-" without tensor-core dots.
+    mma = re.search(r"nvidia_mma<\{[^}]*warpsPerCTA = \[(\d+), (\d+)\]", kernel.asm["ttgir"])
     return dict(
         regs=int(fields.get("REG", -1)),
         stack=int(fields.get("STACK", -1)),
         smem=kernel.metadata.shared,
-        spill=spills[0],
+        mma_warps="x".join(mma.groups()) if mma else "-",
     )
 
 

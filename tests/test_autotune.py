@@ -371,12 +371,12 @@ def test_a_plan_with_one_batch_tile_takes_one_stage_then_fewer_rows(fake_gpu, mo
 
 
 def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
-    """Where the dots run on tensor cores and the whole slice fits at 32 units, a program takes 32 units, one 16-row
-    batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units, where float32 without TF32
-    (its dot on the FMA units) takes 8 warps at every size (with 4 its kernels spill kilobytes a thread), and a
-    small slice in bf16 4. One pipeline stage where each group of programs has one batch tile and holds its whole
-    slice, three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90 compiles,
-    perf/NOTES.md)."""
+    """Where the dots run on tensor cores and a program holds at least half its slice at 32 units, it takes 32
+    units, one 16-row batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units, where float32
+    without TF32 (its dot on the FMA units) takes 8 warps at every size (with 4 its kernels spill kilobytes a
+    thread), and a small slice in bf16 4. One pipeline stage where each group of programs has one batch tile and
+    holds its whole slice, three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90
+    compiles, perf/NOTES.md)."""
 
     def plan(cell, hidden, batch, dtype):
         return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
@@ -388,10 +388,21 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(16, 16, 8, 4)] * 2
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
     assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(32, 16, 4, 2)] * 2
-    assert shape(plan("lstm", 512, 16, torch.float32)) == (16, 16, 8, 32)  # 256 KB at 32 units in fp32
+    assert shape(plan("lstm", 512, 16, torch.float32)) == (32, 16, 4, 16)  # half of 256 KB held at 32 units
+    assert shape(plan("lstm", 1024, 16, torch.float32)) == (16, 16, 8, 64)  # a quarter at 32 units
     assert shape(plan("rnn_tanh", 256, 16, torch.bfloat16)) == (32, 16, 4, 8)
     assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (32, 16, 4, 16)  # a 128 KB slice
-    assert shape(plan("lstm", 1024, 64, torch.bfloat16)) == (16, 32, 8, 64)  # 256 KB at 32 units: 16
+    wide_streamed = plan("lstm", 1024, 64, torch.bfloat16)  # half of 256 KB held at 32 units, half read a step
+    assert shape(wide_streamed) == (32, 16, 4, 32) and wide_streamed.block_k == 512
+    assert shape(plan("lstm", 2048, 64, torch.bfloat16)) == (16, 32, 8, 128)  # a quarter at 32 units
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")  # the tagged exchange's kernels keep 16 units
+    assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (16, 32, 8, 32)
+    monkeypatch.delenv("TRITONRNN_EXCHANGE")
+    _plan.force_plan(block_h=16)  # a forced width: the rest of the plan as the heuristics derive it for that width
+    try:
+        assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (16, 32, 8, 32)
+    finally:
+        _plan.force_plan()
     assert shape(plan("gru", 256, 16, torch.bfloat16)) == (32, 16, 4, 8)
     assert shape(plan("gru", 16, 16, torch.bfloat16)) == (16, 16, 4, 1)  # one 16-unit program
     assert plan("lstm", 512, 16, torch.bfloat16).num_stages == 1  # one tile of 16 rows

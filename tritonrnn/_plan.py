@@ -182,7 +182,8 @@ def plan_layer(
             return f"{dtype} on the GPU"
         if hidden_size > MAX_HIDDEN[dtype]:
             return f"hidden_size above {MAX_HIDDEN[dtype]} in {dtype}"
-        block_h = block_h or heuristic_block_h(hidden_size, gates, dtype)
+        # A forced width derives the rest of the plan as a chosen one would (forced fields still override them).
+        block_h = block_h or _forced_plan.get("block_h") or heuristic_block_h(hidden_size, gates, dtype)
         num_programs = -(-hidden_size // block_h)
         block_k = held_rows(hidden_size, gates, block_h, dtype)
         if block_h > MIN_DOT:
@@ -212,18 +213,22 @@ def plan_layer(
 
 
 def heuristic_block_h(hidden_size: int, gates: int, dtype: torch.dtype) -> int:
-    """Units a program takes: WIDE_BLOCK_H where its dots run on tensor cores and the whole slice of W_hh fits
-    HELD_WEIGHT_BYTES at that width, else MIN_DOT.
+    """Units a program takes: WIDE_BLOCK_H where its dots run on tensor cores and it holds at least half its slice of
+    W_hh at that width (the rest read every step), else MIN_DOT.
 
     Triton gives every warp of a program the batch rows of its gate dots where the tile has at least as many rows as
     columns (the dots share their h operand, which Triton counts as a chain): with 16 rows and 16 units, 16 x 16, each
     of 4 or 8 warps computes the whole tile, a copy per warp, and reads the whole slice from shared memory every
     step. With 32 units (16 x 32) the warps take the columns, 8 each (mma.sync's tile is 16 x 8): LSTM bf16 H=512
     B=16, a quarter of the forward's mma per SM and 30% of its shared-memory reads (sm_90 PTX, perf/NOTES.md).
-    float32 without TF32 multiplies on the FMA units, where this does not apply."""
+    float32 without TF32 multiplies on the FMA units, where this does not apply.
+    """
     tensor_cores = dtype != torch.float32 or tf32_matmul()
-    whole_slice = gates * max(MIN_DOT, next_pow2(hidden_size)) * WIDE_BLOCK_H * dtype.itemsize
-    return WIDE_BLOCK_H if tensor_cores and hidden_size > MIN_DOT and whole_slice <= HELD_WEIGHT_BYTES else MIN_DOT
+    half_held = 2 * held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size)
+    # The tagged exchange (opt-in) keeps 16 units: it needs the whole slice held, and at 32 units its tile of tagged
+    # words spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB on Triton 3.6).
+    tagged = exchange_setting() == "tagged"
+    return WIDE_BLOCK_H if tensor_cores and hidden_size > MIN_DOT and half_held and not tagged else MIN_DOT
 
 
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
@@ -256,7 +261,7 @@ def with_batch_groups(plan: LayerPlan, batch: int, directions: int, sm_count: in
     """The plan (and its backward's) with the batch split in as many groups as the idle SMs take.
 
     Rows of an RNN never interact, so a second group of programs doing the next tiles of the batch shortens every
-    step instead of idling: at B=256, H=512 bf16 one group is 32 programs looping over 8 tiles of 32 rows, four
+    step instead of idling: at B=256, H=512 bf16 one group is 16 programs looping over 16 tiles of 16 rows, eight
     groups are 128 programs looping over 2. Every program of every group must be resident at once (one per SM);
     a group has at least one whole tile. Persistent plans only (a step-by-step launch gains nothing from it).
     """
