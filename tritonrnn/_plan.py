@@ -34,8 +34,8 @@ CELLS = {
 
 # Smallest tile tl.dot accepts on the GPU in each dimension.
 MIN_DOT = 16
-# Columns of mma.sync's tile (16 x 8), and the units a program takes where its dots run on tensor cores and its
-# slice fits (heuristic_block_h).
+# Columns of mma.sync's tile (16 x 8), and the units a program takes where its dots run on tensor cores and it holds
+# at least half its slice (heuristic_block_h).
 MMA_N = 8
 WIDE_BLOCK_H = 32
 # The W_hh slice a program holds on chip, at most (Triton puts it in shared memory; perf/NOTES.md). Rows beyond
