@@ -18,6 +18,7 @@ it with the interpreter off (TRITON_INTERPRET unset).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -146,6 +147,11 @@ def _resources(
     )
 
 
+def _exchange(tagged: bool) -> contextlib.AbstractContextManager:
+    """TRITONRNN_EXCHANGE as a run with ``tagged`` sets it: the heuristics' width depends on it."""
+    return mock.patch.dict(os.environ, {"TRITONRNN_EXCHANGE": "tagged" if tagged else "barrier"})
+
+
 def report(
     cell: str, hidden: int, batch: int, dtype: torch.dtype, arch: int, variant: str = "plain", tagged: bool = False
 ) -> tuple[str, int, int]:
@@ -161,7 +167,7 @@ def report(
         if cell != "lstm":
             return f"{cell:8} H={hidden:5} B={batch:4}: no projection (LSTM only)", 0, 0
         variant = variant._replace(proj=max(1, hidden // 4))
-    with mock.patch.object(_plan, "_sm_count", return_value=132):
+    with mock.patch.object(_plan, "_sm_count", return_value=132), _exchange(tagged):
         # As layer_op.kernel_plan: the projection's kernels on the narrow slice
         block_h = _plan.MIN_DOT if variant.proj else None
         plan = _plan.plan_layer(cell, hidden, batch, dtype, torch.device("cuda", 0), variant.directions, block_h)
@@ -229,7 +235,7 @@ def stack_report(
     variant = VARIANTS[variant]
     if variant.directions > 1 or variant.residual or variant.varlen or variant.proj:
         return f"{cell:8} H={hidden:5} B={batch:4}: {variant} is not for the stack kernel", 0, 0
-    with mock.patch.object(_plan, "_sm_count", return_value=132):
+    with mock.patch.object(_plan, "_sm_count", return_value=132), _exchange(tagged):
         plan = _plan.plan_stack(cell, hidden, layers, batch, dtype, torch.device("cuda", 0))
     t = TRITON_TYPES[dtype]
     if isinstance(plan, str):
