@@ -455,7 +455,7 @@ def test_a_three_stage_plan_over_shared_memory_with_one_batch_tile_drops_stages_
 
 
 def test_a_plan_over_shared_memory_with_several_batch_tiles_keeps_the_pipeline_first(fake_gpu, monkeypatch):
-    """Several batch tiles a group (B=256: 4 groups of 64 rows in tiles of 32): fewer held rows with the pipeline
+    """Several batch tiles a group (B=256: 8 groups of 32 rows in tiles of 16): fewer held rows with the pipeline
     kept; where no number of rows fits, one stage from the whole slice again."""
     heuristic = _plan.plan_layer("lstm", 512, 256, torch.bfloat16, CUDA0, 1)
     assert heuristic.num_stages == 3 and heuristic.block_k == 512
