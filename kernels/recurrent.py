@@ -11,6 +11,8 @@ Dimension letters:
     BLOCK_K  units of the reduction over the previous hidden state held on chip (next power of two >= H,
              or fewer where the slice does not fit: units [BLOCK_K, H) are then read every step in
              chunks of BLOCK_KS)
+    K_SPLIT  chunks the held reduction is cut into, each a batch entry of a 3-D dot (1: one 2-D dot): Triton gives
+             a 3-D dot's warps to its batch dimension, so each warp reduces its own chunk (_dot_k)
 
 Each program owns BLOCK_H hidden units of every gate and keeps that slice of W_hh on chip for the
 whole loop. Once per step the programs exchange the new hidden state (forward) or the gate
@@ -56,10 +58,30 @@ def _dot(a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.co
 
 
 @triton.jit
-def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's hidden units (o_j, m_j) and all H units of the reduction (o_k, m_k)."""
+def _dot_k(
+    a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, K_SPLIT: tl.constexpr = 1
+):  # fmt: skip
+    """a @ b over the held reduction: with K_SPLIT > 1, a [K_SPLIT, M, K/K_SPLIT] and b [K_SPLIT, K/K_SPLIT, N], the
+    chunks' products summed. Triton lays a 3-D dot's warps over its batch dimension (warpsPerCTA [K_SPLIT, 1, 1]
+    where K_SPLIT is the number of warps): each warp reduces its own chunk, where a 2-D dot of 16 rows gives every
+    warp the whole tile (_plan.heuristic_block_h), and each warp's chain of dependent mma is K_SPLIT times shorter."""
+    if K_SPLIT > 1:
+        return tl.sum(_dot(a, b, ACC, DOT_PRECISION, DOT_UPCAST), axis=0)
+    else:
+        return _dot(a, b, ACC, DOT_PRECISION, DOT_UPCAST)
+
+
+@triton.jit
+def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr = 1):
+    """This program's hidden units (o_j, m_j) and the held units of the reduction (o_k, m_k): [BLOCK_K], or cut in
+    chunks [K_SPLIT, BLOCK_K / K_SPLIT]. Tiles over them put the units last (tl.expand_dims(o_k, -2): a [rows,
+    units] tile, or [K_SPLIT, rows, units] with rows[:, None] broadcast) or first (tl.expand_dims(o_k, -1): the
+    weight tiles [units, BLOCK_H], or [K_SPLIT, units, BLOCK_H]), so one source serves both."""
     o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_k = tl.arange(0, BLOCK_K)
+    if K_SPLIT > 1:
+        o_k = tl.arange(0, K_SPLIT)[:, None] * (BLOCK_K // K_SPLIT) + tl.arange(0, BLOCK_K // K_SPLIT)[None, :]
+    else:
+        o_k = tl.arange(0, BLOCK_K)
     return o_j, o_j < H, o_k, o_k < H
 
 
@@ -178,23 +200,23 @@ def _cell_fwd(
 def _recurrent_preacts(
     b_h, b_w0, b_w1, b_w2, b_w3, p_hrow, m_b, p_wrow, m_j, K: tl.constexpr, GATE_STRIDE: tl.constexpr,
     G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, K_SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
     """h_{t-1} @ W_g^T on this program's units for each gate g < G (r0..r3), a reduction over K units.
 
-    Units [0, BLOCK_K) come from b_h and the held tiles b_w*; where the slice is too large to hold, the units
-    [BLOCK_K, K) are read every step in chunks of BLOCK_KS: h from p_hrow ([BLOCK_B] row pointers), W^T from
-    p_wrow ([1, BLOCK_H] pointers to W[j, 0]; gate g at +g*GATE_STRIDE).
+    Units [0, BLOCK_K) come from b_h and the held tiles b_w* (in K_SPLIT chunks: _dot_k); where the slice is too
+    large to hold, the units [BLOCK_K, K) are read every step in chunks of BLOCK_KS: h from p_hrow ([BLOCK_B] row
+    pointers), W^T from p_wrow ([1, BLOCK_H] pointers to W[j, 0]; gate g at +g*GATE_STRIDE).
     """
-    r0 = _dot(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+    r0 = _dot_k(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     r1 = r0
     r2 = r0
     r3 = r0
     if G > 1:
-        r1 = _dot(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
-        r2 = _dot(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+        r1 = _dot_k(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+        r2 = _dot_k(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     if G > 3:
-        r3 = _dot(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+        r3 = _dot_k(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     for k0 in range(BLOCK_K, K, BLOCK_KS):
         o_k = k0 + tl.arange(0, BLOCK_KS)
         m_k = o_k < K
@@ -413,13 +435,14 @@ def rnn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     VARLEN: tl.constexpr = False,
+    K_SPLIT: tl.constexpr = 1,  # the held reduction in K_SPLIT chunks, one a warp (_dot_k)
     ring=None,  # [D, 2, B, H] int32 (16-bit dtypes) or int64 (fp32) words (TAGGED): slot 0 the initial state, tag 1
     TAGGED: tl.constexpr = False,  # exchange h through ring's tagged words instead of the grid barrier (sync.py)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
     out_ty = hseq.dtype.element_ty
     if TAGGED:
         ring += d * 2 * B * H
@@ -431,9 +454,9 @@ def rnn_fwd_kernel(
     xproj += d * (G * H)
     counter += d * tl.num_programs(2) + tl.program_id(2)
     b_lo, b_hi = _group_rows(B, BLOCK_B)
-    # b_w{g}[k, j] = W_hh[g*H + j, k]: loaded once, resident for all steps.
+    # b_w{g}[k, j] = W_hh[g*H + j, k] (k in chunks with K_SPLIT): loaded once, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + o_j[None, :] * H + o_k[:, None], m_k[:, None] & m_j[None, :], H * H, G
+        w_hh + o_j[None, :] * H + tl.expand_dims(o_k, -1), tl.expand_dims(m_k, -1) & m_j[None, :], H * H, G
     )
     b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (other cells: any values, unused)
 
@@ -451,12 +474,12 @@ def rnn_fwd_kernel(
                 # direction, from the end down to its last element (so its first real step starts from h0).
                 b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
-            m_bk = m_b[:, None] & m_k[None, :]
-            o_bk = o_b[:, None] * H + o_k[None, :]
+            m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
+            o_bk = o_b[:, None] * H + tl.expand_dims(o_k, -2)
             b_h = _load_h_prev(hseq + (t + d) * B * H + o_bk, ring, step, o_bk, m_bk, B, H, out_ty, TAGGED)
             r0, r1, r2, r3 = _recurrent_preacts(
                 b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b, w_hh + o_j[None, :] * H,
-                m_j[None, :], H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                m_j[None, :], H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
             )  # fmt: skip
             p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
@@ -495,12 +518,14 @@ def _bwd_recurrent_step(
     ring=None,
     tag=0,
     TAGGED: tl.constexpr = False,
+    K_SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
     """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
 
     tn is the time of the direction's next step; grad_gates and grad_h [B, N] (N = H, or P with a
-    projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w*, the
-    rest are read every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H] pointers to W_hh[0, j]).
+    projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w* (o_k, m_k and the
+    tiles in K_SPLIT chunks: _dot_k), the rest are read every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H]
+    pointers to W_hh[0, j]).
     ACCUMULATE=False: grad_h = the sum, what it held is ignored. The stack kernel (kernels/stack.py) also computes
     the gradient of a layer's input this way, from the layer above's gate gradients and W_ih.
     TAGGED: the gate gradients come from ring ([B, G*H] words of step tn's slot) once they carry tag (sync.py).
@@ -510,32 +535,36 @@ def _bwd_recurrent_step(
     for b0 in range(b_lo, b_hi, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         m_b = o_b < B
-        m_bk = m_b[:, None] & m_k[None, :]
+        m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
         m_bj = m_b[:, None] & m_j[None, :]
         p_dh = grad_h + o_b[:, None] * N + o_j[None, :]
         # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
         p_row = grad_gates + (tn * B + o_b) * (D * G * H)
-        p_dg = p_row[:, None] + o_k[None, :]
+        p_dg = p_row[:, None] + tl.expand_dims(o_k, -2)
         acc = tl.load(p_dh, mask=m_bj & ACCUMULATE, other=0.0)
         if TAGGED:
             grad_ty = grad_gates.dtype.element_ty
-            p_w = ring + o_b[:, None] * (G * H) + o_k[None, :]
-            acc += _dot(load_tagged(p_w, m_bk, tag, grad_ty), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+            p_w = ring + o_b[:, None] * (G * H) + tl.expand_dims(o_k, -2)
+            acc += _dot_k(load_tagged(p_w, m_bk, tag, grad_ty), b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             if G > 1:
-                acc += _dot(load_tagged(p_w + H, m_bk, tag, grad_ty), b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
-                acc += _dot(load_tagged(p_w + 2 * H, m_bk, tag, grad_ty), b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_dg1 = load_tagged(p_w + H, m_bk, tag, grad_ty)
+                acc += _dot_k(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                b_dg2 = load_tagged(p_w + 2 * H, m_bk, tag, grad_ty)
+                acc += _dot_k(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             if G > 3:
-                acc += _dot(load_tagged(p_w + 3 * H, m_bk, tag, grad_ty), b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_dg3 = load_tagged(p_w + 3 * H, m_bk, tag, grad_ty)
+                acc += _dot_k(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         else:
-            acc += _dot(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), b_w0, ACC, DOT_PRECISION, DOT_UPCAST)
+            b_dg0 = tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg")
+            acc += _dot_k(b_dg0, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             if G > 1:
                 b_dg1 = tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg")
-                acc += _dot(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST)
+                acc += _dot_k(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
                 b_dg2 = tl.load(p_dg + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
-                acc += _dot(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST)
+                acc += _dot_k(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             if G > 3:
                 b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
-                acc += _dot(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST)
+                acc += _dot_k(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         for k0 in range(BLOCK_K, H, BLOCK_KS):
             o_ks = k0 + tl.arange(0, BLOCK_KS)
             m_ks = o_ks < H
@@ -621,13 +650,14 @@ def rnn_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     VARLEN: tl.constexpr = False,
+    K_SPLIT: tl.constexpr = 1,  # the held reduction in K_SPLIT chunks, one a warp (_dot_k)
     ring=None,  # [D, 2, B, G*H] int32 or int64 words, zeroed (TAGGED): the gate gradients of the last two steps
     TAGGED: tl.constexpr = False,  # exchange the gate gradients as tagged words instead of the grid barrier
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
     w_hh += d * (G * H * H)
     hseq += d * (T + 1) * B * H
     saved += d * T * B * (S * H)
@@ -642,7 +672,7 @@ def rnn_bwd_kernel(
     o_w = d * H + o_j.to(tl.int64)  # this program's columns of the [T, B, D*H] tensors
     # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + o_k[:, None] * H + o_j[None, :], m_k[:, None] & m_j[None, :], H * H, G
+        w_hh + tl.expand_dims(o_k, -1) * H + o_j[None, :], tl.expand_dims(m_k, -1) & m_j[None, :], H * H, G
     )
 
     for s in range(n_steps):
@@ -653,7 +683,7 @@ def rnn_bwd_kernel(
             _bwd_recurrent_step(
                 grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
                 w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
-                _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED,
+                _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED, K_SPLIT,
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
         tl.debug_barrier()
@@ -701,5 +731,5 @@ def rnn_bwd_kernel(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_j, o_k, m_k,
             b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION,
             DOT_UPCAST, True, _ring_slot(ring, k_last % 2, B, G, H, TAGGED), _ring_tag(ring, k_last + 1, TAGGED),
-            TAGGED,
+            TAGGED, K_SPLIT,
         )  # fmt: skip

@@ -4,9 +4,9 @@
                                   [--max-stack BYTES]
 
 Prints registers per thread, local stack, shared memory and the layout of the dots' warps (rows x columns of
-mma.sync tiles) of every kernel at the configuration ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and
-checks that the grid barrier lowers to one predicated release and one predicated acquire per program between CTA
-barriers. It needs only the
+mma.sync tiles, or chunks x rows x columns for a reduction in chunks) of every kernel at the configuration
+``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to one predicated
+release and one predicated acquire per program between CTA barriers. It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
 lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
 barrier's lowering is not the expected one, and with ``--max-stack`` when a planned kernel spills more than that
@@ -138,12 +138,14 @@ def _resources(
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     # How Triton laid the warps over the rows and columns of the dots' results (mma.sync's 16 x 8 tiles): warps on
     # rows a tile does not have compute copies of it (_plan.heuristic_block_h). "-" without tensor-core dots.
-    mma = re.search(r"nvidia_mma<\{[^}]*warpsPerCTA = \[(\d+), (\d+)\]", kernel.asm["ttgir"])
+    # A 3-D dot (K_SPLIT > 1) has three: chunks x rows x columns. Each distinct layout, "+" between (a reduction in
+    # chunks with streamed rows has both).
+    layouts = re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", kernel.asm["ttgir"])
     return dict(
         regs=int(fields.get("REG", -1)),
         stack=int(fields.get("STACK", -1)),
         smem=kernel.metadata.shared,
-        mma_warps="x".join(mma.groups()) if mma else "-",
+        mma_warps="+".join(dict.fromkeys("x".join(layout.split(", ")) for layout in layouts)) or "-",
     )
 
 
@@ -219,7 +221,8 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     )  # fmt: skip
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
-        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} warps={num_warps} stages={num_stages} {variant}"
+        f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} K_SPLIT={plan.k_split} warps={num_warps} stages={num_stages} "
+        f"{variant}"
         f"{' tagged' * plan.tagged} "
         f"| fwd {fwd} | bwd {bwd}"
     )
@@ -263,7 +266,7 @@ def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[
     """The stack kernels' resources at ``plan``: (forward, backward, num_warps)."""
     t = TRITON_TYPES[dtype]
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
-    for name in ("D", "RESIDUAL", "VARLEN"):
+    for name in ("D", "RESIDUAL", "VARLEN", "K_SPLIT"):
         constants.pop(name)
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     acc = "fp32"

@@ -114,10 +114,13 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         config["max_arrivals"] = 40 if rng.random() < 0.2 else 0
         config["dropout_mode"] = rng.choice(["standard", "variational"])
         config["weight_drop"] = rng.choice([0.0, 0.0, 0.2]) if config["kind"] == "stack" else 0.0
-        # Units a program: the GPU heuristics' two widths (_plan.heuristic_block_h), 32 where a layer then still
+        # Units a program: the GPU heuristics' two widths (_plan.heuristic_width), 32 where a layer then still
         # splits into several programs.
         widest = max([config["hidden"]] if config["kind"] == "module" else [h for _, h in config["layers"]])
         config["block_h"] = 32 if widest > 32 and rng.random() < 0.5 else 16
+        # The held reduction in chunks (kernels/recurrent._dot_k; the single-layer kernels, not the projection's or
+        # the stack kernel's). Drawn from its own generator: the configurations a seed drew before stay the same.
+        config["k_split"] = random.Random(config["sched_seed"]).choice([1, 1, 2, 4])
     else:
         # With dropout in training the check is against the float64 reference run of the same model, which draws
         # the kernels' masks (torch.nn's are its own).
@@ -375,6 +378,8 @@ def run_concurrent(config: dict) -> list[str]:
     from concurrent_interpreter import programs_at_once  # the interpreter's internals: CPU only
 
     fields = dict(block_h=config.get("block_h", 16))
+    if config.get("k_split", 1) > 1:
+        fields["k_split"] = config["k_split"]
     if config["batch_groups"] > 1:
         fields["batch_groups"] = config["batch_groups"]
     saved_limit = _plan.MAX_BARRIER_ARRIVALS

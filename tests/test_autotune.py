@@ -92,10 +92,36 @@ def test_tuner_never_times_a_misfit_and_picks_the_fastest(fake_gpu):
     key = autotune.TuneKey("lstm", 512, 64, "bf16")
     entry = fake.tuner().tune(configs, key, CUDA0)
     assert all(plan.block_h < 64 and plan.persistent for plan in fake.timed)
-    assert entry["forward"] == {"block_h": 32, "block_b": 16, "num_warps": 4, "num_stages": 1}
+    assert entry["forward"] == {"block_h": 32, "block_b": 16, "num_warps": 4, "num_stages": 1, "k_split": 1}
     assert entry["backward"]["block_b"] == 64 and entry["backward"]["num_warps"] == 4
     plan = autotune.plan_from_entry(entry, key, CUDA0)
     assert plan.num_programs == 16 and plan.for_backward().block_b == 64
+
+
+def test_candidates_cut_the_reduction_in_a_chunk_a_warp_where_it_compiles(fake_gpu, monkeypatch):
+    """Each 16-row configuration also with its reduction in one chunk a warp; the tuner drops the plans whose held
+    rows make chunks under 16 (a wide slice holding part of its rows), never for the projection's kernels; entries
+    stored before k_split existed are read as one chunk."""
+    configs = autotune.candidates(hidden=512, batch=16, directions=1, sm_count=132)
+    split = [c for c in configs if c.k_split > 1]
+    assert split and all(c.k_split == c.num_warps and c.block_b == 16 for c in split)
+    assert not any(c.k_split > 1 for c in autotune.candidates(hidden=512, batch=16, directions=1, sm_count=132,
+                                                                 split=False))  # fmt: skip
+    assert {c.k_split for c in autotune.candidates(hidden=64, batch=16, directions=1, sm_count=132)} == {1, 4}
+    assert {c.k_split for c in autotune.candidates(hidden=32, batch=16, directions=1, sm_count=132)} == {1}
+    fake = FakeTuner(too_big_block_h=128)
+    monkeypatch.setattr(_plan, "HELD_WEIGHT_BYTES", 32 * 1024)  # 64 held rows at 64 units: chunks of 8 with 8 warps
+    configs = autotune.candidates(hidden=2048, batch=16, directions=1, sm_count=132)
+    fake.tuner().tune(configs, autotune.TuneKey("lstm", 2048, 16, "bf16"), CUDA0)
+    assert any(p.k_split == 8 for p in fake.timed) and all(p.block_k // p.k_split >= 16 for p in fake.timed)
+    assert any(p.block_h == 64 and p.k_split == 4 for p in fake.timed)
+    assert not any(p.block_h == 64 and p.k_split == 8 for p in fake.timed)
+    old_entry = {"forward": dict(CONFIG), "backward": dict(CONFIG)}
+    old_entry["forward"].pop("k_split", None)
+    assert autotune.entry_problem(old_entry) is None
+    key = autotune.TuneKey("lstm", 512, 16, "bf16")
+    assert autotune.plan_from_entry(old_entry, key, CUDA0).k_split == 1
+    assert "k_split: 3" in autotune.entry_problem({"forward": dict(CONFIG, k_split=3), "backward": CONFIG})
 
 
 def test_projection_candidates_run_the_whole_batch_in_one_group(fake_gpu):
@@ -371,12 +397,13 @@ def test_a_plan_with_one_batch_tile_takes_one_stage_then_fewer_rows(fake_gpu, mo
 
 
 def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
-    """Where the dots run on tensor cores and a program holds at least half its slice at 32 units, it takes 32
-    units, one 16-row batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units, where float32
-    without TF32 (its dot on the FMA units) takes 8 warps at every size (with 4 its kernels spill kilobytes a
-    thread), and a small slice in bf16 4. One pipeline stage where each group of programs has one batch tile and
-    holds its whole slice, three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90
-    compiles, perf/NOTES.md)."""
+    """Where the dots run on tensor cores and a program holds its whole slice at 32 units, it takes 32 units, one
+    16-row batch tile and 4 warps (each its own 8 columns of the gate dots); where it holds its whole slice only at
+    16 (the bytes of half of it at 32), 16 units and the reduction in 8 chunks, a warp each; else 16 units, where
+    float32 without TF32 (its dot on the FMA units) takes 8 warps at every size (with 4 its kernels spill
+    kilobytes a thread), and a small slice in bf16 4. One pipeline stage where each group of programs has one batch
+    tile and holds its whole slice, or cuts its reduction in chunks; three where a group loops over tiles or streams
+    rows; a forced stage count is kept (sm_90 compiles, perf/NOTES.md)."""
 
     def plan(cell, hidden, batch, dtype):
         return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
@@ -384,19 +411,29 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     def shape(p):
         return p.block_h, p.block_b, p.num_warps, p.num_programs
 
+    def chunks(p):
+        return p.k_split, p.block_k, p.num_stages
+
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
     assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(16, 16, 8, 4)] * 2
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
     assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(32, 16, 4, 2)] * 2
-    assert shape(plan("lstm", 512, 16, torch.float32)) == (32, 16, 4, 16)  # half of 256 KB held at 32 units
-    assert shape(plan("lstm", 1024, 16, torch.float32)) == (16, 16, 8, 64)  # a quarter at 32 units
+    split = plan("lstm", 512, 16, torch.float32)  # 256 KB at 32 units, the whole 128 KB at 16
+    assert shape(split) == (16, 16, 8, 32) and chunks(split) == (8, 512, 1)
+    assert shape(plan("lstm", 256, 16, torch.float32)) == (32, 16, 4, 8)  # 128 KB at 32 units
+    quarter = plan("lstm", 1024, 16, torch.float32)  # a quarter at 32 units, half at 16
+    assert shape(quarter) == (16, 16, 8, 64) and quarter.k_split == 1
     assert shape(plan("rnn_tanh", 256, 16, torch.bfloat16)) == (32, 16, 4, 8)
     assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (32, 16, 4, 16)  # a 128 KB slice
-    wide_streamed = plan("lstm", 1024, 64, torch.bfloat16)  # half of 256 KB held at 32 units, half read a step
-    assert shape(wide_streamed) == (32, 16, 4, 32) and wide_streamed.block_k == 512
+    # 256 KB at 32 units, the whole 128 KB at 16 in 8 chunks: two groups of 64 programs, two tiles each, one stage.
+    split = plan("lstm", 1024, 64, torch.bfloat16)
+    assert shape(split) == (16, 16, 8, 64) and chunks(split) == (8, 1024, 1) and split.batch_groups == 2
+    assert chunks(plan("gru", 768, 16, torch.bfloat16)) == (8, 1024, 1)
     assert shape(plan("lstm", 2048, 64, torch.bfloat16)) == (16, 32, 8, 128)  # a quarter at 32 units
-    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")  # the tagged exchange's kernels keep 16 units
+    assert plan("lstm", 2048, 64, torch.bfloat16).k_split == 1
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")  # the tagged exchange's kernels keep 16 units, one chunk
     assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (16, 32, 8, 32)
+    assert plan("lstm", 1024, 16, torch.bfloat16).k_split == 1
     monkeypatch.delenv("TRITONRNN_EXCHANGE")
     _plan.force_plan(block_h=16)  # a forced width: the rest of the plan as the heuristics derive it for that width
     try:
@@ -417,6 +454,12 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     assert _plan.plan_stack("gru", 256, 3, 64, torch.bfloat16, CUDA0).num_stages == 3  # one group, four tiles
     narrow = _plan.plan_stack("lstm", 512, 3, 16, torch.bfloat16, CUDA0)  # two 128 KB slices do not fit at 32
     assert (narrow.block_h, narrow.num_warps, narrow.num_programs) == (16, 8, 32)
+    assert isinstance(_plan.plan_stack("lstm", 1024, 3, 16, torch.bfloat16, CUDA0), str)  # two 128 KB slices at 16
+    _plan.force_plan(k_split=4)  # the stack kernel has no K split (where the heuristics split, it does not fit)
+    try:
+        assert _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0).k_split == 1
+    finally:
+        _plan.force_plan()
     _plan.force_plan(num_stages=3)
     try:
         assert plan("lstm", 512, 16, torch.bfloat16).num_stages == 3

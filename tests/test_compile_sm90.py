@@ -49,10 +49,12 @@ def test_the_planned_kernels_spill_no_registers_where_the_heuristics_were_fitted
     assert result.stdout.count("| bwd {") == 12, result.stdout
 
 
-def test_the_gate_dots_of_the_planned_kernels_give_each_warp_its_own_columns():
+def test_the_gate_dots_of_the_planned_kernels_give_each_warp_its_own_work():
     """With 16 units a program Triton laid all warps on the 16 batch rows of the gate dots, each warp computing the
-    whole tile (the dots share their h operand, a chain to Triton); the heuristics' 32 units put them on the columns
-    (_plan.heuristic_block_h), forward and backward. Fails if a Triton version lays them otherwise."""
+    whole tile (the dots share their h operand, a chain to Triton). The heuristics (_plan.heuristic_width) give each
+    warp its own columns at 32 units (H=512), its own chunk of the reduction at 16 (H=1024: a 3-D dot, warps over
+    the chunks, no 2-D dot of streamed rows beside it), forward and backward. Fails if a Triton version lays them
+    otherwise."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "perf.compile_report", "--check", "--hidden", "512", "1024", "--batch", "16", "64",
@@ -61,7 +63,10 @@ def test_the_gate_dots_of_the_planned_kernels_give_each_warp_its_own_columns():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "| bwd {" in line]
-    assert len(lines) == 8 and all(line.count("'mma_warps': '1x4'") == 2 for line in lines), result.stdout
+    assert len(lines) == 8, result.stdout
+    for line in lines:
+        layout = "1x4" if "H=  512" in line else "8x1x1"
+        assert line.count(f"'mma_warps': '{layout}'") == 2, line
 
 
 def test_large_hidden_sizes_fit_an_h100_with_streamed_rows():

@@ -235,6 +235,16 @@ def test_tagged_exchange_with_three_programs(cell, launches, forced_plan, monkey
 
 
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_reduction_in_chunks_with_three_programs(exchange, launches, forced_plan, monkeypatch):
+    """Three programs, each reducing over h (forward) and the gate gradients (backward) in four chunks of a 3-D dot,
+    all steps in one launch."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    forced_plan(block_h=16, k_split=4, persistent=True)
+    compare("lstm", 6, 5, 4, 40, 1, dtype=torch.float32, seed=6, bidirectional=True)
+    assert_ran_persistent(launches, tagged=exchange == "tagged")
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
 def test_batch_groups_of_several_programs(exchange, launches, forced_plan, monkeypatch):
     """Three batch groups (B = 37 in 16-row tiles) of three programs each, every group its own counter, both
     directions: each group's programs meet only one another."""

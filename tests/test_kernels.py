@@ -176,6 +176,38 @@ def test_streamed_weight_rows_split_grid_bfloat16(forced_plan):
     compare("lstm", 6, 20, 4, 70, 1, dtype=torch.bfloat16, seed=9)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("k_split", [2, 4])
+def test_reduction_in_chunks_matches_torch(cell, k_split, forced_plan):
+    """The held reduction cut in chunks, each one batch entry of a 3-D dot (kernels/recurrent._dot_k): one program
+    in float64, both directions; then H=65 over five programs in float32, one launch a step."""
+    forced_plan(k_split=k_split)
+    compare(cell, 5, 3, 4, 40, 2, seed=10, bidirectional=True)
+    forced_plan(block_h=16, k_split=k_split, persistent=False)
+    compare(cell, 5, 3, 4, 65, 2, dtype=torch.float32, seed=11)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reduction_in_chunks_with_streamed_rows_and_bfloat16(cell, forced_plan):
+    """32 held rows in two chunks, the other rows streamed every step (2-D dots), added to the chunks' sum; and a
+    split grid in bf16 over two batch tiles."""
+    forced_plan(block_k=32, block_ks=16, k_split=2)
+    compare(cell, 5, 3, 4, 70, 1, seed=12)
+    forced_plan(block_h=16, block_b=16, k_split=4, persistent=False)
+    compare(cell, 4, 20, 4, 33, 1, dtype=torch.bfloat16, seed=13)
+
+
+def test_reduction_in_chunks_with_lengths(forced_plan):
+    forced_plan(block_h=16, k_split=4, persistent=False, directions_together=False)
+    compare_packed("gru", [9, 3, 20, 17, 1] * 4, 5, 33, 2, dtype=torch.float32, bidirectional=True, seed=14)
+
+
+def test_reduction_in_chunks_rejects_chunks_that_do_not_divide_the_rows(forced_plan):
+    forced_plan(k_split=3)
+    with pytest.raises(ValueError, match="k_split=3 does not cut the 64 held rows into equal chunks"):
+        compare("lstm", 2, 1, 2, 40, 1)
+
+
 PROJECTION = [
     pytest.param(dict(T=1, B=1, I=3, H=2, L=1, proj_size=1), id="T1-B1-H2-P1"),
     pytest.param(dict(T=7, B=5, I=4, H=9, L=2, proj_size=5), id="T7-B5-H9-P5-L2"),
@@ -816,6 +848,12 @@ def test_tagged_exchange_split_grid(cell, tagged, forced_plan):
     """Three programs (H = 33 in slices of 16) exchanging h in tagged words, one launch a step, two batch tiles."""
     forced_plan(block_h=16, block_b=16, persistent=False)
     compare(cell, 5, 20, 4, 33, 1, dtype=torch.float32, seed=5)
+
+
+def test_tagged_exchange_with_the_reduction_in_chunks(tagged, forced_plan):
+    """The tagged words read as the chunks of a 3-D dot: h in forward, the gate gradients in backward."""
+    forced_plan(block_h=16, block_b=16, k_split=4, persistent=False)
+    compare("lstm", 5, 20, 4, 33, 1, dtype=torch.float32, seed=15)
 
 
 def test_tagged_exchange_is_bitwise_the_barrier_exchange(monkeypatch, launched_plans):

@@ -38,6 +38,9 @@ MIN_DOT = 16
 # at least half its slice (heuristic_block_h).
 MMA_N = 8
 WIDE_BLOCK_H = 32
+# Chunks of the held reduction, one a warp, where a program holds its whole slice at 16 units but not at 32
+# (heuristic_width).
+SPLIT_WARPS = 8
 # The W_hh slice a program holds on chip, at most (Triton puts it in shared memory; perf/NOTES.md). Rows beyond
 # it are read every step in chunks (BLOCK_KS). A first guess: functional.kernel_plan compiles the kernels and
 # halves the held rows until the compiled shared memory fits the GPU.
@@ -72,6 +75,8 @@ class LayerPlan:
     tagged: bool = False  # h (forward) or the gate gradients (backward) exchanged as tagged words (kernels/sync.py)
     # Independent groups of batch rows (grid axis 2), each with its own num_programs programs and grid barrier.
     batch_groups: int = 1
+    # The held reduction cut in k_split chunks, one a warp (kernels/recurrent._dot_k): 1, or num_warps.
+    k_split: int = 1
     backward: LayerPlan | None = None
 
     def for_backward(self) -> LayerPlan:
@@ -165,7 +170,7 @@ def plan_layer(
     block_h: int | None = None,
 ) -> LayerPlan | str:  # fmt: skip
     """The launch for one layer, or a string saying why the persistent kernels cannot run it. ``block_h``: units a
-    program on the GPU (default ``heuristic_block_h``)."""
+    program on the GPU, its reduction in one chunk (default ``heuristic_width``)."""
     _, gates, _ = CELLS[cell]
     block_k = max(MIN_DOT, next_pow2(hidden_size))
     # fp32's dot (no tensor cores in IEEE mode) spills kilobytes per thread with 32-row tiles (perf/NOTES.md).
@@ -183,10 +188,17 @@ def plan_layer(
         if hidden_size > MAX_HIDDEN[dtype]:
             return f"hidden_size above {MAX_HIDDEN[dtype]} in {dtype}"
         # A forced width derives the rest of the plan as a chosen one would (forced fields still override them).
-        block_h = block_h or _forced_plan.get("block_h") or heuristic_block_h(hidden_size, gates, dtype)
+        k_split = 1
+        if not (block_h or "block_h" in _forced_plan):
+            block_h, k_split = heuristic_width(hidden_size, gates, dtype)
+        block_h = block_h or _forced_plan["block_h"]
+        k_split = _forced_plan.get("k_split", k_split)
         num_programs = -(-hidden_size // block_h)
         block_k = held_rows(hidden_size, gates, block_h, dtype)
-        if block_h > MIN_DOT:
+        if k_split > 1:
+            # One 16-row batch tile and a warp per chunk of the reduction (kernels/recurrent._dot_k).
+            block_b, num_warps = MIN_DOT, k_split
+        elif block_h > MIN_DOT:
             # One 16-row batch tile and a warp per 8 units: each warp its own columns of the gate dots (below).
             block_b, num_warps = MIN_DOT, block_h // MMA_N
         else:
@@ -201,9 +213,10 @@ def plan_layer(
         num_warps = 4
         persistent = True
         together = True
+        k_split = 1
     plan = apply_forced_plan(
-        LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together), hidden_size, device,
-        directions,
+        LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together, k_split=k_split),
+        hidden_size, device, directions,
     )  # fmt: skip
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
         plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
@@ -212,23 +225,32 @@ def plan_layer(
     return plan
 
 
-def heuristic_block_h(hidden_size: int, gates: int, dtype: torch.dtype) -> int:
-    """Units a program takes: WIDE_BLOCK_H where its dots run on tensor cores and it holds at least half its slice of
-    W_hh at that width (the rest read every step), else MIN_DOT.
+def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(units a program takes, chunks of its held reduction). Where the dots run on tensor cores: WIDE_BLOCK_H units
+    where a program holds its whole slice of W_hh at that width; else 16 units with the reduction in SPLIT_WARPS
+    chunks where it holds its whole slice at 16 (LSTM and GRU at H=768 and 1024 in 16-bit, 512 with TF32); else 16
+    units, one chunk (the rows it does not hold read every step).
 
     Triton gives every warp of a program the batch rows of its gate dots where the tile has at least as many rows as
     columns (the dots share their h operand, which Triton counts as a chain): with 16 rows and 16 units, 16 x 16, each
     of 4 or 8 warps computes the whole tile, a copy per warp, and reads the whole slice from shared memory every
     step. With 32 units (16 x 32) the warps take the columns, 8 each (mma.sync's tile is 16 x 8): LSTM bf16 H=512
-    B=16, a quarter of the forward's mma per SM and 30% of its shared-memory reads (sm_90 PTX, perf/NOTES.md).
-    float32 without TF32 multiplies on the FMA units, where this does not apply.
+    B=16, a quarter of the forward's mma per SM and 30% of its shared-memory reads (sm_90 PTX, perf/NOTES.md). A
+    reduction in chunks is a 3-D dot whose warps Triton lays over the chunks (kernels/recurrent._dot_k): no copies at
+    16 units either, and the whole slice held where 32 units would hold half (the same bytes) and read the rest
+    every step. float32 without TF32 multiplies on the FMA units, where none of this applies.
     """
     tensor_cores = dtype != torch.float32 or tf32_matmul()
-    half_held = 2 * held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size)
-    # The tagged exchange (opt-in) keeps 16 units: it needs the whole slice held, and at 32 units its tile of tagged
-    # words spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB on Triton 3.6).
-    tagged = exchange_setting() == "tagged"
-    return WIDE_BLOCK_H if tensor_cores and hidden_size > MIN_DOT and half_held and not tagged else MIN_DOT
+    # The tagged exchange (opt-in) keeps 16 units and one chunk: it needs the whole slice held, and at 32 units its
+    # tile of tagged words spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB on Triton 3.6).
+    if not tensor_cores or hidden_size <= MIN_DOT or exchange_setting() == "tagged":
+        return MIN_DOT, 1
+    rows = next_pow2(hidden_size)
+    if held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= rows:
+        return WIDE_BLOCK_H, 1
+    if held_rows(hidden_size, gates, MIN_DOT, dtype) >= rows and rows // SPLIT_WARPS >= MIN_DOT:
+        return MIN_DOT, SPLIT_WARPS
+    return MIN_DOT, 1
 
 
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
@@ -252,7 +274,9 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) 
         return plan
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
     streamed = not proj and plan.block_k < hidden_size
-    stages = 1 if one_tile and not streamed else 3
+    # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
+    # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
+    stages = 1 if (one_tile or plan.k_split > 1) and not streamed else 3
     backward = dataclasses.replace(plan.backward, num_stages=stages) if plan.backward is not None else None
     return dataclasses.replace(plan, num_stages=stages, backward=backward)
 
@@ -297,19 +321,27 @@ def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> Lay
     Triton's pipeliner buffers the batch-tile loop's loads num_stages times even for a single tile (the batch is not
     specialised), which can take more than the weights: LSTM bf16 H=512 B=64 backward 329,728 bytes with 3 stages,
     100,352 with 1 (sm_90, Triton 3.9; perf/NOTES.md, twenty-third session). With one tile a group there is nothing to
-    overlap: one stage first. With several, fewer held rows of the slice (the rest read every step; not with a
-    projection, whose kernels hold all rows), keeping the pipeline; where that runs out, one stage from the full
-    slice again.
+    overlap: one stage first, as for a reduction in chunks. With several, fewer held rows of the slice (the rest read
+    every step; not with a projection, whose kernels hold all rows), keeping the pipeline; where that runs out, one
+    stage from the full slice again.
     """
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
     can_halve = not proj and plan.block_k // 2 >= MIN_HELD_ROWS
-    if max(plan.num_stages, plan.for_backward().num_stages) > 1 and (one_tile or not can_halve):
+    # A reduction in chunks keeps its whole slice first too: the streamed rows' 2-D dots would copy the tile per warp.
+    whole_first = one_tile or not can_halve or plan.k_split > 1
+    if max(plan.num_stages, plan.for_backward().num_stages) > 1 and whole_first:
         backward = dataclasses.replace(full.backward, num_stages=1) if full.backward else None
         return dataclasses.replace(full, num_stages=1, backward=backward)
     if can_halve:
-        backward = dataclasses.replace(plan.backward, block_k=plan.backward.block_k // 2) if plan.backward else None
-        return dataclasses.replace(plan, block_k=plan.block_k // 2, backward=backward)
+        backward = _half_held(plan.backward) if plan.backward else None
+        return dataclasses.replace(_half_held(plan), backward=backward)
     return None
+
+
+def _half_held(plan: LayerPlan) -> LayerPlan:
+    """The plan holding half its rows, its reduction in as many chunks as still hold MIN_DOT rows each."""
+    block_k = plan.block_k // 2
+    return dataclasses.replace(plan, block_k=block_k, k_split=max(1, min(plan.k_split, block_k // MIN_DOT)))
 
 
 def plan_stack(
@@ -326,7 +358,7 @@ def plan_stack(
     if isinstance(layer, str):
         return layer
     if device.type != "cuda":
-        return dataclasses.replace(layer, persistent=PROGRAMS_AT_ONCE and layer.persistent)
+        return dataclasses.replace(layer, persistent=PROGRAMS_AT_ONCE and layer.persistent, k_split=1)
     block_k = max(MIN_DOT, next_pow2(hidden_size))
     if 2 * gates * block_k * layer.block_h * dtype.itemsize > HELD_WEIGHT_BYTES and layer.block_h > MIN_DOT:
         # Two matrices held: where a layer's wide slice does not fit twice, the narrow one may.
@@ -338,9 +370,9 @@ def plan_stack(
     if programs > _sm_count(cuda_index(device)):
         return f"the stack kernel's {programs} programs would not all be resident"
     num_warps = layer.num_warps if layer.block_h > MIN_DOT else heuristic_warps(held, 64 * 1024, dtype)
-    # One group: the stack kernel loops over the whole batch.
+    # One group, and the reduction in one chunk: the stack kernel has no K split.
     stack = dataclasses.replace(
-        layer, block_k=block_k, num_warps=num_warps, persistent=True, batch_groups=1, backward=None
+        layer, block_k=block_k, num_warps=num_warps, persistent=True, batch_groups=1, backward=None, k_split=1
     )  # fmt: skip
     return with_pipeline(stack, batch, hidden_size)
 
@@ -356,7 +388,7 @@ def held_rows(hidden_size: int, gates: int, block_h: int, dtype: torch.dtype) ->
 
 def plan_with(
     cell: str, hidden_size: int, directions: int, device: torch.device, dtype: torch.dtype, block_h: int,
-    block_b: int, num_warps: int, num_stages: int = 3, batch: int = 1,
+    block_b: int, num_warps: int, num_stages: int = 3, batch: int = 1, k_split: int = 1,
 ) -> LayerPlan:  # fmt: skip
     """The plan of one configuration (the autotuner's candidates): programs, residency and batch groups derived
     from it."""
@@ -371,6 +403,7 @@ def plan_with(
         persistent=num_programs <= sm_count,
         directions_together=num_programs * directions <= sm_count,
         num_stages=num_stages,
+        k_split=k_split,
     )
     return with_batch_groups(plan, batch, directions, sm_count)
 
@@ -386,12 +419,23 @@ def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device, d
         plan = dataclasses.replace(plan, num_programs=-(-hidden_size // plan.block_h))
         if plan.persistent and plan.num_programs > 1 and device.type != "cuda" and not PROGRAMS_AT_ONCE:
             raise ValueError("a persistent grid of several programs deadlocks under the interpreter")
+        check_k_split(plan, device)
         if plan.persistent and device.type == "cuda":
             # One launch holds both directions' grids where they go together.
             programs = plan.num_programs * plan.batch_groups * (directions if plan.directions_together else 1)
             if programs > _sm_count(cuda_index(device)):
                 raise ValueError(f"a persistent grid of {programs} programs would not all be resident")
     return plan
+
+
+def check_k_split(plan: LayerPlan, device: torch.device) -> None:
+    """A plan's reduction chunks must cut its held rows evenly, on the GPU in chunks tl.dot accepts."""
+    chunk = plan.block_k // plan.k_split if plan.k_split >= 1 else 0
+    if chunk < 1 or plan.block_k % plan.k_split or (device.type == "cuda" and chunk < MIN_DOT):
+        raise ValueError(
+            f"k_split={plan.k_split} does not cut the {plan.block_k} held rows into equal chunks"
+            + (f" of at least {MIN_DOT}" if device.type == "cuda" else "")
+        )
 
 
 EXCHANGES = ("barrier", "tagged")

@@ -1,7 +1,8 @@
 """Per-GPU kernel configurations: chosen by timing candidates once, remembered on disk.
 
 A configuration is the hidden slice per program (``block_h``, which also fixes the number of programs),
-the batch tile, ``num_warps`` and ``num_stages``, for the forward and the backward kernel separately.
+the batch tile, ``num_warps``, ``num_stages`` and the chunks of the held reduction (``k_split``: 1, or one a warp;
+kernels/recurrent._dot_k), for the forward and the backward kernel separately.
 Where the resident weights live (shared memory or registers) is Triton's decision for a configuration;
 the compiled kernel's shared memory and registers decide whether it fits.
 
@@ -62,6 +63,7 @@ BLOCK_H = (16, 32, 64)
 BLOCK_B = (16, 32, 64)
 NUM_WARPS = (4, 8)
 NUM_STAGES = (1, 3)
+K_SPLITS = (1, 4, 8)  # 1, or num_warps
 TUNE_STEPS = 32  # steps timed per candidate: enough to amortise the launch, independent of the user's T
 FORMAT = 1  # version of the JSON layout
 
@@ -114,6 +116,7 @@ class KernelConfig:
     block_b: int
     num_warps: int
     num_stages: int = 3
+    k_split: int = 1
 
 
 class ConfigStore:
@@ -195,7 +198,15 @@ def _umask() -> int:
     return mask
 
 
-_CHOICES = {"block_h": BLOCK_H, "block_b": BLOCK_B, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+_CHOICES = {
+    "block_h": BLOCK_H,
+    "block_b": BLOCK_B,
+    "num_warps": NUM_WARPS,
+    "num_stages": NUM_STAGES,
+    "k_split": K_SPLITS,
+}
+# Entries written before k_split existed have one chunk.
+_OPTIONAL = {"k_split"}
 
 
 def entry_problem(entry) -> str | None:
@@ -204,9 +215,11 @@ def entry_problem(entry) -> str | None:
         return f"expected an object, got {type(entry).__name__}"
     for name in ("forward", "backward"):
         config = entry.get(name)
-        if not isinstance(config, dict) or set(config) != set(_CHOICES):
+        if not isinstance(config, dict) or not set(_CHOICES) - _OPTIONAL <= set(config) <= set(_CHOICES):
             return f"{name}: expected the fields {', '.join(_CHOICES)}, got {config!r}"
         for field, choices in _CHOICES.items():
+            if field not in config:
+                continue
             value = config[field]
             if isinstance(value, bool) or not isinstance(value, int) or value not in choices:
                 return f"{name}.{field}: {value!r} is not one of {choices}"
@@ -221,8 +234,10 @@ def shipped_defaults(gpu_name: str) -> dict[str, dict]:
     return ConfigStore(path).load()
 
 
-def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[KernelConfig]:
-    """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem."""
+def candidates(hidden: int, batch: int, directions: int, sm_count: int, split: bool = True) -> list[KernelConfig]:
+    """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem. With
+    ``split`` (not for the projection's kernels) also the reduction in one chunk a warp, over one 16-row batch tile,
+    where the chunks can hold MIN_DOT rows (``Tuner.tune`` drops those whose held rows do not)."""
     result = []
     for block_h, block_b, num_warps, num_stages in itertools.product(BLOCK_H, BLOCK_B, NUM_WARPS, NUM_STAGES):
         if block_h > max(MIN_DOT, next_pow2(hidden)) or block_b > max(MIN_DOT, next_pow2(batch)):
@@ -230,6 +245,8 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int) -> list[
         if -(-hidden // block_h) * directions > sm_count:
             continue  # both directions' programs must be resident at once
         result.append(KernelConfig(block_h, block_b, num_warps, num_stages))
+        if split and block_b == MIN_DOT and next_pow2(hidden) // num_warps >= MIN_DOT:
+            result.append(KernelConfig(block_h, block_b, num_warps, num_stages, k_split=num_warps))
     return result
 
 
@@ -238,7 +255,7 @@ def to_plan(config: KernelConfig, key: TuneKey, device: torch.device) -> LayerPl
     actual batch); one group with a projection, whose kernels run the whole batch in one group."""
     plan = plan_with(
         key.cell, key.hidden, key.directions, device, DTYPES[key.dtype], config.block_h, config.block_b,
-        config.num_warps, config.num_stages, key.batch_bucket,
+        config.num_warps, config.num_stages, key.batch_bucket, config.k_split,
     )  # fmt: skip
     return single_group(plan) if key.proj else plan
 
@@ -253,6 +270,8 @@ class Tuner:
 
     def tune(self, configs: Iterable[KernelConfig], key: TuneKey, device: torch.device) -> dict:
         plans = {c: to_plan(c, key, device) for c in configs}
+        # Chunks of fewer than MIN_DOT held rows (where a wide slice holds only part of its rows) do not compile.
+        plans = {c: p for c, p in plans.items() if p.block_k // p.k_split >= MIN_DOT}
         fitting = {c: p for c, p in plans.items() if p.persistent and self.misfit(p) is None}
         if not fitting:
             raise LookupError("no candidate configuration fits this GPU")
@@ -304,7 +323,7 @@ def _tuned_plan(
             return _LATER
         log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")
         sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
-        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count)
+        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count, split=not key.proj)
         try:
             entry = tuner_factory().tune(configs, key, device)
         except LookupError as error:

@@ -65,7 +65,10 @@ def kernel_plan(
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
     # The projection's kernels keep the narrow slice: the dots of their second phase were not analysed for the wide.
+    # Nor do they cut the reduction in chunks (kernels/lstm_proj.py has no K_SPLIT).
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions, MIN_DOT if variant.proj else None)
+    if variant.proj and not isinstance(plan, str) and plan.k_split != 1:
+        plan = dataclasses.replace(plan, k_split=1)
     if not isinstance(plan, str) and one_group:
         plan = in_one_group(plan, batch, hidden, variant.proj) if device.type == "cuda" else single_group(plan)
     if device.type == "cpu" and not isinstance(plan, str):

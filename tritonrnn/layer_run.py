@@ -105,8 +105,9 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
             VARLEN=variant.varlen,
         )
     return dict(
-        common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen
-    )
+        common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen,
+        K_SPLIT=plan.k_split,
+    )  # fmt: skip
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
