@@ -108,6 +108,9 @@ STAGES: dict[str, Stage] = {
     "warm": Stage(150, _warm("bars", switches=WARM_SWITCHES), note="compile the bars suite's kernels (3 switches)"),
     "bars": Stage(220, bench="bars", note="the issues' bars: tritonrnn vs cuDNN eager and graph"),
     "tests": Stage(240, _pytest_gpu_command("@LOGS@/gpu_tests.xml"), note="pytest -m gpu"),
+    "widths": Stage(
+        150, (PY, "-m", "perf.probe", "--widths"), note="the heuristics' widths and reduction chunks against the others"
+    ),
     "bars_tagged": Stage(90, bench="bars", providers=OURS, env=TAGGED, note="bars with the tagged exchange"),
     "bars_fused": Stage(90, bench="bars", providers=OURS, env=FUSED, note="bars with stacks in one launch"),
     "bars_streams": Stage(90, bench="bars", providers=OURS, env=STREAMS, note="bars with the stream wavefront"),
@@ -151,11 +154,12 @@ STAGES: dict[str, Stage] = {
 
 PLANS: dict[str, list[str]] = {
     # A first session on a card: is it sane, do the kernels run, what do they cost against the issues' bars; then
-    # the whole GPU tier; then what the two opt-in switches change on the same rows.
-    "first": ["probe", "warm", "bars", "tests", "bars_tagged", "bars_fused"],
+    # the whole GPU tier; then the widths the heuristics chose from compiles alone, timed against the others; then what
+    # the two opt-in switches change on the same rows.
+    "first": ["probe", "warm", "bars", "tests", "widths", "bars_tagged", "bars_fused"],
     # The README's table and the committed baseline.
     "baseline": ["warm_quick", "quick"],
-    "more": ["warm_more", "persist", "stacks", "large", "short", "fuzz"],
+    "more": ["widths", "warm_more", "persist", "stacks", "large", "short", "fuzz"],
 }
 
 

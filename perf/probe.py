@@ -9,6 +9,12 @@ Prints, as it goes (a hang shows where it happened):
 3. one small layer of each cell (bf16, B=16, H=512, T=256) through the benchmark runner: tritonrnn against cuDNN,
    forward and training step, time per step and relative error against float64.
 Exit code 1 when a kernel failed to run or erred more than 1.5x cuDNN (or 1e-3, whichever is larger).
+
+    python -m perf.probe --widths
+
+times instead one layer (bf16, B=16, T=256) at the widths the heuristics chose between from sm_90 compiles alone
+(tritonrnn/_plan.heuristic_width): 16 or 32 units a program, the reduction in one chunk or one a warp, against the
+heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import triton.testing
 from perf import runner
 from perf.compile_report import _barrier_probe
 from perf.suites import Config
+from tritonrnn import _plan, functional
 
 BARRIER_STEPS = 1024
 PROBE_CONFIGS = [
@@ -30,6 +37,22 @@ PROBE_CONFIGS = [
            dropout_mode="standard", proj_size=0, passes=("fwd", "fwd+bwd"))
     for cell in ("lstm", "gru", "rnn_tanh")
 ]  # fmt: skip
+
+
+# (cell, H) and the plan fields each width forces (the rest derived as the heuristics derive them for that width).
+WIDTH_CASES = [("lstm", 1024), ("lstm", 512), ("gru", 1024)]
+WIDTHS = {
+    "heuristics": {},
+    "32 units": dict(block_h=32, k_split=1),
+    "16 units": dict(block_h=16, k_split=1),
+    "16 units, 8 chunks": dict(block_h=16, k_split=8),
+    "32 units, 4 chunks": dict(block_h=32, k_split=4),
+}
+
+
+def _config(cell: str, H: int) -> Config:
+    return Config(cell, "bf16", B=16, H=H, T=256, L=1, input_size=H, bidirectional=False, dropout=0.0,
+                  dropout_mode="standard", proj_size=0, passes=("fwd", "fwd+bwd"))  # fmt: skip
 
 
 def card() -> str:
@@ -91,5 +114,52 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def _per_pass(rows: dict[str, dict]) -> str:
+    return " | ".join(f"{p} {r['us_per_step_layer']:6.2f} us/step err {r['rel_err']:.1e}" for p, r in rows.items())
+
+
+def widths() -> int:
+    """Each WIDTH_CASES layer at each of WIDTHS: us per step forward and training step, error against float64."""
+    if not torch.cuda.is_available():
+        print("perf.probe needs a CUDA GPU")
+        return 2
+    print(card(), flush=True)
+    device = torch.device("cuda")
+    failed = False
+    for cell, H in WIDTH_CASES:
+        config = _config(cell, H)
+        case = runner.Case(config, device)
+        cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
+        print(f"{cell} bf16 B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
+        for name, fields in WIDTHS.items():
+            _plan.force_plan(**fields)
+            try:
+                # A forced plan is not shrunk to fit: kernel_plan says why it cannot run (the layer would fall back).
+                plan = functional.kernel_plan(cell, H, config.B, torch.bfloat16, device)
+                if isinstance(plan, str):
+                    print(f"  {name:20}: does not run here ({plan})", flush=True)
+                    continue
+                rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
+            except Exception as error:  # a width that does not compile or run here is a finding, not the end
+                failed = True
+                message = (str(error).splitlines() or [""])[0][:200]
+                print(f"  {name:20}: FAILED {type(error).__name__}: {message}", flush=True)
+                continue
+            finally:
+                _plan.force_plan()
+            ok = all(
+                math.isfinite(r["rel_err"]) and r["rel_err"] <= max(1.5 * cudnn[p]["rel_err"], 1e-3)
+                for p, r in rows.items()
+            )
+            failed |= not ok
+            described = (
+                f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
+                f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
+            )
+            verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
+            print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {described}", flush=True)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(widths() if sys.argv[1:] == ["--widths"] else main())

@@ -184,6 +184,43 @@ def test_every_plan_names_known_stages_and_benchmarks_name_shipped_suites():
     assert first[:2] == ["probe", "warm"]
 
 
+def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(monkeypatch, capsys):
+    """perf.probe --widths (a device session's ``widths`` stage) with the GPU's parts replaced: each width's fields
+    are forced while its plan is made and its layer timed, and cleared after; a width whose kernels do not fit is
+    said so and not timed; one that fails, or errs above 1.5x cuDNN, makes the exit code 1."""
+    from perf import probe
+    from tritonrnn import _plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(probe, "card", lambda: "a card")
+    monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
+    monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024)])
+    seen = []
+
+    def kernel_plan(cell, hidden, batch, dtype, device):
+        seen.append(dict(_plan._forced_plan))
+        if _plan._forced_plan.get("k_split") == 4:
+            return "needs 300000 bytes of shared memory"
+        return _plan.LayerPlan(16, 16, 1024, 64, 8, True, k_split=_plan._forced_plan.get("k_split", 8))
+
+    def measure(case, provider, pass_):
+        if provider == "tritonrnn" and _plan._forced_plan.get("block_h") == 32 and pass_ == "fwd+bwd":
+            raise RuntimeError("an illegal memory access")
+        error = 2e-3 if provider == "tritonrnn" and _plan._forced_plan.get("block_h") == 16 else 1e-3
+        return dict(us_per_step_layer=3.0, rel_err=error)
+
+    monkeypatch.setattr(probe.functional, "kernel_plan", kernel_plan)
+    monkeypatch.setattr(probe.runner, "measure", measure)
+    assert probe.widths() == 1
+    assert seen == list(probe.WIDTHS.values()) and not _plan._forced_plan
+    out = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines()[2:]}
+    assert "| ok | 64 programs x 16 units, 8 chunk(s)" in lines["heuristics"]
+    assert "FAILED RuntimeError: an illegal memory access" in lines["32 units"]
+    assert "ERROR ABOVE 1.5x cuDNN" in lines["16 units"] and "ERROR ABOVE" in lines["16 units, 8 chunks"]
+    assert "does not run here (needs 300000 bytes" in lines["32 units, 4 chunks"]
+
+
 def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(device_session.shutil, "which", lambda name: None)
     assert device_session.main(["--plan", "first"]) == 2
