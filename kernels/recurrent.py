@@ -11,8 +11,9 @@ Dimension letters:
     BLOCK_K  units of the reduction over the previous hidden state held on chip (next power of two >= H,
              or fewer where the slice does not fit: units [BLOCK_K, H) are then read every step in
              chunks of BLOCK_KS)
-    K_SPLIT  chunks the held reduction is cut into, each a batch entry of a 3-D dot (1: one 2-D dot): Triton gives
-             a 3-D dot's warps to its batch dimension, so each warp reduces its own chunk (_dot_k)
+    K_SPLIT  chunks the reduction (held and streamed rows alike) is cut into, each a batch entry of a 3-D dot (1:
+             one 2-D dot): Triton gives a 3-D dot's warps to its batch dimension, so each warp reduces its own chunk
+             (_dot_k)
 
 Each program owns BLOCK_H hidden units of every gate and keeps that slice of W_hh on chip for the
 whole loop. Once per step the programs exchange the new hidden state (forward) or the gate
@@ -61,10 +62,11 @@ def _dot(a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.co
 def _dot_k(
     a, b, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, K_SPLIT: tl.constexpr = 1
 ):  # fmt: skip
-    """a @ b over the held reduction: with K_SPLIT > 1, a [K_SPLIT, M, K/K_SPLIT] and b [K_SPLIT, K/K_SPLIT, N], the
+    """a @ b over the reduction: with K_SPLIT > 1, a [K_SPLIT, M, K/K_SPLIT] and b [K_SPLIT, K/K_SPLIT, N], the
     chunks' products summed. Triton lays a 3-D dot's warps over its batch dimension (warpsPerCTA [K_SPLIT, 1, 1]
-    where K_SPLIT is the number of warps): each warp reduces its own chunk, where a 2-D dot of 16 rows gives every
-    warp the whole tile (_plan.heuristic_block_h), and each warp's chain of dependent mma is K_SPLIT times shorter."""
+    where K_SPLIT is the number of warps): each warp reduces its own chunk, where a 2-D dot of 16 rows and 16 columns
+    gives every warp the whole tile (_plan.heuristic_width), and each warp's chain of dependent mma is K_SPLIT times
+    shorter."""
     if K_SPLIT > 1:
         return tl.sum(_dot(a, b, ACC, DOT_PRECISION, DOT_UPCAST), axis=0)
     else:
@@ -72,16 +74,24 @@ def _dot_k(
 
 
 @triton.jit
-def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr = 1):
-    """This program's hidden units (o_j, m_j) and the held units of the reduction (o_k, m_k): [BLOCK_K], or cut in
-    chunks [K_SPLIT, BLOCK_K / K_SPLIT]. Tiles over them put the units last (tl.expand_dims(o_k, -2): a [rows,
-    units] tile, or [K_SPLIT, rows, units] with rows[:, None] broadcast) or first (tl.expand_dims(o_k, -1): the
-    weight tiles [units, BLOCK_H], or [K_SPLIT, units, BLOCK_H]), so one source serves both."""
-    o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _reduction_units(k0, WIDTH: tl.constexpr, K_SPLIT: tl.constexpr):
+    """Units k0 + [0, WIDTH) of the reduction: [WIDTH], or cut in chunks [K_SPLIT, WIDTH / K_SPLIT]. Tiles over them
+    put the units last (tl.expand_dims(o_k, -2): a [rows, units] tile, or [K_SPLIT, rows, units] with rows[:, None]
+    broadcast) or first (tl.expand_dims(o_k, -1): the weight tiles [units, BLOCK_H], or [K_SPLIT, units, BLOCK_H]),
+    so one source serves both (_dot_k)."""
     if K_SPLIT > 1:
-        o_k = tl.arange(0, K_SPLIT)[:, None] * (BLOCK_K // K_SPLIT) + tl.arange(0, BLOCK_K // K_SPLIT)[None, :]
+        o_k = k0 + tl.arange(0, K_SPLIT)[:, None] * (WIDTH // K_SPLIT) + tl.arange(0, WIDTH // K_SPLIT)[None, :]
     else:
-        o_k = tl.arange(0, BLOCK_K)
+        o_k = k0 + tl.arange(0, WIDTH)
+    return o_k
+
+
+@triton.jit
+def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr = 1):
+    """This program's hidden units (o_j, m_j) and the held units of the reduction (o_k, m_k), in K_SPLIT chunks
+    (_reduction_units)."""
+    o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_k = _reduction_units(0, BLOCK_K, K_SPLIT)
     return o_j, o_j < H, o_k, o_k < H
 
 
@@ -204,9 +214,9 @@ def _recurrent_preacts(
 ):  # fmt: skip
     """h_{t-1} @ W_g^T on this program's units for each gate g < G (r0..r3), a reduction over K units.
 
-    Units [0, BLOCK_K) come from b_h and the held tiles b_w* (in K_SPLIT chunks: _dot_k); where the slice is too
-    large to hold, the units [BLOCK_K, K) are read every step in chunks of BLOCK_KS: h from p_hrow ([BLOCK_B] row
-    pointers), W^T from p_wrow ([1, BLOCK_H] pointers to W[j, 0]; gate g at +g*GATE_STRIDE).
+    Units [0, BLOCK_K) come from b_h and the held tiles b_w*; where the slice is too large to hold, the units
+    [BLOCK_K, K) are read every step in chunks of BLOCK_KS: h from p_hrow ([BLOCK_B] row pointers), W^T from p_wrow
+    ([1, BLOCK_H] pointers to W[j, 0]; gate g at +g*GATE_STRIDE). Both reductions cut in K_SPLIT chunks (_dot_k).
     """
     r0 = _dot_k(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     r1 = r0
@@ -218,18 +228,21 @@ def _recurrent_preacts(
     if G > 3:
         r3 = _dot_k(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     for k0 in range(BLOCK_K, K, BLOCK_KS):
-        o_k = k0 + tl.arange(0, BLOCK_KS)
+        o_k = _reduction_units(k0, BLOCK_KS, K_SPLIT)
         m_k = o_k < K
-        m_bk = m_b[:, None] & m_k[None, :]
-        b_hk = tl.load(p_hrow[:, None] + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
-        p_wk = p_wrow + o_k[:, None]
-        m_wk = m_k[:, None] & m_j
-        r0 += _dot(b_hk, tl.load(p_wk, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+        m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
+        b_hk = tl.load(p_hrow[:, None] + tl.expand_dims(o_k, -2), mask=m_bk, other=0.0, cache_modifier=".cg")
+        p_wk = p_wrow + tl.expand_dims(o_k, -1)
+        m_wk = tl.expand_dims(m_k, -1) & m_j
+        r0 += _dot_k(b_hk, tl.load(p_wk, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         if G > 1:
-            r1 += _dot(b_hk, tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
-            r2 += _dot(b_hk, tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+            b_wk1 = tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0)
+            r1 += _dot_k(b_hk, b_wk1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+            b_wk2 = tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0)
+            r2 += _dot_k(b_hk, b_wk2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         if G > 3:
-            r3 += _dot(b_hk, tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST)
+            b_wk3 = tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0)
+            r3 += _dot_k(b_hk, b_wk3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     return r0, r1, r2, r3
 
 
@@ -435,7 +448,7 @@ def rnn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     VARLEN: tl.constexpr = False,
-    K_SPLIT: tl.constexpr = 1,  # the held reduction in K_SPLIT chunks, one a warp (_dot_k)
+    K_SPLIT: tl.constexpr = 1,  # the reduction in K_SPLIT chunks, one a warp (_dot_k)
     ring=None,  # [D, 2, B, H] int32 (16-bit dtypes) or int64 (fp32) words (TAGGED): slot 0 the initial state, tag 1
     TAGGED: tl.constexpr = False,  # exchange h through ring's tagged words instead of the grid barrier (sync.py)
 ):
@@ -523,9 +536,9 @@ def _bwd_recurrent_step(
     """grad_h[:, j] += sum_g grad_gates[tn, :, g, :] @ W_hh[g*H:(g+1)*H, j]: dL/dh through W_hh.
 
     tn is the time of the direction's next step; grad_gates and grad_h [B, N] (N = H, or P with a
-    projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w* (o_k, m_k and the
-    tiles in K_SPLIT chunks: _dot_k), the rest are read every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H]
-    pointers to W_hh[0, j]).
+    projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w*, the rest are read
+    every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H] pointers to W_hh[0, j]); both reductions cut in
+    K_SPLIT chunks (o_k, m_k and the held tiles so cut: _dot_k).
     ACCUMULATE=False: grad_h = the sum, what it held is ignored. The stack kernel (kernels/stack.py) also computes
     the gradient of a layer's input this way, from the layer above's gate gradients and W_ih.
     TAGGED: the gate gradients come from ring ([B, G*H] words of step tn's slot) once they carry tag (sync.py).
@@ -566,14 +579,15 @@ def _bwd_recurrent_step(
                 b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
                 acc += _dot_k(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         for k0 in range(BLOCK_K, H, BLOCK_KS):
-            o_ks = k0 + tl.arange(0, BLOCK_KS)
+            o_ks = _reduction_units(k0, BLOCK_KS, K_SPLIT)
             m_ks = o_ks < H
-            m_bks = m_b[:, None] & m_ks[None, :]
-            m_wk = m_ks[:, None] & m_j[None, :]
+            m_bks = m_b[:, None] & tl.expand_dims(m_ks, -2)
+            m_wk = tl.expand_dims(m_ks, -1) & m_j[None, :]
             for g in tl.static_range(G):
-                b_dgk = tl.load(p_row[:, None] + g * H + o_ks[None, :], mask=m_bks, other=0.0, cache_modifier=".cg")
-                b_wk = tl.load(p_wcol + (g * H + o_ks)[:, None] * N, mask=m_wk, other=0.0)
-                acc += _dot(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST)
+                p_dgk = p_row[:, None] + g * H + tl.expand_dims(o_ks, -2)
+                b_dgk = tl.load(p_dgk, mask=m_bks, other=0.0, cache_modifier=".cg")
+                b_wk = tl.load(p_wcol + tl.expand_dims(g * H + o_ks, -1) * N, mask=m_wk, other=0.0)
+                acc += _dot_k(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         tl.store(p_dh, acc, mask=m_bj)
 
 
@@ -650,7 +664,7 @@ def rnn_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     VARLEN: tl.constexpr = False,
-    K_SPLIT: tl.constexpr = 1,  # the held reduction in K_SPLIT chunks, one a warp (_dot_k)
+    K_SPLIT: tl.constexpr = 1,  # the reduction in K_SPLIT chunks, one a warp (_dot_k)
     ring=None,  # [D, 2, B, G*H] int32 or int64 words, zeroed (TAGGED): the gate gradients of the last two steps
     TAGGED: tl.constexpr = False,  # exchange the gate gradients as tagged words instead of the grid barrier
 ):

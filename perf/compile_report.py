@@ -137,7 +137,7 @@ def _resources(
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     # How Triton laid the warps over the rows and columns of the dots' results (mma.sync's 16 x 8 tiles): warps on
-    # rows a tile does not have compute copies of it (_plan.heuristic_block_h). "-" without tensor-core dots.
+    # rows a tile does not have compute copies of it (_plan.heuristic_width). "-" without tensor-core dots.
     # A 3-D dot (K_SPLIT > 1) has three: chunks x rows x columns. Each distinct layout, "+" between (a reduction in
     # chunks with streamed rows has both).
     layouts = re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", kernel.asm["ttgir"])

@@ -398,12 +398,12 @@ def test_a_plan_with_one_batch_tile_takes_one_stage_then_fewer_rows(fake_gpu, mo
 
 def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
     """Where the dots run on tensor cores and a program holds its whole slice at 32 units, it takes 32 units, one
-    16-row batch tile and 4 warps (each its own 8 columns of the gate dots); where it holds its whole slice only at
-    16 (the bytes of half of it at 32), 16 units and the reduction in 8 chunks, a warp each; else 16 units, where
-    float32 without TF32 (its dot on the FMA units) takes 8 warps at every size (with 4 its kernels spill
-    kilobytes a thread), and a small slice in bf16 4. One pipeline stage where each group of programs has one batch
-    tile and holds its whole slice, or cuts its reduction in chunks; three where a group loops over tiles or streams
-    rows; a forced stage count is kept (sm_90 compiles, perf/NOTES.md)."""
+    16-row batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units and the reduction, held
+    and streamed rows alike, in 8 chunks, a warp each. float32 without TF32 (its dot on the FMA units) takes 16 units
+    and 8 warps at every size (with 4 its kernels spill kilobytes a thread); a small slice in bf16 4 warps. One
+    pipeline stage where each group of programs has one batch tile and holds its whole slice, or holds it whole in
+    chunks; three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90 compiles,
+    perf/NOTES.md)."""
 
     def plan(cell, hidden, batch, dtype):
         return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
@@ -421,16 +421,16 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     split = plan("lstm", 512, 16, torch.float32)  # 256 KB at 32 units, the whole 128 KB at 16
     assert shape(split) == (16, 16, 8, 32) and chunks(split) == (8, 512, 1)
     assert shape(plan("lstm", 256, 16, torch.float32)) == (32, 16, 4, 8)  # 128 KB at 32 units
-    quarter = plan("lstm", 1024, 16, torch.float32)  # a quarter at 32 units, half at 16
-    assert shape(quarter) == (16, 16, 8, 64) and quarter.k_split == 1
+    half = plan("lstm", 1024, 16, torch.float32)  # a quarter at 32 units, half at 16: the rest streamed, in chunks too
+    assert shape(half) == (16, 16, 8, 64) and chunks(half) == (8, 512, 3) and half.block_ks == 128
     assert shape(plan("rnn_tanh", 256, 16, torch.bfloat16)) == (32, 16, 4, 8)
     assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (32, 16, 4, 16)  # a 128 KB slice
     # 256 KB at 32 units, the whole 128 KB at 16 in 8 chunks: two groups of 64 programs, two tiles each, one stage.
     split = plan("lstm", 1024, 64, torch.bfloat16)
     assert shape(split) == (16, 16, 8, 64) and chunks(split) == (8, 1024, 1) and split.batch_groups == 2
     assert chunks(plan("gru", 768, 16, torch.bfloat16)) == (8, 1024, 1)
-    assert shape(plan("lstm", 2048, 64, torch.bfloat16)) == (16, 32, 8, 128)  # a quarter at 32 units
-    assert plan("lstm", 2048, 64, torch.bfloat16).k_split == 1
+    half = plan("lstm", 2048, 64, torch.bfloat16)  # a quarter at 32 units, half at 16
+    assert shape(half) == (16, 16, 8, 128) and chunks(half) == (8, 1024, 3) and half.block_ks == 128
     monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")  # the tagged exchange's kernels keep 16 units, one chunk
     assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (16, 32, 8, 32)
     assert plan("lstm", 1024, 16, torch.bfloat16).k_split == 1

@@ -71,7 +71,8 @@ def test_the_gate_dots_of_the_planned_kernels_give_each_warp_its_own_work():
 
 def test_large_hidden_sizes_fit_an_h100_with_streamed_rows():
     """H=2048 in bf16 and H=1024 in fp32: part of each program's W_hh slice is read every step, and the kernels
-    compile within an H100's shared memory (the GPU halves the held rows the same way until they fit)."""
+    compile within an H100's shared memory (the GPU halves the held rows the same way until they fit). In bf16 the
+    held and the streamed rows alike are cut in chunks, one a warp: every dot's warps over its chunks."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for hidden, dtype in (("2048", "bf16"), ("1024", "fp32")):
         result = subprocess.run(
@@ -82,6 +83,8 @@ def test_large_hidden_sizes_fit_an_h100_with_streamed_rows():
         assert result.returncode == 0, result.stdout + result.stderr
         lines = [line for line in result.stdout.splitlines() if "| bwd {" in line]
         assert len(lines) == 2 and all(f"BLOCK_K={int(hidden) // 2}" in line for line in lines), result.stdout
+        if dtype == "bf16":
+            assert all(line.count("'mma_warps': '8x1x1'") == 2 for line in lines), result.stdout
 
 
 def test_stack_kernels_compile_for_sm90():

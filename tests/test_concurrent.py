@@ -263,6 +263,13 @@ def test_streamed_weight_rows_with_several_programs(launches, forced_plan):
     assert_ran_persistent(launches, tagged=False)
 
 
+def test_streamed_weight_rows_in_chunks_with_several_programs(launches, forced_plan):
+    """The same, held and streamed rows each in two chunks (a 3-D dot: kernels/recurrent._dot_k)."""
+    forced_plan(block_h=16, block_k=16, block_ks=32, k_split=2, persistent=True)
+    compare("lstm", 5, 3, 4, 70, 1, seed=7, bidirectional=True)
+    assert_ran_persistent(launches, tagged=False)
+
+
 def test_projection_two_barrier_phases_a_step(launches, forced_plan):
     """LSTM with proj_size: gates then the projection, each phase closed by the grid barrier, three programs."""
     forced_plan(block_h=16, persistent=True)

@@ -35,11 +35,10 @@ CELLS = {
 # Smallest tile tl.dot accepts on the GPU in each dimension.
 MIN_DOT = 16
 # Columns of mma.sync's tile (16 x 8), and the units a program takes where its dots run on tensor cores and it holds
-# at least half its slice (heuristic_block_h).
+# its whole slice (heuristic_width).
 MMA_N = 8
 WIDE_BLOCK_H = 32
-# Chunks of the held reduction, one a warp, where a program holds its whole slice at 16 units but not at 32
-# (heuristic_width).
+# Chunks of the reduction, one a warp, where a program cannot hold its whole slice at 32 units (heuristic_width).
 SPLIT_WARPS = 8
 # The W_hh slice a program holds on chip, at most (Triton puts it in shared memory; perf/NOTES.md). Rows beyond
 # it are read every step in chunks (BLOCK_KS). A first guess: functional.kernel_plan compiles the kernels and
@@ -75,7 +74,7 @@ class LayerPlan:
     tagged: bool = False  # h (forward) or the gate gradients (backward) exchanged as tagged words (kernels/sync.py)
     # Independent groups of batch rows (grid axis 2), each with its own num_programs programs and grid barrier.
     batch_groups: int = 1
-    # The held reduction cut in k_split chunks, one a warp (kernels/recurrent._dot_k): 1, or num_warps.
+    # The reduction (held and streamed rows) in k_split chunks, one a warp (kernels/recurrent._dot_k): 1 or num_warps.
     k_split: int = 1
     backward: LayerPlan | None = None
 
@@ -173,6 +172,7 @@ def plan_layer(
     program on the GPU, its reduction in one chunk (default ``heuristic_width``)."""
     _, gates, _ = CELLS[cell]
     block_k = max(MIN_DOT, next_pow2(hidden_size))
+    block_ks = LayerPlan.block_ks
     # fp32's dot (no tensor cores in IEEE mode) spills kilobytes per thread with 32-row tiles (perf/NOTES.md).
     block_b = MIN_DOT if batch <= MIN_DOT or dtype == torch.float32 else 32
     if device.type == "cuda":
@@ -196,6 +196,8 @@ def plan_layer(
         num_programs = -(-hidden_size // block_h)
         block_k = held_rows(hidden_size, gates, block_h, dtype)
         if k_split > 1:
+            # Streamed rows in chunks of MIN_DOT rows a warp at least.
+            block_ks = max(block_ks, MIN_DOT * k_split)
             # One 16-row batch tile and a warp per chunk of the reduction (kernels/recurrent._dot_k).
             block_b, num_warps = MIN_DOT, k_split
         elif block_h > MIN_DOT:
@@ -215,7 +217,8 @@ def plan_layer(
         together = True
         k_split = 1
     plan = apply_forced_plan(
-        LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together, k_split=k_split),
+        LayerPlan(block_h, block_b, block_k, num_programs, num_warps, persistent, together, block_ks=block_ks,
+                  k_split=k_split),
         hidden_size, device, directions,
     )  # fmt: skip
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
@@ -226,10 +229,11 @@ def plan_layer(
 
 
 def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(units a program takes, chunks of its held reduction). Where the dots run on tensor cores: WIDE_BLOCK_H units
-    where a program holds its whole slice of W_hh at that width; else 16 units with the reduction in SPLIT_WARPS
-    chunks where it holds its whole slice at 16 (LSTM and GRU at H=768 and 1024 in 16-bit, 512 with TF32); else 16
-    units, one chunk (the rows it does not hold read every step).
+    """(units a program takes, chunks of its reduction). Where the dots run on tensor cores: WIDE_BLOCK_H units where
+    a program holds its whole slice of W_hh at that width; else 16 units with the reduction in SPLIT_WARPS chunks,
+    one a warp (LSTM and GRU from H=768 in 16-bit, from 512 with TF32: the whole slice held up to H=1024 in 16-bit,
+    the rows beyond read every step, chunked alike). float32 without TF32 multiplies on the FMA units: 16 units, one
+    chunk.
 
     Triton gives every warp of a program the batch rows of its gate dots where the tile has at least as many rows as
     columns (the dots share their h operand, which Triton counts as a chain): with 16 rows and 16 units, 16 x 16, each
@@ -237,18 +241,16 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     step. With 32 units (16 x 32) the warps take the columns, 8 each (mma.sync's tile is 16 x 8): LSTM bf16 H=512
     B=16, a quarter of the forward's mma per SM and 30% of its shared-memory reads (sm_90 PTX, perf/NOTES.md). A
     reduction in chunks is a 3-D dot whose warps Triton lays over the chunks (kernels/recurrent._dot_k): no copies at
-    16 units either, and the whole slice held where 32 units would hold half (the same bytes) and read the rest
-    every step. float32 without TF32 multiplies on the FMA units, where none of this applies.
+    16 units either, and twice the rows held that 32 units would hold (the same bytes).
     """
     tensor_cores = dtype != torch.float32 or tf32_matmul()
     # The tagged exchange (opt-in) keeps 16 units and one chunk: it needs the whole slice held, and at 32 units its
     # tile of tagged words spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB on Triton 3.6).
     if not tensor_cores or hidden_size <= MIN_DOT or exchange_setting() == "tagged":
         return MIN_DOT, 1
-    rows = next_pow2(hidden_size)
-    if held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= rows:
+    if held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
         return WIDE_BLOCK_H, 1
-    if held_rows(hidden_size, gates, MIN_DOT, dtype) >= rows and rows // SPLIT_WARPS >= MIN_DOT:
+    if held_rows(hidden_size, gates, MIN_DOT, dtype) // SPLIT_WARPS >= MIN_DOT:
         return MIN_DOT, SPLIT_WARPS
     return MIN_DOT, 1
 
@@ -403,6 +405,7 @@ def plan_with(
         persistent=num_programs <= sm_count,
         directions_together=num_programs * directions <= sm_count,
         num_stages=num_stages,
+        block_ks=max(LayerPlan.block_ks, MIN_DOT * k_split),
         k_split=k_split,
     )
     return with_batch_groups(plan, batch, directions, sm_count)
@@ -429,13 +432,15 @@ def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device, d
 
 
 def check_k_split(plan: LayerPlan, device: torch.device) -> None:
-    """A plan's reduction chunks must cut its held rows evenly, on the GPU in chunks tl.dot accepts."""
-    chunk = plan.block_k // plan.k_split if plan.k_split >= 1 else 0
-    if chunk < 1 or plan.block_k % plan.k_split or (device.type == "cuda" and chunk < MIN_DOT):
-        raise ValueError(
-            f"k_split={plan.k_split} does not cut the {plan.block_k} held rows into equal chunks"
-            + (f" of at least {MIN_DOT}" if device.type == "cuda" else "")
-        )
+    """A plan's reduction chunks must cut its held rows, and the rows it streams at a time, evenly, on the GPU in
+    chunks tl.dot accepts."""
+    least = MIN_DOT if device.type == "cuda" else 1
+    for rows, what in ((plan.block_k, "held rows"), (plan.block_ks, "rows streamed at a time")):
+        if plan.k_split < 1 or rows % plan.k_split or rows // plan.k_split < least:
+            raise ValueError(
+                f"k_split={plan.k_split} does not cut the {rows} {what} into equal chunks"
+                + (f" of at least {MIN_DOT}" if device.type == "cuda" else "")
+            )
 
 
 EXCHANGES = ("barrier", "tagged")

@@ -1,7 +1,7 @@
 """Per-GPU kernel configurations: chosen by timing candidates once, remembered on disk.
 
 A configuration is the hidden slice per program (``block_h``, which also fixes the number of programs),
-the batch tile, ``num_warps``, ``num_stages`` and the chunks of the held reduction (``k_split``: 1, or one a warp;
+the batch tile, ``num_warps``, ``num_stages`` and the chunks of the reduction (``k_split``: 1, or one a warp;
 kernels/recurrent._dot_k), for the forward and the backward kernel separately.
 Where the resident weights live (shared memory or registers) is Triton's decision for a configuration;
 the compiled kernel's shared memory and registers decide whether it fits.
