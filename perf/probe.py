@@ -39,8 +39,8 @@ PROBE_CONFIGS = [
 ]  # fmt: skip
 
 
-# (cell, H) and the plan fields each width forces (the rest derived as the heuristics derive them for that width).
-WIDTH_CASES = [("lstm", 1024), ("lstm", 512), ("gru", 1024)]
+# The plan fields each width forces (the rest derived as the heuristics derive them for that width), and the
+# (cell, H, widths) timed: every width where the heuristics' choice was closest, two elsewhere.
 WIDTHS = {
     "heuristics": {},
     "32 units": dict(block_h=32, k_split=1),
@@ -48,6 +48,12 @@ WIDTHS = {
     "16 units, 8 chunks": dict(block_h=16, k_split=8),
     "32 units, 4 chunks": dict(block_h=32, k_split=4),
 }
+WIDTH_CASES = [
+    ("lstm", 1024, tuple(WIDTHS)),
+    ("lstm", 512, tuple(WIDTHS)),
+    ("gru", 1024, ("heuristics", "32 units")),
+    ("lstm", 2048, ("heuristics", "16 units")),
+]
 
 
 def _config(cell: str, H: int) -> Config:
@@ -126,13 +132,13 @@ def widths() -> int:
     print(card(), flush=True)
     device = torch.device("cuda")
     failed = False
-    for cell, H in WIDTH_CASES:
+    for cell, H, names in WIDTH_CASES:
         config = _config(cell, H)
         case = runner.Case(config, device)
         cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
         print(f"{cell} bf16 B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
-        for name, fields in WIDTHS.items():
-            _plan.force_plan(**fields)
+        for name in names:
+            _plan.force_plan(**WIDTHS[name])
             try:
                 # A forced plan is not shrunk to fit: kernel_plan says why it cannot run (the layer would fall back).
                 plan = functional.kernel_plan(cell, H, config.B, torch.bfloat16, device)

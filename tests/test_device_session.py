@@ -194,7 +194,7 @@ def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(probe, "card", lambda: "a card")
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
-    monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024)])
+    monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024, tuple(probe.WIDTHS))])
     seen = []
 
     def kernel_plan(cell, hidden, batch, dtype, device):
