@@ -431,9 +431,11 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     assert chunks(plan("gru", 768, 16, torch.bfloat16)) == (8, 1024, 1)
     half = plan("lstm", 2048, 64, torch.bfloat16)  # a quarter at 32 units, half at 16
     assert shape(half) == (16, 16, 8, 128) and chunks(half) == (8, 1024, 3) and half.block_ks == 128
-    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")  # the tagged exchange's kernels keep 16 units, one chunk
-    assert shape(plan("lstm", 512, 64, torch.bfloat16)) == (16, 32, 8, 32)
-    assert plan("lstm", 1024, 16, torch.bfloat16).k_split == 1
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", "tagged")  # the tagged exchange's kernels keep 16 units, in chunks
+    tagged = plan("lstm", 512, 64, torch.bfloat16)
+    assert shape(tagged) == (16, 16, 8, 32) and chunks(tagged) == (8, 512, 1)
+    assert plan("lstm", 1024, 16, torch.bfloat16).k_split == 8
+    assert plan("lstm", 256, 16, torch.bfloat16).k_split == 1  # chunks of 32 rows: its backward spilled
     monkeypatch.delenv("TRITONRNN_EXCHANGE")
     _plan.force_plan(block_h=16)  # a forced width: the rest of the plan as the heuristics derive it for that width
     try:

@@ -691,19 +691,30 @@ def test_cuda_graph_replay_of_a_fused_stack(monkeypatch):
     ids=str,
 )
 def test_tagged_exchange_is_bitwise_the_barrier_exchange(cell, dtype, B, H, bidirectional, monkeypatch, launched_plans):
-    """h shared as tagged words (no grid barrier in the forward): the barrier's bits, outputs and gradients."""
+    """h shared as tagged words (no grid barrier in the forward): the barrier's bits, outputs and gradients, the
+    barrier's kernels run on the tagged plan's tiles (the heuristics give the two exchanges different widths where 32
+    units a program hold the whole slice, and a reduction in chunks sums in another order)."""
     torch.manual_seed(0)
     cls = {"lstm": tritonrnn.LSTM, "gru": tritonrnn.GRU, "rnn_tanh": tritonrnn.RNN}[cell]
     model = cls(H, H, num_layers=2, bidirectional=bidirectional).to(CUDA, dtype)
     x = torch.randn(200, B, H, device=CUDA, dtype=dtype)
     results = []
-    for exchange in ("barrier", "tagged"):
+    for exchange in ("tagged", "barrier"):
         monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+        if exchange == "barrier":
+            tiles = {(p.block_h, p.block_b, p.block_k, p.k_split, p.num_warps) for _, p in launched_plans}
+            assert len(tiles) == 1, tiles
+            ((block_h, block_b, block_k, k_split, num_warps),) = tiles
+            _plan.force_plan(block_h=block_h, block_b=block_b, block_k=block_k, k_split=k_split, num_warps=num_warps)
         launched_plans.clear()
-        xr = x.clone().requires_grad_()
-        out, state = model(xr)
-        h = state[0] if isinstance(state, tuple) else state
-        results.append([out, h, *torch.autograd.grad(out.float().sum() + h.float().sum(), [xr, *model.parameters()])])
+        try:
+            xr = x.clone().requires_grad_()
+            out, state = model(xr)
+            h = state[0] if isinstance(state, tuple) else state
+            loss = out.float().sum() + h.float().sum()
+            results.append([out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+        finally:
+            _plan.force_plan()
         # Each launch on the exchange asked for (a plan that misfits would quietly take the barrier).
         assert launched_plans and all(plan.tagged == (exchange == "tagged") for _, plan in launched_plans)
     for a, b in zip(*results):

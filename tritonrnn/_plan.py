@@ -244,13 +244,17 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     16 units either, and twice the rows held that 32 units would hold (the same bytes).
     """
     tensor_cores = dtype != torch.float32 or tf32_matmul()
-    # The tagged exchange (opt-in) keeps 16 units and one chunk: it needs the whole slice held, and at 32 units its
-    # tile of tagged words spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB on Triton 3.6).
-    if not tensor_cores or hidden_size <= MIN_DOT or exchange_setting() == "tagged":
+    if not tensor_cores or hidden_size <= MIN_DOT:
         return MIN_DOT, 1
-    if held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
+    # The tagged exchange (opt-in) keeps 16 units, in chunks of 64 rows or more: at 32 units its tile of tagged words
+    # spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB); at 16 in one chunk LSTM bf16 H=1024's forward 552
+    # bytes, in 8 chunks of 128 rows nothing; in 8 chunks of 32 rows (H=256) LSTM's and GRU's backward 104-120 bytes
+    # (ptxas held it to 128 registers), in one chunk 8 (sm_90, Triton 3.6).
+    tagged = exchange_setting() == "tagged"
+    if not tagged and held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
         return WIDE_BLOCK_H, 1
-    if held_rows(hidden_size, gates, MIN_DOT, dtype) // SPLIT_WARPS >= MIN_DOT:
+    least_chunk = 4 * MIN_DOT if tagged else MIN_DOT
+    if held_rows(hidden_size, gates, MIN_DOT, dtype) // SPLIT_WARPS >= least_chunk:
         return MIN_DOT, SPLIT_WARPS
     return MIN_DOT, 1
 
