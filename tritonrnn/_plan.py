@@ -333,7 +333,8 @@ def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> Lay
     """
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
     can_halve = not proj and plan.block_k // 2 >= MIN_HELD_ROWS
-    # A reduction in chunks keeps its whole slice first too: the streamed rows' 2-D dots would copy the tile per warp.
+    # A reduction in chunks keeps its whole slice first too: its slice is what leaves the pipeline no room
+    # (with_pipeline), and rows streamed instead are read from L2 every step.
     whole_first = one_tile or not can_halve or plan.k_split > 1
     if max(plan.num_stages, plan.for_backward().num_stages) > 1 and whole_first:
         backward = dataclasses.replace(full.backward, num_stages=1) if full.backward else None
