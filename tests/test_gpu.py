@@ -708,17 +708,22 @@ def test_tagged_exchange_is_bitwise_the_barrier_exchange(cell, dtype, B, H, bidi
             _plan.force_plan(block_h=block_h, block_b=block_b, block_k=block_k, k_split=k_split, num_warps=num_warps)
         launched_plans.clear()
         try:
-            xr = x.clone().requires_grad_()
-            out, state = model(xr)
-            h = state[0] if isinstance(state, tuple) else state
-            loss = out.float().sum() + h.float().sum()
-            results.append([out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+            results.append(_output_state_and_gradients(model, x))
         finally:
             _plan.force_plan()
         # Each launch on the exchange asked for (a plan that misfits would quietly take the barrier).
         assert launched_plans and all(plan.tagged == (exchange == "tagged") for _, plan in launched_plans)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _output_state_and_gradients(model, x) -> list[torch.Tensor]:
+    """One training step's output, final h and the gradients of the input and every parameter."""
+    xr = x.clone().requires_grad_()
+    out, state = model(xr)
+    h = state[0] if isinstance(state, tuple) else state
+    loss = out.float().sum() + h.float().sum()
+    return [out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])]
 
 
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])
@@ -747,11 +752,7 @@ def test_batch_groups_are_bitwise_one_group_at_scale(cell, dtype, B, H, bidirect
             # The same kernels, the batch in one group (a forced plan is taken as it is, without smaller plans).
             _plan.force_plan(batch_groups=1, block_k=base.block_k, num_stages=base.num_stages)
         try:
-            xr = x.clone().requires_grad_()
-            out, state = model(xr)
-            h = state[0] if isinstance(state, tuple) else state
-            loss = out.float().sum() + h.float().sum()
-            results.append([out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+            results.append(_output_state_and_gradients(model, x))
         finally:
             _plan.force_plan()
     for a, b in zip(*results):
