@@ -71,6 +71,7 @@ def stack_fwd_kernel(
     DOT_UPCAST: tl.constexpr,
     ring=None,  # [L, 2, B, H] words (TAGGED): each layer's h exchange, slot 0 holding h0 under tag 1 (sync.py)
     TAGGED: tl.constexpr = False,
+    K_SPLIT: tl.constexpr = 1,  # both reductions (h and the layer's input) in K_SPLIT chunks (recurrent._dot_k)
 ):
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     n_layers = tl.num_programs(1)
@@ -82,7 +83,7 @@ def stack_fwd_kernel(
     my_count = counter + layer * tl.num_programs(0) + tl.program_id(0)
     counts_read = counter + below * tl.num_programs(0)
     seed = tl.load(seed_ptr + layer)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
     w_hh += layer * (G * H * H)
     w_ih += below * (G * H * H)
     hseq += layer * (T + 1) * B * H
@@ -94,12 +95,13 @@ def stack_fwd_kernel(
     else:
         inputs = hseq - (layer - below) * (T + 1) * B * H + B * H
     z += layer * T * B * H
-    m_w = m_k[:, None] & m_j[None, :]
+    # Tiles over the reduction's units o_k (in chunks with K_SPLIT): recurrent._reduction_units.
+    m_w = tl.expand_dims(m_k, -1) & m_j[None, :]
     # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
-    m_u = m_w & ((o_k * 0 + layer) > 0)[:, None]
+    m_u = m_w & tl.expand_dims((o_k * 0 + layer) > 0, -1)
     # b_w{g}[k, j] = W_hh[g*H + j, k], b_u{g}[k, j] = W_ih[g*H + j, k]: loaded once, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + o_k[:, None], m_w, H * H, G)
-    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_j[None, :] * H + o_k[:, None], m_u, H * H, G)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + tl.expand_dims(o_k, -1), m_w, H * H, G)
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_j[None, :] * H + tl.expand_dims(o_k, -1), m_u, H * H, G)
     b_b0, b_b1, b_b2, b_b3 = _load_input_preacts(bias + below * (G * H) + o_j[None, :], m_j[None, :], H, G, ACC)
     b_bhn = tl.load(b_hn + layer * H + o_j, mask=m_j, other=0.0).to(ACC)
     out_ty = hseq.dtype.element_ty
@@ -116,24 +118,22 @@ def stack_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
-                m_bk = m_b[:, None] & m_k[None, :]
+                m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
+                o_bk = o_b[:, None] * H + tl.expand_dims(o_k, -2)
                 # h_{t-1} of every unit of this layer (the step count of a layer's exchange is t).
-                b_h = _load_h_prev(
-                    hseq + row[:, None] * H + o_k[None, :], ring, t, o_b[:, None] * H + o_k[None, :], m_bk, B, H,
-                    out_ty, TAGGED,
-                )  # fmt: skip
+                b_h = _load_h_prev(hseq + t * B * H + o_bk, ring, t, o_bk, m_bk, B, H, out_ty, TAGGED)
                 r0, r1, r2, r3 = _recurrent_preacts(
                     b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j[None, :] * H, m_j[None, :], H, H * H,
-                    G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                    G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
                 )  # fmt: skip
                 if layer == 0:
                     x0, x1, x2, x3 = _load_input_preacts(xproj + row[:, None] * (G * H) + o_j[None, :], m_bj, H, G, ACC)
                 else:
                     # The layer below's output at t, written by all its programs one barrier ago.
-                    b_x = tl.load(inputs + row[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+                    b_x = tl.load(inputs + t * B * H + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
                     x0, x1, x2, x3 = _recurrent_preacts(
                         b_x, b_u0, b_u1, b_u2, b_u3, inputs + row * H, m_b, w_ih + o_j[None, :] * H, m_j[None, :], H,
-                        H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                        H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
                     )  # fmt: skip
                     x0 += b_b0
                     x1 += b_b1
@@ -201,6 +201,7 @@ def stack_bwd_kernel(
     DOT_UPCAST: tl.constexpr,
     ring=None,  # [L, 2, B, G*H] words, zeroed (TAGGED): each layer's exchange of gate gradients (sync.py)
     TAGGED: tl.constexpr = False,
+    K_SPLIT: tl.constexpr = 1,  # both reductions (over W_hh and the layer above's W_ih) in K_SPLIT chunks
 ):
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     n_layers = tl.num_programs(1)
@@ -214,7 +215,7 @@ def stack_bwd_kernel(
     my_count = counter + layer * tl.num_programs(0) + tl.program_id(0)
     counts_read = counter + above * tl.num_programs(0)
     seed = tl.load(seed_ptr + layer)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
     w_hh += layer * (G * H * H)
     w_ih += (above - 1) * (G * H * H)
     hseq += layer * (T + 1) * B * H
@@ -229,12 +230,13 @@ def stack_bwd_kernel(
     xgates_above = grad_xgates + above * T * B * (G * H)
     grad_gates += layer * T * B * (G * H)
     grad_xgates += layer * T * B * (G * H)
-    m_w = m_k[:, None] & m_j[None, :]
+    m_w = tl.expand_dims(m_k, -1) & m_j[None, :]
     # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
     top = (o_j * 0 + layer) == n_layers - 1
     # b_w{g}[k, j] = W_hh^l[g*H + k, j], b_u{g}[k, j] = W_ih^{l+1}[g*H + k, j]: resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_k[:, None] * H + o_j[None, :], m_w, H * H, G)
-    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_k[:, None] * H + o_j[None, :], m_w & ~top[None, :], H * H, G)
+    o_kw = tl.expand_dims(o_k, -1) * H + o_j[None, :]
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_kw, m_w, H * H, G)
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_kw, m_w & ~top[None, :], H * H, G)
     o_w = o_j.to(tl.int64)
 
     for s in range(n_steps):
@@ -245,7 +247,7 @@ def stack_bwd_kernel(
                 _bwd_recurrent_step(
                     grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H,
                     G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
-                    _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED,
+                    _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED, K_SPLIT,
                 )  # fmt: skip
             if TAGGED:
                 if layer < n_layers - 1:
@@ -255,7 +257,7 @@ def stack_bwd_kernel(
                 # dL/d(this layer's output at t) through the layer above, whose step t ran one barrier ago.
                 _bwd_recurrent_step(
                     xgates_above, grad_above, t, B, o_j, m_j, o_k, m_k, b_u0, b_u1, b_u2, b_u3, w_ih + o_j[None, :],
-                    H, G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, False,
+                    H, G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, False, K_SPLIT=K_SPLIT,
                 )  # fmt: skip
             # grad_h and grad_above were just written by other threads of this program.
             tl.debug_barrier()
@@ -300,5 +302,5 @@ def stack_bwd_kernel(
         _bwd_recurrent_step(
             grad_gates, grad_h, 0, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, 1, H,
             BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
-            _ring_slot(ring, (T - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, T, TAGGED), TAGGED,
+            _ring_slot(ring, (T - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, T, TAGGED), TAGGED, K_SPLIT,
         )  # fmt: skip

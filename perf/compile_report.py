@@ -266,7 +266,7 @@ def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[
     """The stack kernels' resources at ``plan``: (forward, backward, num_warps)."""
     t = TRITON_TYPES[dtype]
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
-    for name in ("D", "RESIDUAL", "VARLEN", "K_SPLIT"):
+    for name in ("D", "RESIDUAL", "VARLEN"):
         constants.pop(name)
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
     acc = "fp32"

@@ -52,6 +52,7 @@ class Launch:
     grid: tuple[int, int, int]
     SYNC: bool | None
     TAGGED: bool | None
+    K_SPLIT: int | None = None
 
     @property
     def programs(self) -> int:
@@ -234,7 +235,9 @@ def _threaded(fn, local, new_scheduler, launches: list[Launch], timeout_s: float
             return
         programs, errors = list(pending), []
         pending.clear()
-        launches.append(launch(fn.__name__, builder.grid_dim, args.get("SYNC"), args.get("TAGGED")))
+        launches.append(
+            launch(fn.__name__, builder.grid_dim, args.get("SYNC"), args.get("TAGGED"), args.get("K_SPLIT"))
+        )
         scheduler = new_scheduler(programs)
 
         def run(index):

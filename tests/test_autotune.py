@@ -455,11 +455,12 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     assert (stack.block_h, stack.num_warps, stack.batch_groups, stack.num_stages) == (32, 4, 1, 1)
     assert _plan.plan_stack("gru", 256, 3, 64, torch.bfloat16, CUDA0).num_stages == 3  # one group, four tiles
     narrow = _plan.plan_stack("lstm", 512, 3, 16, torch.bfloat16, CUDA0)  # two 128 KB slices do not fit at 32
-    assert (narrow.block_h, narrow.num_warps, narrow.num_programs) == (16, 8, 32)
+    assert (narrow.block_h, narrow.num_warps, narrow.num_programs, narrow.k_split) == (16, 8, 32, 8)
+    assert narrow.block_ks >= 16 * 8  # its streamed loop never runs, but is compiled
     assert isinstance(_plan.plan_stack("lstm", 1024, 3, 16, torch.bfloat16, CUDA0), str)  # two 128 KB slices at 16
-    _plan.force_plan(k_split=4)  # the stack kernel has no K split (where the heuristics split, it does not fit)
+    _plan.force_plan(k_split=4)
     try:
-        assert _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0).k_split == 1
+        assert _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0).k_split == 4
     finally:
         _plan.force_plan()
     _plan.force_plan(num_stages=3)
@@ -524,10 +525,14 @@ def test_a_fused_stack_over_shared_memory_takes_one_stage(fake_gpu, monkeypatch)
         return None if plan.num_stages == 1 and not plan.tagged else "needs more shared memory"
 
     monkeypatch.setattr(fused_stack, "_gpu_misfit", misfit)
-    # B=64: two batch tiles of 32 rows in the stack kernel's one group, so three stages first
-    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 64, torch.bfloat16, CUDA0, 0)
+    # B=64: two batch tiles of 32 rows in the stack kernel's one group, so three stages first (H=256: 16 units, one
+    # chunk with the tagged exchange; a reduction in chunks takes one stage, as at H=512)
+    plan = fused_stack.fused_plan(["lstm"] * 3, [256] * 3, 64, torch.bfloat16, CUDA0, 0)
     assert isinstance(plan, _plan.LayerPlan) and plan.num_stages == 1 and not plan.tagged
     assert tried == [(True, 3), (True, 1), (False, 3), (False, 1)]
     tried.clear()  # B=16, one tile: one stage from the start
-    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 16, torch.bfloat16, CUDA0, 0)
+    plan = fused_stack.fused_plan(["lstm"] * 3, [256] * 3, 16, torch.bfloat16, CUDA0, 0)
+    assert isinstance(plan, _plan.LayerPlan) and plan.num_stages == 1 and tried == [(True, 1), (False, 1)]
+    tried.clear()
+    plan = fused_stack.fused_plan(["lstm"] * 3, [512] * 3, 64, torch.bfloat16, CUDA0, 0)
     assert isinstance(plan, _plan.LayerPlan) and plan.num_stages == 1 and tried == [(True, 1), (False, 1)]

@@ -39,14 +39,17 @@ def launches():
         yield made
 
 
-def assert_ran_persistent(launches, tagged: bool, kernels=("rnn_fwd_kernel", "rnn_bwd_kernel")) -> None:
+def assert_ran_persistent(
+    launches, tagged: bool, kernels=("rnn_fwd_kernel", "rnn_bwd_kernel"), k_split: int | None = None
+) -> None:  # fmt: skip
     """Each of kernels ran, and every launch of a persistent kernel ran all its steps on several programs at once,
-    with the exchange asked for."""
+    with the exchange asked for (and the reduction in k_split chunks where given)."""
     recurrent_launches = [launch for launch in launches if launch.SYNC is not None]
     assert {launch.kernel for launch in recurrent_launches} >= set(kernels)
     for launch in recurrent_launches:
         assert launch.SYNC and launch.programs > 1, launch
         assert bool(launch.TAGGED) == tagged, launch
+        assert k_split is None or launch.K_SPLIT == k_split, launch
 
 
 # --- the harness itself ----------------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def test_reduction_in_chunks_with_three_programs(exchange, launches, forced_plan
     monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
     forced_plan(block_h=16, k_split=4, persistent=True)
     compare("lstm", 6, 5, 4, 40, 1, dtype=torch.float32, seed=6, bidirectional=True)
-    assert_ran_persistent(launches, tagged=exchange == "tagged")
+    assert_ran_persistent(launches, tagged=exchange == "tagged", k_split=4)
 
 
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])
@@ -267,7 +270,7 @@ def test_streamed_weight_rows_in_chunks_with_several_programs(launches, forced_p
     """The same, held and streamed rows each in two chunks (a 3-D dot: kernels/recurrent._dot_k)."""
     forced_plan(block_h=16, block_k=16, block_ks=32, k_split=2, persistent=True)
     compare("lstm", 5, 3, 4, 70, 1, seed=7, bidirectional=True)
-    assert_ran_persistent(launches, tagged=False)
+    assert_ran_persistent(launches, tagged=False, k_split=2)
 
 
 def test_projection_two_barrier_phases_a_step(launches, forced_plan):
@@ -294,17 +297,19 @@ def test_packed_sequences_with_several_programs(exchange, launches, forced_plan,
     assert_ran_persistent(launches, tagged=exchange == "tagged")
 
 
-def test_stack_kernel_with_several_programs_a_layer(launches, forced_plan, fused_only):
+@pytest.mark.parametrize("k_split", [1, 4])
+def test_stack_kernel_with_several_programs_a_layer(k_split, launches, forced_plan, fused_only):
     """Three equal layers in one launch, three programs a layer, the whole grid meeting at every wavefront step.
-    Dropout between the layers; float64 against the reference layers with the same masks."""
-    forced_plan(block_h=16, persistent=True)
+    Dropout between the layers; float64 against the reference layers with the same masks. With k_split, both
+    reductions of a layer in chunks (kernels/recurrent._dot_k)."""
+    forced_plan(block_h=16, persistent=True, k_split=k_split)
     gen = torch.Generator().manual_seed(23)
     model = make_stack([("lstm", 40)] * 3, input_size=5, dropout=0.3)
     x = torch.randn(5, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
     states = random_states(model, 3, gen)
     torch.manual_seed(7)
     assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 5, 3))
-    assert_ran_persistent(launches, tagged=False, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
+    assert_ran_persistent(launches, tagged=False, kernels=("stack_fwd_kernel", "stack_bwd_kernel"), k_split=k_split)
 
 
 @pytest.mark.parametrize(

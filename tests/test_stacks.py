@@ -574,6 +574,28 @@ def test_fused_stack_split_grid_and_odd_sizes(steps, batch, layers, forced_plan,
 
 
 @cpu_only
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_stack_reduction_in_chunks(cell, forced_plan, fused_only, monkeypatch):
+    """Both reductions of every layer (over its h, and over the layer below's output) in four chunks, a 3-D dot
+    (kernels/recurrent._dot_k), two programs a layer, dropout between the layers: float64 against the reference
+    layers with the same masks."""
+    from tritonrnn import fused_stack
+
+    constants = fused_stack._constants
+    chunks = []
+    monkeypatch.setattr(fused_stack, "_constants", lambda *args: chunks.append(constants(*args)["K_SPLIT"]) or
+                        constants(*args))  # fmt: skip
+    forced_plan(block_h=16, k_split=4, persistent=False)
+    gen = torch.Generator().manual_seed(24)
+    model = make_stack([(cell, 20)] * 3, input_size=7, dropout=0.2)
+    x = torch.randn(6, 2, 7, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 2, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.2, "standard", 6, 2))
+    assert chunks and set(chunks) == {4}
+
+
+@cpu_only
 @pytest.mark.parametrize("module,cls", [(tritonrnn.LSTM, nn.LSTM), (tritonrnn.GRU, nn.GRU)], ids=["lstm", "gru"])
 def test_fused_stack_module_matches_torch(module, cls, fused_only):
     torch.manual_seed(0)

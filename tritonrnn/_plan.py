@@ -250,13 +250,17 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     # spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB); at 16 in one chunk LSTM bf16 H=1024's forward 552
     # bytes, in 8 chunks of 128 rows nothing; in 8 chunks of 32 rows (H=256) LSTM's and GRU's backward 104-120 bytes
     # (ptxas held it to 128 registers), in one chunk 8 (sm_90, Triton 3.6).
-    tagged = exchange_setting() == "tagged"
-    if not tagged and held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
+    if exchange_setting() != "tagged" and held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
         return WIDE_BLOCK_H, 1
-    least_chunk = 4 * MIN_DOT if tagged else MIN_DOT
-    if held_rows(hidden_size, gates, MIN_DOT, dtype) // SPLIT_WARPS >= least_chunk:
-        return MIN_DOT, SPLIT_WARPS
-    return MIN_DOT, 1
+    return MIN_DOT, narrow_chunks(held_rows(hidden_size, gates, MIN_DOT, dtype), dtype)
+
+
+def narrow_chunks(rows: int, dtype: torch.dtype) -> int:
+    """Chunks of the reduction over ``rows`` held rows at 16 units a program: SPLIT_WARPS where the dots run on tensor
+    cores and each chunk keeps MIN_DOT rows (64 with the tagged exchange), else 1 (heuristic_width)."""
+    tensor_cores = dtype != torch.float32 or tf32_matmul()
+    least_chunk = 4 * MIN_DOT if exchange_setting() == "tagged" else MIN_DOT
+    return SPLIT_WARPS if tensor_cores and rows // SPLIT_WARPS >= least_chunk else 1
 
 
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
@@ -365,7 +369,7 @@ def plan_stack(
     if isinstance(layer, str):
         return layer
     if device.type != "cuda":
-        return dataclasses.replace(layer, persistent=PROGRAMS_AT_ONCE and layer.persistent, k_split=1)
+        return dataclasses.replace(layer, persistent=PROGRAMS_AT_ONCE and layer.persistent)
     block_k = max(MIN_DOT, next_pow2(hidden_size))
     if 2 * gates * block_k * layer.block_h * dtype.itemsize > HELD_WEIGHT_BYTES and layer.block_h > MIN_DOT:
         # Two matrices held: where a layer's wide slice does not fit twice, the narrow one may.
@@ -376,10 +380,22 @@ def plan_stack(
     programs = layer.num_programs * n_layers
     if programs > _sm_count(cuda_index(device)):
         return f"the stack kernel's {programs} programs would not all be resident"
-    num_warps = layer.num_warps if layer.block_h > MIN_DOT else heuristic_warps(held, 64 * 1024, dtype)
-    # One group, and the reduction in one chunk: the stack kernel has no K split.
+    # 16 units a program: both reductions in chunks, a warp each, where they can be (no copies of the tile per warp).
+    k_split = layer.k_split
+    if layer.block_h == MIN_DOT and "k_split" not in _forced_plan:
+        k_split = narrow_chunks(block_k, dtype)
+    if k_split > 1:
+        num_warps = k_split
+    elif layer.block_h > MIN_DOT:
+        num_warps = layer.num_warps
+    else:
+        num_warps = heuristic_warps(held, 64 * 1024, dtype)
+    # One group: the stack kernel loops over the whole batch.
+    # (No rows are streamed, but the streamed loop is compiled: its chunks too must hold MIN_DOT rows.)
     stack = dataclasses.replace(
-        layer, block_k=block_k, num_warps=num_warps, persistent=True, batch_groups=1, backward=None, k_split=1
+        layer, block_k=block_k, block_b=MIN_DOT if k_split > 1 else layer.block_b, num_warps=num_warps,
+        persistent=True, batch_groups=1, backward=None, k_split=k_split,
+        block_ks=max(layer.block_ks, MIN_DOT * k_split),
     )  # fmt: skip
     return with_pipeline(stack, batch, hidden_size)
 

@@ -45,7 +45,7 @@ from tritonrnn.layer_run import (
 
 def _constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, dropout_mode: int) -> dict:
     constants = _kernel_constants(cell, hidden, dtype, plan, Variant(dropout_mode=dropout_mode))
-    for single_layer_only in ("D", "RESIDUAL", "VARLEN", "K_SPLIT"):
+    for single_layer_only in ("D", "RESIDUAL", "VARLEN"):
         del constants[single_layer_only]
     return constants
 
