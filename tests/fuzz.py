@@ -118,8 +118,8 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         # splits into several programs.
         widest = max([config["hidden"]] if config["kind"] == "module" else [h for _, h in config["layers"]])
         config["block_h"] = 32 if widest > 32 and rng.random() < 0.5 else 16
-        # The held reduction in chunks (kernels/recurrent._dot_k; the single-layer kernels, not the projection's or
-        # the stack kernel's). Drawn from its own generator: the configurations a seed drew before stay the same.
+        # The reduction in chunks (kernels/recurrent._dot_k; the single-layer kernels and the stack kernel, not the
+        # projection's). Drawn from its own generator: the configurations a seed drew before stay the same.
         config["k_split"] = random.Random(config["sched_seed"]).choice([1, 1, 2, 4])
     else:
         # With dropout in training the check is against the float64 reference run of the same model, which draws
