@@ -23,12 +23,13 @@ from .recurrent import (
     CELL_LSTM,
     _bwd_recurrent_step,
     _cell_fwd,
-    _dot,
+    _dot_k,
     _emit,
     _load_gate_tiles,
     _load_input_preacts,
     _lstm_bwd_step,
     _recurrent_preacts,
+    _reduction_units,
     _saved_c_prev,
     _time,
 )
@@ -36,11 +37,15 @@ from .sync import grid_barrier
 
 
 @triton.jit
-def _units(H: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KP: tl.constexpr):
-    """This program's units (o_j; m_j in H, m_p in P) and the reduction ranges over H and P."""
+def _units(
+    H: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KP: tl.constexpr,
+    K_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """This program's units (o_j; m_j in H, m_p in P) and the reduction ranges over H and P, each in K_SPLIT chunks
+    (recurrent._reduction_units: tiles over them use tl.expand_dims(o_k, -1 / -2))."""
     o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_kh = tl.arange(0, BLOCK_KH)
-    o_kp = tl.arange(0, BLOCK_KP)
+    o_kh = _reduction_units(0, BLOCK_KH, K_SPLIT)
+    o_kp = _reduction_units(0, BLOCK_KP, K_SPLIT)
     return o_j, o_j < H, o_j < P, o_kh, o_kh < H, o_kp, o_kp < P
 
 
@@ -82,11 +87,12 @@ def lstm_proj_fwd_kernel(
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    K_SPLIT: tl.constexpr = 1,  # both reductions (over P and over H) in K_SPLIT chunks, one a warp (recurrent._dot_k)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP, K_SPLIT)
     w_hh += d * (4 * H * P)
     w_hr += d * (P * H)
     hseq += d * (T + 1) * B * P
@@ -97,9 +103,10 @@ def lstm_proj_fwd_kernel(
     counter += d
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k < P) and b_wr[k, p] = W_hr[p, k] (k < H): resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + o_j[None, :] * P + o_kp[:, None], m_kp[:, None] & m_j[None, :], H * P, 4
+        w_hh + o_j[None, :] * P + tl.expand_dims(o_kp, -1), tl.expand_dims(m_kp, -1) & m_j[None, :], H * P, 4
     )  # fmt: skip
-    b_wr = tl.load(w_hr + o_j[None, :] * H + o_kh[:, None], mask=m_kh[:, None] & m_p[None, :], other=0.0)
+    m_wr = tl.expand_dims(m_kh, -1) & m_p[None, :]
+    b_wr = tl.load(w_hr + o_j[None, :] * H + tl.expand_dims(o_kh, -1), mask=m_wr, other=0.0)
     out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
@@ -111,8 +118,8 @@ def lstm_proj_fwd_kernel(
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
                 b_h = tl.load(
-                    hseq + ((t + d) * B + o_b)[:, None] * P + o_kp[None, :],
-                    mask=m_b[:, None] & m_kp[None, :],
+                    hseq + ((t + d) * B + o_b)[:, None] * P + tl.expand_dims(o_kp, -2),
+                    mask=m_b[:, None] & tl.expand_dims(m_kp, -2),
                     other=0.0,
                     cache_modifier=".cg",
                 )
@@ -120,7 +127,7 @@ def lstm_proj_fwd_kernel(
                 # The reduction is over the P projected units: its tiles always fit (P < H), nothing streamed.
                 r0, r1, r2, r3 = _recurrent_preacts(
                     b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j[None, :] * P,
-                    m_j[None, :], P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST,
+                    m_j[None, :], P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
                 )  # fmt: skip
                 x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, 4, ACC)
                 b_act = m_bj
@@ -140,12 +147,12 @@ def lstm_proj_fwd_kernel(
                 row = t * B + o_b
                 # m_t of every hidden unit, written by all programs before the last barrier: bypass L1.
                 b_m = tl.load(
-                    mseq + row[:, None] * H + o_kh[None, :],
-                    mask=m_b[:, None] & m_kh[None, :],
+                    mseq + row[:, None] * H + tl.expand_dims(o_kh, -2),
+                    mask=m_b[:, None] & tl.expand_dims(m_kh, -2),
                     other=0.0,
                     cache_modifier=".cg",
                 )
-                b_hout = _dot(b_m, b_wr, ACC, DOT_PRECISION, DOT_UPCAST).to(out_ty)
+                b_hout = _dot_k(b_m, b_wr, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT).to(out_ty)
                 m_bp = m_b[:, None] & m_p[None, :]
                 b_act = m_bp
                 if VARLEN:
@@ -201,11 +208,12 @@ def lstm_proj_bwd_kernel(
     ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    K_SPLIT: tl.constexpr = 1,  # both reductions (over P and over H) in K_SPLIT chunks, one a warp (recurrent._dot_k)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP, K_SPLIT)
     w_hh += d * (4 * H * P)
     w_hr += d * (P * H)
     saved += d * T * B * (5 * H)
@@ -217,9 +225,10 @@ def lstm_proj_bwd_kernel(
     o_w = d * P + o_j.to(tl.int64)  # this program's columns of the [T, B, D*P] tensors
     # b_w{g}[k, p] = W_hh[g*H + k, p] (k < H) and b_wr[k, j] = W_hr[k, j] (k < P): resident for all steps.
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + o_kh[:, None] * P + o_j[None, :], m_kh[:, None] & m_p[None, :], H * P, 4
+        w_hh + tl.expand_dims(o_kh, -1) * P + o_j[None, :], tl.expand_dims(m_kh, -1) & m_p[None, :], H * P, 4
     )  # fmt: skip
-    b_wr = tl.load(w_hr + o_kp[:, None] * H + o_j[None, :], mask=m_kp[:, None] & m_j[None, :], other=0.0)
+    m_wr = tl.expand_dims(m_kp, -1) & m_j[None, :]
+    b_wr = tl.load(w_hr + tl.expand_dims(o_kp, -1) * H + o_j[None, :], mask=m_wr, other=0.0)
     grad_ty = grad_hp.dtype.element_ty
 
     for s in range(n_steps):
@@ -230,6 +239,7 @@ def lstm_proj_bwd_kernel(
                 _bwd_recurrent_step(
                     grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_p, o_kh, m_kh, b_w0, b_w1, b_w2, b_w3,
                     w_hh + o_j[None, :], H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC, DOT_PRECISION, DOT_UPCAST,
+                    K_SPLIT=K_SPLIT,
                 )  # fmt: skip
             # grad_h was just written by other threads of this program.
             tl.debug_barrier()
@@ -264,12 +274,12 @@ def lstm_proj_bwd_kernel(
                 m_bj = m_b[:, None] & m_j[None, :]
                 # dL/dh_t of every projected unit, written by all programs before the last barrier: bypass L1.
                 b_dhp = tl.load(
-                    grad_hp + row[:, None] * (D * P) + d * P + o_kp[None, :],
-                    mask=m_b[:, None] & m_kp[None, :],
+                    grad_hp + row[:, None] * (D * P) + d * P + tl.expand_dims(o_kp, -2),
+                    mask=m_b[:, None] & tl.expand_dims(m_kp, -2),
                     other=0.0,
                     cache_modifier=".cg",
                 )
-                b_dm = _dot(b_dhp, b_wr, ACC, DOT_PRECISION, DOT_UPCAST)
+                b_dm = _dot_k(b_dhp, b_wr, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
                 p_saved = saved + row[:, None] * (5 * H) + o_j[None, :]
                 # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse); c0 before the first.
                 b_cprev = _saved_c_prev(
@@ -290,5 +300,5 @@ def lstm_proj_bwd_kernel(
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_p, o_kh, m_kh,
             b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC,
-            DOT_PRECISION, DOT_UPCAST,
+            DOT_PRECISION, DOT_UPCAST, K_SPLIT=K_SPLIT,
         )  # fmt: skip

@@ -273,11 +273,14 @@ def test_streamed_weight_rows_in_chunks_with_several_programs(launches, forced_p
     assert_ran_persistent(launches, tagged=False, k_split=2)
 
 
-def test_projection_two_barrier_phases_a_step(launches, forced_plan):
-    """LSTM with proj_size: gates then the projection, each phase closed by the grid barrier, three programs."""
-    forced_plan(block_h=16, persistent=True)
+@pytest.mark.parametrize("k_split", [1, 4])
+def test_projection_two_barrier_phases_a_step(k_split, launches, forced_plan):
+    """LSTM with proj_size: gates then the projection, each phase closed by the grid barrier, three programs (both
+    reductions in chunks with k_split)."""
+    forced_plan(block_h=16, persistent=True, k_split=k_split)
     compare("lstm", 5, 3, 4, 40, 2, seed=5, proj_size=7, bidirectional=True)
-    assert_ran_persistent(launches, tagged=False, kernels=("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"))
+    kernels = ("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel")
+    assert_ran_persistent(launches, tagged=False, kernels=kernels, k_split=k_split)
 
 
 def test_projection_with_packed_sequences(launches, forced_plan):

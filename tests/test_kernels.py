@@ -270,6 +270,17 @@ def test_lstm_projection_split_grid_phases_launched_apart(forced_plan):
     compare("lstm", 5, 3, 4, 40, 2, dtype=torch.float32, seed=6, proj_size=20, bidirectional=True)
 
 
+@pytest.mark.parametrize("k_split", [2, 4])
+def test_lstm_projection_reduction_in_chunks(k_split, forced_plan):
+    """Both of the projection's reductions (the gates over the P projected units, h over the H hidden units; the
+    same in backward) in chunks, a 3-D dot each: one program in float64, then split over programs in bf16."""
+    forced_plan(k_split=k_split)
+    compare("lstm", 5, 3, 4, 40, 2, seed=16, proj_size=20, bidirectional=True)
+    compare_packed("lstm", [5, 2, 4], 4, 24, 1, seed=17, proj_size=9)
+    forced_plan(block_h=16, k_split=k_split, persistent=False)
+    compare("lstm", 5, 20, 4, 40, 1, dtype=torch.bfloat16, seed=18, proj_size=20)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lstm_projection_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=7, proj_size=24)

@@ -252,15 +252,27 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     # (ptxas held it to 128 registers), in one chunk 8 (sm_90, Triton 3.6).
     if exchange_setting() != "tagged" and held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
         return WIDE_BLOCK_H, 1
-    return MIN_DOT, narrow_chunks(held_rows(hidden_size, gates, MIN_DOT, dtype), dtype)
+    return MIN_DOT, narrow_chunks(held_rows(hidden_size, gates, MIN_DOT, dtype), dtype, exchange_setting() == "tagged")
 
 
-def narrow_chunks(rows: int, dtype: torch.dtype) -> int:
+def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
     """Chunks of the reduction over ``rows`` held rows at 16 units a program: SPLIT_WARPS where the dots run on tensor
-    cores and each chunk keeps MIN_DOT rows (64 with the tagged exchange), else 1 (heuristic_width)."""
+    cores and each chunk keeps MIN_DOT rows (64 with the tagged exchange: heuristic_width), else 1."""
     tensor_cores = dtype != torch.float32 or tf32_matmul()
-    least_chunk = 4 * MIN_DOT if exchange_setting() == "tagged" else MIN_DOT
+    least_chunk = 4 * MIN_DOT if tagged else MIN_DOT
     return SPLIT_WARPS if tensor_cores and rows // SPLIT_WARPS >= least_chunk else 1
+
+
+def with_projection_chunks(plan: LayerPlan, hidden_size: int, proj: int, dtype: torch.dtype) -> LayerPlan:
+    """The projection's kernels' plan (16 units a program) with both their reductions, over the P projected units
+    and over the H hidden units, in chunks a warp each where the smaller one can be cut (narrow_chunks); a forced
+    k_split is kept. In one chunk every warp computed the whole 16 x 16 tile of each dot (perf/NOTES.md)."""
+    if "k_split" in _forced_plan:
+        return plan
+    k_split = narrow_chunks(min(max(MIN_DOT, next_pow2(hidden_size)), max(MIN_DOT, next_pow2(proj))), dtype, False)
+    if k_split == 1:
+        return plan
+    return dataclasses.replace(plan, k_split=k_split, num_warps=k_split, block_b=MIN_DOT)
 
 
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
@@ -383,7 +395,7 @@ def plan_stack(
     # 16 units a program: both reductions in chunks, a warp each, where they can be (no copies of the tile per warp).
     k_split = layer.k_split
     if layer.block_h == MIN_DOT and "k_split" not in _forced_plan:
-        k_split = narrow_chunks(block_k, dtype)
+        k_split = narrow_chunks(block_k, dtype, exchange_setting() == "tagged")
     if k_split > 1:
         num_warps = k_split
     elif layer.block_h > MIN_DOT:

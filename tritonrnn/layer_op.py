@@ -43,6 +43,7 @@ from tritonrnn._plan import (
     unpack_saved,
     with_batch_groups,
     with_exchange,
+    with_projection_chunks,
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
@@ -64,11 +65,11 @@ def kernel_plan(
     one_group = one_group or bool(variant.proj)
     if device.type not in ("cpu", "cuda"):
         return f"no kernels for device type {device.type!r}"
-    # The projection's kernels keep the narrow slice: the dots of their second phase were not analysed for the wide.
-    # Nor do they cut the reduction in chunks (kernels/lstm_proj.py has no K_SPLIT).
+    # The projection's kernels keep the narrow slice (the dots of their second phase were not analysed for the wide),
+    # their reductions in chunks where they can be.
     plan = plan_layer(cell, hidden, batch, dtype, device, variant.directions, MIN_DOT if variant.proj else None)
-    if variant.proj and not isinstance(plan, str) and plan.k_split != 1:
-        plan = dataclasses.replace(plan, k_split=1)
+    if variant.proj and not isinstance(plan, str) and device.type == "cuda":
+        plan = with_projection_chunks(plan, hidden, variant.proj, dtype)
     if not isinstance(plan, str) and one_group:
         plan = in_one_group(plan, batch, hidden, variant.proj) if device.type == "cuda" else single_group(plan)
     if device.type == "cpu" and not isinstance(plan, str):

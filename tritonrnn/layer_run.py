@@ -103,6 +103,7 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
             BLOCK_KH=max(MIN_DOT, next_pow2(hidden)),
             BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)),
             VARLEN=variant.varlen,
+            K_SPLIT=plan.k_split,
         )
     return dict(
         common, CELL=cell_id, G=gates, S=n_saved, BLOCK_K=plan.block_k, BLOCK_KS=plan.block_ks, VARLEN=variant.varlen,
