@@ -196,8 +196,7 @@ def plan_layer(
         num_programs = -(-hidden_size // block_h)
         block_k = held_rows(hidden_size, gates, block_h, dtype)
         if k_split > 1:
-            # Streamed rows in chunks of MIN_DOT rows a warp at least.
-            block_ks = max(block_ks, MIN_DOT * k_split)
+            block_ks = chunked_block_ks(block_ks, k_split)
             # One 16-row batch tile and a warp per chunk of the reduction (kernels/recurrent._dot_k).
             block_b, num_warps = MIN_DOT, k_split
         elif block_h > MIN_DOT:
@@ -250,9 +249,10 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     # spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB); at 16 in one chunk LSTM bf16 H=1024's forward 552
     # bytes, in 8 chunks of 128 rows nothing; in 8 chunks of 32 rows (H=256) LSTM's and GRU's backward 104-120 bytes
     # (ptxas held it to 128 registers), in one chunk 8 (sm_90, Triton 3.6).
-    if exchange_setting() != "tagged" and held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
+    tagged = exchange_setting() == "tagged"
+    if not tagged and held_rows(hidden_size, gates, WIDE_BLOCK_H, dtype) >= next_pow2(hidden_size):
         return WIDE_BLOCK_H, 1
-    return MIN_DOT, narrow_chunks(held_rows(hidden_size, gates, MIN_DOT, dtype), dtype, exchange_setting() == "tagged")
+    return MIN_DOT, narrow_chunks(held_rows(hidden_size, gates, MIN_DOT, dtype), dtype, tagged)
 
 
 def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
@@ -261,6 +261,12 @@ def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
     tensor_cores = dtype != torch.float32 or tf32_matmul()
     least_chunk = 4 * MIN_DOT if tagged else MIN_DOT
     return SPLIT_WARPS if tensor_cores and rows // SPLIT_WARPS >= least_chunk else 1
+
+
+def chunked_block_ks(block_ks: int, k_split: int) -> int:
+    """Rows streamed a time with the reduction in k_split chunks: MIN_DOT a warp at least (tl.dot's least K). The
+    streamed loop is compiled even where it never runs, so this holds for every chunked plan."""
+    return max(block_ks, MIN_DOT * k_split)
 
 
 def with_projection_chunks(plan: LayerPlan, hidden_size: int, proj: int, dtype: torch.dtype) -> LayerPlan:
@@ -403,11 +409,11 @@ def plan_stack(
     else:
         num_warps = heuristic_warps(held, 64 * 1024, dtype)
     # One group: the stack kernel loops over the whole batch.
-    # (No rows are streamed, but the streamed loop is compiled: its chunks too must hold MIN_DOT rows.)
+    # (No rows are streamed, but the streamed loop is compiled: chunked_block_ks.)
     stack = dataclasses.replace(
         layer, block_k=block_k, block_b=MIN_DOT if k_split > 1 else layer.block_b, num_warps=num_warps,
         persistent=True, batch_groups=1, backward=None, k_split=k_split,
-        block_ks=max(layer.block_ks, MIN_DOT * k_split),
+        block_ks=chunked_block_ks(layer.block_ks, k_split),
     )  # fmt: skip
     return with_pipeline(stack, batch, hidden_size)
 
@@ -438,7 +444,7 @@ def plan_with(
         persistent=num_programs <= sm_count,
         directions_together=num_programs * directions <= sm_count,
         num_stages=num_stages,
-        block_ks=max(LayerPlan.block_ks, MIN_DOT * k_split),
+        block_ks=chunked_block_ks(LayerPlan.block_ks, k_split),
         k_split=k_split,
     )
     return with_batch_groups(plan, batch, directions, sm_count)
