@@ -28,24 +28,24 @@ from .recurrent import (
     _load_gate_tiles,
     _load_input_preacts,
     _lstm_bwd_step,
+    _operand,
     _recurrent_preacts,
     _reduction_units,
     _saved_c_prev,
+    _tile,
     _time,
+    _weight_units,
 )
 from .sync import grid_barrier
 
 
 @triton.jit
-def _units(
-    H: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KP: tl.constexpr,
-    K_SPLIT: tl.constexpr,
-):  # fmt: skip
-    """This program's units (o_j; m_j in H, m_p in P) and the reduction ranges over H and P, each in K_SPLIT chunks
-    (recurrent._reduction_units: tiles over them use tl.expand_dims(o_k, -1 / -2))."""
+def _units(H: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """This program's units (o_j; m_j in H, m_p in P) and the reduction ranges over H and P (tiles over them:
+    recurrent._tile, cut in chunks at the dots by recurrent._operand)."""
     o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_kh = _reduction_units(0, BLOCK_KH, K_SPLIT)
-    o_kp = _reduction_units(0, BLOCK_KP, K_SPLIT)
+    o_kh = _reduction_units(0, BLOCK_KH)
+    o_kp = _reduction_units(0, BLOCK_KP)
     return o_j, o_j < H, o_j < P, o_kh, o_kh < H, o_kp, o_kp < P
 
 
@@ -92,7 +92,7 @@ def lstm_proj_fwd_kernel(
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP, K_SPLIT)
+    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
     w_hh += d * (4 * H * P)
     w_hr += d * (P * H)
     hseq += d * (T + 1) * B * P
@@ -102,11 +102,12 @@ def lstm_proj_fwd_kernel(
     xproj += d * (4 * H)
     counter += d
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k < P) and b_wr[k, p] = W_hr[p, k] (k < H): resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + o_j[None, :] * P + tl.expand_dims(o_kp, -1), tl.expand_dims(m_kp, -1) & m_j[None, :], H * P, 4
-    )  # fmt: skip
-    m_wr = tl.expand_dims(m_kh, -1) & m_p[None, :]
-    b_wr = tl.load(w_hr + o_j[None, :] * H + tl.expand_dims(o_kh, -1), mask=m_wr, other=0.0)
+    o_wr, o_wu = _tile(o_j * P, o_kp, K_SPLIT, True)
+    m_wr, m_wu = _tile(m_j, m_kp, K_SPLIT, True)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * P, 4, K_SPLIT)
+    o_rr, o_ru = _tile(o_j * H, o_kh, K_SPLIT, True)
+    m_rr, m_ru = _tile(m_p, m_kh, K_SPLIT, True)
+    b_wr = _operand(tl.load(w_hr + o_rr + o_ru, mask=m_rr & m_ru, other=0.0), K_SPLIT, True)
     out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
@@ -117,17 +118,16 @@ def lstm_proj_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
-                b_h = tl.load(
-                    hseq + ((t + d) * B + o_b)[:, None] * P + tl.expand_dims(o_kp, -2),
-                    mask=m_b[:, None] & tl.expand_dims(m_kp, -2),
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
+                p_hr, p_hu = _tile(hseq + ((t + d) * B + o_b) * P, o_kp, K_SPLIT, False)
+                m_hr, m_hu = _tile(m_b, m_kp, K_SPLIT, False)
+                b_h = _operand(
+                    tl.load(p_hr + p_hu, mask=m_hr & m_hu, other=0.0, cache_modifier=".cg"), K_SPLIT, False
+                )  # fmt: skip
                 p_x = xproj + row[:, None] * (D * 4 * H) + o_j[None, :]
                 # The reduction is over the P projected units: its tiles always fit (P < H), nothing streamed.
                 r0, r1, r2, r3 = _recurrent_preacts(
-                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j[None, :] * P,
-                    m_j[None, :], P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
+                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j * P,
+                    m_j, P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
                 )  # fmt: skip
                 x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, 4, ACC)
                 b_act = m_bj
@@ -146,12 +146,11 @@ def lstm_proj_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 # m_t of every hidden unit, written by all programs before the last barrier: bypass L1.
-                b_m = tl.load(
-                    mseq + row[:, None] * H + tl.expand_dims(o_kh, -2),
-                    mask=m_b[:, None] & tl.expand_dims(m_kh, -2),
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
+                p_mr, p_mu = _tile(mseq + row * H, o_kh, K_SPLIT, False)
+                m_mr, m_mu = _tile(m_b, m_kh, K_SPLIT, False)
+                b_m = _operand(
+                    tl.load(p_mr + p_mu, mask=m_mr & m_mu, other=0.0, cache_modifier=".cg"), K_SPLIT, False
+                )  # fmt: skip
                 b_hout = _dot_k(b_m, b_wr, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT).to(out_ty)
                 m_bp = m_b[:, None] & m_p[None, :]
                 b_act = m_bp
@@ -213,7 +212,7 @@ def lstm_proj_bwd_kernel(
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP, K_SPLIT)
+    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
     w_hh += d * (4 * H * P)
     w_hr += d * (P * H)
     saved += d * T * B * (5 * H)
@@ -224,11 +223,14 @@ def lstm_proj_bwd_kernel(
     counter += d
     o_w = d * P + o_j.to(tl.int64)  # this program's columns of the [T, B, D*P] tensors
     # b_w{g}[k, p] = W_hh[g*H + k, p] (k < H) and b_wr[k, j] = W_hr[k, j] (k < P): resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + tl.expand_dims(o_kh, -1) * P + o_j[None, :], tl.expand_dims(m_kh, -1) & m_p[None, :], H * P, 4
-    )  # fmt: skip
-    m_wr = tl.expand_dims(m_kp, -1) & m_j[None, :]
-    b_wr = tl.load(w_hr + tl.expand_dims(o_kp, -1) * H + o_j[None, :], mask=m_wr, other=0.0)
+    o_kwh = _weight_units(0, BLOCK_KH, K_SPLIT, True)
+    o_kwp = _weight_units(0, BLOCK_KP, K_SPLIT, True)
+    o_wr, o_wu = _tile(o_j, o_kwh * P, K_SPLIT, True, True)
+    m_wr, m_wu = _tile(m_p, o_kwh < H, K_SPLIT, True, True)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * P, 4, K_SPLIT, True)
+    o_rr, o_ru = _tile(o_j, o_kwp * H, K_SPLIT, True, True)
+    m_rr, m_ru = _tile(m_j, o_kwp < P, K_SPLIT, True, True)
+    b_wr = _operand(tl.load(w_hr + o_rr + o_ru, mask=m_rr & m_ru, other=0.0), K_SPLIT, True, True)
     grad_ty = grad_hp.dtype.element_ty
 
     for s in range(n_steps):
@@ -238,7 +240,7 @@ def lstm_proj_bwd_kernel(
             if u < T - 1:
                 _bwd_recurrent_step(
                     grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_p, o_kh, m_kh, b_w0, b_w1, b_w2, b_w3,
-                    w_hh + o_j[None, :], H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC, DOT_PRECISION, DOT_UPCAST,
+                    w_hh + o_j, H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC, DOT_PRECISION, DOT_UPCAST,
                     K_SPLIT=K_SPLIT,
                 )  # fmt: skip
             # grad_h was just written by other threads of this program.
@@ -273,12 +275,11 @@ def lstm_proj_bwd_kernel(
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
                 # dL/dh_t of every projected unit, written by all programs before the last barrier: bypass L1.
-                b_dhp = tl.load(
-                    grad_hp + row[:, None] * (D * P) + d * P + tl.expand_dims(o_kp, -2),
-                    mask=m_b[:, None] & tl.expand_dims(m_kp, -2),
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
+                p_gr, p_gu = _tile(grad_hp + row * (D * P) + d * P, o_kp, K_SPLIT, False)
+                m_gr, m_gu = _tile(m_b, m_kp, K_SPLIT, False)
+                b_dhp = _operand(
+                    tl.load(p_gr + p_gu, mask=m_gr & m_gu, other=0.0, cache_modifier=".cg"), K_SPLIT, False
+                )  # fmt: skip
                 b_dm = _dot_k(b_dhp, b_wr, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
                 p_saved = saved + row[:, None] * (5 * H) + o_j[None, :]
                 # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse); c0 before the first.
@@ -299,6 +300,6 @@ def lstm_proj_bwd_kernel(
     if finish != 0:
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_p, o_kh, m_kh,
-            b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC,
+            b_w0, b_w1, b_w2, b_w3, w_hh + o_j, H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC,
             DOT_PRECISION, DOT_UPCAST, K_SPLIT=K_SPLIT,
         )  # fmt: skip

@@ -74,24 +74,61 @@ def _dot_k(
 
 
 @triton.jit
-def _reduction_units(k0, WIDTH: tl.constexpr, K_SPLIT: tl.constexpr):
-    """Units k0 + [0, WIDTH) of the reduction: [WIDTH], or cut in chunks [K_SPLIT, WIDTH / K_SPLIT]. Tiles over them
-    put the units last (tl.expand_dims(o_k, -2): a [rows, units] tile, or [K_SPLIT, rows, units] with rows[:, None]
-    broadcast) or first (tl.expand_dims(o_k, -1): the weight tiles [units, BLOCK_H], or [K_SPLIT, units, BLOCK_H]),
-    so one source serves both (_dot_k)."""
-    if K_SPLIT > 1:
-        o_k = k0 + tl.arange(0, K_SPLIT)[:, None] * (WIDTH // K_SPLIT) + tl.arange(0, WIDTH // K_SPLIT)[None, :]
-    else:
-        o_k = k0 + tl.arange(0, WIDTH)
-    return o_k
+def _reduction_units(k0, WIDTH: tl.constexpr):
+    """Units k0 + [0, WIDTH) of the reduction. Tiles over them (_tile) put them last ([rows, units]) or first (the
+    weight tiles [units, BLOCK_H]); a reduction in chunks cuts them at the dot (_operand)."""
+    return k0 + tl.arange(0, WIDTH)
 
 
 @triton.jit
-def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr = 1):
-    """This program's hidden units (o_j, m_j) and the held units of the reduction (o_k, m_k), in K_SPLIT chunks
-    (_reduction_units)."""
+def _weight_units(k0, WIDTH: tl.constexpr, K_SPLIT: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr):
+    """Units k0 + [0, WIDTH) of a weight tile's reduction: [WIDTH], or where _tile builds that tile in chunks (K_SPLIT
+    > 1, ROWS_CONTIGUOUS) [K_SPLIT, WIDTH / K_SPLIT], chunk c from unit k0 + c * WIDTH / K_SPLIT, as _operand cuts
+    the other tiles. (Made so rather than reshaped: Triton 3.6 then lays the tile out as the 1-D form would not.)"""
+    if K_SPLIT > 1 and ROWS_CONTIGUOUS:
+        return k0 + tl.arange(0, K_SPLIT)[:, None] * (WIDTH // K_SPLIT) + tl.arange(0, WIDTH // K_SPLIT)[None, :]
+    else:
+        return k0 + tl.arange(0, WIDTH)
+
+
+@triton.jit
+def _tile(rows, units, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr = False):
+    """``rows`` [R] and the reduction's ``units`` [K] as broadcastable parts of one tile's offsets, pointers or masks:
+    [K, R] (UNITS_FIRST: the weight tiles) or [R, K]; _operand makes the loaded tile a dot operand. A weight tile in
+    K_SPLIT chunks whose rows are adjacent in memory (ROWS_CONTIGUOUS: the backward's W_hh) is built in chunks
+    already, [K_SPLIT, K / K_SPLIT, R] from units [K_SPLIT, K / K_SPLIT] (_weight_units; why: _operand)."""
+    if K_SPLIT > 1 and ROWS_CONTIGUOUS:
+        return rows[None, None, :], units[:, :, None]
+    elif UNITS_FIRST:
+        return rows[None, :], units[:, None]
+    else:
+        return rows[:, None], units[None, :]
+
+
+@triton.jit
+def _operand(x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr = False):
+    """A tile loaded in _tile's order as a dot operand: with K_SPLIT > 1 the reduction cut in chunks, [K_SPLIT,
+    K / K_SPLIT, R] (UNITS_FIRST) or [K_SPLIT, R, K / K_SPLIT] (_dot_k).
+
+    Triton lays a dot operand out in shared memory after the registers of the tile it is made from, and swizzles it
+    (to spread ldmatrix's rows over the banks) along the dimension after the contiguous one. A chunked tile loaded as
+    a 3-D tile had that dimension be the chunks on Triton 3.9 (its rows 4*H bytes apart met in 4 banks: 4- to 8-way
+    conflicts, every ldmatrix of the dots), and the batch rows of h on 3.6. Loaded as the 2-D tile and reshaped it is
+    swizzled along its rows on both; except a weight tile whose rows are contiguous, which 3.6 lays out well only
+    loaded in chunks (_tile). Counted from the compiled PTX: perf/smem_banks.py, perf/NOTES.md."""
+    if K_SPLIT > 1 and not ROWS_CONTIGUOUS:
+        if UNITS_FIRST:
+            x = tl.reshape(x, (K_SPLIT, x.shape[0] // K_SPLIT, x.shape[1]))
+        else:
+            x = tl.permute(tl.reshape(x, (x.shape[0], K_SPLIT, x.shape[1] // K_SPLIT)), (1, 0, 2))
+    return x
+
+
+@triton.jit
+def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's hidden units (o_j, m_j) and the held units of the reduction (o_k, m_k)."""
     o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_k = _reduction_units(0, BLOCK_K, K_SPLIT)
+    o_k = _reduction_units(0, BLOCK_K)
     return o_j, o_j < H, o_k, o_k < H
 
 
@@ -105,17 +142,21 @@ def _group_rows(B, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def _load_gate_tiles(p_w, m_w, GATE_STRIDE: tl.constexpr, G: tl.constexpr):
-    """The G weight tiles of W_hh at p_w (gate g starts GATE_STRIDE elements after gate g-1)."""
-    b_w0 = tl.load(p_w, mask=m_w, other=0.0)
+def _load_gate_tiles(
+    p_w, m_w, GATE_STRIDE: tl.constexpr, G: tl.constexpr, K_SPLIT: tl.constexpr = 1,
+    ROWS_CONTIGUOUS: tl.constexpr = False,
+):  # fmt: skip
+    """The G weight tiles at p_w (gate g starts GATE_STRIDE elements after gate g-1), p_w and m_w in _tile's order
+    (units first), as dot operands."""
+    b_w0 = _operand(tl.load(p_w, mask=m_w, other=0.0), K_SPLIT, True, ROWS_CONTIGUOUS)
     b_w1 = b_w0
     b_w2 = b_w0
     b_w3 = b_w0
     if G > 1:
-        b_w1 = tl.load(p_w + GATE_STRIDE, mask=m_w, other=0.0)
-        b_w2 = tl.load(p_w + 2 * GATE_STRIDE, mask=m_w, other=0.0)
+        b_w1 = _operand(tl.load(p_w + GATE_STRIDE, mask=m_w, other=0.0), K_SPLIT, True, ROWS_CONTIGUOUS)
+        b_w2 = _operand(tl.load(p_w + 2 * GATE_STRIDE, mask=m_w, other=0.0), K_SPLIT, True, ROWS_CONTIGUOUS)
     if G > 3:
-        b_w3 = tl.load(p_w + 3 * GATE_STRIDE, mask=m_w, other=0.0)
+        b_w3 = _operand(tl.load(p_w + 3 * GATE_STRIDE, mask=m_w, other=0.0), K_SPLIT, True, ROWS_CONTIGUOUS)
     return b_w0, b_w1, b_w2, b_w3
 
 
@@ -210,13 +251,14 @@ def _cell_fwd(
 def _recurrent_preacts(
     b_h, b_w0, b_w1, b_w2, b_w3, p_hrow, m_b, p_wrow, m_j, K: tl.constexpr, GATE_STRIDE: tl.constexpr,
     G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, K_SPLIT: tl.constexpr = 1,
+    DOT_UPCAST: tl.constexpr, K_SPLIT: tl.constexpr = 1, K_STRIDE: tl.constexpr = 1,
 ):  # fmt: skip
     """h_{t-1} @ W_g^T on this program's units for each gate g < G (r0..r3), a reduction over K units.
 
     Units [0, BLOCK_K) come from b_h and the held tiles b_w*; where the slice is too large to hold, the units
     [BLOCK_K, K) are read every step in chunks of BLOCK_KS: h from p_hrow ([BLOCK_B] row pointers), W^T from p_wrow
-    ([1, BLOCK_H] pointers to W[j, 0]; gate g at +g*GATE_STRIDE). Both reductions cut in K_SPLIT chunks (_dot_k).
+    ([BLOCK_H] pointers to W[j, 0], m_j their mask; gate g at +g*GATE_STRIDE, unit k at +k*K_STRIDE). Both
+    reductions cut in K_SPLIT chunks (_dot_k).
     """
     r0 = _dot_k(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     r1 = r0
@@ -228,20 +270,25 @@ def _recurrent_preacts(
     if G > 3:
         r3 = _dot_k(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     for k0 in range(BLOCK_K, K, BLOCK_KS):
-        o_k = _reduction_units(k0, BLOCK_KS, K_SPLIT)
+        o_k = _reduction_units(k0, BLOCK_KS)
         m_k = o_k < K
-        m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
-        b_hk = tl.load(p_hrow[:, None] + tl.expand_dims(o_k, -2), mask=m_bk, other=0.0, cache_modifier=".cg")
-        p_wk = p_wrow + tl.expand_dims(o_k, -1)
-        m_wk = tl.expand_dims(m_k, -1) & m_j
-        r0 += _dot_k(b_hk, tl.load(p_wk, mask=m_wk, other=0.0), ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+        p_r, p_u = _tile(p_hrow, o_k, K_SPLIT, False)
+        m_r, m_u = _tile(m_b, m_k, K_SPLIT, False)
+        b_hk = _operand(tl.load(p_r + p_u, mask=m_r & m_u, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
+        o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, K_STRIDE != 1)
+        p_wr, p_wu = _tile(p_wrow, o_kw * K_STRIDE, K_SPLIT, True, K_STRIDE != 1)
+        m_wr, m_wu = _tile(m_j, o_kw < K, K_SPLIT, True, K_STRIDE != 1)
+        p_wk = p_wr + p_wu
+        m_wk = m_wr & m_wu
+        b_wk0 = _operand(tl.load(p_wk, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
+        r0 += _dot_k(b_hk, b_wk0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         if G > 1:
-            b_wk1 = tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0)
+            b_wk1 = _operand(tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
             r1 += _dot_k(b_hk, b_wk1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-            b_wk2 = tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0)
+            b_wk2 = _operand(tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
             r2 += _dot_k(b_hk, b_wk2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         if G > 3:
-            b_wk3 = tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0)
+            b_wk3 = _operand(tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
             r3 += _dot_k(b_hk, b_wk3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     return r0, r1, r2, r3
 
@@ -451,12 +498,18 @@ def rnn_fwd_kernel(
     K_SPLIT: tl.constexpr = 1,  # the reduction in K_SPLIT chunks, one a warp (_dot_k)
     ring=None,  # [D, 2, B, H] int32 (16-bit dtypes) or int64 (fp32) words (TAGGED): slot 0 the initial state, tag 1
     TAGGED: tl.constexpr = False,  # exchange h through ring's tagged words instead of the grid barrier (sync.py)
+    W_T: tl.constexpr = False,  # w_hh holds each direction's W_hh transposed, [D, H, G*H] (layer_run: float32 on FMA)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     out_ty = hseq.dtype.element_ty
+    # W_hh[g*H + j, k] at w_hh + (g*H + j) * W_UNIT + k * W_RED. The FMA dots (float32 without TF32) read a held
+    # tile from shared memory a unit j a lane: with W_hh row-major, the 16 units of a warp lie 4*H bytes apart, all
+    # in one bank (16-way conflicts); transposed, side by side (perf/NOTES.md).
+    W_UNIT: tl.constexpr = 1 if W_T else H
+    W_RED: tl.constexpr = G * H if W_T else 1
     if TAGGED:
         ring += d * 2 * B * H
     # This direction's slices of every buffer.
@@ -468,9 +521,10 @@ def rnn_fwd_kernel(
     counter += d * tl.num_programs(2) + tl.program_id(2)
     b_lo, b_hi = _group_rows(B, BLOCK_B)
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k in chunks with K_SPLIT): loaded once, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + o_j[None, :] * H + tl.expand_dims(o_k, -1), tl.expand_dims(m_k, -1) & m_j[None, :], H * H, G
-    )
+    o_kw = _weight_units(0, BLOCK_K, K_SPLIT, W_T)
+    o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
+    m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, W_T)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * W_UNIT, G, K_SPLIT, W_T)
     b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (other cells: any values, unused)
 
     for s in range(n_steps):
@@ -487,12 +541,15 @@ def rnn_fwd_kernel(
                 # direction, from the end down to its last element (so its first real step starts from h0).
                 b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
-            m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
-            o_bk = o_b[:, None] * H + tl.expand_dims(o_k, -2)
+            o_br, o_bu = _tile(o_b * H, o_k, K_SPLIT, False)
+            m_br, m_bu = _tile(m_b, m_k, K_SPLIT, False)
+            o_bk = o_br + o_bu
+            m_bk = m_br & m_bu
             b_h = _load_h_prev(hseq + (t + d) * B * H + o_bk, ring, step, o_bk, m_bk, B, H, out_ty, TAGGED)
             r0, r1, r2, r3 = _recurrent_preacts(
-                b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b, w_hh + o_j[None, :] * H,
-                m_j[None, :], H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
+                _operand(b_h, K_SPLIT, False), b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b,
+                w_hh + o_j * W_UNIT, m_j, H, H * W_UNIT, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                K_SPLIT, W_RED,
             )  # fmt: skip
             p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
@@ -537,7 +594,7 @@ def _bwd_recurrent_step(
 
     tn is the time of the direction's next step; grad_gates and grad_h [B, N] (N = H, or P with a
     projection) point at this direction's slice. Gate units [0, BLOCK_K) use the held tiles b_w*, the rest are read
-    every step in chunks of BLOCK_KS from p_wcol ([1, BLOCK_H] pointers to W_hh[0, j]); both reductions cut in
+    every step in chunks of BLOCK_KS from p_wcol ([BLOCK_H] pointers to W_hh[0, j]); both reductions cut in
     K_SPLIT chunks (o_k, m_k and the held tiles so cut: _dot_k).
     ACCUMULATE=False: grad_h = the sum, what it held is ignored. The stack kernel (kernels/stack.py) also computes
     the gradient of a layer's input this way, from the layer above's gate gradients and W_ih.
@@ -548,45 +605,53 @@ def _bwd_recurrent_step(
     for b0 in range(b_lo, b_hi, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         m_b = o_b < B
-        m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
+        m_br, m_bu = _tile(m_b, m_k, K_SPLIT, False)
+        m_bk = m_br & m_bu
         m_bj = m_b[:, None] & m_j[None, :]
         p_dh = grad_h + o_b[:, None] * N + o_j[None, :]
         # Gate gradients of every unit, written by all programs before the last barrier: bypass L1.
         p_row = grad_gates + (tn * B + o_b) * (D * G * H)
-        p_dg = p_row[:, None] + tl.expand_dims(o_k, -2)
+        p_r, p_u = _tile(p_row, o_k, K_SPLIT, False)
+        p_dg = p_r + p_u
         acc = tl.load(p_dh, mask=m_bj & ACCUMULATE, other=0.0)
         if TAGGED:
             grad_ty = grad_gates.dtype.element_ty
-            p_w = ring + o_b[:, None] * (G * H) + tl.expand_dims(o_k, -2)
-            acc += _dot_k(load_tagged(p_w, m_bk, tag, grad_ty), b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-            if G > 1:
-                b_dg1 = load_tagged(p_w + H, m_bk, tag, grad_ty)
-                acc += _dot_k(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-                b_dg2 = load_tagged(p_w + 2 * H, m_bk, tag, grad_ty)
-                acc += _dot_k(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-            if G > 3:
-                b_dg3 = load_tagged(p_w + 3 * H, m_bk, tag, grad_ty)
-                acc += _dot_k(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-        else:
-            b_dg0 = tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg")
+            p_wr, p_wu = _tile(ring + o_b * (G * H), o_k, K_SPLIT, False)
+            p_w = p_wr + p_wu
+            b_dg0 = _operand(load_tagged(p_w, m_bk, tag, grad_ty), K_SPLIT, False)
             acc += _dot_k(b_dg0, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             if G > 1:
-                b_dg1 = tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg")
+                b_dg1 = _operand(load_tagged(p_w + H, m_bk, tag, grad_ty), K_SPLIT, False)
                 acc += _dot_k(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-                b_dg2 = tl.load(p_dg + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
+                b_dg2 = _operand(load_tagged(p_w + 2 * H, m_bk, tag, grad_ty), K_SPLIT, False)
                 acc += _dot_k(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             if G > 3:
-                b_dg3 = tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg")
+                b_dg3 = _operand(load_tagged(p_w + 3 * H, m_bk, tag, grad_ty), K_SPLIT, False)
+                acc += _dot_k(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+        else:
+            b_dg0 = _operand(tl.load(p_dg, mask=m_bk, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
+            acc += _dot_k(b_dg0, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+            if G > 1:
+                b_dg1 = _operand(tl.load(p_dg + H, mask=m_bk, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
+                acc += _dot_k(b_dg1, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                b_dg2 = _operand(tl.load(p_dg + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
+                acc += _dot_k(b_dg2, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+            if G > 3:
+                b_dg3 = _operand(tl.load(p_dg + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
                 acc += _dot_k(b_dg3, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         for k0 in range(BLOCK_K, H, BLOCK_KS):
-            o_ks = _reduction_units(k0, BLOCK_KS, K_SPLIT)
+            o_ks = _reduction_units(k0, BLOCK_KS)
             m_ks = o_ks < H
-            m_bks = m_b[:, None] & tl.expand_dims(m_ks, -2)
-            m_wk = tl.expand_dims(m_ks, -1) & m_j[None, :]
+            m_bsr, m_bsu = _tile(m_b, m_ks, K_SPLIT, False)
+            m_bks = m_bsr & m_bsu
+            o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, True)
+            m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, True)
+            m_wk = m_wr & m_wu
             for g in tl.static_range(G):
-                p_dgk = p_row[:, None] + g * H + tl.expand_dims(o_ks, -2)
-                b_dgk = tl.load(p_dgk, mask=m_bks, other=0.0, cache_modifier=".cg")
-                b_wk = tl.load(p_wcol + tl.expand_dims(g * H + o_ks, -1) * N, mask=m_wk, other=0.0)
+                p_dr, p_du = _tile(p_row + g * H, o_ks, K_SPLIT, False)
+                b_dgk = _operand(tl.load(p_dr + p_du, mask=m_bks, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
+                p_sr, p_su = _tile(p_wcol, (g * H + o_kw) * N, K_SPLIT, True, True)
+                b_wk = _operand(tl.load(p_sr + p_su, mask=m_wk, other=0.0), K_SPLIT, True, True)
                 acc += _dot_k(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         tl.store(p_dh, acc, mask=m_bj)
 
@@ -671,7 +736,7 @@ def rnn_bwd_kernel(
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += d * (G * H * H)
     hseq += d * (T + 1) * B * H
     saved += d * T * B * (S * H)
@@ -685,9 +750,10 @@ def rnn_bwd_kernel(
         ring += d * 2 * B * (G * H)
     o_w = d * H + o_j.to(tl.int64)  # this program's columns of the [T, B, D*H] tensors
     # b_w{g}[k, j] = W_hh[g*H + k, j]: the transpose of the forward's tiles, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(
-        w_hh + tl.expand_dims(o_k, -1) * H + o_j[None, :], tl.expand_dims(m_k, -1) & m_j[None, :], H * H, G
-    )
+    o_kw = _weight_units(0, BLOCK_K, K_SPLIT, True)
+    o_wr, o_wu = _tile(o_j, o_kw * H, K_SPLIT, True, True)
+    m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, True)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * H, G, K_SPLIT, True)
 
     for s in range(n_steps):
         u = (u_start - s).to(tl.int64)
@@ -696,7 +762,7 @@ def rnn_bwd_kernel(
         if u < T - 1:
             _bwd_recurrent_step(
                 grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3,
-                w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
+                w_hh + o_j, H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
                 _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED, K_SPLIT,
             )  # fmt: skip
         # grad_h was just written by other threads of this program.
@@ -743,7 +809,7 @@ def rnn_bwd_kernel(
         k_last = (T - 1 - (u_start - n_steps + 1)).to(tl.int64)
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_j, o_k, m_k,
-            b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION,
+            b_w0, b_w1, b_w2, b_w3, w_hh + o_j, H, G, D, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION,
             DOT_UPCAST, True, _ring_slot(ring, k_last % 2, B, G, H, TAGGED), _ring_tag(ring, k_last + 1, TAGGED),
             TAGGED, K_SPLIT,
         )  # fmt: skip

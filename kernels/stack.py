@@ -27,12 +27,15 @@ from .recurrent import (
     _load_gate_tiles,
     _load_h_prev,
     _load_input_preacts,
+    _operand,
     _program_units,
     _recurrent_preacts,
     _ring_slot,
     _ring_tag,
     _saved_c_prev,
     _store_tagged_gates,
+    _tile,
+    _weight_units,
 )
 from .sync import arrive, grid_barrier, tag_of, tag_pack, wait_each
 
@@ -83,7 +86,7 @@ def stack_fwd_kernel(
     my_count = counter + layer * tl.num_programs(0) + tl.program_id(0)
     counts_read = counter + below * tl.num_programs(0)
     seed = tl.load(seed_ptr + layer)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += layer * (G * H * H)
     w_ih += below * (G * H * H)
     hseq += layer * (T + 1) * B * H
@@ -95,13 +98,15 @@ def stack_fwd_kernel(
     else:
         inputs = hseq - (layer - below) * (T + 1) * B * H + B * H
     z += layer * T * B * H
-    # Tiles over the reduction's units o_k (in chunks with K_SPLIT): recurrent._reduction_units.
-    m_w = tl.expand_dims(m_k, -1) & m_j[None, :]
+    # Tiles over the reduction's units o_k: recurrent._tile.
+    m_wr, m_wu = _tile(m_j, m_k, K_SPLIT, True)
+    m_w = m_wr & m_wu
     # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
-    m_u = m_w & tl.expand_dims((o_k * 0 + layer) > 0, -1)
+    m_u = m_w & _tile(m_j, (o_k * 0 + layer) > 0, K_SPLIT, True)[1]
+    o_wr, o_wu = _tile(o_j * H, o_k, K_SPLIT, True)
     # b_w{g}[k, j] = W_hh[g*H + j, k], b_u{g}[k, j] = W_ih[g*H + j, k]: loaded once, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_j[None, :] * H + tl.expand_dims(o_k, -1), m_w, H * H, G)
-    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_j[None, :] * H + tl.expand_dims(o_k, -1), m_u, H * H, G)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_w, H * H, G, K_SPLIT)
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_wr + o_wu, m_u, H * H, G, K_SPLIT)
     b_b0, b_b1, b_b2, b_b3 = _load_input_preacts(bias + below * (G * H) + o_j[None, :], m_j[None, :], H, G, ACC)
     b_bhn = tl.load(b_hn + layer * H + o_j, mask=m_j, other=0.0).to(ACC)
     out_ty = hseq.dtype.element_ty
@@ -118,12 +123,15 @@ def stack_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
-                m_bk = m_b[:, None] & tl.expand_dims(m_k, -2)
-                o_bk = o_b[:, None] * H + tl.expand_dims(o_k, -2)
+                m_br, m_bu = _tile(m_b, m_k, K_SPLIT, False)
+                o_br, o_bu = _tile(o_b * H, o_k, K_SPLIT, False)
+                m_bk = m_br & m_bu
+                o_bk = o_br + o_bu
                 # h_{t-1} of every unit of this layer (the step count of a layer's exchange is t).
-                b_h = _load_h_prev(hseq + t * B * H + o_bk, ring, t, o_bk, m_bk, B, H, out_ty, TAGGED)
+                b_h = _operand(_load_h_prev(hseq + t * B * H + o_bk, ring, t, o_bk, m_bk, B, H, out_ty, TAGGED),
+                               K_SPLIT, False)  # fmt: skip
                 r0, r1, r2, r3 = _recurrent_preacts(
-                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j[None, :] * H, m_j[None, :], H, H * H,
+                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j * H, m_j, H, H * H,
                     G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
                 )  # fmt: skip
                 if layer == 0:
@@ -132,8 +140,8 @@ def stack_fwd_kernel(
                     # The layer below's output at t, written by all its programs one barrier ago.
                     b_x = tl.load(inputs + t * B * H + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
                     x0, x1, x2, x3 = _recurrent_preacts(
-                        b_x, b_u0, b_u1, b_u2, b_u3, inputs + row * H, m_b, w_ih + o_j[None, :] * H, m_j[None, :], H,
-                        H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
+                        _operand(b_x, K_SPLIT, False), b_u0, b_u1, b_u2, b_u3, inputs + row * H, m_b, w_ih + o_j * H,
+                        m_j, H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
                     )  # fmt: skip
                     x0 += b_b0
                     x1 += b_b1
@@ -215,7 +223,7 @@ def stack_bwd_kernel(
     my_count = counter + layer * tl.num_programs(0) + tl.program_id(0)
     counts_read = counter + above * tl.num_programs(0)
     seed = tl.load(seed_ptr + layer)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K, K_SPLIT)
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
     w_hh += layer * (G * H * H)
     w_ih += (above - 1) * (G * H * H)
     hseq += layer * (T + 1) * B * H
@@ -230,13 +238,15 @@ def stack_bwd_kernel(
     xgates_above = grad_xgates + above * T * B * (G * H)
     grad_gates += layer * T * B * (G * H)
     grad_xgates += layer * T * B * (G * H)
-    m_w = tl.expand_dims(m_k, -1) & m_j[None, :]
+    o_kw = _weight_units(0, BLOCK_K, K_SPLIT, True)
+    m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, True)
     # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
     top = (o_j * 0 + layer) == n_layers - 1
     # b_w{g}[k, j] = W_hh^l[g*H + k, j], b_u{g}[k, j] = W_ih^{l+1}[g*H + k, j]: resident for all steps.
-    o_kw = tl.expand_dims(o_k, -1) * H + o_j[None, :]
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_kw, m_w, H * H, G)
-    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_kw, m_w & ~top[None, :], H * H, G)
+    o_wr, o_wu = _tile(o_j, o_kw * H, K_SPLIT, True, True)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * H, G, K_SPLIT, True)
+    m_u = (m_wr & ~_tile(top, o_kw < H, K_SPLIT, True, True)[0]) & m_wu
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_wr + o_wu, m_u, H * H, G, K_SPLIT, True)
     o_w = o_j.to(tl.int64)
 
     for s in range(n_steps):
@@ -245,7 +255,7 @@ def stack_bwd_kernel(
         if (t >= 0) & (t < T):
             if t < T - 1:
                 _bwd_recurrent_step(
-                    grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H,
+                    grad_gates, grad_h, t + 1, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j, H,
                     G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
                     _ring_slot(ring, (k - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, k, TAGGED), TAGGED, K_SPLIT,
                 )  # fmt: skip
@@ -256,7 +266,7 @@ def stack_bwd_kernel(
             if layer < n_layers - 1:
                 # dL/d(this layer's output at t) through the layer above, whose step t ran one barrier ago.
                 _bwd_recurrent_step(
-                    xgates_above, grad_above, t, B, o_j, m_j, o_k, m_k, b_u0, b_u1, b_u2, b_u3, w_ih + o_j[None, :],
+                    xgates_above, grad_above, t, B, o_j, m_j, o_k, m_k, b_u0, b_u1, b_u2, b_u3, w_ih + o_j,
                     H, G, 1, H, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, False, K_SPLIT=K_SPLIT,
                 )  # fmt: skip
             # grad_h and grad_above were just written by other threads of this program.
@@ -300,7 +310,7 @@ def stack_bwd_kernel(
 
     if finish != 0:
         _bwd_recurrent_step(
-            grad_gates, grad_h, 0, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j[None, :], H, G, 1, H,
+            grad_gates, grad_h, 0, B, o_j, m_j, o_k, m_k, b_w0, b_w1, b_w2, b_w3, w_hh + o_j, H, G, 1, H,
             BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, True,
             _ring_slot(ring, (T - 1) % 2, B, G, H, TAGGED), _ring_tag(ring, T, TAGGED), TAGGED, K_SPLIT,
         )  # fmt: skip

@@ -3,8 +3,9 @@
     python -m perf.compile_report [--arch 90] [--hidden 256 512 1024] [--dtype bf16 fp32] [--stack 3] [--check]
                                   [--max-stack BYTES]
 
-Prints registers per thread, local stack, shared memory and the layout of the dots' warps (rows x columns of
-mma.sync tiles, or chunks x rows x columns for a reduction in chunks) of every kernel at the configuration
+Prints registers per thread, local stack, shared memory, the layout of the dots' warps (rows x columns of
+mma.sync tiles, or chunks x rows x columns for a reduction in chunks) and the shared-memory wavefronts of its loads
+against their ideal (``ld_waves``: bank conflicts, perf/smem_banks.py) of every kernel at the configuration
 ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to one predicated
 release and one predicated acquire per program between CTA barriers. It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
+from perf import smem_banks
 from tritonrnn import _plan
 from tritonrnn._plan import FP_FUSION
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
@@ -39,7 +41,7 @@ from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kern
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
-from tritonrnn.layer_run import Variant, _kernel_constants
+from tritonrnn.layer_run import Variant, _kernel_constants, weights_transposed
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
@@ -141,11 +143,17 @@ def _resources(
     # A 3-D dot (K_SPLIT > 1) has three: chunks x rows x columns. Each distinct layout, "+" between (a reduction in
     # chunks with streamed rows has both).
     layouts = re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", kernel.asm["ttgir"])
+    # Shared-memory wavefronts of the loads of one CTA, each instruction once (the step loop's dots dominate), and
+    # the fewest those bytes could take: their ratio is the bank conflicts' toll (perf/smem_banks.py). Apart, those
+    # of ldmatrix: the tensor-core dots' operands (the rest: the chunks' sum, exchanges, the FMA dots' operands).
+    waves = smem_banks.count(kernel.asm["ptx"], num_warps)
     return dict(
         regs=int(fields.get("REG", -1)),
         stack=int(fields.get("STACK", -1)),
         smem=kernel.metadata.shared,
         mma_warps="+".join(dict.fromkeys("x".join(layout.split(", ")) for layout in layouts)) or "-",
+        ld_waves=f"{waves.loads}/{waves.loads_ideal}",
+        ldmatrix_waves=f"{waves.matrix_loads}/{waves.matrix_loads_ideal}",
     )
 
 
@@ -203,6 +211,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     # ring is None where the exchange is not tagged, as a launch passes it (a constexpr: Triton 3.6 compiles the
     # kernels differently then).
     tagged = {} if variant.proj else dict(TAGGED=plan.tagged, **({} if plan.tagged else dict(ring=None)))
+    transposed = {} if variant.proj else dict(W_T=weights_transposed(cell, dtype))  # as layer_run's forward launch
     bwd_types = dict(w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip
@@ -212,7 +221,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     fwd = _resources(
         fwd_kernel,
         fwd_types,
-        dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y, **tagged),
+        dict(constants, SAVE=True, SYNC=plan.persistent, WRITE_Y=variant.write_y, **tagged, **transposed),
         arch,
         num_warps,
         num_stages,

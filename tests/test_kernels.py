@@ -19,7 +19,7 @@ from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
-from tritonrnn import _plan, functional, layer_op, reference
+from tritonrnn import _plan, functional, layer_op, layer_run, reference
 from tritonrnn.kernels import activations
 from tritonrnn.kernels.recurrent import _group_rows
 from tritonrnn.kernels.sync import load_tagged, tag_of, tag_pack
@@ -174,6 +174,33 @@ def test_streamed_weight_rows_match_torch(cell, H, bidirectional, forced_plan):
 def test_streamed_weight_rows_split_grid_bfloat16(forced_plan):
     forced_plan(block_h=16, block_k=32, block_ks=16, persistent=False)
     compare("lstm", 6, 20, 4, 70, 1, dtype=torch.bfloat16, seed=9)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_forward_on_transposed_weights(cell, forced_plan, monkeypatch):
+    """float32 without TF32 runs the forward on W_hh transposed (layer_run.weights_transposed: its FMA dots read the
+    held tiles conflict-free so). Forced here for every cell (Triton 3.9 leaves the LSTM out, its compile aborts):
+    the tiles held whole, with rows streamed, and in chunks over several programs."""
+    monkeypatch.setattr(layer_run, "weights_transposed", lambda cell, dtype: dtype == torch.float32)
+    launched = []
+    launch = layer_run.LayerRun._launch
+
+    def recording(self, kernel, plan, *args, **kwargs):
+        if kernel.__name__ == "rnn_fwd_kernel":
+            launched.append((kwargs.get("W_T"), kwargs["w_hh"].shape, kwargs["w_hh"].is_contiguous()))
+        return launch(self, kernel, plan, *args, **kwargs)
+
+    monkeypatch.setattr(layer_run.LayerRun, "_launch", recording)
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    compare(cell, 5, 3, 4, 40, 2, dtype=torch.float32, seed=21, bidirectional=True)
+    assert launched and all(entry == (True, (2, 40, gates * 40), True) for entry in launched), launched
+    forced_plan(block_k=32, block_ks=16)
+    compare(cell, 5, 3, 4, 70, 1, dtype=torch.float32, seed=22)
+    forced_plan(block_h=16, k_split=2, persistent=False)
+    compare(cell, 5, 20, 4, 33, 1, dtype=torch.float32, seed=23)
+    launched.clear()
+    compare(cell, 3, 2, 4, 33, 1, dtype=torch.float64, seed=24)  # float64: W_hh as it is
+    assert launched and all(entry[0] is None and entry[1] == (1, gates * 33, 33) for entry in launched), launched
 
 
 @pytest.mark.parametrize("cell", CELLS)

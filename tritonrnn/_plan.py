@@ -107,6 +107,13 @@ def _version(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor)."""
+    import triton
+
+    return _version(triton.__version__)
+
+
 @functools.cache
 def check_interpreter() -> None:
     """Before a kernel runs on CPU tensors: the interpreter of Triton 3.6 and older fails inside every kernel on
@@ -114,7 +121,7 @@ def check_interpreter() -> None:
     import numpy
     import triton
 
-    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+    if triton_version() < (3, 7) and _version(numpy.__version__) >= (2, 4):
         raise RuntimeError(
             f"the Triton interpreter of triton {triton.__version__} cannot run on numpy {numpy.__version__}: "
             "install numpy<2.4 or triton>=3.7 (TRITON_INTERPRET=1 runs the kernels on the CPU)"

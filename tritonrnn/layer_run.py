@@ -111,6 +111,20 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
     )  # fmt: skip
 
 
+def weights_transposed(cell: str, dtype: torch.dtype) -> bool:
+    """Whether the single-layer forward kernel reads W_hh transposed (its W_T): float32 without TF32, whose dots run
+    on the FMA units and read the held weights from shared memory a unit a lane. Row-major, a warp's 16 units lie
+    4*H bytes apart, in the same bank; transposed, side by side: LSTM H=512 a tenth of the shared-memory wavefronts
+    a step (perf/NOTES.md, thirty-first session).
+
+    Not the LSTM on Triton 3.9 and later: 3.9's LLVM aborts the process (an assertion of its SLP vectorizer)
+    compiling that forward at 16 units in one chunk, H <= 512; 3.6 to 3.8 compile it (sm_90). Check a newer release
+    with ``python -m perf.compile_report --cells lstm --dtype fp32`` before lifting this."""
+    if dtype != torch.float32 or tf32_matmul():
+        return False
+    return cell != "lstm" or _plan.triton_version() < (3, 9)
+
+
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
     if device.type == "cuda":
         options = dict(enable_fp_fusion=FP_FUSION)
@@ -167,7 +181,11 @@ def _warmup_calls(
         ]
     tagged = dict(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
-        ("forward", rnn_fwd_kernel, dict(b_hn=t(), lengths=t(torch.int32), **tagged, **forward_args)),
+        (
+            "forward",
+            rnn_fwd_kernel,
+            dict(b_hn=t(), lengths=t(torch.int32), W_T=weights_transposed(cell, dtype), **tagged, **forward_args),
+        ),
         (
             "backward",
             rnn_bwd_kernel,
@@ -269,6 +287,7 @@ class LayerRun:
         self.lengths = lengths if lengths is not None else torch.empty(1, dtype=torch.int32, device=device)
         self.no_seed = torch.empty(1, dtype=torch.int64, device=device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
+        self.w_hh_t = None  # W_hh transposed, for the forward kernel where it reads it so (weights_transposed)
         self.c0 = c0
         if forward_buffers is not None:
             self.hseq, self.saved, self.mseq = forward_buffers
@@ -343,12 +362,16 @@ class LayerRun:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
             b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
+        if weights_transposed(self.cell, self.dtype):
+            if self.w_hh_t is None:  # one copy for all of a call's launches (a long sequence runs several)
+                self.w_hh_t = self.w_hh.transpose(1, 2).contiguous()
+            launch.update(w_hh=self.w_hh_t, W_T=True)
         self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
 
     def end_forward(self) -> None:
         """Free what only the forward reads (the input projection: one value per gate, unit and step), so that a
         training step does not hold it until backward."""
-        self.xproj = self.bias = None
+        self.xproj = self.bias = self.w_hh_t = None
 
     def outputs(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(y, z, h_n, c_n) once every step has run."""
