@@ -111,11 +111,11 @@ def _operand(x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOU
     K / K_SPLIT, R] (UNITS_FIRST) or [K_SPLIT, R, K / K_SPLIT] (_dot_k).
 
     Triton lays a dot operand out in shared memory after the registers of the tile it is made from, and swizzles it
-    (to spread ldmatrix's rows over the banks) along the dimension after the contiguous one. A chunked tile loaded as
-    a 3-D tile had that dimension be the chunks on Triton 3.9 (its rows 4*H bytes apart met in 4 banks: 4- to 8-way
-    conflicts, every ldmatrix of the dots), and the batch rows of h on 3.6. Loaded as the 2-D tile and reshaped it is
-    swizzled along its rows on both; except a weight tile whose rows are contiguous, which 3.6 lays out well only
-    loaded in chunks (_tile). Counted from the compiled PTX: perf/smem_banks.py, perf/NOTES.md."""
+    (to spread ldmatrix's rows over the banks) along the dimension after the contiguous one. Loaded as a 3-D tile, a
+    chunked operand was swizzled over its chunks by Triton 3.9 (its rows, 4*H bytes apart, met in 4 banks: 4- to
+    8-way conflicts at every ldmatrix of the dots), over its rows by 3.6. Loaded as the 2-D tile and reshaped, it is
+    swizzled over its rows by both; except a weight tile whose rows are contiguous, which 3.6 lays out well only built
+    in chunks (_tile). Counted from the compiled PTX: perf/smem_banks.py, perf/NOTES.md."""
     if K_SPLIT > 1 and not ROWS_CONTIGUOUS:
         if UNITS_FIRST:
             x = tl.reshape(x, (K_SPLIT, x.shape[0] // K_SPLIT, x.shape[1]))

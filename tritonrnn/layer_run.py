@@ -114,7 +114,7 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
 def weights_transposed(cell: str, dtype: torch.dtype) -> bool:
     """Whether the single-layer forward kernel reads W_hh transposed (its W_T): float32 without TF32, whose dots run
     on the FMA units and read the held weights from shared memory a unit a lane. Row-major, a warp's 16 units lie
-    4*H bytes apart, in the same bank; transposed, side by side: LSTM H=512 a tenth of the shared-memory wavefronts
+    4*H bytes apart, in the same bank; transposed, side by side: LSTM H=512 a seventh of the shared-memory wavefronts
     a step (perf/NOTES.md, thirty-first session).
 
     Not the LSTM on Triton 3.9 and later: 3.9's LLVM aborts the process (an assertion of its SLP vectorizer)
