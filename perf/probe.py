@@ -14,13 +14,15 @@ Exit code 1 when a kernel failed to run or erred more than 1.5x cuDNN (or 1e-3, 
 
 times instead one layer (bf16, B=16, T=256) at the widths the heuristics chose between from sm_90 compiles alone
 (tritonrnn/_plan.heuristic_width): 16 or 32 units a program, the reduction in one chunk or one a warp, against the
-heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code).
+heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code); then
+float32 layers without TF32 with the forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first session).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from unittest import mock
 
 import torch
 import triton
@@ -29,14 +31,14 @@ import triton.testing
 from perf import runner
 from perf.compile_report import _barrier_probe
 from perf.suites import Config
-from tritonrnn import _plan, functional
+from tritonrnn import _plan, functional, layer_run
 
 BARRIER_STEPS = 1024
 
 
-def _config(cell: str, H: int) -> Config:
-    """One layer, bf16, B=16, T=256, input size H: the probe's problems."""
-    return Config(cell, "bf16", B=16, H=H, T=256, L=1, input_size=H, bidirectional=False, dropout=0.0,
+def _config(cell: str, H: int, dtype: str = "bf16") -> Config:
+    """One layer, B=16, T=256, input size H: the probe's problems."""
+    return Config(cell, dtype, B=16, H=H, T=256, L=1, input_size=H, bidirectional=False, dropout=0.0,
                   dropout_mode="standard", proj_size=0, passes=("fwd", "fwd+bwd"))  # fmt: skip
 
 
@@ -56,6 +58,8 @@ WIDTH_CASES = [
     ("gru", 1024, ("heuristics", "32 units")),
     ("lstm", 2048, ("heuristics", "16 units")),
 ]
+# float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed).
+TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
 
 
 def card() -> str:
@@ -161,6 +165,36 @@ def widths() -> int:
             )
             verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
             print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {described}", flush=True)
+    return 1 if failed | (transposed(device) != 0) else 0
+
+
+def transposed(device: torch.device) -> int:
+    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major: us per
+    step forward and training step, error against float64; 1 where one fails or errs above 1.5x cuDNN's."""
+    failed = False
+    with runner.tf32_flags(False):
+        for cell, H in TRANSPOSED_CASES:
+            config = _config(cell, H, "fp32")
+            case = runner.Case(config, device)
+            cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
+            print(f"{cell} fp32 B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
+            for name, flag in (("W_hh transposed", True), ("W_hh row-major", False)):
+                if flag and not layer_run.weights_transposed(cell, torch.float32):
+                    print(f"  {name:20}: not with Triton {triton.__version__} (layer_run.weights_transposed)")
+                    continue
+                try:
+                    with mock.patch.object(layer_run, "weights_transposed", lambda cell, dtype, flag=flag: flag):
+                        rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
+                except Exception as error:  # as widths(): a finding, not the end
+                    failed = True
+                    print(f"  {name:20}: FAILED {type(error).__name__}: {str(error)[:200]}", flush=True)
+                    continue
+                ok = all(
+                    math.isfinite(r["rel_err"]) and r["rel_err"] <= max(1.5 * cudnn[p]["rel_err"], 1e-5)
+                    for p, r in rows.items()
+                )
+                failed |= not ok
+                print(f"  {name:20}: {_per_pass(rows)} | {'ok' if ok else 'ERROR ABOVE 1.5x cuDNN'}", flush=True)
     return 1 if failed else 0
 
 

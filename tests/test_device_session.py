@@ -195,6 +195,7 @@ def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(
     monkeypatch.setattr(probe, "card", lambda: "a card")
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
     monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024, tuple(probe.WIDTHS))])
+    monkeypatch.setattr(probe, "TRANSPOSED_CASES", [])
     seen = []
 
     def kernel_plan(cell, hidden, batch, dtype, device):
@@ -219,6 +220,34 @@ def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(
     assert "FAILED RuntimeError: an illegal memory access" in lines["32 units"]
     assert "ERROR ABOVE 1.5x cuDNN" in lines["16 units"] and "ERROR ABOVE" in lines["16 units, 8 chunks"]
     assert "does not run here (needs 300000 bytes" in lines["32 units, 4 chunks"]
+
+
+def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_major(monkeypatch, capsys):
+    """The widths stage's float32 part: both layouts of the forward's W_hh timed with TF32 off, as the library would
+    run each (layer_run.weights_transposed patched for the timing, restored after); one erring makes the code 1."""
+    from perf import probe
+    from tritonrnn import layer_run
+
+    monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
+    monkeypatch.setattr(probe, "TRANSPOSED_CASES", [("gru", 512)])
+    original = layer_run.weights_transposed
+    seen = []
+
+    def measure(case, provider, pass_):
+        assert case.dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+        transposed = layer_run.weights_transposed("gru", torch.float32)
+        seen.append((provider, transposed))
+        error = 3e-5 if provider == "tritonrnn" and not transposed else 1e-6
+        return dict(us_per_step_layer=9.0, rel_err=error)
+
+    monkeypatch.setattr(probe.runner, "measure", measure)
+    assert probe.transposed(torch.device("cpu")) == 1
+    assert layer_run.weights_transposed is original
+    assert [transposed for provider, transposed in seen if provider == "tritonrnn"] == [True, True, False, False]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gru fp32 B16 H512 T256 cuDNN")
+    assert "W_hh transposed" in lines[1] and "| ok" in lines[1]
+    assert "W_hh row-major" in lines[2] and "ERROR ABOVE 1.5x cuDNN" in lines[2]
 
 
 def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):
