@@ -27,8 +27,8 @@ from .recurrent import (
     _emit,
     _load_gate_tiles,
     _load_input_preacts,
+    _load_operand,
     _lstm_bwd_step,
-    _operand,
     _recurrent_preacts,
     _reduction_units,
     _saved_c_prev,
@@ -105,9 +105,7 @@ def lstm_proj_fwd_kernel(
     o_wr, o_wu = _tile(o_j * P, o_kp, K_SPLIT, True)
     m_wr, m_wu = _tile(m_j, m_kp, K_SPLIT, True)
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * P, 4, K_SPLIT)
-    o_rr, o_ru = _tile(o_j * H, o_kh, K_SPLIT, True)
-    m_rr, m_ru = _tile(m_p, m_kh, K_SPLIT, True)
-    b_wr = _operand(tl.load(w_hr + o_rr + o_ru, mask=m_rr & m_ru, other=0.0), K_SPLIT, True)
+    b_wr = _load_operand(w_hr + o_j * H, o_kh, m_p, m_kh, K_SPLIT, True)
     out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
@@ -118,11 +116,7 @@ def lstm_proj_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
-                p_hr, p_hu = _tile(hseq + ((t + d) * B + o_b) * P, o_kp, K_SPLIT, False)
-                m_hr, m_hu = _tile(m_b, m_kp, K_SPLIT, False)
-                b_h = _operand(
-                    tl.load(p_hr + p_hu, mask=m_hr & m_hu, other=0.0, cache_modifier=".cg"), K_SPLIT, False
-                )  # fmt: skip
+                b_h = _load_operand(hseq + ((t + d) * B + o_b) * P, o_kp, m_b, m_kp, K_SPLIT, False, BYPASS_L1=True)
                 p_x = xproj + row[:, None] * (D * 4 * H) + o_j[None, :]
                 # The reduction is over the P projected units: its tiles always fit (P < H), nothing streamed.
                 r0, r1, r2, r3 = _recurrent_preacts(
@@ -146,11 +140,7 @@ def lstm_proj_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 # m_t of every hidden unit, written by all programs before the last barrier: bypass L1.
-                p_mr, p_mu = _tile(mseq + row * H, o_kh, K_SPLIT, False)
-                m_mr, m_mu = _tile(m_b, m_kh, K_SPLIT, False)
-                b_m = _operand(
-                    tl.load(p_mr + p_mu, mask=m_mr & m_mu, other=0.0, cache_modifier=".cg"), K_SPLIT, False
-                )  # fmt: skip
+                b_m = _load_operand(mseq + row * H, o_kh, m_b, m_kh, K_SPLIT, False, BYPASS_L1=True)
                 b_hout = _dot_k(b_m, b_wr, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT).to(out_ty)
                 m_bp = m_b[:, None] & m_p[None, :]
                 b_act = m_bp
@@ -228,9 +218,7 @@ def lstm_proj_bwd_kernel(
     o_wr, o_wu = _tile(o_j, o_kwh * P, K_SPLIT, True, True)
     m_wr, m_wu = _tile(m_p, o_kwh < H, K_SPLIT, True, True)
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * P, 4, K_SPLIT, True)
-    o_rr, o_ru = _tile(o_j, o_kwp * H, K_SPLIT, True, True)
-    m_rr, m_ru = _tile(m_j, o_kwp < P, K_SPLIT, True, True)
-    b_wr = _operand(tl.load(w_hr + o_rr + o_ru, mask=m_rr & m_ru, other=0.0), K_SPLIT, True, True)
+    b_wr = _load_operand(w_hr + o_j, o_kwp * H, m_j, o_kwp < P, K_SPLIT, True, True)
     grad_ty = grad_hp.dtype.element_ty
 
     for s in range(n_steps):
@@ -275,11 +263,7 @@ def lstm_proj_bwd_kernel(
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
                 # dL/dh_t of every projected unit, written by all programs before the last barrier: bypass L1.
-                p_gr, p_gu = _tile(grad_hp + row * (D * P) + d * P, o_kp, K_SPLIT, False)
-                m_gr, m_gu = _tile(m_b, m_kp, K_SPLIT, False)
-                b_dhp = _operand(
-                    tl.load(p_gr + p_gu, mask=m_gr & m_gu, other=0.0, cache_modifier=".cg"), K_SPLIT, False
-                )  # fmt: skip
+                b_dhp = _load_operand(grad_hp + row * (D * P) + d * P, o_kp, m_b, m_kp, K_SPLIT, False, BYPASS_L1=True)
                 b_dm = _dot_k(b_dhp, b_wr, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
                 p_saved = saved + row[:, None] * (5 * H) + o_j[None, :]
                 # c of the previous step, which ran at time t - 1 (forward) or t + 1 (reverse); c0 before the first.

@@ -125,6 +125,22 @@ def _operand(x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOU
 
 
 @triton.jit
+def _load_operand(
+    p_rows, units, m_rows, m_units, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr,
+    ROWS_CONTIGUOUS: tl.constexpr = False, BYPASS_L1: tl.constexpr = False,
+):  # fmt: skip
+    """The tile p_rows [R] (pointers) by units (offsets), masked by m_rows by m_units, as a dot operand (_tile,
+    _operand); BYPASS_L1: values other programs wrote since the last barrier (loaded .cg)."""
+    p_r, p_u = _tile(p_rows, units, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS)
+    m_r, m_u = _tile(m_rows, m_units, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS)
+    if BYPASS_L1:
+        x = tl.load(p_r + p_u, mask=m_r & m_u, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(p_r + p_u, mask=m_r & m_u, other=0.0)
+    return _operand(x, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS)
+
+
+@triton.jit
 def _program_units(H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's hidden units (o_j, m_j) and the held units of the reduction (o_k, m_k)."""
     o_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -272,9 +288,7 @@ def _recurrent_preacts(
     for k0 in range(BLOCK_K, K, BLOCK_KS):
         o_k = _reduction_units(k0, BLOCK_KS)
         m_k = o_k < K
-        p_r, p_u = _tile(p_hrow, o_k, K_SPLIT, False)
-        m_r, m_u = _tile(m_b, m_k, K_SPLIT, False)
-        b_hk = _operand(tl.load(p_r + p_u, mask=m_r & m_u, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
+        b_hk = _load_operand(p_hrow, o_k, m_b, m_k, K_SPLIT, False, BYPASS_L1=True)
         o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, K_STRIDE != 1)
         p_wr, p_wu = _tile(p_wrow, o_kw * K_STRIDE, K_SPLIT, True, K_STRIDE != 1)
         m_wr, m_wu = _tile(m_j, o_kw < K, K_SPLIT, True, K_STRIDE != 1)
@@ -642,16 +656,10 @@ def _bwd_recurrent_step(
         for k0 in range(BLOCK_K, H, BLOCK_KS):
             o_ks = _reduction_units(k0, BLOCK_KS)
             m_ks = o_ks < H
-            m_bsr, m_bsu = _tile(m_b, m_ks, K_SPLIT, False)
-            m_bks = m_bsr & m_bsu
             o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, True)
-            m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, True)
-            m_wk = m_wr & m_wu
             for g in tl.static_range(G):
-                p_dr, p_du = _tile(p_row + g * H, o_ks, K_SPLIT, False)
-                b_dgk = _operand(tl.load(p_dr + p_du, mask=m_bks, other=0.0, cache_modifier=".cg"), K_SPLIT, False)
-                p_sr, p_su = _tile(p_wcol, (g * H + o_kw) * N, K_SPLIT, True, True)
-                b_wk = _operand(tl.load(p_sr + p_su, mask=m_wk, other=0.0), K_SPLIT, True, True)
+                b_dgk = _load_operand(p_row + g * H, o_ks, m_b, m_ks, K_SPLIT, False, BYPASS_L1=True)
+                b_wk = _load_operand(p_wcol, (g * H + o_kw) * N, m_j, o_kw < H, K_SPLIT, True, True)
                 acc += _dot_k(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         tl.store(p_dh, acc, mask=m_bj)
 
