@@ -211,7 +211,8 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     # ring is None where the exchange is not tagged, as a launch passes it (a constexpr: Triton 3.6 compiles the
     # kernels differently then).
     tagged = {} if variant.proj else dict(TAGGED=plan.tagged, **({} if plan.tagged else dict(ring=None)))
-    transposed = {} if variant.proj else dict(W_T=weights_transposed(cell, dtype))  # as layer_run's forward launch
+    # As layer_run's forward launch.
+    transposed = {} if variant.proj else dict(W_T=weights_transposed(cell, dtype, plan.k_split, plan.block_k < hidden))
     bwd_types = dict(w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip

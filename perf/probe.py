@@ -14,8 +14,9 @@ Exit code 1 when a kernel failed to run or erred more than 1.5x cuDNN (or 1e-3, 
 
 times instead one layer (bf16, B=16, T=256) at the widths the heuristics chose between from sm_90 compiles alone
 (tritonrnn/_plan.heuristic_width): 16 or 32 units a program, the reduction in one chunk or one a warp, against the
-heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code); then
-float32 layers without TF32 with the forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first session).
+heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code); the
+same for float32 without TF32 (its FMA dots in chunks or in one: _plan.fma_chunks); then float32 layers with the
+forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first and thirty-second sessions).
 """
 
 from __future__ import annotations
@@ -53,10 +54,13 @@ WIDTHS = {
     "32 units, 4 chunks": dict(block_h=32, k_split=4),
 }
 WIDTH_CASES = [
-    ("lstm", 1024, tuple(WIDTHS)),
-    ("lstm", 512, tuple(WIDTHS)),
-    ("gru", 1024, ("heuristics", "32 units")),
-    ("lstm", 2048, ("heuristics", "16 units")),
+    ("lstm", 1024, "bf16", tuple(WIDTHS)),
+    ("lstm", 512, "bf16", tuple(WIDTHS)),
+    ("gru", 1024, "bf16", ("heuristics", "32 units")),
+    ("lstm", 2048, "bf16", ("heuristics", "16 units")),
+    # float32 without TF32 (cuDNN too): the FMA dots in chunks against one (_plan.fma_chunks).
+    ("lstm", 256, "fp32", ("heuristics", "16 units")),
+    ("gru", 256, "fp32", ("heuristics", "16 units")),
 ]
 # float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed).
 TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
@@ -133,39 +137,48 @@ def widths() -> int:
     print(card(), flush=True)
     device = torch.device("cuda")
     failed = False
-    for cell, H, names in WIDTH_CASES:
-        config = _config(cell, H)
-        case = runner.Case(config, device)
-        cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
-        print(f"{cell} bf16 B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
-        for name in names:
-            _plan.force_plan(**WIDTHS[name])
-            try:
-                # A forced plan is not shrunk to fit: kernel_plan says why it cannot run (the layer would fall back).
-                plan = functional.kernel_plan(cell, H, config.B, torch.bfloat16, device)
-                if isinstance(plan, str):
-                    print(f"  {name:20}: does not run here ({plan})", flush=True)
-                    continue
-                rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
-            except Exception as error:  # a width that does not compile or run here is a finding, not the end
-                failed = True
-                message = (str(error).splitlines() or [""])[0][:200]
-                print(f"  {name:20}: FAILED {type(error).__name__}: {message}", flush=True)
-                continue
-            finally:
-                _plan.force_plan()
-            ok = all(
-                math.isfinite(r["rel_err"]) and r["rel_err"] <= max(1.5 * cudnn[p]["rel_err"], 1e-3)
-                for p, r in rows.items()
-            )
-            failed |= not ok
-            described = (
-                f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
-                f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
-            )
-            verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
-            print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {described}", flush=True)
+    for cell, H, dtype, names in WIDTH_CASES:
+        with runner.tf32_flags(False):  # float32 in IEEE, tritonrnn and cuDNN alike (no effect on bf16)
+            failed |= _time_widths(cell, H, dtype, names, device)
     return 1 if failed | (transposed(device) != 0) else 0
+
+
+def _time_widths(cell: str, H: int, dtype: str, names: tuple[str, ...], device: torch.device) -> bool:
+    """One WIDTH_CASES layer at each of its widths, printed; True where one failed or erred above 1.5x cuDNN."""
+    failed = False
+    config = _config(cell, H, dtype)
+    case = runner.Case(config, device)
+    cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
+    print(f"{cell} {dtype} B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
+    for name in names:
+        _plan.force_plan(**WIDTHS[name])
+        try:
+            # A forced plan is not shrunk to fit: kernel_plan says why it cannot run (the layer would fall back).
+            plan = functional.kernel_plan(cell, H, config.B, runner.DTYPES[dtype], device)
+            if isinstance(plan, str):
+                print(f"  {name:20}: does not run here ({plan})", flush=True)
+                continue
+            rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
+        except Exception as error:  # a width that does not compile or run here is a finding, not the end
+            failed = True
+            message = (str(error).splitlines() or [""])[0][:200]
+            print(f"  {name:20}: FAILED {type(error).__name__}: {message}", flush=True)
+            continue
+        finally:
+            _plan.force_plan()
+        floor = 1e-3 if dtype != "fp32" else 1e-5
+        ok = all(
+            math.isfinite(r["rel_err"]) and r["rel_err"] <= max(1.5 * cudnn[p]["rel_err"], floor)
+            for p, r in rows.items()
+        )
+        failed |= not ok
+        described = (
+            f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
+            f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
+        )
+        verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
+        print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {described}", flush=True)
+    return failed
 
 
 def transposed(device: torch.device) -> int:
@@ -178,12 +191,16 @@ def transposed(device: torch.device) -> int:
             case = runner.Case(config, device)
             cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
             print(f"{cell} fp32 B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
+            plan = functional.kernel_plan(cell, H, config.B, torch.float32, device)
+            if isinstance(plan, str):
+                print(f"  does not run here ({plan})", flush=True)
+                continue
             for name, flag in (("W_hh transposed", True), ("W_hh row-major", False)):
-                if flag and not layer_run.weights_transposed(cell, torch.float32):
+                if flag and not layer_run.weights_transposed(cell, torch.float32, plan.k_split, plan.block_k < H):
                     print(f"  {name:20}: not with Triton {triton.__version__} (layer_run.weights_transposed)")
                     continue
                 try:
-                    with mock.patch.object(layer_run, "weights_transposed", lambda cell, dtype, flag=flag: flag):
+                    with mock.patch.object(layer_run, "weights_transposed", lambda *plan, flag=flag: flag):
                         rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
                 except Exception as error:  # as widths(): a finding, not the end
                     failed = True

@@ -400,7 +400,8 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     """Where the dots run on tensor cores and a program holds its whole slice at 32 units, it takes 32 units, one
     16-row batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units and the reduction, held
     and streamed rows alike, in 8 chunks, a warp each. float32 without TF32 (its dot on the FMA units) takes 16 units
-    and 8 warps at every size (with 4 its kernels spill kilobytes a thread); a small slice in bf16 4 warps. One
+    and 8 warps at every size (with 4 its kernels spill kilobytes a thread), in chunks where they do not spill; a small
+    slice in bf16 4 warps. One
     pipeline stage where each group of programs has one batch tile and holds its whole slice, or holds it whole in
     chunks; three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90 compiles,
     perf/NOTES.md)."""
@@ -415,7 +416,24 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
         return p.k_split, p.block_k, p.num_stages
 
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
-    assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(16, 16, 8, 4)] * 2
+    # Its FMA dots in chunks of 16 rows or more, a warp each (4 to 8), where the gates hold at most 1024 rows together
+    # (the chunked LSTM and GRU spill from H=512), and for the LSTM holding its whole slice on Triton 3.9, whose
+    # forward cannot read W_hh transposed in one chunk; one stage over one tile; else one chunk and 8 warps.
+    installed = _plan.triton_version
+    for version, lstm_512 in (((3, 6), 1), ((3, 9), 8)):
+        monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
+        fma = {(cell, H): plan(cell, H, 16, torch.float32) for cell in ("lstm", "gru", "rnn_tanh")
+               for H in (32, 64, 128, 256, 512, 1024)}  # fmt: skip
+        assert {key: p.k_split for key, p in fma.items() if p.k_split > 1} == {
+            **{(cell, 64): 4 for cell in ("lstm", "gru", "rnn_tanh")},
+            **{(cell, H): 8 for cell in ("lstm", "gru", "rnn_tanh") for H in (128, 256)},
+            ("rnn_tanh", 512): 8, ("rnn_tanh", 1024): 8, **({("lstm", 512): 8} if lstm_512 > 1 else {}),
+        }  # fmt: skip
+        assert all(p.num_warps == max(p.k_split, 4 if p.k_split > 1 else 8) and p.block_h == 16 for p in fma.values())
+        assert shape(fma["lstm", 32]) == (16, 16, 8, 2) and shape(fma["rnn_tanh", 64]) == (16, 16, 4, 4)
+        assert chunks(fma["lstm", 256]) == (8, 256, 1) and chunks(plan("gru", 256, 64, torch.float32))[2] == 1
+        assert fma["lstm", 1024].k_split == 1  # its rows streamed: transposed in one chunk on every version
+    monkeypatch.setattr(_plan, "triton_version", installed)
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
     assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(32, 16, 4, 2)] * 2
     split = plan("lstm", 512, 16, torch.float32)  # 256 KB at 32 units, the whole 128 KB at 16

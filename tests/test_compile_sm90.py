@@ -54,11 +54,17 @@ def test_the_planned_kernels_spill_no_registers_where_the_heuristics_were_fitted
     assert result.stdout.count("| bwd {") == 12, result.stdout
     # The float32 forwards read W_hh transposed (layer_run.weights_transposed): a warp's units side by side in shared
     # memory, where row-major they met in one bank (RNN-tanh H=256: 12 times the ideal wavefronts). The ideal counts
-    # a 16-byte broadcast once where the model charges it a quarter warp, so about 2.7 remains.
+    # a 16-byte broadcast once where the model charges it a quarter warp, so about 2.7 remains; with the reduction in
+    # chunks (_plan.fma_chunks) the chunks' sum adds its own (RNN-tanh H=1024 on Triton 3.9: 3.03 times the ideal).
     for line in result.stdout.splitlines():
-        if "fp32" in line and "| bwd {" in line and layer_run.weights_transposed(line.split()[0], torch.float32):
+        if "fp32" not in line or "| bwd {" not in line:
+            continue
+        hidden, block_k, k_split = (
+            int(re.search(rf"\b{field}=\s*(\d+)", line).group(1)) for field in ("H", "BLOCK_K", "K_SPLIT")
+        )
+        if layer_run.weights_transposed(line.split()[0], torch.float32, k_split, block_k < hidden):
             (fwd, fwd_ideal), _ = _wavefronts(line)
-            assert fwd <= 3 * fwd_ideal, line
+            assert fwd <= 3.5 * fwd_ideal, line
 
 
 def test_the_gate_dots_of_the_planned_kernels_give_each_warp_its_own_work():

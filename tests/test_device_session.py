@@ -194,7 +194,7 @@ def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(probe, "card", lambda: "a card")
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
-    monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024, tuple(probe.WIDTHS))])
+    monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024, "bf16", tuple(probe.WIDTHS))])
     monkeypatch.setattr(probe, "TRANSPOSED_CASES", [])
     seen = []
 
@@ -220,6 +220,41 @@ def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(
     assert "FAILED RuntimeError: an illegal memory access" in lines["32 units"]
     assert "ERROR ABOVE 1.5x cuDNN" in lines["16 units"] and "ERROR ABOVE" in lines["16 units, 8 chunks"]
     assert "does not run here (needs 300000 bytes" in lines["32 units, 4 chunks"]
+
+
+def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
+    """The widths stage's float32 cases (the FMA dots in chunks or in one, _plan.fma_chunks): planned and timed in
+    float32 with TF32 off for tritonrnn and cuDNN alike, judged against 1.5x cuDNN's error with a 1e-5 floor."""
+    from perf import probe
+    from tritonrnn import _plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(probe, "card", lambda: "a card")
+    monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
+    monkeypatch.setattr(probe, "WIDTH_CASES", [("gru", 256, "fp32", ("heuristics", "16 units"))])
+    monkeypatch.setattr(probe, "TRANSPOSED_CASES", [])
+    planned = []
+
+    def kernel_plan(cell, hidden, batch, dtype, device):
+        planned.append((dtype, _plan.tf32_matmul()))
+        return _plan.LayerPlan(16, 16, 256, 16, 8, True, k_split=_plan._forced_plan.get("k_split", 8))
+
+    def measure(case, provider, pass_):
+        assert case.dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+        one_chunk = provider == "tritonrnn" and _plan._forced_plan.get("k_split") == 1
+        return dict(us_per_step_layer=5.0, rel_err=2e-5 if one_chunk else 1e-6)
+
+    monkeypatch.setattr(probe.functional, "kernel_plan", kernel_plan)
+    monkeypatch.setattr(probe.runner, "measure", measure)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores
+    assert probe.widths() == 1
+    assert planned == [(torch.float32, False)] * 2
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("gru fp32 B16 H256 T256 cuDNN")
+    assert "| ok | 16 programs x 16 units, 8 chunk(s)" in lines[2]
+    assert "16 units" in lines[3] and "ERROR ABOVE 1.5x cuDNN" in lines[3] and "1 chunk(s)" in lines[3]
 
 
 def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_major(monkeypatch, capsys):

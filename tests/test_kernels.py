@@ -181,7 +181,7 @@ def test_float32_forward_on_transposed_weights(cell, forced_plan, monkeypatch):
     """float32 without TF32 runs the forward on W_hh transposed (layer_run.weights_transposed: its FMA dots read the
     held tiles conflict-free so). Forced here for every cell (Triton 3.9 leaves the LSTM out, its compile aborts):
     the tiles held whole, with rows streamed, and in chunks over several programs."""
-    monkeypatch.setattr(layer_run, "weights_transposed", lambda cell, dtype: dtype == torch.float32)
+    monkeypatch.setattr(layer_run, "weights_transposed", lambda cell, dtype, *plan: dtype == torch.float32)
     launched = []
     launch = layer_run.LayerRun._launch
 

@@ -45,6 +45,8 @@ SPLIT_WARPS = 8
 # halves the held rows until the compiled shared memory fits the GPU.
 HELD_WEIGHT_BYTES = 128 * 1024
 MIN_HELD_ROWS = 64
+# The most rows of all gates together whose reduction the FMA dots (float32 without TF32) take in chunks (fma_chunks).
+FMA_CHUNKED_ROWS = 1024
 # Beyond these hidden sizes most of the slice would be re-read every step: the persistent kernels are not the
 # right tool there (perf/NOTES.md), so such layers take the fallback.
 MAX_HIDDEN = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
@@ -238,8 +240,8 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     """(units a program takes, chunks of its reduction). Where the dots run on tensor cores: WIDE_BLOCK_H units where
     a program holds its whole slice of W_hh at that width; else 16 units with the reduction in SPLIT_WARPS chunks,
     one a warp (LSTM and GRU from H=768 in 16-bit, from 512 with TF32: the whole slice held up to H=1024 in 16-bit,
-    the rows beyond read every step, chunked alike). float32 without TF32 multiplies on the FMA units: 16 units, one
-    chunk.
+    the rows beyond read every step, chunked alike). float32 without TF32 multiplies on the FMA units: 16 units, in
+    chunks where they do not spill (fma_chunks).
 
     Triton gives every warp of a program the batch rows of its gate dots where the tile has at least as many rows as
     columns (the dots share their h operand, which Triton counts as a chain): with 16 rows and 16 units, 16 x 16, each
@@ -250,8 +252,11 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     16 units either, and twice the rows held that 32 units would hold (the same bytes).
     """
     tensor_cores = dtype != torch.float32 or tf32_matmul()
-    if not tensor_cores or hidden_size <= MIN_DOT:
+    if hidden_size <= MIN_DOT:
         return MIN_DOT, 1
+    if not tensor_cores:
+        rows = held_rows(hidden_size, gates, MIN_DOT, dtype)
+        return MIN_DOT, fma_chunks(rows, gates, rows < hidden_size)
     # The tagged exchange (opt-in) keeps 16 units, in chunks of 64 rows or more: at 32 units its tile of tagged words
     # spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB); at 16 in one chunk LSTM bf16 H=1024's forward 552
     # bytes, in 8 chunks of 128 rows nothing; in 8 chunks of 32 rows (H=256) LSTM's and GRU's backward 104-120 bytes
@@ -268,6 +273,33 @@ def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
     tensor_cores = dtype != torch.float32 or tf32_matmul()
     least_chunk = 4 * MIN_DOT if tagged else MIN_DOT
     return SPLIT_WARPS if tensor_cores and rows // SPLIT_WARPS >= least_chunk else 1
+
+
+def fma_chunks(rows: int, gates: int, streamed: bool) -> int:
+    """Chunks of the reduction over ``rows`` held rows where the dots run on the FMA units (float32 without TF32), 16
+    units a program, one chunk a warp: as many as keep MIN_DOT rows each, up to SPLIT_WARPS, where that is 4 or more
+    and the gates hold at most FMA_CHUNKED_ROWS rows together; else 1. In one chunk Triton gives each of 8 warps two
+    batch rows of the 16 x 16 tile and every warp reads the whole slice from shared memory; in chunks each warp reads
+    its own: LSTM H=256 B=16 6,304 wavefronts a step forward and 18,768 backward against 10,240 and 32,768 (Triton
+    3.6), no spill. Beyond 1024 rows (LSTM and GRU at H=512) the chunked forward spills 2.3 KB a thread on Triton 3.6;
+    the LSTM that holds its whole slice takes chunks there all the same where its forward cannot read W_hh transposed
+    in one chunk (fma_one_chunk_transposes: 136,000 wavefronts a step at H=512, 16 times the ideal; in chunks 12,600
+    and a 360-byte spill). sm_90 compiles, perf/NOTES.md, thirty-second session."""
+    chunks = min(SPLIT_WARPS, rows // MIN_DOT)
+    if chunks < 4:
+        return 1
+    if gates * rows <= FMA_CHUNKED_ROWS or not fma_one_chunk_transposes(gates, streamed):
+        return chunks
+    return 1
+
+
+def fma_one_chunk_transposes(gates: int, streamed: bool) -> bool:
+    """Whether the single-layer forward of float32 without TF32 can read W_hh transposed with its reduction in one
+    chunk (layer_run.weights_transposed). Not the LSTM holding its whole slice on Triton 3.9 and later: 3.9's LLVM
+    aborts the process (an assertion of its SLP vectorizer) compiling it (sm_90, H=64 to 512); 3.6 to 3.8 compile
+    it, and 3.9 compiles it in chunks or with rows streamed (H=768, 1024). Check a newer release with ``python -m
+    perf.compile_report --cells lstm --hidden 64 512 --dtype fp32`` (one chunk forced) before lifting this."""
+    return gates != 4 or streamed or triton_version() < (3, 9)
 
 
 def chunked_block_ks(block_ks: int, k_split: int) -> int:

@@ -111,18 +111,15 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
     )  # fmt: skip
 
 
-def weights_transposed(cell: str, dtype: torch.dtype) -> bool:
-    """Whether the single-layer forward kernel reads W_hh transposed (its W_T): float32 without TF32, whose dots run
-    on the FMA units and read the held weights from shared memory a unit a lane. Row-major, a warp's 16 units lie
-    4*H bytes apart, in the same bank; transposed, side by side: LSTM H=512 a seventh of the shared-memory wavefronts
-    a step (perf/NOTES.md, thirty-first session).
-
-    Not the LSTM on Triton 3.9 and later: 3.9's LLVM aborts the process (an assertion of its SLP vectorizer)
-    compiling that forward at 16 units in one chunk, H <= 512; 3.6 to 3.8 compile it (sm_90). Check a newer release
-    with ``python -m perf.compile_report --cells lstm --dtype fp32`` before lifting this."""
+def weights_transposed(cell: str, dtype: torch.dtype, k_split: int = 1, streamed: bool = False) -> bool:
+    """Whether the single-layer forward kernel of a plan with ``k_split`` chunks (and rows ``streamed`` beyond the
+    held ones) reads W_hh transposed (its W_T): float32 without TF32, whose dots run on the FMA units and read the
+    held weights from shared memory a unit a lane. Row-major, a warp's 16 units lie 4*H bytes apart, in the same
+    bank; transposed, side by side: LSTM H=512 a seventh of the shared-memory wavefronts a step (perf/NOTES.md,
+    thirty-first session). Except where Triton cannot compile it so (_plan.fma_one_chunk_transposes)."""
     if dtype != torch.float32 or tf32_matmul():
         return False
-    return cell != "lstm" or _plan.triton_version() < (3, 9)
+    return k_split > 1 or _plan.fma_one_chunk_transposes(CELLS[cell][1], streamed)
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
@@ -180,11 +177,12 @@ def _warmup_calls(
             ),
         ]
     tagged = dict(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
+    transposed = weights_transposed(cell, dtype, plan.k_split, plan.block_k < hidden)
     return [
         (
             "forward",
             rnn_fwd_kernel,
-            dict(b_hn=t(), lengths=t(torch.int32), W_T=weights_transposed(cell, dtype), **tagged, **forward_args),
+            dict(b_hn=t(), lengths=t(torch.int32), W_T=transposed, **tagged, **forward_args),
         ),
         (
             "backward",
@@ -362,7 +360,7 @@ class LayerRun:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
             b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
-        if weights_transposed(self.cell, self.dtype):
+        if weights_transposed(self.cell, self.dtype, self.plan.k_split, self.plan.block_k < self.hidden):
             if self.w_hh_t is None:  # one copy for all of a call's launches (a long sequence runs several)
                 self.w_hh_t = self.w_hh.transpose(1, 2).contiguous()
             launch.update(w_hh=self.w_hh_t, W_T=True)
