@@ -88,11 +88,19 @@ def lstm_proj_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     K_SPLIT: tl.constexpr = 1,  # both reductions (over P and over H) in K_SPLIT chunks, one a warp (recurrent._dot_k)
+    W_T: tl.constexpr = False,  # w_hh, w_hr hold W_hh and W_hr transposed, [D, P, 4*H] and [D, H, P] (float32 on FMA)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
     o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    # W_hh[g*H + j, k] at w_hh + (g*H + j) * W_UNIT + k * W_RED, W_hr[p, k] at w_hr + p * R_UNIT + k * R_RED. The FMA
+    # dots read a held tile a unit a lane: row-major, a warp's units lie a whole row apart, in one bank; transposed,
+    # side by side (as recurrent.rnn_fwd_kernel's W_T).
+    W_UNIT: tl.constexpr = 1 if W_T else P
+    W_RED: tl.constexpr = 4 * H if W_T else 1
+    R_UNIT: tl.constexpr = 1 if W_T else H
+    R_RED: tl.constexpr = P if W_T else 1
     w_hh += d * (4 * H * P)
     w_hr += d * (P * H)
     hseq += d * (T + 1) * B * P
@@ -102,10 +110,12 @@ def lstm_proj_fwd_kernel(
     xproj += d * (4 * H)
     counter += d
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k < P) and b_wr[k, p] = W_hr[p, k] (k < H): resident for all steps.
-    o_wr, o_wu = _tile(o_j * P, o_kp, K_SPLIT, True)
-    m_wr, m_wu = _tile(m_j, m_kp, K_SPLIT, True)
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * P, 4, K_SPLIT)
-    b_wr = _load_operand(w_hr + o_j * H, o_kh, m_p, m_kh, K_SPLIT, True)
+    o_kw = _weight_units(0, BLOCK_KP, K_SPLIT, W_T)
+    o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
+    m_wr, m_wu = _tile(m_j, o_kw < P, K_SPLIT, True, W_T)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * W_UNIT, 4, K_SPLIT, W_T)
+    o_krw = _weight_units(0, BLOCK_KH, K_SPLIT, W_T)
+    b_wr = _load_operand(w_hr + o_j * R_UNIT, o_krw * R_RED, m_p, o_krw < H, K_SPLIT, True, W_T)
     out_ty = hseq.dtype.element_ty
 
     for s in range(n_steps):
@@ -120,8 +130,8 @@ def lstm_proj_fwd_kernel(
                 p_x = xproj + row[:, None] * (D * 4 * H) + o_j[None, :]
                 # The reduction is over the P projected units: its tiles always fit (P < H), nothing streamed.
                 r0, r1, r2, r3 = _recurrent_preacts(
-                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j * P,
-                    m_j, P, H * P, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
+                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j * W_UNIT,
+                    m_j, P, H * W_UNIT, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT, W_RED,
                 )  # fmt: skip
                 x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, 4, ACC)
                 b_act = m_bj

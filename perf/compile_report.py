@@ -41,7 +41,7 @@ from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kern
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
-from tritonrnn.layer_run import Variant, _kernel_constants, weights_transposed
+from tritonrnn.layer_run import Variant, _kernel_constants, forward_transposed
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
@@ -211,8 +211,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     # ring is None where the exchange is not tagged, as a launch passes it (a constexpr: Triton 3.6 compiles the
     # kernels differently then).
     tagged = {} if variant.proj else dict(TAGGED=plan.tagged, **({} if plan.tagged else dict(ring=None)))
-    # As layer_run's forward launch.
-    transposed = {} if variant.proj else dict(W_T=weights_transposed(cell, dtype, plan.k_split, plan.block_k < hidden))
+    transposed = dict(W_T=forward_transposed(cell, dtype, plan, hidden, variant.proj))  # as layer_run's launch
     bwd_types = dict(w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip

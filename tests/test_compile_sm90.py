@@ -170,4 +170,4 @@ def test_the_gpus_own_compile_check_passes_for_sm90():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") == 2 * (7 + 2) + 4, result.stdout
+    assert result.stdout.count("ok ") == 2 * (8 + 2) + 4, result.stdout

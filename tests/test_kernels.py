@@ -308,6 +308,33 @@ def test_lstm_projection_reduction_in_chunks(k_split, forced_plan):
     compare("lstm", 5, 20, 4, 40, 1, dtype=torch.bfloat16, seed=18, proj_size=20)
 
 
+def test_lstm_projection_float32_forward_on_transposed_weights(forced_plan, monkeypatch):
+    """float32 without TF32: the projection's forward reads W_hh and W_hr transposed (layer_run.weights_transposed,
+    forced here whatever the Triton version): held in one program, over programs with its phases launched apart, in
+    chunks, both directions and sequences of different lengths; float64 keeps both as they are."""
+    monkeypatch.setattr(layer_run, "weights_transposed", lambda cell, dtype, *plan: dtype == torch.float32)
+    launched = []
+    launch = layer_run.LayerRun._launch
+
+    def recording(self, kernel, plan, *args, **kwargs):
+        if kernel.__name__ == "lstm_proj_fwd_kernel":
+            w_hh, w_hr = kwargs["w_hh"], kwargs["w_hr"]
+            launched.append((kwargs.get("W_T"), w_hh.shape, w_hr.shape, w_hh.is_contiguous() and w_hr.is_contiguous()))
+        return launch(self, kernel, plan, *args, **kwargs)
+
+    monkeypatch.setattr(layer_run.LayerRun, "_launch", recording)
+    compare("lstm", 5, 3, 4, 40, 2, dtype=torch.float32, seed=25, proj_size=20, bidirectional=True)
+    assert launched and all(entry == (True, (2, 20, 160), (2, 40, 20), True) for entry in launched), launched
+    forced_plan(block_h=16, persistent=False, directions_together=False)
+    compare("lstm", 5, 3, 4, 40, 1, dtype=torch.float32, seed=26, proj_size=20)
+    forced_plan(block_h=16, k_split=2, persistent=False)
+    compare("lstm", 5, 20, 4, 40, 1, dtype=torch.float32, seed=27, proj_size=20)
+    compare_packed("lstm", [5, 2, 4], 4, 24, 1, dtype=torch.float32, seed=28, proj_size=9, bidirectional=True)
+    launched.clear()
+    compare("lstm", 3, 2, 4, 24, 1, dtype=torch.float64, seed=29, proj_size=9)
+    assert launched and all(entry[0] is None and entry[1:3] == ((1, 96, 9), (1, 9, 24)) for entry in launched)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lstm_projection_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=7, proj_size=24)

@@ -310,11 +310,16 @@ def chunked_block_ks(block_ks: int, k_split: int) -> int:
 
 def with_projection_chunks(plan: LayerPlan, hidden_size: int, proj: int, dtype: torch.dtype) -> LayerPlan:
     """The projection's kernels' plan (16 units a program) with both their reductions, over the P projected units
-    and over the H hidden units, in chunks a warp each where the smaller one can be cut (narrow_chunks); a forced
-    k_split is kept. In one chunk every warp computed the whole 16 x 16 tile of each dot (perf/NOTES.md)."""
+    and over the H hidden units, in chunks a warp each where the smaller one can be cut (narrow_chunks; with the dots
+    on the FMA units fma_chunks, the four gates' reduction over P the one that spills); a forced k_split is kept. In
+    one chunk every warp computed the whole 16 x 16 tile of each dot (perf/NOTES.md)."""
     if "k_split" in _forced_plan:
         return plan
-    k_split = narrow_chunks(min(max(MIN_DOT, next_pow2(hidden_size)), max(MIN_DOT, next_pow2(proj))), dtype, False)
+    rows = min(max(MIN_DOT, next_pow2(hidden_size)), max(MIN_DOT, next_pow2(proj)))
+    if dtype == torch.float32 and not tf32_matmul():
+        k_split = fma_chunks(rows, 4, False)
+    else:
+        k_split = narrow_chunks(rows, dtype, False)
     if k_split == 1:
         return plan
     return dataclasses.replace(plan, k_split=k_split, num_warps=k_split, block_b=MIN_DOT)

@@ -122,6 +122,11 @@ def weights_transposed(cell: str, dtype: torch.dtype, k_split: int = 1, streamed
     return k_split > 1 or _plan.fma_one_chunk_transposes(CELLS[cell][1], streamed)
 
 
+def forward_transposed(cell: str, dtype: torch.dtype, plan: LayerPlan, hidden: int, proj: int) -> bool:
+    """weights_transposed for the forward kernel of a plan: the projection's kernel streams no rows (it holds all)."""
+    return weights_transposed(cell, dtype, plan.k_split, not proj and plan.block_k < hidden)
+
+
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
     if device.type == "cuda":
         options = dict(enable_fp_fusion=FP_FUSION)
@@ -163,12 +168,13 @@ def _warmup_calls(
     backward_args = dict(w_hh=t(), saved=t(), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
                          grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
     backward_tagged = plan.for_backward().tagged
+    transposed = forward_transposed(cell, dtype, plan, hidden, variant.proj)
     if variant.proj:
         return [
             (
                 "forward",
                 lstm_proj_fwd_kernel,
-                dict(w_hr=t(), mseq=t(), lengths=t(torch.int32), phases=3, **forward_args),
+                dict(w_hr=t(), mseq=t(), lengths=t(torch.int32), phases=3, W_T=transposed, **forward_args),
             ),
             (
                 "backward",
@@ -177,7 +183,6 @@ def _warmup_calls(
             ),
         ]
     tagged = dict(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
-    transposed = weights_transposed(cell, dtype, plan.k_split, plan.block_k < hidden)
     return [
         (
             "forward",
@@ -285,7 +290,8 @@ class LayerRun:
         self.lengths = lengths if lengths is not None else torch.empty(1, dtype=torch.int32, device=device)
         self.no_seed = torch.empty(1, dtype=torch.int64, device=device) if dropout is None else None
         self.x, self.w_ih, self.w_hh, self.w_hr, self.b_ih, self.b_hh = x, w_ih, w_hh, w_hr, b_ih, b_hh
-        self.w_hh_t = None  # W_hh transposed, for the forward kernel where it reads it so (weights_transposed)
+        # W_hh and W_hr transposed, for the forward kernel where it reads them so (weights_transposed)
+        self.w_hh_t = self.w_hr_t = None
         self.c0 = c0
         if forward_buffers is not None:
             self.hseq, self.saved, self.mseq = forward_buffers
@@ -349,8 +355,16 @@ class LayerRun:
             res=self.x, z=self.z if self.z is not None else self.y, T=self.T, B=self.B, SAVE=self.save,
             SYNC=self.plan.persistent, WRITE_Y=self.variant.write_y, lengths=self.lengths, **self._seed(),
         )  # fmt: skip
+        transposed = forward_transposed(self.cell, self.dtype, self.plan, self.hidden, self.variant.proj)
+        if transposed and self.w_hh_t is None:  # one copy for all of a call's launches (a long sequence runs several)
+            self.w_hh_t = self.w_hh.transpose(1, 2).contiguous()
+            if self.w_hr is not None:
+                self.w_hr_t = self.w_hr.transpose(1, 2).contiguous()
+        if transposed:
+            launch.update(w_hh=self.w_hh_t, W_T=True)
         if self.w_hr is not None:
-            self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=self.w_hr, mseq=self.mseq, **launch)
+            w_hr = self.w_hr_t if transposed else self.w_hr
+            self._launch(lstm_proj_fwd_kernel, self.plan, t0, t1, False, w_hr=w_hr, mseq=self.mseq, **launch)
             return
         if self.ring is not None:
             launch.update(ring=self.ring, TAGGED=True)
@@ -360,16 +374,12 @@ class LayerRun:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
             b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
-        if weights_transposed(self.cell, self.dtype, self.plan.k_split, self.plan.block_k < self.hidden):
-            if self.w_hh_t is None:  # one copy for all of a call's launches (a long sequence runs several)
-                self.w_hh_t = self.w_hh.transpose(1, 2).contiguous()
-            launch.update(w_hh=self.w_hh_t, W_T=True)
         self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
 
     def end_forward(self) -> None:
         """Free what only the forward reads (the input projection: one value per gate, unit and step), so that a
         training step does not hold it until backward."""
-        self.xproj = self.bias = self.w_hh_t = None
+        self.xproj = self.bias = self.w_hh_t = self.w_hr_t = None
 
     def outputs(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(y, z, h_n, c_n) once every step has run."""
