@@ -75,6 +75,7 @@ def stack_fwd_kernel(
     ring=None,  # [L, 2, B, H] words (TAGGED): each layer's h exchange, slot 0 holding h0 under tag 1 (sync.py)
     TAGGED: tl.constexpr = False,
     K_SPLIT: tl.constexpr = 1,  # both reductions (h and the layer's input) in K_SPLIT chunks (recurrent._dot_k)
+    W_T: tl.constexpr = False,  # w_ih and w_hh hold each layer's matrix transposed, [., H, G*H] (float32 on FMA)
 ):
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     n_layers = tl.num_programs(1)
@@ -98,15 +99,21 @@ def stack_fwd_kernel(
     else:
         inputs = hseq - (layer - below) * (T + 1) * B * H + B * H
     z += layer * T * B * H
-    # Tiles over the reduction's units o_k: recurrent._tile.
-    m_wr, m_wu = _tile(m_j, m_k, K_SPLIT, True)
+    # W[g*H + j, k] at w + (g*H + j) * W_UNIT + k * W_RED, for W_hh and W_ih alike. The FMA dots (float32 without
+    # TF32) read a held tile a unit a lane: row-major, a warp's units lie 4*H bytes apart, in one bank; transposed,
+    # side by side (as recurrent.rnn_fwd_kernel's W_T).
+    W_UNIT: tl.constexpr = 1 if W_T else H
+    W_RED: tl.constexpr = G * H if W_T else 1
+    # Tiles over the reduction's units: recurrent._tile.
+    o_kw = _weight_units(0, BLOCK_K, K_SPLIT, W_T)
+    m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, W_T)
     m_w = m_wr & m_wu
     # (Conditions on the layer are spelled as vectors: the interpreter refuses masks made with int64 scalars.)
-    m_u = m_w & _tile(m_j, (o_k * 0 + layer) > 0, K_SPLIT, True)[1]
-    o_wr, o_wu = _tile(o_j * H, o_k, K_SPLIT, True)
+    m_u = m_w & _tile(m_j, (o_kw * 0 + layer) > 0, K_SPLIT, True, W_T)[1]
+    o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
     # b_w{g}[k, j] = W_hh[g*H + j, k], b_u{g}[k, j] = W_ih[g*H + j, k]: loaded once, resident for all steps.
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_w, H * H, G, K_SPLIT)
-    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_wr + o_wu, m_u, H * H, G, K_SPLIT)
+    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_w, H * W_UNIT, G, K_SPLIT, W_T)
+    b_u0, b_u1, b_u2, b_u3 = _load_gate_tiles(w_ih + o_wr + o_wu, m_u, H * W_UNIT, G, K_SPLIT, W_T)
     b_b0, b_b1, b_b2, b_b3 = _load_input_preacts(bias + below * (G * H) + o_j[None, :], m_j[None, :], H, G, ACC)
     b_bhn = tl.load(b_hn + layer * H + o_j, mask=m_j, other=0.0).to(ACC)
     out_ty = hseq.dtype.element_ty
@@ -131,8 +138,8 @@ def stack_fwd_kernel(
                 b_h = _operand(_load_h_prev(hseq + t * B * H + o_bk, ring, t, o_bk, m_bk, B, H, out_ty, TAGGED),
                                K_SPLIT, False)  # fmt: skip
                 r0, r1, r2, r3 = _recurrent_preacts(
-                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j * H, m_j, H, H * H,
-                    G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
+                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + row * H, m_b, w_hh + o_j * W_UNIT, m_j, H, H * W_UNIT,
+                    G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT, W_RED,
                 )  # fmt: skip
                 if layer == 0:
                     x0, x1, x2, x3 = _load_input_preacts(xproj + row[:, None] * (G * H) + o_j[None, :], m_bj, H, G, ACC)
@@ -140,8 +147,9 @@ def stack_fwd_kernel(
                     # The layer below's output at t, written by all its programs one barrier ago.
                     b_x = tl.load(inputs + t * B * H + o_bk, mask=m_bk, other=0.0, cache_modifier=".cg")
                     x0, x1, x2, x3 = _recurrent_preacts(
-                        _operand(b_x, K_SPLIT, False), b_u0, b_u1, b_u2, b_u3, inputs + row * H, m_b, w_ih + o_j * H,
-                        m_j, H, H * H, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT,
+                        _operand(b_x, K_SPLIT, False), b_u0, b_u1, b_u2, b_u3, inputs + row * H, m_b,
+                        w_ih + o_j * W_UNIT, m_j, H, H * W_UNIT, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
+                        K_SPLIT, W_RED,
                     )  # fmt: skip
                     x0 += b_b0
                     x1 += b_b1

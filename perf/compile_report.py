@@ -41,7 +41,7 @@ from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kern
 from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
-from tritonrnn.layer_run import Variant, _kernel_constants, forward_transposed
+from tritonrnn.layer_run import Variant, _kernel_constants, forward_transposed, weights_transposed
 
 H100_MAX_SHARED = 232448  # bytes per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
@@ -286,7 +286,9 @@ def _stack_resources(cell, hidden, dtype, arch, plan, variant, tagged) -> tuple[
     bwd_types = dict(w_ih=t, w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_above=acc, grad_gates=t,
                      grad_xgates=t, grad_h=acc, grad_c=acc, counter="i32", seed_ptr="i64", ring=ring)  # fmt: skip
     constants.update(SYNC=True, TAGGED=tagged, **({} if tagged else dict(ring=None)))  # as _report_plan
-    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True), arch, num_warps, num_stages)
+    transposed = weights_transposed(cell, dtype, plan.k_split)  # as fused_stack's forward launch
+    fwd = _resources(stack_fwd_kernel, fwd_types, dict(constants, SAVE=True, W_T=transposed), arch, num_warps,
+                     num_stages)  # fmt: skip
     bwd = _resources(stack_bwd_kernel, bwd_types, dict(constants, ALL_LAYERS=False), arch, num_warps, num_stages)
     return fwd, bwd, num_warps
 

@@ -433,6 +433,8 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
         assert shape(fma["lstm", 32]) == (16, 16, 8, 2) and shape(fma["rnn_tanh", 64]) == (16, 16, 4, 4)
         assert chunks(fma["lstm", 256]) == (8, 256, 1) and chunks(plan("gru", 256, 64, torch.float32))[2] == 1
         assert fma["lstm", 1024].k_split == 1  # its rows streamed: transposed in one chunk on every version
+        stack = _plan.plan_stack("lstm", 256, 3, 16, torch.float32, CUDA0)  # the layer's chunks, two slices held
+        assert (stack.k_split, stack.num_warps, stack.block_k) == (8, 8, 256)
     monkeypatch.setattr(_plan, "triton_version", installed)
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
     assert [shape(plan(cell, 64, 16, torch.float32)) for cell in ("rnn_tanh", "lstm")] == [(32, 16, 4, 2)] * 2

@@ -670,6 +670,46 @@ def test_fused_stack_bfloat16_against_float64(exchange, fused_only, monkeypatch)
         assert rel_err(a.double(), b) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize(
+    "plan", [{}, dict(block_h=16, persistent=False), dict(block_h=16, k_split=2, persistent=False)],
+    ids=["one-program", "split", "chunks"],
+)  # fmt: skip
+def test_fused_stack_float32_forward_on_transposed_weights(cell, plan, fused_only, forced_plan, monkeypatch):
+    """float32 without TF32: the stack kernel's forward reads every layer's W_hh and W_ih transposed
+    (layer_run.weights_transposed, forced here whatever the Triton version; the backward reads them as they are):
+    outputs and every parameter gradient against the same stack in float64, with dropout under the same masks."""
+    from tritonrnn import fused_stack, layer_run
+
+    monkeypatch.setattr(layer_run, "weights_transposed", lambda cell, dtype, *plan: dtype == torch.float32)
+    monkeypatch.setattr(fused_stack, "weights_transposed", layer_run.weights_transposed)
+    launched = []
+    launch = fused_stack.launch_kernel
+
+    def recording(kernel, grid, device, **kwargs):
+        if kernel.__name__ == "stack_fwd_kernel" and kwargs["w_hh"].dtype == torch.float32:
+            launched.append((kwargs.get("W_T"), kwargs["w_hh"].shape, kwargs["w_ih"].shape))
+        return launch(kernel, grid, device, **kwargs)
+
+    monkeypatch.setattr(fused_stack, "launch_kernel", recording)
+    forced_plan(**plan)
+    gen = torch.Generator().manual_seed(31)
+    exact = make_stack([(cell, 24)] * 3, input_size=8, dropout=0.3)
+    single = tritonrnn.StackedRNN(8, [(cell, 24)] * 3, dropout=0.3).to(device=DEVICE, dtype=torch.float32)
+    single.load_state_dict(exact.state_dict())
+    x = torch.randn(7, 3, 8, dtype=torch.float64, generator=gen).to(DEVICE)
+    results = []
+    for model, dtype in ((single, torch.float32), (exact, torch.float64)):
+        monkeypatch.setattr(functional, "_layer", None if dtype == torch.float32 else real_layer)
+        torch.manual_seed(3)
+        out, _ = model(x.to(dtype))
+        results.append([out, *torch.autograd.grad(out.square().sum(), list(model.parameters()))])
+    for a, b in zip(*results):
+        assert rel_err(a.double(), b) < TOLERANCE[torch.float32]
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    assert launched and all(entry == (True, (3, 24, gates * 24), (2, 24, gates * 24)) for entry in launched)
+
+
 @pytest.mark.fallback
 def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch, caplog):
     """Mixed cells, bidirectional, residual: not for the stack kernel; they run layer by layer, logged once."""

@@ -443,8 +443,10 @@ def plan_stack(
     if programs > _sm_count(cuda_index(device)):
         return f"the stack kernel's {programs} programs would not all be resident"
     # 16 units a program: both reductions in chunks, a warp each, where they can be (no copies of the tile per warp).
+    # On the FMA units the layer's (fma_chunks): two slices held, 3-layer LSTM fp32 H=256 spills nothing in 8 chunks.
     k_split = layer.k_split
-    if layer.block_h == MIN_DOT and "k_split" not in _forced_plan:
+    tensor_cores = dtype != torch.float32 or tf32_matmul()
+    if layer.block_h == MIN_DOT and "k_split" not in _forced_plan and tensor_cores:
         k_split = narrow_chunks(block_k, dtype, exchange_setting() == "tagged")
     if k_split > 1:
         num_warps = k_split

@@ -40,6 +40,7 @@ from tritonrnn.layer_run import (
     _ring_dtype,
     _tagged_ring,
     compile_misfit,
+    weights_transposed,
 )
 
 
@@ -74,7 +75,8 @@ def _warmup_calls(
                   **_constants(cell, hidden, dtype, plan, dropout_mode), **_launch_options(plan, device))  # fmt: skip
     common.update(ring=t(_ring_dtype(dtype)) if plan.tagged else None, TAGGED=plan.tagged)
     return [
-        ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True, **common)),
+        ("forward", stack_fwd_kernel, dict(xproj=t(), bias=t(), b_hn=t(), state=t(acc), z=t(), SAVE=True,
+                                           W_T=weights_transposed(cell, dtype, plan.k_split), **common)),
         ("backward", stack_bwd_kernel, dict(c0=t(acc), grad_y=t(), grad_above=t(acc), grad_gates=t(), grad_xgates=t(),
                                             grad_h=t(acc), grad_c=t(acc), finish=1, ALL_LAYERS=False, **common)),
     ]  # fmt: skip
@@ -218,8 +220,11 @@ class FusedStackFunction(torch.autograd.Function):
                 seeds[k : k + 1] = d.seed
         counter = torch.zeros(L, plan.num_programs, dtype=torch.int32, device=device)  # kernels/stack.py
         tagged = dict(ring=_tagged_ring(torch.cat(h0s), dtype), TAGGED=True) if plan.tagged else {}
+        weights = dict(w_ih=w_ih, w_hh=w_hh)
+        if weights_transposed(cell, dtype, plan.k_split):  # for the forward only (the backward reads them as they are)
+            weights = dict(w_ih=w_ih.transpose(1, 2).contiguous(), w_hh=w_hh.transpose(1, 2).contiguous(), W_T=True)
         launch = dict(
-            xproj=xproj, w_ih=w_ih, bias=bias, w_hh=w_hh, b_hn=b_hn, hseq=hseq, state=state, saved=saved, z=z,
+            xproj=xproj, bias=bias, b_hn=b_hn, **weights, hseq=hseq, state=state, saved=saved, z=z,
             counter=counter, seed_ptr=seeds, T=T, B=B, p_drop=drop.p if drop is not None else 0.0, SAVE=save,
             SYNC=plan.persistent, **tagged, **_constants(cell, hidden, dtype, plan, mode),
             **_launch_options(plan, device),
