@@ -654,20 +654,25 @@ def test_fused_stack_bfloat16_against_float64(exchange, fused_only, monkeypatch)
     gradient against the same stack in float64 (the stack kernel under the interpreter, checked against the
     reference above; the reference on a GPU), with dropout under the same masks."""
     monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
-    gen = torch.Generator().manual_seed(23)
-    exact = make_stack([("lstm", 24)] * 3, input_size=8, dropout=0.3, dropout_mode="variational")
-    low = tritonrnn.StackedRNN(8, [("lstm", 24)] * 3, dropout=0.3, dropout_mode="variational")
-    low = low.to(device=DEVICE, dtype=torch.bfloat16)
+    assert_stack_matches_float64("lstm", torch.bfloat16, 9, 4, 23, monkeypatch, dropout=0.3, dropout_mode="variational")
+
+
+def assert_stack_matches_float64(cell, dtype, steps, batch, seed, monkeypatch, **options):
+    """Three layers of ``cell`` (H=24, input 8) through the stack kernel in ``dtype`` against the same stack in
+    float64 run layer by layer, under the same dropout masks: the output and every parameter gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    exact = make_stack([(cell, 24)] * 3, input_size=8, **options)
+    low = tritonrnn.StackedRNN(8, [(cell, 24)] * 3, **options).to(device=DEVICE, dtype=dtype)
     low.load_state_dict(exact.state_dict())
-    x = torch.randn(9, 4, 8, dtype=torch.float64, generator=gen).to(DEVICE)
+    x = torch.randn(steps, batch, 8, dtype=torch.float64, generator=gen).to(DEVICE)
     results = []
-    for model, dtype in ((low, torch.bfloat16), (exact, torch.float64)):
-        monkeypatch.setattr(functional, "_layer", None if dtype == torch.bfloat16 else real_layer)
+    for model, run_dtype in ((low, dtype), (exact, torch.float64)):
+        monkeypatch.setattr(functional, "_layer", None if run_dtype == dtype else real_layer)
         torch.manual_seed(3)
-        out, _ = model(x.to(dtype))
-        results.append([out, *torch.autograd.grad(out.float().square().sum(), list(model.parameters()))])
+        out, _ = model(x.to(run_dtype))
+        results.append([out, *torch.autograd.grad(out.double().square().sum(), list(model.parameters()))])
     for a, b in zip(*results):
-        assert rel_err(a.double(), b) < TOLERANCE[torch.bfloat16]
+        assert rel_err(a.double(), b) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
@@ -693,19 +698,7 @@ def test_fused_stack_float32_forward_on_transposed_weights(cell, plan, fused_onl
 
     monkeypatch.setattr(fused_stack, "launch_kernel", recording)
     forced_plan(**plan)
-    gen = torch.Generator().manual_seed(31)
-    exact = make_stack([(cell, 24)] * 3, input_size=8, dropout=0.3)
-    single = tritonrnn.StackedRNN(8, [(cell, 24)] * 3, dropout=0.3).to(device=DEVICE, dtype=torch.float32)
-    single.load_state_dict(exact.state_dict())
-    x = torch.randn(7, 3, 8, dtype=torch.float64, generator=gen).to(DEVICE)
-    results = []
-    for model, dtype in ((single, torch.float32), (exact, torch.float64)):
-        monkeypatch.setattr(functional, "_layer", None if dtype == torch.float32 else real_layer)
-        torch.manual_seed(3)
-        out, _ = model(x.to(dtype))
-        results.append([out, *torch.autograd.grad(out.square().sum(), list(model.parameters()))])
-    for a, b in zip(*results):
-        assert rel_err(a.double(), b) < TOLERANCE[torch.float32]
+    assert_stack_matches_float64(cell, torch.float32, 7, 3, 31, monkeypatch, dropout=0.3)
     gates = {"lstm": 4, "gru": 3}.get(cell, 1)
     assert launched and all(entry == (True, (3, 24, gates * 24), (2, 24, gates * 24)) for entry in launched)
 
