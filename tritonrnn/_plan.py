@@ -104,6 +104,11 @@ def tf32_matmul() -> bool:
     return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
+def fma_dots(dtype: torch.dtype) -> bool:
+    """Whether the kernels' dots in ``dtype`` run on the FMA units: float32 without TF32 (tensor cores otherwise)."""
+    return dtype == torch.float32 and not tf32_matmul()
+
+
 def _version(text: str) -> tuple[int, int]:
     major, minor = re.match(r"(\d+)\.(\d+)", text).groups()
     return int(major), int(minor)
@@ -251,10 +256,9 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
     reduction in chunks is a 3-D dot whose warps Triton lays over the chunks (kernels/recurrent._dot_k): no copies at
     16 units either, and twice the rows held that 32 units would hold (the same bytes).
     """
-    tensor_cores = dtype != torch.float32 or tf32_matmul()
     if hidden_size <= MIN_DOT:
         return MIN_DOT, 1
-    if not tensor_cores:
+    if fma_dots(dtype):
         rows = held_rows(hidden_size, gates, MIN_DOT, dtype)
         return MIN_DOT, fma_chunks(rows, gates, rows < hidden_size)
     # The tagged exchange (opt-in) keeps 16 units, in chunks of 64 rows or more: at 32 units its tile of tagged words
@@ -270,9 +274,8 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
 def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
     """Chunks of the reduction over ``rows`` held rows at 16 units a program: SPLIT_WARPS where the dots run on tensor
     cores and each chunk keeps MIN_DOT rows (64 with the tagged exchange: heuristic_width), else 1."""
-    tensor_cores = dtype != torch.float32 or tf32_matmul()
     least_chunk = 4 * MIN_DOT if tagged else MIN_DOT
-    return SPLIT_WARPS if tensor_cores and rows // SPLIT_WARPS >= least_chunk else 1
+    return SPLIT_WARPS if not fma_dots(dtype) and rows // SPLIT_WARPS >= least_chunk else 1
 
 
 def fma_chunks(rows: int, gates: int, streamed: bool) -> int:
@@ -316,7 +319,7 @@ def with_projection_chunks(plan: LayerPlan, hidden_size: int, proj: int, dtype: 
     if "k_split" in _forced_plan:
         return plan
     rows = min(max(MIN_DOT, next_pow2(hidden_size)), max(MIN_DOT, next_pow2(proj)))
-    if dtype == torch.float32 and not tf32_matmul():
+    if fma_dots(dtype):
         k_split = fma_chunks(rows, 4, False)
     else:
         k_split = narrow_chunks(rows, dtype, False)
@@ -330,7 +333,7 @@ def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) 
     on), and always for float32 without TF32, whose dot runs on the FMA units: with 4 warps each thread's share of it
     spills, hundreds of bytes at H=128 and kilobytes from 256 (RNN-tanh fp32 H=512: 5 KB a thread), with 8 nothing
     (sm_90 compiles, perf/NOTES.md)."""
-    if dtype == torch.float32 and not tf32_matmul():
+    if fma_dots(dtype):
         return MAX_WARPS
     return 4 if held_bytes <= four_warps_up_to else MAX_WARPS
 
@@ -445,8 +448,7 @@ def plan_stack(
     # 16 units a program: both reductions in chunks, a warp each, where they can be (no copies of the tile per warp).
     # On the FMA units the layer's (fma_chunks): two slices held, 3-layer LSTM fp32 H=256 spills nothing in 8 chunks.
     k_split = layer.k_split
-    tensor_cores = dtype != torch.float32 or tf32_matmul()
-    if layer.block_h == MIN_DOT and "k_split" not in _forced_plan and tensor_cores:
+    if layer.block_h == MIN_DOT and "k_split" not in _forced_plan and not fma_dots(dtype):
         k_split = narrow_chunks(block_k, dtype, exchange_setting() == "tagged")
     if k_split > 1:
         num_warps = k_split

@@ -117,7 +117,7 @@ def weights_transposed(cell: str, dtype: torch.dtype, k_split: int = 1, streamed
     held weights from shared memory a unit a lane. Row-major, a warp's 16 units lie 4*H bytes apart, in the same
     bank; transposed, side by side: LSTM H=512 a seventh of the shared-memory wavefronts a step (perf/NOTES.md,
     thirty-first session). Except where Triton cannot compile it so (_plan.fma_one_chunk_transposes)."""
-    if dtype != torch.float32 or tf32_matmul():
+    if not _plan.fma_dots(dtype):
         return False
     return k_split > 1 or _plan.fma_one_chunk_transposes(CELLS[cell][1], streamed)
 
