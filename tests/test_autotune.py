@@ -401,10 +401,9 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     16-row batch tile and 4 warps (each its own 8 columns of the gate dots); else 16 units and the reduction, held
     and streamed rows alike, in 8 chunks, a warp each. float32 without TF32 (its dot on the FMA units) takes 16 units
     and 8 warps at every size (with 4 its kernels spill kilobytes a thread), in chunks where they do not spill; a small
-    slice in bf16 4 warps. One
-    pipeline stage where each group of programs has one batch tile and holds its whole slice, or holds it whole in
-    chunks; three where a group loops over tiles or streams rows; a forced stage count is kept (sm_90 compiles,
-    perf/NOTES.md)."""
+    slice in bf16 4 warps. One pipeline stage where each group of programs has one batch tile and holds its whole
+    slice, or holds it whole in chunks; three where a group loops over tiles or streams rows; a forced stage count is
+    kept (sm_90 compiles, perf/NOTES.md)."""
 
     def plan(cell, hidden, batch, dtype):
         return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
@@ -420,14 +419,14 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     # (the chunked LSTM and GRU spill from H=512), and for the LSTM holding its whole slice on Triton 3.9, whose
     # forward cannot read W_hh transposed in one chunk; one stage over one tile; else one chunk and 8 warps.
     installed = _plan.triton_version
-    for version, lstm_512 in (((3, 6), 1), ((3, 9), 8)):
+    for version, lstm_512_chunked in (((3, 6), False), ((3, 9), True)):
         monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
         fma = {(cell, H): plan(cell, H, 16, torch.float32) for cell in ("lstm", "gru", "rnn_tanh")
                for H in (32, 64, 128, 256, 512, 1024)}  # fmt: skip
         assert {key: p.k_split for key, p in fma.items() if p.k_split > 1} == {
             **{(cell, 64): 4 for cell in ("lstm", "gru", "rnn_tanh")},
             **{(cell, H): 8 for cell in ("lstm", "gru", "rnn_tanh") for H in (128, 256)},
-            ("rnn_tanh", 512): 8, ("rnn_tanh", 1024): 8, **({("lstm", 512): 8} if lstm_512 > 1 else {}),
+            ("rnn_tanh", 512): 8, ("rnn_tanh", 1024): 8, **({("lstm", 512): 8} if lstm_512_chunked else {}),
         }  # fmt: skip
         assert all(p.num_warps == max(p.k_split, 4 if p.k_split > 1 else 8) and p.block_h == 16 for p in fma.values())
         assert shape(fma["lstm", 32]) == (16, 16, 8, 2) and shape(fma["rnn_tanh", 64]) == (16, 16, 4, 4)
