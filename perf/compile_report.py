@@ -193,10 +193,11 @@ def report(
         if shared <= H100_MAX_SHARED:
             break
         attempt = _plan.smaller_plan(plan, full, batch, variant.proj)
-    if tagged and not variant.proj and plan.block_k >= hidden:
+    with _exchange(tagged):
+        exchanged = _plan.with_exchange(plan, hidden, dtype, variant.proj)
+    if exchanged != plan:
         # As kernel_plan: the tagged kernels on the slice the barrier's kernels hold, where they fit.
-        tagged_line, tagged_shared, tagged_stack = _report_plan(cell, hidden, batch, dtype, arch, variant,
-                                                                dataclasses.replace(plan, tagged=True))  # fmt: skip
+        tagged_line, tagged_shared, tagged_stack = _report_plan(cell, hidden, batch, dtype, arch, variant, exchanged)
         if tagged_shared <= H100_MAX_SHARED:
             return tagged_line, tagged_shared, tagged_stack
     return line, shared, stack
@@ -205,6 +206,8 @@ def report(
 def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int, int]:
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
+    bwd_constants = _kernel_constants(cell, hidden, dtype, plan.for_backward(), variant)
+    bwd_warps, bwd_stages = bwd_constants.pop("num_warps"), bwd_constants.pop("num_stages")
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=t, y=t, res=t, z=t, counter="i32", w_hr=t,
                      mseq=t, lengths="i32", seed_ptr="i64", ring="i32" if dtype.itemsize == 2 else "i64")  # fmt: skip
@@ -227,14 +230,18 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
         num_stages,
     )
     bwd = _resources(
-        bwd_kernel, bwd_types, dict(constants, SYNC=plan.persistent, **tagged), arch, num_warps, num_stages
+        bwd_kernel, bwd_types, dict(bwd_constants, SYNC=plan.persistent, **tagged), arch, bwd_warps, bwd_stages
     )  # fmt: skip
+    # A backward with a plan of its own (_plan.with_fma_backward_chunks, or tuned) says where it differs.
+    own = plan.backward is not None and plan.backward != plan
+    bwd_plan = f" on its own plan: BLOCK_K={plan.backward.block_k} K_SPLIT={plan.backward.k_split} " \
+               f"warps={bwd_warps} stages={bwd_stages}" if own else ""  # fmt: skip
     line = (
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
         f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} K_SPLIT={plan.k_split} warps={num_warps} stages={num_stages} "
         f"{variant}"
         f"{' tagged' * plan.tagged} "
-        f"| fwd {fwd} | bwd {bwd}"
+        f"| fwd {fwd} | bwd {bwd}{bwd_plan}"
     )
     return line, max(fwd["smem"], bwd["smem"]), max(fwd["stack"], bwd["stack"])
 

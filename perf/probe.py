@@ -62,8 +62,15 @@ WIDTH_CASES = [
     ("lstm", 256, "fp32", ("heuristics", "16 units")),
     ("gru", 256, "fp32", ("heuristics", "16 units")),
 ]
-# float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed).
+# float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed), and
+# the backward in one chunk against its own plan's 8 (_plan.with_fma_backward_chunks).
 TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
+# (row, forward on W_hh transposed, forced plan fields)
+TRANSPOSED_ROWS = [
+    ("W_hh transposed", True, {}),
+    ("W_hh row-major", False, {}),
+    ("backward in 1 chunk", True, dict(k_split=1)),
+]
 
 
 def card() -> str:
@@ -176,14 +183,17 @@ def _time_widths(cell: str, H: int, dtype: str, names: tuple[str, ...], device: 
             f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
             f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
         )
+        if plan.backward is not None:
+            described += f"; backward {plan.backward.k_split} chunk(s), {plan.backward.num_stages} stage(s)"
         verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
         print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {described}", flush=True)
     return failed
 
 
 def transposed(device: torch.device) -> int:
-    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major: us per
-    step forward and training step, error against float64; 1 where one fails or errs above 1.5x cuDNN's."""
+    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major, and the
+    backward in one chunk (TRANSPOSED_ROWS): us per step forward and training step, error against float64; 1 where
+    one fails or errs above 1.5x cuDNN's."""
     failed = False
     with runner.tf32_flags(False):
         for cell, H in TRANSPOSED_CASES:
@@ -195,10 +205,14 @@ def transposed(device: torch.device) -> int:
             if isinstance(plan, str):
                 print(f"  does not run here ({plan})", flush=True)
                 continue
-            for name, flag in (("W_hh transposed", True), ("W_hh row-major", False)):
+            for name, flag, forced in TRANSPOSED_ROWS:
                 if flag and not layer_run.weights_transposed(cell, torch.float32, plan.k_split, plan.block_k < H):
                     print(f"  {name:20}: not with Triton {triton.__version__} (layer_run.weights_transposed)")
                     continue
+                if forced and plan.for_backward().k_split == 1:
+                    print(f"  {name:20}: the heuristics' backward is in one chunk already", flush=True)
+                    continue
+                _plan.force_plan(**forced)
                 try:
                     with mock.patch.object(layer_run, "weights_transposed", lambda *plan, flag=flag: flag):
                         rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
@@ -206,6 +220,8 @@ def transposed(device: torch.device) -> int:
                     failed = True
                     print(f"  {name:20}: FAILED {type(error).__name__}: {str(error)[:200]}", flush=True)
                     continue
+                finally:
+                    _plan.force_plan()
                 ok = all(
                     math.isfinite(r["rel_err"]) and r["rel_err"] <= max(1.5 * cudnn[p]["rel_err"], 1e-5)
                     for p, r in rows.items()

@@ -489,6 +489,74 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
         _plan.force_plan()
 
 
+def test_float32_on_the_fma_units_runs_its_backward_in_chunks_where_its_forward_stays_in_one(fake_gpu, monkeypatch):
+    """float32 without TF32 beyond the forward's chunked rows (LSTM and GRU from H=512, whose chunked forward spills):
+    the backward takes a plan of its own, its reduction in 8 chunks, a warp each, which spill nothing and read each
+    warp's own rows of the slice (sm_90 compiles, perf/NOTES.md, thirty-third session). Its pipeline depth is its own;
+    nowhere else (chunked forwards, the tensor cores, a given or forced width, the projection) a second plan."""
+    from tritonrnn import layer_op, layer_run
+
+    def plan(cell, hidden, batch=16, dtype=torch.float32):
+        return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
+
+    def backward(p):
+        return None if p.backward is None else (p.backward.k_split, p.backward.num_warps, p.backward.num_stages)
+
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
+    installed = _plan.triton_version
+    for version in ((3, 6), (3, 9)):
+        monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
+        for cell, hidden in (("lstm", 512), ("gru", 512), ("lstm", 768), ("gru", 1024), ("lstm", 1024)):
+            one = plan(cell, hidden)
+            if version == (3, 9) and (cell, hidden) == ("lstm", 512):  # chunked forward (its one chunk cannot be W_T)
+                assert one.k_split == 8 and one.backward is None
+                continue
+            streamed = one.block_k < hidden
+            assert (one.k_split, one.num_warps) == (1, 8)
+            assert backward(one) == (8, 8, 3 if streamed else 1), (version, cell, hidden)
+            assert one.backward.block_ks >= 16 * 8 and one.backward.block_k == one.block_k
+            assert (one.backward.num_programs, one.backward.block_h) == (one.num_programs, 16)
+        for cell, hidden in (("lstm", 256), ("gru", 128), ("rnn_tanh", 512), ("rnn_tanh", 1024), ("lstm", 16)):
+            assert plan(cell, hidden).backward is None
+    monkeypatch.setattr(_plan, "triton_version", installed)
+    # Several batch tiles a group: the forward over them keeps three stages, the chunked backward one.
+    looping = plan("gru", 512, 256)
+    assert (looping.batch_groups, looping.num_stages, looping.backward.batch_groups, backward(looping)) == (
+        4, 3, 4, (8, 8, 1)
+    )  # fmt: skip
+    assert plan("lstm", 512, dtype=torch.bfloat16).backward is None
+    assert _plan.plan_layer("lstm", 512, 16, torch.float32, CUDA0, 1, block_h=16).backward is None
+    _plan.force_plan(num_warps=8)
+    try:
+        assert plan("lstm", 512).backward is None
+    finally:
+        _plan.force_plan()
+    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+    monkeypatch.setattr(layer_op, "_gpu_misfit", lambda *args: None)
+    proj = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant(proj=256))
+    assert proj.backward is None and proj.k_split == 8
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
+    assert plan("lstm", 512).backward is None
+
+
+def test_a_chunked_backward_of_its_own_over_shared_memory_drops_its_stages_first(fake_gpu, monkeypatch):
+    """LSTM float32 H=1024 (rows streamed): its backward in 8 chunks needs more shared memory with three stages than
+    an H100 has; it takes one, and the forward keeps its three (as the fit check finds it on sm_90)."""
+    from tritonrnn import layer_op, layer_run
+
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
+    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+
+    def misfit(cell, hidden, dtype, tf32, plan, variant, index):
+        chunked = plan.for_backward()
+        return "needs more shared memory" if chunked.k_split > 1 and chunked.num_stages > 1 else None
+
+    monkeypatch.setattr(layer_op, "_gpu_misfit", misfit)
+    plan = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant())
+    assert (plan.k_split, plan.num_stages, plan.block_k) == (1, 3, 512)
+    assert (plan.backward.k_split, plan.backward.num_stages, plan.backward.block_k) == (8, 1, 512)
+
+
 def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gpu, monkeypatch):
     """The projection's kernels and the stream wavefront's layers run the whole batch in one group: at B=64 that group
     loops over tiles and keeps three stages, where groups of one tile each take one."""

@@ -4,6 +4,7 @@ rows, and the parallel warm-up of a suite's kernels."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -237,7 +238,8 @@ def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
 
     def kernel_plan(cell, hidden, batch, dtype, device):
         planned.append((dtype, _plan.tf32_matmul()))
-        return _plan.LayerPlan(16, 16, 256, 16, 8, True, k_split=_plan._forced_plan.get("k_split", 8))
+        own = None if _plan._forced_plan else _plan.LayerPlan(16, 16, 256, 16, 8, True, num_stages=1, k_split=4)
+        return _plan.LayerPlan(16, 16, 256, 16, 8, True, k_split=_plan._forced_plan.get("k_split", 8), backward=own)
 
     def measure(case, provider, pass_):
         assert case.dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32
@@ -254,35 +256,48 @@ def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("gru fp32 B16 H256 T256 cuDNN")
     assert "| ok | 16 programs x 16 units, 8 chunk(s)" in lines[2]
+    assert lines[2].endswith("; backward 4 chunk(s), 1 stage(s)")  # a backward plan of its own is said
     assert "16 units" in lines[3] and "ERROR ABOVE 1.5x cuDNN" in lines[3] and "1 chunk(s)" in lines[3]
+    assert "backward" not in lines[3]
 
 
 def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_major(monkeypatch, capsys):
     """The widths stage's float32 part: both layouts of the forward's W_hh timed with TF32 off, as the library would
-    run each (layer_run.weights_transposed patched for the timing, restored after); one erring makes the code 1."""
+    run each (layer_run.weights_transposed patched for the timing, restored after), and the backward in one chunk
+    (forced, cleared after) where the heuristics give it chunks of its own; one erring makes the code 1."""
     from perf import probe
-    from tritonrnn import layer_run
+    from tritonrnn import _plan, layer_run
 
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
     monkeypatch.setattr(probe, "TRANSPOSED_CASES", [("gru", 512)])
+    one_chunk = _plan.LayerPlan(16, 16, 512, 32, 8, True, num_stages=1)
+    plans = [dataclasses.replace(one_chunk, backward=dataclasses.replace(one_chunk, k_split=8)), one_chunk]
+    monkeypatch.setattr(probe.functional, "kernel_plan", lambda *args: plans[0])
     original = layer_run.weights_transposed
     seen = []
 
     def measure(case, provider, pass_):
         assert case.dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32
         transposed = layer_run.weights_transposed("gru", torch.float32)
-        seen.append((provider, transposed))
+        seen.append((provider, transposed, _plan._forced_plan.get("k_split")))
         error = 3e-5 if provider == "tritonrnn" and not transposed else 1e-6
         return dict(us_per_step_layer=9.0, rel_err=error)
 
     monkeypatch.setattr(probe.runner, "measure", measure)
     assert probe.transposed(torch.device("cpu")) == 1
-    assert layer_run.weights_transposed is original
-    assert [transposed for provider, transposed in seen if provider == "tritonrnn"] == [True, True, False, False]
+    assert layer_run.weights_transposed is original and not _plan._forced_plan
+    ours = [(transposed, forced) for provider, transposed, forced in seen if provider == "tritonrnn"]
+    assert ours == [(True, None)] * 2 + [(False, None)] * 2 + [(True, 1)] * 2
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("gru fp32 B16 H512 T256 cuDNN")
     assert "W_hh transposed" in lines[1] and "| ok" in lines[1]
     assert "W_hh row-major" in lines[2] and "ERROR ABOVE 1.5x cuDNN" in lines[2]
+    assert "backward in 1 chunk" in lines[3] and "| ok" in lines[3]
+    plans.pop(0)  # a backward in one chunk already: not timed twice
+    seen.clear()
+    probe.transposed(torch.device("cpu"))
+    assert len([provider for provider, *_ in seen if provider == "tritonrnn"]) == 4
+    assert "in one chunk already" in capsys.readouterr().out.splitlines()[3]
 
 
 def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):

@@ -1056,6 +1056,31 @@ def test_persistent_launches_stay_below_the_barrier_counters_range():
     assert _plan.persistent_chunks(3, 3, 132, 1) == []
 
 
+@pytest.mark.parametrize("cell, dtype", [("lstm", torch.float64), ("gru", torch.float32)])
+def test_a_backward_with_a_plan_of_its_own_in_chunks(monkeypatch, cell, dtype):
+    """A layer whose backward runs its reduction in chunks where its forward runs it in one, as on the GPU for float32
+    without TF32 from H=512 (_plan.with_fma_backward_chunks): here 3 programs of 16 units launched step by step, the
+    backward in 4 chunks, two layers, against torch.nn in float64."""
+    real = layer_op.plan_layer
+
+    def own_backward(cell, hidden, *args, **kwargs):
+        plan = real(cell, hidden, *args, **kwargs)
+        split = dataclasses.replace(plan, block_h=16, num_programs=-(-hidden // 16), persistent=False)
+        return dataclasses.replace(split, backward=dataclasses.replace(split, k_split=4, num_warps=4))
+
+    monkeypatch.setattr(layer_op, "plan_layer", own_backward)
+    launched = set()
+    launch = layer_run.LayerRun._launch
+
+    def spy(self, kernel, plan, *args, **kwargs):
+        launched.add((kernel.__name__, plan.k_split, plan.num_programs))
+        return launch(self, kernel, plan, *args, **kwargs)
+
+    monkeypatch.setattr(layer_run.LayerRun, "_launch", spy)
+    compare(cell, 6, 3, 5, 40, 2, dtype=dtype, seed=33)
+    assert launched == {("rnn_fwd_kernel", 1, 3), ("rnn_bwd_kernel", 4, 3)}
+
+
 def test_batch_groups_split_grid_stepwise_bfloat16(forced_plan):
     """Groups of a grid whose hidden units are split over programs, one launch per step, against torch.nn."""
     forced_plan(block_h=16, block_b=16, persistent=False, batch_groups=2)

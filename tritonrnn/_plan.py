@@ -203,6 +203,7 @@ def plan_layer(
             return f"hidden_size above {MAX_HIDDEN[dtype]} in {dtype}"
         # A forced width derives the rest of the plan as a chosen one would (forced fields still override them).
         k_split = 1
+        chosen = not (block_h or _forced_plan)  # the heuristics' width (one chunk where it is given)
         if not (block_h or "block_h" in _forced_plan):
             block_h, k_split = heuristic_width(hidden_size, gates, dtype)
         block_h = block_h or _forced_plan["block_h"]
@@ -234,6 +235,8 @@ def plan_layer(
                   k_split=k_split),
         hidden_size, device, directions,
     )  # fmt: skip
+    if device.type == "cuda" and chosen:
+        plan = with_fma_backward_chunks(plan, dtype)
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
         plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
     if device.type == "cuda":
@@ -296,6 +299,21 @@ def fma_chunks(rows: int, gates: int, streamed: bool) -> int:
     return 1
 
 
+def with_fma_backward_chunks(plan: LayerPlan, dtype: torch.dtype) -> LayerPlan:
+    """The plan with its own backward in SPLIT_WARPS chunks where the dots run on the FMA units and the forward stays in
+    one chunk (fma_chunks: beyond FMA_CHUNKED_ROWS rows the chunked forward spills, LSTM and GRU from H=512). The
+    backward's tiles spill nothing in chunks there (ptxas 79-116 registers), and each warp reads its own rows of the
+    slice instead of all of them: 8 chunks on Triton 3.6, LSTM H=512 B=16 65,536 -> 35,152 wavefronts a step, GRU
+    49,152 -> 26,384, LSTM H=1024 73,728 -> 45,648 (sm_90 compiles, perf/NOTES.md, thirty-third session)."""
+    chunks = min(SPLIT_WARPS, plan.block_k // MIN_DOT)
+    if not fma_dots(dtype) or plan.k_split > 1 or plan.block_h != MIN_DOT or chunks < SPLIT_WARPS:
+        return plan
+    backward = dataclasses.replace(
+        plan, k_split=chunks, num_warps=chunks, block_b=MIN_DOT, block_ks=chunked_block_ks(plan.block_ks, chunks)
+    )
+    return dataclasses.replace(plan, backward=backward)
+
+
 def fma_one_chunk_transposes(gates: int, streamed: bool) -> bool:
     """Whether the single-layer forward of float32 without TF32 can read W_hh transposed with its reduction in one
     chunk (layer_run.weights_transposed). Not the LSTM holding its whole slice on Triton 3.9 and later: 3.9's LLVM
@@ -343,17 +361,19 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) 
     whole W_hh slice, else three. Triton's pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with
     rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
     and registers: with three stages the RNN-tanh bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none
-    (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A forced num_stages is
-    kept."""
+    (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A backward with a plan of
+    its own (with_fma_backward_chunks) takes its own depth. A forced num_stages is kept."""
     if "num_stages" in _forced_plan:
         return plan
-    one_tile = -(-batch // plan.batch_groups) <= plan.block_b
-    streamed = not proj and plan.block_k < hidden_size
-    # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
-    # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
-    stages = 1 if (one_tile or plan.k_split > 1) and not streamed else 3
-    backward = dataclasses.replace(plan.backward, num_stages=stages) if plan.backward is not None else None
-    return dataclasses.replace(plan, num_stages=stages, backward=backward)
+
+    def apply(one: LayerPlan) -> LayerPlan:
+        one_tile = -(-batch // one.batch_groups) <= one.block_b
+        streamed = not proj and one.block_k < hidden_size
+        # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
+        # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
+        return dataclasses.replace(one, num_stages=1 if (one_tile or one.k_split > 1) and not streamed else 3)
+
+    return dataclasses.replace(apply(plan), backward=apply(plan.backward) if plan.backward is not None else None)
 
 
 def with_batch_groups(plan: LayerPlan, batch: int, directions: int, sm_count: int) -> LayerPlan:
@@ -400,6 +420,10 @@ def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> Lay
     every step; not with a projection, whose kernels hold all rows), keeping the pipeline; where that runs out, one
     stage from the full slice again.
     """
+    if plan.backward is not None and plan.backward.k_split > 1 and plan.backward.num_stages > 1:
+        # A backward of its own in chunks (with_fma_backward_chunks) with rows streamed: its pipeline first, the
+        # forward's kept (LSTM fp32 H=1024 backward, 8 chunks: 3 stages need 264 KB, one 160 KB; Triton 3.6).
+        return dataclasses.replace(plan, backward=dataclasses.replace(plan.backward, num_stages=1))
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
     can_halve = not proj and plan.block_k // 2 >= MIN_HELD_ROWS
     # A reduction in chunks keeps its whole slice first too: its slice is what leaves the pipeline no room
