@@ -1195,3 +1195,37 @@ def test_output_and_final_states_are_separate_tensors_like_torch_nn(cell, num_la
     for state in tensors[1:]:
         state.add_(1.0)
     assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize(
+    "cell, kwargs",
+    [("lstm", dict(proj_size=3)), ("gru", dict(bidirectional=True)), ("rnn_tanh", {})],
+    ids=["lstm-proj", "gru-bidirectional", "rnn"],
+)
+def test_a_retained_graph_backpropagates_twice_and_inference_mode_runs_as_torch_nn(cell, kwargs):
+    """A gradient with retain_graph=True (torch.nn's), then backward again through the same graph: the second gives
+    the first's gradients bit for bit (a backward that changed what forward saved, reusing its buffers in place,
+    would not). A forward under torch.inference_mode gives torch.nn's outputs and states."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(cell, 5, 7, num_layers=2, **kwargs)
+    ours = ours.to(DEVICE)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    grads = []
+    for module, device in ((ours, DEVICE), (theirs, torch.device("cpu"))):
+        xx = x.to(device, copy=True).requires_grad_()
+        y, state = module(xx)
+        h = state[0] if isinstance(state, tuple) else state
+        loss = y.square().sum() + h.pow(3).sum()
+        leaves = [xx, *module.parameters()]
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        loss.backward()
+        grads.append((first, [leaf.grad for leaf in leaves]))
+        with torch.inference_mode():
+            grads[-1] += (module(x.to(device)),)
+    (ours_first, ours_second, ours_infer), (first, second, infer) = grads
+    for got, want in zip(ours_first, first):
+        torch.testing.assert_close(got.cpu(), want)
+    for got, want in zip(ours_second, ours_first):  # .grad after one backward: what grad gave, unchanged by it
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(tree_leaves(ours_infer), tree_leaves(infer)):
+        torch.testing.assert_close(got.cpu(), want)
