@@ -114,6 +114,13 @@ def main() -> int:
     ok = isinstance(plan, LayerPlan) and plan.block_k < 2048
     failures += not ok
     print(f"{'ok ' if ok else 'BAD'} layer lstm H=2048 B=64 bf16, rows streamed: {plan}")
+    # float32 without TF32, rows streamed: the backward on a plan of its own in chunks (_plan.with_fma_backward_chunks),
+    # whose three pipeline stages do not fit: it takes one, the forward keeps its three.
+    plan = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, device, Variant())
+    own = plan.backward if isinstance(plan, LayerPlan) else None
+    ok = own is not None and (plan.k_split, plan.num_stages, own.k_split, own.num_stages) == (1, 3, 8, 1)
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} layer lstm H=1024 B=16 fp32, its backward on its own plan: {plan}")
     _plan.force_plan(persistent=False)
     try:
         plan = layer_op.kernel_plan("gru", 64, 16, torch.float32, device, Variant(directions=2))
