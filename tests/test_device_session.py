@@ -263,41 +263,49 @@ def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
 
 def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_major(monkeypatch, capsys):
     """The widths stage's float32 part: both layouts of the forward's W_hh timed with TF32 off, as the library would
-    run each (layer_run.weights_transposed patched for the timing, restored after), and the backward in one chunk
-    (forced, cleared after) where the heuristics give it chunks of its own; one erring makes the code 1."""
+    run each (layer_run.weights_transposed patched for the timing, restored after), and, where the heuristics give the
+    backward a plan of its own in chunks, the backward on the forward's plan (_plan.with_fma_backward_chunks patched
+    for the timing, the forward as planned); one erring makes the code 1."""
     from perf import probe
     from tritonrnn import _plan, layer_run
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
     monkeypatch.setattr(probe, "TRANSPOSED_CASES", [("gru", 512)])
-    one_chunk = _plan.LayerPlan(16, 16, 512, 32, 8, True, num_stages=1)
-    plans = [dataclasses.replace(one_chunk, backward=dataclasses.replace(one_chunk, k_split=8)), one_chunk]
-    monkeypatch.setattr(probe.functional, "kernel_plan", lambda *args: plans[0])
-    original = layer_run.weights_transposed
+    monkeypatch.setattr(_plan, "_sm_count", lambda index: 132)
+    own = [True]  # whether the heuristics give the backward a plan of its own (as they do for GRU fp32 H=512)
+
+    def kernel_plan(cell, hidden, batch, dtype, device):
+        plan = _plan.plan_layer(cell, hidden, batch, dtype, device)
+        return plan if own[0] else dataclasses.replace(plan, backward=None)
+
+    monkeypatch.setattr(probe.functional, "kernel_plan", kernel_plan)
+    original = (layer_run.weights_transposed, _plan.with_fma_backward_chunks)
     seen = []
 
     def measure(case, provider, pass_):
         assert case.dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32
         transposed = layer_run.weights_transposed("gru", torch.float32)
-        seen.append((provider, transposed, _plan._forced_plan.get("k_split")))
+        backward = probe.functional.kernel_plan("gru", 512, 16, torch.float32, torch.device("cuda", 0)).for_backward()
+        seen.append((provider, transposed, backward.k_split))
         error = 3e-5 if provider == "tritonrnn" and not transposed else 1e-6
         return dict(us_per_step_layer=9.0, rel_err=error)
 
     monkeypatch.setattr(probe.runner, "measure", measure)
-    assert probe.transposed(torch.device("cpu")) == 1
-    assert layer_run.weights_transposed is original and not _plan._forced_plan
-    ours = [(transposed, forced) for provider, transposed, forced in seen if provider == "tritonrnn"]
-    assert ours == [(True, None)] * 2 + [(False, None)] * 2 + [(True, 1)] * 2
+    assert probe.transposed(torch.device("cuda", 0)) == 1
+    assert (layer_run.weights_transposed, _plan.with_fma_backward_chunks) == original
+    ours = [(transposed, chunks) for provider, transposed, chunks in seen if provider == "tritonrnn"]
+    assert ours == [(True, 8)] * 2 + [(False, 8)] * 2 + [(True, 1)] * 2
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("gru fp32 B16 H512 T256 cuDNN")
     assert "W_hh transposed" in lines[1] and "| ok" in lines[1]
     assert "W_hh row-major" in lines[2] and "ERROR ABOVE 1.5x cuDNN" in lines[2]
     assert "backward in 1 chunk" in lines[3] and "| ok" in lines[3]
-    plans.pop(0)  # a backward in one chunk already: not timed twice
+    own[0] = False  # no backward of its own: not timed twice
     seen.clear()
-    probe.transposed(torch.device("cpu"))
+    probe.transposed(torch.device("cuda", 0))
     assert len([provider for provider, *_ in seen if provider == "tritonrnn"]) == 4
-    assert "in one chunk already" in capsys.readouterr().out.splitlines()[3]
+    assert "no plan of its own here" in capsys.readouterr().out.splitlines()[3]
 
 
 def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):
