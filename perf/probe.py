@@ -21,6 +21,7 @@ forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first and thirty-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from unittest import mock
@@ -65,12 +66,15 @@ WIDTH_CASES = [
 # float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed), and
 # the backward in one chunk against its own plan's 8 (_plan.with_fma_backward_chunks).
 TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
-# (row, forward on W_hh transposed, backward on its own plan where the heuristics give it one); the heuristics'
-# forward in each, so that no row compiles a forward the installed Triton cannot (fma_one_chunk_transposes).
+# (row, forward on W_hh transposed, backward on its own plan where the heuristics give it one, plan fields forced).
+# No row compiles a forward the installed Triton cannot (fma_one_chunk_transposes): the heuristics' forward, or one
+# whose rows are streamed. The last: half the slice held in chunks (the whole in chunks spills), the rest read every
+# step from L2: a quarter to a half of the shared-memory wavefronts a step (sm_90 compiles, perf/NOTES.md).
 TRANSPOSED_ROWS = [
-    ("W_hh transposed", True, True),
-    ("W_hh row-major", False, True),
-    ("backward in 1 chunk", True, False),
+    ("W_hh transposed", True, True, {}),
+    ("W_hh row-major", False, True, {}),
+    ("backward in 1 chunk", True, False, {}),
+    ("256 held, 8 chunks", True, True, dict(block_h=16, k_split=8, block_k=256)),
 ]
 
 
@@ -180,21 +184,25 @@ def _time_widths(cell: str, H: int, dtype: str, names: tuple[str, ...], device: 
             for p, r in rows.items()
         )
         failed |= not ok
-        described = (
-            f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
-            f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
-        )
-        if plan.backward is not None:
-            described += f"; backward {plan.backward.k_split} chunk(s), {plan.backward.num_stages} stage(s)"
         verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
-        print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {described}", flush=True)
+        print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {_described(plan)}", flush=True)
     return failed
 
 
+def _described(plan: _plan.LayerPlan) -> str:
+    described = (
+        f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
+        f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
+    )
+    if plan.backward is not None:
+        described += f"; backward {plan.backward.k_split} chunk(s), {plan.backward.num_stages} stage(s)"
+    return described
+
+
 def transposed(device: torch.device) -> int:
-    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major, and the
-    backward in one chunk (TRANSPOSED_ROWS): us per step forward and training step, error against float64; 1 where
-    one fails or errs above 1.5x cuDNN's."""
+    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major, the
+    backward in one chunk, and half the slice held in chunks (TRANSPOSED_ROWS): us per step forward and training step,
+    error against float64; 1 where one fails or errs above 1.5x cuDNN's."""
     failed = False
     with runner.tf32_flags(False):
         for cell, H in TRANSPOSED_CASES:
@@ -206,16 +214,23 @@ def transposed(device: torch.device) -> int:
             if isinstance(plan, str):
                 print(f"  does not run here ({plan})", flush=True)
                 continue
-            for name, flag, own_backward in TRANSPOSED_ROWS:
-                if flag and not layer_run.weights_transposed(cell, torch.float32, plan.k_split, plan.block_k < H):
-                    print(f"  {name:20}: not with Triton {triton.__version__} (layer_run.weights_transposed)")
-                    continue
-                if not own_backward and plan.backward is None:
-                    print(f"  {name:20}: the heuristics give the backward no plan of its own here", flush=True)
-                    continue
-                # Without its own plan the backward runs on the forward's (one chunk).
-                rule = _plan.with_fma_backward_chunks if own_backward else (lambda plan, dtype: plan)
+            for name, flag, own_backward, forced in TRANSPOSED_ROWS:
+                _plan.force_plan(**forced)
                 try:
+                    row_plan = functional.kernel_plan(cell, H, config.B, torch.float32, device) if forced else plan
+                    if isinstance(row_plan, str):
+                        print(f"  {name:20}: does not run here ({row_plan})", flush=True)
+                        continue
+                    streamed = row_plan.block_k < H
+                    if flag and not layer_run.weights_transposed(cell, torch.float32, row_plan.k_split, streamed):
+                        print(f"  {name:20}: not with Triton {triton.__version__} (layer_run.weights_transposed)")
+                        continue
+                    if not own_backward and row_plan.backward is None:
+                        print(f"  {name:20}: the heuristics give the backward no plan of its own here", flush=True)
+                        continue
+                    # Without its own plan the backward runs on the forward's (one chunk).
+                    rule = _plan.with_fma_backward_chunks if own_backward else (lambda plan, dtype: plan)
+                    row_plan = row_plan if own_backward else dataclasses.replace(row_plan, backward=None)
                     with mock.patch.object(layer_run, "weights_transposed", lambda *plan, flag=flag: flag), \
                             mock.patch.object(_plan, "with_fma_backward_chunks", rule):  # fmt: skip
                         rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
@@ -223,12 +238,15 @@ def transposed(device: torch.device) -> int:
                     failed = True
                     print(f"  {name:20}: FAILED {type(error).__name__}: {str(error)[:200]}", flush=True)
                     continue
+                finally:
+                    _plan.force_plan()
                 ok = all(
                     math.isfinite(r["rel_err"]) and r["rel_err"] <= max(1.5 * cudnn[p]["rel_err"], 1e-5)
                     for p, r in rows.items()
                 )
                 failed |= not ok
-                print(f"  {name:20}: {_per_pass(rows)} | {'ok' if ok else 'ERROR ABOVE 1.5x cuDNN'}", flush=True)
+                verdict = "ok" if ok else "ERROR ABOVE 1.5x cuDNN"
+                print(f"  {name:20}: {_per_pass(rows)} | {verdict} | {_described(row_plan)}", flush=True)
     return 1 if failed else 0
 
 
