@@ -500,4 +500,5 @@ def test_host_cost_times_the_host_code_of_each_call_and_counts_its_device_operat
     for row in rows:  # cell, layers, us, allocations, +, kernels, us, allocations, +, kernels
         inference_us, training_us = float(row[2]), float(row[6])
         inference_ops, training_ops = int(row[3]) + int(row[5]), int(row[7]) + int(row[9])
-        assert 0 < inference_us < training_us and 0 < inference_ops < training_ops, row
+        # Times only positive: their order is the machine's load's (under load an inference call once took longer).
+        assert inference_us > 0 and training_us > 0 and 0 < inference_ops < training_ops, row
