@@ -513,11 +513,15 @@ def rnn_fwd_kernel(
     ring=None,  # [D, 2, B, H] int32 (16-bit dtypes) or int64 (fp32) words (TAGGED): slot 0 the initial state, tag 1
     TAGGED: tl.constexpr = False,  # exchange h through ring's tagged words instead of the grid barrier (sync.py)
     W_T: tl.constexpr = False,  # w_hh holds each direction's W_hh transposed, [D, H, G*H] (layer_run: float32 on FMA)
+    HALVES: tl.constexpr = False,  # the held rows as two halves, two dots a gate (_plan.fma_halves)
 ):
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, BLOCK_K)
+    # With HALVES each held tile and dot covers half the held rows: the FMA dots load each thread's share of both
+    # operands into registers at once, which spills beyond 32 units of the reduction a chunk (perf/NOTES.md).
+    HELD: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
+    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, HELD)
     out_ty = hseq.dtype.element_ty
     # W_hh[g*H + j, k] at w_hh + (g*H + j) * W_UNIT + k * W_RED. The FMA dots (float32 without TF32) read a held
     # tile from shared memory a unit j a lane: with W_hh row-major, the 16 units of a warp lie 4*H bytes apart, all
@@ -535,10 +539,17 @@ def rnn_fwd_kernel(
     counter += d * tl.num_programs(2) + tl.program_id(2)
     b_lo, b_hi = _group_rows(B, BLOCK_B)
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k in chunks with K_SPLIT): loaded once, resident for all steps.
-    o_kw = _weight_units(0, BLOCK_K, K_SPLIT, W_T)
+    o_kw = _weight_units(0, HELD, K_SPLIT, W_T)
     o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
     m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, W_T)
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * W_UNIT, G, K_SPLIT, W_T)
+    # The second half (HALVES; else unused copies of the first).
+    b_v0, b_v1, b_v2, b_v3 = b_w0, b_w1, b_w2, b_w3
+    if HALVES:
+        o_kv = _weight_units(HELD, HELD, K_SPLIT, W_T)
+        o_vr, o_vu = _tile(o_j * W_UNIT, o_kv * W_RED, K_SPLIT, True, W_T)
+        m_vr, m_vu = _tile(m_j, o_kv < H, K_SPLIT, True, W_T)
+        b_v0, b_v1, b_v2, b_v3 = _load_gate_tiles(w_hh + o_vr + o_vu, m_vr & m_vu, H * W_UNIT, G, K_SPLIT, W_T)
     b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (other cells: any values, unused)
 
     for s in range(n_steps):
@@ -565,6 +576,19 @@ def rnn_fwd_kernel(
                 w_hh + o_j * W_UNIT, m_j, H, H * W_UNIT, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
                 K_SPLIT, W_RED,
             )  # fmt: skip
+            if HALVES:
+                o_br, o_bu = _tile(o_b * H, HELD + o_k, K_SPLIT, False)
+                m_br, m_bu = _tile(m_b, HELD + o_k < H, K_SPLIT, False)
+                o_bk = o_br + o_bu
+                m_bk = m_br & m_bu
+                b_h = _load_h_prev(hseq + (t + d) * B * H + o_bk, ring, step, o_bk, m_bk, B, H, out_ty, TAGGED)
+                b_h = _operand(b_h, K_SPLIT, False)
+                r0 += _dot_k(b_h, b_v0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                if G > 1:
+                    r1 += _dot_k(b_h, b_v1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                    r2 += _dot_k(b_h, b_v2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                if G > 3:
+                    r3 += _dot_k(b_h, b_v3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
             p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]

@@ -215,6 +215,8 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     # kernels differently then).
     tagged = {} if variant.proj else dict(TAGGED=plan.tagged, **({} if plan.tagged else dict(ring=None)))
     transposed = dict(W_T=forward_transposed(cell, dtype, plan, hidden, variant.proj))  # as layer_run's launch
+    if not variant.proj:
+        transposed.update(HALVES=plan.held_halves)
     bwd_types = dict(w_hh=t, hseq=t, saved=t, c0=acc, grad_y=t, grad_z=t, grad_res=t, grad_gates=t, grad_xn=t,
                      grad_h=acc, grad_c=acc, counter="i32", w_hr=t, grad_hp=t, lengths="i32",
                      seed_ptr="i64", ring=fwd_types["ring"])  # fmt: skip
@@ -240,7 +242,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
         f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} K_SPLIT={plan.k_split} warps={num_warps} stages={num_stages} "
         f"{variant}"
-        f"{' tagged' * plan.tagged} "
+        f"{' tagged' * plan.tagged}{' halves' * plan.held_halves} "
         f"| fwd {fwd} | bwd {bwd}{bwd_plan}"
     )
     return line, max(fwd["smem"], bwd["smem"]), max(fwd["stack"], bwd["stack"])

@@ -21,7 +21,6 @@ forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first and thirty-
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from unittest import mock
@@ -64,17 +63,14 @@ WIDTH_CASES = [
     ("gru", 256, "fp32", ("heuristics", "16 units")),
 ]
 # float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed), and
-# the backward in one chunk against its own plan's 8 (_plan.with_fma_backward_chunks).
+# half the slice held in chunks, the rest read from L2 every step (the heuristics hold it all, in two halves at H=512:
+# _plan.fma_halves): fewer shared-memory wavefronts a step against L2 traffic (sm_90 compiles, perf/NOTES.md).
 TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
-# (row, forward on W_hh transposed, backward on its own plan where the heuristics give it one, plan fields forced).
-# No row compiles a forward the installed Triton cannot (fma_one_chunk_transposes): the heuristics' forward, or one
-# whose rows are streamed. The last: half the slice held in chunks (the whole in chunks spills), the rest read every
-# step from L2: a quarter to a half of the shared-memory wavefronts a step (sm_90 compiles, perf/NOTES.md).
+# (row, forward on W_hh transposed, plan fields forced)
 TRANSPOSED_ROWS = [
-    ("W_hh transposed", True, True, {}),
-    ("W_hh row-major", False, True, {}),
-    ("backward in 1 chunk", True, False, {}),
-    ("256 held, 8 chunks", True, True, dict(block_h=16, k_split=8, block_k=256)),
+    ("W_hh transposed", True, {}),
+    ("W_hh row-major", False, {}),
+    ("256 held, 8 chunks", True, dict(block_h=16, k_split=8, block_k=256)),
 ]
 
 
@@ -200,9 +196,9 @@ def _described(plan: _plan.LayerPlan) -> str:
 
 
 def transposed(device: torch.device) -> int:
-    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major, the
-    backward in one chunk, and half the slice held in chunks (TRANSPOSED_ROWS): us per step forward and training step,
-    error against float64; 1 where one fails or errs above 1.5x cuDNN's."""
+    """Each TRANSPOSED_CASES layer in float32 without TF32 with the forward's W_hh transposed and row-major, and half
+    the slice held in chunks (TRANSPOSED_ROWS): us per step forward and training step, error against float64; 1 where
+    one fails or errs above 1.5x cuDNN's."""
     failed = False
     with runner.tf32_flags(False):
         for cell, H in TRANSPOSED_CASES:
@@ -214,7 +210,7 @@ def transposed(device: torch.device) -> int:
             if isinstance(plan, str):
                 print(f"  does not run here ({plan})", flush=True)
                 continue
-            for name, flag, own_backward, forced in TRANSPOSED_ROWS:
+            for name, flag, forced in TRANSPOSED_ROWS:
                 _plan.force_plan(**forced)
                 try:
                     row_plan = functional.kernel_plan(cell, H, config.B, torch.float32, device) if forced else plan
@@ -225,14 +221,7 @@ def transposed(device: torch.device) -> int:
                     if flag and not layer_run.weights_transposed(cell, torch.float32, row_plan.k_split, streamed):
                         print(f"  {name:20}: not with Triton {triton.__version__} (layer_run.weights_transposed)")
                         continue
-                    if not own_backward and row_plan.backward is None:
-                        print(f"  {name:20}: the heuristics give the backward no plan of its own here", flush=True)
-                        continue
-                    # Without its own plan the backward runs on the forward's (one chunk).
-                    rule = _plan.with_fma_backward_chunks if own_backward else (lambda plan, dtype: plan)
-                    row_plan = row_plan if own_backward else dataclasses.replace(row_plan, backward=None)
-                    with mock.patch.object(layer_run, "weights_transposed", lambda *plan, flag=flag: flag), \
-                            mock.patch.object(_plan, "with_fma_backward_chunks", rule):  # fmt: skip
+                    with mock.patch.object(layer_run, "weights_transposed", lambda *plan, flag=flag: flag):
                         rows = {pass_: runner.measure(case, "tritonrnn", pass_) for pass_ in config.passes}
                 except Exception as error:  # as widths(): a finding, not the end
                     failed = True

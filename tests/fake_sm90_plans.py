@@ -85,6 +85,7 @@ LAYERS = [
     ("gru", 64, 16, torch.bfloat16, dict(directions=2, dropout_mode=2)),
     ("lstm", 64, 16, torch.bfloat16, dict(directions=2, residual=True, dropout_mode=1, varlen=True, proj=16)),
     ("lstm", 256, 16, torch.float32, dict(proj=64)),  # the FMA dots in chunks, W_hh and W_hr transposed
+    ("gru", 512, 16, torch.float32, {}),  # the FMA forward's held rows in two halves (_plan.fma_halves)
 ]
 STACKS = [("lstm", 64, 16, torch.bfloat16, 0), ("gru", 100, 16, torch.float32, 1)]
 

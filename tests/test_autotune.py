@@ -415,19 +415,22 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
         return p.k_split, p.block_k, p.num_stages
 
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
-    # Its FMA dots in chunks of 16 rows or more, a warp each (4 to 8), where the gates hold at most 1024 rows together
-    # (the chunked LSTM and GRU spill from H=512), and for the LSTM holding its whole slice on Triton 3.9, whose
-    # forward cannot read W_hh transposed in one chunk; one stage over one tile; else one chunk and 8 warps.
+    # Its FMA dots in chunks of 16 rows or more, a warp each (4 to 8), where the gates hold at most 1024 rows together,
+    # or more held whole in two halves (LSTM and GRU at H=512: the forward's dots over 64 rows a chunk spill); one
+    # stage over one tile; else (rows streamed) one chunk and 8 warps.
     installed = _plan.triton_version
-    for version, lstm_512_chunked in (((3, 6), False), ((3, 9), True)):
+    for version in ((3, 6), (3, 9)):
         monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
         fma = {(cell, H): plan(cell, H, 16, torch.float32) for cell in ("lstm", "gru", "rnn_tanh")
                for H in (32, 64, 128, 256, 512, 1024)}  # fmt: skip
         assert {key: p.k_split for key, p in fma.items() if p.k_split > 1} == {
             **{(cell, 64): 4 for cell in ("lstm", "gru", "rnn_tanh")},
-            **{(cell, H): 8 for cell in ("lstm", "gru", "rnn_tanh") for H in (128, 256)},
-            ("rnn_tanh", 512): 8, ("rnn_tanh", 1024): 8, **({("lstm", 512): 8} if lstm_512_chunked else {}),
+            **{(cell, H): 8 for cell in ("lstm", "gru", "rnn_tanh") for H in (128, 256, 512)},
+            ("rnn_tanh", 1024): 8,
         }  # fmt: skip
+        assert {key for key, p in fma.items() if p.held_halves} == {("lstm", 512), ("gru", 512)}
+        tuned = _plan.plan_with("gru", 512, 1, CUDA0, torch.float32, 16, 16, 8, 1, 16, k_split=8)  # a tuner candidate
+        assert tuned.held_halves and not _plan.plan_with("gru", 512, 1, CUDA0, torch.float32, 16, 16, 8).held_halves
         assert all(p.num_warps == max(p.k_split, 4 if p.k_split > 1 else 8) and p.block_h == 16 for p in fma.values())
         assert shape(fma["lstm", 32]) == (16, 16, 8, 2) and shape(fma["rnn_tanh", 64]) == (16, 16, 4, 4)
         assert chunks(fma["lstm", 256]) == (8, 256, 1) and chunks(plan("gru", 256, 64, torch.float32))[2] == 1
@@ -490,10 +493,11 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
 
 
 def test_float32_on_the_fma_units_runs_its_backward_in_chunks_where_its_forward_stays_in_one(fake_gpu, monkeypatch):
-    """float32 without TF32 beyond the forward's chunked rows (LSTM and GRU from H=512, whose chunked forward spills):
-    the backward takes a plan of its own, its reduction in 8 chunks, a warp each, which spill nothing and read each
-    warp's own rows of the slice (sm_90 compiles, perf/NOTES.md, thirty-third session). Its pipeline depth is its own;
-    nowhere else (chunked forwards, the tensor cores, a given or forced width, the projection) a second plan."""
+    """float32 without TF32 with rows streamed beyond the forward's chunked rows (LSTM and GRU from H=768, whose
+    chunked forward spills): the backward takes a plan of its own, its reduction in 8 chunks, a warp each, which spill
+    nothing and read each warp's own rows of the slice (sm_90 compiles, perf/NOTES.md, thirty-third session). Its
+    pipeline depth is its own; nowhere else (chunked forwards, H=512's halves included, the tensor cores, a given or
+    forced width, the projection) a second plan."""
     from tritonrnn import layer_op, layer_run
 
     def plan(cell, hidden, batch=16, dtype=torch.float32):
@@ -506,37 +510,28 @@ def test_float32_on_the_fma_units_runs_its_backward_in_chunks_where_its_forward_
     installed = _plan.triton_version
     for version in ((3, 6), (3, 9)):
         monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
-        for cell, hidden in (("lstm", 512), ("gru", 512), ("lstm", 768), ("gru", 1024), ("lstm", 1024)):
+        for cell, hidden in (("lstm", 768), ("gru", 768), ("gru", 1024), ("lstm", 1024)):
             one = plan(cell, hidden)
-            if version == (3, 9) and (cell, hidden) == ("lstm", 512):  # chunked forward (its one chunk cannot be W_T)
-                assert one.k_split == 8 and one.backward is None
-                continue
-            streamed = one.block_k < hidden
-            assert (one.k_split, one.num_warps) == (1, 8)
-            assert backward(one) == (8, 8, 3 if streamed else 1), (version, cell, hidden)
+            assert (one.k_split, one.num_warps, one.block_k, one.held_halves) == (1, 8, 512, False)
+            assert backward(one) == (8, 8, 3), (version, cell, hidden)  # rows streamed: three stages
             assert one.backward.block_ks >= 16 * 8 and one.backward.block_k == one.block_k
             assert (one.backward.num_programs, one.backward.block_h) == (one.num_programs, 16)
-        for cell, hidden in (("lstm", 256), ("gru", 128), ("rnn_tanh", 512), ("rnn_tanh", 1024), ("lstm", 16)):
+        for cell, hidden in (("lstm", 512), ("gru", 512), ("lstm", 256), ("rnn_tanh", 1024), ("lstm", 16)):
             assert plan(cell, hidden).backward is None
     monkeypatch.setattr(_plan, "triton_version", installed)
-    # Several batch tiles a group: the forward over them keeps three stages, the chunked backward one.
-    looping = plan("gru", 512, 256)
-    assert (looping.batch_groups, looping.num_stages, looping.backward.batch_groups, backward(looping)) == (
-        4, 3, 4, (8, 8, 1)
-    )  # fmt: skip
-    assert plan("lstm", 512, dtype=torch.bfloat16).backward is None
-    assert _plan.plan_layer("lstm", 512, 16, torch.float32, CUDA0, 1, block_h=16).backward is None
+    assert plan("lstm", 1024, dtype=torch.bfloat16).backward is None
+    assert _plan.plan_layer("lstm", 1024, 16, torch.float32, CUDA0, 1, block_h=16).backward is None
     _plan.force_plan(num_warps=8)
     try:
-        assert plan("lstm", 512).backward is None
+        assert plan("lstm", 1024).backward is None
     finally:
         _plan.force_plan()
     monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
     monkeypatch.setattr(layer_op, "_gpu_misfit", lambda *args: None)
     proj = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant(proj=256))
-    assert proj.backward is None and proj.k_split == 8
+    assert proj.backward is None and proj.k_split == 8 and not proj.held_halves
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
-    assert plan("lstm", 512).backward is None
+    assert plan("lstm", 1024).backward is None and not plan("lstm", 512).held_halves
 
 
 def test_a_chunked_backward_of_its_own_over_shared_memory_drops_its_stages_first(fake_gpu, monkeypatch):

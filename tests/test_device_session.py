@@ -4,7 +4,6 @@ rows, and the parallel warm-up of a suite's kernels."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -263,10 +262,8 @@ def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
 
 def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_major(monkeypatch, capsys):
     """The widths stage's float32 part: both layouts of the forward's W_hh timed with TF32 off, as the library would
-    run each (layer_run.weights_transposed patched for the timing, restored after); where the heuristics give the
-    backward a plan of its own in chunks, the backward on the forward's plan (_plan.with_fma_backward_chunks patched
-    for the timing, the forward as planned); and half the slice held in chunks (forced, cleared after); one erring
-    makes the code 1."""
+    run each (layer_run.weights_transposed patched for the timing, restored after), and half the slice held in chunks
+    (forced, cleared after); one erring makes the code 1."""
     from perf import probe
     from tritonrnn import _plan, layer_run
 
@@ -274,41 +271,28 @@ def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_majo
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
     monkeypatch.setattr(probe, "TRANSPOSED_CASES", [("gru", 512)])
     monkeypatch.setattr(_plan, "_sm_count", lambda index: 132)
-    own = [True]  # whether the heuristics give the backward a plan of its own (as they do for GRU fp32 H=512)
-
-    def kernel_plan(cell, hidden, batch, dtype, device):
-        plan = _plan.plan_layer(cell, hidden, batch, dtype, device)
-        return plan if own[0] else dataclasses.replace(plan, backward=None)
-
-    monkeypatch.setattr(probe.functional, "kernel_plan", kernel_plan)
-    original = (layer_run.weights_transposed, _plan.with_fma_backward_chunks)
+    monkeypatch.setattr(probe.functional, "kernel_plan", lambda *args: _plan.plan_layer(*args))
+    original = layer_run.weights_transposed
     seen = []
 
     def measure(case, provider, pass_):
         assert case.dtype == "fp32" and not torch.backends.cuda.matmul.allow_tf32
         transposed = layer_run.weights_transposed("gru", torch.float32)
         plan = probe.functional.kernel_plan("gru", 512, 16, torch.float32, torch.device("cuda", 0))
-        seen.append((provider, transposed, plan.for_backward().k_split, plan.block_k))
+        seen.append((provider, transposed, plan.block_k, plan.held_halves))
         error = 3e-5 if provider == "tritonrnn" and not transposed else 1e-6
         return dict(us_per_step_layer=9.0, rel_err=error)
 
     monkeypatch.setattr(probe.runner, "measure", measure)
     assert probe.transposed(torch.device("cuda", 0)) == 1
-    assert (layer_run.weights_transposed, _plan.with_fma_backward_chunks) == original and not _plan._forced_plan
+    assert layer_run.weights_transposed is original and not _plan._forced_plan
     ours = [row for provider, *row in seen if provider == "tritonrnn"]
-    assert ours == [[True, 8, 512]] * 2 + [[False, 8, 512]] * 2 + [[True, 1, 512]] * 2 + [[True, 8, 256]] * 2
+    assert ours == [[True, 512, True]] * 2 + [[False, 512, True]] * 2 + [[True, 256, False]] * 2
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("gru fp32 B16 H512 T256 cuDNN")
-    assert "W_hh transposed" in lines[1] and "| ok" in lines[1]
+    assert "W_hh transposed" in lines[1] and "| ok" in lines[1] and "8 chunk(s)" in lines[1]
     assert "W_hh row-major" in lines[2] and "ERROR ABOVE 1.5x cuDNN" in lines[2]
-    assert "backward in 1 chunk" in lines[3] and "| ok" in lines[3] and "backward" not in lines[3].split("|")[-1]
-    assert "; backward 8 chunk(s), 1 stage(s)" in lines[1]
-    assert "256 held, 8 chunks" in lines[4] and "8 chunk(s), 8 warps, 3 stage(s), 256 held rows" in lines[4]
-    own[0] = False  # no backward of its own: not timed twice
-    seen.clear()
-    probe.transposed(torch.device("cuda", 0))
-    assert len([provider for provider, *_ in seen if provider == "tritonrnn"]) == 6
-    assert "no plan of its own here" in capsys.readouterr().out.splitlines()[3]
+    assert "256 held, 8 chunks" in lines[3] and "8 chunk(s), 8 warps, 3 stage(s), 256 held rows" in lines[3]
 
 
 def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):

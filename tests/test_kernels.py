@@ -1081,6 +1081,22 @@ def test_a_backward_with_a_plan_of_its_own_in_chunks(monkeypatch, cell, dtype):
     assert launched == {("rnn_fwd_kernel", 1, 3), ("rnn_bwd_kernel", 4, 3)}
 
 
+@pytest.mark.parametrize(
+    "cell, dtype, block_k, bidirectional",
+    [("lstm", torch.float64, None, False), ("gru", torch.float32, None, True), ("rnn_tanh", torch.float64, 32, False),
+     ("lstm", torch.float32, 32, True)],
+    ids=["lstm", "gru-bidirectional", "rnn-streamed", "lstm-streamed-bidirectional"],
+)  # fmt: skip
+def test_the_forward_holding_its_rows_in_two_halves(forced_plan, cell, dtype, block_k, bidirectional):
+    """The forward's held rows as two halves, two dots a gate (kernels/recurrent.py HALVES, _plan.fma_halves: float32
+    without TF32 at H=512 on the GPU), in chunks, over 3 programs launched step by step, with rows streamed beyond the
+    held ones or none: outputs, states and every gradient against torch.nn in float64 (a half read from the wrong
+    rows fails it)."""
+    forced = dict(block_h=16, persistent=False, k_split=2, held_halves=True)
+    forced_plan(**forced, **({"block_k": block_k} if block_k else {}))
+    compare(cell, 5, 3, 6, 40, 2, dtype=dtype, seed=34, bidirectional=bidirectional)
+
+
 def test_batch_groups_split_grid_stepwise_bfloat16(forced_plan):
     """Groups of a grid whose hidden units are split over programs, one launch per step, against torch.nn."""
     forced_plan(block_h=16, block_b=16, persistent=False, batch_groups=2)

@@ -78,6 +78,8 @@ class LayerPlan:
     batch_groups: int = 1
     # The reduction (held and streamed rows) in k_split chunks, one a warp (kernels/recurrent._dot_k): 1 or num_warps.
     k_split: int = 1
+    # The single-layer forward's held rows as two halves, two dots a gate (fma_halves; kernels/recurrent.py HALVES).
+    held_halves: bool = False
     backward: LayerPlan | None = None
 
     def for_backward(self) -> LayerPlan:
@@ -235,6 +237,8 @@ def plan_layer(
                   k_split=k_split),
         hidden_size, device, directions,
     )  # fmt: skip
+    if device.type == "cuda" and "held_halves" not in _forced_plan:
+        plan = dataclasses.replace(plan, held_halves=fma_halves(plan, gates, dtype))
     if device.type == "cuda" and chosen:
         plan = with_fma_backward_chunks(plan, dtype)
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
@@ -263,7 +267,7 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
         return MIN_DOT, 1
     if fma_dots(dtype):
         rows = held_rows(hidden_size, gates, MIN_DOT, dtype)
-        return MIN_DOT, fma_chunks(rows, gates, rows < hidden_size)
+        return MIN_DOT, fma_chunks(rows, gates, rows < hidden_size, halves=True)
     # The tagged exchange (opt-in) keeps 16 units, in chunks of 64 rows or more: at 32 units its tile of tagged words
     # spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB); at 16 in one chunk LSTM bf16 H=1024's forward 552
     # bytes, in 8 chunks of 128 rows nothing; in 8 chunks of 32 rows (H=256) LSTM's and GRU's backward 104-120 bytes
@@ -281,30 +285,41 @@ def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
     return SPLIT_WARPS if not fma_dots(dtype) and rows // SPLIT_WARPS >= least_chunk else 1
 
 
-def fma_chunks(rows: int, gates: int, streamed: bool) -> int:
+def fma_halves(plan: LayerPlan, gates: int, dtype: torch.dtype) -> bool:
+    """Whether the single-layer forward of float32 without TF32 holds its rows as two halves, two dots a gate: in
+    chunks beyond FMA_CHUNKED_ROWS rows of all gates (LSTM and GRU at H=512). Triton's FMA dot loads each thread's
+    share of both operands into registers before it multiplies; over 64 units a chunk that spills (LSTM H=512 on
+    Triton 3.6: 32 registers and a 2.3 KB stack; 3.9: 360 bytes), over 32 it does not (211 registers; forward
+    20,480 -> 12,576 wavefronts a step against one chunk; sm_90 compiles, perf/NOTES.md, thirty-third session)."""
+    return fma_dots(dtype) and plan.k_split > 1 and gates * plan.block_k > FMA_CHUNKED_ROWS
+
+
+def fma_chunks(rows: int, gates: int, streamed: bool, halves: bool = False) -> int:
     """Chunks of the reduction over ``rows`` held rows where the dots run on the FMA units (float32 without TF32), 16
     units a program, one chunk a warp: as many as keep MIN_DOT rows each, up to SPLIT_WARPS, where that is 4 or more
     and the gates hold at most FMA_CHUNKED_ROWS rows together; else 1. In one chunk Triton gives each of 8 warps two
     batch rows of the 16 x 16 tile and every warp reads the whole slice from shared memory; in chunks each warp reads
     its own: LSTM H=256 B=16 6,304 wavefronts a step forward and 18,768 backward against 10,240 and 32,768 (Triton
-    3.6), no spill. Beyond 1024 rows (LSTM and GRU at H=512) the chunked forward spills 2.3 KB a thread on Triton 3.6;
-    the LSTM that holds its whole slice takes chunks there all the same where its forward cannot read W_hh transposed
-    in one chunk (fma_one_chunk_transposes: 136,000 wavefronts a step at H=512, 16 times the ideal; in chunks 12,600
-    and a 360-byte spill). sm_90 compiles, perf/NOTES.md, thirty-second session."""
+    3.6), no spill. Beyond 1024 rows (LSTM and GRU at H=512) the chunked forward spills 2.3 KB a thread on Triton 3.6:
+    chunks there where the kernel holds its rows in two halves (``halves``: the single layer's forward, fma_halves)
+    and streams none; else the LSTM that holds its whole slice takes chunks all the same where its forward cannot
+    read W_hh transposed in one chunk (fma_one_chunk_transposes: 136,000 wavefronts a step at H=512, 16 times the
+    ideal; in chunks 12,600 and a 360-byte spill; the projection on Triton 3.9). sm_90 compiles, perf/NOTES.md,
+    thirty-second and thirty-third sessions."""
     chunks = min(SPLIT_WARPS, rows // MIN_DOT)
     if chunks < 4:
         return 1
-    if gates * rows <= FMA_CHUNKED_ROWS or not fma_one_chunk_transposes(gates, streamed):
+    if gates * rows <= FMA_CHUNKED_ROWS or (halves and not streamed) or not fma_one_chunk_transposes(gates, streamed):
         return chunks
     return 1
 
 
 def with_fma_backward_chunks(plan: LayerPlan, dtype: torch.dtype) -> LayerPlan:
     """The plan with its own backward in SPLIT_WARPS chunks where the dots run on the FMA units and the forward stays in
-    one chunk (fma_chunks: beyond FMA_CHUNKED_ROWS rows the chunked forward spills, LSTM and GRU from H=512). The
-    backward's tiles spill nothing in chunks there (ptxas 79-116 registers), and each warp reads its own rows of the
-    slice instead of all of them: 8 chunks on Triton 3.6, LSTM H=512 B=16 65,536 -> 35,152 wavefronts a step, GRU
-    49,152 -> 26,384, LSTM H=1024 73,728 -> 45,648 (sm_90 compiles, perf/NOTES.md, thirty-third session)."""
+    one chunk (fma_chunks: with rows streamed beyond FMA_CHUNKED_ROWS the chunked forward spills, LSTM and GRU from
+    H=768). The backward's tiles spill nothing in chunks there (ptxas 90-116 registers), and each warp reads its own
+    rows of the slice instead of all of them: 8 chunks on Triton 3.6, LSTM H=1024 B=16 73,728 -> 45,648 wavefronts a
+    step, GRU 55,296 -> 34,640 (sm_90 compiles, perf/NOTES.md, thirty-third session)."""
     chunks = min(SPLIT_WARPS, plan.block_k // MIN_DOT)
     if not fma_dots(dtype) or plan.k_split > 1 or plan.block_h != MIN_DOT or chunks < SPLIT_WARPS:
         return plan
@@ -441,7 +456,10 @@ def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> Lay
 def _half_held(plan: LayerPlan) -> LayerPlan:
     """The plan holding half its rows, its reduction in as many chunks as still hold MIN_DOT rows each."""
     block_k = plan.block_k // 2
-    return dataclasses.replace(plan, block_k=block_k, k_split=max(1, min(plan.k_split, block_k // MIN_DOT)))
+    # Half the rows held: within FMA_CHUNKED_ROWS again (fma_halves), no halves of them.
+    return dataclasses.replace(
+        plan, block_k=block_k, k_split=max(1, min(plan.k_split, block_k // MIN_DOT)), held_halves=False
+    )
 
 
 def plan_stack(
@@ -485,7 +503,7 @@ def plan_stack(
     stack = dataclasses.replace(
         layer, block_k=block_k, block_b=MIN_DOT if k_split > 1 else layer.block_b, num_warps=num_warps,
         persistent=True, batch_groups=1, backward=None, k_split=k_split,
-        block_ks=chunked_block_ks(layer.block_ks, k_split),
+        block_ks=chunked_block_ks(layer.block_ks, k_split), held_halves=False,
     )  # fmt: skip
     return with_pipeline(stack, batch, hidden_size)
 
@@ -519,6 +537,7 @@ def plan_with(
         block_ks=chunked_block_ks(LayerPlan.block_ks, k_split),
         k_split=k_split,
     )
+    plan = dataclasses.replace(plan, held_halves=fma_halves(plan, CELLS[cell][1], dtype))
     return with_batch_groups(plan, batch, directions, sm_count)
 
 
@@ -546,7 +565,11 @@ def check_k_split(plan: LayerPlan, device: torch.device) -> None:
     """A plan's reduction chunks must cut its held rows, and the rows it streams at a time, evenly, on the GPU in
     chunks tl.dot accepts."""
     least = MIN_DOT if device.type == "cuda" else 1
-    for rows, what in ((plan.block_k, "held rows"), (plan.block_ks, "rows streamed at a time")):
+    held = plan.block_k // 2 if plan.held_halves else plan.block_k
+    for rows, what in (
+        (held, "held rows" + " (each half)" * plan.held_halves),
+        (plan.block_ks, "rows streamed at a time"),
+    ):
         if plan.k_split < 1 or rows % plan.k_split or rows // plan.k_split < least:
             raise ValueError(
                 f"k_split={plan.k_split} does not cut the {rows} {what} into equal chunks"

@@ -187,7 +187,7 @@ def _warmup_calls(
         (
             "forward",
             rnn_fwd_kernel,
-            dict(b_hn=t(), lengths=t(torch.int32), W_T=transposed, **tagged, **forward_args),
+            dict(b_hn=t(), lengths=t(torch.int32), W_T=transposed, HALVES=plan.held_halves, **tagged, **forward_args),
         ),
         (
             "backward",
@@ -374,7 +374,7 @@ class LayerRun:
             b_hn = self.b_hh.view(self.D, 3, self.hidden)[:, 2].contiguous()
         else:
             b_hn = torch.zeros(self.D, self.hidden, dtype=self.dtype, device=self.device)
-        self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, **launch)
+        self._launch(rnn_fwd_kernel, self.plan, t0, t1, False, b_hn=b_hn, HALVES=self.plan.held_halves, **launch)
 
     def end_forward(self) -> None:
         """Free what only the forward reads (the input projection: one value per gate, unit and step), so that a
