@@ -242,7 +242,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
         f"{cell:8} H={hidden:5} B={batch:4} {t}: programs={plan.num_programs:3} BLOCK_H={plan.block_h} "
         f"BLOCK_B={plan.block_b} BLOCK_K={plan.block_k} K_SPLIT={plan.k_split} warps={num_warps} stages={num_stages} "
         f"{variant}"
-        f"{' tagged' * plan.tagged}{' halves' * plan.held_halves} "
+        f"{' halves' * plan.held_halves}{' tagged' * plan.tagged} "
         f"| fwd {fwd} | bwd {bwd}{bwd_plan}"
     )
     return line, max(fwd["smem"], bwd["smem"]), max(fwd["stack"], bwd["stack"])
