@@ -264,6 +264,24 @@ def _cell_fwd(
 
 
 @triton.jit
+def _gate_dots(
+    b_h, b_w0, b_w1, b_w2, b_w3, G: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, K_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """b_h @ b_w{g} for each gate g < G (r0..r3; the unused ones copies of r0)."""
+    r0 = _dot_k(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if G > 1:
+        r1 = _dot_k(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+        r2 = _dot_k(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+    if G > 3:
+        r3 = _dot_k(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+    return r0, r1, r2, r3
+
+
+@triton.jit
 def _recurrent_preacts(
     b_h, b_w0, b_w1, b_w2, b_w3, p_hrow, m_b, p_wrow, m_j, K: tl.constexpr, GATE_STRIDE: tl.constexpr,
     G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -276,15 +294,7 @@ def _recurrent_preacts(
     ([BLOCK_H] pointers to W[j, 0], m_j their mask; gate g at +g*GATE_STRIDE, unit k at +k*K_STRIDE). Both
     reductions cut in K_SPLIT chunks (_dot_k).
     """
-    r0 = _dot_k(b_h, b_w0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-    r1 = r0
-    r2 = r0
-    r3 = r0
-    if G > 1:
-        r1 = _dot_k(b_h, b_w1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-        r2 = _dot_k(b_h, b_w2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-    if G > 3:
-        r3 = _dot_k(b_h, b_w3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+    r0, r1, r2, r3 = _gate_dots(b_h, b_w0, b_w1, b_w2, b_w3, G, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     for k0 in range(BLOCK_K, K, BLOCK_KS):
         o_k = _reduction_units(k0, BLOCK_KS)
         m_k = o_k < K
@@ -471,6 +481,33 @@ def _load_h_prev(p_h, ring, step, o_words, mask, B, H: tl.constexpr, VALUE: tl.c
     return b_h
 
 
+@triton.jit
+def _held_h(
+    p_hprev, ring, step, o_b, m_b, o_k, B, H: tl.constexpr, VALUE: tl.constexpr, TAGGED: tl.constexpr,
+    K_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """h before step ``step`` of rows o_b and reduction units o_k (p_hprev: the step's [B, H] rows of hseq), as the
+    held dots' operand (_load_h_prev, _operand)."""
+    o_br, o_bu = _tile(o_b * H, o_k, K_SPLIT, False)
+    m_br, m_bu = _tile(m_b, o_k < H, K_SPLIT, False)
+    o_bk = o_br + o_bu
+    b_h = _load_h_prev(p_hprev + o_bk, ring, step, o_bk, m_br & m_bu, B, H, VALUE, TAGGED)
+    return _operand(b_h, K_SPLIT, False)
+
+
+@triton.jit
+def _held_fwd_tiles(
+    w_hh, o_j, m_j, k0, WIDTH: tl.constexpr, H: tl.constexpr, G: tl.constexpr, W_UNIT: tl.constexpr,
+    W_RED: tl.constexpr, K_SPLIT: tl.constexpr, W_T: tl.constexpr,
+):  # fmt: skip
+    """The forward's held tiles b_w{g}[k, j] = W_hh[g*H + j, k] of reduction units [k0, k0 + WIDTH) (k in chunks with
+    K_SPLIT; W_hh[g*H + j, k] at w_hh + (g*H + j) * W_UNIT + k * W_RED)."""
+    o_kw = _weight_units(k0, WIDTH, K_SPLIT, W_T)
+    o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
+    m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, W_T)
+    return _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * W_UNIT, G, K_SPLIT, W_T)
+
+
 @triton.jit(do_not_specialize=["T", "B", "t_start", "n_steps", "direction0", "seed_ptr", "p_drop"])
 def rnn_fwd_kernel(
     xproj,  # [T, B, D*G*H] x @ W_ih^T plus the biases that can be folded in (all but GRU's b_hn)
@@ -521,7 +558,7 @@ def rnn_fwd_kernel(
     # With HALVES each held tile and dot covers half the held rows: the FMA dots load each thread's share of both
     # operands into registers at once, which spills beyond 32 units of the reduction a chunk (perf/NOTES.md).
     HELD: tl.constexpr = BLOCK_K // 2 if HALVES else BLOCK_K
-    o_j, m_j, o_k, m_k = _program_units(H, BLOCK_H, HELD)
+    o_j, m_j, o_k, _ = _program_units(H, BLOCK_H, HELD)
     out_ty = hseq.dtype.element_ty
     # W_hh[g*H + j, k] at w_hh + (g*H + j) * W_UNIT + k * W_RED. The FMA dots (float32 without TF32) read a held
     # tile from shared memory a unit j a lane: with W_hh row-major, the 16 units of a warp lie 4*H bytes apart, all
@@ -539,17 +576,11 @@ def rnn_fwd_kernel(
     counter += d * tl.num_programs(2) + tl.program_id(2)
     b_lo, b_hi = _group_rows(B, BLOCK_B)
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k in chunks with K_SPLIT): loaded once, resident for all steps.
-    o_kw = _weight_units(0, HELD, K_SPLIT, W_T)
-    o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
-    m_wr, m_wu = _tile(m_j, o_kw < H, K_SPLIT, True, W_T)
-    b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * W_UNIT, G, K_SPLIT, W_T)
+    b_w0, b_w1, b_w2, b_w3 = _held_fwd_tiles(w_hh, o_j, m_j, 0, HELD, H, G, W_UNIT, W_RED, K_SPLIT, W_T)
     # The second half (HALVES; else unused copies of the first).
     b_v0, b_v1, b_v2, b_v3 = b_w0, b_w1, b_w2, b_w3
     if HALVES:
-        o_kv = _weight_units(HELD, HELD, K_SPLIT, W_T)
-        o_vr, o_vu = _tile(o_j * W_UNIT, o_kv * W_RED, K_SPLIT, True, W_T)
-        m_vr, m_vu = _tile(m_j, o_kv < H, K_SPLIT, True, W_T)
-        b_v0, b_v1, b_v2, b_v3 = _load_gate_tiles(w_hh + o_vr + o_vu, m_vr & m_vu, H * W_UNIT, G, K_SPLIT, W_T)
+        b_v0, b_v1, b_v2, b_v3 = _held_fwd_tiles(w_hh, o_j, m_j, HELD, HELD, H, G, W_UNIT, W_RED, K_SPLIT, W_T)
     b_bhn = tl.load(b_hn + d * H + o_j, mask=m_j, other=0.0).to(ACC)  # GRU's (other cells: any values, unused)
 
     for s in range(n_steps):
@@ -566,29 +597,19 @@ def rnn_fwd_kernel(
                 # direction, from the end down to its last element (so its first real step starts from h0).
                 b_act = m_bj & (t < tl.load(lengths + o_b, mask=m_b, other=0))[:, None]
                 b_hkeep = tl.load(hseq + ((t + d) * B + o_b)[:, None] * H + o_j[None, :], mask=m_bj, other=0.0)
-            o_br, o_bu = _tile(o_b * H, o_k, K_SPLIT, False)
-            m_br, m_bu = _tile(m_b, m_k, K_SPLIT, False)
-            o_bk = o_br + o_bu
-            m_bk = m_br & m_bu
-            b_h = _load_h_prev(hseq + (t + d) * B * H + o_bk, ring, step, o_bk, m_bk, B, H, out_ty, TAGGED)
+            p_hprev = hseq + (t + d) * B * H
             r0, r1, r2, r3 = _recurrent_preacts(
-                _operand(b_h, K_SPLIT, False), b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * H, m_b,
-                w_hh + o_j * W_UNIT, m_j, H, H * W_UNIT, G, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
-                K_SPLIT, W_RED,
+                _held_h(p_hprev, ring, step, o_b, m_b, o_k, B, H, out_ty, TAGGED, K_SPLIT), b_w0, b_w1, b_w2, b_w3,
+                hseq + ((t + d) * B + o_b) * H, m_b, w_hh + o_j * W_UNIT, m_j, H, H * W_UNIT, G, BLOCK_K, BLOCK_KS,
+                ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT, W_RED,
             )  # fmt: skip
             if HALVES:
-                o_br, o_bu = _tile(o_b * H, HELD + o_k, K_SPLIT, False)
-                m_br, m_bu = _tile(m_b, HELD + o_k < H, K_SPLIT, False)
-                o_bk = o_br + o_bu
-                m_bk = m_br & m_bu
-                b_h = _load_h_prev(hseq + (t + d) * B * H + o_bk, ring, step, o_bk, m_bk, B, H, out_ty, TAGGED)
-                b_h = _operand(b_h, K_SPLIT, False)
-                r0 += _dot_k(b_h, b_v0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-                if G > 1:
-                    r1 += _dot_k(b_h, b_v1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-                    r2 += _dot_k(b_h, b_v2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-                if G > 3:
-                    r3 += _dot_k(b_h, b_v3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                b_h = _held_h(p_hprev, ring, step, o_b, m_b, HELD + o_k, B, H, out_ty, TAGGED, K_SPLIT)
+                v0, v1, v2, v3 = _gate_dots(b_h, b_v0, b_v1, b_v2, b_v3, G, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
+                r0 += v0
+                r1 += v1
+                r2 += v2
+                r3 += v3
             p_x = xproj + row[:, None] * (D * G * H) + o_j[None, :]
             p_state = state + o_b[:, None] * H + o_j[None, :]
             p_saved = saved + row[:, None] * (S * H) + o_j[None, :]
