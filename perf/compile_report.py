@@ -234,7 +234,7 @@ def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, 
     bwd = _resources(
         bwd_kernel, bwd_types, dict(bwd_constants, SYNC=plan.persistent, **tagged), arch, bwd_warps, bwd_stages
     )  # fmt: skip
-    # A backward with a plan of its own (_plan.with_fma_backward_chunks, or tuned) says where it differs.
+    # A backward with a plan of its own (tuned) says where it differs.
     own = plan.backward is not None and plan.backward != plan
     bwd_plan = f" on its own plan: BLOCK_K={plan.backward.block_k} K_SPLIT={plan.backward.k_split} " \
                f"warps={bwd_warps} stages={bwd_stages}" if own else ""  # fmt: skip

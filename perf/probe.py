@@ -15,8 +15,9 @@ Exit code 1 when a kernel failed to run or erred more than 1.5x cuDNN (or 1e-3, 
 times instead one layer (bf16, B=16, T=256) at the widths the heuristics chose between from sm_90 compiles alone
 (tritonrnn/_plan.heuristic_width): 16 or 32 units a program, the reduction in one chunk or one a warp, against the
 heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code); the
-same for float32 without TF32 (its FMA dots in chunks or in one: _plan.fma_chunks); then float32 layers with the
-forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first and thirty-second sessions).
+same for float32 without TF32 (its FMA dots in chunks or in one: _plan.fma_chunks; with rows streamed, in two
+pipeline stages or one); then float32 layers with the forward's W_hh transposed and row-major (perf/NOTES.md,
+thirty-first to thirty-fourth sessions).
 """
 
 from __future__ import annotations
@@ -52,15 +53,20 @@ WIDTHS = {
     "16 units": dict(block_h=16, k_split=1),
     "16 units, 8 chunks": dict(block_h=16, k_split=8),
     "32 units, 4 chunks": dict(block_h=32, k_split=4),
+    "8 chunks, 1 stage": dict(block_h=16, k_split=8, num_stages=1),
 }
+TENSOR_CORE_WIDTHS = ("heuristics", "32 units", "16 units", "16 units, 8 chunks", "32 units, 4 chunks")
 WIDTH_CASES = [
-    ("lstm", 1024, "bf16", tuple(WIDTHS)),
-    ("lstm", 512, "bf16", tuple(WIDTHS)),
+    ("lstm", 1024, "bf16", TENSOR_CORE_WIDTHS),
+    ("lstm", 512, "bf16", TENSOR_CORE_WIDTHS),
     ("gru", 1024, "bf16", ("heuristics", "32 units")),
     ("lstm", 2048, "bf16", ("heuristics", "16 units")),
     # float32 without TF32 (cuDNN too): the FMA dots in chunks against one (_plan.fma_chunks).
     ("lstm", 256, "fp32", ("heuristics", "16 units")),
     ("gru", 256, "fp32", ("heuristics", "16 units")),
+    # Rows streamed beyond the 512 held (in halves: _plan.fma_halves): 8 chunks in two stages (where three do not
+    # fit: _plan.smaller_plan) against one stage, and against one chunk (both kernels, three stages).
+    ("lstm", 1024, "fp32", ("heuristics", "8 chunks, 1 stage", "16 units")),
 ]
 # float32 without TF32 (cuDNN too), the forward on W_hh transposed and row-major (layer_run.weights_transposed), and
 # half the slice held in chunks, the rest read from L2 every step (the heuristics hold it all, in two halves at H=512:

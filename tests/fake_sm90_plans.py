@@ -115,13 +115,13 @@ def main() -> int:
     ok = isinstance(plan, LayerPlan) and plan.block_k < 2048
     failures += not ok
     print(f"{'ok ' if ok else 'BAD'} layer lstm H=2048 B=64 bf16, rows streamed: {plan}")
-    # float32 without TF32, rows streamed: the backward on a plan of its own in chunks (_plan.with_fma_backward_chunks),
-    # whose three pipeline stages do not fit: it takes one, the forward keeps its three.
+    # float32 without TF32, rows streamed: both kernels in chunks, the held rows in halves (_plan.fma_halves), whose
+    # three pipeline stages do not fit: two do (_plan.smaller_plan).
     plan = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, device, Variant())
-    own = plan.backward if isinstance(plan, LayerPlan) else None
-    ok = own is not None and (plan.k_split, plan.num_stages, own.k_split, own.num_stages) == (1, 3, 8, 1)
+    ok = isinstance(plan, LayerPlan) and plan.backward is None
+    ok = ok and (plan.k_split, plan.held_halves, plan.num_stages, plan.block_k) == (8, True, 2, 512)
     failures += not ok
-    print(f"{'ok ' if ok else 'BAD'} layer lstm H=1024 B=16 fp32, its backward on its own plan: {plan}")
+    print(f"{'ok ' if ok else 'BAD'} layer lstm H=1024 B=16 fp32, rows streamed, two stages: {plan}")
     _plan.force_plan(persistent=False)
     try:
         plan = layer_op.kernel_plan("gru", 64, 16, torch.float32, device, Variant(directions=2))

@@ -416,25 +416,29 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
 
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
     # Its FMA dots in chunks of 16 rows or more, a warp each (4 to 8), where the gates hold at most 1024 rows together,
-    # or more held whole in two halves (LSTM and GRU at H=512: the forward's dots over 64 rows a chunk spill); one
-    # stage over one tile; else (rows streamed) one chunk and 8 warps.
+    # or more in two halves (LSTM and GRU from H=512: the forward's dots over 64 rows a chunk spill), with the rows
+    # beyond the held 512 streamed (H=768, 1024: three stages); one stage over one tile and the whole slice held.
     installed = _plan.triton_version
     for version in ((3, 6), (3, 9)):
         monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
         fma = {(cell, H): plan(cell, H, 16, torch.float32) for cell in ("lstm", "gru", "rnn_tanh")
-               for H in (32, 64, 128, 256, 512, 1024)}  # fmt: skip
+               for H in (32, 64, 128, 256, 512, 768, 1024)}  # fmt: skip
         assert {key: p.k_split for key, p in fma.items() if p.k_split > 1} == {
             **{(cell, 64): 4 for cell in ("lstm", "gru", "rnn_tanh")},
-            **{(cell, H): 8 for cell in ("lstm", "gru", "rnn_tanh") for H in (128, 256, 512)},
-            ("rnn_tanh", 1024): 8,
+            **{(cell, H): 8 for cell in ("lstm", "gru", "rnn_tanh") for H in (128, 256, 512, 768, 1024)},
         }  # fmt: skip
-        assert {key for key, p in fma.items() if p.held_halves} == {("lstm", 512), ("gru", 512)}
+        assert {key for key, p in fma.items() if p.held_halves} == {
+            (cell, H) for cell in ("lstm", "gru") for H in (512, 768, 1024)
+        }  # fmt: skip
+        for cell in ("lstm", "gru"):
+            assert chunks(fma[cell, 512]) == (8, 512, 1) and chunks(fma[cell, 1024]) == (8, 512, 3)
+            assert fma[cell, 768].block_ks == fma[cell, 1024].block_ks == 128  # 16 streamed rows a warp
+        assert all(p.backward is None for p in fma.values())  # the backward on the forward's plan
         tuned = _plan.plan_with("gru", 512, 1, CUDA0, torch.float32, 16, 16, 8, 1, 16, k_split=8)  # a tuner candidate
         assert tuned.held_halves and not _plan.plan_with("gru", 512, 1, CUDA0, torch.float32, 16, 16, 8).held_halves
         assert all(p.num_warps == max(p.k_split, 4 if p.k_split > 1 else 8) and p.block_h == 16 for p in fma.values())
         assert shape(fma["lstm", 32]) == (16, 16, 8, 2) and shape(fma["rnn_tanh", 64]) == (16, 16, 4, 4)
         assert chunks(fma["lstm", 256]) == (8, 256, 1) and chunks(plan("gru", 256, 64, torch.float32))[2] == 1
-        assert fma["lstm", 1024].k_split == 1  # its rows streamed: transposed in one chunk on every version
         stack = _plan.plan_stack("lstm", 256, 3, 16, torch.float32, CUDA0)  # the layer's chunks, two slices held
         assert (stack.k_split, stack.num_warps, stack.block_k) == (8, 8, 256)
     monkeypatch.setattr(_plan, "triton_version", installed)
@@ -492,64 +496,39 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
         _plan.force_plan()
 
 
-def test_float32_on_the_fma_units_runs_its_backward_in_chunks_where_its_forward_stays_in_one(fake_gpu, monkeypatch):
-    """float32 without TF32 with rows streamed beyond the forward's chunked rows (LSTM and GRU from H=768, whose
-    chunked forward spills): the backward takes a plan of its own, its reduction in 8 chunks, a warp each, which spill
-    nothing and read each warp's own rows of the slice (sm_90 compiles, perf/NOTES.md, thirty-third session). Its
-    pipeline depth is its own; nowhere else (chunked forwards, H=512's halves included, the tensor cores, a given or
-    forced width, the projection) a second plan."""
+def test_float32_on_the_fma_units_streaming_rows_takes_two_stages_before_one(fake_gpu, monkeypatch):
+    """LSTM float32 H=1024 without TF32 (8 chunks, the held rows in halves, the rest streamed): where its kernels with
+    three pipeline stages need more shared memory than the GPU has, two are tried before one (two still overlap the
+    streamed rows' reads from L2), both kernels on one plan. The projection's kernels (every row held) take chunks
+    without halves; TF32 the tensor cores, no halves."""
     from tritonrnn import layer_op, layer_run
 
-    def plan(cell, hidden, batch=16, dtype=torch.float32):
-        return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
-
-    def backward(p):
-        return None if p.backward is None else (p.backward.k_split, p.backward.num_warps, p.backward.num_stages)
-
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
-    installed = _plan.triton_version
-    for version in ((3, 6), (3, 9)):
-        monkeypatch.setattr(_plan, "triton_version", lambda version=version: version)
-        for cell, hidden in (("lstm", 768), ("gru", 768), ("gru", 1024), ("lstm", 1024)):
-            one = plan(cell, hidden)
-            assert (one.k_split, one.num_warps, one.block_k, one.held_halves) == (1, 8, 512, False)
-            assert backward(one) == (8, 8, 3), (version, cell, hidden)  # rows streamed: three stages
-            assert one.backward.block_ks >= 16 * 8 and one.backward.block_k == one.block_k
-            assert (one.backward.num_programs, one.backward.block_h) == (one.num_programs, 16)
-        for cell, hidden in (("lstm", 512), ("gru", 512), ("lstm", 256), ("rnn_tanh", 1024), ("lstm", 16)):
-            assert plan(cell, hidden).backward is None
-    monkeypatch.setattr(_plan, "triton_version", installed)
-    assert plan("lstm", 1024, dtype=torch.bfloat16).backward is None
-    assert _plan.plan_layer("lstm", 1024, 16, torch.float32, CUDA0, 1, block_h=16).backward is None
-    _plan.force_plan(num_warps=8)
-    try:
-        assert plan("lstm", 1024).backward is None
-    finally:
-        _plan.force_plan()
     monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
+    tried = []
+
+    def under(most_stages):
+        def misfit(cell, hidden, dtype, tf32, plan, variant, index):
+            tried.append((plan.num_stages, plan.for_backward().num_stages, plan.block_k))
+            return "needs more shared memory" if plan.num_stages > most_stages else None
+
+        monkeypatch.setattr(layer_op, "_gpu_misfit", misfit)
+        tried.clear()
+        return layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant())
+
+    plan = under(2)  # as on sm_90 (Triton 3.6): three stages 264 KB, two 205 KB
+    assert (plan.k_split, plan.num_stages, plan.block_k, plan.held_halves, plan.backward) == (8, 2, 512, True, None)
+    assert tried == [(3, 3, 512), (2, 2, 512)]
+    plan = under(1)
+    assert (plan.num_stages, plan.block_k) == (1, 512) and tried == [(3, 3, 512), (2, 2, 512), (1, 1, 512)]
+    plan = under(0)  # then fewer held rows, in halves no more
+    assert tried[3:] == [(1, 1, 256), (1, 1, 128), (1, 1, 64)] and isinstance(plan, str)
     monkeypatch.setattr(layer_op, "_gpu_misfit", lambda *args: None)
     proj = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant(proj=256))
     assert proj.backward is None and proj.k_split == 8 and not proj.held_halves
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
-    assert plan("lstm", 1024).backward is None and not plan("lstm", 512).held_halves
-
-
-def test_a_chunked_backward_of_its_own_over_shared_memory_drops_its_stages_first(fake_gpu, monkeypatch):
-    """LSTM float32 H=1024 (rows streamed): its backward in 8 chunks needs more shared memory with three stages than
-    an H100 has; it takes one, and the forward keeps its three (as the fit check finds it on sm_90)."""
-    from tritonrnn import layer_op, layer_run
-
-    monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
-    monkeypatch.delenv("TRITONRNN_AUTOTUNE", raising=False)
-
-    def misfit(cell, hidden, dtype, tf32, plan, variant, index):
-        chunked = plan.for_backward()
-        return "needs more shared memory" if chunked.k_split > 1 and chunked.num_stages > 1 else None
-
-    monkeypatch.setattr(layer_op, "_gpu_misfit", misfit)
-    plan = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant())
-    assert (plan.k_split, plan.num_stages, plan.block_k) == (1, 3, 512)
-    assert (plan.backward.k_split, plan.backward.num_stages, plan.backward.block_k) == (8, 1, 512)
+    tf32 = _plan.plan_layer("lstm", 1024, 16, torch.float32, CUDA0, 1)
+    assert not tf32.held_halves and not _plan.plan_layer("lstm", 512, 16, torch.float32, CUDA0, 1).held_halves
 
 
 def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gpu, monkeypatch):
@@ -575,11 +554,20 @@ def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gp
 
 
 def test_a_three_stage_plan_over_shared_memory_with_one_batch_tile_drops_stages_before_rows():
-    """A tuned plan of three stages at one batch tile: smaller_plan tries one stage before it halves the held rows."""
+    """A tuned plan of three stages at one batch tile: smaller_plan tries two stages, then one, before it halves the
+    held rows; a tuned backward of its own takes as many stages at most."""
+    backward = _plan.LayerPlan(block_h=16, block_b=16, block_k=512, num_programs=32, num_warps=8, persistent=True,
+                               k_split=8, num_stages=1)  # fmt: skip
     tuned = _plan.LayerPlan(block_h=16, block_b=16, block_k=512, num_programs=32, num_warps=8, persistent=True)
-    smaller = _plan.smaller_plan(tuned, tuned, 16, 0)
-    assert smaller.num_stages == 1 and smaller.block_k == 512
-    assert _plan.smaller_plan(smaller, tuned, 16, 0).block_k == 256
+    for backward_plan in (None, backward):
+        tuned = dataclasses.replace(tuned, backward=backward_plan)
+        two = _plan.smaller_plan(tuned, tuned, 16, 0)
+        assert two.num_stages == 2 and two.block_k == 512
+        one = _plan.smaller_plan(two, tuned, 16, 0)
+        assert one.num_stages == 1 and one.block_k == 512
+        if backward_plan:
+            assert one.backward.num_stages == two.backward.num_stages == 1
+        assert _plan.smaller_plan(one, tuned, 16, 0).block_k == 256
 
 
 def test_a_plan_over_shared_memory_with_several_batch_tiles_keeps_the_pipeline_first(fake_gpu, monkeypatch):

@@ -694,8 +694,7 @@ def test_tagged_exchange_is_bitwise_the_barrier_exchange(cell, dtype, B, H, bidi
     """h shared as tagged words (no grid barrier in the forward): the barrier's bits, outputs and gradients, the
     barrier's kernels run on the tagged plan's tiles (the heuristics give the two exchanges different widths where 32
     units a program hold the whole slice, and a reduction in chunks sums in another order). Where the backward has a
-    plan of its own (float32 from H=512 on Triton 3.6: _plan.with_fma_backward_chunks), both exchanges' heuristics
-    give the same two, unforced."""
+    plan of its own (a tuned one), both kernels' tiles are compared, unforced."""
     torch.manual_seed(0)
     cls = {"lstm": tritonrnn.LSTM, "gru": tritonrnn.GRU, "rnn_tanh": tritonrnn.RNN}[cell]
     model = cls(H, H, num_layers=2, bidirectional=bidirectional).to(CUDA, dtype)

@@ -1058,9 +1058,9 @@ def test_persistent_launches_stay_below_the_barrier_counters_range():
 
 @pytest.mark.parametrize("cell, dtype", [("lstm", torch.float64), ("gru", torch.float32)])
 def test_a_backward_with_a_plan_of_its_own_in_chunks(monkeypatch, cell, dtype):
-    """A layer whose backward runs its reduction in chunks where its forward runs it in one, as on the GPU for float32
-    without TF32 from H=512 (_plan.with_fma_backward_chunks): here 3 programs of 16 units launched step by step, the
-    backward in 4 chunks, two layers, against torch.nn in float64."""
+    """A layer whose backward runs its reduction in chunks where its forward runs it in one, as a tuned plan may
+    (autotune: the forward's and the backward's configurations are timed apart): here 3 programs of 16 units launched
+    step by step, the backward in 4 chunks, two layers, against torch.nn in float64."""
     real = layer_op.plan_layer
 
     def own_backward(cell, hidden, *args, **kwargs):
@@ -1089,7 +1089,7 @@ def test_a_backward_with_a_plan_of_its_own_in_chunks(monkeypatch, cell, dtype):
 )  # fmt: skip
 def test_the_forward_holding_its_rows_in_two_halves(forced_plan, cell, dtype, block_k, bidirectional):
     """The forward's held rows as two halves, two dots a gate (kernels/recurrent.py HALVES, _plan.fma_halves: float32
-    without TF32 at H=512 on the GPU), in chunks, over 3 programs launched step by step, with rows streamed beyond the
+    without TF32 from H=512 on the GPU), in chunks, over 3 programs launched step by step, with rows streamed beyond the
     held ones or none: outputs, states and every gradient against torch.nn in float64 (a half read from the wrong
     rows fails it)."""
     forced = dict(block_h=16, persistent=False, k_split=2, held_halves=True)

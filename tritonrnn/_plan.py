@@ -205,7 +205,6 @@ def plan_layer(
             return f"hidden_size above {MAX_HIDDEN[dtype]} in {dtype}"
         # A forced width derives the rest of the plan as a chosen one would (forced fields still override them).
         k_split = 1
-        chosen = not (block_h or _forced_plan)  # the heuristics' width (one chunk where it is given)
         if not (block_h or "block_h" in _forced_plan):
             block_h, k_split = heuristic_width(hidden_size, gates, dtype)
         block_h = block_h or _forced_plan["block_h"]
@@ -239,8 +238,6 @@ def plan_layer(
     )  # fmt: skip
     if device.type == "cuda" and "held_halves" not in _forced_plan:
         plan = dataclasses.replace(plan, held_halves=fma_halves(plan, gates, dtype))
-    if device.type == "cuda" and chosen:
-        plan = with_fma_backward_chunks(plan, dtype)
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
         plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
     if device.type == "cuda":
@@ -267,7 +264,7 @@ def heuristic_width(hidden_size: int, gates: int, dtype: torch.dtype) -> tuple[i
         return MIN_DOT, 1
     if fma_dots(dtype):
         rows = held_rows(hidden_size, gates, MIN_DOT, dtype)
-        return MIN_DOT, fma_chunks(rows, gates, rows < hidden_size, halves=True)
+        return MIN_DOT, fma_chunks(rows, gates, halves=True)
     # The tagged exchange (opt-in) keeps 16 units, in chunks of 64 rows or more: at 32 units its tile of tagged words
     # spills kilobytes a thread (RNN-tanh bf16 H=2048: 3.4 KB); at 16 in one chunk LSTM bf16 H=1024's forward 552
     # bytes, in 8 chunks of 128 rows nothing; in 8 chunks of 32 rows (H=256) LSTM's and GRU's backward 104-120 bytes
@@ -287,46 +284,33 @@ def narrow_chunks(rows: int, dtype: torch.dtype, tagged: bool) -> int:
 
 def fma_halves(plan: LayerPlan, gates: int, dtype: torch.dtype) -> bool:
     """Whether the single-layer forward of float32 without TF32 holds its rows as two halves, two dots a gate: in
-    chunks beyond FMA_CHUNKED_ROWS rows of all gates (LSTM and GRU at H=512). Triton's FMA dot loads each thread's
+    chunks beyond FMA_CHUNKED_ROWS rows of all gates (LSTM and GRU from H=512). Triton's FMA dot loads each thread's
     share of both operands into registers before it multiplies; over 64 units a chunk that spills (LSTM H=512 on
     Triton 3.6: 32 registers and a 2.3 KB stack; 3.9: 360 bytes), over 32 it does not (211 registers; forward
-    20,480 -> 12,576 wavefronts a step against one chunk; sm_90 compiles, perf/NOTES.md, thirty-third session)."""
+    20,480 -> 12,576 wavefronts a step against one chunk; sm_90 compiles, perf/NOTES.md, thirty-third session). The
+    rows streamed beyond the held ones (H=768, 1024) are read in chunks of their own (kernels/recurrent.py)."""
     return fma_dots(dtype) and plan.k_split > 1 and gates * plan.block_k > FMA_CHUNKED_ROWS
 
 
-def fma_chunks(rows: int, gates: int, streamed: bool, halves: bool = False) -> int:
+def fma_chunks(rows: int, gates: int, halves: bool = False) -> int:
     """Chunks of the reduction over ``rows`` held rows where the dots run on the FMA units (float32 without TF32), 16
     units a program, one chunk a warp: as many as keep MIN_DOT rows each, up to SPLIT_WARPS, where that is 4 or more
     and the gates hold at most FMA_CHUNKED_ROWS rows together; else 1. In one chunk Triton gives each of 8 warps two
     batch rows of the 16 x 16 tile and every warp reads the whole slice from shared memory; in chunks each warp reads
     its own: LSTM H=256 B=16 6,304 wavefronts a step forward and 18,768 backward against 10,240 and 32,768 (Triton
-    3.6), no spill. Beyond 1024 rows (LSTM and GRU at H=512) the chunked forward spills 2.3 KB a thread on Triton 3.6:
-    chunks there where the kernel holds its rows in two halves (``halves``: the single layer's forward, fma_halves)
-    and streams none; else the LSTM that holds its whole slice takes chunks all the same where its forward cannot
-    read W_hh transposed in one chunk (fma_one_chunk_transposes: 136,000 wavefronts a step at H=512, 16 times the
-    ideal; in chunks 12,600 and a 360-byte spill; the projection on Triton 3.9). sm_90 compiles, perf/NOTES.md,
-    thirty-second and thirty-third sessions."""
+    3.6), no spill. Beyond 1024 rows (LSTM and GRU from H=512) the chunked forward spills 2.3 KB a thread on Triton
+    3.6: chunks there where the kernel holds its rows in two halves (``halves``: the single layer's forward,
+    fma_halves), with rows streamed or not (LSTM H=1024 forward 40,960 -> 27,680 wavefronts a step against one
+    chunk on Triton 3.6, -> 24,608 on 3.9, no stack); else the LSTM takes chunks all the same where its forward
+    cannot read W_hh transposed in one chunk (fma_one_chunk_transposes: 136,000 wavefronts a step at H=512, 16 times
+    the ideal; in chunks 12,600 and a 360-byte spill; the projection on Triton 3.9). sm_90 compiles, perf/NOTES.md,
+    thirty-second to thirty-fourth sessions."""
     chunks = min(SPLIT_WARPS, rows // MIN_DOT)
     if chunks < 4:
         return 1
-    if gates * rows <= FMA_CHUNKED_ROWS or (halves and not streamed) or not fma_one_chunk_transposes(gates, streamed):
+    if gates * rows <= FMA_CHUNKED_ROWS or halves or not fma_one_chunk_transposes(gates, False):
         return chunks
     return 1
-
-
-def with_fma_backward_chunks(plan: LayerPlan, dtype: torch.dtype) -> LayerPlan:
-    """The plan with its own backward in SPLIT_WARPS chunks where the dots run on the FMA units and the forward stays in
-    one chunk (fma_chunks: with rows streamed beyond FMA_CHUNKED_ROWS the chunked forward spills, LSTM and GRU from
-    H=768). The backward's tiles spill nothing in chunks there (ptxas 90-116 registers), and each warp reads its own
-    rows of the slice instead of all of them: 8 chunks on Triton 3.6, LSTM H=1024 B=16 73,728 -> 45,648 wavefronts a
-    step, GRU 55,296 -> 34,640 (sm_90 compiles, perf/NOTES.md, thirty-third session)."""
-    chunks = min(SPLIT_WARPS, plan.block_k // MIN_DOT)
-    if not fma_dots(dtype) or plan.k_split > 1 or plan.block_h != MIN_DOT or chunks < SPLIT_WARPS:
-        return plan
-    backward = dataclasses.replace(
-        plan, k_split=chunks, num_warps=chunks, block_b=MIN_DOT, block_ks=chunked_block_ks(plan.block_ks, chunks)
-    )
-    return dataclasses.replace(plan, backward=backward)
 
 
 def fma_one_chunk_transposes(gates: int, streamed: bool) -> bool:
@@ -377,7 +361,7 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) 
     rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
     and registers: with three stages the RNN-tanh bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none
     (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A backward with a plan of
-    its own (with_fma_backward_chunks) takes its own depth. A forced num_stages is kept."""
+    its own (tuned) takes its own depth. A forced num_stages is kept."""
     if "num_stages" in _forced_plan:
         return plan
 
@@ -431,22 +415,28 @@ def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> Lay
     Triton's pipeliner buffers the batch-tile loop's loads num_stages times even for a single tile (the batch is not
     specialised), which can take more than the weights: LSTM bf16 H=512 B=64 backward 329,728 bytes with 3 stages,
     100,352 with 1 (sm_90, Triton 3.9; perf/NOTES.md, twenty-third session). With one tile a group there is nothing to
-    overlap: one stage first, as for a reduction in chunks. With several, fewer held rows of the slice (the rest read
-    every step; not with a projection, whose kernels hold all rows), keeping the pipeline; where that runs out, one
-    stage from the full slice again.
+    overlap but rows streamed: fewer stages first, as for a reduction in chunks. With several, fewer held rows of the
+    slice (the rest read every step; not with a projection, whose kernels hold all rows), keeping the pipeline; where
+    that runs out, one stage from the full slice again.
     """
-    if plan.backward is not None and plan.backward.k_split > 1 and plan.backward.num_stages > 1:
-        # A backward of its own in chunks (with_fma_backward_chunks) with rows streamed: its pipeline first, the
-        # forward's kept (LSTM fp32 H=1024 backward, 8 chunks: 3 stages need 264 KB, one 160 KB; Triton 3.6).
-        return dataclasses.replace(plan, backward=dataclasses.replace(plan.backward, num_stages=1))
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
     can_halve = not proj and plan.block_k // 2 >= MIN_HELD_ROWS
     # A reduction in chunks keeps its whole slice first too: its slice is what leaves the pipeline no room
     # (with_pipeline), and rows streamed instead are read from L2 every step.
     whole_first = one_tile or not can_halve or plan.k_split > 1
-    if max(plan.num_stages, plan.for_backward().num_stages) > 1 and whole_first:
-        backward = dataclasses.replace(full.backward, num_stages=1) if full.backward else None
-        return dataclasses.replace(full, num_stages=1, backward=backward)
+    stages = max(plan.num_stages, plan.for_backward().num_stages)
+    if stages > 1 and whole_first:
+        # Over one tile or in chunks a heuristic plan of several stages streams rows (with_pipeline): two stages
+        # overlap the next chunk's reads from L2 with this one's dots, so two before one (LSTM fp32 H=1024 B=16, 8
+        # chunks: three need 264 KB, two 205 KB, one 164 KB; sm_90, Triton 3.6).
+        fewer = 2 if stages > 2 and (one_tile or plan.k_split > 1) else 1
+
+        def fewer_stages(one: LayerPlan) -> LayerPlan:
+            return dataclasses.replace(one, num_stages=min(fewer, one.num_stages))
+
+        return dataclasses.replace(
+            fewer_stages(full), backward=fewer_stages(full.backward) if full.backward else None
+        )  # fmt: skip
     if can_halve:
         backward = _half_held(plan.backward) if plan.backward else None
         return dataclasses.replace(_half_held(plan), backward=backward)
