@@ -68,9 +68,34 @@ def _dot_k(
     gives every warp the whole tile (_plan.heuristic_width), and each warp's chain of dependent mma is K_SPLIT times
     shorter."""
     if K_SPLIT > 1:
-        return tl.sum(_dot(a, b, ACC, DOT_PRECISION, DOT_UPCAST), axis=0)
+        return _sum_chunks(_dot(a, b, ACC, DOT_PRECISION, DOT_UPCAST), K_SPLIT)
     else:
         return _dot(a, b, ACC, DOT_PRECISION, DOT_UPCAST)
+
+
+@triton.jit
+def _sum_chunks(x, K_SPLIT: tl.constexpr):
+    """x [K_SPLIT, M, N] (K_SPLIT 2, 4 or 8) summed over its chunks, pairwise: chunk c plus chunk c + K_SPLIT / 2,
+    halving until one is left. Not tl.sum: with the chunks on different warps, Triton 3.6 sums them through a
+    scratch that puts a warp's lanes 64 bytes apart (16-way bank conflicts: LSTM bf16 H=1024 forward 5,664 loads and
+    5,889 stores of shared memory a step); for tl.split Triton gathers each element's chunks into one thread with
+    one layout conversion, without conflicts (1,536 and 1,537; Triton 3.9 1,824 and 2,048 -> 1,536 and 1,536; sm_90
+    compiles, perf/NOTES.md, thirty-fourth session)."""
+    tl.static_assert(K_SPLIT == 2 or K_SPLIT == 4 or K_SPLIT == 8, "the reduction in 2, 4 or 8 chunks")
+    if K_SPLIT > 4:
+        x = _halve_chunks(x)
+    if K_SPLIT > 2:
+        x = _halve_chunks(x)
+    x = _halve_chunks(x)
+    return tl.reshape(x, (x.shape[1], x.shape[2]))
+
+
+@triton.jit
+def _halve_chunks(x):
+    """x [C, M, N] -> [C / 2, M, N]: chunk c plus chunk c + C / 2."""
+    C: tl.constexpr = x.shape[0]
+    low, high = tl.split(tl.permute(tl.reshape(x, (2, C // 2, x.shape[1], x.shape[2])), (1, 2, 3, 0)))
+    return low + high
 
 
 @triton.jit

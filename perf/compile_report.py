@@ -5,9 +5,9 @@
 
 Prints registers per thread, local stack, shared memory, the layout of the dots' warps (rows x columns of
 mma.sync tiles, or chunks x rows x columns for a reduction in chunks) and the shared-memory wavefronts of its loads
-against their ideal (``ld_waves``: bank conflicts, perf/smem_banks.py) of every kernel at the configuration
-``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier lowers to one predicated
-release and one predicated acquire per program between CTA barriers. It needs only the
+and stores against their ideal (``ld_waves``, ``st_waves``: bank conflicts, perf/smem_banks.py) of every kernel at
+the configuration ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier
+lowers to one predicated release and one predicated acquire per program between CTA barriers. It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
 lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
 barrier's lowering is not the expected one, and with ``--max-stack`` when a planned kernel spills more than that
@@ -145,7 +145,8 @@ def _resources(
     layouts = re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", kernel.asm["ttgir"])
     # Shared-memory wavefronts of the loads of one CTA, each instruction once (the step loop's dots dominate), and
     # the fewest those bytes could take: their ratio is the bank conflicts' toll (perf/smem_banks.py). Apart, those
-    # of ldmatrix: the tensor-core dots' operands (the rest: the chunks' sum, exchanges, the FMA dots' operands).
+    # of ldmatrix: the tensor-core dots' operands (the rest: the chunks' sum, exchanges, the FMA dots' operands); and
+    # the stores'.
     waves = smem_banks.count(kernel.asm["ptx"], num_warps)
     return dict(
         regs=int(fields.get("REG", -1)),
@@ -153,6 +154,7 @@ def _resources(
         smem=kernel.metadata.shared,
         mma_warps="+".join(dict.fromkeys("x".join(layout.split(", ")) for layout in layouts)) or "-",
         ld_waves=f"{waves.loads}/{waves.loads_ideal}",
+        st_waves=f"{waves.stores}/{waves.stores_ideal}",
         ldmatrix_waves=f"{waves.matrix_loads}/{waves.matrix_loads_ideal}",
     )
 

@@ -120,7 +120,7 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         config["block_h"] = 32 if widest > 32 and rng.random() < 0.5 else 16
         # The reduction in chunks (kernels/recurrent._dot_k; the single-layer kernels and the stack kernel, not the
         # projection's). Drawn from its own generator: the configurations a seed drew before stay the same.
-        config["k_split"] = random.Random(config["sched_seed"]).choice([1, 1, 2, 4])
+        config["k_split"] = random.Random(config["sched_seed"]).choice([1, 1, 2, 4, 8])
     else:
         # With dropout in training the check is against the float64 reference run of the same model, which draws
         # the kernels' masks (torch.nn's are its own).

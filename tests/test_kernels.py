@@ -204,10 +204,11 @@ def test_float32_forward_on_transposed_weights(cell, forced_plan, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("k_split", [2, 4])
+@pytest.mark.parametrize("k_split", [2, 4, 8])
 def test_reduction_in_chunks_matches_torch(cell, k_split, forced_plan):
-    """The held reduction cut in chunks, each one batch entry of a 3-D dot (kernels/recurrent._dot_k): one program
-    in float64, both directions; then H=65 over five programs in float32, one launch a step."""
+    """The held reduction cut in chunks, each one batch entry of a 3-D dot (kernels/recurrent._dot_k), summed
+    pairwise (_sum_chunks: one, two and three halvings): one program in float64, both directions; then H=65 over
+    five programs in float32, one launch a step."""
     forced_plan(k_split=k_split)
     compare(cell, 5, 3, 4, 40, 2, seed=10, bidirectional=True)
     forced_plan(block_h=16, k_split=k_split, persistent=False)
