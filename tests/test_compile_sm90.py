@@ -57,8 +57,9 @@ def test_the_planned_kernels_spill_no_registers_where_the_heuristics_were_fitted
     assert sum(" halves |" in line for line in result.stdout.splitlines()) == 2, result.stdout
     # The float32 forwards read W_hh transposed (layer_run.weights_transposed): a warp's units side by side in shared
     # memory, where row-major they met in one bank (RNN-tanh H=256: 12 times the ideal wavefronts). The ideal counts
-    # a 16-byte broadcast once where the model charges it a quarter warp, so about 2.7 remains; with the reduction in
-    # chunks (_plan.fma_chunks) the chunks' sum adds its own (RNN-tanh H=1024 on Triton 3.9: 3.03 times the ideal).
+    # a 16-byte broadcast once where the model charges it a quarter warp, so 2.1-3.1 times it remains; the chunks' sum
+    # (_plan.fma_chunks) added its own before it was summed pairwise (RNN-tanh H=1024 on Triton 3.9: 3.03 times the
+    # ideal; kernels/recurrent._sum_chunks).
     for line in result.stdout.splitlines():
         if "fp32" not in line or "| bwd {" not in line:
             continue
