@@ -237,6 +237,9 @@ def test_reduction_in_chunks_rejects_chunks_that_do_not_divide_the_rows(forced_p
     forced_plan(k_split=4, block_ks=18)
     with pytest.raises(ValueError, match="k_split=4 does not cut the 18 rows streamed at a time into equal chunks"):
         compare("lstm", 2, 1, 2, 40, 1)
+    forced_plan(k_split=16)  # cuts 64 rows, but the kernels sum 2, 4 or 8 chunks (_sum_chunks)
+    with pytest.raises(ValueError, match="k_split=16: the kernels take the reduction in 1, 2, 4 or 8 chunks"):
+        compare("lstm", 2, 1, 2, 40, 1)
 
 
 PROJECTION = [

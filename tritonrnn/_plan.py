@@ -553,7 +553,7 @@ def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device, d
 
 def check_k_split(plan: LayerPlan, device: torch.device) -> None:
     """A plan's reduction chunks must cut its held rows, and the rows it streams at a time, evenly, on the GPU in
-    chunks tl.dot accepts."""
+    chunks tl.dot accepts; the kernels sum 2, 4 or 8 chunks (kernels/recurrent._sum_chunks)."""
     least = MIN_DOT if device.type == "cuda" else 1
     held = plan.block_k // 2 if plan.held_halves else plan.block_k
     for rows, what in (
@@ -565,6 +565,8 @@ def check_k_split(plan: LayerPlan, device: torch.device) -> None:
                 f"k_split={plan.k_split} does not cut the {rows} {what} into equal chunks"
                 + (f" of at least {MIN_DOT}" if device.type == "cuda" else "")
             )
+    if plan.k_split not in (1, 2, 4, 8):
+        raise ValueError(f"k_split={plan.k_split}: the kernels take the reduction in 1, 2, 4 or 8 chunks")
 
 
 EXCHANGES = ("barrier", "tagged")
