@@ -360,19 +360,15 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) 
     whole W_hh slice, else three. Triton's pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with
     rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
     and registers: with three stages the RNN-tanh bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none
-    (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A backward with a plan of
-    its own (tuned) takes its own depth. A forced num_stages is kept."""
+    (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A forced num_stages is
+    kept. (Heuristic plans only: a tuned one, which may have a backward plan of its own, keeps its stages.)"""
     if "num_stages" in _forced_plan:
         return plan
-
-    def apply(one: LayerPlan) -> LayerPlan:
-        one_tile = -(-batch // one.batch_groups) <= one.block_b
-        streamed = not proj and one.block_k < hidden_size
-        # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
-        # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
-        return dataclasses.replace(one, num_stages=1 if (one_tile or one.k_split > 1) and not streamed else 3)
-
-    return dataclasses.replace(apply(plan), backward=apply(plan.backward) if plan.backward is not None else None)
+    one_tile = -(-batch // plan.batch_groups) <= plan.block_b
+    streamed = not proj and plan.block_k < hidden_size
+    # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
+    # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
+    return dataclasses.replace(plan, num_stages=1 if (one_tile or plan.k_split > 1) and not streamed else 3)
 
 
 def with_batch_groups(plan: LayerPlan, batch: int, directions: int, sm_count: int) -> LayerPlan:
