@@ -22,7 +22,8 @@ from collections import Counter
 from typing import NamedTuple
 
 _MASKS = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFFFFFF, 64: (1 << 64) - 1}
-_INSTRUCTION = re.compile(r"(?:(@!?%\w+)\s+)?([a-z][\w.]*)\s+(.*?);")
+# An op may carry a scope: Triton 3.8 writes st.shared::cta.v4.b32 where 3.6 and 3.9 write st.shared.v4.b32.
+_INSTRUCTION = re.compile(r"(?:(@!?%\w+)\s+)?([a-z][\w.:]*)\s+(.*?);")
 
 
 class Access(NamedTuple):

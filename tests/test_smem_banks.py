@@ -96,3 +96,16 @@ def test_signed_bit_field_negation_and_unknown_addresses():
     """)
     # odd lanes: bfe -1, neg 1, and 4: byte 5 (word 1); even lanes: byte 0 (word 0): two words, two banks
     assert (waves.loads, waves.loads_ideal, waves.unknown) == (2, 2, 1)
+
+
+def test_an_access_with_its_scope_is_counted():
+    """Triton 3.8 writes shared-memory stores with the state space's scope (st.shared::cta): they count as the
+    unscoped ones (uncounted before, its kernels showed no stores at all)."""
+    body = """
+    shl.b32 %r3, %r1, 4;
+    add.s32 %r4, %r2, %r3;
+    st.shared{scope}.v4.b32 [%r4], {{%r5, %r5, %r5, %r5}};
+    ld.shared{scope}.b32 %r6, [%r4];
+    """
+    scoped, plain = _count(body.format(scope="::cta")), _count(body.format(scope=""))
+    assert scoped == plain == smem_banks.Wavefronts(loads=4, loads_ideal=1, stores=4, stores_ideal=4, unknown=0)
