@@ -42,6 +42,12 @@ from .activations import relu, sigmoid, tanh
 from .dropout import DROPOUT_NONE, dropout_scale
 from .sync import grid_barrier, load_tagged, tag_of, tag_pack
 
+# A held weight tile in chunks whose rows are adjacent in memory (_tile's ROWS_CONTIGUOUS) is built unit-major, [K /
+# K_SPLIT, K_SPLIT, R], and permuted to chunks first on Triton 3.7 and later; built chunks first on 3.6 and older. Each
+# version lays only one of the two forms out in shared memory so that ldmatrix reads it without bank conflicts
+# (_operand).
+WEIGHT_CHUNKS_PERMUTED = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7))
+
 CELL_RNN_TANH = tl.constexpr(0)
 CELL_RNN_RELU = tl.constexpr(1)
 CELL_LSTM = tl.constexpr(2)
@@ -106,12 +112,21 @@ def _reduction_units(k0, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _weight_units(k0, WIDTH: tl.constexpr, K_SPLIT: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr):
+def _weight_units(
+    k0, WIDTH: tl.constexpr, K_SPLIT: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr, STREAMED: tl.constexpr = False
+):  # fmt: skip
     """Units k0 + [0, WIDTH) of a weight tile's reduction: [WIDTH], or where _tile builds that tile in chunks (K_SPLIT
     > 1, ROWS_CONTIGUOUS) [K_SPLIT, WIDTH / K_SPLIT], chunk c from unit k0 + c * WIDTH / K_SPLIT, as _operand cuts
-    the other tiles. (Made so rather than reshaped: Triton 3.6 then lays the tile out as the 1-D form would not.)"""
+    the other tiles; for a held tile (not STREAMED) with WEIGHT_CHUNKS_PERMUTED the transpose, [WIDTH / K_SPLIT,
+    K_SPLIT] (_operand permutes the loaded tile). (Made so rather than reshaped from the 1-D form: neither Triton 3.6
+    nor 3.9 lays that out well.)"""
     if K_SPLIT > 1 and ROWS_CONTIGUOUS:
-        return k0 + tl.arange(0, K_SPLIT)[:, None] * (WIDTH // K_SPLIT) + tl.arange(0, WIDTH // K_SPLIT)[None, :]
+        o_c = tl.arange(0, K_SPLIT) * (WIDTH // K_SPLIT)
+        o_u = tl.arange(0, WIDTH // K_SPLIT)
+        if WEIGHT_CHUNKS_PERMUTED and not STREAMED:
+            return k0 + o_c[None, :] + o_u[:, None]
+        else:
+            return k0 + o_c[:, None] + o_u[None, :]
     else:
         return k0 + tl.arange(0, WIDTH)
 
@@ -121,7 +136,8 @@ def _tile(rows, units, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CO
     """``rows`` [R] and the reduction's ``units`` [K] as broadcastable parts of one tile's offsets, pointers or masks:
     [K, R] (UNITS_FIRST: the weight tiles) or [R, K]; _operand makes the loaded tile a dot operand. A weight tile in
     K_SPLIT chunks whose rows are adjacent in memory (ROWS_CONTIGUOUS: the backward's W_hh) is built in chunks
-    already, [K_SPLIT, K / K_SPLIT, R] from units [K_SPLIT, K / K_SPLIT] (_weight_units; why: _operand)."""
+    already, [K_SPLIT, K / K_SPLIT, R] from units [K_SPLIT, K / K_SPLIT], or its permutation (_weight_units; why:
+    _operand)."""
     if K_SPLIT > 1 and ROWS_CONTIGUOUS:
         return rows[None, None, :], units[:, :, None]
     elif UNITS_FIRST:
@@ -131,7 +147,10 @@ def _tile(rows, units, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CO
 
 
 @triton.jit
-def _operand(x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr = False):
+def _operand(
+    x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOUS: tl.constexpr = False,
+    STREAMED: tl.constexpr = False,
+):  # fmt: skip
     """A tile loaded in _tile's order as a dot operand: with K_SPLIT > 1 the reduction cut in chunks, [K_SPLIT,
     K / K_SPLIT, R] (UNITS_FIRST) or [K_SPLIT, R, K / K_SPLIT] (_dot_k).
 
@@ -139,8 +158,18 @@ def _operand(x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOU
     (to spread ldmatrix's rows over the banks) along the dimension after the contiguous one. Loaded as a 3-D tile, a
     chunked operand was swizzled over its chunks by Triton 3.9 (its rows, 4*H bytes apart, met in 4 banks: 4- to
     8-way conflicts at every ldmatrix of the dots), over its rows by 3.6. Loaded as the 2-D tile and reshaped, it is
-    swizzled over its rows by both; except a weight tile whose rows are contiguous, which 3.6 lays out well only built
-    in chunks (_tile). Counted from the compiled PTX: perf/smem_banks.py, perf/NOTES.md."""
+    swizzled over its rows by both; except a weight tile whose rows are contiguous, which is built in chunks (_tile):
+    Triton orders its shared memory after the dimensions its registers repeat over, so the loaded tile must repeat
+    over the units of a chunk, not over the chunks. Built [K_SPLIT, K / K_SPLIT, R], Triton 3.6's registers do,
+    3.7's to 3.9's do not (LSTM bf16 H=1024 backward, B=16: 18,944 shared-memory load wavefronts a step on 3.7 and
+    3.8, 10,752 on 3.9, for an ideal 4,608); built [K / K_SPLIT, K_SPLIT, R] and permuted, the other way round
+    (WEIGHT_CHUNKS_PERMUTED). That holds for the tiles held on chip, which go to shared memory from registers; a tile
+    of rows streamed every step (STREAMED) is staged there by Triton's pipeliner for the dot it feeds, which the
+    permutation hides from it (3.9 then stages it without a swizzle: LSTM bf16 H=2048's backward 1.4 times the ideal),
+    so those are built chunks first on every version. Counted from the compiled PTX: perf/smem_banks.py,
+    perf/NOTES.md."""
+    if K_SPLIT > 1 and ROWS_CONTIGUOUS and WEIGHT_CHUNKS_PERMUTED and not STREAMED:
+        x = tl.permute(x, (1, 0, 2))
     if K_SPLIT > 1 and not ROWS_CONTIGUOUS:
         if UNITS_FIRST:
             x = tl.reshape(x, (K_SPLIT, x.shape[0] // K_SPLIT, x.shape[1]))
@@ -152,17 +181,17 @@ def _operand(x, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr, ROWS_CONTIGUOU
 @triton.jit
 def _load_operand(
     p_rows, units, m_rows, m_units, K_SPLIT: tl.constexpr, UNITS_FIRST: tl.constexpr,
-    ROWS_CONTIGUOUS: tl.constexpr = False, BYPASS_L1: tl.constexpr = False,
+    ROWS_CONTIGUOUS: tl.constexpr = False, BYPASS_L1: tl.constexpr = False, STREAMED: tl.constexpr = False,
 ):  # fmt: skip
     """The tile p_rows [R] (pointers) by units (offsets), masked by m_rows by m_units, as a dot operand (_tile,
-    _operand); BYPASS_L1: values other programs wrote since the last barrier (loaded .cg)."""
+    _operand); BYPASS_L1: values other programs wrote since the last barrier (loaded .cg); STREAMED: see _operand."""
     p_r, p_u = _tile(p_rows, units, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS)
     m_r, m_u = _tile(m_rows, m_units, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS)
     if BYPASS_L1:
         x = tl.load(p_r + p_u, mask=m_r & m_u, other=0.0, cache_modifier=".cg")
     else:
         x = tl.load(p_r + p_u, mask=m_r & m_u, other=0.0)
-    return _operand(x, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS)
+    return _operand(x, K_SPLIT, UNITS_FIRST, ROWS_CONTIGUOUS, STREAMED)
 
 
 @triton.jit
@@ -324,20 +353,26 @@ def _recurrent_preacts(
         o_k = _reduction_units(k0, BLOCK_KS)
         m_k = o_k < K
         b_hk = _load_operand(p_hrow, o_k, m_b, m_k, K_SPLIT, False, BYPASS_L1=True)
-        o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, K_STRIDE != 1)
+        o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, K_STRIDE != 1, STREAMED=True)
         p_wr, p_wu = _tile(p_wrow, o_kw * K_STRIDE, K_SPLIT, True, K_STRIDE != 1)
         m_wr, m_wu = _tile(m_j, o_kw < K, K_SPLIT, True, K_STRIDE != 1)
         p_wk = p_wr + p_wu
         m_wk = m_wr & m_wu
-        b_wk0 = _operand(tl.load(p_wk, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
+        b_wk0 = _operand(tl.load(p_wk, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1, STREAMED=True)
         r0 += _dot_k(b_hk, b_wk0, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         if G > 1:
-            b_wk1 = _operand(tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
+            b_wk1 = _operand(
+                tl.load(p_wk + GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1, STREAMED=True
+            )
             r1 += _dot_k(b_hk, b_wk1, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
-            b_wk2 = _operand(tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
+            b_wk2 = _operand(
+                tl.load(p_wk + 2 * GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1, STREAMED=True
+            )
             r2 += _dot_k(b_hk, b_wk2, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         if G > 3:
-            b_wk3 = _operand(tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1)
+            b_wk3 = _operand(
+                tl.load(p_wk + 3 * GATE_STRIDE, mask=m_wk, other=0.0), K_SPLIT, True, K_STRIDE != 1, STREAMED=True
+            )
             r3 += _dot_k(b_hk, b_wk3, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
     return r0, r1, r2, r3
 
@@ -726,10 +761,10 @@ def _bwd_recurrent_step(
         for k0 in range(BLOCK_K, H, BLOCK_KS):
             o_ks = _reduction_units(k0, BLOCK_KS)
             m_ks = o_ks < H
-            o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, True)
+            o_kw = _weight_units(k0, BLOCK_KS, K_SPLIT, True, STREAMED=True)
             for g in tl.static_range(G):
                 b_dgk = _load_operand(p_row + g * H, o_ks, m_b, m_ks, K_SPLIT, False, BYPASS_L1=True)
-                b_wk = _load_operand(p_wcol, (g * H + o_kw) * N, m_j, o_kw < H, K_SPLIT, True, True)
+                b_wk = _load_operand(p_wcol, (g * H + o_kw) * N, m_j, o_kw < H, K_SPLIT, True, True, STREAMED=True)
                 acc += _dot_k(b_dgk, b_wk, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT)
         tl.store(p_dh, acc, mask=m_bj)
 

@@ -91,16 +91,19 @@ def test_the_gate_dots_of_the_planned_kernels_give_each_warp_its_own_work():
         assert line.count(f"'mma_warps': '{layout}'") == 2, line
         # The dots' operands come out of shared memory without bank conflicts (ldmatrix): with the chunks as a 3-D
         # tile's, Triton 3.9 swizzled them over the chunks and the forward took 5.9 times the ideal wavefronts at
-        # H=1024 (kernels/recurrent._operand). Triton 3.6 reads both kernels' at the ideal; 3.9 the backward's
-        # weight tiles at 2.5 times it, which no tile shape tried brought down on both versions (perf/NOTES.md).
+        # H=1024 (kernels/recurrent._operand). The backward's held weight tiles take the form this Triton version
+        # lays out well (WEIGHT_CHUNKS_PERMUTED): in the other, 2.5 times the ideal on 3.9, 4.5 on 3.6 to 3.8.
         (fwd, fwd_ideal), (bwd, bwd_ideal) = _wavefronts(line, "ldmatrix_waves")
-        assert fwd <= 1.05 * fwd_ideal and bwd <= 2.6 * bwd_ideal, line
+        assert fwd <= 1.05 * fwd_ideal and bwd <= 1.05 * bwd_ideal, line
         # The chunks' sum too (kernels/recurrent._sum_chunks): tl.sum went through a scratch of 16-way conflicts on
         # Triton 3.6 (the forward's loads 3.1 times their ideal, its stores 2.9) and stored 1.1 times the ideal on
-        # 3.9; summed pairwise, every shared-memory load and store of the forward is at its ideal.
+        # 3.9; summed pairwise, every shared-memory load and store of the forward is at its ideal, and every load of
+        # the backward. (The backward's stores are not: it writes its held tiles to shared memory once, before the
+        # loop, at up to 4 times their ideal, which these static counts add to a step's.)
         for field in ("ld_waves", "st_waves"):
-            (fwd, fwd_ideal), _ = _wavefronts(line, field)
+            (fwd, fwd_ideal), (bwd, bwd_ideal) = _wavefronts(line, field)
             assert fwd <= 1.02 * fwd_ideal, (field, line)
+            assert field == "st_waves" or bwd <= 1.02 * bwd_ideal, (field, line)
 
 
 def _wavefronts(line: str, field: str = "ld_waves") -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
 from tritonrnn import _plan, functional, layer_op, layer_run, reference
-from tritonrnn.kernels import activations
+from tritonrnn.kernels import activations, recurrent
 from tritonrnn.kernels.recurrent import _group_rows
 from tritonrnn.kernels.sync import load_tagged, tag_of, tag_pack
 
@@ -223,6 +223,23 @@ def test_reduction_in_chunks_with_streamed_rows_and_bfloat16(cell, forced_plan):
     compare(cell, 5, 3, 4, 70, 1, seed=12)
     forced_plan(block_h=16, block_b=16, k_split=4, persistent=False)
     compare(cell, 4, 20, 4, 33, 1, dtype=torch.bfloat16, seed=13)
+
+
+@pytest.mark.parametrize("permuted", [False, True], ids=["chunks_first", "permuted"])
+def test_weight_tiles_in_chunks_in_either_form(permuted, forced_plan, monkeypatch):
+    """A weight tile in chunks whose rows are adjacent in memory (the backward's W_hh, float32's transposed W_hh
+    forward) is built chunks first or permuted, by Triton version (kernels/recurrent.WEIGHT_CHUNKS_PERMUTED: on the GPU
+    the forms differ in layout only). The CPU suite runs one Triton version, so both forms here: held rows, rows
+    streamed, float32's forward, the projection's two reductions."""
+    monkeypatch.setattr(recurrent, "WEIGHT_CHUNKS_PERMUTED", tl.constexpr(permuted))
+    forced_plan(block_k=32, block_ks=16, k_split=2)
+    compare("lstm", 5, 3, 4, 70, 1, seed=31)
+    forced_plan(block_h=16, k_split=4, persistent=False)
+    compare("gru", 4, 3, 4, 33, 2, dtype=torch.float32, seed=32, bidirectional=True)
+    forced_plan(k_split=8)
+    compare("rnn_tanh", 3, 2, 4, 40, 1, seed=33)
+    forced_plan(k_split=2)
+    compare("lstm", 4, 3, 4, 40, 1, seed=34, proj_size=20)
 
 
 def test_reduction_in_chunks_with_lengths(forced_plan):

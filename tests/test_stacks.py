@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton.language as tl
 from conftest import DEVICE
 from helpers import TOLERANCE, CountCalls, rel_err
 from torch import nn
@@ -574,12 +575,17 @@ def test_fused_stack_split_grid_and_odd_sizes(steps, batch, layers, forced_plan,
 
 
 @cpu_only
+@pytest.mark.parametrize("permuted", [False, True], ids=["chunks_first", "permuted"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fused_stack_reduction_in_chunks(cell, forced_plan, fused_only, monkeypatch):
+def test_fused_stack_reduction_in_chunks(cell, permuted, forced_plan, fused_only, monkeypatch):
     """Both reductions of every layer (over its h, and over the layer below's output) in four chunks, a 3-D dot
     (kernels/recurrent._dot_k), two programs a layer, dropout between the layers: float64 against the reference
-    layers with the same masks."""
+    layers with the same masks. The backward's weight tiles in either form (WEIGHT_CHUNKS_PERMUTED: by Triton
+    version on the GPU, so both here)."""
     from tritonrnn import fused_stack
+    from tritonrnn.kernels import recurrent
+
+    monkeypatch.setattr(recurrent, "WEIGHT_CHUNKS_PERMUTED", tl.constexpr(permuted))
 
     constants = fused_stack._constants
     chunks = []
