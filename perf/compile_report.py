@@ -187,7 +187,7 @@ def report(
         return f"{cell:8} H={hidden:5} B={batch:4} {TRITON_TYPES[dtype]}: fallback ({plan})", 0, 0
     if variant.proj:  # as layer_op.kernel_plan: the projection's kernels in chunks where they can be, one group
         plan = _plan.with_projection_chunks(plan, hidden, variant.proj, dtype)
-        plan = _plan.in_one_group(plan, batch, hidden, variant.proj)
+        plan = _plan.in_one_group(plan, batch, hidden, dtype, variant.proj)
     full, attempt = plan, plan
     while attempt is not None:
         plan = attempt

@@ -402,8 +402,8 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     and streamed rows alike, in 8 chunks, a warp each. float32 without TF32 (its dot on the FMA units) takes 16 units
     and 8 warps at every size (with 4 its kernels spill kilobytes a thread), in chunks where they do not spill; a small
     slice in bf16 4 warps. One pipeline stage where each group of programs has one batch tile and holds its whole
-    slice, or holds it whole in chunks; three where a group loops over tiles or streams rows; a forced stage count is
-    kept (sm_90 compiles, perf/NOTES.md)."""
+    slice, or holds it whole in chunks, or a tile's h over its held rows takes more than 16 KB; three where a group
+    loops over tiles or streams rows; a forced stage count is kept (sm_90 compiles, perf/NOTES.md)."""
 
     def plan(cell, hidden, batch, dtype):
         return _plan.plan_layer(cell, hidden, batch, dtype, CUDA0, 1)
@@ -475,6 +475,14 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
     assert (groups.batch_groups, groups.num_stages) == (4, 1)
     looping = plan("lstm", 512, 256, torch.bfloat16)  # eight groups of 16 programs, two tiles each
     assert (looping.batch_groups, looping.num_stages) == (8, 3)
+    # A tile's h over the held rows of one chunk beyond 16 KB (here 16 x 1024 in bf16, 16 x 512 in TF32): one stage
+    # over several tiles too, where two or three spilled 2 KB a thread.
+    wide = plan("rnn_tanh", 1024, 256, torch.bfloat16)  # four groups of 32 programs, four tiles each
+    assert (wide.k_split, wide.block_k, wide.batch_groups, wide.num_stages) == (1, 1024, 4, 1)
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
+    assert chunks(plan("rnn_tanh", 512, 256, torch.float32)) == (1, 512, 1)
+    assert chunks(plan("rnn_tanh", 256, 1024, torch.float32)) == (1, 256, 3)  # 16 KB, four tiles a group
+    monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
     streamed = plan("lstm", 2048, 16, torch.bfloat16)
     assert streamed.block_k < 2048 and streamed.num_stages == 3
     stack = _plan.plan_stack("gru", 256, 3, 16, torch.bfloat16, CUDA0)  # two slices of 48 KB at 32 units

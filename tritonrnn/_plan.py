@@ -47,6 +47,8 @@ HELD_WEIGHT_BYTES = 128 * 1024
 MIN_HELD_ROWS = 64
 # The most rows of all gates together whose reduction the FMA dots (float32 without TF32) take in chunks (fma_chunks).
 FMA_CHUNKED_ROWS = 1024
+# The largest batch tile of h over held rows in one chunk that the pipeline buffers over several tiles (with_pipeline).
+PIPELINED_H_BYTES = 16 * 1024
 # Beyond these hidden sizes most of the slice would be re-read every step: the persistent kernels are not the
 # right tool there (perf/NOTES.md), so such layers take the fallback.
 MAX_HIDDEN = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
@@ -241,7 +243,7 @@ def plan_layer(
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
         plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
     if device.type == "cuda":
-        plan = with_pipeline(plan, batch, hidden_size)
+        plan = with_pipeline(plan, batch, hidden_size, dtype)
     return plan
 
 
@@ -355,7 +357,7 @@ def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) 
     return 4 if held_bytes <= four_warps_up_to else MAX_WARPS
 
 
-def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) -> LayerPlan:
+def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, dtype: torch.dtype, proj: int = 0) -> LayerPlan:
     """The heuristics' pipeline depth: one stage where each group of programs has a single batch tile and holds its
     whole W_hh slice, else three. Triton's pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with
     rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
@@ -368,7 +370,12 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, proj: int = 0) 
     streamed = not proj and plan.block_k < hidden_size
     # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
     # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
-    return dataclasses.replace(plan, num_stages=1 if (one_tile or plan.k_split > 1) and not streamed else 3)
+    # Nor does a tile's h over more than PIPELINED_H_BYTES of held rows in one chunk: the next tiles' copies of it
+    # take the registers (RNN-tanh at H=768-1024 in 16-bit and at 512 with TF32, 32 KB: with two or three stages
+    # the forward drops to 32 registers and a 2 KB stack a thread, the backward 255 and 350-450 bytes; with one,
+    # nothing; at 16 KB, LSTM bf16 H=512 B=256, three stages spill nothing; sm_90, Triton 3.6 and 3.9).
+    wide_h = plan.k_split == 1 and plan.block_b * plan.block_k * dtype.itemsize > PIPELINED_H_BYTES
+    return dataclasses.replace(plan, num_stages=1 if (one_tile or plan.k_split > 1 or wide_h) and not streamed else 3)
 
 
 def with_batch_groups(plan: LayerPlan, batch: int, directions: int, sm_count: int) -> LayerPlan:
@@ -398,10 +405,10 @@ def single_group(plan: LayerPlan) -> LayerPlan:
     return dataclasses.replace(plan, batch_groups=1, backward=backward)
 
 
-def in_one_group(plan: LayerPlan, batch: int, hidden_size: int, proj: int) -> LayerPlan:
+def in_one_group(plan: LayerPlan, batch: int, hidden_size: int, dtype: torch.dtype, proj: int) -> LayerPlan:
     """A heuristic GPU plan run as one group of programs over the whole batch (the projection's kernels, a layer of
     the stream wavefront), its pipeline depth counted on that group's tiles."""
-    return with_pipeline(single_group(plan), batch, hidden_size, proj)
+    return with_pipeline(single_group(plan), batch, hidden_size, dtype, proj)
 
 
 def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> LayerPlan | None:
@@ -491,7 +498,7 @@ def plan_stack(
         persistent=True, batch_groups=1, backward=None, k_split=k_split,
         block_ks=chunked_block_ks(layer.block_ks, k_split), held_halves=False,
     )  # fmt: skip
-    return with_pipeline(stack, batch, hidden_size)
+    return with_pipeline(stack, batch, hidden_size, dtype)
 
 
 def held_rows(hidden_size: int, gates: int, block_h: int, dtype: torch.dtype) -> int:

@@ -71,7 +71,7 @@ def kernel_plan(
     if variant.proj and not isinstance(plan, str) and device.type == "cuda":
         plan = with_projection_chunks(plan, hidden, variant.proj, dtype)
     if not isinstance(plan, str) and one_group:
-        plan = in_one_group(plan, batch, hidden, variant.proj) if device.type == "cuda" else single_group(plan)
+        plan = in_one_group(plan, batch, hidden, dtype, variant.proj) if device.type == "cuda" else single_group(plan)
     if device.type == "cpu" and not isinstance(plan, str):
         return with_exchange(plan, hidden, dtype, variant.proj)
     if device.type == "cuda" and not isinstance(plan, str):
