@@ -38,6 +38,8 @@ z = dropout(y) are written where h is, with the mask drawn in place (kernels/dro
 import triton
 import triton.language as tl
 
+from tritonrnn._plan import triton_version
+
 from .activations import relu, sigmoid, tanh
 from .dropout import DROPOUT_NONE, dropout_scale
 from .sync import grid_barrier, load_tagged, tag_of, tag_pack
@@ -46,7 +48,7 @@ from .sync import grid_barrier, load_tagged, tag_of, tag_pack
 # K_SPLIT, K_SPLIT, R], and permuted to chunks first on Triton 3.7 and later; built chunks first on 3.6 and older. Each
 # version lays only one of the two forms out in shared memory so that ldmatrix reads it without bank conflicts
 # (_operand).
-WEIGHT_CHUNKS_PERMUTED = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7))
+WEIGHT_CHUNKS_PERMUTED = tl.constexpr(triton_version() >= (3, 7))
 
 CELL_RNN_TANH = tl.constexpr(0)
 CELL_RNN_RELU = tl.constexpr(1)

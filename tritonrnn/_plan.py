@@ -359,11 +359,12 @@ def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) 
 
 def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, dtype: torch.dtype, proj: int = 0) -> LayerPlan:
     """The heuristics' pipeline depth: one stage where each group of programs has a single batch tile and holds its
-    whole W_hh slice, else three. Triton's pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with
-    rows streamed the loop over their chunks. Over one tile it overlaps nothing, and its buffers cost shared memory
-    and registers: with three stages the RNN-tanh bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none
-    (sm_90 compiles, perf/NOTES.md). The projection's kernels (``proj``) hold every row. A forced num_stages is
-    kept. (Heuristic plans only: a tuned one, which may have a backward plan of its own, keeps its stages.)"""
+    whole W_hh slice (or holds it in chunks, or a tile's h over its held rows is wide: below), else three. Triton's
+    pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with rows streamed the loop over their chunks.
+    Over one tile it overlaps nothing, and its buffers cost shared memory and registers: with three stages the RNN-tanh
+    bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none (sm_90 compiles, perf/NOTES.md). The projection's
+    kernels (``proj``) hold every row. A forced num_stages is kept. (Heuristic plans only: a tuned one, which may have a
+    backward plan of its own, keeps its stages.)"""
     if "num_stages" in _forced_plan:
         return plan
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
