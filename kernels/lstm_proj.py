@@ -2,6 +2,9 @@
 
 Dimension letters as in kernels/recurrent.py, plus P = proj_size (< H): h, the recurrent input and
 the layer output are P wide, c and the gates H wide. BLOCK_KH / BLOCK_KP: next powers of two >= H / P.
+W_hh's reduction (over P forward, over H backward) is held on chip for BLOCK_K units, the rest read every step in
+chunks of BLOCK_KS (as kernels/recurrent.py: fp32 at H=1024, 16-bit at H=2048); W_hr's (a quarter of the bytes) is
+held whole.
 
 Each step runs in two phases, each closed by the grid barrier:
     A. program i owns hidden units [i*BLOCK_H, (i+1)*BLOCK_H) of the four gates and of c: the gates from
@@ -78,6 +81,8 @@ def lstm_proj_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_KP: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # W_hh's units of the reduction over P held on chip (<= BLOCK_KP), the rest streamed
+    BLOCK_KS: tl.constexpr,
     SAVE: tl.constexpr,
     SYNC: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -93,7 +98,9 @@ def lstm_proj_fwd_kernel(
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    o_j, m_j, m_p, o_kh, m_kh, _, _ = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    o_kp = _reduction_units(0, BLOCK_K)  # the held units of the reduction over P (the gates from h_{t-1})
+    m_kp = o_kp < P
     # W_hh[g*H + j, k] at w_hh + (g*H + j) * W_UNIT + k * W_RED, W_hr[p, k] at w_hr + p * R_UNIT + k * R_RED. The FMA
     # dots read a held tile a unit a lane: row-major, a warp's units lie a whole row apart, in one bank; transposed,
     # side by side (as recurrent.rnn_fwd_kernel's W_T).
@@ -110,7 +117,7 @@ def lstm_proj_fwd_kernel(
     xproj += d * (4 * H)
     counter += d
     # b_w{g}[k, j] = W_hh[g*H + j, k] (k < P) and b_wr[k, p] = W_hr[p, k] (k < H): resident for all steps.
-    o_kw = _weight_units(0, BLOCK_KP, K_SPLIT, W_T)
+    o_kw = _weight_units(0, BLOCK_K, K_SPLIT, W_T)
     o_wr, o_wu = _tile(o_j * W_UNIT, o_kw * W_RED, K_SPLIT, True, W_T)
     m_wr, m_wu = _tile(m_j, o_kw < P, K_SPLIT, True, W_T)
     b_w0, b_w1, b_w2, b_w3 = _load_gate_tiles(w_hh + o_wr + o_wu, m_wr & m_wu, H * W_UNIT, 4, K_SPLIT, W_T)
@@ -126,12 +133,12 @@ def lstm_proj_fwd_kernel(
                 m_b = o_b < B
                 row = t * B + o_b
                 m_bj = m_b[:, None] & m_j[None, :]
-                b_h = _load_operand(hseq + ((t + d) * B + o_b) * P, o_kp, m_b, m_kp, K_SPLIT, False, BYPASS_L1=True)
+                p_hrow = hseq + ((t + d) * B + o_b) * P
+                b_h = _load_operand(p_hrow, o_kp, m_b, m_kp, K_SPLIT, False, BYPASS_L1=True)
                 p_x = xproj + row[:, None] * (D * 4 * H) + o_j[None, :]
-                # The reduction is over the P projected units: its tiles always fit (P < H), nothing streamed.
                 r0, r1, r2, r3 = _recurrent_preacts(
-                    b_h, b_w0, b_w1, b_w2, b_w3, hseq + ((t + d) * B + o_b) * P, m_b, w_hh + o_j * W_UNIT,
-                    m_j, P, H * W_UNIT, 4, BLOCK_KP, BLOCK_KP, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT, W_RED,
+                    b_h, b_w0, b_w1, b_w2, b_w3, p_hrow, m_b, w_hh + o_j * W_UNIT,
+                    m_j, P, H * W_UNIT, 4, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST, K_SPLIT, W_RED,
                 )  # fmt: skip
                 x0, x1, x2, x3 = _load_input_preacts(p_x, m_bj, H, 4, ACC)
                 b_act = m_bj
@@ -200,6 +207,8 @@ def lstm_proj_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_KP: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # W_hh's units of the reduction over H held on chip (<= BLOCK_KH), the rest streamed
+    BLOCK_KS: tl.constexpr,
     SYNC: tl.constexpr,
     RESIDUAL: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -212,7 +221,9 @@ def lstm_proj_bwd_kernel(
     num_programs = tl.num_programs(0)
     seed = tl.load(seed_ptr)
     d = (direction0 + tl.program_id(1)).to(tl.int64)
-    o_j, m_j, m_p, o_kh, m_kh, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    o_j, m_j, m_p, _, _, o_kp, m_kp = _units(H, P, BLOCK_H, BLOCK_KH, BLOCK_KP)
+    o_kh = _reduction_units(0, BLOCK_K)  # the held units of the reduction over H (dL/dh through W_hh)
+    m_kh = o_kh < H
     w_hh += d * (4 * H * P)
     w_hr += d * (P * H)
     saved += d * T * B * (5 * H)
@@ -223,7 +234,7 @@ def lstm_proj_bwd_kernel(
     counter += d
     o_w = d * P + o_j.to(tl.int64)  # this program's columns of the [T, B, D*P] tensors
     # b_w{g}[k, p] = W_hh[g*H + k, p] (k < H) and b_wr[k, j] = W_hr[k, j] (k < P): resident for all steps.
-    o_kwh = _weight_units(0, BLOCK_KH, K_SPLIT, True)
+    o_kwh = _weight_units(0, BLOCK_K, K_SPLIT, True)
     o_kwp = _weight_units(0, BLOCK_KP, K_SPLIT, True)
     o_wr, o_wu = _tile(o_j, o_kwh * P, K_SPLIT, True, True)
     m_wr, m_wu = _tile(m_p, o_kwh < H, K_SPLIT, True, True)
@@ -238,7 +249,7 @@ def lstm_proj_bwd_kernel(
             if u < T - 1:
                 _bwd_recurrent_step(
                     grad_gates, grad_h, _time(u + 1, T, d), B, o_j, m_p, o_kh, m_kh, b_w0, b_w1, b_w2, b_w3,
-                    w_hh + o_j, H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC, DOT_PRECISION, DOT_UPCAST,
+                    w_hh + o_j, H, 4, D, P, BLOCK_B, BLOCK_K, BLOCK_KS, ACC, DOT_PRECISION, DOT_UPCAST,
                     K_SPLIT=K_SPLIT,
                 )  # fmt: skip
             # grad_h was just written by other threads of this program.
@@ -294,6 +305,6 @@ def lstm_proj_bwd_kernel(
     if finish != 0:
         _bwd_recurrent_step(
             grad_gates, grad_h, _time((u_start - n_steps + 1).to(tl.int64), T, d), B, o_j, m_p, o_kh, m_kh,
-            b_w0, b_w1, b_w2, b_w3, w_hh + o_j, H, 4, D, P, BLOCK_B, BLOCK_KH, BLOCK_KH, ACC,
+            b_w0, b_w1, b_w2, b_w3, w_hh + o_j, H, 4, D, P, BLOCK_B, BLOCK_K, BLOCK_KS, ACC,
             DOT_PRECISION, DOT_UPCAST, K_SPLIT=K_SPLIT,
         )  # fmt: skip

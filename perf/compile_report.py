@@ -194,7 +194,7 @@ def report(
         line, shared, stack = _report_plan(cell, hidden, batch, dtype, arch, variant, plan)
         if shared <= H100_MAX_SHARED:
             break
-        attempt = _plan.smaller_plan(plan, full, batch, variant.proj)
+        attempt = _plan.smaller_plan(plan, full, batch)
     with _exchange(tagged):
         exchanged = _plan.with_exchange(plan, hidden, dtype, variant.proj)
     if exchanged != plan:
@@ -208,7 +208,7 @@ def report(
 def _report_plan(cell, hidden, batch, dtype, arch, variant, plan) -> tuple[str, int, int]:
     constants = _kernel_constants(cell, hidden, dtype, plan, variant)
     num_warps, num_stages = constants.pop("num_warps"), constants.pop("num_stages")
-    bwd_constants = _kernel_constants(cell, hidden, dtype, plan.for_backward(), variant)
+    bwd_constants = _kernel_constants(cell, hidden, dtype, plan.for_backward(), variant, backward=True)
     bwd_warps, bwd_stages = bwd_constants.pop("num_warps"), bwd_constants.pop("num_stages")
     t, acc = TRITON_TYPES[dtype], "fp32"
     fwd_types = dict(xproj=t, w_hh=t, b_hn=t, hseq=t, state=acc, saved=t, y=t, res=t, z=t, counter="i32", w_hr=t,

@@ -122,6 +122,12 @@ def main() -> int:
     ok = ok and (plan.k_split, plan.held_halves, plan.num_stages, plan.block_k) == (8, True, 2, 512)
     failures += not ok
     print(f"{'ok ' if ok else 'BAD'} layer lstm H=1024 B=16 fp32, rows streamed, two stages: {plan}")
+    # With a projection: the forward holds W_hh's rows over P (one stage), the backward streams half its rows over H,
+    # whose three stages do not fit (it held them all before: 344 KB, the fallback).
+    plan = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, device, Variant(proj=256))
+    ok = isinstance(plan, LayerPlan) and (plan.block_k, plan.num_stages, plan.for_backward().num_stages) == (512, 1, 2)
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} layer lstm H=1024 P=256 B=16 fp32, backward rows streamed: {plan}")
     _plan.force_plan(persistent=False)
     try:
         plan = layer_op.kernel_plan("gru", 64, 16, torch.float32, device, Variant(directions=2))

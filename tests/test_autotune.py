@@ -384,16 +384,15 @@ def _plan_under(monkeypatch, batch: int, proj: int, fits) -> _plan.LayerPlan | s
 @pytest.mark.parametrize("proj", [0, 128], ids=["plain", "projection"])
 def test_a_plan_with_one_batch_tile_takes_one_stage_then_fewer_rows(fake_gpu, monkeypatch, proj):
     """One batch tile (B=16): the heuristics take one pipeline stage from the start (more overlap nothing); where that
-    does not fit, rows are halved (not with a projection, which then falls back)."""
+    does not fit, rows are halved (with a projection, W_hh's rows of both kernels' reductions), down to 64 held."""
     heuristic = _plan.plan_layer("lstm", 512, 16, torch.bfloat16, CUDA0, 1)
     assert heuristic.num_stages == 1 and heuristic.block_k == 512 and heuristic.block_b >= 16
     plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1)
     assert plan.num_stages == 1 and plan.block_k == 512
     plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1 and rows <= 256)
-    if proj:
-        assert isinstance(plan, str) and "shared memory" in plan
-    else:
-        assert plan.num_stages == 1 and plan.block_k == 256
+    assert plan.num_stages == 1 and plan.block_k == 256
+    plan = _plan_under(monkeypatch, 16, proj, lambda stages, rows: stages == 1 and rows < 64)
+    assert isinstance(plan, str) and "shared memory" in plan
 
 
 def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advise(fake_gpu, monkeypatch):
@@ -507,8 +506,9 @@ def test_the_heuristics_choose_width_warps_and_stages_as_the_sm90_compiles_advis
 def test_float32_on_the_fma_units_streaming_rows_takes_two_stages_before_one(fake_gpu, monkeypatch):
     """LSTM float32 H=1024 without TF32 (8 chunks, the held rows in halves, the rest streamed): where its kernels with
     three pipeline stages need more shared memory than the GPU has, two are tried before one (two still overlap the
-    streamed rows' reads from L2), both kernels on one plan. The projection's kernels (every row held) take chunks
-    without halves; TF32 the tensor cores, no halves."""
+    streamed rows' reads from L2), both kernels on one plan. The projection's kernels take chunks without halves, and
+    stages of their own: the forward holds every row of its reduction over P (one), the backward streams those of its
+    reduction over H (three, then two, then one); TF32 the tensor cores, no halves."""
     from tritonrnn import layer_op, layer_run
 
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: False)
@@ -533,7 +533,17 @@ def test_float32_on_the_fma_units_streaming_rows_takes_two_stages_before_one(fak
     assert tried[3:] == [(1, 1, 256), (1, 1, 128), (1, 1, 64)] and isinstance(plan, str)
     monkeypatch.setattr(layer_op, "_gpu_misfit", lambda *args: None)
     proj = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant(proj=256))
-    assert proj.backward is None and proj.k_split == 8 and not proj.held_halves
+    assert (proj.k_split, proj.block_k, proj.num_stages, proj.held_halves) == (8, 512, 1, False)
+    assert proj.backward == dataclasses.replace(proj, num_stages=3, backward=None)
+    tried.clear()
+
+    def backward_misfit(cell, hidden, dtype, tf32, plan, variant, index):  # as on sm_90: 3 stages over, 2 within
+        tried.append((plan.num_stages, plan.for_backward().num_stages, plan.block_k))
+        return "needs more shared memory" if plan.for_backward().num_stages > 2 else None
+
+    monkeypatch.setattr(layer_op, "_gpu_misfit", backward_misfit)
+    proj = layer_op.kernel_plan("lstm", 1024, 16, torch.float32, CUDA0, layer_run.Variant(proj=256))
+    assert (proj.num_stages, proj.backward.num_stages) == (1, 2) and tried == [(1, 3, 512), (1, 2, 512)]
     monkeypatch.setattr(_plan, "tf32_matmul", lambda: True)
     tf32 = _plan.plan_layer("lstm", 1024, 16, torch.float32, CUDA0, 1)
     assert not tf32.held_halves and not _plan.plan_layer("lstm", 512, 16, torch.float32, CUDA0, 1).held_halves
@@ -556,9 +566,10 @@ def test_a_layer_run_as_one_group_counts_its_stages_on_that_groups_tiles(fake_gp
         assert (one.batch_groups, one.num_stages) == (1, 3)
     for one in (plan(16, proj=64), plan(16, one_group=True)):
         assert (one.batch_groups, one.num_stages) == (1, 1)
-    # The projection's kernels hold every row of their slices: one stage over one tile at any hidden size
+    # With a projection over one tile: the forward holds every row of its reduction over P (one stage), the backward
+    # streams rows of its reduction over H (three)
     held = layer_op.kernel_plan("lstm", 2048, 16, torch.bfloat16, CUDA0, layer_run.Variant(proj=64))
-    assert held.block_k < 2048 and held.num_stages == 1
+    assert held.block_k < 2048 and (held.num_stages, held.backward.num_stages) == (1, 3)
 
 
 def test_a_three_stage_plan_over_shared_memory_with_one_batch_tile_drops_stages_before_rows():
@@ -569,13 +580,13 @@ def test_a_three_stage_plan_over_shared_memory_with_one_batch_tile_drops_stages_
     tuned = _plan.LayerPlan(block_h=16, block_b=16, block_k=512, num_programs=32, num_warps=8, persistent=True)
     for backward_plan in (None, backward):
         tuned = dataclasses.replace(tuned, backward=backward_plan)
-        two = _plan.smaller_plan(tuned, tuned, 16, 0)
+        two = _plan.smaller_plan(tuned, tuned, 16)
         assert two.num_stages == 2 and two.block_k == 512
-        one = _plan.smaller_plan(two, tuned, 16, 0)
+        one = _plan.smaller_plan(two, tuned, 16)
         assert one.num_stages == 1 and one.block_k == 512
         if backward_plan:
             assert one.backward.num_stages == two.backward.num_stages == 1
-        assert _plan.smaller_plan(one, tuned, 16, 0).block_k == 256
+        assert _plan.smaller_plan(one, tuned, 16).block_k == 256
 
 
 def test_a_plan_over_shared_memory_with_several_batch_tiles_keeps_the_pipeline_first(fake_gpu, monkeypatch):

@@ -504,21 +504,30 @@ def test_cuda_graph_training_step_with_dropout_has_the_gradients_of_its_masks(mo
 
 
 @pytest.mark.parametrize(
-    "cell,H,dtype",
-    [("lstm", 2048, torch.bfloat16), ("gru", 2048, torch.float16), ("lstm", 1024, torch.float32)],
+    "cell,H,dtype,proj",
+    [
+        ("lstm", 2048, torch.bfloat16, 0),
+        ("gru", 2048, torch.float16, 0),
+        ("lstm", 1024, torch.float32, 0),
+        ("lstm", 2048, torch.bfloat16, 512),
+        ("lstm", 1024, torch.float32, 256),
+    ],
     ids=str,
 )
-def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype):
-    """Persistent kernels past what a program can hold: rows beyond BLOCK_K re-read each step, accuracy kept."""
+def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype, proj, launched_plans):
+    """Persistent kernels past what a program can hold: rows beyond BLOCK_K re-read each step, accuracy kept (with a
+    projection, the backward's rows over H)."""
     from tritonrnn import functional
 
-    plan = functional.kernel_plan(cell, H, 16, dtype, CUDA)
+    plan = functional.kernel_plan(cell, H, 16, dtype, CUDA, layer_run.Variant(proj=proj))
     assert isinstance(plan, _plan.LayerPlan) and plan.persistent and plan.block_k < H, plan
     torch.backends.cudnn.allow_tf32 = False
     try:
-        ours, cudnn = errors_vs_float64(cell, 32, 16, 256, H, 1, dtype)
+        ours, cudnn = errors_vs_float64(cell, 32, 16, 256, H, 1, dtype, **({"proj_size": proj} if proj else {}))
     finally:
         torch.backends.cudnn.allow_tf32 = True
+    kernels = {"lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"} if proj else {"rnn_fwd_kernel", "rnn_bwd_kernel"}
+    assert {name for name, _ in launched_plans} == kernels, launched_plans  # on the kernels, not the fallback
     floor = 2e-5 if dtype == torch.float32 else 1e-3
     bad = {k: (v, cudnn[k]) for k, v in ours.items() if not v <= max(1.5 * cudnn[k], floor)}
     assert not bad, f"(ours, cuDNN) relative errors vs float64: {bad}"

@@ -356,6 +356,32 @@ def test_lstm_projection_float32_forward_on_transposed_weights(forced_plan, monk
     assert launched and all(entry[0] is None and entry[1:3] == ((1, 96, 9), (1, 9, 24)) for entry in launched)
 
 
+@pytest.mark.parametrize("k_split", [1, 2])
+def test_lstm_projection_streamed_weight_rows(k_split, forced_plan, monkeypatch):
+    """W_hh's rows beyond the 16 held read every step in 16-row chunks: over the P projected units forward, over the
+    H hidden units backward (fp32 at H=1024, 16-bit at H=2048 on the GPU); both directions in float64, then a split
+    grid in bf16, sequences of different lengths, and float32's forward on the transposed weights."""
+    held = set()
+    constants = layer_run._kernel_constants
+
+    def recording(cell, hidden, dtype, plan, variant, backward=False):
+        result = constants(cell, hidden, dtype, plan, variant, backward)
+        if variant.proj:
+            full = result["BLOCK_KH" if backward else "BLOCK_KP"]
+            held.add((backward, result["BLOCK_K"] < full))
+        return result
+
+    monkeypatch.setattr(layer_run, "_kernel_constants", recording)
+    forced_plan(block_k=16, block_ks=16, k_split=k_split)
+    compare("lstm", 5, 3, 4, 40, 2, seed=41, proj_size=20, bidirectional=True)
+    assert held == {(False, True), (True, True)}, held  # both kernels streamed rows
+    compare_packed("lstm", [5, 2, 4], 4, 40, 1, seed=42, proj_size=17, bidirectional=True)
+    forced_plan(block_h=16, block_k=16, block_ks=16, k_split=k_split, persistent=False)
+    compare("lstm", 5, 20, 4, 40, 1, dtype=torch.bfloat16, seed=43, proj_size=20)
+    monkeypatch.setattr(layer_run, "weights_transposed", lambda cell, dtype, *plan: dtype == torch.float32)
+    compare("lstm", 5, 3, 4, 40, 1, dtype=torch.float32, seed=44, proj_size=33)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lstm_projection_low_precision_against_float64(dtype):
     compare("lstm", 17, 5, 12, 40, 2, dtype=dtype, seed=7, proj_size=24)

@@ -344,7 +344,8 @@ def with_projection_chunks(plan: LayerPlan, hidden_size: int, proj: int, dtype: 
         k_split = narrow_chunks(rows, dtype, False)
     if k_split == 1:
         return plan
-    return dataclasses.replace(plan, k_split=k_split, num_warps=k_split, block_b=MIN_DOT)
+    block_ks = chunked_block_ks(plan.block_ks, k_split)  # the streamed rows in chunks alike (the backward's at least)
+    return dataclasses.replace(plan, k_split=k_split, num_warps=k_split, block_b=MIN_DOT, block_ks=block_ks)
 
 
 def heuristic_warps(held_bytes: int, four_warps_up_to: int, dtype: torch.dtype) -> int:
@@ -362,13 +363,14 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, dtype: torch.dt
     whole W_hh slice (or holds it in chunks, or a tile's h over its held rows is wide: below), else three. Triton's
     pipeliner buffers a kernel's innermost loop: the batch-tile loop, or with rows streamed the loop over their chunks.
     Over one tile it overlaps nothing, and its buffers cost shared memory and registers: with three stages the RNN-tanh
-    bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none (sm_90 compiles, perf/NOTES.md). The projection's
-    kernels (``proj``) hold every row. A forced num_stages is kept. (Heuristic plans only: a tuned one, which may have a
-    backward plan of its own, keeps its stages.)"""
+    bf16 H=1024 B=16 forward spills 1.9 KB a thread, with one none (sm_90 compiles, perf/NOTES.md). With a projection
+    (``proj``) W_hh's reduction runs over P forward and over H backward: each kernel its own depth, where only the
+    backward streams rows (bf16 H=2048 P=512: the forward with two stages spilled 56 bytes on Triton 3.6, with one
+    nothing). A forced num_stages is kept. (Heuristic plans only: a tuned one, which may have a backward plan of its
+    own, keeps its stages.)"""
     if "num_stages" in _forced_plan:
         return plan
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
-    streamed = not proj and plan.block_k < hidden_size
     # A reduction in chunks (heuristic_width: a whole slice held at 16 units, 96-128 KB) leaves no room for the
     # pipeline's buffers over several tiles (LSTM bf16 H=1024 B=256: 264 KB forward, 648 KB backward with three).
     # Nor does a tile's h over more than PIPELINED_H_BYTES of held rows in one chunk: the next tiles' copies of it
@@ -376,7 +378,14 @@ def with_pipeline(plan: LayerPlan, batch: int, hidden_size: int, dtype: torch.dt
     # the forward drops to 32 registers and a 2 KB stack a thread, the backward 255 and 350-450 bytes; with one,
     # nothing; at 16 KB, LSTM bf16 H=512 B=256, three stages spill nothing; sm_90, Triton 3.6 and 3.9).
     wide_h = plan.k_split == 1 and plan.block_b * plan.block_k * dtype.itemsize > PIPELINED_H_BYTES
-    return dataclasses.replace(plan, num_stages=1 if (one_tile or plan.k_split > 1 or wide_h) and not streamed else 3)
+    one_stage = one_tile or plan.k_split > 1 or wide_h
+
+    def stages(reduction: int) -> int:
+        return 1 if one_stage and plan.block_k >= reduction else 3
+
+    forward = dataclasses.replace(plan, num_stages=stages(proj or hidden_size))
+    backward = dataclasses.replace(plan.for_backward(), num_stages=stages(hidden_size))
+    return dataclasses.replace(forward, backward=backward if backward != forward else None)
 
 
 def with_batch_groups(plan: LayerPlan, batch: int, directions: int, sm_count: int) -> LayerPlan:
@@ -412,7 +421,7 @@ def in_one_group(plan: LayerPlan, batch: int, hidden_size: int, dtype: torch.dty
     return with_pipeline(single_group(plan), batch, hidden_size, dtype, proj)
 
 
-def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> LayerPlan | None:
+def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int) -> LayerPlan | None:
     """The next plan to try when ``plan``'s compiled kernels need more shared memory than the GPU has (``full``: the
     first plan tried), or None when there is none.
 
@@ -420,11 +429,11 @@ def smaller_plan(plan: LayerPlan, full: LayerPlan, batch: int, proj: int) -> Lay
     specialised), which can take more than the weights: LSTM bf16 H=512 B=64 backward 329,728 bytes with 3 stages,
     100,352 with 1 (sm_90, Triton 3.9; perf/NOTES.md, twenty-third session). With one tile a group there is nothing to
     overlap but rows streamed: fewer stages first, as for a reduction in chunks. With several, fewer held rows of the
-    slice (the rest read every step; not with a projection, whose kernels hold all rows), keeping the pipeline; where
-    that runs out, one stage from the full slice again.
+    slice (the rest read every step; with a projection, of W_hh's reduction over P forward and over H backward),
+    keeping the pipeline; where that runs out, one stage from the full slice again.
     """
     one_tile = -(-batch // plan.batch_groups) <= plan.block_b
-    can_halve = not proj and plan.block_k // 2 >= MIN_HELD_ROWS
+    can_halve = plan.block_k // 2 >= MIN_HELD_ROWS
     # A reduction in chunks keeps its whole slice first too: its slice is what leaves the pipeline no room
     # (with_pipeline), and rows streamed instead are read from L2 every step.
     whole_first = one_tile or not can_halve or plan.k_split > 1

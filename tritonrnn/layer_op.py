@@ -100,7 +100,7 @@ def kernel_plan(
             reason = _gpu_misfit(cell, hidden, dtype, tf32, plan, variant, cuda_index(device))
             if reason is None or forced():
                 break
-            attempt = smaller_plan(plan, full, batch, variant.proj)
+            attempt = smaller_plan(plan, full, batch)
         if reason is not None:
             return reason
         # The tagged exchange where it is asked for, on the slice the barrier's kernels hold (its own kernels could

@@ -79,7 +79,10 @@ def writes_y(directions: int, residual: bool, varlen: bool) -> bool:
     return directions > 1 or residual or varlen
 
 
-def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant) -> dict:
+def _kernel_constants(
+    cell: str, hidden: int, dtype: torch.dtype, plan: LayerPlan, variant: Variant, backward: bool = False
+) -> dict:  # fmt: skip
+    """The constants of ``plan``'s forward kernel (its backward's with ``backward``)."""
     cell_id, gates, n_saved = CELLS[cell]
     tf32 = dtype == torch.float32 and tf32_matmul()
     common = dict(
@@ -96,12 +99,16 @@ def _kernel_constants(cell: str, hidden: int, dtype: torch.dtype, plan: LayerPla
         num_stages=plan.num_stages,
     )
     if variant.proj:
-        # The projection's kernels hold every row of their slices (no streaming): BLOCK_KH covers H.
+        # W_hh's reduction runs over P forward, over H backward: plan.block_k of its rows held (all where that covers
+        # them), the rest streamed; W_hr's held whole.
+        block_kh, block_kp = max(MIN_DOT, next_pow2(hidden)), max(MIN_DOT, next_pow2(variant.proj))
         return dict(
             common,
             P=variant.proj,
-            BLOCK_KH=max(MIN_DOT, next_pow2(hidden)),
-            BLOCK_KP=max(MIN_DOT, next_pow2(variant.proj)),
+            BLOCK_KH=block_kh,
+            BLOCK_KP=block_kp,
+            BLOCK_K=min(plan.block_k, block_kh if backward else block_kp),
+            BLOCK_KS=plan.block_ks,
             VARLEN=variant.varlen,
             K_SPLIT=plan.k_split,
         )
@@ -123,8 +130,8 @@ def weights_transposed(cell: str, dtype: torch.dtype, k_split: int = 1, streamed
 
 
 def forward_transposed(cell: str, dtype: torch.dtype, plan: LayerPlan, hidden: int, proj: int) -> bool:
-    """weights_transposed for the forward kernel of a plan: the projection's kernel streams no rows (it holds all)."""
-    return weights_transposed(cell, dtype, plan.k_split, not proj and plan.block_k < hidden)
+    """weights_transposed for the forward kernel of a plan, whose reduction runs over P with a projection."""
+    return weights_transposed(cell, dtype, plan.k_split, plan.block_k < (proj or hidden))
 
 
 def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
@@ -156,17 +163,18 @@ def _warmup_calls(
     def t(dt=dtype):
         return torch.empty(16, dtype=dt, device=device)
 
-    def common(kernel_plan: LayerPlan) -> dict:
+    def common(kernel_plan: LayerPlan, backward: bool) -> dict:
         grid = (kernel_plan.num_programs, _direction_groups(kernel_plan, variant.directions)[0][1])
-        constants = _kernel_constants(cell, hidden, dtype, kernel_plan, variant)
+        constants = _kernel_constants(cell, hidden, dtype, kernel_plan, variant, backward)
         options = _launch_options(kernel_plan, device)
         return dict(counter=t(torch.int32), T=1, B=1, n_steps=1, direction0=0, seed_ptr=t(torch.int64), p_drop=0.5,
                     SYNC=kernel_plan.persistent, grid=grid, **constants, **options)  # fmt: skip
 
     forward_args = dict(xproj=t(), w_hh=t(), hseq=t(), state=t(acc), saved=t(), y=t(), res=t(), z=t(), t_start=0,
-                        SAVE=True, WRITE_Y=variant.write_y, **common(plan))  # fmt: skip
+                        SAVE=True, WRITE_Y=variant.write_y, **common(plan, False))  # fmt: skip
     backward_args = dict(w_hh=t(), saved=t(), c0=t(acc), grad_y=t(), grad_z=t(), grad_res=t(), grad_gates=t(),
-                         grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1, **common(plan.for_backward()))  # fmt: skip
+                         grad_h=t(acc), grad_c=t(acc), u_start=0, finish=1,
+                         **common(plan.for_backward(), True))  # fmt: skip
     backward_tagged = plan.for_backward().tagged
     transposed = forward_transposed(cell, dtype, plan, hidden, variant.proj)
     if variant.proj:
@@ -328,7 +336,7 @@ class LayerRun:
         return dict(seed_ptr=self.dropout.seed, p_drop=self.dropout.p)
 
     def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
-        launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant))
+        launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant, backward))
         launch.update(_launch_options(plan, self.device))
         if self.w_hr is not None and plan.batch_groups != 1:
             raise ValueError("the projection's kernels run the whole batch in one group")  # kernel_plan's rule
