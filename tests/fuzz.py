@@ -21,8 +21,9 @@ pre-activation within rounding of 0 flips that unit's derivative, say), not as a
 
 --concurrent (CPU only): a training step (dropout in both modes) runs with block_h=16 (2-3 programs a layer) launched
 one step at a time, then persistent under concurrent_interpreter.programs_at_once: a random scheduler seed and
-hand-over probability, weak stores at random, two batch groups in some module cases, and in some the barrier
-counter's limit lowered so that a layer takes several launches. Outputs, states and gradients must be the
+hand-over probability, weak stores at random, two batch groups in some module cases, in some 16 or 32 rows of
+W_hh held and the rest streamed, and in some the barrier counter's limit lowered so that a layer takes several
+launches. Outputs, states and gradients must be the
 step-by-step run's bit for bit and NaN-free.
 """
 
@@ -121,6 +122,9 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         # The reduction in chunks (kernels/recurrent._dot_k; the single-layer kernels and the stack kernel, not the
         # projection's). Drawn from its own generator: the configurations a seed drew before stay the same.
         config["k_split"] = random.Random(config["sched_seed"]).choice([1, 1, 2, 4, 8])
+        # W_hh's rows a program holds, the rest read every step in 16-row chunks (the GPU's plan at large H; with a
+        # projection over P forward, over H backward); 0: all. Its own generator as well.
+        config["held_rows"] = random.Random(config["sched_seed"] + 1).choice([0, 0, 0, 16, 32])
     else:
         # With dropout in training the check is against the float64 reference run of the same model, which draws
         # the kernels' masks (torch.nn's are its own).
@@ -382,6 +386,8 @@ def run_concurrent(config: dict) -> list[str]:
         fields["k_split"] = config["k_split"]
     if config["batch_groups"] > 1:
         fields["batch_groups"] = config["batch_groups"]
+    if config.get("held_rows"):
+        fields.update(block_k=config["held_rows"], block_ks=16)
     saved_limit = _plan.MAX_BARRIER_ARRIVALS
     with switches(config) as problems:
         ours, _ = build(config)
