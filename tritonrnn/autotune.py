@@ -234,10 +234,12 @@ def shipped_defaults(gpu_name: str) -> dict[str, dict]:
     return ConfigStore(path).load()
 
 
-def candidates(hidden: int, batch: int, directions: int, sm_count: int, split: bool = True) -> list[KernelConfig]:
-    """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem. With
-    ``split`` (not for the projection's kernels) also the reduction in one chunk a warp, over one 16-row batch tile,
-    where the chunks can hold MIN_DOT rows (``Tuner.tune`` drops those whose held rows do not)."""
+def candidates(hidden: int, batch: int, directions: int, sm_count: int, proj: int = 0) -> list[KernelConfig]:
+    """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem. Also the
+    reduction in one chunk a warp, over one 16-row batch tile, where the chunks can hold MIN_DOT rows (``Tuner.tune``
+    drops those whose held rows do not); with a projection (``proj``) both its reductions, over H and over P, are cut
+    (_plan.with_projection_chunks), so the smaller one decides."""
+    rows = max(MIN_DOT, next_pow2(min(hidden, proj) if proj else hidden))
     result = []
     for block_h, block_b, num_warps, num_stages in itertools.product(BLOCK_H, BLOCK_B, NUM_WARPS, NUM_STAGES):
         if block_h > max(MIN_DOT, next_pow2(hidden)) or block_b > max(MIN_DOT, next_pow2(batch)):
@@ -245,7 +247,7 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int, split: b
         if -(-hidden // block_h) * directions > sm_count:
             continue  # both directions' programs must be resident at once
         result.append(KernelConfig(block_h, block_b, num_warps, num_stages))
-        if split and block_b == MIN_DOT and next_pow2(hidden) // num_warps >= MIN_DOT:
+        if block_b == MIN_DOT and rows // num_warps >= MIN_DOT:
             result.append(KernelConfig(block_h, block_b, num_warps, num_stages, k_split=num_warps))
     return result
 
@@ -323,7 +325,7 @@ def _tuned_plan(
             return _LATER
         log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")
         sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
-        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count, split=not key.proj)
+        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count, key.proj)
         try:
             entry = tuner_factory().tune(configs, key, device)
         except LookupError as error:
