@@ -23,8 +23,7 @@ pre-activation within rounding of 0 flips that unit's derivative, say), not as a
 one step at a time, then persistent under concurrent_interpreter.programs_at_once: a random scheduler seed and
 hand-over probability, weak stores at random, two batch groups in some module cases, in some 16 or 32 rows of
 W_hh held and the rest streamed, and in some the barrier counter's limit lowered so that a layer takes several
-launches. Outputs, states and gradients must be the
-step-by-step run's bit for bit and NaN-free.
+launches. Outputs, states and gradients must be the step-by-step run's bit for bit and NaN-free.
 """
 
 from __future__ import annotations
@@ -119,8 +118,8 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         # splits into several programs.
         widest = max([config["hidden"]] if config["kind"] == "module" else [h for _, h in config["layers"]])
         config["block_h"] = 32 if widest > 32 and rng.random() < 0.5 else 16
-        # The reduction in chunks (kernels/recurrent._dot_k; the single-layer kernels and the stack kernel, not the
-        # projection's). Drawn from its own generator: the configurations a seed drew before stay the same.
+        # The reduction in chunks (kernels/recurrent._dot_k; every kernel: the single layer's, the projection's, the
+        # stack's). Drawn from its own generator: the configurations a seed drew before stay the same.
         config["k_split"] = random.Random(config["sched_seed"]).choice([1, 1, 2, 4, 8])
         # W_hh's rows a program holds, the rest read every step in 16-row chunks (the GPU's plan at large H; with a
         # projection over P forward, over H backward); 0: all. Its own generator as well.
