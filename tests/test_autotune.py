@@ -99,12 +99,15 @@ def test_tuner_never_times_a_misfit_and_picks_the_fastest(fake_gpu):
 
 
 def test_candidates_cut_the_reduction_in_a_chunk_a_warp_where_it_compiles(fake_gpu, monkeypatch):
-    """Each 16-row configuration also with its reduction in one chunk a warp; the tuner drops the plans whose held
-    rows make chunks under 16 (a wide slice holding part of its rows); with a projection the smaller of its two
-    reductions decides; entries stored before k_split existed are read as one chunk."""
+    """Each 16- and 32-row configuration also with its reduction in one chunk a warp (32 rows: where the batch has
+    them); the tuner drops the plans whose held rows make chunks under 16 (a wide slice holding part of its rows);
+    with a projection the smaller of its two reductions decides; entries stored before k_split existed are read as
+    one chunk."""
     configs = autotune.candidates(hidden=512, batch=16, directions=1, sm_count=132)
     split = [c for c in configs if c.k_split > 1]
     assert split and all(c.k_split == c.num_warps and c.block_b == 16 for c in split)
+    large = [c for c in autotune.candidates(hidden=512, batch=256, directions=1, sm_count=132) if c.k_split > 1]
+    assert {c.block_b for c in large} == {16, 32} and all(c.k_split == c.num_warps for c in large)
     projected = autotune.candidates(hidden=512, batch=16, directions=1, sm_count=132, proj=64)
     assert {c.k_split for c in projected} == {1, 4}  # 64 projected units: 4 chunks of 16, not 8 of 8
     assert {c.k_split for c in autotune.candidates(512, 16, 1, 132, proj=128)} == {c.k_split for c in configs}

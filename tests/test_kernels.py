@@ -225,6 +225,19 @@ def test_reduction_in_chunks_with_streamed_rows_and_bfloat16(cell, forced_plan):
     compare(cell, 4, 20, 4, 33, 1, dtype=torch.bfloat16, seed=13)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reduction_in_chunks_over_32_row_batch_tiles(cell, forced_plan):
+    """The tuner's 32-row batch tiles with the reduction in chunks (autotune.candidates): 32 rows held in two
+    chunks and the rest streamed, over a whole tile and a partial one (B=40); the projection's two kernels so; bf16
+    split over programs."""
+    forced_plan(block_b=32, block_k=32, block_ks=16, k_split=2)
+    compare(cell, 4, 40, 4, 70, 1, seed=15)
+    if cell == "lstm":
+        compare(cell, 3, 40, 4, 70, 1, seed=16, proj_size=40)
+    forced_plan(block_h=16, block_b=32, k_split=4, persistent=False)
+    compare(cell, 3, 40, 4, 33, 1, dtype=torch.bfloat16, seed=17)
+
+
 @pytest.mark.parametrize("permuted", [False, True], ids=["chunks_first", "permuted"])
 def test_weight_tiles_in_chunks_in_either_form(permuted, forced_plan, monkeypatch):
     """A weight tile in chunks whose rows are adjacent in memory (the backward's W_hh, float32's transposed W_hh

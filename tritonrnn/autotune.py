@@ -236,9 +236,10 @@ def shipped_defaults(gpu_name: str) -> dict[str, dict]:
 
 def candidates(hidden: int, batch: int, directions: int, sm_count: int, proj: int = 0) -> list[KernelConfig]:
     """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem. Also the
-    reduction in one chunk a warp, over one 16-row batch tile, where the chunks can hold MIN_DOT rows (``Tuner.tune``
-    drops those whose held rows do not); with a projection (``proj``) both its reductions, over H and over P, are cut
-    (_plan.with_projection_chunks), so the smaller one decides."""
+    reduction in one chunk a warp, over 16- or 32-row batch tiles, where the chunks can hold MIN_DOT rows
+    (``Tuner.tune`` drops those whose held rows do not); with a projection (``proj``) both its reductions, over H and
+    over P, are cut (_plan.with_projection_chunks), so the smaller one decides. (A 32-row tile reads the rows a plan
+    streams half as often at large batches, and spills in float32's backward: perf/NOTES.md, for the timing to say.)"""
     rows = max(MIN_DOT, next_pow2(min(hidden, proj) if proj else hidden))
     result = []
     for block_h, block_b, num_warps, num_stages in itertools.product(BLOCK_H, BLOCK_B, NUM_WARPS, NUM_STAGES):
@@ -247,7 +248,7 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int, proj: in
         if -(-hidden // block_h) * directions > sm_count:
             continue  # both directions' programs must be resident at once
         result.append(KernelConfig(block_h, block_b, num_warps, num_stages))
-        if block_b == MIN_DOT and rows // num_warps >= MIN_DOT:
+        if block_b <= 2 * MIN_DOT and rows // num_warps >= MIN_DOT:
             result.append(KernelConfig(block_h, block_b, num_warps, num_stages, k_split=num_warps))
     return result
 
