@@ -109,9 +109,9 @@ STAGES: dict[str, Stage] = {
     "bars": Stage(220, bench="bars", note="the issues' bars: tritonrnn vs cuDNN eager and graph"),
     "tests": Stage(240, _pytest_gpu_command("@LOGS@/gpu_tests.xml"), note="pytest -m gpu"),
     "widths": Stage(
-        180,
+        270,
         (PY, "-m", "perf.probe", "--widths"),
-        note="the heuristics' widths and reduction chunks against the others; float32 W_hh transposed or not",
+        note="the heuristics' widths, reduction chunks and batch tiles against others; float32 W_hh transposed or not",
     ),
     "bars_tagged": Stage(90, bench="bars", providers=OURS, env=TAGGED, note="bars with the tagged exchange"),
     "bars_fused": Stage(90, bench="bars", providers=OURS, env=FUSED, note="bars with stacks in one launch"),

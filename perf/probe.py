@@ -16,8 +16,9 @@ times instead one layer (bf16, B=16, T=256) at the widths the heuristics chose b
 (tritonrnn/_plan.heuristic_width): 16 or 32 units a program, the reduction in one chunk or one a warp, against the
 heuristics' own choice, forward and training step, with each one's error against float64 (the same exit code); the
 same for float32 without TF32 (its FMA dots in chunks or in one: _plan.fma_chunks; with rows streamed, in two
-pipeline stages or one); then float32 layers with the forward's W_hh transposed and row-major (perf/NOTES.md,
-thirty-first to thirty-fourth sessions).
+pipeline stages or one); at B=256, plans in chunks on 16-row batch tiles (the heuristics') against 32-row ones; then
+float32 layers with the forward's W_hh transposed and row-major (perf/NOTES.md, thirty-first to thirty-seventh
+sessions).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from tritonrnn import _plan, functional, layer_run
 BARRIER_STEPS = 1024
 
 
-def _config(cell: str, H: int, dtype: str = "bf16") -> Config:
-    """One layer, B=16, T=256, input size H: the probe's problems."""
-    return Config(cell, dtype, B=16, H=H, T=256, L=1, input_size=H, bidirectional=False, dropout=0.0,
+def _config(cell: str, H: int, dtype: str = "bf16", B: int = 16) -> Config:
+    """One layer, T=256, input size H (B=16 unless said): the probe's problems."""
+    return Config(cell, dtype, B=B, H=H, T=256, L=1, input_size=H, bidirectional=False, dropout=0.0,
                   dropout_mode="standard", proj_size=0, passes=("fwd", "fwd+bwd"))  # fmt: skip
 
 
@@ -54,6 +55,9 @@ WIDTHS = {
     "16 units, 8 chunks": dict(block_h=16, k_split=8),
     "32 units, 4 chunks": dict(block_h=32, k_split=4),
     "8 chunks, 1 stage": dict(block_h=16, k_split=8, num_stages=1),
+    "32-row tiles": dict(block_b=32),
+    "32-row tiles, 1 stage": dict(block_b=32, num_stages=1),
+    "32-row tiles, 2 stages": dict(block_b=32, num_stages=2),
 }
 TENSOR_CORE_WIDTHS = ("heuristics", "32 units", "16 units", "16 units, 8 chunks", "32 units, 4 chunks")
 WIDTH_CASES = [
@@ -72,6 +76,15 @@ WIDTH_CASES = [
 # half the slice held in chunks, the rest read from L2 every step (the heuristics hold it all, in two halves at H=512:
 # _plan.fma_halves): fewer shared-memory wavefronts a step against L2 traffic (sm_90 compiles, perf/NOTES.md).
 TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
+# (cell, H, dtype, B, widths): plans in chunks at B=256, where a group of programs loops over 8 or 16 batch tiles and
+# reads its held rows from shared memory, and its streamed rows from L2, once a tile: the heuristics' 16-row tiles
+# against 32 (the tuner's candidates too), at the most stages that fit (sm_90 compiles, perf/NOTES.md, thirty-seventh
+# session; float32's 32-row backward spills 904 bytes, its forward nothing).
+BATCH_TILE_CASES = [
+    ("lstm", 1024, "bf16", 256, ("heuristics", "32-row tiles")),
+    ("lstm", 2048, "bf16", 256, ("heuristics", "32-row tiles, 2 stages")),
+    ("lstm", 1024, "fp32", 256, ("heuristics", "32-row tiles, 1 stage")),
+]
 # (row, forward on W_hh transposed, plan fields forced)
 TRANSPOSED_ROWS = [
     ("W_hh transposed", True, {}),
@@ -144,26 +157,28 @@ def _per_pass(rows: dict[str, dict]) -> str:
 
 
 def widths() -> int:
-    """Each WIDTH_CASES layer at each of WIDTHS: us per step forward and training step, error against float64."""
+    """Each WIDTH_CASES layer (B=16), then each BATCH_TILE_CASES layer, at each of its WIDTHS: us per step forward and
+    training step, error against float64."""
     if not torch.cuda.is_available():
         print("perf.probe needs a CUDA GPU")
         return 2
     print(card(), flush=True)
     device = torch.device("cuda")
     failed = False
-    for cell, H, dtype, names in WIDTH_CASES:
+    cases = [(cell, H, dtype, 16, names) for cell, H, dtype, names in WIDTH_CASES] + BATCH_TILE_CASES
+    for cell, H, dtype, B, names in cases:
         with runner.tf32_flags(False):  # float32 in IEEE, tritonrnn and cuDNN alike (no effect on bf16)
-            failed |= _time_widths(cell, H, dtype, names, device)
+            failed |= _time_widths(cell, H, dtype, names, device, B)
     return 1 if failed | (transposed(device) != 0) else 0
 
 
-def _time_widths(cell: str, H: int, dtype: str, names: tuple[str, ...], device: torch.device) -> bool:
-    """One WIDTH_CASES layer at each of its widths, printed; True where one failed or erred above 1.5x cuDNN."""
+def _time_widths(cell: str, H: int, dtype: str, names: tuple[str, ...], device: torch.device, B: int = 16) -> bool:
+    """One layer at each of its widths, printed; True where one failed or erred above 1.5x cuDNN."""
     failed = False
-    config = _config(cell, H, dtype)
+    config = _config(cell, H, dtype, B)
     case = runner.Case(config, device)
     cudnn = {pass_: runner.measure(case, "cudnn", pass_) for pass_ in config.passes}
-    print(f"{cell} {dtype} B16 H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
+    print(f"{cell} {dtype} B{B} H{H} T256 {'cuDNN':20}: {_per_pass(cudnn)}", flush=True)
     for name in names:
         _plan.force_plan(**WIDTHS[name])
         try:
@@ -194,7 +209,7 @@ def _time_widths(cell: str, H: int, dtype: str, names: tuple[str, ...], device: 
 def _described(plan: _plan.LayerPlan) -> str:
     described = (
         f"{plan.num_programs} programs x {plan.block_h} units, {plan.k_split} chunk(s), {plan.num_warps} "
-        f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows"
+        f"warps, {plan.num_stages} stage(s), {plan.block_k} held rows, {plan.block_b}-row tiles"
     )
     if plan.backward is not None:
         described += f"; backward {plan.backward.k_split} chunk(s), {plan.backward.num_stages} stage(s)"

@@ -196,6 +196,7 @@ def test_the_widths_probe_times_each_forced_width_and_reports_what_does_not_run(
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
     monkeypatch.setattr(probe, "WIDTH_CASES", [("lstm", 1024, "bf16", tuple(probe.WIDTHS))])
     monkeypatch.setattr(probe, "TRANSPOSED_CASES", [])
+    monkeypatch.setattr(probe, "BATCH_TILE_CASES", [])
     seen = []
 
     def kernel_plan(cell, hidden, batch, dtype, device):
@@ -233,6 +234,7 @@ def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
     monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
     monkeypatch.setattr(probe, "WIDTH_CASES", [("gru", 256, "fp32", ("heuristics", "16 units"))])
     monkeypatch.setattr(probe, "TRANSPOSED_CASES", [])
+    monkeypatch.setattr(probe, "BATCH_TILE_CASES", [])
     planned = []
 
     def kernel_plan(cell, hidden, batch, dtype, device):
@@ -258,6 +260,40 @@ def test_the_widths_probe_times_float32_widths_in_ieee(monkeypatch, capsys):
     assert lines[2].endswith("; backward 4 chunk(s), 1 stage(s)")  # a backward plan of its own is said
     assert "16 units" in lines[3] and "ERROR ABOVE 1.5x cuDNN" in lines[3] and "1 chunk(s)" in lines[3]
     assert "backward" not in lines[3]
+
+
+def test_the_widths_probe_times_batch_tiles_at_their_batch(monkeypatch, capsys):
+    """The widths stage's batch-tile cases: cuDNN and each width timed at the case's batch (B=256), the 32-row tile
+    forced while its plan is made and timed, its tile size said."""
+    from perf import probe
+    from tritonrnn import _plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(probe, "card", lambda: "a card")
+    monkeypatch.setattr(probe.runner, "Case", lambda config, device: config)
+    monkeypatch.setattr(probe, "WIDTH_CASES", [])
+    monkeypatch.setattr(probe, "TRANSPOSED_CASES", [])
+    monkeypatch.setattr(
+        probe, "BATCH_TILE_CASES", [("lstm", 2048, "bf16", 256, ("heuristics", "32-row tiles, 2 stages"))]
+    )
+    planned, timed = [], []
+
+    def kernel_plan(cell, hidden, batch, dtype, device):
+        planned.append((batch, dict(_plan._forced_plan)))
+        return _plan.LayerPlan(16, _plan._forced_plan.get("block_b", 16), 1024, 128, 8, True, k_split=8)
+
+    def measure(case, provider, pass_):
+        timed.append((provider, case.B, _plan._forced_plan.get("block_b")))
+        return dict(us_per_step_layer=30.0, rel_err=1e-3)
+
+    monkeypatch.setattr(probe.functional, "kernel_plan", kernel_plan)
+    monkeypatch.setattr(probe.runner, "measure", measure)
+    assert probe.widths() == 0
+    assert planned == [(256, {}), (256, dict(block_b=32, num_stages=2))] and not _plan._forced_plan
+    assert timed == [("cudnn", 256, None)] * 2 + [("tritonrnn", 256, None)] * 2 + [("tritonrnn", 256, 32)] * 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("lstm bf16 B256 H2048 T256 cuDNN")
+    assert lines[2].endswith("1024 held rows, 16-row tiles") and lines[3].endswith("1024 held rows, 32-row tiles")
 
 
 def test_the_widths_probe_times_float32_with_the_weights_transposed_and_row_major(monkeypatch, capsys):
