@@ -22,8 +22,8 @@ pre-activation within rounding of 0 flips that unit's derivative, say), not as a
 --concurrent (CPU only): a training step (dropout in both modes) runs with block_h=16 (2-3 programs a layer) launched
 one step at a time, then persistent under concurrent_interpreter.programs_at_once: a random scheduler seed and
 hand-over probability, weak stores at random, two batch groups in some module cases, in some 16 or 32 rows of
-W_hh held and the rest streamed, and in some the barrier counter's limit lowered so that a layer takes several
-launches. Outputs, states and gradients must be the step-by-step run's bit for bit and NaN-free.
+W_hh held and the rest streamed, in some 32-row batch tiles, and in some the barrier counter's limit lowered so that
+a layer takes several launches. Outputs, states and gradients must be the step-by-step run's bit for bit and NaN-free.
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
         # W_hh's rows a program holds, the rest read every step in 16-row chunks (the GPU's plan at large H; with a
         # projection over P forward, over H backward); 0: all. Its own generator as well.
         config["held_rows"] = random.Random(config["sched_seed"] + 1).choice([0, 0, 0, 16, 32])
+        # 32-row batch tiles (the tuner's candidates, in chunks too) in some with one batch group. Its own generator.
+        if config["batch_groups"] == 1:
+            config["block_b"] = random.Random(config["sched_seed"] + 2).choice([16, 16, 16, 32])
     else:
         # With dropout in training the check is against the float64 reference run of the same model, which draws
         # the kernels' masks (torch.nn's are its own).
@@ -387,6 +390,8 @@ def run_concurrent(config: dict) -> list[str]:
         fields["batch_groups"] = config["batch_groups"]
     if config.get("held_rows"):
         fields.update(block_k=config["held_rows"], block_ks=16)
+    if config.get("block_b", 16) != 16:
+        fields["block_b"] = config["block_b"]
     saved_limit = _plan.MAX_BARRIER_ARRIVALS
     with switches(config) as problems:
         ours, _ = build(config)
