@@ -79,7 +79,7 @@ TRANSPOSED_CASES = [("lstm", 512), ("gru", 512)]
 # (cell, H, dtype, B, widths): plans in chunks at B=256, where a group of programs loops over 8 or 16 batch tiles and
 # reads its held rows from shared memory, and its streamed rows from L2, once a tile: the heuristics' 16-row tiles
 # against 32 (the tuner's candidates too), at the most stages that fit (sm_90 compiles, perf/NOTES.md, thirty-seventh
-# session; float32's 32-row backward spills 904 bytes, its forward nothing).
+# session; float32's 32-row backward spills 784-904 bytes a thread, its forward nothing).
 BATCH_TILE_CASES = [
     ("lstm", 1024, "bf16", 256, ("heuristics", "32-row tiles")),
     ("lstm", 2048, "bf16", 256, ("heuristics", "32-row tiles, 2 stages")),
