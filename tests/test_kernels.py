@@ -1201,3 +1201,32 @@ def test_the_projection_and_the_stream_wavefront_run_one_group(monkeypatch):
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
     tritonrnn.LSTM(4, 20, num_layers=2).to(DEVICE)(torch.randn(5, 40, 4, device=DEVICE))
     assert len(launched) == 2 and all(plan.batch_groups == 1 for plan in launched)
+
+
+@pytest.mark.parametrize("wavefront", ["0", "2", "fused"])
+def test_a_training_step_leaves_nothing_alive(wavefront, monkeypatch):
+    """What a call returns dies with the caller's last reference: a Function keeping its own outputs on ctx would
+    hold them, and the step's buffers, in a cycle through C++ that gc cannot free (the streams' stack once did)."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", wavefront)
+    if wavefront != "0":  # the path named, not the layer-by-layer one
+        monkeypatch.setattr(functional, "_layer", None)
+    if wavefront == "fused":
+        monkeypatch.setattr(functional, "_wavefront_stack", None)
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(4, [("lstm", 6)] * 3).to(DEVICE)  # float32: c_n is the state buffer itself
+    x = torch.randn(5, 2, 4, device=DEVICE, requires_grad=True)
+    alive = []
+    for _ in range(2):
+        outs, states = model(x, return_all_layers=True)
+        returned = [*outs, *(t for state in states for t in state)]
+        torch.autograd.grad(sum(t.sum() for t in returned), [x, *model.parameters()])
+        alive += [weakref.ref(t) for t in returned]
+        del outs, states, returned
+    outs, states = model(x)  # forward only, the graph dropped unused
+    alive += [weakref.ref(outs), *(weakref.ref(t) for t in states[0])]
+    del outs, states
+    gc.collect()
+    assert not [ref() for ref in alive if ref() is not None]

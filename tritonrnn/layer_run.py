@@ -396,6 +396,13 @@ class LayerRun:
         c_n = self.state.to(self.dtype) if self.cell == "lstm" else None
         return self.y, self.z, h_n, c_n
 
+    def detach_tensors(self, tensors: list[Tensor]) -> None:
+        """Hold detached aliases of ``tensors`` (the outputs of an autograd Function that keeps this run) instead of
+        the tensors themselves: same memory and version counter, no grad_fn back to the Function."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, Tensor) and any(value is t for t in tensors):
+                setattr(self, name, value.detach())
+
     def start_backward(self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn) -> None:
         """Gradient buffers; grad_y / grad_z [T, B, D*N] are read by rows as the chunks run (None: zeros)."""
         T, B, D, dtype, device, acc = self.T, self.B, self.D, self.dtype, self.device, self.acc

@@ -35,13 +35,18 @@ class WavefrontStackFunction(torch.autograd.Function):
         _wavefront(runs, chunks, lambda run, t0, t1: run.forward_steps(t0, t1), reverse=False)
         for run in runs:
             run.end_forward()  # after _wavefront: the main stream has waited for the layers' streams
+        outputs = [run.outputs() for run in runs]
+        returned = (*[o[0] for o in outputs], *[o[2] for o in outputs], *[o[3] for o in outputs])
         if save:
             ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
+            # ctx must not hold a tensor it returns: output -> its grad_fn -> ctx -> output is a cycle through C++
+            # that Python's garbage collector cannot see, and every training step's buffers would stay alive.
+            for run in runs:
+                run.detach_tensors([t for t in returned if t is not None])
             ctx.runs = runs
             ctx.chunks = chunks
             ctx.save_for_backward(x, *tensors)
-        outputs = [run.outputs() for run in runs]
-        return (*[o[0] for o in outputs], *[o[2] for o in outputs], *[o[3] for o in outputs])
+        return returned
 
     @staticmethod
     def backward(ctx, *grads):
