@@ -45,9 +45,10 @@ class CountCalls(nn.Module):
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
+    """||actual - expected|| / ||expected|| in float64; a NaN or inf on either side gives inf (never NaN, which every
+    comparison and max() would pass over)."""
     actual, expected = actual.double(), expected.double()
-    if torch.isnan(actual).any():
+    if not (torch.isfinite(actual).all() and torch.isfinite(expected).all()):
         return float("inf")
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
