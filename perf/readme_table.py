@@ -30,7 +30,8 @@ def table(baselines_dir: pathlib.Path = BASELINES_DIR) -> str:
         )
     frames = [(path, read_results(path)) for path in files]
     speed = [
-        "Geometric mean speedup of tritonrnn over cuDNN (torch.nn eager) and over cuDNN replayed from a CUDA graph "
+        "Geometric mean speedup of tritonrnn over cuDNN (torch.nn eager, its weights flattened, bf16's too) and "
+        "over cuDNN replayed from a CUDA graph "
         "(`python -m perf run --suite quick`: LSTM/GRU/RNN x bf16/fp32 x B 1-256 x H 256-1024, 3 layers, T=512; "
         "above 1x tritonrnn is faster). fwd = inference, fwd+bwd = a training step.",
         "",

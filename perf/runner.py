@@ -1,6 +1,6 @@
 """The benchmark runner: every config of a suite x pass x provider becomes one tidy row.
 
-Providers on a GPU: ``tritonrnn`` (our module); ``cudnn`` (torch.nn eager, weights flattened);
+Providers on a GPU: ``tritonrnn`` (our module); ``cudnn`` (torch.nn eager, weights flattened, bf16's too);
 ``cudnn_graph`` (the same torch.nn call captured in a CUDA graph and replayed: the strongest cuDNN).
 Without a GPU: ``tritonrnn`` (its CPU path) and ``torch_cpu`` (torch.nn on the CPU): a CPU comparison,
 not a GPU benchmark. All providers of a config share the weights (torch.manual_seed, load_state_dict)
@@ -33,6 +33,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from unittest import mock
 
 import pandas as pd
 import torch
@@ -157,8 +158,25 @@ def build_modules(config: Config, device: torch.device) -> tuple[nn.Module, nn.M
     theirs.load_state_dict(ours.state_dict())
     ours.to(device=device, dtype=dtype)
     theirs.to(device=device, dtype=dtype)
-    theirs.flatten_parameters()  # after .to(): else cuDNN re-packs the weights on every call
     return ours, theirs
+
+
+def flatten_for_cudnn(module: nn.RNNBase) -> str:
+    """The module's weights in one buffer, as cuDNN reads them (after .to(): else it copies them into one at every
+    call and keeps the copy for backward, ANCHORS.md); "" once they are, else a note for its rows. torch.nn's
+    flatten_parameters() leaves bf16 weights apart (torch.backends.cudnn.CUDNN_TENSOR_DTYPES has no bf16, though
+    cuDNN runs bf16 RNNs), so bf16 is let through for the call: the strongest cuDNN baseline, not torch.nn's default."""
+    if not module.weight_ih_l0.is_cuda:
+        return ""
+    accepted = torch.backends.cudnn.CUDNN_TENSOR_DTYPES | {torch.bfloat16}
+    try:
+        with mock.patch.object(torch.backends.cudnn, "CUDNN_TENSOR_DTYPES", accepted):
+            module.flatten_parameters()
+    except RuntimeError as error:  # cuDNN refusing the layout: measured as torch.nn leaves it, and said so
+        return f"cuDNN's weights not flattened ({str(error).splitlines()[0][:100]}): copied at every call"
+    if len({w.untyped_storage().data_ptr() for w in module._flat_weights}) != 1:
+        return "cuDNN's weights not flattened: copied at every call"
+    return ""
 
 
 def make_step(module: nn.Module, x: Tensor, grad_out: Tensor, pass_: str) -> Step:
@@ -202,6 +220,7 @@ class Case:
     def __init__(self, config: Config, device: torch.device):
         self.config = config
         self.ours, self.theirs = build_modules(config, device)
+        self.cudnn_note = flatten_for_cudnn(self.theirs)
         dtype = DTYPES[config.dtype]
         out_size = (2 if config.bidirectional else 1) * (config.proj_size or config.H)
         self.x = torch.randn(config.T, config.B, config.input_size, device=device, dtype=dtype)
@@ -284,7 +303,8 @@ def measure(case: Case, provider: str, pass_: str) -> dict:
         error, note = case.error(provider, pass_, step)
         median, p20, p80 = time_gpu(step) if on_gpu else time_cpu(step)
     # tritonrnn logs each fallback once per process: later configs with the same one carry no note.
-    note = "; ".join([n for n in [note, *(f"tritonrnn logged: {m}" for m in logged)] if n])
+    cudnn_note = case.cudnn_note if provider in ("cudnn", "cudnn_graph") else ""
+    note = "; ".join([n for n in [note, cudnn_note, *(f"tritonrnn logged: {m}" for m in logged)] if n])
     config = case.config
     return dict(ms_median=median, ms_p20=p20, ms_p80=p80, us_per_step_layer=median * 1e3 / (config.T * config.L),
                 peak_mem_mb=peak, rel_err=error, status="ok", note=note)  # fmt: skip
@@ -394,10 +414,10 @@ def run_suite(
                                  **numbers, **shared})  # fmt: skip
                 bar.update()
             del case
+            if checkpoint is not None:  # first: after a kernel's illegal access every CUDA call below raises
+                pd.DataFrame(rows, columns=COLUMNS).to_csv(checkpoint, index=False)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if checkpoint is not None:
-                pd.DataFrame(rows, columns=COLUMNS).to_csv(checkpoint, index=False)
         bar.close()
     return pd.DataFrame(rows, columns=COLUMNS), left
 

@@ -804,3 +804,21 @@ def test_probe_of_a_device_session_passes(capsys):
     out = capsys.readouterr().out
     assert out.count("grid barrier") >= 3
     assert sum("| ok" in line for line in out.splitlines()) == 2 * len(probe.PROBE_CONFIGS)
+
+
+def test_the_benchmarks_cudnn_reads_bf16_weights_in_one_buffer():
+    """perf's cuDNN baseline in bf16 with its weights flattened (torch.nn's flatten_parameters leaves bf16's apart,
+    which cuDNN then copies at every call), as accurate as with them apart."""
+    from perf import runner
+    from perf.suites import Config
+
+    config = Config("lstm", "bf16", B=16, H=256, T=32, L=2, input_size=128, bidirectional=False, dropout=0.0,
+                    dropout_mode="standard", proj_size=0, passes=("fwd+bwd",))  # fmt: skip
+    case = runner.Case(config, CUDA)
+    assert case.cudnn_note == "", case.cudnn_note
+    assert len({w.untyped_storage().data_ptr() for w in case.theirs._flat_weights}) == 1
+    _, apart = runner.build_modules(config, CUDA)
+    assert len({w.untyped_storage().data_ptr() for w in apart._flat_weights}) > 1
+    errors = [case.error("cudnn", "fwd+bwd", runner.make_step(m, case.x, case.grad_out, "fwd+bwd"))[0]
+              for m in (case.theirs, apart)]  # fmt: skip
+    assert all(math.isfinite(e) for e in errors) and errors[0] <= max(1.5 * errors[1], 1e-3), errors
