@@ -142,6 +142,56 @@ def test_projection_candidates_run_the_whole_batch_in_one_group(fake_gpu):
     assert autotune.plan_from_entry(entry, key, CUDA0).batch_groups == 1
 
 
+def test_float32_on_the_fma_units_takes_its_reduction_whole_only_over_16_rows_and_8_warps(cache, fake_gpu):
+    """LSTM and GRU on the FMA units (float32 without TF32) in one chunk: 16-row tiles and 8 warps only (more rows or
+    fewer warps spill kilobytes a thread, and Triton 3.9's LLVM aborts the process compiling such an LSTM: no fit
+    check could catch it); in chunks, with TF32, in 16-bit or with one gate, every candidate as before."""
+    plain = autotune.candidates(512, 64, 1, 132)
+    fma = autotune.candidates(512, 64, 1, 132, gates=4, fma=True)
+    whole = [c for c in fma if c.k_split == 1]
+    assert whole and all(c.block_b == 16 and c.num_warps == 8 for c in whole)
+    assert [c for c in fma if c.k_split > 1] == [c for c in plain if c.k_split > 1]
+    assert any(c.k_split == 1 and (c.block_b > 16 or c.num_warps == 4) for c in plain)  # the check above could fail
+    assert autotune.candidates(512, 64, 1, 132, gates=1, fma=True) == plain
+    assert autotune.candidates(512, 64, 1, 132, gates=3, fma=False) == plain
+    # The key says which: float32 without TF32 is pruned, with TF32 not.
+    for tf32, pruned in ((False, True), (True, False)):
+        fake = FakeTuner(too_big_block_h=128)
+        assert autotune.tuned_plan(autotune.TuneKey("gru", 512, 64, "fp32", tf32=tf32), CUDA0, fake.tuner) is not None
+        wide = [p for p in fake.timed if p.k_split == 1 and (p.block_b > 16 or p.num_warps == 4)]
+        assert fake.timed and (not wide) == pruned, (tf32, wide[:2])
+
+
+def test_a_candidate_that_fails_to_run_is_left_out_logged_and_none_running_means_heuristics(
+    cache, fake_gpu, caplog
+):  # fmt: skip
+    """A candidate whose timing raises (a launch refused, out of memory) is not chosen and does not end the tuning or
+    the caller's call; where none runs, the heuristics serve, said once."""
+    fake = FakeTuner(too_big_block_h=128)
+    tuner = fake.tuner()
+    time_forward = tuner.time_forward
+
+    def failing_wide(plan):
+        if plan.block_h == 64:
+            raise RuntimeError("CUDA error: too many resources requested for launch")
+        return time_forward(plan)
+
+    key = autotune.TuneKey("lstm", 512, 64, "bf16")
+    with caplog.at_level(logging.INFO, logger="tritonrnn"):
+        entry = dataclasses.replace(tuner, time_forward=failing_wide).tune(autotune.candidates(512, 64, 1, 132), key,
+                                                                          CUDA0)  # fmt: skip
+    assert entry["forward"]["block_h"] == 32  # 64 would be the fastest by the formula: it failed
+    assert "candidates failed to run, left out" in caplog.text and "too many resources" in caplog.text
+
+    def failing(plan):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    broken = dataclasses.replace(fake.tuner(), time_forward=failing)
+    with caplog.at_level(logging.INFO, logger="tritonrnn"):
+        assert autotune.tuned_plan(autotune.TuneKey("gru", 256, 16, "bf16"), CUDA0, lambda: broken) is None
+    assert "no candidate configuration ran on this GPU" in caplog.text and "using heuristics" in caplog.text
+
+
 def test_nothing_fits_means_heuristics(cache, fake_gpu):
     fake = FakeTuner(too_big_block_h=16)
     key = autotune.TuneKey("lstm", 512, 16, "bf16")
@@ -249,14 +299,17 @@ def test_an_unwritable_cache_warns_and_the_tuning_still_serves(tmp_path, fake_gp
     assert first is not None and "cannot write the autotune cache" in caplog.text
 
 
-def test_cache_file_is_readable_as_the_umask_allows(cache):
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_cache_file_is_readable_as_the_umask_allows(cache, umask, mode):
     store = autotune.ConfigStore.for_gpu(GPU)
-    old = autotune.os.umask(0o022)
+    old = autotune.os.umask(umask)
     try:
         store.put({"k": ENTRY})
+        store.put({"k2": ENTRY})  # replacing the file keeps the mode
     finally:
         autotune.os.umask(old)
-    assert store.path.stat().st_mode & 0o777 == 0o644
+    assert store.path.stat().st_mode & 0o777 == mode
+    assert set(store.load()) == {"k", "k2"} and [p.name for p in store.path.parent.iterdir() if ".tmp" in p.name] == []
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), (" 1 ", True), ("0", False), ("", False), ("yes", None),
@@ -349,13 +402,21 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
         return 1.0
 
     monkeypatch.setattr(triton.testing, "do_bench", one_call)
+    saves = []
+    init = layer_run.LayerRun.__init__
+
+    def recording(self, *args, **kwargs):
+        saves.append(args[12])  # save: what backward reads is written, as in a training step
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_run.LayerRun, "__init__", recording)
     device = torch.device("cpu") if not torch.cuda.is_available() else CUDA0
     variant = layer_run.Variant(directions=2, proj=proj)
     tuner = layer_op._gpu_tuner(cell, 16, 3, torch.float32, device, variant)
     plan = _plan.plan_layer(cell, 16, 3, torch.float32, device, 2)
     assert tuner.time_forward(plan) == 1.0
     assert tuner.time_backward(plan, dataclasses.replace(plan, num_warps=8)) == 1.0
-    assert len(calls) == 2
+    assert len(calls) == 2 and saves == [True, True]
 
 
 def test_tuning_leaves_the_users_random_numbers_alone():

@@ -37,7 +37,6 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -165,16 +164,19 @@ class ConfigStore:
         with self._locked():
             configs = self.load()
             configs.update(entries)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            # An ordinary file, readable as the umask allows (a TRITONRNN_CACHE_DIR shared by a team): created 0666
+            # for the kernel to apply the umask (mkstemp's are private, and reading the umask means setting it,
+            # process-wide). Unique under the lock: the process id.
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
-                # mkstemp's file is private (0600); the cache is an ordinary file, readable as the umask allows
-                # (a TRITONRNN_CACHE_DIR shared by a team).
-                os.chmod(tmp, 0o666 & ~_umask())
                 with os.fdopen(fd, "w") as f:
                     json.dump({"format": FORMAT, "configs": configs}, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())  # the data on disk before the rename: a crash leaves the old file or the new
                 os.replace(tmp, self.path)
             except BaseException:
-                os.unlink(tmp)
+                tmp.unlink(missing_ok=True)
                 raise
 
     @contextlib.contextmanager
@@ -190,12 +192,6 @@ class ConfigStore:
 def _is_store_layout(data) -> bool:
     """The JSON layout of a cache or export file of this FORMAT."""
     return isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("configs"), dict)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _CHOICES = {
@@ -234,12 +230,19 @@ def shipped_defaults(gpu_name: str) -> dict[str, dict]:
     return ConfigStore(path).load()
 
 
-def candidates(hidden: int, batch: int, directions: int, sm_count: int, proj: int = 0) -> list[KernelConfig]:
+def candidates(
+    hidden: int, batch: int, directions: int, sm_count: int, proj: int = 0, gates: int = 1, fma: bool = False
+) -> list[KernelConfig]:
     """Configurations worth compiling: persistent grids that fit at once, tiles no larger than the problem. Also the
     reduction in one chunk a warp, over 16- or 32-row batch tiles, where the chunks can hold MIN_DOT rows
     (``Tuner.tune`` drops those whose held rows do not); with a projection (``proj``) both its reductions, over H and
     over P, are cut (_plan.with_projection_chunks), so the smaller one decides. (A 32-row tile reads the rows a plan
-    streams half as often at large batches, and spills in float32's backward: perf/NOTES.md, for the timing to say.)"""
+    streams half as often at large batches, and spills in float32's backward: perf/NOTES.md, for the timing to say.)
+
+    ``fma``: the dots run on the FMA units (float32 without TF32). There a cell of several gates (``gates``) takes its
+    reduction in one piece only over 16-row tiles and with 8 warps: with 4 warps, or 32 and 64 rows, it spills 5-14 KB
+    a thread (sm_90, Triton 3.9, H=256 and 512), and Triton 3.9's LLVM aborts the process compiling such an LSTM
+    forward (the assertion _plan.fma_one_chunk_transposes names), which no fit check can catch."""
     rows = max(MIN_DOT, next_pow2(min(hidden, proj) if proj else hidden))
     result = []
     for block_h, block_b, num_warps, num_stages in itertools.product(BLOCK_H, BLOCK_B, NUM_WARPS, NUM_STAGES):
@@ -247,7 +250,8 @@ def candidates(hidden: int, batch: int, directions: int, sm_count: int, proj: in
             continue
         if -(-hidden // block_h) * directions > sm_count:
             continue  # both directions' programs must be resident at once
-        result.append(KernelConfig(block_h, block_b, num_warps, num_stages))
+        if not (fma and gates > 1 and (block_b > MIN_DOT or num_warps < 8)):
+            result.append(KernelConfig(block_h, block_b, num_warps, num_stages))
         if block_b <= 2 * MIN_DOT and rows // num_warps >= MIN_DOT:
             result.append(KernelConfig(block_h, block_b, num_warps, num_stages, k_split=num_warps))
     return result
@@ -278,9 +282,9 @@ class Tuner:
         fitting = {c: p for c, p in plans.items() if p.persistent and self.misfit(p) is None}
         if not fitting:
             raise LookupError("no candidate configuration fits this GPU")
-        forward_ms = {c: self.time_forward(p) for c, p in fitting.items()}
+        forward_ms = _timings(fitting, self.time_forward, key)
         best_forward = min(forward_ms, key=forward_ms.get)
-        backward_ms = {c: self.time_backward(fitting[best_forward], p) for c, p in fitting.items()}
+        backward_ms = _timings(fitting, lambda p: self.time_backward(fitting[best_forward], p), key)
         best_backward = min(backward_ms, key=backward_ms.get)
         return {
             "forward": dataclasses.asdict(best_forward),
@@ -289,6 +293,23 @@ class Tuner:
             "forward_backward_ms": backward_ms[best_backward],
             "candidates": len(fitting),
         }
+
+
+def _timings(plans: dict[KernelConfig, LayerPlan], time: Callable[[LayerPlan], float], key: TuneKey) -> dict:
+    """ms of each plan by ``time``. A candidate that fails to run (a launch refused, the timing's memory not there)
+    is left out, logged once, rather than ending the tuning and the user's call; LookupError when none ran."""
+    result, failed = {}, []
+    for config, plan in plans.items():
+        try:
+            result[config] = time(plan)
+        except Exception as error:  # any candidate's failure: the others are timed, the caller's call still runs
+            failed.append(f"{config}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}")
+    if failed:
+        log_once(f"tritonrnn: tuning {key.text()}: {len(failed)} of {len(plans)} candidates failed to run, left out "
+                 f"(first: {failed[0]})")  # fmt: skip
+    if not result:
+        raise LookupError(f"no candidate configuration ran on this GPU ({failed[0]})")
+    return result
 
 
 def plan_from_entry(entry: dict, key: TuneKey, device: torch.device) -> LayerPlan:
@@ -326,7 +347,8 @@ def _tuned_plan(
             return _LATER
         log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")
         sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
-        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count, key.proj)
+        fma = key.dtype == "fp32" and not key.tf32  # the dots on the FMA units (_plan.fma_dots)
+        configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count, key.proj, CELLS[key.cell][1], fma)
         try:
             entry = tuner_factory().tune(configs, key, device)
         except LookupError as error:

@@ -135,7 +135,8 @@ def _gpu_tuner(cell: str, hidden: int, batch: int, dtype: torch.dtype, device: t
     w_hr = rand(D, variant.proj, hidden) if variant.proj else None
 
     def run(plan: LayerPlan, backward: bool):
-        layer = LayerRun(cell, plan, False, None, x, h0, c0, w_ih, w_hh, bias, bias, w_hr, backward)
+        # The forward as a training step runs it (saving what backward reads): training is what the tuning is for.
+        layer = LayerRun(cell, plan, False, None, x, h0, c0, w_ih, w_hh, bias, bias, w_hr, True)
         layer.forward_steps(0, T)
         if backward:
             layer.end_forward()
