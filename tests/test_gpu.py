@@ -586,6 +586,37 @@ def test_cuda_graph_replay_matches_eager_and_draws_new_dropout_masks():
     assert not torch.equal(first, replay()[0])
 
 
+def test_a_packed_input_under_capture_is_refused_clearly():
+    """Unpacking a PackedSequence reads its lengths on the host, which a capture forbids: tritonrnn's error, naming
+    what to do, rather than CUDA's."""
+    model = tritonrnn.LSTM(8, 16).to(CUDA)
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(n, 8, device=CUDA) for n in (5, 3)])
+    model(packed)  # eager: runs
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            model(packed)
+
+
+def test_held_masks_are_drawn_before_a_capture_and_held_over_its_replays():
+    """hold_dropout_masks draws its masks at the block's first training call: captured, that draw would run again at
+    every replay, so it is refused; drawn eagerly first, the captured calls replay the held masks."""
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(8, [("lstm", 16), ("gru", 16)], dropout=0.5, dropout_mode="variational").to(CUDA)
+    x = torch.randn(6, 4, 8, device=CUDA)
+    with tritonrnn.hold_dropout_masks(model):
+        with pytest.raises(RuntimeError, match="make one call inside the block before capturing"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                model(x)
+        first = model(x)[0]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)[0]
+        graph.replay()
+        replayed = out.clone()
+        graph.replay()
+    assert torch.equal(replayed, out) and torch.equal(replayed, first)
+
+
 def test_a_training_step_captured_after_only_an_inference_call_loads_its_kernels_during_the_capture(monkeypatch):
     """Torch's default capture mode forbids loading a module, which a Triton kernel's first launch does: a training
     step captured after only an inference call (its training forward and its backward kernels never launched in this

@@ -936,3 +936,6 @@ def test_a_layer_converted_on_its_own_is_refused_by_name():
     model.layers[1].to("meta")  # a device no input is on: torch.nn's error type for a device, a RuntimeError
     with pytest.raises(RuntimeError, match=r"layers\.1\.weight_ih is torch\.float32 on meta"):
         model(x)
+    # Under autocast the layers' dtypes are cast, their devices still checked.
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16), pytest.raises(RuntimeError, match=r"layers\.1.* on meta"):
+        model(x)

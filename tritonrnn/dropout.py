@@ -93,6 +93,7 @@ class HeldMasks:
             )
         key = (index, torch.device(device))
         if key not in self._seeds:
+            _refuse_capture(key[1])
             self._seeds[key] = draw(p, "variational", device).seed
         return LayerDropout(float(p), True, self._seeds[key])
 
@@ -101,12 +102,22 @@ class HeldMasks:
         full_key = (key, float(p), tuple(weight.shape), weight.device)
         held = self._weight_masks.get(full_key)
         if held is None:
+            _refuse_capture(weight.device)
             # The multipliers (0 or 1 / (1 - p)) in at least float32: one rounding of the product, as torch's CUDA
             # dropout computes it.
             dtype = torch.promote_types(weight.dtype, torch.float32)
             held = F.dropout(torch.ones(weight.shape, dtype=dtype, device=weight.device), p, training=True)
             self._weight_masks[full_key] = held
         return (weight.to(held.dtype) * held).to(weight.dtype)
+
+
+def _refuse_capture(device: torch.device) -> None:
+    """A held mask drawn inside a CUDA graph capture would be drawn again at every replay: no longer held."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "hold_dropout_masks: its masks are drawn at the block's first training call, and a draw captured in a "
+            "CUDA graph is drawn again at every replay; make one call inside the block before capturing"
+        )
 
 
 def _nothing_held() -> None:

@@ -26,6 +26,13 @@ from tritonrnn.scheduler import StackLayer
 
 def unpack(packed: PackedSequence) -> tuple[Tensor, Tensor]:
     """A PackedSequence as a padded time-major batch in its original order, and the lengths (int32, on its device)."""
+    if packed.data.is_cuda and torch.cuda.is_current_stream_capturing():
+        # pad_packed_sequence and the lengths' copy wait for the device, which a capture forbids (a cryptic CUDA
+        # error otherwise).
+        raise RuntimeError(
+            "tritonrnn: a PackedSequence input cannot be captured in a CUDA graph: unpacking it reads its lengths on "
+            "the host; capture a padded batch instead"
+        )
     padded, lengths = pad_packed_sequence(packed)
     return padded, lengths.to(device=padded.device, dtype=torch.int32)
 

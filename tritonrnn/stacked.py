@@ -223,8 +223,7 @@ class StackedRNN(nn.Module):
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = self._initial_states(states, x, batched)
-        if autocast is None:
-            self._check_parameters(x)
+        self._check_parameters(x, dtypes=autocast is None)  # under autocast each layer is cast, not its device
         # Set by tritonrnn.hold_dropout_masks: masks kept from call to call (truncated BPTT).
         held = getattr(self, "_held_masks", None)
         layers = [
@@ -258,11 +257,11 @@ class StackedRNN(nn.Module):
         output = [arrange(y) for y in ys] if return_all_layers else arrange(ys[-1])
         return output, final
 
-    def _check_parameters(self, x: Tensor) -> None:
-        """Every parameter in the input's dtype and on its device (a layer converted on its own, say)."""
+    def _check_parameters(self, x: Tensor, dtypes: bool = True) -> None:
+        """Every parameter on the input's device and (``dtypes``) in its dtype (a layer converted on its own, say)."""
         for name, p in self.named_parameters():
-            if p.dtype != x.dtype or p.device != x.device:
-                error = ValueError if p.dtype != x.dtype else RuntimeError  # torch.nn's error types
+            if (dtypes and p.dtype != x.dtype) or p.device != x.device:
+                error = ValueError if dtypes and p.dtype != x.dtype else RuntimeError  # torch.nn's error types
                 raise error(
                     f"StackedRNN: {name} is {p.dtype} on {p.device}, but the input and layers.0 are {x.dtype} on "
                     f"{x.device}; convert the whole stack (model.to(...))"
