@@ -18,7 +18,9 @@ has no git history: set PERF_COMMIT to the commit it was sent from, for the rows
 A first call on a card, from this machine's checkout (the device tool; 600 s is one command's limit):
     PERF_COMMIT=<git rev-parse --short HEAD> python3 -m perf.device_session --plan first --budget 540
 then, from the stages summary.md lists as skipped or failed, a second call while the machine is warm (Triton's
-compiled kernels are still in its cache then): ``--stages tests,bars_tagged --budget <what is left>``.
+compiled kernels are still in its cache then): ``--stages tests,bars_tagged --budget <what is left>``. The machine
+stays warm only some 30 s after a call and a session has 15 minutes of device time, starts included: that second
+call must follow at once, and may not fit at all; the first plan's order is its priority.
 A suite larger than one call (the quick suite, the README's baseline) continues where an earlier call stopped:
 copy the <stage>.csv files that call brought back into an ignored folder of the checkout (perf/results/resume),
 name it in the tool's carry, and pass ``--resume perf/results/resume``.
@@ -51,7 +53,9 @@ TAIL_LINES = 30
 MAX_CSV_FILES = 5  # with summary.md, logs.tar.gz and reports.tar.gz: the tool's 8 files
 LOG_LIMIT_BYTES = 1 << 20  # per stage log in logs.tar.gz (the tool brings back files up to 16 MiB)
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's lines, left out of the summary's tails
-WARM_SWITCHES = ["-", "TRITONRNN_EXCHANGE=tagged", "TRITONRNN_WAVEFRONT=fused"]
+# The switches of the bars_tagged and bars_fused stages, compiled in their own stage after the first plan's main ones
+# (compiling them with the plain kernels took time from the GPU tier, and the plan seldom reaches their stages).
+WARM_SWITCHES = ["TRITONRNN_EXCHANGE=tagged", "TRITONRNN_WAVEFRONT=fused"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +109,16 @@ OURS = ("tritonrnn",)
 
 STAGES: dict[str, Stage] = {
     "probe": Stage(75, (PY, "-m", "perf.probe"), note="card, barrier floor, one layer of each cell vs cuDNN"),
-    "warm": Stage(150, _warm("bars", switches=WARM_SWITCHES), note="compile the bars suite's kernels (3 switches)"),
+    "warm": Stage(150, _warm("bars"), note="compile the bars suite's kernels"),
     "bars": Stage(220, bench="bars", note="the issues' bars: tritonrnn vs cuDNN eager and graph"),
     "tests": Stage(240, _pytest_gpu_command("@LOGS@/gpu_tests.xml"), note="pytest -m gpu"),
     "widths": Stage(
         270,
         (PY, "-m", "perf.probe", "--widths"),
         note="the heuristics' widths, reduction chunks and batch tiles against others; float32 W_hh transposed or not",
+    ),
+    "warm_switches": Stage(
+        150, _warm("bars", switches=WARM_SWITCHES), note="compile the bars suite's kernels under the two switches"
     ),
     "bars_tagged": Stage(90, bench="bars", providers=OURS, env=TAGGED, note="bars with the tagged exchange"),
     "bars_fused": Stage(90, bench="bars", providers=OURS, env=FUSED, note="bars with stacks in one launch"),
@@ -158,7 +165,7 @@ PLANS: dict[str, list[str]] = {
     # A first session on a card: is it sane, do the kernels run, what do they cost against the issues' bars; then
     # the whole GPU tier; then the widths the heuristics chose from compiles alone, timed against the others; then what
     # the two opt-in switches change on the same rows.
-    "first": ["probe", "warm", "bars", "tests", "widths", "bars_tagged", "bars_fused"],
+    "first": ["probe", "warm", "bars", "tests", "widths", "warm_switches", "bars_tagged", "bars_fused"],
     # The README's table and the committed baseline.
     "baseline": ["warm_quick", "quick"],
     "more": ["widths", "warm_more", "persist", "stacks", "large", "short", "fuzz"],
@@ -185,7 +192,7 @@ def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: flo
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
         child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, preexec_fn=_interruptible)  # fmt: skip
+                                 preexec_fn=_stage_process)  # fmt: skip
         interrupt_at = timeout_s - min(INTERRUPT_GRACE_S, timeout_s / 4)
         try:
             code = child.wait(timeout=interrupt_at)
@@ -198,9 +205,12 @@ def run_stage(name: str, command: list[str], env: dict[str, str], timeout_s: flo
     return Result(name, status, time.monotonic() - start, log)
 
 
-def _interruptible() -> None:
-    """In the stage's process before it starts: SIGINT back to its default. A command started in the background of a
-    shell script inherits SIGINT ignored, and so would the stage (Python then installs no KeyboardInterrupt handler)."""
+def _stage_process() -> None:
+    """In the stage's process before it starts: a process group of its own, which _end_group ends whole, in the
+    command's session (a new session would outlive a command the device tool stops, holding the GPU until the machine
+    goes back); SIGINT back to its default (a command started in the background of a shell script inherits SIGINT
+    ignored, and so would the stage: Python then installs no KeyboardInterrupt handler)."""
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -356,7 +366,10 @@ def summary(results: list[Result], budget_s: float, elapsed_s: float, reports: p
              "| stage | status | s | what |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.note} |" for r in results]
     for result in results:
-        tables = bench_tables(reports, result.name) if STAGES.get(result.name, Stage(0)).bench else ""
+        try:
+            tables = bench_tables(reports, result.name) if STAGES.get(result.name, Stage(0)).bench else ""
+        except Exception as error:  # a table that cannot be made (a package missing there): the rest still comes back
+            tables = f"(no table: {type(error).__name__}: {error})"
         text = tail(result.log, 8 if tables else TAIL_LINES)
         if text or tables:
             lines += ["", f"## {result.name}: {result.status}", "", "```", text, "```"]
@@ -444,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.monotonic()
     results = run_plan(names, args.budget, out, args.resume)
-    text = summary(results, args.budget, time.monotonic() - start, out / "reports")
+    try:
+        text = summary(results, args.budget, time.monotonic() - start, out / "reports")
+    except Exception as error:  # whatever fails here, the files must still be packed and come back
+        text = "\n".join([f"# device session: the summary failed ({type(error).__name__}: {error})", "",
+                          *(f"- {r.name}: {r.status}, {r.seconds:.0f} s" for r in results)]) + "\n"  # fmt: skip
     files = pack(out, results, text)
     print(text)
     print("files:", " ".join(str(f) for f in files))

@@ -115,6 +115,36 @@ def test_a_stage_records_its_exit_code_and_output(tmp_path):
     assert device_session.tail(result.log).endswith("to the log")
 
 
+def test_a_stage_runs_in_a_group_of_its_own_inside_the_commands_session(tmp_path):
+    """Its own process group, which the session ends whole; not a session of its own, which would outlive a command
+    the device tool stops (holding the GPU until the machine goes back)."""
+    probe = "import os; print(os.getsid(0), os.getpgid(0), os.getpid())"
+    result = device_session.run_stage("ids", [sys.executable, "-c", probe], dict(os.environ), 30, tmp_path / "ids.log")
+    sid, pgid, pid = map(int, device_session.tail(result.log).splitlines()[-1].split())
+    assert result.status == "ok" and sid == os.getsid(0) and pgid == pid != os.getpgid(0)
+
+
+def test_a_summary_that_fails_still_packs_the_files(tmp_path, monkeypatch, capsys):
+    """A table that cannot be made (a package missing on the GPU machine) costs that table; a summary that fails
+    outright costs the summary's detail: the files come back either way."""
+    monkeypatch.setattr(device_session.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    stages = {"bench": device_session.Stage(30, (sys.executable, "-c", "print('ran')"), bench="smoke")}
+    monkeypatch.setattr(device_session, "STAGES", stages)
+    monkeypatch.setattr(device_session, "stage_command", lambda stage, *args: list(stage.command))
+
+    def no_tabulate(*args):
+        raise ImportError("Missing optional dependency 'tabulate'")
+
+    monkeypatch.setattr(device_session, "bench_tables", no_tabulate)
+    assert device_session.main(["--stages", "bench", "--out", str(tmp_path / "a")]) == 0
+    text = (tmp_path / "a" / "summary.md").read_text()
+    assert "| bench | ok |" in text and "(no table: ImportError" in text and "ran" in text
+    monkeypatch.setattr(device_session, "summary", no_tabulate)
+    assert device_session.main(["--stages", "bench", "--out", str(tmp_path / "b")]) == 0
+    files = {f.name for f in (tmp_path / "b").iterdir()}
+    assert {"summary.md", "logs.tar.gz"} <= files and "- bench: ok" in (tmp_path / "b" / "summary.md").read_text()
+
+
 def test_stages_share_the_budget_in_order_and_are_skipped_when_it_is_spent(tmp_path, monkeypatch):
     # Deaf to the interrupt that comes first (as a process blocked in a kernel): it takes all its time.
     sleep = (sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)")
