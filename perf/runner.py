@@ -174,9 +174,13 @@ def flatten_for_cudnn(module: nn.RNNBase) -> str:
             module.flatten_parameters()
     except RuntimeError as error:  # cuDNN refusing the layout: measured as torch.nn leaves it, and said so
         return f"cuDNN's weights not flattened ({str(error).splitlines()[0][:100]}): copied at every call"
-    if len({w.untyped_storage().data_ptr() for w in module._flat_weights}) != 1:
+    if not weights_in_one_buffer(module):
         return "cuDNN's weights not flattened: copied at every call"
     return ""
+
+
+def weights_in_one_buffer(module: nn.RNNBase) -> bool:
+    return len({w.untyped_storage().data_ptr() for w in module._flat_weights}) == 1
 
 
 def make_step(module: nn.Module, x: Tensor, grad_out: Tensor, pass_: str) -> Step:

@@ -21,14 +21,14 @@ from collections.abc import Iterator
 
 import torch
 
-from tritonrnn._plan import log_once
+from tritonrnn._plan import capturing, log_once
 
 CU_STREAM_CAPTURE_MODE_RELAXED = 2  # cuda.h: GLOBAL = 0, THREAD_LOCAL = 1, RELAXED = 2
 
 
 def launch(kernel, grid: tuple[int, ...], device: torch.device, **kwargs) -> None:
     """``kernel[grid](**kwargs)``, its module loaded first where a capture is under way and it is not loaded yet."""
-    if device.type == "cuda" and torch.version.hip is None and torch.cuda.is_current_stream_capturing():
+    if torch.version.hip is None and capturing(device):
         load_outside_capture(kernel, grid, kwargs)
     kernel[grid](**kwargs)
 

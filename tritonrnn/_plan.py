@@ -162,6 +162,12 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph capture is under way on the current stream, for work on ``device`` (never off CUDA, where
+    torch has no such check to ask)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

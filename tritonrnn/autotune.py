@@ -46,6 +46,7 @@ from tritonrnn._plan import (
     CELLS,
     MIN_DOT,
     LayerPlan,
+    capturing,
     cuda_index,
     log_once,
     next_pow2,
@@ -342,7 +343,7 @@ def _tuned_plan(
 ) -> LayerPlan | None | object:
     entry = store.get(key) or shipped_defaults(gpu).get(key.text())
     if entry is None:
-        if torch.cuda.is_current_stream_capturing():
+        if capturing(device):
             log_once(f"tritonrnn: no tuned configuration for {key.text()} during CUDA graph capture; using heuristics")
             return _LATER
         log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")

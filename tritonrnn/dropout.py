@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tritonrnn import _plan
 from tritonrnn._capture import launch as launch_kernel
-from tritonrnn._plan import FP_FUSION, check_interpreter, interpret_mode, on_device
+from tritonrnn._plan import FP_FUSION, capturing, check_interpreter, interpret_mode, on_device
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL, dropout_mask_kernel
 
 MODES = ("standard", "variational")
@@ -113,7 +113,7 @@ class HeldMasks:
 
 def _refuse_capture(device: torch.device) -> None:
     """A held mask drawn inside a CUDA graph capture would be drawn again at every replay: no longer held."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         raise RuntimeError(
             "hold_dropout_masks: its masks are drawn at the block's first training call, and a draw captured in a "
             "CUDA graph is drawn again at every replay; make one call inside the block before capturing"

@@ -19,14 +19,14 @@ from torch.utils._pytree import tree_leaves
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
-from tritonrnn._plan import interpret_mode, log_once, on_device
+from tritonrnn._plan import capturing, interpret_mode, log_once, on_device
 from tritonrnn.layer_run import Variant
 from tritonrnn.scheduler import StackLayer
 
 
 def unpack(packed: PackedSequence) -> tuple[Tensor, Tensor]:
     """A PackedSequence as a padded time-major batch in its original order, and the lengths (int32, on its device)."""
-    if packed.data.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(packed.data.device):
         # pad_packed_sequence and the lengths' copy wait for the device, which a capture forbids (a cryptic CUDA
         # error otherwise).
         raise RuntimeError(

@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from tritonrnn import dropout as _dropout
 from tritonrnn import reference
-from tritonrnn._plan import log_once, transform_beyond_grad
+from tritonrnn._plan import capturing, log_once, transform_beyond_grad
 
 _OPS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh, "rnn_relu": torch._VF.rnn_relu}
 
@@ -106,7 +106,7 @@ def _why_not(x: Tensor, weights: Sequence[reference.Weights], lengths: Tensor | 
         return (
             f"more than {limit} steps (torch's op on {x.device.type} takes no more) in both directions or with lengths"
         )
-    if lengths is not None and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if lengths is not None and capturing(x.device):
         return "a batch of lengths during CUDA graph capture (packing reads the lengths on the host)"
     # torch's op reads one layout for every direction: both biases or neither, a projection or not.
     layouts = {(w[2] is not None, w[3] is not None, len(w) > 4 and w[4] is not None) for w in weights}

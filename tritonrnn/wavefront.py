@@ -41,8 +41,9 @@ class WavefrontStackFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
             # ctx must not hold a tensor it returns: output -> its grad_fn -> ctx -> output is a cycle through C++
             # that Python's garbage collector cannot see, and every training step's buffers would stay alive.
+            kept = [t for t in returned if t is not None]
             for run in runs:
-                run.detach_tensors([t for t in returned if t is not None])
+                run.detach_tensors(kept)
             ctx.runs = runs
             ctx.chunks = chunks
             ctx.save_for_backward(x, *tensors)
