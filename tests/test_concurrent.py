@@ -439,3 +439,94 @@ def test_the_stack_kernel_with_a_relaxed_step_count_fails_with_weak_stores(weak_
     forced_plan(block_h=16, persistent=True)
     _assert_tagged_stack_breaks(monkeypatch, "arrive", _relaxed_arrive)
     assert_ran_persistent(weak_launches, tagged=True, kernels=("stack_fwd_kernel", "stack_bwd_kernel"))
+
+
+# --- a cooperative launch the driver refuses -------------------------------------------------------------------
+
+
+@pytest.fixture
+def refused_cooperative_launches(monkeypatch):
+    """Every persistent launch fails as Triton's launcher reports the driver refusing a cooperative launch (a client
+    of MPS given fewer SMs than the GPU has), before any program runs; stepwise launches run. Yields the refused
+    kernels' names."""
+    from tritonrnn import fused_stack, layer_run
+
+    refused = []
+    real = layer_run.launch_kernel
+
+    def launch(kernel, grid, device, **kwargs):
+        if kwargs["SYNC"]:
+            refused.append(kernel.__name__)
+            raise RuntimeError(f"Triton Error [CUDA]: {_plan.COOPERATIVE_TOO_LARGE}")
+        real(kernel, grid, device, **kwargs)
+
+    monkeypatch.setattr(layer_run, "launch_kernel", launch)
+    monkeypatch.setattr(fused_stack, "launch_kernel", launch)
+    return refused
+
+
+def assert_ran_stepwise(launches, kernels) -> None:
+    """Each of kernels ran, every launch one step (no grid barrier, no tagged words) on several programs."""
+    recurrent_launches = [launch for launch in launches if launch.SYNC is not None]
+    assert {launch.kernel for launch in recurrent_launches} == set(kernels)
+    for launch in recurrent_launches:
+        assert not launch.SYNC and not launch.TAGGED and launch.programs > 1, launch
+
+
+def refusals_logged(caplog) -> int:
+    return sum(_plan.COOPERATIVE_TOO_LARGE in message for message in caplog.messages)
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_a_refused_cooperative_launch_runs_the_layer_one_step_a_launch(
+    exchange, launches, forced_plan, monkeypatch, refused_cooperative_launches, caplog
+):  # fmt: skip
+    """The persistent grid refused, forward and backward, the layer's steps run one launch each, untagged: still
+    float64-exact against torch.nn, and the refusal logged once."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    forced_plan(block_h=16, persistent=True)
+    dtype = torch.float32 if exchange == "tagged" else torch.float64
+    compare("gru", 5, 3, 4, 40, 2, dtype=dtype, seed=9, bidirectional=True)
+    # Both layers, forward then backward, asked for their persistent grids first.
+    assert refused_cooperative_launches == ["rnn_fwd_kernel"] * 2 + ["rnn_bwd_kernel"] * 2
+    assert_ran_stepwise(launches, ("rnn_fwd_kernel", "rnn_bwd_kernel"))
+    assert refusals_logged(caplog) == 1
+
+
+def test_a_refused_cooperative_launch_runs_the_projection_one_phase_a_launch(
+    launches, forced_plan, refused_cooperative_launches, caplog
+):  # fmt: skip
+    forced_plan(block_h=16, persistent=True)
+    compare("lstm", 4, 3, 4, 40, 1, seed=10, proj_size=7)
+    assert refused_cooperative_launches == ["lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"]
+    assert_ran_stepwise(launches, ("lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"))
+    assert refusals_logged(caplog) == 1
+
+
+def test_a_refused_cooperative_launch_runs_the_stack_kernel_one_step_a_launch(
+    launches, forced_plan, fused_only, refused_cooperative_launches, caplog
+):  # fmt: skip
+    """The stack kernel refused forward: its forward and backward run one wavefront step a launch (the backward
+    is not tried persistent again), against the reference layers with the same dropout masks."""
+    forced_plan(block_h=16, persistent=True)
+    gen = torch.Generator().manual_seed(29)
+    model = make_stack([("lstm", 40)] * 2, input_size=5, dropout=0.3)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 4, 3))
+    assert refused_cooperative_launches == ["stack_fwd_kernel"]
+    assert_ran_stepwise(launches, ("stack_fwd_kernel", "stack_bwd_kernel"))
+    assert refusals_logged(caplog) == 1
+
+
+def test_other_launch_errors_are_not_taken_for_a_refusal(launches, forced_plan, monkeypatch):
+    from tritonrnn import layer_run
+
+    def launch(kernel, grid, device, **kwargs):
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    monkeypatch.setattr(layer_run, "launch_kernel", launch)
+    forced_plan(block_h=16, persistent=True)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        compare("gru", 3, 2, 4, 40, 1, seed=11)

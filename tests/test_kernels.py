@@ -1230,3 +1230,23 @@ def test_a_training_step_leaves_nothing_alive(wavefront, monkeypatch):
     del outs, states
     gc.collect()
     assert not [ref() for ref in alive if ref() is not None]
+
+
+def test_a_refused_cooperative_launch_plans_later_grids_smaller(monkeypatch, caplog):
+    """After the driver refuses a cooperative launch of 96 programs on a GPU of 132 SMs (an MPS client given part of
+    them), persistent grids are planned within 95 programs: fewer batch groups, a wide layer stepwise."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_plan, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(_plan, "_resident_cap", {})
+    groups = _plan.plan_layer("lstm", 256, 256, torch.bfloat16, cuda).batch_groups
+    wide = _plan.plan_with("gru", 2048, 1, cuda, torch.bfloat16, block_h=16, block_b=16, num_warps=4)
+    assert wide.persistent and wide.num_programs == 128  # fits 132 SMs
+    refusal = RuntimeError(f"Triton Error [CUDA]: {_plan.COOPERATIVE_TOO_LARGE}")
+    assert not _plan.cooperative_refused(RuntimeError("Triton Error [CUDA]: out of memory"), 96, cuda)
+    assert _plan.cooperative_refused(refusal, 96, cuda)
+    assert _plan.resident_programs(0) == 95
+    plan = _plan.plan_layer("lstm", 256, 256, torch.bfloat16, cuda)
+    assert plan.num_programs * plan.batch_groups <= 95 and plan.batch_groups < groups
+    assert not _plan.plan_with("gru", 2048, 1, cuda, torch.bfloat16, block_h=16, block_b=16, num_warps=4).persistent
+    assert _plan.cooperative_refused(refusal, 200, cuda) and _plan.resident_programs(0) == 95  # never raised again
+    assert sum(_plan.COOPERATIVE_TOO_LARGE in m for m in caplog.messages) == 1

@@ -173,6 +173,45 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# cuGetErrorString(CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE), in the RuntimeError Triton's launcher raises with it
+COOPERATIVE_TOO_LARGE = "too many blocks in cooperative launch"
+# Per device, the most programs a cooperative launch may have where the driver refused more than the SM count
+_resident_cap: dict[int, int] = {}
+
+
+def resident_programs(device_index: int) -> int:
+    """How many programs a persistent grid may have on a GPU: one an SM, fewer once the driver has refused a
+    cooperative launch of that many (a client of MPS limited to part of the SMs, which the device's SM count does
+    not show)."""
+    return min(_sm_count(device_index), _resident_cap.get(device_index, _sm_count(device_index)))
+
+
+def cooperative_refused(error: BaseException, programs: int, device: torch.device) -> bool:
+    """Whether ``error`` is the driver refusing a cooperative launch of ``programs`` programs (the launch did not
+    start). If it is, later plans for the device keep their persistent grids below that many; logged once."""
+    if not isinstance(error, RuntimeError) or COOPERATIVE_TOO_LARGE not in str(error):
+        return False
+    if device.type == "cuda":
+        index = cuda_index(device)
+        _resident_cap[index] = max(1, min(resident_programs(index), programs - 1))
+    log_once(
+        f"tritonrnn: the driver refused a cooperative launch on {device} ({error}): fewer SMs are open to this "
+        f"process than the GPU has (MPS?). A persistent grid refused runs one launch per step instead (slower), and "
+        f"later grids are planned smaller"
+    )
+    return True
+
+
+def stepwise(plan: LayerPlan) -> LayerPlan:
+    """The plan (and its backward's) run one launch per step: no grid barrier, no tagged exchange, so no program
+    waits for another within a launch and any grid runs."""
+
+    def one(p: LayerPlan) -> LayerPlan:
+        return dataclasses.replace(p, persistent=False, tagged=False, batch_groups=1)
+
+    return dataclasses.replace(one(plan), backward=one(plan.backward) if plan.backward is not None else None)
+
+
 _forced_plan: dict[str, int | bool] = {}
 # Set by the tests' concurrent interpreter (tests/concurrent_interpreter.py), which runs a launch's programs in
 # threads: persistent grids of several programs can run under the interpreter then.
@@ -228,7 +267,7 @@ def plan_layer(
             block_b, num_warps = MIN_DOT, block_h // MMA_N
         else:
             num_warps = heuristic_warps(gates * block_k * block_h * dtype.itemsize, 32 * 1024, dtype)
-        sm_count = _sm_count(cuda_index(device))
+        sm_count = resident_programs(cuda_index(device))
         persistent = num_programs <= sm_count
         together = num_programs * directions <= sm_count
     else:
@@ -247,7 +286,7 @@ def plan_layer(
     if device.type == "cuda" and "held_halves" not in _forced_plan:
         plan = dataclasses.replace(plan, held_halves=fma_halves(plan, gates, dtype))
     if device.type == "cuda" and "batch_groups" not in _forced_plan:
-        plan = with_batch_groups(plan, batch, directions, _sm_count(cuda_index(device)))
+        plan = with_batch_groups(plan, batch, directions, resident_programs(cuda_index(device)))
     if device.type == "cuda":
         plan = with_pipeline(plan, batch, hidden_size, dtype)
     return plan
@@ -494,7 +533,7 @@ def plan_stack(
     if held > HELD_WEIGHT_BYTES:
         return f"the stack kernel would hold {held} bytes of weights per program (at most {HELD_WEIGHT_BYTES})"
     programs = layer.num_programs * n_layers
-    if programs > _sm_count(cuda_index(device)):
+    if programs > resident_programs(cuda_index(device)):
         return f"the stack kernel's {programs} programs would not all be resident"
     # 16 units a program: both reductions in chunks, a warp each, where they can be (no copies of the tile per warp).
     # On the FMA units the layer's (fma_chunks): two slices held, 3-layer LSTM fp32 H=256 spills nothing in 8 chunks.
@@ -533,7 +572,7 @@ def plan_with(
     """The plan of one configuration (the autotuner's candidates): programs, residency and batch groups derived
     from it."""
     num_programs = -(-hidden_size // block_h)
-    sm_count = _sm_count(cuda_index(device))
+    sm_count = resident_programs(cuda_index(device))
     plan = LayerPlan(
         block_h=block_h,
         block_b=block_b,
@@ -565,7 +604,7 @@ def apply_forced_plan(plan: LayerPlan, hidden_size: int, device: torch.device, d
         if plan.persistent and device.type == "cuda":
             # One launch holds both directions' grids where they go together.
             programs = plan.num_programs * plan.batch_groups * (directions if plan.directions_together else 1)
-            if programs > _sm_count(cuda_index(device)):
+            if programs > resident_programs(cuda_index(device)):
                 raise ValueError(f"a persistent grid of {programs} programs would not all be resident")
     return plan
 

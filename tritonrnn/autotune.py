@@ -51,6 +51,7 @@ from tritonrnn._plan import (
     log_once,
     next_pow2,
     plan_with,
+    resident_programs,
     single_group,
     tf32_matmul,
 )
@@ -347,7 +348,7 @@ def _tuned_plan(
             log_once(f"tritonrnn: no tuned configuration for {key.text()} during CUDA graph capture; using heuristics")
             return _LATER
         log_once(f"tritonrnn: tuning {key.text()} on {gpu} (once; cached in {store.path})")
-        sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
+        sm_count = resident_programs(cuda_index(device))
         fma = key.dtype == "fp32" and not key.tf32  # the dots on the FMA units (_plan.fma_dots)
         configs = candidates(key.hidden, key.batch_bucket, key.directions, sm_count, key.proj, CELLS[key.cell][1], fma)
         try:

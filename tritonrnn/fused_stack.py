@@ -177,6 +177,37 @@ def _launches(plan: LayerPlan, n_steps: int, n_layers: int, backward: bool) -> l
     return steps + ([dict(s_start=0, n_steps=0, finish=1)] if backward else [])
 
 
+def _launch_all(
+    kernel, plan: LayerPlan, n_layers: int, n_steps: int, backward: bool, device: torch.device, launch: dict
+) -> LayerPlan:  # fmt: skip
+    """Run every wavefront step of the stack in one direction; the plan that ran them: ``plan``, or where the driver
+    refused its cooperative launch (before any program ran: the first launch), the same plan one launch a step."""
+    try:
+        _launch_plan(kernel, plan, n_layers, n_steps, backward, device, launch)
+        return plan
+    except RuntimeError as error:
+        if not (plan.persistent and _plan.cooperative_refused(error, plan.num_programs * n_layers, device)):
+            raise
+    plan = _plan.stepwise(plan)
+    _launch_plan(kernel, plan, n_layers, n_steps, backward, device, launch)
+    return plan
+
+
+def _launch_plan(
+    kernel, plan: LayerPlan, n_layers: int, n_steps: int, backward: bool, device: torch.device, launch: dict
+) -> None:  # fmt: skip
+    launch = dict(launch, SYNC=plan.persistent, **_launch_options(plan, device))
+    if not plan.tagged:  # a plan refused its tagged exchange (stepwise) launches as an untagged one does
+        launch.pop("ring", None)
+        launch.pop("TAGGED", None)
+    counter = launch["counter"]
+    with on_device(device):
+        for i, step in enumerate(_launches(plan, n_steps, n_layers, backward)):
+            if i and plan.persistent:
+                counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
+            launch_kernel(kernel, (plan.num_programs, n_layers), device, **step, **launch)
+
+
 class FusedStackFunction(torch.autograd.Function):
     """forward(cell, plan, dropouts (one per layer, None above the top), x [T, B, I], then per layer h0 [1, B, H],
     c0 [1, B, H] or None, w_ih, w_hh, b_ih, b_hh (torch.nn's layout, biases None without bias)) returns every layer's
@@ -226,14 +257,9 @@ class FusedStackFunction(torch.autograd.Function):
         launch = dict(
             xproj=xproj, bias=bias, b_hn=b_hn, **weights, hseq=hseq, state=state, saved=saved, z=z,
             counter=counter, seed_ptr=seeds, T=T, B=B, p_drop=drop.p if drop is not None else 0.0, SAVE=save,
-            SYNC=plan.persistent, **tagged, **_constants(cell, hidden, dtype, plan, mode),
-            **_launch_options(plan, device),
+            **tagged, **_constants(cell, hidden, dtype, plan, mode),
         )  # fmt: skip
-        with on_device(device):
-            for i, step in enumerate(_launches(plan, T + L - 1, L, backward=False)):
-                if i and plan.persistent:
-                    counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
-                launch_kernel(stack_fwd_kernel, (plan.num_programs, L), device, **step, **launch)
+        plan = _launch_all(stack_fwd_kernel, plan, L, T + L - 1, False, device, launch)
 
         if any(ctx.needs_input_grad):
             ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
@@ -277,18 +303,13 @@ class FusedStackFunction(torch.autograd.Function):
             w_ih=w_ih, w_hh=w_hh, hseq=hseq, saved=saved, c0=ctx.c0 if ctx.c0 is not None else grad_c, grad_y=grad_y,
             grad_above=empty(L, B, hidden, dtype=acc, device=device), grad_gates=grad_gates, grad_xgates=grad_xgates,
             grad_h=grad_h, grad_c=grad_c, counter=counter, seed_ptr=seeds,
-            T=T, B=B, p_drop=ctx.p_drop, SYNC=plan.persistent, ALL_LAYERS=all_layers,
-            **_constants(cell, hidden, dtype, plan, ctx.mode), **_launch_options(plan, device),
+            T=T, B=B, p_drop=ctx.p_drop, ALL_LAYERS=all_layers, **_constants(cell, hidden, dtype, plan, ctx.mode),
         )  # fmt: skip
         if plan.tagged:
             launch.update(
                 ring=torch.zeros(L, 2, B, gates * hidden, dtype=_ring_dtype(dtype), device=device), TAGGED=True
             )
-        with on_device(device):
-            for i, step in enumerate(_launches(plan, T + L - 1, L, backward=True)):
-                if i and plan.persistent:
-                    counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
-                launch_kernel(stack_bwd_kernel, (plan.num_programs, L), device, **step, **launch)
+        _launch_all(stack_bwd_kernel, plan, L, T + L - 1, True, device, launch)
 
         w_ih0 = tensors[2]
         gx = grad_xgates.view(L, T * B, gates * hidden)

@@ -37,6 +37,7 @@ from tritonrnn._plan import (
     interpret_mode,
     log_once,
     plan_layer,
+    resident_programs,
     single_group,
     smaller_plan,
     tf32_matmul,
@@ -90,7 +91,7 @@ def kernel_plan(
             )  # fmt: skip
             if tuned is not None:
                 # Tuned for the batch bucket: the groups of this batch (one for the projection's kernels).
-                sm_count = torch.cuda.get_device_properties(cuda_index(device)).multi_processor_count
+                sm_count = resident_programs(cuda_index(device))
                 plan = single_group(tuned) if one_group else with_batch_groups(
                     tuned, batch, variant.directions, sm_count
                 )  # fmt: skip

@@ -336,6 +336,20 @@ class LayerRun:
         return dict(seed_ptr=self.dropout.seed, p_drop=self.dropout.p)
 
     def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
+        try:
+            self._launch_plan(kernel, plan, t0, t1, backward, launch)
+        except RuntimeError as error:
+            programs = plan.num_programs * plan.batch_groups * (self.D if plan.directions_together else 1)
+            if not (plan.persistent and _plan.cooperative_refused(error, programs, self.device)):
+                raise
+            # Refused before any program ran: the first launch (every launch of a plan has the same grid).
+            self._launch_plan(kernel, _plan.stepwise(plan), t0, t1, backward, launch)
+
+    def _launch_plan(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, launch: dict) -> None:
+        launch = dict(launch, SYNC=plan.persistent)
+        if not plan.tagged:  # a plan refused its tagged exchange (stepwise) launches as an untagged one does
+            launch.pop("ring", None)
+            launch.pop("TAGGED", None)
         launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant, backward))
         launch.update(_launch_options(plan, self.device))
         if self.w_hr is not None and plan.batch_groups != 1:
@@ -361,7 +375,7 @@ class LayerRun:
         launch = dict(
             xproj=self.xproj, w_hh=self.w_hh, hseq=self.hseq, state=self.state, saved=self.saved, y=self.y,
             res=self.x, z=self.z if self.z is not None else self.y, T=self.T, B=self.B, SAVE=self.save,
-            SYNC=self.plan.persistent, WRITE_Y=self.variant.write_y, lengths=self.lengths, **self._seed(),
+            WRITE_Y=self.variant.write_y, lengths=self.lengths, **self._seed(),
         )  # fmt: skip
         transposed = forward_transposed(self.cell, self.dtype, self.plan, self.hidden, self.variant.proj)
         if transposed and self.w_hh_t is None:  # one copy for all of a call's launches (a long sequence runs several)
@@ -445,7 +459,7 @@ class LayerRun:
             w_hh=self.w_hh, saved=self.saved, c0=self.c0_acc if self.c0_acc is not None else self.grad_c,
             grad_y=self.grad_y, grad_z=self.grad_z,
             grad_res=self.grad_res if self.grad_res is not None else self.grad_y, grad_gates=self.grad_gates,
-            grad_h=self.grad_h, grad_c=self.grad_c, lengths=self.lengths, T=self.T, B=self.B, SYNC=plan.persistent,
+            grad_h=self.grad_h, grad_c=self.grad_c, lengths=self.lengths, T=self.T, B=self.B,
             **self._seed(),
         )  # fmt: skip
         if self.w_hr is not None:
