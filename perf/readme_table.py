@@ -9,7 +9,7 @@ import math
 import pathlib
 
 from perf.report import speedups
-from perf.schema import PASSES, PerfError, geomean, label, ok_rows, read_results
+from perf.schema import PASSES, PerfError, geomean, gpu_slug, label, ok_rows, read_results
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASELINES_DIR = ROOT / "perf" / "baselines"
@@ -29,6 +29,13 @@ def table(baselines_dir: pathlib.Path = BASELINES_DIR) -> str:
             "results.csv to `perf/baselines/<gpu-slug>.csv`, then `python -m perf readme --write`."
         )
     frames = [(path, read_results(path)) for path in files]
+    for path, df in frames:
+        gpu = df["gpu"].iloc[0]
+        if gpu == "cpu" or path.stem != gpu_slug(gpu) or set(df["suite"]) != {"quick"}:
+            raise PerfError(
+                f"{path}: not a baseline (expected the quick suite of a GPU, named {gpu_slug(gpu)}.csv; "
+                f"got suite {', '.join(set(df['suite']))} on {gpu})"
+            )
     speed = [
         "Geometric mean speedup of tritonrnn over cuDNN (torch.nn eager, its weights flattened, bf16's too) and "
         "over cuDNN replayed from a CUDA graph "

@@ -48,6 +48,7 @@ PASS_TEXT = (
 )
 STYLES = {"tritonrnn": ("-", "o"), "cudnn": ("--", "s"), "cudnn_graph": (":", "^"), "torch_cpu": ("--", "s")}
 SPEEDUP_TICKS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+FINE_SPEEDUP_TICKS = [0.25, 0.33, 0.5, 0.6, 0.7, 0.8, 1, 1.25, 1.5, 2, 3, 4]  # where the coarse ones leave one or two
 # Config fields that stay fixed within one latency plot (batch and hidden size vary along the x axis or the lines).
 # input_size: a config's own input width, or 0 where it is the hidden size (then it varies with H in one plot).
 PLOT_GROUP = ["cell", "dtype", "L", "T", "bidirectional", "dropout", "dropout_mode", "proj_size", "input_width"]
@@ -297,7 +298,10 @@ def _speedup_plots(df: pd.DataFrame, plots_dir: pathlib.Path) -> list[Block]:
         ax.set_xscale("log")
         low, high = min(part["speedup"].min(), 1) / 1.2, max(part["speedup"].max(), 1) * 1.2
         ax.set_xlim(low, high)
-        ax.set_xticks([t for t in SPEEDUP_TICKS if low <= t <= high], minor=False)
+        ticks = [t for t in SPEEDUP_TICKS if low <= t <= high]
+        if len(ticks) < 3:
+            ticks = [t for t in FINE_SPEEDUP_TICKS if low <= t <= high]
+        ax.set_xticks(ticks, minor=False)
         ax.xaxis.set_major_formatter(FormatStrFormatter("%gx"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("baseline ms / tritonrnn ms (right of 1x: tritonrnn is faster)")

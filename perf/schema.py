@@ -74,6 +74,11 @@ def read_results(path: pathlib.Path) -> pd.DataFrame:
         bad = values.isna() & ~df[column].str.lower().isin(["", "nan"])
         if bad.any():
             raise PerfError(f"{path}: column {column} must hold numbers, got {_bad(df[column], bad)}")
+        if column == "dropout" and not ((values >= 0) & (values < 1)).all():
+            raise PerfError(
+                f"{path}: column dropout (a config key) must hold numbers in [0, 1), got "
+                f"{_bad(df[column], ~((values >= 0) & (values < 1)))}"
+            )
         df[column] = values.astype(float)
     for column in _BOOLS:
         bad = ~df[column].isin(["True", "False"])

@@ -475,12 +475,21 @@ def test_a_run_resumes_from_the_complete_configs_of_an_earlier_one(tmp_path, mon
     assert len(rows) == len(done) and (rows["status"] == "ok").all()
 
 
-def test_rows_of_another_gpu_are_not_resumed_from(tmp_path):
+@pytest.mark.parametrize(
+    "column,value,message",
+    [
+        ("gpu", "Some Other GPU", "measured on Some Other GPU"),
+        ("switches", "TRITONRNN_WAVEFRONT=fused", "measured with switches 'TRITONRNN_WAVEFRONT=fused'"),
+        ("triton", "3.1.0", "measured with triton '3.1.0'"),
+    ],
+)
+def test_rows_of_another_gpu_or_setup_are_not_resumed_from(column, value, message, tmp_path):
+    """Rows measured elsewhere, under other switches or versions, do not belong in one run with this one's."""
     suite = suites.parse(TINY)
     providers = runner.select_providers(None, DEVICE)
     earlier, _ = runner.run_suite(suite, providers, DEVICE)
-    earlier["gpu"] = "Some Other GPU"
-    with pytest.raises(schema.PerfError, match="measured on Some Other GPU"):
+    earlier[column] = value
+    with pytest.raises(schema.PerfError, match=message):
         runner.run_suite(suite, providers, DEVICE, done=earlier)
 
 

@@ -138,6 +138,44 @@ def test_run_errors_against_float64(results):
     assert theirs[masked]["rel_err"].isna().all() and theirs[masked]["note"].str.contains("cannot be reproduced").all()
 
 
+def test_a_slow_step_is_timed_ten_times_at_least(monkeypatch):
+    """do_bench times a step of over 100 ms once: the runner times it again, long enough for ten calls, so the row
+    has a noise band."""
+    import triton.testing
+
+    from perf import runner
+
+    calls = []
+
+    def do_bench(step, warmup, rep, return_mode):
+        calls.append(rep)
+        return [150.0] if len(calls) == 1 else [150.0 + k for k in range(int(rep // 150))]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    median, p20, p80 = runner.time_gpu(lambda: None)
+    assert calls == [200, 1800.0] and (median, p20, p80) == pytest.approx((155.5, 152.2, 158.8))
+
+
+@pytest.mark.fallback
+def test_a_tritonrnn_module_handing_dropout_to_torch_nn_has_no_error_to_measure(monkeypatch):
+    """Where tritonrnn's module hands a call to torch.nn (a hidden size beyond the kernels), its dropout masks are
+    torch.nn's: a float64 copy of tritonrnn (its own masks) is no reference, and no error is measured (it would come
+    out near 1, a false alarm in compare)."""
+    from perf import runner
+    from tritonrnn import functional
+
+    config = suites.parse(
+        {"name": "handed", "cases": [{"cell": "lstm", "dtype": "fp32", "B": 2, "H": 8, "T": 3, "L": 2, "dropout": 0.5}]}
+    ).configs[0]
+    case = runner.Case(config, torch.device("cpu"))
+    step = runner.make_step(case.ours, case.x, case.grad_out, "fwd+bwd")
+    assert case.error("tritonrnn", "fwd+bwd", step)[1] == runner.ERROR_VS_OWN_FLOAT64  # on the kernels: measured
+    monkeypatch.setattr(functional, "kernel_plan", lambda *args: "too large for the kernels (test)")
+    assert case.ours._unsupported(case.x) is not None
+    error, note = case.error("tritonrnn", "fwd+bwd", step)
+    assert error != error and note == runner.NO_ERROR_WITH_DROPOUT
+
+
 def test_report_has_tables_overheads_and_embedded_plots(smoke):
     markdown = (smoke / "report.md").read_text()
     page = (smoke / "report.html").read_text()
@@ -372,19 +410,49 @@ def test_readme_without_baselines_says_so(tmp_path, capsys):
 def test_readme_writes_between_the_markers(results, tmp_path, capsys):
     baselines = tmp_path / "baselines"
     baselines.mkdir()
-    _write(results, baselines / "cpu.csv")
+    gpu = results.assign(suite="quick", gpu="NVIDIA H100 80GB HBM3")
+    _write(gpu, baselines / "nvidia-h100-80gb-hbm3.csv")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- perf-table:start -->\nold table\n<!-- perf-table:end -->\nrest\n")
     assert main(["readme", "--write", "--baselines", str(baselines), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n<!-- perf-table:start -->\n") and text.endswith("<!-- perf-table:end -->\nrest\n")
-    assert "old table" not in text and "`perf/baselines/cpu.csv`" in text
+    assert "old table" not in text and "`perf/baselines/nvidia-h100-80gb-hbm3.csv`" in text
     readme.write_text("no markers\n")
     capsys.readouterr()
     assert main(["readme", "--write", "--baselines", str(baselines), "--readme", str(readme)]) == 2
     captured = capsys.readouterr()
     assert "| GPU | pass |" in captured.out and "marker" in captured.err
     assert readme.read_text() == "no markers\n"
+
+
+def test_readme_refuses_files_that_are_not_one_gpus_quick_baseline(results, tmp_path, capsys):
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    _write(results, baselines / "cpu.csv")
+    assert main(["readme", "--baselines", str(baselines)]) == 2
+    assert "not a baseline" in capsys.readouterr().err
+
+
+def test_compare_fails_when_a_tritonrnn_row_is_gone(results, tmp_path, capsys):
+    """A run killed on a hang, or cut by its budget, leaves rows out: those of tritonrnn fail the comparison."""
+    first = results.index[results["provider"] == "tritonrnn"][0]
+    assert main(["compare", str(_write(results, tmp_path / "b.csv")),
+                 str(_write(results.drop(index=first), tmp_path / "c.csv"))]) == 1  # fmt: skip
+    assert "tritonrnn gone" in capsys.readouterr().out
+
+
+def test_compare_fails_when_tritonrnn_returns_garbage(results, tmp_path, capsys):
+    wrong = results.copy()
+    wrong.loc[wrong["provider"] == "tritonrnn", "rel_err"] = float("inf")
+    assert main(["compare", str(_write(results, tmp_path / "b.csv")), str(_write(wrong, tmp_path / "c.csv"))]) == 1
+
+
+def test_compare_does_not_blame_tritonrnn_for_a_slowdown_its_reference_shares(results, tmp_path, capsys):
+    base = _tight(results)
+    slower = _scaled(base, base["status"] == "ok", 1.3)
+    assert main(["compare", str(_write(base, tmp_path / "b.csv")), str(_write(slower, tmp_path / "c.csv"))]) == 0
+    assert "no more than cuDNN / torch" in capsys.readouterr().out
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
