@@ -249,12 +249,14 @@ def _load_input_preacts(p_x, m_bj, H: tl.constexpr, G: tl.constexpr, ACC: tl.con
 
 @triton.jit
 def _store_saved(p, x, mask):
-    """x stored at p in p's dtype (the layer's). In fp16 a value past 65504 is stored as the largest finite one instead
-    of inf: backward multiplies GRU's W_hn h + b_hn by r (1 - r), which can be exactly 0, and inf * 0 is NaN; sigmoid
-    and tanh of the stored value are those of the true one. NaN stays NaN."""
+    """x stored at p in p's dtype (the layer's). In fp16 a finite value past 65504 is stored as the largest finite one
+    instead of inf: backward multiplies GRU's W_hn h + b_hn by r (1 - r), which can be exactly 0, and inf * 0 is NaN;
+    sigmoid and tanh of the stored value are those of the true one. An inf (an inf input or state) stays inf, so its
+    gradients turn inf or NaN as in float32 and torch.nn, where AMP's GradScaler sees the overflow. NaN stays NaN."""
     ty = p.dtype.element_ty
     if ty == tl.float16:
-        x = tl.where(x > 65504.0, 65504.0, tl.where(x < -65504.0, -65504.0, x))
+        finite = tl.abs(x) <= 3.4028234663852886e38  # float32's largest
+        x = tl.where(finite & (x > 65504.0), 65504.0, tl.where(finite & (x < -65504.0), -65504.0, x))
     tl.store(p, x.to(ty), mask=mask)
 
 

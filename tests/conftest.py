@@ -18,6 +18,11 @@ import pytest  # noqa: E402
 from perf.warm import cores  # noqa: E402
 from tritonrnn import _plan, functional, layer_run  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_rounding  # noqa: E402
+
+    interpreter_rounding.install()  # the interpreter's float32 -> bf16 casts rounded as the GPU rounds them
+
 HAS_GPU = torch.cuda.is_available()
 # Where the device-generic tests run: the GPU when there is one, else the CPU under the interpreter.
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")

@@ -591,6 +591,36 @@ def test_float16_gru_past_float16s_range_keeps_finite_gradients():
         assert rel_err(half.float().cpu(), single.cpu()) < 1e-2
 
 
+@pytest.mark.parametrize("cell,what", [("lstm", "c0"), ("lstm", "h0"), ("gru", "b_hn")])
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+def test_float16_inf_gives_the_non_finite_gradients_torch_gives(cell, what):
+    """That clamp is for finite values past fp16's range: an inf (c0 = 7e4, past fp16's range, or GRU's b_hn = 1e5)
+    stays inf, so the gradients are inf or NaN where torch.nn's fp16 layer's are (AMP's GradScaler then skips the
+    step). Clamped to 65504, LSTM's gradients came out finite."""
+    T, B, H = 4, 2, 4
+    gen = torch.Generator().manual_seed(0)
+    ours, theirs = make_pair(cell, 3, H)
+    x = torch.randn(T, B, 3, dtype=torch.float64, generator=gen)
+    hx = [torch.randn(1, B, H, dtype=torch.float64, generator=gen) for _ in range(2 if cell == "lstm" else 1)]
+    with torch.no_grad():
+        if what == "b_hn":
+            theirs.bias_hh_l0[2 * H :] = 1e5
+        else:
+            hx[1 if what == "c0" else 0][0, 0, 1] = 7e4
+    ours.load_state_dict(theirs.state_dict())
+    half = [t.half() for t in hx]
+    hx_half = tuple(half) if cell == "lstm" else half[0]
+    weights = loss_weights((T, B, H), [(1, B, H)] * len(hx), gen)
+    out, states, grads = run(ours.half().to(DEVICE), x.half().to(DEVICE), tuple(t.to(DEVICE) for t in half)
+                             if cell == "lstm" else half[0].to(DEVICE), weights)  # fmt: skip
+    ref, ref_states, ref_grads = run(theirs.half(), x.half(), hx_half, weights)
+    assert any(not torch.isfinite(g).all() for g in ref_grads.values())
+    for name, a, b in [("out", out, ref), *zip(["h_n", "c_n"], states, ref_states), *(
+            (k, grads[k], ref_grads[k]) for k in ref_grads)]:  # fmt: skip
+        a, b = a.cpu(), b.cpu()
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), name
+
+
 @pytest.mark.parametrize("cell", CELLS)
 # The safe sigmoid relies on exp(-x) overflowing to inf (giving exactly 0); numpy warns about it.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -1250,3 +1280,22 @@ def test_a_refused_cooperative_launch_plans_later_grids_smaller(monkeypatch, cap
     assert not _plan.plan_with("gru", 2048, 1, cuda, torch.bfloat16, block_h=16, block_b=16, num_warps=4).persistent
     assert _plan.cooperative_refused(refusal, 200, cuda) and _plan.resident_programs(0) == 95  # never raised again
     assert sum(_plan.COOPERATIVE_TOO_LARGE in m for m in caplog.messages) == 1
+
+
+@triton.jit
+def _to_bfloat16_kernel(x, out, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out + offsets, tl.load(x + offsets, mask=offsets < n).to(tl.bfloat16), mask=offsets < n)
+
+
+def test_float32_to_bfloat16_rounds_to_nearest_even():
+    """Every bf16 value the kernels write is a float32 cast, rounded to nearest even on the GPU; under the
+    interpreter too (tests/interpreter_rounding.py: its own truncates). Halfway cases go to even, above halfway up,
+    the largest floats to inf, NaN stays NaN."""
+    x = torch.tensor(
+        [1 + 2**-8 + 2**-10, -(1 + 2**-8 + 2**-10), 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38, -3.4e38, 1e-40, float("nan")],
+        device=DEVICE,
+    )  # fmt: skip
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _to_bfloat16_kernel[(1,)](x, out, x.numel(), BLOCK=8)
+    assert torch.equal(out[:-1].cpu(), x[:-1].cpu().bfloat16()) and out[-1].isnan()
