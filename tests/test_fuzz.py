@@ -91,20 +91,34 @@ def test_the_concurrent_sweep_fails_without_the_grid_barrier(monkeypatch):
 
 
 def test_a_failure_in_a_reduced_precision_is_rerun_in_the_most_precise(monkeypatch):
-    """A reduced-precision failure that the most precise dtype passes is "precision only", one it fails too "fail"."""
-    config = dict(_configs(5, 1, keep=lambda c: c["dtype"] != fuzz.MOST_PRECISE)[0])
-    dtypes = []
+    """A result beyond the dtype's tolerance is judged again against torch.nn's own error in that dtype; if it still
+    fails, a reduced-precision failure that the most precise dtype passes is "precision only", one it fails too
+    "fail"."""
+    config = dict(_configs(5, 1, keep=lambda c: c["dtype"] != fuzz.MOST_PRECISE and not c["dropout"])[0])
+    calls = []
 
-    def run_config(config):
-        dtypes.append(config["dtype"])
+    def run_config(config, bounds=None):
+        calls.append((config["dtype"], bounds))
         return ["off"] if config["dtype"] != fuzz.MOST_PRECISE or fail_precise else []
 
     monkeypatch.setattr(fuzz, "run_config", run_config)
+    monkeypatch.setattr(fuzz, "torch_errors", lambda config: {"out": 1.0})
     fail_precise = False
     assert fuzz.check(config)[0] == "precision only"
     fail_precise = True
     assert fuzz.check(config)[0] == "fail"
-    assert dtypes == [config["dtype"], fuzz.MOST_PRECISE] * 2
+    bound = {"out": fuzz.TORCH_FACTOR}
+    assert calls == [(config["dtype"], None), (config["dtype"], bound), (fuzz.MOST_PRECISE, bound)] * 2
+
+
+def test_a_result_is_judged_by_the_bounds_it_is_given():
+    """Within the tolerance, a result passes; with a bound of 0 on every result, the same results fail (the bounds
+    torch.nn's own error gives are the ones applied)."""
+    config = _configs(7, 1, keep=lambda c: c["kind"] == "module" and c["dtype"] == fuzz.MOST_PRECISE)[0]
+    assert fuzz.run_config(config) == []
+    names = fuzz.torch_errors(config)
+    problems = fuzz.run_config(config, {name: 0.0 for name in names})
+    assert problems and all("above 0.0e+00" in p for p in problems), problems
 
 
 @pytest.mark.fallback
