@@ -300,18 +300,24 @@ def test_packed_sequences_with_several_programs(exchange, launches, forced_plan,
     assert_ran_persistent(launches, tagged=exchange == "tagged")
 
 
+def assert_lstm_stack_matches_the_reference(n_layers: int, steps: int, seed: int) -> None:
+    """Equal LSTM layers of H=40, dropout 0.3 between them, B=3: float64 against the reference layers with the same
+    masks (outputs, states, every gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = make_stack([("lstm", 40)] * n_layers, input_size=5, dropout=0.3)
+    x = torch.randn(steps, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", steps, 3))
+
+
 @pytest.mark.parametrize("k_split", [1, 4])
 def test_stack_kernel_with_several_programs_a_layer(k_split, launches, forced_plan, fused_only):
     """Three equal layers in one launch, three programs a layer, the whole grid meeting at every wavefront step.
     Dropout between the layers; float64 against the reference layers with the same masks. With k_split, both
     reductions of a layer in chunks (kernels/recurrent._dot_k)."""
     forced_plan(block_h=16, persistent=True, k_split=k_split)
-    gen = torch.Generator().manual_seed(23)
-    model = make_stack([("lstm", 40)] * 3, input_size=5, dropout=0.3)
-    x = torch.randn(5, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
-    states = random_states(model, 3, gen)
-    torch.manual_seed(7)
-    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 5, 3))
+    assert_lstm_stack_matches_the_reference(n_layers=3, steps=5, seed=23)
     assert_ran_persistent(launches, tagged=False, kernels=("stack_fwd_kernel", "stack_bwd_kernel"), k_split=k_split)
 
 
@@ -509,12 +515,7 @@ def test_a_refused_cooperative_launch_runs_the_stack_kernel_one_step_a_launch(
     """The stack kernel refused forward: its forward and backward run one wavefront step a launch (the backward
     is not tried persistent again), against the reference layers with the same dropout masks."""
     forced_plan(block_h=16, persistent=True)
-    gen = torch.Generator().manual_seed(29)
-    model = make_stack([("lstm", 40)] * 2, input_size=5, dropout=0.3)
-    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
-    states = random_states(model, 3, gen)
-    torch.manual_seed(7)
-    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 4, 3))
+    assert_lstm_stack_matches_the_reference(n_layers=2, steps=4, seed=29)
     assert refused_cooperative_launches == ["stack_fwd_kernel"]
     assert_ran_stepwise(launches, ("stack_fwd_kernel", "stack_bwd_kernel"))
     assert refusals_logged(caplog) == 1
