@@ -25,8 +25,9 @@ def table(baselines_dir: pathlib.Path = BASELINES_DIR) -> str:
     files = sorted(pathlib.Path(baselines_dir).glob("*.csv"))
     if not files:
         return (
-            "No baseline has been committed yet: run `python -m perf run --suite quick` on a GPU, copy its "
-            "results.csv to `perf/baselines/<gpu-slug>.csv`, then `python -m perf readme --write`."
+            "No baseline has been committed yet, so no speed against cuDNN has been measured. To make one: run "
+            "`python -m perf run --suite quick` on a GPU, copy its results.csv to `perf/baselines/<gpu-slug>.csv`, "
+            "then `python -m perf readme --write`."
         )
     frames = [(path, read_results(path)) for path in files]
     for path, df in frames:
