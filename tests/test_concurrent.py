@@ -521,6 +521,23 @@ def test_a_refused_cooperative_launch_runs_the_stack_kernel_one_step_a_launch(
     assert refusals_logged(caplog) == 1
 
 
+def test_a_refusal_counts_every_program_of_the_refused_grid(
+    launches, forced_plan, refused_cooperative_launches, monkeypatch
+):  # fmt: skip
+    """Later grids are planned below what was refused: all of its programs, both directions' and both batch groups'."""
+    counted = []
+    refused = _plan.cooperative_refused
+
+    def counting(error, programs, device):
+        counted.append(programs)
+        return refused(error, programs, device)
+
+    monkeypatch.setattr(_plan, "cooperative_refused", counting)
+    forced_plan(block_h=16, block_b=16, persistent=True, batch_groups=2, directions_together=True)
+    compare("lstm", 3, 20, 4, 40, 1, seed=12, bidirectional=True)
+    assert counted and set(counted) == {3 * 2 * 2}
+
+
 def test_other_launch_errors_are_not_taken_for_a_refusal(launches, forced_plan, monkeypatch):
     from tritonrnn import layer_run
 

@@ -296,6 +296,45 @@ def test_compare_reports_other_providers_as_drift(results, tmp_path, capsys):
     assert "## Faster" in capsys.readouterr().out
 
 
+def _ours_verdicts(base: pd.DataFrame, current: pd.DataFrame) -> set[str]:
+    from perf.compare import classify
+
+    rows = classify(base, current, 5.0)
+    return set(rows.loc[rows["provider"] == "tritonrnn", "verdict"])
+
+
+def test_compare_judges_tritonrnn_errors_by_how_much_they_grew(results):
+    """An error up fivefold, or up to 1e-2, is noise of the inputs; tenfold and past 1e-2 is broken."""
+    base = _tight(results).assign(rel_err=1e-3)
+    assert _ours_verdicts(base, base.assign(rel_err=5e-3)) == {"unchanged"}
+    assert _ours_verdicts(base, base.assign(rel_err=9e-3)) == {"unchanged"}
+    assert _ours_verdicts(base, base.assign(rel_err=2e-2)) == {"broken"}
+
+
+def test_compare_calls_a_row_faster_only_outside_the_noise(results):
+    base = _tight(results)
+    faster = _scaled(base, base["provider"] == "tritonrnn", 0.9)
+    assert _ours_verdicts(base, faster) == {"faster"}
+    noisy = base.assign(ms_p20=base["ms_median"] * 0.5, ms_p80=base["ms_median"] * 2)
+    assert _ours_verdicts(noisy, _scaled(noisy, noisy["provider"] == "tritonrnn", 0.9)) == {"unchanged"}
+
+
+def test_compare_weighs_a_slowdown_against_the_first_reference_measured(results):
+    """tritonrnn 33% slower where its reference is 30% slower: within the 5% threshold of the machine's change. 50%
+    slower: a regression. With a CUDA-graph cuDNN row unchanged in the same config, that reference decides, not the
+    slower one after it."""
+    base = _tight(results)
+    ours, reference = base["provider"] == "tritonrnn", base["provider"] == "torch_cpu"
+    assert reference.any()
+    moved = _scaled(base, reference, 1.3)
+    assert _ours_verdicts(base, _scaled(moved, ours, 1.33)) == {"slower with the reference"}
+    assert _ours_verdicts(base, _scaled(moved, ours, 1.5)) == {"slower"}
+    graph = base[reference].assign(provider="cudnn_graph")
+    with_graph = pd.concat([base, graph], ignore_index=True)
+    moved = pd.concat([_scaled(_scaled(base, reference, 1.3), ours, 1.33), graph], ignore_index=True)
+    assert _ours_verdicts(with_graph, moved) == {"slower"}
+
+
 def test_compare_fails_when_a_tritonrnn_row_breaks(results, tmp_path, capsys):
     broken = results.copy()
     broken.loc[broken.index[0], "status"] = "error: RuntimeError: boom"

@@ -139,6 +139,22 @@ def test_a_held_dropconnect_mask_is_applied_to_w_hh(device):
         torch.testing.assert_close(model(x)[0], first)
 
 
+def test_each_layer_holds_its_own_dropconnect_mask_at_its_own_p(device):
+    """Layers of one W_hh shape hold a mask each (not one shared); a weight_drop changed inside the block draws a mask
+    at the new p (scaled 1 / (1 - p)), not the old one's."""
+    torch.manual_seed(6)
+    model = tritonrnn.StackedRNN(8, [("rnn_tanh", 8)] * 2, weight_drop=0.2).to(device, dtype_on(device)).train()
+    x = torch.randn(3, 2, 8, dtype=dtype_on(device), device=device)
+    with tritonrnn.hold_dropout_masks(model), torch.no_grad():
+        model(x)
+        masks = list(model._held_masks._weight_masks.values())
+        assert len(masks) == 2 and not torch.equal(*masks)
+        model.weight_drop = 0.5
+        model(x)
+        new = [m for m in model._held_masks._weight_masks.values() if not any(m is old for old in masks)]
+        assert len(new) == 2 and all(set(m.unique().tolist()) == {0.0, 2.0} for m in new)
+
+
 def test_a_held_mask_refuses_another_batch(device):
     model = lstm_model(device).train()
     with tritonrnn.hold_dropout_masks(model):
