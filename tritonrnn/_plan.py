@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -183,7 +184,8 @@ def resident_programs(device_index: int) -> int:
     """How many programs a persistent grid may have on a GPU: one an SM, fewer once the driver has refused a
     cooperative launch of that many (a client of MPS limited to part of the SMs, which the device's SM count does
     not show)."""
-    return min(_sm_count(device_index), _resident_cap.get(device_index, _sm_count(device_index)))
+    count = _sm_count(device_index)
+    return min(count, _resident_cap.get(device_index, count))
 
 
 def cooperative_refused(error: BaseException, programs: int, device: torch.device) -> bool:
@@ -200,6 +202,23 @@ def cooperative_refused(error: BaseException, programs: int, device: torch.devic
         f"later grids are planned smaller"
     )
     return True
+
+
+def launched_or_stepwise(
+    plan: LayerPlan, programs: int, device: torch.device, launch: Callable[[LayerPlan], None]
+) -> LayerPlan:  # fmt: skip
+    """``launch(plan)``, a persistent grid of ``programs`` programs; where the driver refuses its cooperative launch
+    (refused before any program ran: at the first launch, every launch of a plan having one grid), ``launch`` again
+    with the plan stepwise. Returns the plan that ran."""
+    try:
+        launch(plan)
+        return plan
+    except RuntimeError as error:
+        if not (plan.persistent and cooperative_refused(error, programs, device)):
+            raise
+    plan = stepwise(plan)
+    launch(plan)
+    return plan
 
 
 def stepwise(plan: LayerPlan) -> LayerPlan:

@@ -40,6 +40,7 @@ from tritonrnn.layer_run import (
     _ring_dtype,
     _tagged_ring,
     compile_misfit,
+    sync_arguments,
     weights_transposed,
 )
 
@@ -180,32 +181,19 @@ def _launches(plan: LayerPlan, n_steps: int, n_layers: int, backward: bool) -> l
 def _launch_all(
     kernel, plan: LayerPlan, n_layers: int, n_steps: int, backward: bool, device: torch.device, launch: dict
 ) -> LayerPlan:  # fmt: skip
-    """Run every wavefront step of the stack in one direction; the plan that ran them: ``plan``, or where the driver
-    refused its cooperative launch (before any program ran: the first launch), the same plan one launch a step."""
-    try:
-        _launch_plan(kernel, plan, n_layers, n_steps, backward, device, launch)
-        return plan
-    except RuntimeError as error:
-        if not (plan.persistent and _plan.cooperative_refused(error, plan.num_programs * n_layers, device)):
-            raise
-    plan = _plan.stepwise(plan)
-    _launch_plan(kernel, plan, n_layers, n_steps, backward, device, launch)
-    return plan
+    """Run every wavefront step of the stack in one direction; the plan that ran them (stepwise where the driver
+    refused the cooperative launch: _plan.launched_or_stepwise)."""
 
+    def run(plan: LayerPlan) -> None:
+        arguments = dict(sync_arguments(launch, plan), **_launch_options(plan, device))
+        counter = arguments["counter"]
+        with on_device(device):
+            for i, step in enumerate(_launches(plan, n_steps, n_layers, backward)):
+                if i and plan.persistent:
+                    counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
+                launch_kernel(kernel, (plan.num_programs, n_layers), device, **step, **arguments)
 
-def _launch_plan(
-    kernel, plan: LayerPlan, n_layers: int, n_steps: int, backward: bool, device: torch.device, launch: dict
-) -> None:  # fmt: skip
-    launch = dict(launch, SYNC=plan.persistent, **_launch_options(plan, device))
-    if not plan.tagged:  # a plan refused its tagged exchange (stepwise) launches as an untagged one does
-        launch.pop("ring", None)
-        launch.pop("TAGGED", None)
-    counter = launch["counter"]
-    with on_device(device):
-        for i, step in enumerate(_launches(plan, n_steps, n_layers, backward)):
-            if i and plan.persistent:
-                counter.zero_()  # the next chunk of a very long sequence (_plan.persistent_chunks)
-            launch_kernel(kernel, (plan.num_programs, n_layers), device, **step, **launch)
+    return _plan.launched_or_stepwise(plan, plan.num_programs * n_layers, device, run)
 
 
 class FusedStackFunction(torch.autograd.Function):

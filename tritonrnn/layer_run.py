@@ -146,6 +146,16 @@ def _launch_options(plan: LayerPlan, device: torch.device) -> dict:
     return {}
 
 
+def sync_arguments(launch: dict, plan: LayerPlan) -> dict:
+    """A launch's arguments with the synchronisation ``plan`` runs: SYNC (a persistent grid's barrier), and the tagged
+    exchange's ring only where the plan is tagged (a tagged plan made stepwise launches as an untagged one)."""
+    launch = dict(launch, SYNC=plan.persistent)
+    if not plan.tagged:
+        launch.pop("ring", None)
+        launch.pop("TAGGED", None)
+    return launch
+
+
 def _direction_groups(plan: LayerPlan, directions: int) -> list[tuple[int, int]]:
     """(first direction, number of directions) of each launch: both together when the GPU holds both grids."""
     if directions == 1 or plan.directions_together:
@@ -336,20 +346,13 @@ class LayerRun:
         return dict(seed_ptr=self.dropout.seed, p_drop=self.dropout.p)
 
     def _launch(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, **launch) -> None:
-        try:
-            self._launch_plan(kernel, plan, t0, t1, backward, launch)
-        except RuntimeError as error:
-            programs = plan.num_programs * plan.batch_groups * (self.D if plan.directions_together else 1)
-            if not (plan.persistent and _plan.cooperative_refused(error, programs, self.device)):
-                raise
-            # Refused before any program ran: the first launch (every launch of a plan has the same grid).
-            self._launch_plan(kernel, _plan.stepwise(plan), t0, t1, backward, launch)
+        programs = plan.num_programs * plan.batch_groups * (self.D if plan.directions_together else 1)
+        _plan.launched_or_stepwise(
+            plan, programs, self.device, lambda run: self._launch_plan(kernel, run, t0, t1, backward, launch)
+        )  # fmt: skip
 
     def _launch_plan(self, kernel, plan: LayerPlan, t0: int, t1: int, backward: bool, launch: dict) -> None:
-        launch = dict(launch, SYNC=plan.persistent)
-        if not plan.tagged:  # a plan refused its tagged exchange (stepwise) launches as an untagged one does
-            launch.pop("ring", None)
-            launch.pop("TAGGED", None)
+        launch = sync_arguments(launch, plan)
         launch.update(_kernel_constants(self.cell, self.hidden, self.dtype, plan, self.variant, backward))
         launch.update(_launch_options(plan, self.device))
         if self.w_hr is not None and plan.batch_groups != 1:
