@@ -453,8 +453,8 @@ def test_the_stack_kernel_with_a_relaxed_step_count_fails_with_weak_stores(weak_
 @pytest.fixture
 def refused_cooperative_launches(monkeypatch):
     """Every persistent launch fails as Triton's launcher reports the driver refusing a cooperative launch (a client
-    of MPS given fewer SMs than the GPU has), before any program runs; stepwise launches run. Yields the refused
-    kernels' names."""
+    of MPS given fewer SMs than the GPU has), before any program runs; stepwise launches run. Returns the list of
+    the refused kernels' names."""
     from tritonrnn import fused_stack, layer_run
 
     refused = []

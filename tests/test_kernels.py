@@ -608,12 +608,14 @@ def test_float16_inf_gives_the_non_finite_gradients_torch_gives(cell, what):
         else:
             hx[1 if what == "c0" else 0][0, 0, 1] = 7e4
     ours.load_state_dict(theirs.state_dict())
-    half = [t.half() for t in hx]
-    hx_half = tuple(half) if cell == "lstm" else half[0]
+
+    def state(device):  # as the module takes it: (h, c) for LSTM, h for the others
+        half = [t.half().to(device) for t in hx]
+        return tuple(half) if cell == "lstm" else half[0]
+
     weights = loss_weights((T, B, H), [(1, B, H)] * len(hx), gen)
-    out, states, grads = run(ours.half().to(DEVICE), x.half().to(DEVICE), tuple(t.to(DEVICE) for t in half)
-                             if cell == "lstm" else half[0].to(DEVICE), weights)  # fmt: skip
-    ref, ref_states, ref_grads = run(theirs.half(), x.half(), hx_half, weights)
+    out, states, grads = run(ours.half().to(DEVICE), x.half().to(DEVICE), state(DEVICE), weights)
+    ref, ref_states, ref_grads = run(theirs.half(), x.half(), state("cpu"), weights)
     assert any(not torch.isfinite(g).all() for g in ref_grads.values())
     for name, a, b in [("out", out, ref), *zip(["h_n", "c_n"], states, ref_states), *(
             (k, grads[k], ref_grads[k]) for k in ref_grads)]:  # fmt: skip

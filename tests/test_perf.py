@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import perf.__main__ as perf_cli
-from perf import schema, suites
+from perf import runner, schema, suites
 from perf.__main__ import main
+from perf.compare import classify
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAS_GPU = torch.cuda.is_available()
@@ -143,8 +144,6 @@ def test_a_slow_step_is_timed_ten_times_at_least(monkeypatch):
     has a noise band."""
     import triton.testing
 
-    from perf import runner
-
     calls = []
 
     def do_bench(step, warmup, rep, return_mode):
@@ -161,7 +160,6 @@ def test_a_tritonrnn_module_handing_dropout_to_torch_nn_has_no_error_to_measure(
     """Where tritonrnn's module hands a call to torch.nn (a hidden size beyond the kernels), its dropout masks are
     torch.nn's: a float64 copy of tritonrnn (its own masks) is no reference, and no error is measured (it would come
     out near 1, a false alarm in compare)."""
-    from perf import runner
     from tritonrnn import functional
 
     config = suites.parse(
@@ -297,8 +295,6 @@ def test_compare_reports_other_providers_as_drift(results, tmp_path, capsys):
 
 
 def _ours_verdicts(base: pd.DataFrame, current: pd.DataFrame) -> set[str]:
-    from perf.compare import classify
-
     rows = classify(base, current, 5.0)
     return set(rows.loc[rows["provider"] == "tritonrnn", "verdict"])
 
