@@ -31,8 +31,9 @@ def dropout_scale(seed, p, t, o_b, o_w, B, W, MODE: tl.constexpr):
     # (tl.rand runs a 64-bit Philox for int64 offsets on older versions, much dearer on the GPU).
     zero = (offset * 0).to(tl.uint32)
     bits, _, _, _ = tl.philox(seed, offset.to(tl.uint32), (offset >> 32).to(tl.uint32), zero, zero)
-    # p = 1 (torch.nn allows it) drops everything: the uniform draw can round up to 1.0, so it is not left to the
-    # comparison, and the scale is kept finite (never selected then).
+    # p = 1 (torch.nn allows it) drops everything. Triton 3.6-3.9 scale the draw so that it stays below 1 (at most
+    # 1 - 2**-24), so the comparison alone would do; the guard keeps it so under a generator that rounds up to 1.0.
+    # The scale is kept finite (never selected then).
     keep = (tl.uint_to_uniform_float(bits) >= p) & (p < 1.0)
     return tl.where(keep, 1.0 / tl.maximum(1.0 - p, 1e-30), 0.0)
 

@@ -788,6 +788,29 @@ def test_meta_tensors_and_fake_tensor_mode_give_the_shapes(training):
             out.sum().backward()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fake CUDA tensors on a machine without a GPU")
+def test_fake_cuda_trace_without_a_gpu_gives_the_kernels_shapes():
+    """A trace of CUDA tensors on a machine without a GPU (FakeTensorMode, as torch.export on a build host) has no
+    GPU to ask whether the kernels would run: the op's fake outputs are the kernels' full buffers (saved values, the
+    projection's sequence), which a GPU running the kernels returns, not the fallback's empty ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, B, I, H, P = 5, 2, 3, 4, 3
+    with FakeTensorMode():
+
+        def fake(*shape):
+            return torch.randn(*shape, device="cuda")
+
+        outputs = torch.ops.tritonrnn.layer(
+            fake(T, B, I), fake(1, B, P), fake(1, B, H), fake(4 * H, I), fake(1, 4 * H, P), fake(4 * H), fake(4 * H),
+            fake(1, P, H), None, None, "lstm", False, 0.0, False, True,
+        )  # fmt: skip
+    hseq, _, _, h_n, c_n, saved, mseq = outputs
+    assert hseq.device.type == "cuda"
+    assert hseq.shape == (1, T + 1, B, P) and h_n.shape == (1, B, P) and c_n.shape == (1, B, H)
+    assert saved.shape == (1, T, B, _plan.CELLS["lstm"][2] * H) and mseq.shape == (1, T, B, H)
+
+
 def test_functional_call_with_parameters_of_another_dtype_like_torch():
     """The dtype check reads the parameters of this call: torch.func.functional_call with float64 parameters on a
     float32 module runs in float64, as torch.nn's does (the check used to read the module's own, stale ones)."""
