@@ -180,6 +180,85 @@ def test_dropout_mode_set_after_construction_is_checked_at_forward(make):
     _with_mode(model, "variational")(x(5, 3, 4))  # the right spelling runs
 
 
+@pytest.mark.parametrize("p", [1.5, -0.1, float("nan")])
+def test_dropout_set_after_construction_is_checked_like_torch(p):
+    """torch.nn's op checks the probability where it applies it (training, between layers), so a value assigned
+    later fails there; it used to run as p = 1 (1.5, NaN) or as no dropout (-0.1). StackedRNN checks at every call."""
+    for module in (nn.GRU(4, 6, num_layers=2), tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)):
+        module.dropout = p
+        module.eval()(x(5, 3, 4).to(next(module.parameters()).device))  # not applied in eval: no error, as torch.nn
+        with pytest.raises(RuntimeError, match="dropout probability has to be between 0 and 1, but got"):
+            module.train()(x(5, 3, 4).to(next(module.parameters()).device))
+    model = stack()
+    for name in ("dropout", "weight_drop"):
+        setattr(model, name, p)
+        with pytest.raises(ValueError, match=f"{name} should be a number in range"):
+            model(x(5, 3, 4))
+        setattr(model, name, 0.0)
+
+
+def _reassigned(name, make):
+    module = tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)
+    setattr(module, name, make(getattr(module, name)))
+    return module
+
+
+@pytest.mark.parametrize(
+    "module,error,match",
+    [
+        pytest.param(
+            lambda: _reassigned("weight_hh_l1", lambda w: nn.Parameter(w.detach().double())),
+            RuntimeError,
+            r"parameter weight_hh_l1 is torch.float64 but weight_ih_l0 is torch.float32",
+            id="dtype",
+        ),
+        pytest.param(
+            lambda: _reassigned("bias_hh_l0", lambda w: None),
+            TypeError,
+            "bias_hh_l0 is None; expected a tensor",
+            id="none",
+        ),
+        pytest.param(
+            lambda: _reassigned("weight_hh_l1", lambda w: nn.Parameter(w.detach().to("meta"))),
+            RuntimeError,
+            "Input and parameter tensors are not at the same device",
+            id="device",
+        ),
+    ],
+)
+def test_every_reassigned_weight_is_checked(module, error, match):
+    """A weight the user reassigned (from numpy, say) is checked as the first one is: its dtype, its presence and its
+    device. Only the first was: the kernels failed inside Triton, the CPU op ran with one bias or a float64 weight."""
+    with pytest.raises(error, match=match):
+        module()(x(5, 3, 4))
+
+
+def test_a_one_dimensional_input_is_named_before_its_dtype_like_torch():
+    for module in (nn.RNN(4, 6), tritonrnn.RNN(4, 6).to(DEVICE)):
+        device = next(module.parameters()).device
+        with pytest.raises(ValueError, match="RNN: Expected input to be 2D or 3D, got 1D tensor instead"):
+            module(torch.randn(5, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        pytest.param(
+            dict(residual=True), r"residual=True: layer 1 \(gru\) reads 4 features but outputs 5", id="residual"
+        ),
+        pytest.param(dict(bidirectional=True), r"layer 0 \(lstm\) was built with 1 direction", id="bidirectional"),
+    ],
+)
+def test_stack_options_set_after_construction_are_checked(change, match):
+    """residual set later on layers of unequal sizes: the kernels read the input with the output's width (other rows'
+    features, silently); bidirectional set later: states of two directions for layers of one."""
+    model = stack([("lstm", 4), ("gru", 5)])
+    for name, value in change.items():
+        setattr(model, name, value)
+    with pytest.raises(ValueError, match=match):
+        model(x(5, 3, 4))
+
+
 def test_numpy_scalars_are_accepted_as_probabilities_like_torch():
     """A probability read from a config file as a numpy scalar: torch.nn takes it, so does StackedRNN."""
     numpy = pytest.importorskip("numpy")

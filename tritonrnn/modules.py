@@ -120,12 +120,12 @@ class _TritonRNNBase(nn.RNNBase):
         return f"hidden_size={self.hidden_size} in {dtype}: {plan}" if isinstance(plan, str) else None
 
     def _check_devices(self, input: Tensor, hidden: tuple[Tensor, ...]) -> None:
-        weight = self._flat_weights[0]
-        if input.device != weight.device:
-            raise RuntimeError(
-                f"Input and parameter tensors are not at the same device, found input tensor at {input.device} "
-                f"and parameter tensor at {weight.device}"
-            )
+        for weight in self._flat_weights:  # every one: a weight reassigned by the user can sit anywhere
+            if input.device != weight.device:
+                raise RuntimeError(
+                    f"Input and parameter tensors are not at the same device, found input tensor at {input.device} "
+                    f"and parameter tensor at {weight.device}"
+                )
         for h in hidden:
             if h.device != input.device:
                 raise RuntimeError(
@@ -134,6 +134,33 @@ class _TritonRNNBase(nn.RNNBase):
                 )
             if h.dtype != input.dtype:
                 raise RuntimeError(f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})")
+
+    def _check_attributes(self) -> None:
+        """What forward reads from attributes a user can set after construction, checked at every call: dropout
+        (torch.nn's op checks it where it applies it: in training, between layers), dropout_mode, and that no
+        parameter was set to None."""
+        p = self.dropout
+        if self.training and self.num_layers > 1 and p != 0 and not 0 <= p <= 1:
+            raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+        _dropout.check_mode(self.dropout_mode)
+        for name, weight in zip(self._flat_weights_names, self._flat_weights):
+            if weight is None:
+                raise TypeError(f"{type(self).__name__}: parameter {name} is None; expected a tensor")
+
+    def _check_dtypes(self, dtype: torch.dtype) -> None:
+        """Input and every parameter in one dtype, where nothing casts them (a reassigned weight may differ)."""
+        first = self._flat_weights[0].dtype
+        if dtype != first:
+            raise ValueError(
+                f"RNN input dtype ({dtype}) does not match weight dtype ({first}). Convert input: "
+                f"input.to({first}), or convert model: model.to({dtype})"
+            )
+        for name, weight in zip(self._flat_weights_names, self._flat_weights):
+            if weight.dtype != first:
+                raise RuntimeError(
+                    f"{type(self).__name__}: parameter {name} is {weight.dtype} but {self._flat_weights_names[0]} is "
+                    f"{first}; the parameters must share one dtype (convert the module: model.to(dtype))"
+                )
 
     def _layers(self, dtype: torch.dtype | None = None) -> list[StackLayer]:
         """The stack as the scheduler takes it: per layer, one weight tuple per direction (cast to ``dtype``)."""
@@ -162,11 +189,22 @@ class _TritonRNNBase(nn.RNNBase):
             return traced
         # First, as torch.nn does: parameters replaced since the last call (functional_call, fx) are read fresh.
         self._update_flat_weights()
-        _dropout.check_mode(self.dropout_mode)
+        self._check_attributes()
         data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(input, PackedSequence) and isinstance(input, Tensor) and input.dim() not in (2, 3):
+            # torch.nn's first check, before the dtypes'
+            noun = "" if self.mode in ("LSTM", "GRU") else " tensor"
+            name = self.mode if noun == "" else "RNN"
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{noun} instead")
         dtype = functional.autocast_dtype(data) if isinstance(data, Tensor) else None
-        if dtype is not None and self.mode == "GRU" and data.device.type == "cpu":
-            dtype = None  # torch.nn's GRU keeps its dtype under CPU autocast (its LSTM and RNN take autocast's)
+        if (
+            dtype is not None
+            and data.device.type == "cpu"
+            and (self.mode == "GRU" or (self.mode == "LSTM" and isinstance(input, PackedSequence)))
+        ):
+            # CPU autocast does not cast torch.nn's GRU nor its LSTM on packed input (its LSTM and RNN otherwise take
+            # autocast's dtype): these run in the input's dtype, the weights cast to it where theirs differs.
+            dtype = None if data.dtype == self._flat_weights[0].dtype else data.dtype
         reason = self._unsupported(input, dtype)
         if reason is not None:
             log_once(f"tritonrnn.{type(self).__name__}: {reason} runs on torch.nn's implementation")
@@ -175,20 +213,13 @@ class _TritonRNNBase(nn.RNNBase):
             # torch.autocast: like torch.nn's cuDNN layers, input and states (and, in _run, the weights) in the
             # autocast dtype; the outputs come out in it.
             input, hx = input.to(dtype), functional.autocast_cast(hx, dtype)
-        elif isinstance(data, Tensor) and data.dtype != self._flat_weights[0].dtype:
+        elif isinstance(data, Tensor):
             # torch.nn's check_input skips this test whenever autocast is on, for the cast its cuDNN layers make; a
             # tensor autocast leaves alone (float64) meets weights of another dtype: torch's error, not a GEMM's.
-            weight = self._flat_weights[0].dtype
-            raise ValueError(
-                f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight}). Convert input: "
-                f"input.to({weight}), or convert model: model.to({data.dtype})"
-            )
+            self._check_dtypes(data.dtype)
         is_lstm = self.mode == "LSTM"
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx, is_lstm, autocast=dtype is not None)
-        name = self.mode if is_lstm or self.mode == "GRU" else "RNN"
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if not is_batched:

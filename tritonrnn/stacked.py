@@ -159,11 +159,6 @@ class StackedRNN(nn.Module):
                 raise ValueError(f"layer {index}: unknown cell {cell!r}; expected one of {sorted(CELLS)}")
             if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
                 raise ValueError(f"layer {index}: hidden_size should be a positive integer, got {hidden!r}")
-            if residual and size != directions * hidden:
-                raise ValueError(
-                    f"residual=True: layer {index} ({cell}) reads {size} features but outputs "
-                    f"{directions * hidden}; a residual connection needs them equal"
-                )
             modules.append(RecurrentLayer(cell, size, hidden, bias, bidirectional, device=device, dtype=dtype))
             size = directions * hidden
         self.layers = nn.ModuleList(modules)
@@ -175,6 +170,26 @@ class StackedRNN(nn.Module):
         self.batch_first = batch_first
         self.bidirectional = bidirectional
         self.weight_drop = float(weight_drop)
+        self._check_attributes()
+
+    def _check_attributes(self) -> None:
+        """The options forward reads, checked at construction and again at every call (they are attributes a user
+        can set in between): a residual sum over unequal sizes would read the input with the output's width."""
+        _dropout.check_probability("dropout", self.dropout)
+        _dropout.check_mode(self.dropout_mode)
+        _dropout.check_probability("weight_drop", self.weight_drop)
+        directions = 2 if self.bidirectional else 1
+        for index, layer in enumerate(self.layers):
+            if layer.directions != directions:
+                raise ValueError(
+                    f"bidirectional={bool(self.bidirectional)}, but layer {index} ({layer.cell}) was built with "
+                    f"{layer.directions} direction(s); bidirectional is fixed when the stack is built"
+                )
+            if self.residual and layer.input_size != directions * layer.hidden_size:
+                raise ValueError(
+                    f"residual=True: layer {index} ({layer.cell}) reads {layer.input_size} features but outputs "
+                    f"{directions * layer.hidden_size}; a residual connection needs them equal"
+                )
 
     def __prepare_scriptable__(self):
         refuse_script(self, "torch.export (a stack refuses torch.jit.trace too)")
@@ -185,7 +200,7 @@ class StackedRNN(nn.Module):
         traced = fx_proxy_of_the_call(self, x, states, return_all_layers=return_all_layers)
         if traced is not None:
             return traced
-        _dropout.check_mode(self.dropout_mode)
+        self._check_attributes()
         packed, lengths = None, None
         if isinstance(x, PackedSequence):
             # Sequences of different lengths: each row keeps its state past its end (time-major, original order).
