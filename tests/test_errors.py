@@ -314,3 +314,26 @@ def test_a_forced_persistent_grid_the_gpu_cannot_hold_is_refused(forced_plan, mo
     forced_plan(block_h=16, persistent=True, directions_together=True)
     with pytest.raises(ValueError, match="a persistent grid of 140 programs would not all be resident"):
         _plan.plan_layer("lstm", 1120, 16, torch.bfloat16, cuda, 2)
+
+
+def test_triton_interpret_set_after_import_runs_torchs_op_not_a_crash():
+    """Triton makes a kernel interpreted or compiled where it is defined. TRITON_INTERPRET=1 set after tritonrnn's
+    import used to send CPU tensors to compiled kernels ("0 active drivers"); the CPU runs torch's op then, as before
+    it was set, and says it is not interpreting."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU answer only")
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch, tritonrnn\n"
+        "from tritonrnn import _plan\n"
+        "m, x = tritonrnn.GRU(3, 4), torch.randn(2, 2, 3)\n"
+        "want = m(x)[0]\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "print(_plan.interpret_mode(), torch.equal(m(x)[0], want))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split() == ["False", "True"], result.stderr

@@ -97,8 +97,19 @@ def persistent_chunks(t0: int, t1: int, programs: int, barriers_per_step: int) -
 
 
 def interpret_mode() -> bool:
-    """True when the Triton interpreter is on, so the kernels can run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the Triton interpreter is on, so the kernels can run on CPU tensors: TRITON_INTERPRET=1 now, and the
+    kernels defined under it. Triton makes a kernel interpreted or compiled where it is defined (tritonrnn's import), so
+    a TRITON_INTERPRET=1 set later cannot run them on the CPU: torch's op runs there, as without it."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and _kernels_interpreted()
+
+
+@functools.cache
+def _kernels_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from tritonrnn.kernels.recurrent import rnn_fwd_kernel
+
+    return isinstance(rnn_fwd_kernel, InterpretedFunction)
 
 
 def tf32_matmul() -> bool:
