@@ -216,6 +216,49 @@ def test_tuned_once_then_cached_and_sequence_length_is_no_key(cache, fake_gpu):
     assert "T=" not in key.text()
 
 
+def test_two_threads_asking_for_one_key_tune_it_once(cache, fake_gpu):
+    """nn.DataParallel's replicas, or serving threads, on one key: one tunes, the other waits for its plan (two
+    tunings at once on one GPU would time each other's kernels)."""
+    import threading
+    import time
+
+    fake, tuners, plans = FakeTuner(), [], []
+
+    def factory():
+        tuners.append(threading.current_thread().name)
+        time.sleep(0.2)  # both threads are past the memo's first check by now
+        return fake.tuner()
+
+    key = autotune.TuneKey("lstm", 256, 16, "bf16")
+    start = threading.Barrier(2)
+
+    def ask():
+        start.wait()
+        plans.append(autotune.tuned_plan(key, CUDA0, factory))
+
+    threads = [threading.Thread(target=ask) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(tuners) == 1 and len(plans) == 2 and plans[0] == plans[1] is not None
+
+
+def test_a_tuned_plan_is_made_again_after_a_refused_cooperative_launch(cache, fake_gpu, monkeypatch):
+    """A plan keeps the resident programs of its making (persistent, directions together). After the driver refuses
+    a cooperative launch (MPS), the tuned entry is planned again below the refused size, as the heuristics are."""
+    monkeypatch.setattr(_plan, "_resident_cap", {})
+    key = autotune.TuneKey("gru", 1024, 16, "bf16", directions=2)
+    entry = {"forward": dict(CONFIG, block_h=16), "backward": dict(CONFIG, block_h=16)}
+    autotune.ConfigStore.for_gpu(GPU).put({key.text(): entry})
+    before = autotune.tuned_plan(key, CUDA0, FakeTuner().tuner)
+    assert before.num_programs == 64 and before.persistent and before.directions_together  # 128 of 132 SMs
+    refusal = RuntimeError(f"Triton Error [CUDA]: {_plan.COOPERATIVE_TOO_LARGE}")
+    assert _plan.cooperative_refused(refusal, 128, CUDA0)
+    after = autotune.tuned_plan(key, CUDA0, FakeTuner().tuner)
+    assert after.persistent and not after.directions_together  # a grid of 64 a direction
+
+
 def test_shipped_defaults_come_before_tuning(cache, fake_gpu, monkeypatch):
     key = autotune.TuneKey("lstm", 512, 16, "bf16")
     entry = {"forward": {"block_h": 32, "block_b": 16, "num_warps": 8, "num_stages": 3}}

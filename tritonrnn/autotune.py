@@ -37,6 +37,7 @@ import logging
 import os
 import pathlib
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -324,18 +325,29 @@ def tuned_plan(key: TuneKey, device: torch.device, tuner_factory: Callable[[], T
     """The tuned plan for key: the user's cache, then the shipped defaults, then tuning now; None to use heuristics."""
     if not enabled():
         return None
-    gpu = torch.cuda.get_device_name(cuda_index(device))
+    index = cuda_index(device)
+    gpu = torch.cuda.get_device_name(index)
     store = ConfigStore.for_gpu(gpu)
-    memo_key = (str(store.path), key, cuda_index(device))
+    # The programs resident at once: a plan's persistence and directions together follow them, and they drop where the
+    # driver refuses a cooperative launch (_plan.cooperative_refused): the plan is made again then.
+    memo_key = (str(store.path), key, index, resident_programs(index))
     if memo_key not in _memo:  # the file is read once per process and key, not at every call
-        plan = _tuned_plan(key, device, tuner_factory, gpu, store)
-        if plan is _LATER:
-            return None
-        _memo[memo_key] = plan
+        # One thread tunes a key; another asking for it meanwhile waits for the result (two at once would time each
+        # other's kernels too).
+        with _memo_lock:
+            lock = _key_locks.setdefault(memo_key, threading.RLock())
+        with lock:
+            if memo_key not in _memo:
+                plan = _tuned_plan(key, device, tuner_factory, gpu, store)
+                if plan is _LATER:
+                    return None
+                _memo[memo_key] = plan
     return _memo[memo_key]
 
 
 _memo: dict[tuple, LayerPlan | None] = {}
+_memo_lock = threading.Lock()
+_key_locks: dict[tuple, threading.RLock] = {}
 _LATER = object()  # not tuned now (graph capture): heuristics for this call, tuning at a later one
 
 
