@@ -165,6 +165,21 @@ def test_a_held_mask_refuses_another_batch(device):
             model.train()(torch.randn(2, 5, 4, dtype=dtype_on(device), device=device))
 
 
+def test_data_parallel_replicas_hold_a_batch_and_masks_per_device(monkeypatch):
+    """nn.DataParallel shares the store between its replicas (it copies a module's attributes), one a GPU with its
+    part of the batch, each called from its own thread: 5 sequences over two GPUs are 3 and 2. Each device holds its
+    own batch size and seeds; another batch on the same device is still refused."""
+    monkeypatch.setattr(_dropout, "_refuse_capture", lambda device: None)
+    monkeypatch.setattr(_dropout, "draw", lambda p, mode, device: _dropout.LayerDropout(p, True, torch.tensor([id(p)])))
+    held = _dropout.HeldMasks()
+    parts = [(torch.device("cuda", 0), 3), (torch.device("cuda", 1), 2)]
+    first = [held.layer_dropout(0, 0.3, device, batch) for device, batch in parts]
+    again = [held.layer_dropout(0, 0.3, device, batch) for device, batch in parts]
+    assert all(a.seed is b.seed for a, b in zip(first, again)) and first[0].seed is not first[1].seed
+    with pytest.raises(ValueError, match="batch of 3 sequences, this call has 2"):
+        held.layer_dropout(0, 0.3, torch.device("cuda", 0), 2)
+
+
 def test_blocks_nest_and_submodules_are_held():
     """A model holding a StackedRNN: the inner block draws its own masks, leaving it gives the outer block's back,
     and leaving the outer block returns to a draw per call."""

@@ -17,6 +17,7 @@ one variational mask (and one DropConnect mask) for the whole sequence (``triton
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import NamedTuple
 
 import torch
@@ -70,13 +71,16 @@ class HeldMasks:
     and (b, w) alone, so it is the same at every step of every chunk) and DropConnect masks on W_hh. Not held:
     standard dropout, which draws a new mask for every step anyway (a later chunk's steps are new steps), so it
     draws fresh seeds at every call. A held variational mask belongs to the batch's sequences: a call with another
-    batch size (other sequences) is refused.
+    batch size (other sequences) on the same device is refused. nn.DataParallel's replicas share the store (it copies
+    a module's attributes), each on its own device with its own part of the batch, called from its own thread: so
+    seeds and batch sizes are per device, and drawn under a lock.
     """
 
     def __init__(self) -> None:
         self._seeds: dict[tuple[int, torch.device], Tensor] = {}
         self._weight_masks: dict[tuple, Tensor] = {}
-        self._batch: int | None = None
+        self._batch: dict[torch.device, int] = {}
+        self._lock = threading.Lock()
 
     def __reduce__(self):
         # A copy or a pickle of a model made inside a hold_dropout_masks block is not in the block: it holds nothing.
@@ -84,30 +88,32 @@ class HeldMasks:
 
     def layer_dropout(self, index: int, p: float, device: torch.device, batch: int) -> LayerDropout:
         """Layer ``index``'s variational dropout, its seed drawn once (from ``device``'s generator, as ``draw``)."""
-        if self._batch is None:
-            self._batch = batch
-        elif batch != self._batch:
-            raise ValueError(
-                f"hold_dropout_masks: the held variational dropout masks belong to a batch of {self._batch} "
-                f"sequences, this call has {batch}; start a new hold_dropout_masks block for other sequences"
-            )
-        key = (index, torch.device(device))
-        if key not in self._seeds:
-            _refuse_capture(key[1])
-            self._seeds[key] = draw(p, "variational", device).seed
+        device = torch.device(device)
+        key = (index, device)
+        with self._lock:
+            held_batch = self._batch.setdefault(device, batch)
+            if batch != held_batch:
+                raise ValueError(
+                    f"hold_dropout_masks: the held variational dropout masks belong to a batch of {held_batch} "
+                    f"sequences, this call has {batch}; start a new hold_dropout_masks block for other sequences"
+                )
+            if key not in self._seeds:
+                _refuse_capture(device)
+                self._seeds[key] = draw(p, "variational", device).seed
         return LayerDropout(float(p), True, self._seeds[key])
 
     def drop_weight(self, key: str, weight: Tensor, p: float) -> Tensor:
         """``weight`` with DropConnect (as ``F.dropout(weight, p)``) under the mask held for ``key``."""
         full_key = (key, float(p), tuple(weight.shape), weight.device)
-        held = self._weight_masks.get(full_key)
-        if held is None:
-            _refuse_capture(weight.device)
-            # The multipliers (0 or 1 / (1 - p)) in at least float32: one rounding of the product, as torch's CUDA
-            # dropout computes it.
-            dtype = torch.promote_types(weight.dtype, torch.float32)
-            held = F.dropout(torch.ones(weight.shape, dtype=dtype, device=weight.device), p, training=True)
-            self._weight_masks[full_key] = held
+        with self._lock:
+            held = self._weight_masks.get(full_key)
+            if held is None:
+                _refuse_capture(weight.device)
+                # The multipliers (0 or 1 / (1 - p)) in at least float32: one rounding of the product, as torch's
+                # CUDA dropout computes it.
+                dtype = torch.promote_types(weight.dtype, torch.float32)
+                held = F.dropout(torch.ones(weight.shape, dtype=dtype, device=weight.device), p, training=True)
+                self._weight_masks[full_key] = held
         return (weight.to(held.dtype) * held).to(weight.dtype)
 
 
