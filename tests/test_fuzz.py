@@ -112,13 +112,14 @@ def test_a_failure_in_a_reduced_precision_is_rerun_in_the_most_precise(monkeypat
 
 
 def test_a_result_is_judged_by_the_bounds_it_is_given():
-    """Within the tolerance, a result passes; with a bound of 0 on every result, the same results fail (the bounds
-    torch.nn's own error gives are the ones applied)."""
+    """Within the tolerance, a result passes; with a negative bound on every result, the same results fail (the
+    bounds torch.nn's own error gives are the ones applied). Negative, not 0: this configuration (H=1, float64) can
+    agree with torch.nn exactly, as it does on an AVX2 CPU."""
     config = _configs(7, 1, keep=lambda c: c["kind"] == "module" and c["dtype"] == fuzz.MOST_PRECISE)[0]
     assert fuzz.run_config(config) == []
     names = fuzz.torch_errors(config)
-    problems = fuzz.run_config(config, {name: 0.0 for name in names})
-    assert problems and all("above 0.0e+00" in p for p in problems), problems
+    problems = fuzz.run_config(config, {name: -1.0 for name in names})
+    assert len(problems) == len(names) and all("above -1.0e+00" in p for p in problems), problems
 
 
 @pytest.mark.fallback
