@@ -216,32 +216,39 @@ def test_tuned_once_then_cached_and_sequence_length_is_no_key(cache, fake_gpu):
     assert "T=" not in key.text()
 
 
-def test_two_threads_asking_for_one_key_tune_it_once(cache, fake_gpu):
-    """nn.DataParallel's replicas, or serving threads, on one key: one tunes, the other waits for its plan (two
-    tunings at once on one GPU would time each other's kernels)."""
+def test_threads_on_one_gpu_tune_one_at_a_time_and_a_key_once(cache, fake_gpu):
+    """Serving threads on one GPU: two tunings at once would time each other's kernels. Three threads, two of them on
+    one key: that key is tuned once (the other waits for its plan), and no two tunings overlap."""
     import threading
     import time
 
-    fake, tuners, plans = FakeTuner(), [], []
+    fake, tuned, running, overlapped = FakeTuner(), [], [], []
 
-    def factory():
-        tuners.append(threading.current_thread().name)
-        time.sleep(0.2)  # both threads are past the memo's first check by now
-        return fake.tuner()
+    def factory(key):
+        def tuner():
+            running.append(key)
+            overlapped.append(len(running) > 1)
+            tuned.append(key)
+            time.sleep(0.2)  # every thread is past the memo's first check by now
+            running.remove(key)
+            return fake.tuner()
 
-    key = autotune.TuneKey("lstm", 256, 16, "bf16")
-    start = threading.Barrier(2)
+        return tuner
 
-    def ask():
+    keys = [autotune.TuneKey("lstm", 256, 16, "bf16")] * 2 + [autotune.TuneKey("gru", 256, 16, "bf16")]
+    start, plans = threading.Barrier(len(keys)), {}
+
+    def ask(index, key):
         start.wait()
-        plans.append(autotune.tuned_plan(key, CUDA0, factory))
+        plans[index] = autotune.tuned_plan(key, CUDA0, factory(key))
 
-    threads = [threading.Thread(target=ask) for _ in "ab"]
+    threads = [threading.Thread(target=ask, args=item) for item in enumerate(keys)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(tuners) == 1 and len(plans) == 2 and plans[0] == plans[1] is not None
+    assert sorted(key.cell for key in tuned) == ["gru", "lstm"] and not any(overlapped)
+    assert len(plans) == 3 and plans[0] == plans[1] is not None and plans[2] is not None
 
 
 def test_a_tuned_plan_is_made_again_after_a_refused_cooperative_launch(cache, fake_gpu, monkeypatch):

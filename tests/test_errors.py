@@ -224,6 +224,12 @@ def _reassigned(name, make):
             "Input and parameter tensors are not at the same device",
             id="device",
         ),
+        pytest.param(
+            lambda: _reassigned("weight_hh_l1", lambda w: nn.Parameter(w.detach()[:, :5])),
+            RuntimeError,
+            r"parameter weight_hh_l1 has shape \(18, 5\), expected \(18, 6\)",
+            id="shape",
+        ),
     ],
 )
 def test_every_reassigned_weight_is_checked(module, error, match):
@@ -231,6 +237,35 @@ def test_every_reassigned_weight_is_checked(module, error, match):
     device. Only the first was: the kernels failed inside Triton, the CPU op ran with one bias or a float64 weight."""
     with pytest.raises(error, match=match):
         module()(x(5, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        pytest.param(dict(num_layers=1), r"num_layers=1, bias=True, bidirectional=False .* fixed", id="num_layers"),
+        pytest.param(dict(bias=False), r"bias=False, bidirectional=False .* fixed", id="bias"),
+        pytest.param(dict(bidirectional=True), r"bidirectional=True and proj_size=0 .* fixed", id="bidirectional"),
+        pytest.param(dict(hidden_size=5), r"weight_ih_l0 has shape \(18, 4\), expected \(15, 4\)", id="hidden"),
+    ],
+)
+def test_module_options_set_after_construction_are_checked(change, match):
+    """The layer count, bias, directions and sizes are fixed by the parameters built for them; set later, the kernels
+    ran with a layer fewer, without the biases, or read the weights with the wrong sizes. torch.nn's op raises
+    ("Expected more weights"); so do ours, naming what differs."""
+    module = tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)
+    for name, value in change.items():
+        setattr(module, name, value)
+    with pytest.raises(RuntimeError, match=match):
+        module(x(5, 3, 4))
+
+
+def test_a_bad_dropout_is_named_after_the_input_like_torch():
+    """torch.nn's op checks the dropout probability where it applies it, after the input's checks."""
+    for module in (nn.GRU(4, 6, num_layers=2), tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)):
+        module.dropout = 1.5
+        device = next(module.parameters()).device
+        with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+            module.train()(torch.randn(5, 3, 7, device=device))
 
 
 def test_a_one_dimensional_input_is_named_before_its_dtype_like_torch():

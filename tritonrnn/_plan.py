@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 
 import torch
+from triton import knobs
 
 log = logging.getLogger("tritonrnn")
 
@@ -97,10 +98,11 @@ def persistent_chunks(t0: int, t1: int, programs: int, barriers_per_step: int) -
 
 
 def interpret_mode() -> bool:
-    """True when the Triton interpreter is on, so the kernels can run on CPU tensors: TRITON_INTERPRET=1 now, and the
-    kernels defined under it. Triton makes a kernel interpreted or compiled where it is defined (tritonrnn's import), so
-    a TRITON_INTERPRET=1 set later cannot run them on the CPU: torch's op runs there, as without it."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and _kernels_interpreted()
+    """True when the Triton interpreter is on, so the kernels can run on CPU tensors: TRITON_INTERPRET on now (as
+    Triton reads it: 1, true, on or yes), and the kernels defined under it. Triton makes a kernel interpreted or
+    compiled where it is defined (tritonrnn's import), so one set later cannot run them on the CPU: torch's op runs
+    there, as without it."""
+    return knobs.runtime.interpret and _kernels_interpreted()
 
 
 @functools.cache

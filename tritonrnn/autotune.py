@@ -332,10 +332,10 @@ def tuned_plan(key: TuneKey, device: torch.device, tuner_factory: Callable[[], T
     # driver refuses a cooperative launch (_plan.cooperative_refused): the plan is made again then.
     memo_key = (str(store.path), key, index, resident_programs(index))
     if memo_key not in _memo:  # the file is read once per process and key, not at every call
-        # One thread tunes a key; another asking for it meanwhile waits for the result (two at once would time each
-        # other's kernels too).
+        # One tuning at a time on a GPU (two at once would time each other's kernels): a thread asking meanwhile, for
+        # this key or another, waits, then finds what it asked for tuned or tunes it.
         with _memo_lock:
-            lock = _key_locks.setdefault(memo_key, threading.RLock())
+            lock = _gpu_locks.setdefault(index, threading.RLock())
         with lock:
             if memo_key not in _memo:
                 plan = _tuned_plan(key, device, tuner_factory, gpu, store)
@@ -347,7 +347,7 @@ def tuned_plan(key: TuneKey, device: torch.device, tuner_factory: Callable[[], T
 
 _memo: dict[tuple, LayerPlan | None] = {}
 _memo_lock = threading.Lock()
-_key_locks: dict[tuple, threading.RLock] = {}
+_gpu_locks: dict[int, threading.RLock] = {}
 _LATER = object()  # not tuned now (graph capture): heuristics for this call, tuning at a later one
 
 

@@ -69,6 +69,37 @@ def fx_proxy_of_the_call(module: nn.Module, *args, **kwargs) -> torch.fx.Proxy |
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
+def _parameter_shapes(*options) -> dict[str, tuple[int, ...]]:
+    """torch.nn's parameters of a module built with these options (mode, input_size, hidden_size, proj_size,
+    num_layers, bias, bidirectional), in its order (``_flat_weights_names``): their shapes. Kept per options in a
+    plain dict (torch.compile warns on an lru_cache it traces through)."""
+    shapes = _PARAMETER_SHAPES.get(options)
+    if shapes is None:
+        shapes = _PARAMETER_SHAPES[options] = _shapes_of(*options)
+    return shapes
+
+
+_PARAMETER_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
+
+
+def _shapes_of(
+    mode: str, input_size: int, hidden_size: int, proj_size: int, num_layers: int, bias: bool, bidirectional: bool
+) -> dict[str, tuple[int, ...]]:
+    gates = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
+    width = proj_size or hidden_size
+    directions = 2 if bidirectional else 1
+    shapes = {}
+    for k in range(num_layers):
+        for suffix in ("", "_reverse")[:directions]:
+            shapes[f"weight_ih_l{k}{suffix}"] = (gates, input_size if k == 0 else directions * width)
+            shapes[f"weight_hh_l{k}{suffix}"] = (gates, width)
+            if bias:
+                shapes[f"bias_ih_l{k}{suffix}"] = shapes[f"bias_hh_l{k}{suffix}"] = (gates,)
+            if proj_size > 0:
+                shapes[f"weight_hr_l{k}{suffix}"] = (proj_size, hidden_size)
+    return shapes
+
+
 class _TritonRNNBase(nn.RNNBase):
     """forward() on tritonrnn's kernels; everything else inherited from torch.nn."""
 
@@ -136,16 +167,35 @@ class _TritonRNNBase(nn.RNNBase):
                 raise RuntimeError(f"hidden state dtype ({h.dtype}) does not match input dtype ({input.dtype})")
 
     def _check_attributes(self) -> None:
-        """What forward reads from attributes a user can set after construction, checked at every call: dropout
-        (torch.nn's op checks it where it applies it: in training, between layers), dropout_mode, and that no
-        parameter was set to None."""
+        """What forward reads from attributes a user can set after construction, checked at every call: the
+        dropout_mode, and the parameters against the sizes and options (a layer count, bias, direction or size
+        changed, a weight reassigned with another shape or None): the kernels would read them with the wrong sizes."""
+        _dropout.check_mode(self.dropout_mode)
+        expected = _parameter_shapes(
+            self.mode, self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bias, self.bidirectional
+        )  # fmt: skip
+        name = type(self).__name__
+        if tuple(expected) != tuple(self._flat_weights_names):
+            raise RuntimeError(
+                f"{name}: num_layers={self.num_layers}, bias={self.bias}, bidirectional={self.bidirectional} and "
+                f"proj_size={self.proj_size} call for the parameters {list(expected)}, the module has "
+                f"{list(self._flat_weights_names)}; these options are fixed when the module is built"
+            )
+        for (key, shape), weight in zip(expected.items(), self._flat_weights):
+            if weight is None:
+                raise TypeError(f"{name}: parameter {key} is None; expected a tensor")
+            if weight.shape != shape:
+                raise RuntimeError(
+                    f"{name}: parameter {key} has shape {tuple(weight.shape)}, expected {shape} for input_size="
+                    f"{self.input_size}, hidden_size={self.hidden_size}, proj_size={self.proj_size}"
+                )
+
+    def _check_dropout(self) -> None:
+        """torch.nn's op checks the probability where it applies it: in training, between layers, after the input's
+        checks."""
         p = self.dropout
         if self.training and self.num_layers > 1 and p != 0 and not 0 <= p <= 1:
             raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
-        _dropout.check_mode(self.dropout_mode)
-        for name, weight in zip(self._flat_weights_names, self._flat_weights):
-            if weight is None:
-                raise TypeError(f"{type(self).__name__}: parameter {name} is None; expected a tensor")
 
     def _check_dtypes(self, dtype: torch.dtype) -> None:
         """Input and every parameter in one dtype, where nothing casts them (a reassigned weight may differ)."""
@@ -230,6 +280,7 @@ class _TritonRNNBase(nn.RNNBase):
         self._check_devices(input, hidden)
         if input.size(1 - batch_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        self._check_dropout()
 
         x = input.transpose(0, 1) if self.batch_first else input
         out, h_n, c_n = self._run(x, hidden, is_lstm, autocast=dtype is not None)
@@ -271,6 +322,7 @@ class _TritonRNNBase(nn.RNNBase):
         )  # fmt: skip
         self.check_forward_args(data, hidden if is_lstm else hidden[0], batch_sizes)
         self._check_devices(data, hidden)
+        self._check_dropout()
         padded, lengths = unpack(packed)
         out, h_n, c_n = self._run(padded, hidden, is_lstm, lengths, autocast)
         return repack(out, packed), ((h_n, c_n) if is_lstm else h_n)
