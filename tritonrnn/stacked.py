@@ -140,8 +140,8 @@ class StackedRNN(nn.Module):
             raise ValueError(f"input_size should be a positive integer, got {input_size!r}")
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError(f"layers should be a non-empty list of (cell, hidden_size) pairs, got {layers!r}")
+        # The probabilities as given, before float() would take a string; the rest at the end (_check_attributes).
         _dropout.check_probability("dropout", dropout)
-        _dropout.check_mode(dropout_mode)
         _dropout.check_probability("weight_drop", weight_drop)
         if dropout > 0 and len(layers) == 1:
             warnings.warn(  # torch.nn's warning for the same case
