@@ -19,7 +19,7 @@ from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
-from tritonrnn import _plan, functional, layer_op, layer_run, reference
+from tritonrnn import _plan, functional, fused_stack, layer_op, layer_run, reference
 from tritonrnn.kernels import activations, recurrent
 from tritonrnn.kernels.recurrent import _group_rows
 from tritonrnn.kernels.sync import load_tagged, tag_of, tag_pack
@@ -716,6 +716,75 @@ def test_tf32_setting_read_through_torchs_new_precision_api(api):
         torch.backends.fp32_precision = "none"
         torch.backends.cuda.matmul.fp32_precision = "none"
 
+
+
+@pytest.mark.parametrize("path", ["layer", "op", "fused", "streams"])
+@pytest.mark.parametrize("forward_tf32", [False, True])
+def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch):
+    """The TF32 flag flipped between a forward and its backward: every backward kernel runs at the forward's
+    precision, on each path (one layer; the custom op, which plans its backward again; the fused stack; the stack on
+    streams). The backward was planned and compile-checked for it, and a forward that fell back at one precision
+    must not have its backward run kernels planned at the other."""
+    precisions = []
+
+    def spy(module):
+        launch = module.launch_kernel
+
+        def recording(kernel, grid, device, **kwargs):
+            precisions.append((kernel.__name__, kwargs["DOT_PRECISION"]))
+            return launch(kernel, grid, device, **kwargs)
+
+        monkeypatch.setattr(module, "launch_kernel", recording)
+
+    spy(layer_run)
+    spy(fused_stack)
+    torch.backends.cuda.matmul.allow_tf32 = forward_tf32
+    torch.manual_seed(0)
+    T, B, I, H = 5, 2, 3, 4
+    x = torch.randn(T, B, I, device=DEVICE, requires_grad=True)
+    if path == "op":
+        G = 4
+        weights = [torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((G * H, I), (1, G * H, H))]
+        h0, c0 = torch.zeros(1, B, H, device=DEVICE), torch.zeros(1, B, H, device=DEVICE)
+        args = (x, h0, c0, *weights, None, None, None, None, None, "lstm", False, 0.0, False, True, forward_tf32)
+        out = torch.ops.tritonrnn.layer(*args)[0]
+    else:
+        if path == "fused":
+            monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+        elif path == "streams":
+            monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
+        model = tritonrnn.LSTM(I, H, num_layers=1 if path == "layer" else 2).to(DEVICE)
+        out = model(x)[0]
+    forward = "tf32" if forward_tf32 else "ieee"
+    kernels = {name for name, _ in precisions}
+    assert precisions and all(p == forward for _, p in precisions), precisions
+    assert kernels == {"stack_fwd_kernel" if path == "fused" else "rnn_fwd_kernel"}, kernels
+    del precisions[:]
+    torch.backends.cuda.matmul.allow_tf32 = not forward_tf32  # the ieee_fp32 fixture restores it
+    out.sum().backward()
+    assert precisions and all(p == forward for _, p in precisions), precisions
+    assert len(set(name for name, _ in precisions)) == 1 and "bwd" in precisions[0][0]
+    assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in [x])
+
+
+def test_torch_compile_reads_the_tf32_flag_where_it_traces_and_traces_again_when_it_flips():
+    """torch.compile takes ``tf32_matmul()`` as a constant of the graph (it cannot trace torch's getter), which is
+    sound only while torch guards its graphs on the flag: a flip must trace again, not run the old constant."""
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.append(1)
+        return graph_module
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def precision_as_number(x):
+        return x + (1 if _plan.tf32_matmul() else 2)
+
+    zero = torch.zeros(1)
+    for tf32, expected, graphs in ((False, 2, 1), (True, 1, 2), (False, 2, 2)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # the ieee_fp32 fixture restores it
+        assert precision_as_number(zero).item() == expected
+        assert len(traced) == graphs
 
 def test_small_pre_activations_keep_float32_precision():
     """A deep bias-free LSTM on small inputs: every pre-activation near 0, where tanh computed as a difference near 1

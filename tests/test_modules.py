@@ -499,6 +499,7 @@ def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkey
         torch.tensor([5, 2, 4], dtype=torch.int32, device=DEVICE) if options.get("lengths") else None,
         torch.tensor([7], dtype=torch.int64, device=DEVICE) if options.get("p_drop") else None,
         cell, options.get("residual", False), options.get("p_drop", 0.0), options.get("variational", False), True,
+        False,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.tritonrnn.layer.default, args)
     hseq, y, _, h_n, _, saved, mseq = torch.ops.tritonrnn.layer(*args)
@@ -841,7 +842,7 @@ def test_fake_cuda_trace_without_a_gpu_gives_the_kernels_shapes():
 
         outputs = torch.ops.tritonrnn.layer(
             fake(T, B, I), fake(1, B, P), fake(1, B, H), fake(4 * H, I), fake(1, 4 * H, P), fake(4 * H), fake(4 * H),
-            fake(1, P, H), None, None, "lstm", False, 0.0, False, True,
+            fake(1, P, H), None, None, "lstm", False, 0.0, False, True, False,
         )  # fmt: skip
     hseq, _, _, h_n, c_n, saved, mseq = outputs
     assert hseq.device.type == "cuda"
@@ -1053,7 +1054,7 @@ def test_inputs_and_weights_modified_in_place_before_backward_raise_or_keep_the_
 def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
     """torch.export: each layer one tritonrnn::layer node (the bidirectional layer's two directions in one), the
     program valid at other lengths than the traced one, gradients through it as eager's. Exported under no_grad the
-    ops save nothing for backward (the op's last argument)."""
+    ops save nothing for backward (the op's ``save``)."""
     from torch.export import Dim, export
 
     torch.manual_seed(0)
@@ -1072,7 +1073,11 @@ def test_torch_export_records_one_layer_op_a_layer_with_a_dynamic_length(grad):
                 model, (torch.randn(shape, device=DEVICE),), dynamic_shapes=({time_dim: Dim("T", max=64)},)
             )
         layer_nodes = [n for n in program.graph.nodes if n.target is torch.ops.tritonrnn.layer.default]
-        assert [n.args[-1] for n in layer_nodes] == [grad] * n_layers, type(model).__name__
+        names = [a.name for a in torch.ops.tritonrnn.layer.default._schema.arguments]
+        arguments = [dict(zip(names, n.args)) for n in layer_nodes]
+        assert [a["save"] for a in arguments] == [grad] * n_layers, type(model).__name__
+        # The precision is fixed where the program is made (the ieee_fp32 fixture's), as a compiled graph's is.
+        assert [a["tf32"] for a in arguments] == [False] * n_layers
         shape[time_dim] = 9
         x = torch.randn(shape, device=DEVICE, requires_grad=grad)
         with torch.set_grad_enabled(grad):

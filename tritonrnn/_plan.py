@@ -8,6 +8,7 @@ the autotuner of a later issue replaces the heuristics here, not the kernels or 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -114,12 +115,35 @@ def _kernels_interpreted() -> bool:
     return isinstance(rnn_fwd_kernel, InterpretedFunction)
 
 
+# The precision a backward runs at: its forward's (fixed_tf32), whatever the flag says by then.
+_fixed_tf32: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tritonrnn_fixed_tf32", default=None)
+
+
+# A constant to torch.compile, which cannot trace torch's getter: its graphs are guarded on the TF32 flag (a flip
+# compiles the graph again), so the value read when tracing is the one the graph runs with.
+@torch.compiler.assume_constant_result
 def tf32_matmul() -> bool:
-    """Whether torch lets float32 CUDA matmuls use TF32, set through either of its APIs: ``allow_tf32``, or from
-    torch 2.9 ``fp32_precision`` (after which reading ``allow_tf32`` raises: torch refuses a mix of the two)."""
+    """Whether float32 dots run as TF32: inside ``fixed_tf32``, its value; else whether torch lets float32 CUDA
+    matmuls use TF32, set through either of its APIs: ``allow_tf32``, or from torch 2.9 ``fp32_precision`` (after
+    which reading ``allow_tf32`` raises: torch refuses a mix of the two)."""
+    fixed = _fixed_tf32.get()
+    if fixed is not None:
+        return fixed
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
+@contextlib.contextmanager
+def fixed_tf32(tf32: bool):
+    """``tf32_matmul()`` answers ``tf32`` inside (this thread and context): a backward plans, compiles and launches
+    at its forward's precision, though the flag was flipped between the two (its compile check was for that one, and
+    a forward that fell back at one precision must not have its backward run kernels planned at the other)."""
+    token = _fixed_tf32.set(bool(tf32))
+    try:
+        yield
+    finally:
+        _fixed_tf32.reset(token)
 
 
 def fma_dots(dtype: torch.dtype) -> bool:

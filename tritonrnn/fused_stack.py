@@ -19,6 +19,7 @@ from tritonrnn._plan import (
     CELLS,
     LayerPlan,
     cuda_index,
+    fixed_tf32,
     interpret_mode,
     log_once,
     on_device,
@@ -252,6 +253,7 @@ class FusedStackFunction(torch.autograd.Function):
         if any(ctx.needs_input_grad):
             ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
             ctx.cell, ctx.plan, ctx.mode, ctx.p_drop, ctx.has_bias = cell, plan, mode, launch["p_drop"], has_bias
+            ctx.tf32 = tf32_matmul()  # the backward runs at the forward's precision
             ctx.c0 = torch.cat(c0s).to(acc) if cell == "lstm" else None
             ctx.buffers = (hseq, saved, z if drop is not None else None, seeds, w_ih, w_hh)
             ctx.save_for_backward(x, *tensors)
@@ -262,6 +264,11 @@ class FusedStackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        with fixed_tf32(ctx.tf32):
+            return FusedStackFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         refuse_double_backward("the fused stack (TRITONRNN_WAVEFRONT=fused)")
         refuse_batched_gradients("the fused stack (TRITONRNN_WAVEFRONT=fused)", grads)
         x, *tensors = unpack_saved(ctx)  # raises if an input was modified in place since forward

@@ -32,6 +32,7 @@ from tritonrnn._plan import (
     MIN_DOT,
     LayerPlan,
     cuda_index,
+    fixed_tf32,
     forced,
     in_one_group,
     interpret_mode,
@@ -246,16 +247,28 @@ def _layer_impl(
     p_drop: float,
     variational: bool,
     save: bool,
+    tf32: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer with LayerRun's shapes; returns (hseq, y, z, h_n, c_n, saved, mseq) as ``_output_shapes``."""
+    """One layer with LayerRun's shapes; returns (hseq, y, z, h_n, c_n, saved, mseq) as ``_output_shapes``.
+    ``tf32``: float32's dots as TF32 (``tf32_matmul()`` where the call was made; its backward runs at the same)."""
     return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational,
-                          save)  # fmt: skip
+                          save, tf32)  # fmt: skip
 
 
 def _layer_forward(
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, plan=None
-):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, tf32,
+    plan=None,
+):  # fmt: skip
     """``_layer_impl`` with the layer's plan (or the reason it has none) given, where the caller has it already."""
+    with fixed_tf32(tf32):
+        return _layer_forward_at_precision(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, plan
+        )  # fmt: skip
+
+
+def _layer_forward_at_precision(
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, plan
+):
     dropout = _dropout(seed, p_drop, variational)
     variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
     if plan is None:
@@ -289,7 +302,7 @@ layer = torch.library.custom_op("tritonrnn::layer", _layer_impl, mutates_args=()
 
 
 @layer.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, tf32):
     variant = _variant(w_hh.shape[0], residual, _dropout(seed, p_drop, variational), w_hr, lengths)
     shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save, _certain_fallback(cell, x, w_hh, variant))
     return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in shapes)
@@ -318,20 +331,33 @@ def _layer_backward_impl(
     residual: bool,
     p_drop: float,
     variational: bool,
+    tf32: bool,
 ) -> list[Tensor]:
-    """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None)."""
+    """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None), at the forward's
+    precision ``tf32``."""
     return _layer_grads(
         grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq,
-        saved, mseq, cell, residual, p_drop, variational,
+        saved, mseq, cell, residual, p_drop, variational, tf32,
     )  # fmt: skip
 
 
 def _layer_grads(
     grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
-    mseq, cell, residual, p_drop, variational, reference_only=False, plan=None,
+    mseq, cell, residual, p_drop, variational, tf32, reference_only=False, plan=None,
 ) -> list[Tensor]:  # fmt: skip
     """_layer_backward_impl's gradients, on the kernels or (where they cannot run it, or ``reference_only``) by the
     reference. ``plan``: the forward's (``plan_or_reason``), where the caller kept it."""
+    with fixed_tf32(tf32):
+        return _layer_grads_at_precision(
+            grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq,
+            saved, mseq, cell, residual, p_drop, variational, reference_only, plan,
+        )  # fmt: skip
+
+
+def _layer_grads_at_precision(
+    grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
+    mseq, cell, residual, p_drop, variational, reference_only, plan,
+) -> list[Tensor]:  # fmt: skip
     dropout = _dropout(seed, p_drop, variational)
     variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
     if not variant.write_y:
@@ -396,9 +422,9 @@ def _fallback_backward(cell, inputs, lengths, dropout, residual, grads, torch_op
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, _ = inputs
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, _, tf32 = inputs
     hseq, _, _, _, _, saved, mseq = output
-    ctx.options = (cell, residual, p_drop, variational)
+    ctx.options = (cell, residual, p_drop, variational, tf32)
     ctx.present = [t is not None for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
     # Through autograd, so that modifying an input or hseq in place before backward is an error.
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved, mseq)
@@ -409,7 +435,7 @@ def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _gr
     saved = unpack_saved(ctx) if saved is None else saved
     grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *saved, *ctx.options)
     grads = [g if present else None for g, present in zip(grads, ctx.present)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None)  # lengths, seed and the options
 
 
 layer.register_autograd(_backward, setup_context=_setup_context)
@@ -493,7 +519,7 @@ def run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, residual, dropout, 
         run = _EagerLayer.apply
     else:
         run = functools.partial(_EagerLayerPlain.apply, plan)
-    hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save)
+    hseq, y, z, h_n, c_n, _, _ = run(*tensors, lengths, seed, cell, residual, p_drop, variational, save, tf32_matmul())
     # A function, not Variant.write_y: torch 2.10's dynamo cannot read a NamedTuple's property (fullgraph breaks).
     if not writes_y(w_hh.shape[0], residual, lengths is not None):
         # One direction: squeeze, whose backward is a view, where hseq[0] would make backward build a zero-filled

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from tritonrnn._plan import refuse_batched_gradients, refuse_double_backward, unpack_saved
+from tritonrnn._plan import fixed_tf32, refuse_batched_gradients, refuse_double_backward, tf32_matmul, unpack_saved
 from tritonrnn.layer_run import LayerRun
 
 
@@ -46,11 +46,17 @@ class WavefrontStackFunction(torch.autograd.Function):
                 run.detach_tensors(kept)
             ctx.runs = runs
             ctx.chunks = chunks
+            ctx.tf32 = tf32_matmul()  # the backward runs at the forward's precision
             ctx.save_for_backward(x, *tensors)
         return returned
 
     @staticmethod
     def backward(ctx, *grads):
+        with fixed_tf32(ctx.tf32):
+            return WavefrontStackFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         refuse_double_backward("the stack on streams (TRITONRNN_WAVEFRONT=N)")
         refuse_batched_gradients("the stack on streams (TRITONRNN_WAVEFRONT=N)", grads)
         unpack_saved(ctx)  # raises if an input was modified in place since forward
