@@ -717,7 +717,6 @@ def test_tf32_setting_read_through_torchs_new_precision_api(api):
         torch.backends.cuda.matmul.fp32_precision = "none"
 
 
-
 @pytest.mark.parametrize("path", ["layer", "op", "fused", "streams"])
 @pytest.mark.parametrize("forward_tf32", [False, True])
 def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch):
@@ -785,6 +784,7 @@ def test_torch_compile_reads_the_tf32_flag_where_it_traces_and_traces_again_when
         torch.backends.cuda.matmul.allow_tf32 = tf32  # the ieee_fp32 fixture restores it
         assert precision_as_number(zero).item() == expected
         assert len(traced) == graphs
+
 
 def test_small_pre_activations_keep_float32_precision():
     """A deep bias-free LSTM on small inputs: every pre-activation near 0, where tanh computed as a difference near 1
