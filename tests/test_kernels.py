@@ -779,6 +779,8 @@ def test_torch_compile_reads_the_tf32_flag_where_it_traces_and_traces_again_when
     def precision_as_number(x):
         return x + (1 if _plan.tf32_matmul() else 2)
 
+    # _plan marks it as the public decorator would (without importing torch._dynamo where the library is imported)
+    assert getattr(torch.compiler.assume_constant_result(lambda: None), "_dynamo_marked_constant", False)
     zero = torch.zeros(1)
     for tf32, expected, graphs in ((False, 2, 1), (True, 1, 2), (False, 2, 2)):
         torch.backends.cuda.matmul.allow_tf32 = tf32  # the ieee_fp32 fixture restores it

@@ -119,9 +119,6 @@ def _kernels_interpreted() -> bool:
 _fixed_tf32: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tritonrnn_fixed_tf32", default=None)
 
 
-# A constant to torch.compile, which cannot trace torch's getter: its graphs are guarded on the TF32 flag (a flip
-# compiles the graph again), so the value read when tracing is the one the graph runs with.
-@torch.compiler.assume_constant_result
 def tf32_matmul() -> bool:
     """Whether float32 dots run as TF32: inside ``fixed_tf32``, its value; else whether torch lets float32 CUDA
     matmuls use TF32, set through either of its APIs: ``allow_tf32``, or from torch 2.9 ``fp32_precision`` (after
@@ -132,6 +129,13 @@ def tf32_matmul() -> bool:
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
+# A constant to torch.compile, which cannot trace torch's getter: its graphs are guarded on the TF32 flag (a flip
+# compiles the graph again), so the value read when tracing is the one the graph runs with. What
+# torch.compiler.assume_constant_result does, without the 2 s import of torch._dynamo it makes on the way (a test
+# checks that the decorator still marks a function so).
+tf32_matmul._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
