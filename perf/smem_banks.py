@@ -17,8 +17,11 @@ decide whether ldmatrix or ld.shared meets 1 or 16 banks at once (perf/NOTES.md,
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import NamedTuple
 
 _MASKS = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFFFFFF, 64: (1 << 64) - 1}
@@ -55,97 +58,163 @@ def _signed(value: int, bits: int) -> int:
 
 def _evaluate(op: str, values: list[int | None]) -> int | None:
     """One integer instruction's result, or None (an unknown operand, or an instruction outside the model)."""
+    return _operation(op)(values)
+
+
+@functools.cache
+def _operation(op: str) -> Callable[[list[int | None]], int | None]:
+    """``_evaluate`` for one op, its name parsed once: a PTX listing repeats a few hundred ops in tens of thousands
+    of instructions, each evaluated for 32 lanes and every warp."""
     base, suffix = op.split(".")[0], op.split(".")[-1]
     bits = _bits(suffix)
     if base == "selp":
-        if values[2] is None:
-            return None
-        return values[0] if values[2] else values[1]
-    if any(v is None for v in values):
-        return None
+
+        def select(values: list[int | None]) -> int | None:
+            if values[2] is None:
+                return None
+            return values[0] if values[2] else values[1]
+
+        return select
     signed = ".s" in op
     wide = ".wide" in op
+    mask = _MASKS.get(bits, -1)
 
     def operand(v: int) -> int:
-        return _signed(v, bits) if signed else v & _MASKS.get(bits, -1)
+        return _signed(v, bits) if signed else v & mask
 
-    a = values
-    if base == "mov":
-        result = a[0]
-    elif base == "add":
-        result = a[0] + a[1]
-    elif base == "sub":
-        result = a[0] - a[1]
-    elif base == "mul":
-        result = operand(a[0]) * operand(a[1]) if wide else a[0] * a[1]
-    elif base == "mad":
-        result = (operand(a[0]) * operand(a[1]) if wide else a[0] * a[1]) + a[2]
-    elif base == "and":
-        result = a[0] & a[1]
-    elif base == "or":
-        result = a[0] | a[1]
-    elif base == "xor":
-        result = a[0] ^ a[1]
-    elif base == "shl":
-        result = a[0] << a[1]
-    elif base == "shr":
-        result = operand(a[0]) >> a[1]
-    elif base == "neg":
-        result = -a[0]
-    elif base == "bfe":
-        field = (a[0] & _MASKS.get(bits, -1)) >> a[1] & ((1 << a[2]) - 1)
-        result = _signed(field, a[2]) if signed and a[2] else field  # bfe.s sign-extends the field
-    elif base == "cvt":
+    if base == "cvt":
         source_bits = _bits(suffix)
-        result = _signed(a[0], source_bits) if suffix.startswith("s") else a[0] & _MASKS.get(source_bits, -1)
+        source_mask = _MASKS.get(source_bits, -1)
+        from_signed = suffix.startswith("s")
         bits = _bits(op.split(".")[-2])
-    elif base in ("min", "max"):
-        result = (min if base == "min" else max)(operand(a[0]), operand(a[1]))
+
+        def convert(a: list[int]) -> int:
+            return _signed(a[0], source_bits) if from_signed else a[0] & source_mask
+
+        compute = convert
     elif base == "setp":
-        x, y = operand(a[0]), operand(a[1])
-        comparisons = {"lt": x < y, "le": x <= y, "gt": x > y, "ge": x >= y, "eq": x == y, "ne": x != y}
-        compared = comparisons.get(op.split(".")[1])
-        return None if compared is None else int(compared)
+        comparison = _COMPARISONS.get(op.split(".")[1])
+        if comparison is None:
+            return _unknown
+
+        def compare(values: list[int | None]) -> int | None:
+            if any(v is None for v in values):
+                return None
+            return int(comparison(operand(values[0]), operand(values[1])))
+
+        return compare
+    elif base == "mul" and wide:
+        compute = lambda a: operand(a[0]) * operand(a[1])  # noqa: E731
+    elif base == "mad" and wide:
+        compute = lambda a: operand(a[0]) * operand(a[1]) + a[2]  # noqa: E731
+    elif base == "shr":
+        compute = lambda a: operand(a[0]) >> a[1]  # noqa: E731
+    elif base in ("min", "max"):
+        pick = min if base == "min" else max
+        compute = lambda a: pick(operand(a[0]), operand(a[1]))  # noqa: E731
+    elif base == "bfe":
+
+        def compute(a: list[int]) -> int:
+            field = (a[0] & mask) >> a[1] & ((1 << a[2]) - 1)
+            return _signed(field, a[2]) if signed and a[2] else field  # bfe.s sign-extends the field
+
+    elif base in _PLAIN:
+        compute = _PLAIN[base]
     else:
-        return None
-    return result & _MASKS.get(bits, (1 << 64) - 1)
+        return _unknown
+    result_mask = _MASKS.get(bits, (1 << 64) - 1)
+
+    def evaluate(values: list[int | None]) -> int | None:
+        if any(v is None for v in values):
+            return None
+        return compute(values) & result_mask
+
+    return evaluate
 
 
-def shared_accesses(ptx: str, warp: int, num_threads: int) -> list[Access]:
-    """Every ld/st/ldmatrix/stmatrix on shared memory in ``ptx``, with the addresses warp ``warp`` gives it."""
-    registers: dict[str, list[int | None]] = {}
+def _unknown(values: list[int | None]) -> None:
+    return None
 
-    def value(token: str, lane: int) -> int | None:
-        token = token.strip()
-        if token.startswith("%tid.x"):
-            return 32 * warp + lane
-        if token.startswith(("%tid.", "%ctaid")):
-            return 0
-        if token.startswith("%ntid.x"):
-            return num_threads
-        if token.startswith("%"):
-            lanes = registers.get(token)
-            return None if lanes is None else lanes[lane]
-        if re.fullmatch(r"-?\d+", token):
-            return int(token)
-        if re.fullmatch(r"0[xX][0-9a-fA-F]+", token):
-            return int(token, 16)
-        return 0 if token == "global_smem" else None
 
-    accesses = []
+# Ops whose result does not depend on the operands' type (before the result is cut to the destination's width).
+_PLAIN: dict[str, Callable[[list[int]], int]] = {
+    "mov": lambda a: a[0],
+    "add": lambda a: a[0] + a[1],
+    "sub": lambda a: a[0] - a[1],
+    "mul": lambda a: a[0] * a[1],
+    "mad": lambda a: a[0] * a[1] + a[2],
+    "and": lambda a: a[0] & a[1],
+    "or": lambda a: a[0] | a[1],
+    "xor": lambda a: a[0] ^ a[1],
+    "shl": lambda a: a[0] << a[1],
+    "neg": lambda a: -a[0],
+}
+_COMPARISONS: dict[str, Callable[[int, int], bool]] = {
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": operator.eq, "ne": operator.ne,
+}  # fmt: skip
+
+
+class _Instruction(NamedTuple):
+    predicate: str | None
+    op: str
+    arguments: str
+    destination: str | None  # the register an integer instruction writes (None: a shared access, or none)
+    operands: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=2)  # count() asks for one kernel's warps in turn; a listing is up to 600 KB
+def _instructions(ptx: str) -> tuple[_Instruction, ...]:
+    """``ptx``'s instructions, parsed once for all warps."""
+    instructions = []
     for line in ptx.splitlines():
         match = _INSTRUCTION.match(line.strip())
         if not match or line.strip().startswith((".", "//")):
             continue
         predicate, op, arguments = match.groups()
         if ".shared" in op and op.startswith(("ld", "st")):
-            accesses.append(_access(op, arguments, predicate, registers))
+            instructions.append(_Instruction(predicate, op, arguments, None, ()))
             continue
         operands = [a.strip() for a in arguments.split(",")]
-        destination = operands[0]
-        if not destination.startswith("%") or (predicate and destination in registers):
+        destination = operands[0] if operands[0].startswith("%") else None
+        instructions.append(_Instruction(predicate, op, arguments, destination, tuple(operands[1:])))
+    return tuple(instructions)
+
+
+def _operand_lanes(token: str, warp: int, num_threads: int, registers: dict) -> list[int | None] | None:
+    """An operand's value in each of the warp's 32 lanes (None: unknown in every lane)."""
+    if token.startswith("%tid.x"):
+        return list(range(32 * warp, 32 * warp + 32))
+    if token.startswith(("%tid.", "%ctaid")):
+        return _ZEROS
+    if token.startswith("%ntid.x"):
+        return [num_threads] * 32
+    if token.startswith("%"):
+        return registers.get(token)
+    if re.fullmatch(r"-?\d+", token):
+        return [int(token)] * 32
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", token):
+        return [int(token, 16)] * 32
+    return _ZEROS if token == "global_smem" else None
+
+
+_ZEROS = [0] * 32
+_UNKNOWN = [None] * 32
+
+
+def shared_accesses(ptx: str, warp: int, num_threads: int) -> list[Access]:
+    """Every ld/st/ldmatrix/stmatrix on shared memory in ``ptx``, with the addresses warp ``warp`` gives it."""
+    registers: dict[str, list[int | None]] = {}
+    accesses = []
+    for predicate, op, arguments, destination, operands in _instructions(ptx):
+        if destination is None:
+            if ".shared" in op and op.startswith(("ld", "st")):
+                accesses.append(_access(op, arguments, predicate, registers))
+            continue
+        if predicate and destination in registers:
             continue  # a predicated redefinition keeps the first value (loops run once in this model)
-        registers[destination] = [_evaluate(op, [value(o, lane) for o in operands[1:]]) for lane in range(32)]
+        lanes = [_operand_lanes(token, warp, num_threads, registers) or _UNKNOWN for token in operands]
+        evaluate = _operation(op)
+        registers[destination] = [evaluate(values) for values in zip(*lanes)] if lanes else _UNKNOWN
     return accesses
 
 
