@@ -22,9 +22,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_kernels_compile_for_sm90_and_the_barrier_lowers_correctly():
+    """Every cell, dtype and variant at an odd hidden size (the masked tiles). Powers of two are compiled by the
+    tests below (H=128 to 2048) and by the library's own compile check (H=64: each cell, and the variants with two
+    directions, dropout, lengths and the projection; tests/fake_sm90_plans.py); this test compiled H=64 too until
+    the suite's time asked for less (perf/NOTES.md)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "perf.compile_report", "--check", "--hidden", "64", "100", "--batch", "16",
+        [sys.executable, "-m", "perf.compile_report", "--check", "--hidden", "100", "--batch", "16",
          "--cells", "lstm", "gru", "rnn_tanh", "rnn_relu", "--dtype", "bf16", "fp16", "fp32",
          "--variants", "plain", "bidir+residual+dropout+varlen", "variational",
          "proj+bidir+residual+dropout+varlen"],
@@ -35,8 +39,8 @@ def test_kernels_compile_for_sm90_and_the_barrier_lowers_correctly():
     assert "per-program wait lowering: ok" in result.stdout
     # FMA chosen as a launch chooses it (_plan.FP_FUSION), not left to the default Triton 3.9 warns about
     assert "FP_FUSION" not in result.stderr, result.stderr
-    # 4 cells x 2 sizes x 3 dtypes x 3 variants, plus the LSTM projection's 2 x 3; none a fallback at these sizes
-    assert result.stdout.count("| bwd {") == 78, result.stdout
+    # 4 cells x 3 dtypes x 3 variants, plus the LSTM projection's 3; none a fallback at this size
+    assert result.stdout.count("| bwd {") == 39, result.stdout
 
 
 def test_the_planned_kernels_spill_no_registers_where_the_heuristics_were_fitted_to_the_compiles():
