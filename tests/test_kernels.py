@@ -717,13 +717,14 @@ def test_tf32_setting_read_through_torchs_new_precision_api(api):
         torch.backends.cuda.matmul.fp32_precision = "none"
 
 
-@pytest.mark.parametrize("path", ["layer", "op", "fused", "streams"])
+@pytest.mark.parametrize("path", ["layer", "op", "fused", "streams", "checkpoint"])
 @pytest.mark.parametrize("forward_tf32", [False, True])
 def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch):
     """The TF32 flag flipped between a forward and its backward: every backward kernel runs at the forward's
     precision, on each path (one layer; the custom op, which plans its backward again; the fused stack; the stack on
-    streams). The backward was planned and compile-checked for it, and a forward that fell back at one precision
-    must not have its backward run kernels planned at the other."""
+    streams; a checkpointed layer, whose forward runs again in backward). The backward was planned and compile-checked
+    for it, and a forward that fell back at one precision must not have its backward run kernels planned at the
+    other."""
     precisions = []
 
     def spy(module):
@@ -752,8 +753,11 @@ def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch
             monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
         elif path == "streams":
             monkeypatch.setenv("TRITONRNN_WAVEFRONT", "2")
-        model = tritonrnn.LSTM(I, H, num_layers=1 if path == "layer" else 2).to(DEVICE)
-        out = model(x)[0]
+        model = tritonrnn.LSTM(I, H, num_layers=2 if path in ("fused", "streams") else 1).to(DEVICE)
+        if path == "checkpoint":
+            out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)[0]
+        else:
+            out = model(x)[0]
     forward = "tf32" if forward_tf32 else "ieee"
     kernels = {name for name, _ in precisions}
     assert precisions and all(p == forward for _, p in precisions), precisions
@@ -762,7 +766,8 @@ def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch
     torch.backends.cuda.matmul.allow_tf32 = not forward_tf32  # the ieee_fp32 fixture restores it
     out.sum().backward()
     assert precisions and all(p == forward for _, p in precisions), precisions
-    assert len(set(name for name, _ in precisions)) == 1 and "bwd" in precisions[0][0]
+    backward = {"rnn_bwd_kernel", "rnn_fwd_kernel"} if path == "checkpoint" else {precisions[-1][0]}
+    assert set(name for name, _ in precisions) == backward and "bwd" in precisions[-1][0]
     assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in [x])
 
 

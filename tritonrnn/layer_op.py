@@ -432,10 +432,18 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None, saved=None):
     impl = impl or torch.ops.tritonrnn.layer_backward
-    saved = unpack_saved(ctx) if saved is None else saved
+    if saved is None:
+        saved = _unpack_at_forwards_precision(ctx)
     grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *saved, *ctx.options)
     grads = [g if present else None for g, present in zip(grads, ctx.present)]
     return (*grads, None, None, None, None, None, None, None, None)  # lengths, seed and the options
+
+
+def _unpack_at_forwards_precision(ctx) -> tuple:
+    """ctx's saved tensors. Under torch.utils.checkpoint(use_reentrant=False) the first unpack runs the checkpointed
+    forward again: at the forward's precision, as the backward runs (the options end with it)."""
+    with fixed_tf32(ctx.options[-1]):
+        return unpack_saved(ctx)
 
 
 layer.register_autograd(_backward, setup_context=_setup_context)
@@ -459,7 +467,7 @@ class _EagerLayer(torch.autograd.Function):
         # (a gradient penalty) the backward must itself be differentiable (cuDNN's is not).
         # (is_grads_batched and jacobian(vectorize=True) hand in the older vmap's batched tensors, also wrappers.)
         # ctx.saved_tensors is read once: torch.utils.checkpoint(use_reentrant=False) allows one unpack per backward.
-        saved = unpack_saved(ctx)
+        saved = _unpack_at_forwards_precision(ctx)
         tensors = [t for t in (*grads, *saved) if t is not None]
         functorch = torch._C._functorch
         if any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors):
