@@ -5,15 +5,15 @@ A launch under the interpreter of Triton 3.6 to 3.9 patches the language for the
 patches it again (``InterpretedFunction.__call__`` -> ``_patch_lang``), scanning each module and class with
 ``inspect.getmembers`` for builtins that are all patched already, and setting the same tensor and core attributes
 to equivalent new functions; that scope is never restored (the launch's restore undoes it). The kernels call
-helpers (the cell, the dots, the exchange) several times a step: those scans took a fifth of the suite's
-interpreter time. Here a helper's call inside a launch whose patches so far cover the helper's language modules
-patches nothing more; everything else runs Triton's own patching. The
-kernels and what the interpreter computes are unchanged; ``test_interpreter_speed`` checks that.
+helpers (the cell, the dots, the exchange) several times a step: those scans took a third of the interpreter's time
+(gradcheck of one LSTM layer: 41 s, 28 s without). Here a helper's call inside a launch whose patches so far cover
+the helper's language modules patches nothing more; everything else (the launch's own patch, a helper reaching
+another language module, a helper called outside a launch) runs Triton's own patching. The kernels and what the
+interpreter computes are unchanged; ``test_interpreter_speed`` checks that.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import triton.language as tl
@@ -22,44 +22,45 @@ from triton.runtime import interpreter
 _state = threading.Lock()
 
 
-@functools.cache
 def _languages(fn) -> frozenset[int]:
-    """The language modules the interpreter patches for ``fn``: tl and tl.core where fn's module holds them (found
-    once a function: a module imports them when it is loaded)."""
+    """The language modules the interpreter patches for ``fn``: tl and tl.core where fn's module holds them."""
     return frozenset(id(value) for value in fn.__globals__.values() if value is tl or value is tl.core)
 
 
 def install() -> None:
     """Skip the helpers' repeated patching (once). An AttributeError: the interpreter changed, look again."""
-    patch_lang = interpreter._patch_lang
+    patch_lang, run_grid = interpreter._patch_lang, interpreter.GridExecutor.__call__
     if getattr(patch_lang, "once_a_launch", False):
         return
-    patched: list[frozenset[int]] = []  # the languages a running launch has patched (none between launches)
+    # Per running launch (launches do not nest; a list for safety): the language modules patched for it so far,
+    # None until the launch's own patch.
+    launches: list[frozenset[int] | None] = []
 
     def patch_once(fn):
         languages = _languages(fn)
         with _state:
-            if patched and languages <= patched[-1]:
-                return interpreter._LangPatchScope()  # all patched by the launch: an empty scope
+            covered = bool(launches) and launches[-1] is not None and bool(languages) and languages <= launches[-1]
+        if covered:
+            return interpreter._LangPatchScope()  # all patched for the launch: an empty scope
         scope = patch_lang(fn)
         with _state:
-            if patched:
-                # A helper reaching a language the launch did not patch (triton.language's own helpers, tl.zeros or
-                # tl.sum, hold tl.core): Triton's patch, as before, which stays for the rest of the launch (its scope
-                # is dropped, never restored).
-                patched[-1] |= languages
-                return scope
-            patched.append(languages)
-        restore = scope.restore
-
-        def restore_and_forget() -> None:
-            with _state:
-                patched.clear()
-            restore()
-
-        scope.restore = restore_and_forget
+            if launches:
+                # The launch's own patch, or a helper reaching a language module it did not patch (triton.language's
+                # own helpers, tl.zeros or tl.sum, hold tl.core): Triton's patch, which the helper's caller drops, so
+                # it stays in place after the launch, as without this.
+                launches[-1] = languages if launches[-1] is None else launches[-1] | languages
         return scope
+
+    def run_grid_patching_once(self, *args, **kwargs):
+        with _state:
+            launches.append(None)
+        try:
+            return run_grid(self, *args, **kwargs)  # restores the language before it returns or raises
+        finally:
+            with _state:
+                launches.pop()
 
     patch_once.once_a_launch = True
     patch_once.triton_patch_lang = patch_lang
     interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = run_grid_patching_once

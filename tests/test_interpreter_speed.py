@@ -27,6 +27,13 @@ def _helper_kernel(out, n: tl.constexpr):
     tl.store(out + offsets, value)
 
 
+@triton.jit
+def _failing_kernel(out, n: tl.constexpr):
+    value = _twice(tl.zeros([n], dtype=tl.float32))
+    tl.static_assert(n < 0, "fails on purpose")
+    tl.store(out + tl.arange(0, n), value)
+
+
 def _language_state():
     """What a patch changes: the builtins of tl and of its tensor class, and the attributes _patch_lang_core sets."""
     return {
@@ -49,6 +56,7 @@ def test_a_launch_patches_once_and_restores_the_language(monkeypatch):
 
     # Count Triton's patches through a fresh install over a counting stand-in (monkeypatch puts conftest's back)
     monkeypatch.setattr(interpreter, "_patch_lang", counted)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreter.GridExecutor.__call__)
     import interpreter_speed
 
     interpreter_speed.install()
@@ -62,3 +70,10 @@ def test_a_launch_patches_once_and_restores_the_language(monkeypatch):
     assert _language_state() == before  # restored after the launch
     _helper_kernel[(1,)](out, n=8)  # the next launch patches again
     assert calls == ["_helper_kernel", "zeros"] * 2 and _language_state() == before
+    # A launch that fails restores the language too, and the next one patches again
+    with pytest.raises(interpreter.InterpreterError):
+        _failing_kernel[(1,)](out, n=8)
+    assert calls[-2:] == ["_failing_kernel", "zeros"] and _language_state() == before
+    del calls[:]
+    _helper_kernel[(1,)](out, n=8)
+    assert calls == ["_helper_kernel", "zeros"] and torch.equal(out, torch.full((8,), 8.0))
