@@ -261,41 +261,33 @@ def _layer_forward(
 ):  # fmt: skip
     """``_layer_impl`` with the layer's plan (or the reason it has none) given, where the caller has it already."""
     with fixed_tf32(tf32):
-        return _layer_forward_at_precision(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, plan
-        )  # fmt: skip
-
-
-def _layer_forward_at_precision(
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, cell, residual, p_drop, variational, save, plan
-):
-    dropout = _dropout(seed, p_drop, variational)
-    variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
-    if plan is None:
-        plan = plan_or_reason(cell, x, w_hh, variant)
-    fallback = isinstance(plan, str) and _certain_fallback(cell, x, w_hh, variant)
-    shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save, fallback)
-    if isinstance(plan, str):
-        # torch's own op (or where that cannot, the reference), as in eager (functional._layer).
-        with torch.no_grad():
-            y, z, h_n, c_n = native.layer(
-                cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
-            )  # fmt: skip
-        # Nothing of it is kept: the backward runs the layer again (_fallback_backward). hseq only carries the output
-        # view; saved and mseq are empty unless the GPU's compile check alone turned the kernels down (the fake shapes
-        # cannot know).
-        out = [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in shapes]
-        for index, value in ((1 if variant.write_y else 0, y), (2, z), (3, h_n), (4, c_n)):
-            if value is not None:
-                (out[index] if index else out[0][0, 1:]).copy_(value)
-        return tuple(out)
-    run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
-    run.forward_steps(0, run.T)
-    run.end_forward()
-    y, z, h_n, c_n = run.outputs()
-    saved = run.saved if run.save else None
-    out = [run.hseq, y if variant.write_y else None, z, h_n, c_n, saved, run.mseq]
-    return tuple(t if t is not None else x.new_empty(shape, dtype=dtype) for t, (shape, dtype) in zip(out, shapes))
+        dropout = _dropout(seed, p_drop, variational)
+        variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
+        if plan is None:
+            plan = plan_or_reason(cell, x, w_hh, variant)
+        fallback = isinstance(plan, str) and _certain_fallback(cell, x, w_hh, variant)
+        shapes = _output_shapes(cell, x, w_hh, w_hr, variant, save, fallback)
+        if isinstance(plan, str):
+            # torch's own op (or where that cannot, the reference), as in eager (functional._layer).
+            with torch.no_grad():
+                y, z, h_n, c_n = native.layer(
+                    cell, x, h0, c0, _directions(w_ih, w_hh, b_ih, b_hh, w_hr), residual, dropout, lengths
+                )  # fmt: skip
+            # Nothing of it is kept: the backward runs the layer again (_fallback_backward). hseq only carries the
+            # output view; saved and mseq are empty unless the GPU's compile check alone turned the kernels down (the
+            # fake shapes cannot know).
+            out = [torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in shapes]
+            for index, value in ((1 if variant.write_y else 0, y), (2, z), (3, h_n), (4, c_n)):
+                if value is not None:
+                    (out[index] if index else out[0][0, 1:]).copy_(value)
+            return tuple(out)
+        run = LayerRun(cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, save, lengths)
+        run.forward_steps(0, run.T)
+        run.end_forward()
+        y, z, h_n, c_n = run.outputs()
+        saved = run.saved if run.save else None
+        out = [run.hseq, y if variant.write_y else None, z, h_n, c_n, saved, run.mseq]
+        return tuple(t if t is not None else x.new_empty(shape, dtype=dtype) for t, (shape, dtype) in zip(out, shapes))
 
 
 layer = torch.library.custom_op("tritonrnn::layer", _layer_impl, mutates_args=())
@@ -348,38 +340,29 @@ def _layer_grads(
     """_layer_backward_impl's gradients, on the kernels or (where they cannot run it, or ``reference_only``) by the
     reference. ``plan``: the forward's (``plan_or_reason``), where the caller kept it."""
     with fixed_tf32(tf32):
-        return _layer_grads_at_precision(
-            grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq,
-            saved, mseq, cell, residual, p_drop, variational, reference_only, plan,
-        )  # fmt: skip
-
-
-def _layer_grads_at_precision(
-    grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
-    mseq, cell, residual, p_drop, variational, reference_only, plan,
-) -> list[Tensor]:  # fmt: skip
-    dropout = _dropout(seed, p_drop, variational)
-    variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
-    if not variant.write_y:
-        grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
-    inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
-    if reference_only:
-        plan = "reference only"
-    elif plan is None:
-        plan = plan_or_reason(cell, x, w_hh, variant)
-    if isinstance(plan, str):
-        grads = _fallback_backward(
-            cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn), torch_op=not reference_only
-        )  # fmt: skip
-    else:
-        run = LayerRun(
-            cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True, lengths,
-            forward_buffers=(hseq, saved, mseq if w_hr is not None else None),
-        )  # fmt: skip
-        run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
-        run.backward_steps(0, run.T)
-        grads = list(run.grads())
-    return [g if g is not None else x.new_empty(0) for g in grads]
+        dropout = _dropout(seed, p_drop, variational)
+        variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
+        if not variant.write_y:
+            grad_y = grad_hseq[0, 1:] if grad_hseq is not None else None  # the output was a view of hseq
+        inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+        if reference_only:
+            plan = "reference only"
+        elif plan is None:
+            plan = plan_or_reason(cell, x, w_hh, variant)
+        if isinstance(plan, str):
+            grads = _fallback_backward(
+                cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn),
+                torch_op=not reference_only,
+            )  # fmt: skip
+        else:
+            run = LayerRun(
+                cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True, lengths,
+                forward_buffers=(hseq, saved, mseq if w_hr is not None else None),
+            )  # fmt: skip
+            run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
+            run.backward_steps(0, run.T)
+            grads = list(run.grads())
+        return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 layer_backward = torch.library.custom_op("tritonrnn::layer_backward", _layer_backward_impl, mutates_args=())
