@@ -56,15 +56,11 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) & 1 else value
 
 
-def _evaluate(op: str, values: list[int | None]) -> int | None:
-    """One integer instruction's result, or None (an unknown operand, or an instruction outside the model)."""
-    return _operation(op)(values)
-
-
 @functools.cache
 def _operation(op: str) -> Callable[[list[int | None]], int | None]:
-    """``_evaluate`` for one op, its name parsed once: a PTX listing repeats a few hundred ops in tens of thousands
-    of instructions, each evaluated for 32 lanes and every warp."""
+    """The evaluation of one integer instruction ``op`` from its operands' values: its result, or None (an unknown
+    operand, or an instruction outside the model). Made once an op: a PTX listing repeats a few hundred ops in tens
+    of thousands of instructions, each evaluated for 32 lanes and every warp."""
     base, suffix = op.split(".")[0], op.split(".")[-1]
     bits = _bits(suffix)
     if base == "selp":
