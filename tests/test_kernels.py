@@ -768,7 +768,7 @@ def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch
     assert precisions and all(p == forward for _, p in precisions), precisions
     backward = {"rnn_bwd_kernel", "rnn_fwd_kernel"} if path == "checkpoint" else {precisions[-1][0]}
     assert set(name for name, _ in precisions) == backward and "bwd" in precisions[-1][0]
-    assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in [x])
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_torch_compile_reads_the_tf32_flag_where_it_traces_and_traces_again_when_it_flips():
