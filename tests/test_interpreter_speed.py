@@ -77,3 +77,17 @@ def test_a_launch_patches_once_and_restores_the_language(monkeypatch):
     del calls[:]
     _helper_kernel[(1,)](out, n=8)
     assert calls == ["_helper_kernel", "zeros"] and torch.equal(out, torch.full((8,), 8.0))
+
+
+def test_the_kept_dtype_table_answers_as_tritons_function():
+    kept = interpreter._get_np_dtype
+    assert getattr(kept, "kept", False), "conftest installs it under the interpreter"
+    triton_np_dtype = kept.triton_np_dtype
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64, tl.uint64, tl.float16,
+               tl.bfloat16, tl.float32, tl.float64, tl.float8e5, tl.float8e4nv]  # fmt: skip
+    types = [*scalars, *(tl.block_type(s, [2, 4]) for s in scalars), tl.pointer_type(tl.float32)]
+    types.append(tl.block_type(tl.pointer_type(tl.bfloat16), [8]))
+    for tt_dtype in types * 2:  # the second time from the table
+        assert kept(tt_dtype) == triton_np_dtype(tt_dtype), tt_dtype
+    with pytest.raises(KeyError):  # what Triton's function raises for a type it has no numpy type for
+        kept(tl.void)
