@@ -835,11 +835,12 @@ def test_reference_matches_torch(bidirectional):
 
 
 def test_long_sequence_on_the_cpu_path(monkeypatch):
-    """T = 100000 steps (the CPU path, torch's CPU op; the kernels' 64-bit offsets are a GPU test)."""
+    """T = 10000 steps on the CPU path (torch's CPU op, tritonrnn/native.py; the kernels' 64-bit offsets are a GPU
+    test). 100000 until the suite's time asked for less: torch's op loops in C++ whatever T is (perf/NOTES.md)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)
     ours, theirs = make_pair("gru", 2, 3)
-    x = torch.randn(100_000, 1, 2, dtype=torch.float64)
+    x = torch.randn(10_000, 1, 2, dtype=torch.float64)
     out, h = ours(x)
     ref, rh = theirs(x)
     torch.testing.assert_close(out[-100:], ref[-100:])
