@@ -12,8 +12,8 @@ another language module, a helper called outside a launch) runs Triton's own pat
 interpreter computes are unchanged; ``test_interpreter_speed`` checks that.
 
 Also: the interpreter maps a Triton dtype to numpy's by building a table of 18 numpy dtypes at every call
-(``_get_np_dtype``: for every op's result, every splat and every cast, 6% of its time); here each scalar type's answer
-is Triton's own, kept after its first call.
+(``_get_np_dtype``: for every op's result, every splat and every cast); here each scalar type's answer is Triton's
+own, kept after its first call. The interpreter's tests took a fifth less time (perf/NOTES.md, forty-second session).
 """
 
 from __future__ import annotations
