@@ -1,4 +1,5 @@
-"""The Triton interpreter without its second patching of triton.language inside a launch, for the CPU tier's time.
+"""The Triton interpreter without two repeated costs, for the CPU tier's time: its second patching of triton.language
+inside a launch, and its dtype table rebuilt at every op.
 
 A launch under the interpreter of Triton 3.6 to 3.9 patches the language for the kernel (``GridExecutor.__call__``
 -> ``_patch_lang``) and restores it when the grid has run. Every call of a ``@triton.jit`` helper from the kernel
@@ -88,8 +89,8 @@ def _keep_np_dtypes() -> None:
         try:
             return table[scalar]
         except KeyError:
-            table[scalar] = np_dtype(scalar)
-            return table[scalar]
+            answer = table[scalar] = np_dtype(scalar)
+            return answer
 
     kept_np_dtype.kept = True
     kept_np_dtype.triton_np_dtype = np_dtype
