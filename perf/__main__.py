@@ -1,7 +1,7 @@
 """tritonrnn's benchmarks against cuDNN: run a suite, report it, compare two runs, refresh the README table.
 
-    python -m perf run [--suite quick|bars|full|persist|stacks|large|cpu|smoke|PATH.json] [--out DIR] [--providers ...]
-                       [--tf32] [--budget-s S] [--resume EARLIER.csv]
+    python -m perf run [--suite quick|bars|full|persist|stacks|large|short|cpu|smoke|PATH.json] [--out DIR]
+                       [--providers ...] [--tf32] [--budget-s S] [--resume EARLIER.csv]
     python -m perf warm --suite NAME [--suite ...] [--switches TRITONRNN_X=V ...] [--jobs N]
     python -m perf report DIR
     python -m perf compare BASELINE.csv CURRENT.csv [--threshold PCT] [--out REPORT.md] [--allow-different-gpu]

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "passes": list(PASSES),
 }
 
-# Largest sizes the CPU comparison runs as they are; a bigger suite is replaced by "smoke" without a GPU.
+# Largest sizes the CPU comparison runs as they are; a bigger suite is replaced by "cpu" without a GPU.
 CPU_LIMITS = {"T": 64, "B": 16, "H": 128}
 
 

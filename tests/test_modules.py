@@ -771,6 +771,17 @@ def test_jit_trace_of_a_stack_is_refused_with_the_way_out():
         torch.jit.trace(stack, (torch.randn(5, 2, 3, device=DEVICE),))
 
 
+@pytest.mark.fallback
+def test_jit_trace_of_variational_dropout_in_training_is_refused_with_the_way_out():
+    """torch.nn's operator, which a trace records, has no variational dropout: the module is named, not the
+    stack's functional form, and eval mode traces."""
+    model = tritonrnn.LSTM(3, 4, num_layers=2, dropout=0.3, dropout_mode="variational").to(DEVICE)
+    x = torch.randn(5, 2, 3, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=r"cannot record LSTM in training with dropout_mode='variational'"):
+        torch.jit.trace(model, (x,))
+    torch.jit.trace(model.eval(), (x,))
+
+
 def test_jit_script_is_refused_with_the_way_out():
     """TorchScript cannot compile the kernels' host code: a clear error naming the module and torch.export, also for
     a tritonrnn module inside a user's model, instead of TorchScript failing on some line of tritonrnn."""

@@ -6,11 +6,13 @@ kernels/recurrent._dot_k), for the forward and the backward kernel separately.
 Where the resident weights live (shared memory or registers) is Triton's decision for a configuration;
 the compiled kernel's shared memory and registers decide whether it fits.
 
-Key: (cell, hidden size, batch bucket, dtype, directions, projection, pass); never the sequence length.
+Key: (cell, hidden size, batch bucket, dtype, directions, projection, TF32), one entry holding the forward's and the
+backward's configuration; never the sequence length.
 Store: one JSON file per GPU name and Triton version under ``$TRITONRNN_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/tritonrnn`` or ``~/.cache/tritonrnn``), written atomically under a file lock so
 concurrent processes merge their results; a corrupt file is ignored with a warning and rewritten.
-Tuned defaults shipped in ``tritonrnn/tuned/`` (keyed by GPU name) are used before any tuning.
+Tuned defaults shipped in ``tritonrnn/tuned/`` (keyed by GPU name) are used before any tuning (none ship yet: they
+are made on the GPU, by ``python -m tritonrnn.autotune``'s export).
 ``TRITONRNN_AUTOTUNE=1`` turns tuning on; the default (``0``, until the tuner has been run and measured
 on a GPU) is the built-in heuristics (``_plan.plan_layer``), as is a call made while a CUDA graph is
 being captured (timing would break the capture).

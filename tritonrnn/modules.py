@@ -6,7 +6,8 @@ one keyword: ``dropout_mode`` ("standard", torch's, or "variational": one mask p
 Packed sequences run on the kernels with each sequence's length. Under torch.autocast the kernels run in
 autocast's dtype (input, states and weights cast to it, as torch.nn casts them for cuDNN; the parameters get
 their gradients through the cast). What the kernels cannot hold (sizes too large for the GPU) goes to torch.nn's
-implementation, logged once.
+implementation, logged once; with variational dropout in training (which torch.nn has not), each layer goes to torch's
+own RNN op between tritonrnn's masks (tritonrnn/native.py).
 """
 
 from __future__ import annotations
@@ -127,9 +128,15 @@ class _TritonRNNBase(nn.RNNBase):
         if torch.compiler.is_compiling():
             return None  # no compiles and timings inside a traced graph; tritonrnn::layer falls back inside
         variational = self.training and self.dropout > 0 and self.dropout_mode == "variational"
-        if torch.jit.is_tracing() and not variational:
+        if torch.jit.is_tracing():
             # torch.jit.trace records torch.nn's one operator per module, valid at any length; a trace of the kernels
-            # or of the reference's loop would not be (variational dropout: functional.stack refuses the trace).
+            # or of the reference's loop would not be, and torch.nn's operator has no variational dropout.
+            if variational:
+                raise NotImplementedError(
+                    f"tritonrnn: torch.jit.trace cannot record {type(self).__name__} in training with "
+                    "dropout_mode='variational' (a trace records torch.nn's operator, which has no variational "
+                    "dropout); trace the module in eval mode, or use torch.export.export"
+                )
             return "a call traced by torch.jit.trace"
         batch = None
         if isinstance(input, PackedSequence):

@@ -37,8 +37,9 @@ def hold_dropout_masks(model: nn.Module) -> Iterator[None]:
 
     Held: variational inter-layer dropout (one mask per sequence and unit, now over all chunks of the sequence) and
     StackedRNN's ``weight_drop`` (one DropConnect mask for all chunks). Standard dropout keeps drawing at every call:
-    its masks are per step, and a chunk's steps are new steps. Held masks belong to the batch's sequences: a call
-    with another batch size raises ValueError. Blocks nest: an inner block draws its own masks; leaving it gives the
+    its masks are per step, and a chunk's steps are new steps. Held variational masks belong to the batch's
+    sequences: a call with another batch size raises ValueError (a held DropConnect mask belongs to the weights and
+    serves any batch). Blocks nest: an inner block draws its own masks; leaving it gives the
     outer block's back.
 
     Example::
