@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import tritonrnn
+from tritonrnn import reference
 
 # Relative error (Frobenius norm) allowed against a float64 reference, per dtype, for outputs,
 # final states and gradients alike. The norm-relative error does not grow with the reduction length
@@ -85,3 +86,35 @@ def loss_weights(out_shape, state_shapes, generator=None) -> dict[str, torch.Ten
     for k, shape in enumerate(state_shapes):
         weights[f"state{k}"] = torch.randn(shape, dtype=torch.float64, generator=generator)
     return weights
+
+
+def composed_reference(model, x, states, masks=None, w_hh=None):
+    """The stack written out by hand from one-direction reference layers (time-major x).
+
+    masks[l]: the multiplier applied to layer l's output for layer l + 1 (None: no dropout);
+    w_hh[l][d]: the recurrent weight to use instead of the parameter (weight drop).
+    Returns (every layer's output, every layer's final states as in StackedRNN).
+    """
+    outputs, finals = [], []
+    for index, layer in enumerate(model.layers):
+        state = states[index]
+        h0, c0 = state if layer.cell == "lstm" else (state, None)
+        ys, hs, cs = [], [], []
+        for d, suffix in enumerate(layer.suffixes):
+            weights = [getattr(layer, f"{name}{suffix}") if layer.bias or "weight" in name else None
+                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]  # fmt: skip
+            if w_hh is not None:
+                weights[1] = w_hh[index][d]
+            y, h, c = reference.layer_forward(
+                layer.cell, x, h0[d], c0[d] if c0 is not None else None, *weights, reverse=d == 1
+            )
+            ys.append(y)
+            hs.append(h)
+            cs.append(c)
+        y = torch.cat(ys, dim=-1)
+        if model.residual:
+            y = y + x
+        outputs.append(y)
+        finals.append((torch.stack(hs), torch.stack(cs)) if layer.cell == "lstm" else torch.stack(hs))
+        x = y * masks[index] if masks is not None and masks[index] is not None else y
+    return outputs, finals

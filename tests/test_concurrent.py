@@ -377,6 +377,26 @@ def test_a_sequence_too_long_for_the_barrier_counter_runs_in_several_launches(ki
         assert not torch.isnan(a).any() and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cell, exchange", [("lstm", "barrier"), ("gru", "tagged")])
+def test_two_interleavings_of_the_programs_give_the_same_bits(cell, exchange, forced_plan, monkeypatch):
+    """Bitwise reproducibility (README) where a CPU can break it: test_kernels' test_bitwise_deterministic runs the
+    programs one after another on the CPU, the same order every time. Here two bidirectional float32 layers split over
+    three programs run a training step under two interleavings (other orders of the programs' steps, loads and
+    stores): the same outputs, states and gradients, bit for bit."""
+    monkeypatch.setenv("TRITONRNN_EXCHANGE", exchange)
+    forced_plan(block_h=16, persistent=True)
+    torch.manual_seed(0)
+    model = getattr(tritonrnn, cell.upper())(5, 40, num_layers=2, bidirectional=True).to(DEVICE)
+    x = torch.randn(5, 3, 5, device=DEVICE)
+    results = []
+    for seed in (3, 4):
+        with programs_at_once(seed=seed, switch_probability=0.3) as made:
+            results.append(_module_training_step(model, x))
+        assert_ran_persistent(made, tagged=exchange == "tagged")
+    for a, b in zip(*results):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("exchange", ["barrier", "tagged"])
 def test_module_training_step_in_one_launch_per_layer(exchange, launches, forced_plan, monkeypatch):
     """The drop-in module end to end (dropout between layers, bf16) with multi-program persistent grids gives the

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
+from helpers import CELLS, TOLERANCE, composed_reference, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
@@ -78,6 +78,17 @@ def test_native_layer_matches_the_reference(no_interpreter, cell, D, variant):
     assert no_interpreter == [cell]
     for ours, expected in zip(*results):
         assert rel_err(ours, expected) < TOLERANCE[torch.float64]
+    if residual or dropout is not None:
+        # Both layers end in reference.layer_output: the residual sum and the mask written out here instead, on the
+        # recurrence alone (rows past a sequence's length output zeros, the residual's included).
+        y_alone = native.layer(cell, x, h0, c0, weights, False, None, lengths)[0].detach()
+        want_y = y_alone + x.detach() if residual else y_alone
+        if residual and lengths is not None:
+            want_y = want_y * (torch.arange(T)[:, None] < lengths)[..., None]
+        assert rel_err(results[0][0], want_y) < TOLERANCE[torch.float64]
+        if dropout is not None:
+            want_z = want_y * _dropout.mask(dropout, T, B, D * N, x.device).double()
+            assert rel_err(results[0][1], want_z) < TOLERANCE[torch.float64]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -136,24 +147,48 @@ def test_half_precision_is_computed_in_float32(no_interpreter, cell, dtype):
 
 
 def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpreter, monkeypatch):
-    """A mixed StackedRNN in training (variational dropout, residual): with the same seed, the native layers and the
-    reference layers give the same outputs and gradients; only the recurrence differs between them."""
+    """A mixed StackedRNN in training (variational dropout, residual, initial states given): with the same seed, the
+    native layers and the reference layers give the same outputs and gradients, and both equal the stack written out
+    by hand (tests/helpers.composed_reference: the reference's recurrence, the residual sums and the masks drawn from
+    the stack's seeds applied in the test, not by the library's shared ``reference.layer_output``)."""
     torch.manual_seed(0)
     stack = tritonrnn.StackedRNN(4, [("lstm", 4), ("gru", 4), ("rnn_relu", 4)], dropout=0.5,
                                  dropout_mode="variational", residual=True).double()  # fmt: skip
     x = torch.randn(6, 3, 4, dtype=torch.float64)
+    states = [(torch.randn(1, 3, 4, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64))]
+    states += [torch.randn(1, 3, 4, dtype=torch.float64) for _ in range(2)]
+
+    def loss_of(outputs, finals):
+        return sum((o * (k + 1)).sum() for k, o in enumerate(outputs)) + sum(
+            (t * (k + 2)).sum() for k, t in enumerate(flat_states(finals))
+        )
+
+    def by_hand(xi, states):
+        torch.manual_seed(1)  # the seeds the stack draws: one per inter-layer dropout, bottom first
+        draws = [_dropout.draw(0.5, "variational") for _ in stack.layers[:-1]]
+        masks = [_dropout.mask(d, 6, 3, 4, x.device).double() for d in draws] + [None]
+        return composed_reference(stack, xi, states, masks)
+
     results = []
-    for on_torchs_op in (True, False):
-        if not on_torchs_op:
+    for run_kind in ("torch's op", "reference", "by hand"):
+        if run_kind == "reference":
             monkeypatch.setattr(native, "_why_not", lambda *a: "the test's reference run")
         torch.manual_seed(1)
         xi = x.clone().requires_grad_()
-        outputs, states = stack(xi, return_all_layers=True)
-        loss = sum((o * (k + 1)).sum() for k, o in enumerate(outputs)) + states[0][1].sum() + states[1].sum()
-        results.append([*outputs, *torch.autograd.grad(loss, [xi, *stack.parameters()])])
+        si = [tuple(t.clone().requires_grad_() for t in s) if isinstance(s, tuple) else s.clone().requires_grad_()
+              for s in states]  # fmt: skip
+        outputs, finals = by_hand(xi, si) if run_kind == "by hand" else stack(xi, si, return_all_layers=True)
+        leaves = [xi, *flat_states(si), *stack.parameters()]
+        results.append([*outputs, *flat_states(finals), *torch.autograd.grad(loss_of(outputs, finals), leaves)])
     assert no_interpreter == ["lstm", "gru", "rnn_relu"]
-    for a, b in zip(*results):
-        assert rel_err(a, b) < TOLERANCE[torch.float64]
+    assert len(results[0]) == len(results[2]) == 3 + 4 + 1 + 4 + 3 * 4
+    for ours, expected in [(results[0], results[1]), (results[0], results[2])]:
+        for a, b in zip(ours, expected):
+            assert rel_err(a, b) < TOLERANCE[torch.float64]
+
+
+def flat_states(states):
+    return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
 
 
 def test_torch_func_grad_runs_torchs_op_and_vmap_the_reference(no_interpreter, monkeypatch):

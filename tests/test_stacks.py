@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 from conftest import DEVICE
-from helpers import TOLERANCE, CountCalls, rel_err
+from helpers import TOLERANCE, CountCalls, composed_reference, loss_weights, rel_err, run
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,38 +40,6 @@ def random_states(model, batch, generator):
         c = torch.randn(D, batch, layer.hidden_size, dtype=torch.float64, generator=generator).to(DEVICE)
         states.append((h, c) if layer.cell == "lstm" else h)
     return states
-
-
-def composed_reference(model, x, states, masks=None, w_hh=None):
-    """The stack written out by hand from one-direction reference layers (time-major x).
-
-    masks[l]: the multiplier applied to layer l's output for layer l + 1 (None: no dropout);
-    w_hh[l][d]: the recurrent weight to use instead of the parameter (weight drop).
-    Returns (every layer's output, every layer's final states as in StackedRNN).
-    """
-    outputs, finals = [], []
-    for index, layer in enumerate(model.layers):
-        state = states[index]
-        h0, c0 = state if layer.cell == "lstm" else (state, None)
-        ys, hs, cs = [], [], []
-        for d, suffix in enumerate(layer.suffixes):
-            weights = [getattr(layer, f"{name}{suffix}") if layer.bias or "weight" in name else None
-                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]  # fmt: skip
-            if w_hh is not None:
-                weights[1] = w_hh[index][d]
-            y, h, c = reference.layer_forward(
-                layer.cell, x, h0[d], c0[d] if c0 is not None else None, *weights, reverse=d == 1
-            )
-            ys.append(y)
-            hs.append(h)
-            cs.append(c)
-        y = torch.cat(ys, dim=-1)
-        if model.residual:
-            y = y + x
-        outputs.append(y)
-        finals.append((torch.stack(hs), torch.stack(cs)) if layer.cell == "lstm" else torch.stack(hs))
-        x = y * masks[index] if masks is not None and masks[index] is not None else y
-    return outputs, finals
 
 
 def flat(states):
@@ -489,14 +457,7 @@ def test_wavefront_lstm_module_with_projection_matches_torch(monkeypatch):
     ours = tritonrnn.LSTM(3, 6, num_layers=3, proj_size=4).to(DEVICE, KERNEL_DTYPE)
     theirs = nn.LSTM(3, 6, num_layers=3, proj_size=4).double()
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
-    out, (h, c) = ours(x.to(DEVICE, KERNEL_DTYPE))
-    ref, (rh, rc) = theirs(x)
-    assert rel_err(out.cpu(), ref) < TOLERANCE[KERNEL_DTYPE] and rel_err(c.cpu(), rc) < TOLERANCE[KERNEL_DTYPE]
-    grads = torch.autograd.grad(out.sum() + h.sum(), list(ours.parameters()))
-    ref_grads = torch.autograd.grad(ref.sum() + rh.sum(), list(theirs.parameters()))
-    for a, b in zip(grads, ref_grads):
-        assert rel_err(a.cpu(), b) < TOLERANCE[KERNEL_DTYPE]
+    assert_module_matches_torch(ours, theirs, torch.randn(5, 2, 3, dtype=torch.float64), KERNEL_DTYPE)
 
 
 def test_wavefront_leaves_bidirectional_stacks_and_short_sequences_layer_by_layer(monkeypatch):
@@ -615,17 +576,29 @@ def test_fused_stack_module_matches_torch(module, cls, fused_only):
     ours = module(3, 6, num_layers=3, batch_first=True).double().to(DEVICE)
     theirs = cls(3, 6, num_layers=3, batch_first=True).double()
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
-    out, state = ours(x.to(DEVICE))
-    ref, ref_state = theirs(x)
-    finals = list(state) if isinstance(state, tuple) else [state]
-    ref_finals = list(ref_state) if isinstance(ref_state, tuple) else [ref_state]
-    for a, b in zip([out, *finals], [ref, *ref_finals]):
-        assert rel_err(a.cpu(), b) < TOLERANCE[torch.float64]
-    grads = torch.autograd.grad(out.sum() + finals[0].sum(), list(ours.parameters()))
-    ref_grads = torch.autograd.grad(ref.sum() + ref_finals[0].sum(), list(theirs.parameters()))
-    for a, b in zip(grads, ref_grads):
-        assert rel_err(a.cpu(), b) < TOLERANCE[torch.float64]
+    assert_module_matches_torch(ours, theirs, torch.randn(2, 5, 3, dtype=torch.float64), torch.float64)
+
+
+def assert_module_matches_torch(ours, theirs, x, dtype) -> None:
+    """ours (in dtype, on DEVICE) against torch.nn's float64 module with the same weights, random initial states given:
+    the output, every final state and the gradients of the input, the initial states and every parameter, under
+    random cotangents on the output and every state."""
+    gen = torch.Generator().manual_seed(5)
+    layers = theirs.num_layers * (2 if theirs.bidirectional else 1)
+    batch = x.shape[0 if theirs.batch_first else 1]
+    hx = torch.randn(layers, batch, theirs.proj_size or theirs.hidden_size, dtype=torch.float64, generator=gen)
+    if isinstance(theirs, nn.LSTM):
+        hx = (hx, torch.randn(layers, batch, theirs.hidden_size, dtype=torch.float64, generator=gen))
+    with torch.no_grad():
+        out, states = theirs(x, hx)
+    states = states if isinstance(states, tuple) else (states,)
+    weights = loss_weights(out.shape, [t.shape for t in states], gen)
+    moved = tuple(t.to(DEVICE, dtype) for t in hx) if isinstance(hx, tuple) else hx.to(DEVICE, dtype)
+    got, want = run(ours, x.to(DEVICE, dtype), moved, weights), run(theirs, x, hx, weights)
+    assert list(got[2]) == list(want[2]) and len(got[1]) == len(want[1]) == len(states)
+    for name, a, b in [("output", got[0], want[0]), *zip(["h_n", "c_n"], got[1], want[1]),
+                       *((name, got[2][name], want[2][name]) for name in want[2])]:  # fmt: skip
+        assert rel_err(a.cpu(), b) < TOLERANCE[dtype], name
 
 
 @pytest.mark.parametrize(
