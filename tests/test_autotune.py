@@ -57,6 +57,7 @@ class FakeTuner:
 
     def __init__(self, too_big_block_h: int = 64):
         self.timed: list[_plan.LayerPlan] = []
+        self.backward_under: list[_plan.LayerPlan] = []  # the forward plan each backward timing ran under
         self.too_big_block_h = too_big_block_h
 
     def tuner(self) -> autotune.Tuner:
@@ -69,6 +70,7 @@ class FakeTuner:
 
         def time_backward(fwd, bwd):
             self.timed.append(bwd)
+            self.backward_under.append(fwd)
             return 1.0 + 0.01 * bwd.num_warps - 0.001 * bwd.block_b
 
         return autotune.Tuner(misfit, time_forward, time_backward)
@@ -93,6 +95,12 @@ def test_tuner_never_times_a_misfit_and_picks_the_fastest(fake_gpu):
     entry = fake.tuner().tune(configs, key, CUDA0)
     assert all(plan.block_h < 64 and plan.persistent for plan in fake.timed)
     assert entry["forward"] == {"block_h": 32, "block_b": 16, "num_warps": 4, "num_stages": 1, "k_split": 1}
+    # Every backward candidate was timed under the chosen forward plan, held fixed.
+    assert fake.backward_under and all(
+        dataclasses.asdict(autotune.KernelConfig(p.block_h, p.block_b, p.num_warps, p.num_stages, p.k_split))
+        == entry["forward"]
+        for p in fake.backward_under
+    )
     assert entry["backward"]["block_b"] == 64 and entry["backward"]["num_warps"] == 4
     plan = autotune.plan_from_entry(entry, key, CUDA0)
     assert plan.num_programs == 16 and plan.for_backward().block_b == 64
@@ -266,13 +274,44 @@ def test_a_tuned_plan_is_made_again_after_a_refused_cooperative_launch(cache, fa
     assert after.persistent and not after.directions_together  # a grid of 64 a direction
 
 
-def test_shipped_defaults_come_before_tuning(cache, fake_gpu, monkeypatch):
+def test_a_layer_plans_the_tuned_entry_of_its_key(cache, fake_gpu, monkeypatch):
+    """layer_op.kernel_plan on a GPU with tuning on: the plan a layer launches is its key's tuned entry (the forward's
+    and the backward's configuration), not the heuristics'; no tuning where the entry is cached. The compile check is
+    stubbed (the GPU tier runs it: test_gpu.test_autotuner_tunes_caches_and_runs)."""
+    from tritonrnn import layer_op, layer_run
+
+    monkeypatch.setattr(layer_op, "_gpu_misfit", lambda *args: None)
+    monkeypatch.setattr(layer_op, "_gpu_tuner", lambda *args: pytest.fail("a cached key must not be tuned"))
+    key = autotune.TuneKey("gru", 512, autotune.batch_bucket(16), "bf16")
+    forward = {"block_h": 16, "block_b": 16, "num_warps": 4, "num_stages": 1, "k_split": 4}
+    backward = {"block_h": 16, "block_b": 16, "num_warps": 8, "num_stages": 3, "k_split": 1}
+    autotune.ConfigStore.for_gpu(GPU).put({key.text(): {"forward": forward, "backward": backward}})
+    heuristic = _plan.plan_layer("gru", 512, 16, torch.bfloat16, CUDA0, 1)
+    plan = layer_op.kernel_plan("gru", 512, 16, torch.bfloat16, CUDA0, layer_run.Variant())
+    for config, got in ((forward, plan), (backward, plan.for_backward())):
+        assert {name: getattr(got, name) for name in config} == config
+    assert (heuristic.num_warps, heuristic.k_split) != (4, 4), "the entry must differ from the heuristics' plan"
+
+
+def test_shipped_defaults_come_before_tuning_and_after_the_users_cache(cache, fake_gpu, monkeypatch, tmp_path):
+    """The package's tuned/<gpu slug>.json, read by the real loader from a stand-in package folder: used without
+    tuning where the user's cache has no entry; the user's cache entry where it has one."""
+    package = tmp_path / "package"
+    monkeypatch.setattr(autotune, "__file__", str(package / "autotune.py"))
+    (package / "tuned").mkdir(parents=True)
     key = autotune.TuneKey("lstm", 512, 16, "bf16")
-    entry = {"forward": {"block_h": 32, "block_b": 16, "num_warps": 8, "num_stages": 3}}
-    entry["backward"] = entry["forward"]
-    monkeypatch.setattr(autotune, "shipped_defaults", lambda gpu: {key.text(): entry} if gpu == GPU else {})
+    shipped = {"forward": {"block_h": 32, "block_b": 16, "num_warps": 8, "num_stages": 3}}
+    shipped["backward"] = shipped["forward"]
+    autotune.ConfigStore(package / "tuned" / f"{autotune.slug(GPU)}.json").put({key.text(): shipped})
+    assert autotune.shipped_defaults(GPU) == {key.text(): shipped} and autotune.shipped_defaults("Another GPU") == {}
     plan = autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune"))
     assert plan.block_h == 32 and plan.num_warps == 8 and plan.backward is None
+
+    autotune._memo.clear()  # a new process: the user's cache read again
+    users = {"forward": dict(shipped["forward"], num_warps=4), "backward": dict(shipped["forward"], num_warps=4)}
+    autotune.ConfigStore.for_gpu(GPU).put({key.text(): users})
+    plan = autotune.tuned_plan(key, CUDA0, lambda: pytest.fail("must not tune"))
+    assert plan.block_h == 32 and plan.num_warps == 4
 
 
 def test_switched_off_and_graph_capture_use_heuristics(cache, fake_gpu, monkeypatch):
@@ -386,6 +425,29 @@ def _write_keys(path: str, worker: int) -> None:
         store.put({f"w{worker}-{k}": ENTRY})
 
 
+def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch, caplog):
+    """The file is replaced, not rewritten in place: while a write is under way a reader gets the old entries, and a
+    write that fails partway (a full disk, a process killed) leaves them there, with no temporary file behind."""
+    import errno
+
+    store = autotune.ConfigStore(tmp_path / "cache.json")
+    store.put({"old": ENTRY})
+    seen_meanwhile = []
+
+    def dump_then_fail(data, f, **kwargs):
+        f.write(json.dumps(data, **kwargs)[:20])
+        f.flush()
+        seen_meanwhile.append(autotune.ConfigStore(store.path).load())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(autotune.json, "dump", dump_then_fail)
+    with caplog.at_level(logging.WARNING, logger="tritonrnn"), pytest.raises(OSError, match="No space left"):
+        store.put({"new": ENTRY})
+    monkeypatch.undo()
+    assert seen_meanwhile == [{"old": ENTRY}] and store.load() == {"old": ENTRY}
+    assert "corrupt" not in caplog.text and not list(tmp_path.glob("*.tmp"))
+
+
 def test_concurrent_processes_merge_their_entries(tmp_path):
     path = tmp_path / "shared.json"
     context = multiprocessing.get_context("spawn")
@@ -438,9 +500,11 @@ def test_pretune_command_needs_a_gpu(capsys):
 
 
 @pytest.mark.parametrize("cell,proj", [("lstm", 0), ("gru", 0), ("lstm", 8)])
-def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
+def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch, launched_plans):
     """The real tuner's timed calls (forward; forward and backward under a separate backward plan), here under the
-    interpreter with do_bench replaced by one call, and one program so the grid cannot deadlock there."""
+    interpreter with do_bench replaced by one call, and one program so the grid cannot deadlock there: the forward
+    timing launches the forward kernel on the plan timed, the backward timing the forward on the forward plan given
+    and the backward kernel on the backward plan given."""
     import triton.testing
 
     from tritonrnn import layer_op, layer_run
@@ -464,8 +528,16 @@ def test_tuner_timing_functions_run_the_layer(cell, proj, monkeypatch):
     variant = layer_run.Variant(directions=2, proj=proj)
     tuner = layer_op._gpu_tuner(cell, 16, 3, torch.float32, device, variant)
     plan = _plan.plan_layer(cell, 16, 3, torch.float32, device, 2)
+    kernels = "lstm_proj" if proj else "rnn"
+    forward, backward = f"{kernels}_fwd_kernel", f"{kernels}_bwd_kernel"
     assert tuner.time_forward(plan) == 1.0
-    assert tuner.time_backward(plan, dataclasses.replace(plan, num_warps=8)) == 1.0
+    assert launched_plans == [(forward, plan)]
+    del launched_plans[:]
+    other = dataclasses.replace(plan, num_warps=8)
+    assert other != plan
+    assert tuner.time_backward(plan, other) == 1.0
+    assert [name for name, _ in launched_plans] == [forward, backward]
+    assert dataclasses.replace(launched_plans[0][1], backward=None) == plan and launched_plans[1][1] == other
     assert len(calls) == 2 and saves == [True, True]
 
 

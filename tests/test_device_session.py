@@ -367,15 +367,48 @@ def test_the_session_refuses_to_run_without_a_gpu(monkeypatch, capsys):
     assert "lent GPU" in capsys.readouterr().err
 
 
-def test_a_benchmark_stops_at_its_deadline_and_checkpoints_its_rows(tmp_path):
+def test_a_benchmark_stops_at_its_deadline_and_checkpoints_its_rows(tmp_path, monkeypatch):
+    """No config starts past the deadline: one that passes during the first config leaves the second unmeasured, and
+    the checkpoint holds the first config's rows once it is done (read while the second is measured in a full run)."""
     suite = suites.parse(TINY)
     providers = runner.select_providers(None, DEVICE)
     checkpoint = tmp_path / "results.csv"
     rows, left = runner.run_suite(suite, providers, DEVICE, deadline=time.monotonic() - 1, checkpoint=checkpoint)
     assert rows.empty and left == 2 and not checkpoint.exists()
+
+    class Clock:
+        """time, with a monotonic clock that the first measurement moves past the deadline."""
+
+        now = 0.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock, measure, during_second = Clock(), runner.measure, []
+
+    def measured(case, provider, pass_):
+        if case.config.cell == "rnn_tanh" and not during_second:
+            during_second.append(schema.read_results(checkpoint))
+        result = measure(case, provider, pass_)
+        clock.now = 10.0
+        return result
+
+    monkeypatch.setattr(runner, "time", clock)
+    monkeypatch.setattr(runner, "measure", measured)
+    rows, left = runner.run_suite(suite, providers, DEVICE, deadline=5.0, checkpoint=checkpoint)
+    assert left == 1 and len(rows) == len(providers) and set(rows["cell"]) == {"gru"}  # the first: one pass
+    pd.testing.assert_frame_equal(schema.read_results(checkpoint), schema.read_results(_csv(rows, tmp_path)))
+
+    checkpoint.unlink()
     rows, left = runner.run_suite(suite, providers, DEVICE, checkpoint=checkpoint)
     assert left == 0 and len(rows) == 3 * len(providers)
     pd.testing.assert_frame_equal(schema.read_results(checkpoint), schema.read_results(_csv(rows, tmp_path)))
+    first = rows[rows["cell"] == "gru"].reset_index(drop=True)
+    assert len(during_second) == 1 and len(during_second[0]) == len(first)
+    assert list(during_second[0]["provider"]) == list(first["provider"])
 
 
 def _csv(rows: pd.DataFrame, tmp_path: pathlib.Path) -> pathlib.Path:

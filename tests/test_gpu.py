@@ -446,10 +446,10 @@ def test_fused_stack_bf16_error_within_1_5x_cudnn(cell, monkeypatch):
     assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items()), (ours, cudnn)
 
 
-def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch, capsys, caplog):
+def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch, capsys, caplog, launched_plans):
     """The pre-tune command (python -m tritonrnn.autotune) on a one-key matrix: the real tuner's candidates compile
-    and time, the choice is cached and exported; a layer of that key then runs it without tuning again, as accurate
-    as cuDNN."""
+    and time, the choice is cached and exported; a layer of that key then launches it (the forward's and the
+    backward's configuration) without tuning again, as accurate as cuDNN."""
     from tritonrnn import autotune
 
     monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")  # main() sets it too: monkeypatch restores it after the test
@@ -466,6 +466,9 @@ def test_autotuner_tunes_caches_and_runs(tmp_path, monkeypatch, capsys, caplog):
         ours, cudnn = errors_vs_float64("gru", 64, 8, 128, 128, 1, torch.bfloat16)
     assert not [r.getMessage() for r in caplog.records if "tuning" in r.getMessage()]
     assert all(v <= max(1.5 * cudnn[k], 1e-3) for k, v in ours.items()), (ours, cudnn)
+    for kernel, config in (("rnn_fwd_kernel", cached[key]["forward"]), ("rnn_bwd_kernel", cached[key]["backward"])):
+        plans = [plan for name, plan in launched_plans if name == kernel]
+        assert plans and all({f: getattr(plan, f) for f in config} == config for plan in plans), (config, plans)
 
 
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])

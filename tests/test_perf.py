@@ -305,6 +305,11 @@ def test_compare_judges_tritonrnn_errors_by_how_much_they_grew(results):
     assert _ours_verdicts(base, base.assign(rel_err=5e-3)) == {"unchanged"}
     assert _ours_verdicts(base, base.assign(rel_err=9e-3)) == {"unchanged"}
     assert _ours_verdicts(base, base.assign(rel_err=2e-2)) == {"broken"}
+    # Each condition alone is not enough: fiftyfold but below 1e-2, past 1e-2 but fourfold.
+    small = base.assign(rel_err=1e-4)
+    assert _ours_verdicts(small, small.assign(rel_err=5e-3)) == {"unchanged"}
+    large = base.assign(rel_err=5e-3)
+    assert _ours_verdicts(large, large.assign(rel_err=2e-2)) == {"unchanged"}
 
 
 def test_compare_calls_a_row_faster_only_outside_the_noise(results):
@@ -366,7 +371,7 @@ def test_compare_refuses_files_that_are_not_results(results, tmp_path, capsys):
     binary = tmp_path / "binary.csv"
     binary.write_bytes(bytes(range(256)) * 4)
     assert main(["compare", good, str(binary)]) == 2
-    assert str(binary) in capsys.readouterr().err
+    assert f"{binary}: not a results CSV" in capsys.readouterr().err
 
 
 def _one_row_changed(results: pd.DataFrame, **fields) -> pd.DataFrame:
