@@ -556,8 +556,9 @@ def test_large_hidden_sizes_read_part_of_the_slice_every_step(cell, H, dtype, pr
 
 @pytest.mark.parametrize("cell,proj", [(cell, 0) for cell in CELLS] + [("lstm", 128)])
 def test_packed_sequences_against_cudnn(cell, proj):
-    """Sequences of different lengths, bidirectional, bf16 (LSTM also with proj_size): outputs, final states and the
-    gradients of every sequence and weight (backward through the lengths in-kernel) as accurate as cuDNN's."""
+    """Sequences of different lengths, bidirectional, bf16 (LSTM also with proj_size), initial states given: outputs,
+    final states and the gradients of every sequence, initial state and weight (backward through the lengths
+    in-kernel) as accurate as cuDNN's."""
     torch.manual_seed(0)
     extra = dict(proj_size=proj) if proj else {}
     ours, exact = make_pair(cell, 256, 256, num_layers=2, bidirectional=True, **extra)
@@ -569,13 +570,16 @@ def test_packed_sequences_against_cudnn(cell, proj):
     width = proj or 256  # of h; an LSTM's c has 256
     shapes = [(int(lengths.sum()), 2 * width), (4, 64, width)] + ([(4, 64, 256)] if cell == "lstm" else [])
     cotangents = [torch.randn(shape, dtype=torch.float64, device=CUDA) for shape in shapes]  # packed output, states
+    initial = [2 * torch.rand(shape, dtype=torch.float64, device=CUDA) - 1 for shape in shapes[1:]]  # in batch order
 
     def forward_backward(module, dtype):
         xs = [s.detach().to(dtype).requires_grad_() for s in seqs]  # leaves of this run's graph
-        out, states = module(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
+        hx = [h.detach().to(dtype).requires_grad_() for h in initial]
+        packed = torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False)
+        out, states = module(packed, tuple(hx) if cell == "lstm" else hx[0])
         results = [out.data, *flat(states)]
         loss = sum((r.double() * w).sum() for r, w in zip(results, cotangents, strict=True))
-        grads = torch.autograd.grad(loss, [*xs, *module.parameters()])
+        grads = torch.autograd.grad(loss, [*xs, *hx, *module.parameters()])
         return [r.detach() for r in results] + [torch.cat(grads[: len(xs)])] + list(grads[len(xs) :])
 
     ref = forward_backward(exact, torch.float64)
