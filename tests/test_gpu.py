@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import fallback_expected
 from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
+from test_stacks import flat, random_states
 
 import tritonrnn
 from perf.runner import graphed
@@ -386,6 +387,25 @@ def test_dropout_fp32_against_float64_reference_same_masks(kind, mode):
     assert max(errors) < 2e-5, errors
 
 
+def float32_states(model, batch):
+    """Random float32 initial states for a StackedRNN on the GPU: (h, c) for its LSTM layers, h for the others."""
+    gen = torch.Generator().manual_seed(2)
+    return [tuple(t.float().to(CUDA) for t in s) if isinstance(s, tuple) else s.float().to(CUDA)
+            for s in random_states(model, batch, gen)]  # fmt: skip
+
+
+def stack_step_with_states(model, x, initial, loss_of_output):
+    """A training step (dropout seed fixed) from the initial states: every layer's output, every final state, and
+    the gradients of the input, every initial state and every parameter, under a loss on all of them."""
+    xr = x.clone().requires_grad_()
+    states = [tuple(t.clone().requires_grad_() for t in s) if isinstance(s, tuple) else s.clone().requires_grad_()
+              for s in initial]  # fmt: skip
+    torch.manual_seed(1)
+    outs, finals = model(xr, states, return_all_layers=True)
+    loss = sum(loss_of_output(o).sum() for o in outs) + sum((t * (k + 1)).sum() for k, t in enumerate(flat(finals)))
+    return [*outs, *flat(finals), *torch.autograd.grad(loss, [xr, *flat(states), *model.parameters()])]
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_wavefront_on_streams_equals_layer_by_layer(dropout, monkeypatch):
     """Layers on their own streams, ordered by events per chunk: the same results as whole layers in order."""
@@ -394,16 +414,13 @@ def test_wavefront_on_streams_equals_layer_by_layer(dropout, monkeypatch):
     torch.manual_seed(0)
     model = tritonrnn.StackedRNN(256, [("lstm", 256), ("gru", 256), ("lstm", 256)], dropout=dropout).to(CUDA)
     x = torch.randn(256, 16, 256, device=CUDA)
+    initial = float32_states(model, 16)
     results = []
     for chunk in ("0", "32"):
         monkeypatch.setenv("TRITONRNN_WAVEFRONT", chunk)
         if chunk != "0":
             monkeypatch.setattr(functional, "_layer", None)  # the streams, not layer by layer
-        xr = x.clone().requires_grad_()
-        torch.manual_seed(1)
-        outs, states = model(xr, return_all_layers=True)
-        loss = sum(o.square().sum() for o in outs) + states[1].sum()
-        results.append([*outs, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+        results.append(stack_step_with_states(model, x, initial, lambda o: o.square()))
     errors = [rel_err(got, want) for want, got in zip(*results)]  # the path under test against layer by layer
     assert max(errors) < 1e-5, errors
 
@@ -422,15 +439,12 @@ def test_fused_stack_equals_layer_by_layer(cell, dropout, exchange, monkeypatch)
     plan = fused_stack.fused_plan([cell] * 3, [128] * 3, 16, torch.float32, CUDA, int(dropout > 0) * 2)
     assert isinstance(plan, _plan.LayerPlan) and plan.persistent and plan.tagged == (exchange == "tagged"), plan
     x = torch.randn(256, 16, 96, device=CUDA)
+    initial = float32_states(model, 16)
     results = []
     for setting, layer_fn in (("0", functional._layer), ("fused", None)):
         monkeypatch.setenv("TRITONRNN_WAVEFRONT", setting)
         monkeypatch.setattr(functional, "_layer", layer_fn)  # None: the layer-by-layer path must not run
-        xr = x.clone().requires_grad_()
-        torch.manual_seed(1)
-        outs, states = model(xr, return_all_layers=True)
-        loss = sum((o * o.detach().sin()).sum() for o in outs) + states[-1][0].sum()
-        results.append([*outs, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+        results.append(stack_step_with_states(model, x, initial, lambda o: o * o.detach().sin()))
     errors = [rel_err(got, want) for want, got in zip(*results)]  # the path under test against layer by layer
     assert max(errors) < 1e-5, errors
 
