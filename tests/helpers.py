@@ -118,3 +118,8 @@ def composed_reference(model, x, states, masks=None, w_hh=None):
         finals.append((torch.stack(hs), torch.stack(cs)) if layer.cell == "lstm" else torch.stack(hs))
         x = y * masks[index] if masks is not None and masks[index] is not None else y
     return outputs, finals
+
+
+def flat(states) -> list[torch.Tensor]:
+    """A stack's per-layer states ((h, c) for LSTM layers, h for the others) as one list of tensors."""
+    return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 from conftest import fallback_expected
-from helpers import CELLS, TOLERANCE, loss_weights, make_pair, rel_err, run
-from test_stacks import flat, random_states
+from helpers import CELLS, TOLERANCE, flat, loss_weights, make_pair, rel_err, run
+from test_stacks import random_states
 
 import tritonrnn
 from perf.runner import graphed

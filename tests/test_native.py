@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import CELLS, TOLERANCE, composed_reference, loss_weights, make_pair, rel_err, run
+from helpers import CELLS, TOLERANCE, composed_reference, flat, loss_weights, make_pair, rel_err, run
 from torch.nn.utils.rnn import pack_sequence
 
 import tritonrnn
@@ -160,7 +160,7 @@ def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpret
 
     def loss_of(outputs, finals):
         return sum((o * (k + 1)).sum() for k, o in enumerate(outputs)) + sum(
-            (t * (k + 2)).sum() for k, t in enumerate(flat_states(finals))
+            (t * (k + 2)).sum() for k, t in enumerate(flat(finals))
         )
 
     def by_hand(xi, states):
@@ -178,17 +178,13 @@ def test_a_stack_with_dropout_draws_the_same_masks_as_the_reference(no_interpret
         si = [tuple(t.clone().requires_grad_() for t in s) if isinstance(s, tuple) else s.clone().requires_grad_()
               for s in states]  # fmt: skip
         outputs, finals = by_hand(xi, si) if run_kind == "by hand" else stack(xi, si, return_all_layers=True)
-        leaves = [xi, *flat_states(si), *stack.parameters()]
-        results.append([*outputs, *flat_states(finals), *torch.autograd.grad(loss_of(outputs, finals), leaves)])
+        leaves = [xi, *flat(si), *stack.parameters()]
+        results.append([*outputs, *flat(finals), *torch.autograd.grad(loss_of(outputs, finals), leaves)])
     assert no_interpreter == ["lstm", "gru", "rnn_relu"]
     assert len(results[0]) == len(results[2]) == 3 + 4 + 1 + 4 + 3 * 4
     for ours, expected in [(results[0], results[1]), (results[0], results[2])]:
         for a, b in zip(ours, expected):
             assert rel_err(a, b) < TOLERANCE[torch.float64]
-
-
-def flat_states(states):
-    return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
 
 
 def test_torch_func_grad_runs_torchs_op_and_vmap_the_reference(no_interpreter, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 from conftest import DEVICE
-from helpers import TOLERANCE, CountCalls, composed_reference, loss_weights, rel_err, run
+from helpers import TOLERANCE, CountCalls, composed_reference, flat, loss_weights, rel_err, run
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,10 +40,6 @@ def random_states(model, batch, generator):
         c = torch.randn(D, batch, layer.hidden_size, dtype=torch.float64, generator=generator).to(DEVICE)
         states.append((h, c) if layer.cell == "lstm" else h)
     return states
-
-
-def flat(states):
-    return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
 
 
 def stack_training_step(model, x) -> list[torch.Tensor]:
