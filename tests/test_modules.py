@@ -215,8 +215,8 @@ def test_autocast_packed_sequence_and_stacked_rnn_match_the_bf16_modules():
         out, finals = stack(x, states)
     want, want_finals = explicit(x.bfloat16(), [tuple(s.bfloat16() for s in states[0]), states[1].bfloat16()])
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
-    for got, want in zip([*finals[0], finals[1]], [*want_finals[0], want_finals[1]], strict=True):  # h, c; then h
-        assert torch.equal(got, want)
+    for final, want_final in zip([*finals[0], finals[1]], [*want_finals[0], want_finals[1]], strict=True):  # h, c, h
+        assert torch.equal(final, want_final)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
