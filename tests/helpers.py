@@ -123,3 +123,17 @@ def composed_reference(model, x, states, masks=None, w_hh=None):
 def flat(states) -> list[torch.Tensor]:
     """A stack's per-layer states ((h, c) for LSTM layers, h for the others) as one list of tensors."""
     return [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
+
+
+def random_hx(module: nn.RNNBase, batch: int, generator: torch.Generator | None = None):
+    """A random hx for a torch.nn-style module (float64 on the CPU, uniform in [-1, 1]): h0, or (h0, c0) for an LSTM."""
+    shape = (module.num_layers * (2 if module.bidirectional else 1), batch)
+    h0 = 2 * torch.rand(*shape, module.proj_size or module.hidden_size, dtype=torch.float64, generator=generator) - 1
+    if not isinstance(module, nn.LSTM):
+        return h0
+    return h0, 2 * torch.rand(*shape, module.hidden_size, dtype=torch.float64, generator=generator) - 1
+
+
+def states_to(hx, *args):
+    """hx (a tensor or a tuple of them) moved or cast by ``Tensor.to(*args)``."""
+    return tuple(h.to(*args) for h in hx) if isinstance(hx, tuple) else hx.to(*args)

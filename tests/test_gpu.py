@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from conftest import fallback_expected
-from helpers import CELLS, TOLERANCE, flat, loss_weights, make_pair, rel_err, run
+from helpers import CELLS, TOLERANCE, flat, loss_weights, make_pair, random_hx, rel_err, run, states_to
 from test_stacks import random_states
 
 import tritonrnn
@@ -34,20 +34,6 @@ def release_cached_memory():
         torch.cuda.empty_cache()
 
 
-def initial_states(module, B, generator):
-    """A random hx for ``module`` (float64 on the GPU, uniform in [-1, 1]): h0, and c0 for an LSTM."""
-    shape = (module.num_layers * (2 if module.bidirectional else 1), B)
-    h0 = torch.rand(*shape, module.proj_size or module.hidden_size, dtype=torch.float64, generator=generator)
-    if not isinstance(module, torch.nn.LSTM):
-        return (2 * h0 - 1).to(CUDA)
-    c0 = torch.rand(*shape, module.hidden_size, dtype=torch.float64, generator=generator)
-    return (2 * h0 - 1).to(CUDA), (2 * c0 - 1).to(CUDA)
-
-
-def cast_states(hx, dtype):
-    return tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
-
-
 def errors_vs_float64(cell, T, B, I, H, L, dtype, seed=0, **module_kwargs):
     """(ours, cuDNN) relative errors vs a float64 cuDNN run, per tensor: outputs, final states and the gradients of
     the input, the initial states (random, given to every run) and every parameter."""
@@ -59,7 +45,7 @@ def errors_vs_float64(cell, T, B, I, H, L, dtype, seed=0, **module_kwargs):
     ours = ours.to(dtype=dtype, device=CUDA)
     exact = exact.to(CUDA)
     x = torch.randn(T, B, I, dtype=torch.float64, generator=gen).to(CUDA)
-    hx = initial_states(exact, B, gen)
+    hx = states_to(random_hx(exact, B, gen), CUDA)
     with torch.no_grad():
         out, states = exact(x, hx)
     states = states if isinstance(states, tuple) else (states,)
@@ -68,7 +54,7 @@ def errors_vs_float64(cell, T, B, I, H, L, dtype, seed=0, **module_kwargs):
     assert {"hx0", "input"} <= set(ref[2]), sorted(ref[2])
     result = {}
     for name, module in (("ours", ours), ("cudnn", cudnn)):
-        out, states, grads = run(module, x.to(dtype), cast_states(hx, dtype), weights)
+        out, states, grads = run(module, x.to(dtype), states_to(hx, dtype), weights)
         errs = {"output": rel_err(out, ref[0])}
         errs.update({f"state{k}": rel_err(s, r) for k, (s, r) in enumerate(zip(states, ref[1]))})
         errs.update({f"grad {k}": rel_err(grads[k], r) for k, r in ref[2].items()})
@@ -130,7 +116,7 @@ def test_autocast_float16_error_within_1_5x_cudnn(caplog):
     cudnn.flatten_parameters()
     ours, exact = ours.float().to(CUDA), exact.to(CUDA)
     x = torch.randn(64, 16, 256, dtype=torch.float64, generator=gen).to(CUDA)
-    hx = initial_states(exact, 16, gen)
+    hx = states_to(random_hx(exact, 16, gen), CUDA)
     with torch.no_grad():
         out, states = exact(x, hx)
     weights = loss_weights(out.shape, [s.shape for s in states], gen)
@@ -140,7 +126,7 @@ def test_autocast_float16_error_within_1_5x_cudnn(caplog):
     with caplog.at_level(logging.WARNING, logger="tritonrnn"):
         for name, module in (("ours", ours), ("cudnn", cudnn)):
             with torch.autocast("cuda", dtype=torch.float16):
-                got, got_states, grads = run(module, x.float(), cast_states(hx, torch.float32), weights)
+                got, got_states, grads = run(module, x.float(), states_to(hx, torch.float32), weights)
             assert got.dtype == torch.float16, (name, got.dtype)
             errors[name] = [rel_err(got, ref[0])] + [rel_err(s, r) for s, r in zip(got_states, ref[1])]
             errors[name] += [rel_err(grads[k], r) for k, r in ref[2].items()]

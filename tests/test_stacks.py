@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 from conftest import DEVICE
-from helpers import TOLERANCE, CountCalls, composed_reference, flat, loss_weights, rel_err, run
+from helpers import TOLERANCE, CountCalls, composed_reference, flat, loss_weights, random_hx, rel_err, run, states_to
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -580,17 +580,12 @@ def assert_module_matches_torch(ours, theirs, x, dtype) -> None:
     the output, every final state and the gradients of the input, the initial states and every parameter, under
     random cotangents on the output and every state."""
     gen = torch.Generator().manual_seed(5)
-    layers = theirs.num_layers * (2 if theirs.bidirectional else 1)
-    batch = x.shape[0 if theirs.batch_first else 1]
-    hx = torch.randn(layers, batch, theirs.proj_size or theirs.hidden_size, dtype=torch.float64, generator=gen)
-    if isinstance(theirs, nn.LSTM):
-        hx = (hx, torch.randn(layers, batch, theirs.hidden_size, dtype=torch.float64, generator=gen))
+    hx = random_hx(theirs, x.shape[0 if theirs.batch_first else 1], gen)
     with torch.no_grad():
         out, states = theirs(x, hx)
     states = states if isinstance(states, tuple) else (states,)
     weights = loss_weights(out.shape, [t.shape for t in states], gen)
-    moved = tuple(t.to(DEVICE, dtype) for t in hx) if isinstance(hx, tuple) else hx.to(DEVICE, dtype)
-    got, want = run(ours, x.to(DEVICE, dtype), moved, weights), run(theirs, x, hx, weights)
+    got, want = run(ours, x.to(DEVICE, dtype), states_to(hx, DEVICE, dtype), weights), run(theirs, x, hx, weights)
     assert list(got[2]) == list(want[2]) and len(got[1]) == len(want[1]) == len(states)
     for name, a, b in [("output", got[0], want[0]), *zip(["h_n", "c_n"], got[1], want[1]),
                        *((name, got[2][name], want[2][name]) for name in want[2])]:  # fmt: skip
