@@ -348,29 +348,35 @@ def test_both_directions_run_in_one_launch_at_the_benchmark_size(launched_plans)
 def test_dropout_fp32_against_float64_reference_same_masks(kind, mode):
     """Training with dropout on the GPU: the fp32 kernels vs the float64 reference (which runs where the GPU kernels
     do not take float64; a float64 LSTM/GRU does not go to cuDNN, whose masks would be others) under the same seeds,
-    hence the same masks, for the output, h_n (a stack: its top layer's) and every gradient."""
+    hence the same masks, from random initial states: the output (a stack: every layer's), every final state and the
+    gradients of the input, every initial state and every parameter."""
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
     if kind == "StackedRNN":
         layers = [("lstm", 256), ("gru", 256), ("lstm", 128)]
         fast = tritonrnn.StackedRNN(64, layers, dropout=0.3, dropout_mode=mode, bidirectional=True).to(CUDA)
+        initial = float32_states(fast, 16)
     else:
         cls = getattr(tritonrnn, kind)
         fast = cls(64, 256, num_layers=3, dropout=0.3, dropout_mode=mode, bidirectional=True).to(CUDA)
+        initial = states_to(random_hx(fast, 16, gen), CUDA, torch.float32)
+        weights = loss_weights((64, 16, 2 * 256), [(6, 16, 256)] * (2 if kind == "LSTM" else 1), gen)
     exact = copy.deepcopy(fast).double()
     x = torch.randn(64, 16, 64, device=CUDA)
     results = []
     for model, dtype in ((fast, torch.float32), (exact, torch.float64)):
         # float64 on the GPU runs the reference: the fallback is the float64 side's intent, not the kernels'
         with fallback_expected() if dtype == torch.float64 else contextlib.nullcontext():
-            xr = x.to(dtype).requires_grad_()
+            if kind == "StackedRNN":
+                states = [states_to(s, dtype) for s in initial]
+                results.append(stack_step_with_states(model, x.to(dtype), states, torch.square))
+                continue
             torch.manual_seed(1)
-            out, states = model(xr)
-            top = states[-1] if kind == "StackedRNN" else states
-            h = top[0] if isinstance(top, tuple) else top
-            loss = out.square().sum() + h.sum()
-            results.append([out, h, *torch.autograd.grad(loss, [xr, *model.parameters()])])
+            out, finals, grads = run(model, x.to(dtype), states_to(initial, dtype), weights)
+            assert {"input", "hx0"} <= set(grads), sorted(grads)
+            results.append([out, *finals, *grads.values()])
     errors = [rel_err(a, b) for a, b in zip(*results)]
-    assert max(errors) < 2e-5, errors
+    assert len(errors) == len(results[1]) and max(errors) < 2e-5, errors
 
 
 def float32_states(model, batch):
