@@ -682,7 +682,8 @@ def test_fused_stack_float32_forward_on_transposed_weights(cell, plan, fused_onl
 
 @pytest.mark.fallback
 def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch, caplog):
-    """Mixed cells, bidirectional, residual: not for the stack kernel; they run layer by layer, logged once."""
+    """Mixed cells, bidirectional, residual, a projection: not for the stack kernel; they run layer by layer, each
+    reason logged once."""
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
     calls = []
     real = functional._layer
@@ -692,10 +693,13 @@ def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch
         make_stack([("gru", 9), ("lstm", 9)])(x)
         make_stack([("gru", 9), ("lstm", 9)])(x)
         make_stack([("gru", 10), ("gru", 10)], bidirectional=True)(x)
-    assert calls == ["gru", "lstm"] * 2 + ["gru", "gru"]
+        make_stack([("gru", 3), ("gru", 3)], residual=True)(x)
+        tritonrnn.LSTM(3, 6, num_layers=2, proj_size=2).double().to(DEVICE)(x)
+    assert calls == ["gru", "lstm"] * 2 + ["gru", "gru"] * 2 + ["lstm", "lstm"]
     reasons = [r.getMessage() for r in caplog.records if "TRITONRNN_WAVEFRONT=fused" in r.getMessage()]
-    assert len(reasons) == 2, reasons
+    assert len(reasons) == 4, reasons
     assert "differ in cell or hidden size" in reasons[0] and "bidirectional" in reasons[1]
+    assert "residual connections" in reasons[2] and "projection (proj_size)" in reasons[3]
 
 
 class _ZeroFills(TorchDispatchMode):
@@ -806,6 +810,44 @@ def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
         results.append(outs + list(torch.autograd.grad(loss, [x, *h0, *model.parameters()])))
     for k, (a, b) in enumerate(zip(*results)):
         assert rel_err(a, b) < 1e-11, k
+
+
+@pytest.mark.parametrize("mode", ["standard", "variational"])
+def test_residual_sums_over_projected_lstm_layers_match_the_reference(mode):
+    """functional.stack's layers may carry an LSTM projection (w_hr): with residual=True the projection's kernels
+    add the layer's input and, in backward, hand dL/dy to it. LSTM (P=5), GRU, LSTM (P=5), each two directions of
+    5 units, dropout and different lengths: outputs, states and every gradient against the reference layers."""
+    gen = torch.Generator().manual_seed(29)
+
+    def rand(*shape):
+        return (torch.randn(*shape, dtype=KERNEL_DTYPE, generator=gen) * 0.4).to(DEVICE).requires_grad_()
+
+    sizes = [("lstm", 9, 5), ("gru", 5, 0), ("lstm", 7, 5)]  # (cell, hidden, proj_size): every output 2 x 5 wide
+    layers, h0, c0, params = [], [], [], []
+    for cell, H, P in sizes:
+        gates = {"lstm": 4, "gru": 3}[cell]
+        directions = []
+        for _ in range(2):
+            w = [rand(gates * H, 10), rand(gates * H, P or H), rand(gates * H), rand(gates * H)]
+            directions.append(tuple(w + ([rand(P, H)] if P else [])))
+            params += directions[-1]
+        layers.append(scheduler.StackLayer(cell, tuple(directions)))
+        h0.append(rand(2, 4, P or H))
+        c0.append(rand(2, 4, H) if cell == "lstm" else None)
+    x = rand(6, 4, 10)
+    lengths = torch.tensor([6, 2, 5, 1], dtype=torch.int32, device=DEVICE)
+    inputs = [x, *h0, *[c for c in c0 if c is not None], *params]
+    results = []
+    for layer_fn in (functional._layer, reference.layer):
+        torch.manual_seed(22)
+        ys, h_n, c_n = scheduler.run_stack(x, layers, h0, c0, dropout=0.3, dropout_mode=mode, residual=True,
+                                           training=True, lengths=lengths, layer_fn=layer_fn)  # fmt: skip
+        outs = ys + h_n + [c for c in c_n if c is not None]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=DEVICE).view_as(o)).sum() for o in outs)
+        results.append(outs + list(torch.autograd.grad(loss, inputs)))
+    bound = 1e-11 if KERNEL_DTYPE == torch.float64 else TOLERANCE
+    for k, (a, b) in enumerate(zip(*results)):
+        assert rel_err(a, b) < bound, k
 
 
 @pytest.mark.fallback
