@@ -119,6 +119,22 @@ def test_modules_without_the_interpreter_run_torchs_op_and_match_torch_nn(no_int
         assert rel_err(a, b) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("setting", ["2", "fused"])
+def test_the_stack_switches_leave_cpu_tensors_layer_by_layer_on_torchs_op(no_interpreter, setting, monkeypatch):
+    """TRITONRNN_WAVEFRONT (streams, or one launch for the stack) is for the kernels: without the interpreter a stack
+    of CPU tensors runs layer by layer on torch's op, bit for bit what it gives with the switch off."""
+    torch.manual_seed(0)
+    model = tritonrnn.StackedRNN(3, [("gru", 5), ("gru", 5), ("gru", 5)])
+    x = torch.randn(7, 2, 3, requires_grad=True)
+    results = []
+    for value in ("0", setting):
+        monkeypatch.setenv("TRITONRNN_WAVEFRONT", value)
+        out, states = model(x)
+        results.append([out, *states, *torch.autograd.grad(out.square().sum(), [x, *model.parameters()])])
+    assert no_interpreter == ["gru"] * 6
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_half_precision_is_computed_in_float32(no_interpreter, cell, dtype):

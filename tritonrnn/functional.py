@@ -99,9 +99,8 @@ def _layer(
 
 
 def _wavefront_stack(x, layers, h0, c0, residual, lengths, dropouts):
-    """The stack through WavefrontStackFunction, or None where it does not apply (then layer by layer)."""
-    if torch.compiler.is_compiling():
-        return None  # streams and events are not traced: layer by layer, each layer one tritonrnn::layer node
+    """The stack through WavefrontStackFunction, or None where it does not apply (then layer by layer). Never under
+    torch.compile (the caller's rule): streams and events are not traced."""
     chunk = wavefront_chunk()
     if not chunk or len(layers) < 2 or x.shape[0] <= chunk or any(len(layer.weights) != 1 for layer in layers):
         return None
