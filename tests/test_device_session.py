@@ -166,6 +166,39 @@ def test_stages_share_the_budget_in_order_and_are_skipped_when_it_is_spent(tmp_p
     assert "| late | skipped:" in text and "done" in text
 
 
+def test_a_benchmark_cut_before_its_report_gets_the_report_of_its_rows(tmp_path, monkeypatch):
+    """A benchmark stage killed at its time after checkpointing rows (the first GPU session's likely end): the
+    session renders the report of those rows in a stage of its own, so they come back readable."""
+    context = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11.0", triton="3.6.0", cuda="12.8", cudnn="91000",
+                   tf32=False, switches="", commit="abc1234", timestamp="2026-12-07T00:00:00+00:00")  # fmt: skip
+    config = dict(suite="bars", cell="lstm", dtype="bf16", B=16, H=512, T=512, L=1, input_size=512,
+                  bidirectional=False, dropout=0.0, dropout_mode="standard", proj_size=0, options="")  # fmt: skip
+
+    def row(provider: str, ms: float) -> dict:
+        timings = dict(ms_median=ms, ms_p20=ms * 0.99, ms_p80=ms * 1.01, us_per_step_layer=ms * 1e3 / 512)
+        measured = dict(peak_mem_mb=10.0, rel_err=1e-3, status="ok", note="")
+        return {**config, "pass": "fwd", "provider": provider, **timings, **measured, **context}
+
+    rows = [row("tritonrnn", 1.5), row("cudnn", 9.0)]
+    csv = tmp_path / "reports" / "bench" / "results.csv"
+    csv.parent.mkdir(parents=True)
+    pd.DataFrame(rows, columns=schema.COLUMNS).to_csv(tmp_path / "rows.csv", index=False)
+    # Its rows checkpointed, then deaf to the interrupt (as a process blocked in a kernel) until killed.
+    write_then_hang = (
+        "import shutil, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        f"shutil.copy({str(tmp_path / 'rows.csv')!r}, {str(csv)!r}); time.sleep(60)"
+    )
+    stage = device_session.Stage(4, (sys.executable, "-c", write_then_hang), bench="bars")
+    monkeypatch.setattr(device_session, "STAGES", {"bench": stage})
+    monkeypatch.setattr(device_session, "stage_command", lambda stage, *args: list(stage.command))
+    monkeypatch.setattr(device_session, "PACK_RESERVE_S", 0)
+    results = device_session.run_plan(["bench"], 90.0, tmp_path)
+    assert [r.name for r in results] == ["bench", "bench_report"], results
+    assert results[0].status.startswith("timed out after") and results[1].status == "ok", results
+    text = (csv.parent / "report.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in text and "6.00x" in text, text
+
+
 def test_at_most_eight_files_come_back(tmp_path):
     logs, reports = tmp_path / "logs", tmp_path / "reports"
     logs.mkdir()
