@@ -39,6 +39,34 @@ def x(*shape, dtype=torch.float32):
             lambda: lstm()(x(5, 3, 4), (x(2, 3, 6), x(2, 3, 5))), RuntimeError, r"hidden\[1\] size", id="cx-hidden"
         ),
         pytest.param(lambda: lstm()(x(5, 3, 4), x(2, 3, 6)), TypeError, r"tuple \(h_0, c_0\)", id="lstm-hx-not-tuple"),
+        pytest.param(
+            lambda: lstm()(x(5, 3, 4), (x(2, 6), x(2, 3, 6))),
+            RuntimeError,
+            r"batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors",
+            id="lstm-hx-dims",
+        ),
+        pytest.param(
+            lambda: lstm()(x(5, 3, 4), (x(2, 3, 6), x(2, 6))),
+            RuntimeError,
+            r"batched 3-D input, hx and cx should also be 3-D but got \(3-D, 2-D\) tensors",
+            id="lstm-cx-dims",
+        ),
+        pytest.param(
+            lambda: lstm()(x(5, 4), (x(2, 1, 6), x(2, 6))),
+            RuntimeError,
+            r"unbatched 2-D input, hx and cx should also be 2-D but got \(3-D, 2-D\) tensors",
+            id="lstm-unbatched-hx",
+        ),
+        pytest.param(
+            lambda: lstm()(x(5, 4), (x(2, 6), x(2, 1, 6))),
+            RuntimeError,
+            r"unbatched 2-D input, hx and cx should also be 2-D but got \(2-D, 3-D\) tensors",
+            id="lstm-unbatched-cx",
+        ),
+        # torch.nn fails inside ("'tuple' object has no attribute 'dim'"): a GRU given an LSTM's (h, c).
+        pytest.param(
+            lambda: gru()(x(5, 3, 4), (x(2, 3, 6), x(2, 3, 6))), TypeError, "GRU: hx must be a tensor", id="gru-hx-pair"
+        ),
         pytest.param(lambda: gru()(x(5, 3, 4), x(3, 6)), RuntimeError, "should also be 3-D but got 2-D", id="hx-dims"),
         pytest.param(
             lambda: gru()(x(5, 4), x(2, 1, 6)), RuntimeError, "should also be 2-D but got 3-D", id="unbatched-hx"
@@ -96,6 +124,15 @@ def states(*shapes):
     "call,error,match",
     [
         pytest.param(lambda: stack([("lstm", 6), ("gruu", 6)]), ValueError, r"layer 1: unknown cell 'gruu'", id="cell"),
+        pytest.param(
+            lambda: tritonrnn.StackedRNN(0, [("gru", 6)]), ValueError, "input_size should be a positive", id="input0"
+        ),
+        pytest.param(
+            lambda: tritonrnn.StackedRNN(4.0, [("gru", 6)]), ValueError, "positive integer, got 4.0", id="input-float"
+        ),
+        pytest.param(
+            lambda: tritonrnn.StackedRNN(True, [("gru", 6)]), ValueError, "positive integer, got True", id="input-bool"
+        ),
         pytest.param(lambda: stack([]), ValueError, "non-empty list", id="no-layers"),
         pytest.param(lambda: stack([("lstm",)]), ValueError, r"layer 0: expected a \(cell, hidden_size\)", id="spec"),
         pytest.param(lambda: stack([("lstm", 0)]), ValueError, "layer 0: hidden_size should be a positive", id="h0"),
@@ -119,6 +156,12 @@ def states(*shapes):
         pytest.param(lambda: stack()(x(5, 3, 7)), RuntimeError, "Expected 4, got 7", id="feature-size"),
         pytest.param(lambda: stack()(x(5, 3, 4, dtype=torch.float64)), ValueError, "input dtype", id="dtype"),
         pytest.param(lambda: stack()(x(5)), ValueError, "got 1D", id="1d"),
+        pytest.param(
+            lambda: stack()(torch.randn(5, 3, 4, device="meta")),
+            RuntimeError,
+            "StackedRNN: input is on meta but the parameters are on",
+            id="input-device",
+        ),
         pytest.param(lambda: stack()(x(0, 3, 4)), RuntimeError, "larger than 0", id="empty"),
         pytest.param(
             lambda: stack()(x(5, 3, 4), states(((1, 3, 6), (1, 3, 6)))),
@@ -152,6 +195,30 @@ def states(*shapes):
             RuntimeError,
             r"expected h of size \[2, 3, 6\]",
             id="state-directions",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), [(x(1, 3, 6), None), x(1, 3, 6)]),
+            ValueError,
+            r"states\[0\]: c should be a tensor, got NoneType",
+            id="state-not-a-tensor",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), states(((1, 3, 6), (1, 3, 6)), (1, 3, 6)) + [x(1, 3, 6)]),
+            ValueError,
+            r"one state per layer \(2\), got 3 entries",
+            id="states-too-many",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), [(x(1, 3, 6), x(1, 3, 6)), x(1, 3, 6, dtype=torch.float64)]),
+            RuntimeError,
+            r"states\[1\]: h is torch.float64 on .*, the input torch.float32",
+            id="state-dtype",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4), [(x(1, 3, 6), torch.randn(1, 3, 6, device="meta")), x(1, 3, 6)]),
+            RuntimeError,
+            r"states\[0\]: c is torch.float32 on meta, the input torch.float32 on",
+            id="state-device",
         ),
     ],
 )
@@ -349,6 +416,36 @@ def test_a_forced_persistent_grid_the_gpu_cannot_hold_is_refused(forced_plan, mo
     forced_plan(block_h=16, persistent=True, directions_together=True)
     with pytest.raises(ValueError, match="a persistent grid of 140 programs would not all be resident"):
         _plan.plan_layer("lstm", 1120, 16, torch.bfloat16, cuda, 2)
+
+
+def test_a_forced_persistent_grid_of_several_programs_is_refused_under_the_interpreter(forced_plan, monkeypatch):
+    """Under the interpreter a launch's programs run one after another: a forced persistent grid of several programs
+    would wait at its grid barrier for ever, unless the tests' concurrent interpreter runs them in threads."""
+    from tritonrnn import _plan
+
+    cpu = torch.device("cpu")
+    forced_plan(block_h=16, persistent=True)
+    assert _plan.plan_layer("gru", 16, 3, torch.float32, cpu).num_programs == 1  # one program: no barrier to wait at
+    with pytest.raises(ValueError, match="a persistent grid of several programs deadlocks under the interpreter"):
+        _plan.plan_layer("gru", 32, 3, torch.float32, cpu)
+    monkeypatch.setattr(_plan, "PROGRAMS_AT_ONCE", True)
+    assert _plan.plan_layer("gru", 32, 3, torch.float32, cpu).num_programs == 2
+    monkeypatch.setattr(_plan, "PROGRAMS_AT_ONCE", False)
+    forced_plan(block_h=16, persistent=False)
+    assert _plan.plan_layer("gru", 32, 3, torch.float32, cpu).num_programs == 2
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["unknown", "in-CELLS-without-math"])
+def test_the_reference_refuses_an_unknown_cell(monkeypatch, registered):
+    """A cell the reference has no math for raises, also one added to the kernels' table (CELLS) alone: it must not
+    run with h left unchanged at every step."""
+    from tritonrnn import _plan, reference
+
+    if registered:
+        monkeypatch.setitem(_plan.CELLS, "gruu", (3, 3, 4))
+    weights = x(18, 4), x(18, 6), x(18), x(18)
+    with pytest.raises(ValueError, match="unknown cell 'gruu'"):
+        reference.layer_forward("gruu", x(5, 3, 4), x(3, 6), None, *weights)
 
 
 def test_triton_interpret_set_after_import_runs_torchs_op_not_a_crash():
