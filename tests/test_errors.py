@@ -361,6 +361,41 @@ def test_stack_options_set_after_construction_are_checked(change, match):
         model(x(5, 3, 4))
 
 
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        pytest.param(lambda m: setattr(m.layers[0], "cell", "gru"), RuntimeError,
+                     r"layers.0.weight_ih has shape \(24, 4\), expected \(18, 4\) for a gru layer", id="lstm-to-gru"),
+        pytest.param(lambda m: setattr(m.layers[1], "cell", "rnn_tanh"), RuntimeError,
+                     r"layers.1.weight_ih has shape \(18, 6\), expected \(6, 6\)", id="gru-to-rnn"),
+        pytest.param(lambda m: setattr(m.layers[0], "cell", "gruu"), ValueError, r"layers.0: unknown cell 'gruu'",
+                     id="unknown-cell"),
+        pytest.param(lambda m: setattr(m.layers[1], "hidden_size", 5), RuntimeError,
+                     r"layers.1.weight_ih has shape \(18, 6\), expected \(15, 6\)", id="hidden-size"),
+        pytest.param(lambda m: setattr(m.layers[1], "input_size", 5), RuntimeError,
+                     r"layers.1 \(gru\) reads 5 features, but layer 0 outputs 6", id="layer-input-size"),
+        pytest.param(lambda m: setattr(m, "input_size", 5), RuntimeError,
+                     r"layers.0 \(lstm\) reads 4 features, but the stack's input_size 5", id="stack-input-size"),
+        pytest.param(lambda m: setattr(m.layers[1], "weight_hh", nn.Parameter(torch.randn(18, 5, device=DEVICE))),
+                     RuntimeError, r"layers.1.weight_hh has shape \(18, 5\), expected \(18, 6\)", id="weight"),
+        pytest.param(lambda m: setattr(m.layers[1], "bias_hh", None), TypeError, "layers.1.bias_hh is None",
+                     id="bias-none"),
+        pytest.param(lambda m: setattr(m.layers[1], "bias", False), RuntimeError,
+                     "layers.1 has bias=False but bias parameters", id="bias-off"),
+        pytest.param(lambda m: delattr(m.layers[1], "bias_ih"), RuntimeError,
+                     "layers.1 has bias=True but no bias parameters", id="bias-gone"),
+    ],
+)  # fmt: skip
+def test_stack_layers_changed_after_construction_are_refused(change, error, match):
+    """A layer's cell or sizes changed, or a weight reassigned with another shape, after the stack was built: the
+    kernels would read the weights with the wrong sizes (a crash or other rows' values, silently), so the call
+    names what does not fit."""
+    model = stack()
+    change(model)
+    with pytest.raises(error, match=match):
+        model(x(5, 3, model.input_size))
+
+
 def test_numpy_scalars_are_accepted_as_probabilities_like_torch():
     """A probability read from a config file as a numpy scalar: torch.nn takes it, so does StackedRNN."""
     numpy = pytest.importorskip("numpy")

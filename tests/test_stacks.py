@@ -895,6 +895,8 @@ def test_hooks_on_a_layer_run_every_call_so_prune_and_weight_norm_train_like_tor
     ours.load_state_dict(stack_state_from_torch(theirs), strict=True)
     prune.l1_unstructured(ours.layers[1], "weight_hh", amount=0.4)
     prune.l1_unstructured(theirs, "weight_hh_l1", amount=0.4)
+    prune.l1_unstructured(ours.layers[1], "bias_ih", amount=0.4)  # a bias too: an attribute, no longer a parameter
+    prune.l1_unstructured(theirs, "bias_ih_l1", amount=0.4)
     with pytest.warns(FutureWarning, match="weight_norm"):
         nn.utils.weight_norm(ours.layers[0], "weight_ih")
     with pytest.warns(FutureWarning, match="weight_norm"):
@@ -913,27 +915,28 @@ def test_hooks_on_a_layer_run_every_call_so_prune_and_weight_norm_train_like_tor
             optimiser.step()
     assert calls == ["lstm"] * 3
     names = {"layers.0.weight_ih_g": "weight_ih_l0_g", "layers.0.weight_ih_v": "weight_ih_l0_v",
-             "layers.1.weight_hh_orig": "weight_hh_l1_orig"}  # fmt: skip
+             "layers.1.weight_hh_orig": "weight_hh_l1_orig", "layers.1.bias_ih_orig": "bias_ih_l1_orig"}  # fmt: skip
     ours_params, theirs_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
     for name, their_name in names.items():
         torch.testing.assert_close(ours_params[name].cpu(), theirs_params[their_name], msg=name)
 
 
 def test_parametrized_weights_are_computed_once_per_call():
-    """Each parametrized weight of a stack is computed once per forward call (spectral_norm's power iteration: one
-    step per call in training), the first layer's weight_ih included."""
+    """Each parametrized weight or bias of a stack is computed once per forward call (spectral_norm's power
+    iteration: one step per call in training), the first layer's weight_ih included; the call's checks of the
+    weights compute none."""
     from torch.nn.utils import parametrize
 
     model = make_stack([("gru", 4), ("lstm", 3)])
     x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
     want = model(x)[0]
-    counters = {name: CountCalls() for name in ("weight_ih", "weight_hh")}
+    counters = {name: CountCalls() for name in ("weight_ih", "weight_hh", "bias_ih")}
     for name, counter in counters.items():
         parametrize.register_parametrization(model.layers[0], name, counter)
         counter.calls = 0  # registering computes it once: count the call's computations only
     got = model(x)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert {name: c.calls for name, c in counters.items()} == {"weight_ih": 1, "weight_hh": 1}
+    assert {name: c.calls for name, c in counters.items()} == {"weight_ih": 1, "weight_hh": 1, "bias_ih": 1}
 
 
 def test_a_layer_converted_on_its_own_is_refused_by_name():

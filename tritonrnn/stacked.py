@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from tritonrnn import dropout as _dropout
@@ -81,13 +82,39 @@ class RecurrentLayer(nn.Module):
                     w_hh = held.drop_weight(f"{name}{suffix}", w_hh, weight_drop)
                 else:
                     w_hh = F.dropout(w_hh, weight_drop, training=True)
+            if self.bias != self._owns(f"bias_ih{suffix}"):
+                raise RuntimeError(
+                    f"StackedRNN: layers.{name} has bias={self.bias} but {'no ' if self.bias else ''}bias "
+                    "parameters; bias is fixed when the stack is built"
+                )
             b_ih = getattr(self, f"bias_ih{suffix}") if self.bias else None
             b_hh = getattr(self, f"bias_hh{suffix}") if self.bias else None
             weights = (w_ih, w_hh, b_ih, b_hh)
+            self._check_shapes(name, suffix, weights)
             if dtype is not None:
                 weights = tuple(w.to(dtype) if w is not None else None for w in weights)
             directions.append(weights)
         return StackLayer(self.cell, tuple(directions))
+
+    def _owns(self, key: str) -> bool:
+        """Whether the layer has the parameter ``key``, without computing it: registered, parametrized, or a plain
+        attribute that a hook recomputes (torch.nn.utils.prune's, the old weight_norm's)."""
+        return key in self._parameters or key in self.__dict__ or parametrize.is_parametrized(self, key)
+
+    def _check_shapes(self, name: str, suffix: str, weights: tuple) -> None:
+        """The weights of one direction against the layer's cell and sizes (a cell or size changed after
+        construction, a weight reassigned with another shape or None): the kernels would read them out of bounds."""
+        gates = CELLS[self.cell][1] * self.hidden_size
+        expected = ((gates, self.input_size), (gates, self.hidden_size), (gates,), (gates,))
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if self.bias else 2]
+        for key, weight, shape in zip(names, weights, expected):
+            if weight is None:
+                raise TypeError(f"StackedRNN: layers.{name}.{key}{suffix} is None; expected a tensor")
+            if weight.shape != shape:
+                raise RuntimeError(
+                    f"StackedRNN: layers.{name}.{key}{suffix} has shape {tuple(weight.shape)}, expected {shape} for "
+                    f"a {self.cell} layer of input_size={self.input_size}, hidden_size={self.hidden_size}"
+                )
 
     def extra_repr(self) -> str:
         text = f"{self.cell}, {self.input_size}, {self.hidden_size}"
@@ -179,7 +206,18 @@ class StackedRNN(nn.Module):
         _dropout.check_mode(self.dropout_mode)
         _dropout.check_probability("weight_drop", self.weight_drop)
         directions = 2 if self.bidirectional else 1
+        width = self.input_size
         for index, layer in enumerate(self.layers):
+            # The cell and sizes a layer's weights are checked against at the call (RecurrentLayer.forward).
+            if layer.cell not in CELLS:
+                raise ValueError(f"layers.{index}: unknown cell {layer.cell!r}; expected one of {sorted(CELLS)}")
+            if layer.input_size != width:
+                source = "the stack's input_size" if index == 0 else f"layer {index - 1} outputs"
+                raise RuntimeError(
+                    f"layers.{index} ({layer.cell}) reads {layer.input_size} features, but {source} {width}; the "
+                    "sizes are fixed when the stack is built"
+                )
+            width = directions * layer.hidden_size
             if layer.directions != directions:
                 raise ValueError(
                     f"bidirectional={bool(self.bidirectional)}, but layer {index} ({layer.cell}) was built with "
