@@ -6,6 +6,7 @@ tests work on copies of its results.csv.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -102,6 +103,19 @@ def test_suite_cases_merge_passes_of_the_same_config():
     assert [(c.B, c.passes) for c in suite.configs] == [(1, ("fwd", "fwd+bwd")), (2, ("fwd", "fwd+bwd"))]
 
 
+def test_config_labels_name_the_projection_and_an_input_size_other_than_h():
+    """A config's options (the label in the rows and the report) name proj_size, and input_size where it is not H."""
+    case = {"cell": "lstm", "dtype": "bf16", "B": 1, "H": 16, "T": 2, "L": 2, "bidirectional": True, "dropout": 0.3,
+            "proj_size": 4, "input_size": [16, 32]}  # fmt: skip
+    configs = suites.parse({"name": "labels", "cases": [case]}).configs
+    assert [c.options for c in configs] == [
+        "bidirectional dropout=0.3 standard proj_size=4",
+        "bidirectional dropout=0.3 standard proj_size=4 input_size=32",
+    ]
+    row = {**dataclasses.asdict(configs[1]), "options": configs[1].options}
+    assert schema.label(row) == "lstm bf16 L2 B1 H16 T2 bidirectional dropout=0.3 standard proj_size=4 input_size=32"
+
+
 # --- the runner ----------------------------------------------------------------------------------------------
 
 
@@ -190,12 +204,17 @@ def test_report_has_tables_overheads_and_embedded_plots(smoke):
 
 
 def test_report_command_regenerates_from_csv(smoke, tmp_path, capsys):
+    """The same report from a copy of the rows; a plot left by an earlier report of the folder is removed."""
     folder = tmp_path / "copy"
-    folder.mkdir()
+    (folder / "plots").mkdir(parents=True)
+    stale = folder / "plots" / "latency_vs_batch_size_of_an_earlier_run.png"
+    stale.write_bytes(b"not this run's")
     (folder / "results.csv").write_bytes((smoke / "results.csv").read_bytes())
     assert main(["report", str(folder)]) == 0
     assert (folder / "report.md").read_text() == (smoke / "report.md").read_text()
     assert "report.html" in capsys.readouterr().out
+    assert not stale.exists()
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == sorted(p.name for p in (smoke / "plots").iterdir())
 
 
 def test_report_plots_latency_when_sizes_vary(results, tmp_path):
@@ -232,6 +251,68 @@ def test_latency_plots_keep_input_sizes_apart(results, tmp_path):
     assert len(lstm_plots) == 2 and any("input-size-64" in n for n in lstm_plots), lstm_plots
 
 
+def _report_table(markdown: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the table under ``heading`` ("## Errors") in a markdown report, as {column: cell}."""
+    section = markdown.split(f"\n{heading}\n")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_report_shows_failed_rows_missing_providers_and_gpu_memory(results, tmp_path):
+    """A GPU run's rows as failures leave them: a tritonrnn row that errored is listed under Errors and shown as
+    "error" (with no speedup or overhead from it); a provider that did not run a config shows "-"; a GPU run has
+    peak memory columns."""
+    df = results.assign(gpu="NVIDIA H100 80GB HBM3", peak_mem_mb=12.0)
+    broken = (df["provider"] == "tritonrnn") & (df["L"] == 2) & (df["dropout"] == 0)  # the stack the dropouts need
+    df.loc[broken, ["ms_median", "ms_p20", "ms_p80", "us_per_step_layer", "peak_mem_mb", "rel_err"]] = float("nan")
+    df.loc[broken, "status"] = "error: RuntimeError: boom"
+    other = sorted(set(df["provider"]) - {"tritonrnn"})[0]
+    df = df[~((df["provider"] == other) & (df["cell"] == "gru") & (df["pass"] == "fwd"))]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    _write(df, folder / "results.csv")
+    assert main(["report", str(folder)]) == 0
+    markdown = (folder / "report.md").read_text()
+    errors = [row for row in _report_table(markdown, "## Errors") if row["provider"] == "tritonrnn"]
+    assert errors == [
+        {"config": "lstm fp32 L2 B2 H16 T4", "pass": "fwd+bwd", "provider": "tritonrnn",
+         "status": "error: RuntimeError: boom"}
+    ]  # fmt: skip
+    assert "<h2>Errors</h2>" in (folder / "report.html").read_text()
+    configs = {(r["cell"], r["L"], r["options"], r["pass"]): r for r in _report_table(markdown, "## Per config")}
+    stack = configs["lstm", "2", "", "fwd+bwd"]
+    assert (stack["tritonrnn us/step"], stack[f"x vs {other}"], stack["tritonrnn MB"]) == ("error", "-", "-")
+    gru = configs["gru", "1", "", "fwd"]
+    assert (gru[f"{other} us/step"], gru[f"{other} rel_err"], gru[f"{other} MB"], gru["tritonrnn MB"]) == (
+        "-", "-", "-", "12",
+    )  # fmt: skip
+    assert gru["tritonrnn us/step"] not in ("-", "error") and gru[f"x vs {other}"] == "-"
+    # the dropout configs' plain counterpart errored: only the bidirectional overhead is left
+    assert [row["feature"] for row in _report_table(markdown, "## Stack overheads")] == ["bidirectional"]
+
+
+def test_speedup_plots_of_speedups_near_1x_have_fine_ticks(results, tmp_path, monkeypatch):
+    """Speedups between 0.7x and 1.4x (tritonrnn about even with its baseline): the axis is marked at 0.6x to 1.5x,
+    not at a lone 1x."""
+    from perf import report
+
+    df = schema.ok_rows(results).assign(ms_median=1.0)
+    theirs = df["provider"] != "tritonrnn"
+    df.loc[theirs, "ms_median"] = df.loc[theirs, "cell"].map({"lstm": 0.7, "gru": 1.4})
+    ticks = {}
+
+    def save(fig, path, caption):
+        ticks[path.name] = list(fig.axes[0].get_xticks())
+        report.plt.close(fig)
+        return report.Image(path, caption)
+
+    monkeypatch.setattr(report, "_save", save)
+    report.plots(df, tmp_path)
+    fine = [0.6, 0.7, 0.8, 1, 1.25, 1.5]
+    assert ticks == {"speedup_fwd.png": fine, "speedup_fwd-bwd.png": fine}
+
+
 def test_run_accepts_a_suite_file(tmp_path):
     path = tmp_path / "mine.json"
     case = {"cell": "rnn_relu", "dtype": "fp32", "B": 1, "H": 8, "T": 3, "L": 1, "passes": ["fwd"]}
@@ -242,6 +323,39 @@ def test_run_accepts_a_suite_file(tmp_path):
     assert df[["suite", "cell", "pass", "provider", "status"]].values.tolist() == [
         ["mine", "rnn_relu", "fwd", "tritonrnn", "ok"]
     ]
+
+
+def test_a_run_out_of_budget_keeps_its_rows_and_says_how_many_configs_it_left(smoke, tmp_path, capsys):
+    """--resume keeps every config but the last, and the budget is spent before that one starts: the run writes the
+    rows it has and says how many configs it did not measure."""
+    done = schema.read_results(smoke / "results.csv")
+    kept = done[~done["bidirectional"]]
+    # a config with a failed row (a GPU's cudnn_graph under dropout) is measured again: it is left too
+    failed = done.loc[done["status"] != "ok", schema.CONFIG_KEYS].drop_duplicates()
+    out = tmp_path / "out"
+    argv = ["run", "--suite", "smoke", "--out", str(out), "--resume", str(_write(kept, tmp_path / "done.csv"))]
+    assert main([*argv, "--budget-s", "1e-6"]) == 0
+    assert f"budget of 1e-06 s reached: {1 + len(failed)} of 6 configs not measured" in capsys.readouterr().out
+    assert len(schema.read_results(out / "results.csv")) == len(kept) - len(kept.merge(failed))
+
+
+def test_warm_lists_the_pairs_it_could_not_warm(monkeypatch, capsys):
+    """Each (config, switches) pair whose warm-up failed is listed with its error, and the count leaves it out. (The
+    worker processes are stood in for here; test_device_session runs real ones.)"""
+    from perf import warm
+
+    calls = []
+
+    def fake_warm(configs, switch_sets, jobs):
+        calls.append((len(configs), switch_sets, jobs))
+        return [("lstm fp32 B2 H16 L1", 2.0, ""), ("gru fp32 B2 H16 L1 [TRITONRNN_X=1]", 0.5, "ValueError: bad X")]
+
+    monkeypatch.setattr(warm, "warm", fake_warm)
+    assert main(["warm", "--suite", "smoke", "--switches", "TRITONRNN_X=1", "--jobs", "3"]) == 0
+    assert calls == [(len(suites.load("smoke").configs), [{"TRITONRNN_X": "1"}], 3)]
+    out = capsys.readouterr().out
+    assert out.startswith("failed: gru fp32 B2 H16 L1 [TRITONRNN_X=1]: ValueError: bad X\n")
+    assert "warmed 1 of 2 (config, switches) pairs" in out and "(slowest: lstm fp32 B2 H16 L1, 2 s)" in out
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the CPU comparison runs only without a GPU")
@@ -394,6 +508,21 @@ def _one_row_changed(results: pd.DataFrame, **fields) -> pd.DataFrame:
         pytest.param(dict(ms_median=-1.0, ms_p20=-1.0, ms_p80=-1.0), "has status ok but timings", id="negative-ms"),
         pytest.param(dict(ms_median=""), "has status ok but timings", id="empty-ms"),
         pytest.param(dict(ms_p20=1e9), "expected finite, positive and in that order", id="p20-above-median"),
+        pytest.param(dict(rel_err="small"), "column rel_err must hold numbers, got 'small'", id="text-number"),
+        pytest.param(
+            dict(dropout=1.5), "column dropout (a config key) must hold numbers in [0, 1), got '1.5'", id="dropout"
+        ),
+        pytest.param(dict(bidirectional="yes"), "column bidirectional must hold True or False, got 'yes'", id="bool"),
+        pytest.param(
+            dict(provider="magic"),
+            "column provider must be one of tritonrnn, cudnn, cudnn_graph, torch_cpu, got 'magic'",
+            id="unknown-provider",
+        ),
+        pytest.param(dict(gpu="NVIDIA H200"), "rows from several GPUs (NVIDIA H200, ", id="several-gpus"),
+        # the first tritonrnn row (lstm, one layer, fwd) made the fwd+bwd row that follows it
+        pytest.param(
+            {"pass": "fwd+bwd"}, "duplicate rows for lstm fp32 L1 B2 H16 T4 fwd+bwd tritonrnn", id="duplicate"
+        ),
     ],
 )
 def test_results_with_impossible_values_are_refused(results, fields, message, tmp_path, capsys):
@@ -466,6 +595,27 @@ def test_readme_writes_between_the_markers(results, tmp_path, capsys):
     assert readme.read_text() == "no markers\n"
 
 
+def test_readme_table_lists_the_latencies_of_the_headline_configs(results, tmp_path, capsys):
+    """A baseline holding a headline config (lstm bf16 B16 H512, 3 layers, T=512): its per-step latency for each pass,
+    "-" for the provider it lacks."""
+    ours = results[(results["provider"] == "tritonrnn") & (results["cell"] == "lstm") & (results["options"] == "")]
+    ours = ours[ours["L"] == 1]
+    theirs = ours.assign(provider="cudnn", ms_median=3.0, us_per_step_layer=2.5)
+    rows = pd.concat([ours.assign(ms_median=2.0, us_per_step_layer=1.25), theirs], ignore_index=True)
+    rows = rows.assign(suite="quick", gpu="NVIDIA H100 80GB HBM3", dtype="bf16", B=16, H=512, input_size=512, L=3,
+                       T=512, ms_p20=rows["ms_median"], ms_p80=rows["ms_median"])  # fmt: skip
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    _write(rows, baselines / "nvidia-h100-80gb-hbm3.csv")
+    assert main(["readme", "--baselines", str(baselines)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| NVIDIA H100 80GB HBM3 | fwd | 1.50x | - | 1 |" in lines
+    latency = [line for line in lines if "| lstm bf16" in line]
+    assert latency == [
+        f"| NVIDIA H100 80GB HBM3 | lstm bf16 L3 B16 H512 T512 | {pass_} | 1.25 | 2.5 | - |" for pass_ in schema.PASSES
+    ]
+
+
 def test_readme_refuses_files_that_are_not_one_gpus_quick_baseline(results, tmp_path, capsys):
     baselines = tmp_path / "baselines"
     baselines.mkdir()
@@ -517,9 +667,19 @@ def _suite_file(tmp_path: pathlib.Path, text: str) -> str:
         ),
         pytest.param(["compare", "x.csv", "y.csv", "--threshold", "nan"], "--threshold must be a finite", id="nan"),
         pytest.param(["warm", "--suite", "smoke", "--jobs", "0"], "--jobs must be >= 1", id="jobs"),
+        pytest.param(["run", "--suite", "{tmp}/absent.json"], "absent.json: no such file", id="missing-suite-file"),
+        pytest.param(
+            ["run", "--suite", "{tmp}/folder.json"], "folder.json: a folder, not a suite .json file", id="suite-folder"
+        ),
+        pytest.param(
+            ["readme", "--write", "--baselines", "{tmp}", "--readme", "{tmp}/README.md"],
+            "README.md: no such file",
+            id="missing-readme",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_message(argv, message, tmp_path, capsys):
+    (tmp_path / "folder.json").mkdir()
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -543,12 +703,66 @@ def _one_case(**fields) -> str:
         pytest.param(_one_case(L=2, dropout=1), "field 'dropout': 1 is not a number in [0, 1)", id="bad-dropout"),
         pytest.param(_one_case(proj_size=4), "proj_size applies to lstm only", id="proj-gru"),
         pytest.param(_one_case(passes=["bwd"]), "field 'passes'", id="bad-pass"),
+        pytest.param(
+            '{"name": "x", "cases": [], "size": 1}',
+            "unknown top-level fields ['size'] (allowed: name, description, cases)",
+            id="unknown-top-level-field",
+        ),
+        pytest.param('{"name": "", "cases": [{}]}', '"name" must be a non-empty string', id="empty-name"),
+        pytest.param('{"name": "x", "description": 3, "cases": [{}]}', '"description" must be a string', id="desc"),
+        pytest.param('{"name": "x", "cases": []}', '"cases" must be a non-empty list of objects', id="no-cases"),
+        pytest.param('{"name": "x", "cases": ["lstm"]}', "case 1: a case must be a JSON object", id="case-not-object"),
+        pytest.param(_one_case(B=[]), "case 1: field 'B': empty list", id="empty-list"),
+        pytest.param(_one_case(cell="lstm", proj_size=8), "proj_size 8 must be smaller than H 8", id="proj-too-big"),
+        pytest.param(_one_case(bidirectional=1), "field 'bidirectional': 1 is not true or false", id="bad-bool"),
     ],
 )
 def test_bad_suite_files_exit_2_with_one_message(text, message, tmp_path, capsys):
     assert main(["run", "--suite", _suite_file(tmp_path, text)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_files_that_cannot_be_read_exit_2_with_one_message(smoke, tmp_path, monkeypatch, capsys):
+    """A suite file or results file that is there but cannot be read: exit 2, one line with the reason. (The denial is
+    simulated: the tests may run as root, who reads every file.)"""
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    suite, csv = _suite_file(tmp_path, _one_case()), str(smoke / "results.csv")
+    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    monkeypatch.setattr(pd, "read_csv", denied)
+    assert main(["run", "--suite", suite]) == 2
+    assert capsys.readouterr().err == f"perf: error: suite file {suite}: cannot read it (Permission denied)\n"
+    assert main(["compare", csv, csv]) == 2
+    assert capsys.readouterr().err == f"perf: error: {csv}: cannot read it (Permission denied)\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        pytest.param(
+            ["run", "--suite", "smoke", "--out", "{tmp}/a-file/out"],
+            "cannot use {tmp}/a-file/out as the output folder: Not a directory",
+            id="run-out-below-a-file",
+        ),
+        pytest.param(["report", "{tmp}"], "cannot write the report in {tmp}: Is a directory", id="report-md-a-folder"),
+        pytest.param(
+            ["compare", "{tmp}/results.csv", "{tmp}/results.csv", "--out", "{tmp}/a-folder"],
+            "cannot write {tmp}/a-folder: Is a directory",
+            id="compare-out-a-folder",
+        ),
+    ],
+)
+def test_outputs_that_cannot_be_written_exit_2_with_one_message(argv, message, smoke, tmp_path, capsys):
+    """An output path where a file stands in for a folder, or a folder for a file: exit 2, one line saying so."""
+    (tmp_path / "results.csv").write_bytes((smoke / "results.csv").read_bytes())
+    (tmp_path / "report.md").mkdir()
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("a file\n")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert capsys.readouterr().err == f"perf: error: {message.replace('{tmp}', str(tmp_path))}\n"
 
 
 @pytest.mark.skipif(HAS_GPU, reason="GPU providers run where there is a GPU")
