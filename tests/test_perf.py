@@ -169,6 +169,45 @@ def test_a_slow_step_is_timed_ten_times_at_least(monkeypatch):
     assert calls == [200, 1800.0] and (median, p20, p80) == pytest.approx((155.5, 152.2, 158.8))
 
 
+def test_a_config_that_fails_gets_error_rows_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A config that cannot be built (its every row) and a step that raises (its row alone) are recorded as errors
+    with the exception's first line, never skipped; the other rows are measured, and the report lists the errors."""
+    suite = {"name": "failing", "cases": [{"cell": ["gru", "rnn_tanh"], "dtype": "fp32", "B": 2, "H": 8, "T": 3,
+                                           "L": 1}]}  # fmt: skip
+    path = tmp_path / "failing.json"
+    path.write_text(json.dumps(suite))
+    real_case, real_measure = runner.Case, runner.measure
+
+    def case(config, device):
+        if config.cell == "gru":
+            raise MemoryError("no room for the gru\nsecond line")
+        return real_case(config, device)
+
+    def measure(case, provider, pass_):
+        if provider == "tritonrnn" and pass_ == "fwd":
+            raise RuntimeError("the kernel failed")
+        return real_measure(case, provider, pass_)
+
+    monkeypatch.setattr(runner, "Case", case)
+    monkeypatch.setattr(runner, "measure", measure)
+    out = tmp_path / "out"
+    assert main(["run", "--suite", str(path), "--out", str(out)]) == 0
+    rows = schema.read_results(out / "results.csv")
+    status = {(r["cell"], r["provider"], r["pass"]): r["status"] for _, r in rows.iterrows()}
+    assert len(status) == 2 * len(PROVIDERS) * 2  # two configs, each provider, both passes
+    assert {k: v for k, v in status.items() if k[0] == "gru"} == {
+        ("gru", p, pass_): "error: MemoryError: no room for the gru" for p in PROVIDERS for pass_ in schema.PASSES
+    }
+    assert status["rnn_tanh", "tritonrnn", "fwd"] == "error: RuntimeError: the kernel failed"
+    assert [k for k, v in status.items() if v == "ok"] == [
+        ("rnn_tanh", p, pass_) for p in sorted(PROVIDERS, key=list(schema.PROVIDERS).index) for pass_ in schema.PASSES
+        if (p, pass_) != ("tritonrnn", "fwd")
+    ]  # fmt: skip
+    errored = rows[rows["status"] != "ok"]
+    assert errored[["ms_median", "rel_err"]].isna().all().all()
+    assert "## Errors" in (out / "report.md").read_text()
+
+
 @pytest.mark.fallback
 def test_a_tritonrnn_module_handing_dropout_to_torch_nn_has_no_error_to_measure(monkeypatch):
     """Where tritonrnn's module hands a call to torch.nn (a hidden size beyond the kernels), its dropout masks are
