@@ -784,6 +784,23 @@ def test_packed_batch_through_the_wavefront(monkeypatch):
         assert rel_err(a, b) < 1e-12
 
 
+def residual_step_on_kernels_and_reference(x, layers, h0, c0, lengths, dropout, mode, inputs, seed):
+    """A training step of scheduler.run_stack with residual sums, dropout and lengths, on the kernels' layers and on
+    the reference's under the same seed: for each, every layer's output and final state and the gradients of
+    ``inputs`` under a loss on all of them."""
+    results = []
+    for layer_fn in (functional._layer, reference.layer):
+        torch.manual_seed(seed)
+        ys, h_n, c_n = scheduler.run_stack(x, layers, h0, c0, dropout=dropout, dropout_mode=mode, residual=True,
+                                           training=True, lengths=lengths, layer_fn=layer_fn)  # fmt: skip
+        outs = ys + h_n + [c for c in c_n if c is not None]
+        loss = sum(
+            (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum() for o in outs
+        )
+        results.append(outs + list(torch.autograd.grad(loss, inputs)))
+    return results
+
+
 @pytest.mark.parametrize("mode", ["standard", "variational"])
 def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
     """Bidirectional, residual, dropout and different lengths together, on a split grid launched step by step:
@@ -798,16 +815,8 @@ def test_every_feature_at_once_matches_the_reference(mode, forced_plan):
     h0 = [(s[0] if isinstance(s, tuple) else s).requires_grad_() for s in states]
     c0 = [s[1] if isinstance(s, tuple) else None for s in states]
     layers = [layer(weight_drop=0.0, training=True) for layer in model.layers]
-    results = []
-    for layer_fn in (functional._layer, reference.layer):
-        torch.manual_seed(21)
-        ys, h_n, c_n = scheduler.run_stack(x, layers, h0, c0, dropout=0.4, dropout_mode=mode, residual=True,
-                                           training=True, lengths=lengths, layer_fn=layer_fn)  # fmt: skip
-        outs = ys + h_n + [c for c in c_n if c is not None]
-        loss = sum(
-            (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum() for o in outs
-        )
-        results.append(outs + list(torch.autograd.grad(loss, [x, *h0, *model.parameters()])))
+    inputs = [x, *h0, *model.parameters()]
+    results = residual_step_on_kernels_and_reference(x, layers, h0, c0, lengths, 0.4, mode, inputs, seed=21)
     for k, (a, b) in enumerate(zip(*results)):
         assert rel_err(a, b) < 1e-11, k
 
@@ -837,14 +846,7 @@ def test_residual_sums_over_projected_lstm_layers_match_the_reference(mode):
     x = rand(6, 4, 10)
     lengths = torch.tensor([6, 2, 5, 1], dtype=torch.int32, device=DEVICE)
     inputs = [x, *h0, *[c for c in c0 if c is not None], *params]
-    results = []
-    for layer_fn in (functional._layer, reference.layer):
-        torch.manual_seed(22)
-        ys, h_n, c_n = scheduler.run_stack(x, layers, h0, c0, dropout=0.3, dropout_mode=mode, residual=True,
-                                           training=True, lengths=lengths, layer_fn=layer_fn)  # fmt: skip
-        outs = ys + h_n + [c for c in c_n if c is not None]
-        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=DEVICE).view_as(o)).sum() for o in outs)
-        results.append(outs + list(torch.autograd.grad(loss, inputs)))
+    results = residual_step_on_kernels_and_reference(x, layers, h0, c0, lengths, 0.3, mode, inputs, seed=22)
     bound = 1e-11 if KERNEL_DTYPE == torch.float64 else TOLERANCE
     for k, (a, b) in enumerate(zip(*results)):
         assert rel_err(a, b) < bound, k

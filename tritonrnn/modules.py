@@ -70,6 +70,15 @@ def fx_proxy_of_the_call(module: nn.Module, *args, **kwargs) -> torch.fx.Proxy |
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
+def check_weight(what: str, weight: Tensor | None, shape: tuple[int, ...], sizes: str) -> None:
+    """A weight against the shape its module's options call for (``sizes`` names them): the kernels would read a
+    weight of another shape with the wrong sizes."""
+    if weight is None:
+        raise TypeError(f"{what} is None; expected a tensor")
+    if weight.shape != shape:
+        raise RuntimeError(f"{what} has shape {tuple(weight.shape)}, expected {shape} for {sizes}")
+
+
 def _parameter_shapes(*options) -> dict[str, tuple[int, ...]]:
     """torch.nn's parameters of a module built with these options (mode, input_size, hidden_size, proj_size,
     num_layers, bias, bidirectional), in its order (``_flat_weights_names``): their shapes. Kept per options in a
@@ -188,14 +197,9 @@ class _TritonRNNBase(nn.RNNBase):
                 f"proj_size={self.proj_size} call for the parameters {list(expected)}, the module has "
                 f"{list(self._flat_weights_names)}; these options are fixed when the module is built"
             )
+        sizes = f"input_size={self.input_size}, hidden_size={self.hidden_size}, proj_size={self.proj_size}"
         for (key, shape), weight in zip(expected.items(), self._flat_weights):
-            if weight is None:
-                raise TypeError(f"{name}: parameter {key} is None; expected a tensor")
-            if weight.shape != shape:
-                raise RuntimeError(
-                    f"{name}: parameter {key} has shape {tuple(weight.shape)}, expected {shape} for input_size="
-                    f"{self.input_size}, hidden_size={self.hidden_size}, proj_size={self.proj_size}"
-                )
+            check_weight(f"{name}: parameter {key}", weight, shape, sizes)
 
     def _check_dropout(self) -> None:
         """torch.nn's op checks the probability where it applies it: in training, between layers, after the input's

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import CELLS
-from tritonrnn.modules import fx_proxy_of_the_call, refuse_script, repack, unpack
+from tritonrnn.modules import check_weight, fx_proxy_of_the_call, refuse_script, repack, unpack
 from tritonrnn.scheduler import StackLayer
 
 State = "Tensor | tuple[Tensor, Tensor]"
@@ -107,14 +107,9 @@ class RecurrentLayer(nn.Module):
         gates = CELLS[self.cell][1] * self.hidden_size
         expected = ((gates, self.input_size), (gates, self.hidden_size), (gates,), (gates,))
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if self.bias else 2]
+        sizes = f"a {self.cell} layer of input_size={self.input_size}, hidden_size={self.hidden_size}"
         for key, weight, shape in zip(names, weights, expected):
-            if weight is None:
-                raise TypeError(f"StackedRNN: layers.{name}.{key}{suffix} is None; expected a tensor")
-            if weight.shape != shape:
-                raise RuntimeError(
-                    f"StackedRNN: layers.{name}.{key}{suffix} has shape {tuple(weight.shape)}, expected {shape} for "
-                    f"a {self.cell} layer of input_size={self.input_size}, hidden_size={self.hidden_size}"
-                )
+            check_weight(f"StackedRNN: layers.{name}.{key}{suffix}", weight, shape, sizes)
 
     def extra_repr(self) -> str:
         text = f"{self.cell}, {self.input_size}, {self.hidden_size}"
