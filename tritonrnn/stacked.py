@@ -77,11 +77,6 @@ class RecurrentLayer(nn.Module):
         for suffix in self.suffixes:
             w_ih = getattr(self, f"weight_ih{suffix}")
             w_hh = getattr(self, f"weight_hh{suffix}")
-            if weight_drop > 0 and training:
-                if held is not None:
-                    w_hh = held.drop_weight(f"{name}{suffix}", w_hh, weight_drop)
-                else:
-                    w_hh = F.dropout(w_hh, weight_drop, training=True)
             if self.bias != self._owns(f"bias_ih{suffix}"):
                 raise RuntimeError(
                     f"StackedRNN: layers.{name} has bias={self.bias} but {'no ' if self.bias else ''}bias "
@@ -89,8 +84,13 @@ class RecurrentLayer(nn.Module):
                 )
             b_ih = getattr(self, f"bias_ih{suffix}") if self.bias else None
             b_hh = getattr(self, f"bias_hh{suffix}") if self.bias else None
+            self._check_shapes(name, suffix, (w_ih, w_hh, b_ih, b_hh))
+            if weight_drop > 0 and training:
+                if held is not None:
+                    w_hh = held.drop_weight(f"{name}{suffix}", w_hh, weight_drop)
+                else:
+                    w_hh = F.dropout(w_hh, weight_drop, training=True)
             weights = (w_ih, w_hh, b_ih, b_hh)
-            self._check_shapes(name, suffix, weights)
             if dtype is not None:
                 weights = tuple(w.to(dtype) if w is not None else None for w in weights)
             directions.append(weights)
