@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -105,6 +106,18 @@ def x(*shape, dtype=torch.float32):
             lambda: tritonrnn.GRU(4, 6, dropout=-0.1), ValueError, "dropout should be a number", id="dropout<0"
         ),
         pytest.param(lambda: tritonrnn.LSTM(4, 0), ValueError, "hidden_size must be greater than zero", id="hidden0"),
+        pytest.param(
+            lambda: lstm()(x(5, 3, 4), (x(2, 3, 6),) * 3),
+            RuntimeError,
+            r"hx must be a tuple \(h_0, c_0\) of two tensors, got 3",
+            id="lstm-hx-three",
+        ),
+        pytest.param(
+            lambda: gru()(x(5, 3, 4).to_sparse()),
+            RuntimeError,
+            "GRU: expected a dense input tensor, got layout torch.sparse_coo",
+            id="sparse-input",
+        ),
     ],
 )
 def test_bad_input_raises(call, error, match):
@@ -220,6 +233,33 @@ def states(*shapes):
             r"states\[0\]: c is torch.float32 on meta, the input torch.float32 on",
             id="state-device",
         ),
+        pytest.param(lambda: stack(bias=None), TypeError, "bias should be of type bool, got: NoneType", id="bias-none"),
+        pytest.param(lambda: stack(bias="no"), TypeError, "bias should be of type bool, got: str", id="bias-str"),
+        pytest.param(
+            lambda: stack([("lstm", 4)], residual="yes"),
+            TypeError,
+            "residual should be of type bool",
+            id="residual-str",
+        ),
+        pytest.param(lambda: stack(batch_first=1), TypeError, "batch_first should be of type bool", id="batch-first"),
+        pytest.param(
+            lambda: stack(bidirectional=None),
+            TypeError,
+            "bidirectional should be of type bool",
+            id="bidirectional-none",
+        ),
+        pytest.param(
+            lambda: stack(dtype=torch.complex64),
+            TypeError,
+            "dtype should be a floating-point dtype",
+            id="complex-dtype",
+        ),
+        pytest.param(
+            lambda: stack()(x(5, 3, 4).to_sparse()),
+            RuntimeError,
+            "StackedRNN: expected a dense input tensor, got layout torch.sparse_coo",
+            id="sparse-input",
+        ),
     ],
 )
 def test_stacked_rnn_bad_input_raises(call, error, match):
@@ -326,6 +366,46 @@ def test_module_options_set_after_construction_are_checked(change, match):
         module(x(5, 3, 4))
 
 
+@pytest.mark.parametrize(
+    "make,name,value,error,match",
+    [
+        pytest.param(tritonrnn.GRU, "hidden_size", 6.0, TypeError, "GRU: hidden_size should be of type int, got: float",
+                     id="hidden-float"),
+        pytest.param(tritonrnn.GRU, "num_layers", True, TypeError, "num_layers should be of type int, got: bool",
+                     id="layers-bool"),
+        pytest.param(tritonrnn.LSTM, "bidirectional", 1, TypeError, "bidirectional should be of type bool, got: int",
+                     id="bidirectional-int"),
+        pytest.param(tritonrnn.LSTM, "bidirectional", np.bool_(False), TypeError, "got: numpy.bool",
+                     id="bidirectional-numpy"),
+        pytest.param(tritonrnn.RNN, "mode", "nope", ValueError, "RNN: mode must be RNN_TANH or RNN_RELU, got 'nope'",
+                     id="rnn-mode"),
+        pytest.param(tritonrnn.LSTM, "mode", "GRU", ValueError, "LSTM: mode must be LSTM, got 'GRU'", id="lstm-mode"),
+        pytest.param(tritonrnn.GRU, "dropout", "0.5", TypeError, "GRU: dropout should be a number, got '0.5'",
+                     id="dropout-str"),
+    ],
+)  # fmt: skip
+def test_module_options_of_the_wrong_type_set_after_construction_are_refused(make, name, value, error, match):
+    """Set after construction, torch.nn's op refuses these where it reads them (an "invalid combination of
+    arguments", an assertion for RNN's mode); ours named them after Triton's or Python's internals (a float size
+    passed the shape check, 6.0 == 6, and failed on ``bit_length``; a str dropout failed on ``>``)."""
+    module = make(4, 6, num_layers=2).to(DEVICE)
+    setattr(module, name, value)
+    with pytest.raises(error, match=match):
+        module(x(5, 3, 4))
+
+
+@pytest.mark.parametrize("make", [tritonrnn.GRU, tritonrnn.LSTM])
+def test_values_torch_nn_accepts_after_construction_run(make):
+    """The other side of the checks above: numpy integers and a tensor dropout are taken, as torch.nn's op takes them,
+    and RNN's mode chooses its nonlinearity (torch.nn's forward reads it)."""
+    module = make(4, 6, num_layers=2).to(DEVICE)
+    module.num_layers, module.dropout = np.int64(2), torch.tensor(0.25)
+    module.train()(x(5, 3, 4))
+    rnn = tritonrnn.RNN(4, 6).to(DEVICE)
+    rnn.mode = "RNN_RELU"
+    assert rnn(x(5, 3, 4))[0].min() >= 0
+
+
 def test_a_bad_dropout_is_named_after_the_input_like_torch():
     """torch.nn's op checks the dropout probability where it applies it, after the input's checks."""
     for module in (nn.GRU(4, 6, num_layers=2), tritonrnn.GRU(4, 6, num_layers=2).to(DEVICE)):
@@ -384,6 +464,14 @@ def test_stack_options_set_after_construction_are_checked(change, match):
                      "layers.1 has bias=False but bias parameters", id="bias-off"),
         pytest.param(lambda m: delattr(m.layers[1], "bias_ih"), RuntimeError,
                      "layers.1 has bias=True but no bias parameters", id="bias-gone"),
+        pytest.param(lambda m: setattr(m.layers[1], "bias", 1), TypeError,
+                     "layers.1: bias should be of type bool, got: int", id="bias-int"),
+        pytest.param(lambda m: m.layers.append(nn.Linear(6, 6)), TypeError,
+                     "layers.2 is a Linear, not one of the stack's RecurrentLayers", id="foreign-layer"),
+        pytest.param(lambda m: setattr(m, "batch_first", 1), TypeError,
+                     "StackedRNN: batch_first should be of type bool, got: int", id="batch-first-int"),
+        pytest.param(lambda m: m.to(torch.complex64), TypeError,
+                     "the parameters are torch.complex64; the stack runs floating-point dtypes only", id="complex"),
     ],
 )  # fmt: skip
 def test_stack_layers_changed_after_construction_are_refused(change, error, match):

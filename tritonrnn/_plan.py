@@ -331,6 +331,8 @@ def plan_layer(
         persistent = num_programs <= sm_count
         together = num_programs * directions <= sm_count
     else:
+        if dtype not in MAX_HIDDEN and dtype != torch.float64:
+            return f"{dtype} under the interpreter"  # complex, say, which torch.nn's CPU layers run
         # Interpreter: programs run one after another, so a persistent grid has one program (a group).
         block_h = block_k
         num_programs = 1
@@ -730,9 +732,11 @@ def unpack_saved(ctx) -> tuple[torch.Tensor, ...]:
         # The tensor torch names can be a view the user never saw: the kernels take a one-way layer's weight_hh_l{k}
         # (and weight_hr_l{k}) as [1, rows, columns].
         raise RuntimeError(
-            f"{error}\ntritonrnn: an input or a parameter of a layer was modified in place between its forward and "
-            "its backward (an optimizer step before backward, say), as torch.nn's layers refuse too; a one-way "
-            "layer's weight_hh_l{k} and weight_hr_l{k} [rows, columns] appear above as [1, rows, columns]"
+            f"{error}\ntritonrnn: an input, a parameter or an output of a layer was modified in place between its "
+            "forward and its backward (an optimizer step before backward, say), as torch.nn's cuDNN layers refuse too "
+            "(the backward reads the outputs; torch.nn's CPU layers do not); clone an output before changing it in "
+            "place. A one-way layer's weight_hh_l{k} and weight_hr_l{k} [rows, columns] appear above as [1, rows, "
+            "columns]"
         ) from error
 
 

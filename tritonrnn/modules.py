@@ -12,6 +12,8 @@ own RNN op between tritonrnn's masks (tritonrnn/native.py).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -110,6 +112,21 @@ def _shapes_of(
     return shapes
 
 
+def type_name(value) -> str:
+    """``int``, ``numpy.bool``: a type named as torch's argument errors name it."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _modes_of(module: nn.RNNBase) -> tuple[str, ...]:
+    """The modes torch.nn's class of ``module`` runs (its forward reads ``mode`` only to choose RNN's nonlinearity)."""
+    if isinstance(module, nn.LSTM):
+        return ("LSTM",)
+    if isinstance(module, nn.GRU):
+        return ("GRU",)
+    return ("RNN_TANH", "RNN_RELU")
+
+
 class _TritonRNNBase(nn.RNNBase):
     """forward() on tritonrnn's kernels; everything else inherited from torch.nn."""
 
@@ -185,12 +202,19 @@ class _TritonRNNBase(nn.RNNBase):
     def _check_attributes(self) -> None:
         """What forward reads from attributes a user can set after construction, checked at every call: the
         dropout_mode, and the parameters against the sizes and options (a layer count, bias, direction or size
-        changed, a weight reassigned with another shape or None): the kernels would read them with the wrong sizes."""
+        changed, a weight reassigned with another shape or None): the kernels would read them with the wrong sizes.
+        The options' types as torch.nn's op checks them (a float size would pass the shape check, 4.0 == 4)."""
         _dropout.check_mode(self.dropout_mode)
+        # One test of the usual types first (the loop below costs microseconds a call); the loop names what differs.
+        usual = type(self.input_size) is type(self.hidden_size) is type(self.num_layers) is type(self.proj_size) is int
+        if not (usual and type(self.bias) is type(self.bidirectional) is bool and type(self.dropout) in (float, int)):
+            self._check_option_types()
+        name, modes = type(self).__name__, _modes_of(self)
+        if self.mode not in modes:
+            raise ValueError(f"{name}: mode must be {' or '.join(modes)}, got {self.mode!r}")
         expected = _parameter_shapes(
             self.mode, self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bias, self.bidirectional
         )  # fmt: skip
-        name = type(self).__name__
         if tuple(expected) != tuple(self._flat_weights_names):
             raise RuntimeError(
                 f"{name}: num_layers={self.num_layers}, bias={self.bias}, bidirectional={self.bidirectional} and "
@@ -200,6 +224,19 @@ class _TritonRNNBase(nn.RNNBase):
         sizes = f"input_size={self.input_size}, hidden_size={self.hidden_size}, proj_size={self.proj_size}"
         for (key, shape), weight in zip(expected.items(), self._flat_weights):
             check_weight(f"{name}: parameter {key}", weight, shape, sizes)
+
+    def _check_option_types(self) -> None:
+        """The options' types as torch.nn's op takes them (numpy integers and a tensor dropout too)."""
+        name = type(self).__name__
+        for option in ("input_size", "hidden_size", "num_layers", "proj_size"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name}: {option} should be of type int, got: {type_name(value)}")
+        for option in ("bias", "bidirectional"):
+            if type(getattr(self, option)) is not bool:  # torch.nn's op refuses a truthy 1 or numpy bool too
+                raise TypeError(f"{name}: {option} should be of type bool, got: {type_name(getattr(self, option))}")
+        if not isinstance(self.dropout, (numbers.Real, Tensor)):  # read before the probability's own check
+            raise TypeError(f"{name}: dropout should be a number, got {self.dropout!r}")
 
     def _check_dropout(self) -> None:
         """torch.nn's op checks the probability where it applies it: in training, between layers, after the input's
@@ -257,14 +294,20 @@ class _TritonRNNBase(nn.RNNBase):
             noun = "" if self.mode in ("LSTM", "GRU") else " tensor"
             name = self.mode if noun == "" else "RNN"
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{noun} instead")
+        if isinstance(data, Tensor) and data.layout != torch.strided:
+            raise RuntimeError(f"{type(self).__name__}: expected a dense input tensor, got layout {data.layout}")
         dtype = functional.autocast_dtype(data) if isinstance(data, Tensor) else None
         if (
             dtype is not None
             and data.device.type == "cpu"
-            and (self.mode == "GRU" or (self.mode == "LSTM" and isinstance(input, PackedSequence)))
+            and (
+                self.mode == "GRU" or (self.mode == "LSTM" and isinstance(input, PackedSequence) and not self.proj_size)
+            )
         ):
-            # CPU autocast does not cast torch.nn's GRU nor its LSTM on packed input (its LSTM and RNN otherwise take
-            # autocast's dtype): these run in the input's dtype, the weights cast to it where theirs differs.
+            # CPU autocast does not cast torch.nn's GRU nor its LSTM on packed input without projections (its LSTM and
+            # RNN otherwise take autocast's dtype): these run in the input's dtype, the weights cast to it where theirs
+            # differs. (Its LSTM with projections runs ATen's composite cells, whose c stays in the input's dtype:
+            # c_n float32 where ours comes out in autocast's dtype, as on a GPU.)
             dtype = None if data.dtype == self._flat_weights[0].dtype else data.dtype
         reason = self._unsupported(input, dtype)
         if reason is not None:
@@ -343,8 +386,10 @@ class _TritonRNNBase(nn.RNNBase):
         if is_lstm:
             if isinstance(hx, Tensor) and not is_batched and hx.dim() == 3 and hx.size(0) == 2:
                 hx = tuple(hx.unbind(0))  # torch.nn takes hx[0], hx[1] of unbatched states stacked in one tensor
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            if not isinstance(hx, (tuple, list)):
                 raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of tensors")
+            if len(hx) != 2:
+                raise RuntimeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {len(hx)}")
             hidden = tuple(hx)
             dims = f"({hidden[0].dim()}-D, {hidden[1].dim()}-D) tensors"
             if is_batched and (hidden[0].dim() != 3 or hidden[1].dim() != 3):

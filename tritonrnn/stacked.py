@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 from tritonrnn import dropout as _dropout
 from tritonrnn import functional
 from tritonrnn._plan import CELLS
-from tritonrnn.modules import check_weight, fx_proxy_of_the_call, refuse_script, repack, unpack
+from tritonrnn.modules import check_weight, fx_proxy_of_the_call, refuse_script, repack, type_name, unpack
 from tritonrnn.scheduler import StackLayer
 
 State = "Tensor | tuple[Tensor, Tensor]"
@@ -160,6 +160,13 @@ class StackedRNN(nn.Module):
         super().__init__()
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
             raise ValueError(f"input_size should be a positive integer, got {input_size!r}")
+        # As torch.nn's constructor checks bias and batch_first (a truthy "no" would build biases).
+        for option, value in (("bias", bias), ("residual", residual), ("batch_first", batch_first),
+                              ("bidirectional", bidirectional)):  # fmt: skip
+            if type(value) is not bool:
+                raise TypeError(f"{option} should be of type bool, got: {type_name(value)}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"StackedRNN: dtype should be a floating-point dtype, got {dtype}")
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
             raise ValueError(f"layers should be a non-empty list of (cell, hidden_size) pairs, got {layers!r}")
         # The probabilities as given, before float() would take a string; the rest at the end (_check_attributes).
@@ -200,9 +207,21 @@ class StackedRNN(nn.Module):
         _dropout.check_probability("dropout", self.dropout)
         _dropout.check_mode(self.dropout_mode)
         _dropout.check_probability("weight_drop", self.weight_drop)
+        if not type(self.residual) is type(self.batch_first) is type(self.bidirectional) is bool:
+            for option in ("residual", "batch_first", "bidirectional"):
+                value = getattr(self, option)
+                if type(value) is not bool:
+                    raise TypeError(f"StackedRNN: {option} should be of type bool, got: {type_name(value)}")
         directions = 2 if self.bidirectional else 1
         width = self.input_size
         for index, layer in enumerate(self.layers):
+            if not isinstance(layer, RecurrentLayer):
+                raise TypeError(
+                    f"layers.{index} is a {type(layer).__name__}, not one of the stack's RecurrentLayers; the layers "
+                    "are fixed when the stack is built"
+                )
+            if type(layer.bias) is not bool:
+                raise TypeError(f"layers.{index}: bias should be of type bool, got: {type_name(layer.bias)}")
             # The cell and sizes a layer's weights are checked against at the call (RecurrentLayer.forward).
             if layer.cell not in CELLS:
                 raise ValueError(f"layers.{index}: unknown cell {layer.cell!r}; expected one of {sorted(CELLS)}")
@@ -243,9 +262,13 @@ class StackedRNN(nn.Module):
             raise TypeError(f"StackedRNN: expected the input to be a Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3):
             raise ValueError(f"StackedRNN: Expected input to be 2D or 3D, got {x.dim()}D instead")
+        if x.layout != torch.strided:
+            raise RuntimeError(f"StackedRNN: expected a dense input tensor, got layout {x.layout}")
         # A parameter, not the attribute: a parametrized weight_ih would be computed once more per call.
         weight = next(self.layers[0].parameters())
         dtype = weight.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"StackedRNN: the parameters are {dtype}; the stack runs floating-point dtypes only")
         autocast = functional.autocast_dtype(x)
         if autocast is not None:
             # Like torch.nn's recurrent layers under autocast: input, states and weights in the autocast dtype.
