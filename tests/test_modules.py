@@ -900,12 +900,15 @@ def test_functional_call_with_parameters_of_another_dtype_like_torch():
 
 @pytest.mark.fallback
 @pytest.mark.filterwarnings("ignore:Complex modules are a new feature:UserWarning")
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["interpreter", "torchs-op"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_complex_modules_run_on_torch_nn_like_torch(cell, caplog):
-    """torch.nn's CPU layers run complex dtypes; the kernels have none: torch.nn's implementation runs them (logged),
-    where the interpreter used to fail inside Triton (a KeyError 'complex64')."""
+def test_complex_modules_run_on_torch_nn_like_torch(cell, interpret, monkeypatch, caplog):
+    """torch.nn's CPU layers run complex dtypes; the kernels have none: under the interpreter torch.nn's
+    implementation runs them (logged), where the interpreter used to fail inside Triton (a KeyError 'complex64');
+    without it, torch's own op, as for every CPU call."""
     if DEVICE.type != "cpu":
         pytest.skip("cuDNN has no complex layers either")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     torch.manual_seed(0)
     ours, theirs = make_pair(cell, 3, 4, num_layers=2, bidirectional=True)
     ours, theirs = ours.to(torch.complex64), theirs.to(torch.complex64)
@@ -914,7 +917,8 @@ def test_complex_modules_run_on_torch_nn_like_torch(cell, caplog):
         got, want = flat_outputs(ours(x)), flat_outputs(theirs(x))
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
-    assert any("complex64 under the interpreter runs on torch.nn's" in r.getMessage() for r in caplog.records)
+    logged = any("complex64 under the interpreter runs on torch.nn's" in r.getMessage() for r in caplog.records)
+    assert logged == (interpret == "1")
 
 
 def assert_float32_close(actual, expected, what: str) -> None:
