@@ -182,18 +182,16 @@ def states(*shapes):
             r"one state per layer \(2\), got 1 entries",
             id="states-length",
         ),
-        pytest.param(
-            lambda: stack()(x(5, 3, 4), x(2, 3, 6)), ValueError, "one state per layer", id="states-not-a-list"
-        ),
+        pytest.param(lambda: stack()(x(5, 3, 4), x(2, 3, 6)), TypeError, "one state per layer", id="states-not-a-list"),
         pytest.param(
             lambda: stack()(x(5, 3, 4), states((1, 3, 6), (1, 3, 6))),
-            ValueError,
+            TypeError,
             r"states\[0\]: layer 0 is an LSTM; its state is a tuple \(h, c\)",
             id="lstm-state-structure",
         ),
         pytest.param(
             lambda: stack()(x(5, 3, 4), states(((1, 3, 6), (1, 3, 6)), ((1, 3, 6), (1, 3, 6)))),
-            ValueError,
+            TypeError,
             r"states\[1\]: layer 1 is gru; its state is one tensor",
             id="gru-state-structure",
         ),
@@ -211,7 +209,7 @@ def states(*shapes):
         ),
         pytest.param(
             lambda: stack()(x(5, 3, 4), [(x(1, 3, 6), None), x(1, 3, 6)]),
-            ValueError,
+            TypeError,
             r"states\[0\]: c should be a tensor, got NoneType",
             id="state-not-a-tensor",
         ),

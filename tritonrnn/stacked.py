@@ -351,24 +351,30 @@ class StackedRNN(nn.Module):
                 h0.append(zeros)
                 c0.append(zeros if layer.cell == "lstm" else None)
             return h0, c0
-        if not isinstance(states, (list, tuple)) or len(states) != len(self.layers):
-            got = f"{len(states)} entries" if isinstance(states, (list, tuple)) else type(states).__name__
-            raise ValueError(f"states should be a list with one state per layer ({len(self.layers)}), got {got}")
+        # As the modules: the wrong kind of object a TypeError, the wrong number of states a ValueError.
+        if not isinstance(states, (list, tuple)):
+            raise TypeError(
+                f"states should be a list with one state per layer ({len(self.layers)}), got {type(states).__name__}"
+            )
+        if len(states) != len(self.layers):
+            raise ValueError(
+                f"states should be a list with one state per layer ({len(self.layers)}), got {len(states)} entries"
+            )
         h0, c0 = [], []
         expected = (directions, batch) if batched else (directions,)
         for index, (layer, state) in enumerate(zip(self.layers, states)):
             if layer.cell == "lstm":
                 if not isinstance(state, (tuple, list)) or len(state) != 2:
-                    raise ValueError(f"states[{index}]: layer {index} is an LSTM; its state is a tuple (h, c)")
+                    raise TypeError(f"states[{index}]: layer {index} is an LSTM; its state is a tuple (h, c)")
                 pair = tuple(state)
             else:
                 if not isinstance(state, Tensor):
-                    raise ValueError(f"states[{index}]: layer {index} is {layer.cell}; its state is one tensor h")
+                    raise TypeError(f"states[{index}]: layer {index} is {layer.cell}; its state is one tensor h")
                 pair = (state,)
             shape = (*expected, layer.hidden_size)
             for name, h in zip(("h", "c"), pair):
                 if not isinstance(h, Tensor):
-                    raise ValueError(f"states[{index}]: {name} should be a tensor, got {type(h).__name__}")
+                    raise TypeError(f"states[{index}]: {name} should be a tensor, got {type(h).__name__}")
                 if tuple(h.shape) != shape:
                     raise RuntimeError(f"states[{index}]: expected {name} of size {list(shape)}, got {list(h.shape)}")
                 if h.dtype != x.dtype or h.device != x.device:
