@@ -9,6 +9,7 @@ from conftest import DEVICE
 from torch import nn
 
 import tritonrnn
+from tritonrnn.scheduler import StackLayer
 
 
 def lstm(**kwargs):
@@ -590,3 +591,90 @@ def test_triton_interpret_set_after_import_runs_torchs_op_not_a_crash():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.split() == ["False", "True"], result.stderr
+
+
+def _functional_call(change=lambda args: None):
+    """A valid functional.stack call (an LSTM layer both ways, then a GRU layer without biases), changed by
+    ``change``, which edits the arguments dict in place."""
+
+    def t(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    lstm_dir = lambda: [t(16, 4), t(16, 4), t(16), t(16)]  # noqa: E731
+    args = dict(
+        x=t(5, 3, 4),
+        layers=[
+            StackLayer("lstm", [lstm_dir(), lstm_dir()]),
+            StackLayer("gru", [[t(12, 8), t(12, 4), None, None]] * 2),
+        ],
+        h0=[t(2, 3, 4), t(2, 3, 4)],
+        c0=[t(2, 3, 4), None],
+    )
+    change(args)
+    kwargs = {k: args.pop(k) for k in list(args) if k not in ("x", "layers", "h0", "c0")}
+    return tritonrnn.functional.stack(args["x"], args["layers"], args["h0"], args["c0"], **kwargs)
+
+
+def _set(path, value):
+    """A change that sets args[path[0]][path[1]]... to value."""
+
+    def change(args):
+        target = args
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        pytest.param(_set(["x"], x(5, 4)), ValueError, r"x should be \[T, B, I\]", id="x-2d"),
+        pytest.param(_set(["x"], x(0, 3, 4)), RuntimeError, "sequence length to be larger than 0", id="x-empty"),
+        pytest.param(_set(["x"], x(5, 3, 4).to(torch.float64)), TypeError, "w_ih is torch.float32, x is torch.float64",
+                     id="x-dtype"),
+        pytest.param(_set(["layers", 1], ("gruu", None)), ValueError, r"layers\[1\]: unknown cell 'gruu'", id="cell"),
+        pytest.param(_set(["layers", 0, 1, 0], x(16, 4)[:3]), TypeError, r"each direction is \(w_ih, w_hh, b_ih",
+                     id="weights-short"),
+        pytest.param(_set(["layers", 1, 1, 0, 1], x(12, 3)), RuntimeError,
+                     r"w_hh has shape \(12, 3\), expected \(12, 4\)", id="w_hh-width"),
+        pytest.param(_set(["layers", 1, 1, 0, 0], x(12, 4)), RuntimeError,
+                     r"w_ih has shape \(12, 4\), expected \(12, 8\)", id="w_ih-chain"),
+        pytest.param(_set(["layers", 0, 1, 1, 2], None), ValueError, "give both biases b_ih and b_hh, or neither",
+                     id="one-bias"),
+        pytest.param(_set(["layers", 0, 1, 1], [x(16, 4), x(16, 4), None, None]), ValueError,
+                     "biases in one direction only", id="bias-one-direction"),
+        pytest.param(_set(["layers", 1], StackLayer("gru", [[x(12, 8), x(12, 4), None, None]] * 3)), ValueError,
+                     r"one weight tuple per direction \(1 or 2\), got 3", id="three-directions"),
+        pytest.param(_set(["layers", 0], StackLayer("gru", [[x(16, 4), x(16, 4), x(16), x(16)]] * 2)), ValueError,
+                     "w_hh has 16 rows, not a multiple of a gru's 3 gates", id="cell-of-other-weights"),
+        pytest.param(_set(["layers", 1, 1, 0], [x(12, 8), x(12, 4), None, None, x(2, 4)]), ValueError,
+                     "a w_hr .projection. is for LSTM layers only", id="w_hr-on-gru"),
+        pytest.param(_set(["c0", 0], None), TypeError, r"c0\[0\] should be a Tensor", id="lstm-c0-none"),
+        pytest.param(_set(["c0", 1], x(2, 3, 4)), ValueError, r"c0\[1\] should be None: layer 1 is gru", id="gru-c0"),
+        pytest.param(_set(["c0", 0], x(2, 3, 2)), RuntimeError, r"c0\[0\] has shape \(2, 3, 2\), expected \(2, 3, 4\)",
+                     id="c0-size"),
+        pytest.param(_set(["h0", 1], x(2, 2, 4)), RuntimeError, r"h0\[1\] has shape \(2, 2, 4\)", id="h0-batch"),
+        pytest.param(_set(["h0"], [x(2, 3, 4)]), ValueError, "h0 has 1 entries for 2 layers", id="h0-short"),
+        pytest.param(_set(["lengths"], torch.tensor([2], device=DEVICE)), ValueError,
+                     r"lengths has shape \(1,\), expected \(3,\)", id="lengths-short"),
+        pytest.param(_set(["lengths"], torch.tensor([2, 6, 1], device=DEVICE)), ValueError,
+                     r"lengths should be in \[0, T=5\], got values in \[1, 6\]", id="lengths-beyond-t"),
+        pytest.param(_set(["lengths"], torch.tensor([2.0, 1.0, 1.0], device=DEVICE)), TypeError,
+                     "lengths should be integers", id="lengths-float"),
+        pytest.param(_set(["residual"], True), ValueError, r"residual=True: layers\[1\] reads 8 features but outputs 8|"
+                     r"residual=True: layers\[0\] reads 4 features but outputs 8", id="residual-width"),
+        pytest.param(_set(["dropout_mode"], "Variational"), ValueError, "dropout_mode should be one of", id="mode"),
+        pytest.param(_set(["dropout"], 1.5), ValueError, r"dropout should be a number in \[0, 1\]", id="dropout"),
+        pytest.param(_set(["held_masks"], {}), TypeError, "held_masks should be a tritonrnn.dropout.HeldMasks",
+                     id="held-masks"),
+    ],
+)  # fmt: skip
+def test_functional_stack_checks_its_arguments(change, error, match):
+    """functional.stack takes plain tensors: a shape that does not fit was read out of bounds (a crash, glibc's
+    "corrupted size", or a silently wrong answer: a strided or short lengths, one bias dropped, an LSTM's c0 taken
+    from h0); now each is a clear error naming the argument. The valid call runs."""
+    _functional_call()
+    with pytest.raises(error, match=match):
+        _functional_call(change)

@@ -475,8 +475,9 @@ def test_wavefront_is_off_by_default_and_1_means_64_step_chunks(monkeypatch):
         assert (wavefront.wavefront_setting(), wavefront.wavefront_chunk()) == (setting, chunk), value
 
 
-def test_wavefront_switch_rejects_nonsense(monkeypatch):
-    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "yes")
+@pytest.mark.parametrize("value", ["yes", "²"])  # "²" passes str.isdigit, not int()
+def test_wavefront_switch_rejects_nonsense(monkeypatch, value):
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", value)
     with pytest.raises(ValueError, match="TRITONRNN_WAVEFRONT should be 0, 1, a number"):
         make_stack(MIXED[:2])(torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE))
 
@@ -700,6 +701,52 @@ def test_fused_stack_leaves_other_stacks_layer_by_layer_and_says_why(monkeypatch
     assert len(reasons) == 4, reasons
     assert "differ in cell or hidden size" in reasons[0] and "bidirectional" in reasons[1]
     assert "residual connections" in reasons[2] and "projection (proj_size)" in reasons[3]
+
+
+@pytest.mark.fallback
+def test_fused_stack_leaves_layers_with_and_without_biases_layer_by_layer(monkeypatch, caplog):
+    """functional.stack takes a bias per layer: the stack kernel has one flag for all (it dropped the upper layers'
+    biases when the bottom layer had none); such a stack runs layer by layer, as the reference computes it."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "fused")
+    gen = torch.Generator().manual_seed(3)
+
+    def weights(bias):
+        w = [torch.randn(shape, dtype=torch.float64, generator=gen).to(DEVICE) for shape in ((18, 6), (18, 6))]
+        return (
+            *w,
+            *([torch.randn(18, dtype=torch.float64, generator=gen).to(DEVICE) for _ in "ih"] if bias else [None, None]),
+        )
+
+    x = torch.randn(4, 2, 6, dtype=torch.float64, generator=gen).to(DEVICE)
+    h0 = [torch.randn(1, 2, 6, dtype=torch.float64, generator=gen).to(DEVICE) for _ in range(2)]
+    for biases in ((False, True), (True, False)):
+        layers = [scheduler.StackLayer("gru", (weights(bias),)) for bias in biases]
+        with caplog.at_level("WARNING", logger="tritonrnn"):
+            got = functional.stack(x, layers, h0, [None, None])
+        expected = scheduler.run_stack(x, layers, h0, [None, None])
+        for a, b in zip([*got[0], *got[1]], [*expected[0], *expected[1]], strict=True):
+            torch.testing.assert_close(a, b)
+    assert any("some of its layers have biases and some not" in r.getMessage() for r in caplog.records)
+
+
+def test_functional_stack_reads_strided_lengths_and_lengths_of_0(monkeypatch):
+    """Lengths as a strided view (every other entry of a longer tensor), of another integer dtype, or 0 (the row keeps
+    its initial state): the kernels read them as int32 in a row, which the view was not (they read the wrong rows'
+    lengths). Against the reference, both directions."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = ((16, 5), (16, 4), (16,), (16,))
+    w = [tuple(torch.randn(shape, dtype=torch.float64, generator=gen).to(DEVICE) for shape in shapes) for _ in "fr"]
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen).to(DEVICE)
+    h0 = [torch.randn(2, 3, 4, dtype=torch.float64, generator=gen).to(DEVICE)]
+    c0 = [torch.randn(2, 3, 4, dtype=torch.float64, generator=gen).to(DEVICE)]
+    layers = [scheduler.StackLayer("lstm", tuple(w))]
+    for dtype in (torch.int32, torch.int64):
+        lengths = torch.tensor([4, 9, 0, 9, 2, 9], dtype=dtype, device=DEVICE)[::2]
+        assert not lengths.is_contiguous()
+        got = functional.stack(x, layers, h0, c0, lengths=lengths)
+        expected = scheduler.run_stack(x, layers, h0, c0, lengths=lengths.contiguous().to(torch.int32))
+        for a, b in zip([*got[0], *got[1], *got[2]], [*expected[0], *expected[1], *expected[2]], strict=True):
+            torch.testing.assert_close(a, b)
 
 
 class _ZeroFills(TorchDispatchMode):

@@ -10,14 +10,15 @@ Weights are plain tensors, so weight dropout or any other transform is applied b
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from tritonrnn import layer_op, native, reference, scheduler
-from tritonrnn._plan import CELLS, interpret_mode, log_once, on_device, transform_beyond_grad
-from tritonrnn.dropout import HeldMasks, LayerDropout
+from tritonrnn._plan import CELLS, capturing, interpret_mode, log_once, on_device, transform_beyond_grad
+from tritonrnn.dropout import HeldMasks, LayerDropout, check_mode
 from tritonrnn.fused_stack import fused_stack
 from tritonrnn.layer_op import kernel_plan
 from tritonrnn.layer_run import _variant
@@ -139,16 +140,170 @@ def stack(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
     """A stack of layers (any cells, one or two directions) on the kernels, on plain tensors.
 
-    No validation (the modules do it). Arguments and returns are ``scheduler.run_stack``'s:
-    x [T, B, I] time-major; h0[l], c0[l] [D, B, H_l] (c0[l] None for non-LSTM layers);
-    layers[l] = StackLayer(cell, ((w_ih, w_hh, b_ih, b_hh[, w_hr]), ...)) in torch.nn's layout and gate order
-    (w_hr: an LSTM's projection, torch.nn's weight_hr; h is then proj_size wide).
-    lengths: [B] int32 on x's device, each sequence's length (<= T), for a batch of different lengths: rows
-    keep their state past their end (so h_n is each sequence's last state) and output zeros there.
+    Arguments and returns are ``scheduler.run_stack``'s:
+    x [T, B, I] time-major; h0[l] [D, B, P_l], c0[l] [D, B, H_l] (c0[l] None for non-LSTM layers);
+    layers[l] = StackLayer(cell, ((w_ih, w_hh, b_ih, b_hh[, w_hr]), ...)) in torch.nn's layout and gate order, one
+    tuple per direction, biases both or neither (w_hr: an LSTM's projection, torch.nn's weight_hr [P_l, H_l]; h is then
+    P_l wide, else P_l = H_l).
+    lengths: [B] integers in [0, T], each sequence's length, for a batch of different lengths: rows keep their state
+    past their end (so h_n is each sequence's last state) and output zeros there.
     held_masks: a ``dropout.HeldMasks`` shared by the calls that run one batch of sequences in chunks (truncated
     BPTT): variational dropout keeps the masks of the first call (``tritonrnn.hold_dropout_masks`` for modules).
-    Returns (every layer's output [T, B, D*H_l], h_n per layer, c_n per layer).
+    Returns (every layer's output [T, B, D*P_l], h_n per layer, c_n per layer).
+
+    Every argument is checked against the others (the kernels would read tensors of other shapes out of bounds):
+    a clear error names what does not fit. The modules check their own arguments and call ``stack_unchecked``.
     """
+    lengths = check_stack_arguments(x, layers, h0, c0, dropout, dropout_mode, lengths, held_masks, residual)
+    return stack_unchecked(
+        x, layers, h0, c0, dropout=dropout, dropout_mode=dropout_mode, residual=residual, training=training,
+        lengths=lengths, held_masks=held_masks,
+    )  # fmt: skip
+
+
+def _require(condition: bool, message: str, error: type[Exception] = ValueError) -> None:
+    if not condition:
+        raise error(f"functional.stack: {message}")
+
+
+def check_stack_arguments(x, layers, h0, c0, dropout, dropout_mode, lengths, held_masks, residual) -> Tensor | None:
+    """functional.stack's arguments against each other; returns lengths as the kernels read them (int32, contiguous,
+    on x's device)."""
+    _require(isinstance(x, Tensor), f"x should be a Tensor, got {type(x).__name__}", TypeError)
+    _require(x.dim() == 3, f"x should be [T, B, I] (time-major), got {x.dim()}-D")
+    _require(x.layout == torch.strided, f"x should be a dense tensor, got layout {x.layout}", RuntimeError)
+    _require(x.dtype.is_floating_point, f"x should be floating point, got {x.dtype}", TypeError)
+    _require(x.shape[0] > 0, "expected sequence length to be larger than 0", RuntimeError)
+    T, B = x.shape[:2]
+    _require(isinstance(layers, Sequence) and len(layers) > 0, "layers should be a non-empty list of StackLayer")
+    for name, states in (("h0", h0), ("c0", c0)):
+        _require(isinstance(states, Sequence), f"{name} should be a list, one entry per layer", TypeError)
+        _require(len(states) == len(layers), f"{name} has {len(states)} entries for {len(layers)} layers")
+    _require(
+        isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout <= 1,
+        f"dropout should be a number in [0, 1], got {dropout!r}",
+    )
+    check_mode(dropout_mode)
+    _require(
+        held_masks is None or isinstance(held_masks, HeldMasks),
+        f"held_masks should be a tritonrnn.dropout.HeldMasks, got {type(held_masks).__name__}",
+        TypeError,
+    )
+    directions = None
+    width = x.shape[2]
+    for index, layer in enumerate(layers):
+        where = f"layers[{index}]"
+        _require(
+            isinstance(layer, tuple) and len(layer) == 2, f"{where} should be a StackLayer(cell, weights)", TypeError
+        )
+        cell, weights = layer
+        _require(cell in CELLS, f"{where}: unknown cell {cell!r}; expected one of {sorted(CELLS)}")
+        gates = CELLS[cell][1]
+        _require(isinstance(weights, Sequence), f"{where}: weights should be a tuple per direction", TypeError)
+        _require(len(weights) in (1, 2), f"{where}: one weight tuple per direction (1 or 2), got {len(weights)}")
+        directions = directions or len(weights)
+        _require(len(weights) == directions, f"{where} has {len(weights)} direction(s), layers[0] {directions}")
+        first = weights[0]
+        _require(
+            isinstance(first, Sequence) and len(first) in (4, 5) and isinstance(first[1], Tensor),
+            f"{where}: each direction is (w_ih, w_hh, b_ih, b_hh[, w_hr])",
+            TypeError,
+        )
+        hidden = first[1].shape[0] // gates
+        with_bias = first[2] is not None
+        proj = first[4].shape[0] if len(first) == 5 and isinstance(first[4], Tensor) else 0
+        out = proj or hidden
+        _require(
+            hidden > 0 and first[1].shape[0] == gates * hidden,
+            f"{where}: w_hh has {first[1].shape[0]} rows, not a multiple of a {cell}'s {gates} gates",
+        )
+        _require(
+            len(first) == 4 or first[4] is None or 0 < proj < hidden,
+            f"{where}: w_hr has {proj} rows; a projection has 1 to hidden_size - 1 ({hidden - 1}), as torch.nn's",
+        )
+        for d, w in enumerate(weights):
+            at = f"{where}, direction {d}"
+            _require(
+                isinstance(w, Sequence) and len(w) == len(first),
+                f"{at}: {len(first)} weights as in direction 0",
+                TypeError,
+            )
+            _require(len(w) == 4 or cell == "lstm", f"{at}: a w_hr (projection) is for LSTM layers only, not {cell}")
+            _require((w[2] is None) == (w[3] is None), f"{at}: give both biases b_ih and b_hh, or neither")
+            _require((w[2] is not None) == with_bias, f"{at}: biases in one direction only")
+            _require((len(w) == 5 and w[4] is not None) == (proj > 0), f"{at}: a w_hr in one direction only")
+            shapes = {
+                "w_ih": (gates * hidden, width),
+                "w_hh": (gates * hidden, out),
+                "b_ih": (gates * hidden,),
+                "b_hh": (gates * hidden,),
+                "w_hr": (proj, hidden),
+            }
+            for name, tensor in zip(shapes, w):
+                if tensor is None and name in ("b_ih", "b_hh", "w_hr"):
+                    continue
+                _require(isinstance(tensor, Tensor), f"{at}: {name} should be a Tensor", TypeError)
+                _require(
+                    tuple(tensor.shape) == shapes[name],
+                    f"{at}: {name} has shape {tuple(tensor.shape)}, expected {shapes[name]}",
+                    RuntimeError,
+                )
+                _require(tensor.dtype == x.dtype, f"{at}: {name} is {tensor.dtype}, x is {x.dtype}", TypeError)
+                _require(
+                    tensor.device == x.device, f"{at}: {name} is on {tensor.device}, x on {x.device}", RuntimeError
+                )
+        if residual:
+            _require(
+                width == directions * out,
+                f"residual=True: {where} reads {width} features but outputs {directions * out}",
+            )
+        for name, state, size in (("h0", h0[index], out), ("c0", c0[index], hidden)):
+            if name == "c0" and cell != "lstm":
+                _require(state is None, f"c0[{index}] should be None: layer {index} is {cell}, not an LSTM")
+                continue
+            _require(isinstance(state, Tensor), f"{name}[{index}] should be a Tensor", TypeError)
+            _require(
+                tuple(state.shape) == (directions, B, size),
+                f"{name}[{index}] has shape {tuple(state.shape)}, expected {(directions, B, size)}",
+                RuntimeError,
+            )
+            _require(
+                state.dtype == x.dtype and state.device == x.device,
+                f"{name}[{index}] is {state.dtype} on {state.device}, x {x.dtype} on {x.device}",
+                RuntimeError,
+            )
+        width = directions * out
+    if lengths is None:
+        return None
+    _require(isinstance(lengths, Tensor), f"lengths should be a Tensor, got {type(lengths).__name__}", TypeError)
+    _require(
+        not lengths.is_floating_point() and not lengths.is_complex() and lengths.dtype != torch.bool,
+        f"lengths should be integers, got {lengths.dtype}",
+        TypeError,
+    )
+    _require(tuple(lengths.shape) == (B,), f"lengths has shape {tuple(lengths.shape)}, expected ({B},)")
+    lengths = lengths.to(device=x.device, dtype=torch.int32).contiguous()
+    if B > 0 and not torch.compiler.is_compiling() and not capturing(x.device):
+        # One wait for the device: a length beyond T would send the reverse direction past the end of x.
+        low, high = (int(v) for v in torch.aminmax(lengths))
+        _require(0 <= low and high <= T, f"lengths should be in [0, T={T}], got values in [{low}, {high}]")
+    return lengths
+
+
+def stack_unchecked(
+    x: Tensor,
+    layers: Sequence[scheduler.StackLayer],
+    h0: Sequence[Tensor],
+    c0: Sequence[Tensor | None],
+    *,
+    dropout: float = 0.0,
+    dropout_mode: str = "standard",
+    residual: bool = False,
+    training: bool = False,
+    lengths: Tensor | None = None,
+    held_masks: HeldMasks | None = None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+    """``stack`` without its checks, for callers that check their own (the modules)."""
     if torch.jit.is_tracing():
         raise NotImplementedError(
             "tritonrnn: torch.jit.trace cannot record StackedRNN or functional.stack (a trace would fix the sequence "

@@ -144,6 +144,8 @@ def fused_stack(
         reason = "it is bidirectional"
     elif any(len(layer.weights[0]) > 4 for layer in layers):
         reason = "it has a projection (proj_size)"
+    elif len({layer.weights[0][2] is None for layer in layers}) > 1:
+        reason = "some of its layers have biases and some not"  # one bias flag for the whole stack kernel
     elif residual:
         reason = "it has residual connections"
     elif lengths is not None:

@@ -358,7 +358,7 @@ class _TritonRNNBase(nn.RNNBase):
         directions = 2 if self.bidirectional else 1
         h0 = hidden[0].split(directions)
         c0 = hidden[1].split(directions) if is_lstm else [None] * self.num_layers
-        ys, h_n, c_n = functional.stack(
+        ys, h_n, c_n = functional.stack_unchecked(
             x, self._layers(x.dtype if autocast else None), h0, c0, dropout=self.dropout,
             dropout_mode=self.dropout_mode, training=self.training, lengths=lengths,
             held_masks=getattr(self, "_held_masks", None),  # set by tritonrnn.hold_dropout_masks

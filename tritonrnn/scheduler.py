@@ -68,7 +68,7 @@ def run_stack(
     dropouts: Sequence[_dropout.LayerDropout | None] | None = None,
     layer_fn: LayerFn = reference.layer,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
-    """Run a stack (no validation of shapes: the modules do it).
+    """Run a stack (no validation of shapes: the modules and functional.stack do it).
 
     Args:
         x: [T, B, I] time-major input.

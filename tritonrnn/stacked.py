@@ -301,7 +301,7 @@ class StackedRNN(nn.Module):
             layer(weight_drop=self.weight_drop, training=self.training, dtype=autocast, held=held, name=str(index))
             for index, layer in enumerate(self.layers)
         ]
-        ys, h_n, c_n = functional.stack(
+        ys, h_n, c_n = functional.stack_unchecked(
             x,
             layers,
             h0,
