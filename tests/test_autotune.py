@@ -40,6 +40,8 @@ def test_the_cache_folder_is_named_by_the_variable_then_xdg_then_home(tmp_path, 
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert autotune.cache_dir() == tmp_path / "home" / ".cache" / "tritonrnn"
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", " ~/tuned ")  # as a shell would expand it, not a folder named "~"
+    assert autotune.cache_dir() == tmp_path / "home" / "tuned"
 
 
 @pytest.fixture
@@ -340,6 +342,8 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(cache, caplog):
     store.path.write_text('["not", "a", "cache"]')
     assert store.load() == {}
     store.path.write_bytes(b"\xff\xfe not text")
+    assert store.load() == {}
+    store.path.write_text("[" * 100_000)  # json's parser recurses: a RecursionError, not a ValueError
     assert store.load() == {}
 
 

@@ -7,12 +7,15 @@ and on torch's CPU op (CPU tensors without the interpreter).
 
 from __future__ import annotations
 
+import collections
 import copy
+import threading
 
 import pytest
 import torch
 from conftest import DEVICE
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import tritonrnn
 from tritonrnn import dropout as _dropout
@@ -258,3 +261,39 @@ def test_detach_states_keeps_the_structure():
     assert tritonrnn.detach_states(None) is None
     with pytest.raises(TypeError, match="expected a tensor"):
         tritonrnn.detach_states({"h": a})
+    # A namedtuple keeps its type and fields (it was built from one generator); a PackedSequence is an output,
+    # not a state (it was an AssertionError).
+    State = collections.namedtuple("State", ["h", "c"])
+    detached = tritonrnn.detach_states(State(a, b))
+    assert type(detached) is State and not detached.c.requires_grad and torch.equal(detached.h, a)
+    packed = pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
+    with pytest.raises(TypeError, match="expected a tensor, or a tuple or list of them .or None., got PackedSequence"):
+        tritonrnn.detach_states(packed)
+
+
+def test_blocks_of_two_threads_on_one_model_are_refused():
+    """The held masks live on the modules: a block entered by a second thread while the first's is open, left in the
+    other order, restored the first's masks for good (later calls outside any block kept them). Refused now; blocks
+    in one thread nest, and the model is free again once the first block is left."""
+    model = tritonrnn.StackedRNN(3, [("lstm", 4), ("lstm", 4)], dropout=0.5, dropout_mode="variational")
+    errors = []
+
+    def second_block():
+        try:
+            with tritonrnn.hold_dropout_masks(model):
+                pass
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    with tritonrnn.hold_dropout_masks(model):
+        thread = threading.Thread(target=second_block)
+        thread.start()
+        thread.join()
+        with tritonrnn.hold_dropout_masks(model):  # nested in the same thread
+            pass
+    assert len(errors) == 1 and "held by a block in another thread" in errors[0]
+    assert "_held_masks" not in model.__dict__
+    thread = threading.Thread(target=second_block)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "_held_masks" not in model.__dict__

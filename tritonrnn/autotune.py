@@ -83,8 +83,9 @@ def enabled() -> bool:
 
 
 def cache_dir() -> pathlib.Path:
-    if os.environ.get("TRITONRNN_CACHE_DIR"):
-        return pathlib.Path(os.environ["TRITONRNN_CACHE_DIR"])
+    configured = os.environ.get("TRITONRNN_CACHE_DIR", "").strip()
+    if configured:
+        return pathlib.Path(configured).expanduser()  # "~/cache" as a shell would, not a folder named "~"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "tritonrnn"
 
@@ -147,7 +148,7 @@ class ConfigStore:
             data = json.loads(text)
             if not _is_store_layout(data):
                 raise ValueError(f"not a tritonrnn autotune file of format {FORMAT}")
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: json's parser on a deeply nested file
             log.warning("tritonrnn: ignoring the corrupt autotune cache %s (%s); it will be rebuilt", self.path, error)
             return {}
         configs = {}

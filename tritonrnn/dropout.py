@@ -81,6 +81,7 @@ class HeldMasks:
         self._weight_masks: dict[tuple, Tensor] = {}
         self._batch: dict[torch.device, int] = {}
         self._lock = threading.Lock()
+        self.thread: int | None = None  # the thread of the hold_dropout_masks block that made it, if one did
 
     def __reduce__(self):
         # A copy or a pickle of a model made inside a hold_dropout_masks block is not in the block: it holds nothing.

@@ -9,9 +9,11 @@ AWD-LSTM convention of one mask per chunk).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from tritonrnn.dropout import HeldMasks
 from tritonrnn.modules import _TritonRNNBase
@@ -25,9 +27,14 @@ def detach_states(states):
         return None
     if isinstance(states, Tensor):
         return states.detach()
-    if isinstance(states, (tuple, list)):
-        return type(states)(detach_states(s) for s in states)
-    raise TypeError(f"detach_states: expected a tensor, or a tuple or list of them, got {type(states).__name__}")
+    if isinstance(states, (tuple, list)) and not isinstance(states, PackedSequence):
+        detached = [detach_states(s) for s in states]
+        if hasattr(states, "_fields"):  # a namedtuple: its fields as arguments, not one iterable
+            return type(states)(*detached)
+        return type(states)(detached)
+    raise TypeError(
+        f"detach_states: expected a tensor, or a tuple or list of them (or None), got {type(states).__name__}"
+    )
 
 
 @contextlib.contextmanager
@@ -59,8 +66,17 @@ def hold_dropout_masks(model: nn.Module) -> Iterator[None]:
             f"hold_dropout_masks: {type(model).__name__} contains no tritonrnn module (LSTM, GRU, RNN or StackedRNN)"
         )
     previous = [m.__dict__.get("_held_masks") for m in targets]
+    # The masks live on the modules: blocks of two threads on one model would leave and restore each other's.
+    thread = threading.get_ident()
+    for module, held in zip(targets, previous):
+        if held is not None and held.thread not in (None, thread):
+            raise RuntimeError(
+                f"hold_dropout_masks: the masks of {type(module).__name__} are held by a block in another thread; "
+                "blocks on one model nest within a thread, not across threads"
+            )
     for module in targets:
         module._held_masks = HeldMasks()
+        module._held_masks.thread = thread
     try:
         yield
     finally:

@@ -127,7 +127,7 @@ def wavefront_setting() -> int | str:
     value = os.environ.get("TRITONRNN_WAVEFRONT", "0").strip() or "0"
     if value == "fused":
         return value
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # isdigit alone takes "²", which int() refuses
         raise ValueError(f"TRITONRNN_WAVEFRONT should be 0, 1, a number of steps per chunk or 'fused', got {value!r}")
     number = int(value)
     return 64 if number == 1 else number
