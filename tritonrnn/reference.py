@@ -9,6 +9,8 @@ and the outputs rounded back.
 ``layer_forward`` is one direction of one layer; ``layer`` a whole layer (both directions, the
 residual connection and the output's dropout mask), with the signature the stack scheduler
 (tritonrnn/scheduler.py) calls; ``stack_forward`` chains reference layers with that scheduler.
+Their arguments are not checked here (the math stays readable): ``functional.stack`` checks the same arguments, and
+``tritonrnn.functional.check_stack_arguments`` can check a call to these first.
 """
 
 from __future__ import annotations
