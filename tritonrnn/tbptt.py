@@ -47,7 +47,8 @@ def hold_dropout_masks(model: nn.Module) -> Iterator[None]:
     its masks are per step, and a chunk's steps are new steps. Held variational masks belong to the batch's
     sequences: a call with another batch size raises ValueError (a held DropConnect mask belongs to the weights and
     serves any batch). Blocks nest: an inner block draws its own masks; leaving it gives the
-    outer block's back.
+    outer block's back. Blocks on one model belong to one thread: another thread's block is refused while one is open
+    (the masks live on the modules).
 
     Example::
 
