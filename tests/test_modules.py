@@ -478,7 +478,9 @@ def test_torch_compile_of_a_layer_the_kernels_cannot_hold(monkeypatch):
         ("gru", 2, dict(p_drop=0.3)),
         ("rnn_tanh", 1, dict(residual=True, lengths=True, p_drop=0.5, variational=True)),
         ("lstm", 2, dict(proj=3, lengths=True, p_drop=0.3)),
+        ("gru", 1, dict(frozen=True, p_drop=0.3)),
         pytest.param("lstm", 1, dict(fallback=True, p_drop=0.2), marks=pytest.mark.fallback),
+        pytest.param("lstm", 2, dict(fallback=True, frozen=True, proj=2), marks=pytest.mark.fallback),
         pytest.param("rnn_relu", 2, dict(fallback=True, lengths=True), marks=pytest.mark.fallback),
         pytest.param("lstm", 2, dict(fallback=True, proj=3, residual=True), marks=pytest.mark.fallback),
         pytest.param("gru", 1, dict(misfit=True, p_drop=0.3), marks=pytest.mark.fallback),
@@ -492,7 +494,8 @@ def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkey
     its real runs, on the kernels and on the fallback (whose backward runs the layer again): where the device,
     dtype or hidden size rule the kernels out ("fallback"; "native": CPU tensors without the interpreter), the outputs
     leave out the kernels' buffers, which the fallback's backward never reads; where only the GPU's compile check
-    would ("misfit", which the fake shapes cannot know), they keep them, as zeros."""
+    would ("misfit", which the fake shapes cannot know), they keep them, as zeros. "frozen": inputs without grad,
+    whose gradients the backward leaves out."""
     from tritonrnn import _plan, layer_op
 
     if options.get("fallback"):
@@ -521,6 +524,8 @@ def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkey
         cell, options.get("residual", False), options.get("p_drop", 0.0), options.get("variational", False), True,
         False,
     )  # fmt: skip
+    if options.get("frozen"):  # data and a frozen W_ih: the backward gives neither a gradient
+        args = (args[0].detach(), *args[1:3], args[3].detach(), *args[4:])
     torch.library.opcheck(torch.ops.tritonrnn.layer.default, args)
     hseq, y, _, h_n, _, saved, mseq = torch.ops.tritonrnn.layer(*args)
     kept = not (options.get("fallback") or options.get("native"))
@@ -531,6 +536,29 @@ def test_layer_op_passes_torch_library_opcheck(cell, directions, options, monkey
     assert hseq.shape == ((D, T + 1, B, N) if kept or not writes_y else (0,))
     output = y if writes_y else hseq[0, 1:]
     assert output.shape == (T, B, D * N) and h_n.shape == (D, B, N) and output.isfinite().all()
+
+
+def test_layer_backward_op_takes_the_calls_of_older_compiled_graphs():
+    """tritonrnn::layer_backward as a backward graph compiled (and cached) by the version before ``needs`` calls it:
+    every gradient, as with all needed; with some not needed, those are empty and the others the same. torch.compile's
+    caches do not key on a custom op's schema (pytorch/pytorch#144344), so its arguments grow by defaults alone."""
+    gen = torch.Generator().manual_seed(0)
+    T, B, I, H = 4, 2, 3, 5
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).to(DEVICE)
+
+    inputs = [rand(T, B, I), rand(1, B, H), rand(1, B, H), rand(4 * H, I), rand(1, 4 * H, H), rand(4 * H), rand(4 * H)]
+    options = ("lstm", False, 0.0, False)  # cell, residual, p_drop, variational
+    hseq, _, _, _, _, saved, mseq = torch.ops.tritonrnn.layer(*inputs, None, None, None, *options, True, False)
+    grads = (rand(1, T + 1, B, H), None, None, rand(1, B, H), None)
+    args = (*grads, *inputs, None, None, None, hseq, saved, mseq, *options, False)
+    old = torch.ops.tritonrnn.layer_backward(*args)
+    assert len(old) == 8 and [g.numel() > 0 for g in old] == [True] * 7 + [False]  # no w_hr
+    some = [True, False, True, False, True, True, False, False]
+    for needs, expected in (([True] * 8, old), (some, [g if need else None for g, need in zip(old, some)])):
+        for got, want in zip(torch.ops.tritonrnn.layer_backward(*args, needs), expected, strict=True):
+            assert got.numel() == 0 if want is None else torch.equal(got, want)
 
 
 # --- the tensors' device is the current one at every launch ---------------------------------------
@@ -966,6 +994,42 @@ def test_parametrized_weights_are_computed_once_per_call_like_torch(cell):
     torch.testing.assert_close(ours.state_dict()[u].cpu(), theirs.state_dict()[u], atol=1e-6, rtol=1e-6)
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         assert_float32_close(p.grad, q.grad, name)
+
+
+@pytest.mark.parametrize("path", ["kernels", pytest.param("create_graph", marks=pytest.mark.fallback)])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "lstm_proj"])
+def test_frozen_parameters_and_data_without_grad_train_like_torch(cell, bidirectional, path):
+    """Some parameters frozen (requires_grad False: one of each layer's two biases, the first layer's W_hh, the
+    second's W_ih and projection; bidirectional: in both directions, and one direction's W_ih of the first) and an
+    input without grad: the gradients of the others and of the initial states are torch.nn's (the backward skips
+    the frozen ones' GEMMs: test_stacks.py). "create_graph": a backward that can itself be differentiated, which
+    runs the reference's backward for the inputs that want a gradient."""
+    torch.manual_seed(0)
+    kwargs = dict(proj_size=3) if cell == "lstm_proj" else {}
+    ours, theirs = make_pair(cell.removesuffix("_proj"), 3, 5, num_layers=2, bidirectional=bidirectional, **kwargs)
+    ours, theirs = ours.float().to(DEVICE), theirs.float()
+    frozen = {"bias_hh_l0", "weight_hh_l0", "weight_ih_l1", "bias_ih_l1", "weight_hr_l1"}
+    frozen |= {f"{name}_reverse" for name in frozen} | {"weight_ih_l0_reverse"} if bidirectional else set()
+    for module in (ours, theirs):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name not in frozen)
+    x = torch.randn(6, 2, 3)
+    D = 2 if bidirectional else 1
+    h0 = torch.randn(2 * D, 2, 3 if kwargs else 5)
+    hx = (h0, torch.randn(2 * D, 2, 5)) if cell.startswith("lstm") else h0
+    hxs = [[t.clone().to(device).requires_grad_() for t in tree_leaves(hx)] for device in ("cpu", DEVICE)]
+    results = []
+    for module, x_, leaves in ((theirs, x, hxs[0]), (ours, x.to(DEVICE), hxs[1])):
+        out, _ = module(x_, tuple(leaves) if cell.startswith("lstm") else leaves[0])
+        trained = [p for name, p in module.named_parameters() if name not in frozen]
+        results.append(
+            [out, *torch.autograd.grad(out.square().sum(), [*leaves, *trained], create_graph=path != "kernels")]
+        )
+    names = ["output", *(f"state {k}" for k in range(len(hxs[0])))]
+    names += [name for name, _ in ours.named_parameters() if name not in frozen]
+    for name, got, want in zip(names, results[1], results[0], strict=True):
+        assert_float32_close(got, want, name)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])

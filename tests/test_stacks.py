@@ -765,6 +765,14 @@ class _ZeroFills(TorchDispatchMode):
         return out
 
 
+def take_stack_path(path: str, monkeypatch) -> None:
+    """Make a stack run layer by layer ("layers"), on the wavefront's streams ("streams") or as one launch ("fused")."""
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", {"layers": "0", "streams": "2", "fused": "fused"}[path])
+    if path != "layers":
+        monkeypatch.setattr(functional, "_layer", None)  # the stack-wide path, not layer by layer
+        monkeypatch.setattr(functional, "_wavefront_stack", None if path == "fused" else functional._wavefront_stack)
+
+
 @pytest.mark.parametrize("path", ["layers", "streams", "fused"])
 def test_backward_fills_no_gradient_for_outputs_the_loss_does_not_reach(path, monkeypatch):
     """A loss on the top layer's output alone: autograd hands None, not tensors of zeros, for what it does not reach
@@ -775,16 +783,58 @@ def test_backward_fills_no_gradient_for_outputs_the_loss_does_not_reach(path, mo
     x = torch.randn(T, B, H, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=True)
     monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
     expected = torch.autograd.grad(model(x)[0].sum(), [x, *model.parameters()])
-    monkeypatch.setenv("TRITONRNN_WAVEFRONT", {"layers": "0", "streams": "2", "fused": "fused"}[path])
-    if path != "layers":
-        monkeypatch.setattr(functional, "_layer", None)  # the stack-wide path, not layer by layer
-        monkeypatch.setattr(functional, "_wavefront_stack", None if path == "fused" else functional._wavefront_stack)
+    take_stack_path(path, monkeypatch)
     out, _ = model(x)
     with _ZeroFills() as fills:
         grads = torch.autograd.grad(out.sum(), [x, *model.parameters()])
     assert fills.numels and max(fills.numels) < T * B * H, fills.numels
     for a, b in zip(grads, expected):
         assert rel_err(a, b) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5)
+
+
+class _Gemms(TorchDispatchMode):
+    """The output shape of each matrix product run while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("path", ["layers", "streams", "fused"])
+def test_inputs_that_want_no_gradient_cost_no_gemm(path, monkeypatch):
+    """Data without requires_grad and frozen weights (layer 0's all, layer 1's W_ih): backward runs no GEMM for
+    them (dL/dx [T*B, I] of the data, dL/dW_ih [4H, I] of layer 0, dL/dW_ih of layer 1: three [4H, H] products are
+    left, layer 1's W_hh and layer 2's two; dL/dx of layer 1 only where the stack's path reads it), and the gradients
+    that remain equal those of the all-trainable model."""
+    T, B, I, H = 6, 3, 5, 8
+    model = make_stack([("lstm", H)] * 3, input_size=I).to(KERNEL_DTYPE)
+    x = torch.randn(T, B, I, dtype=KERNEL_DTYPE, device=DEVICE)
+    monkeypatch.setenv("TRITONRNN_WAVEFRONT", "0")
+    expected = dict(zip(dict(model.named_parameters()), torch.autograd.grad(model(x)[0].sum(), model.parameters())))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not (name.startswith("layers.0.") or name == "layers.1.weight_ih"))
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    take_stack_path(path, monkeypatch)
+    out, _ = model(x)
+    with _Gemms() as gemms:
+        grads = torch.autograd.grad(out.sum(), [p for _, p in trained])
+    assert not any(I in shape for shape in gemms.shapes), gemms.shapes
+    assert gemms.shapes.count((4 * H, H)) == 3, gemms.shapes
+    # dL/dx of the upper layers, in rows (the streams' chunks run it by chunks): layer 2's alone layer by layer (layer
+    # 1's input wants none), layers 2 and 1 on streams (layer 0 runs backward there too), none fused (in the kernel).
+    dx_rows = sum(shape[0] for shape in gemms.shapes if shape[-1] == H and shape[0] != 4 * H)
+    assert dx_rows == {"layers": T * B, "streams": 2 * T * B, "fused": 0}[path], gemms.shapes
+    assert [name for name, _ in trained] == [f"layers.{k}.{w}" for k, w in
+        [(1, "weight_hh"), (1, "bias_ih"), (1, "bias_hh"), (2, "weight_ih"), (2, "weight_hh"), (2, "bias_ih"),
+         (2, "bias_hh")]]  # fmt: skip
+    for (name, _), grad in zip(trained, grads, strict=True):
+        assert rel_err(grad, expected[name]) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5), name
 
 
 # --- sequences of different lengths ------------------------------------------------------------------

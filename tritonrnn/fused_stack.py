@@ -308,20 +308,23 @@ class FusedStackFunction(torch.autograd.Function):
             )
         _launch_all(stack_bwd_kernel, plan, L, T + L - 1, True, device, launch)
 
-        w_ih0 = tensors[2]
+        # The GEMMs and reductions of the inputs that want a gradient only (a stack's data, frozen weights: none).
+        needs = ctx.needs_input_grad[3:]  # x, then each layer's h0, c0, w_ih, w_hh, b_ih, b_hh
         gx = grad_xgates.view(L, T * B, gates * hidden)
         gh = grad_gates.view(L, T * B, gates * hidden)
-        result: list[Tensor | None] = [None, None, None, (gx[0] @ w_ih0).view_as(x)]
+        result: list[Tensor | None] = [None, None, None, (gx[0] @ tensors[2]).view_as(x) if needs[0] else None]
         for k in range(L):
+            need_h0, need_c0, need_w_ih, need_w_hh, need_b_ih, need_b_hh = needs[1 + 6 * k : 7 + 6 * k]
             below = x if k == 0 else (z[k - 1] if z is not None else hseq[k - 1, 1:])
-            dw_ih = gx[k].t() @ below.reshape(T * B, -1)
-            dw_hh = gh[k].t() @ hseq[k, :T].reshape(T * B, hidden)
+            dw_ih = gx[k].t() @ below.reshape(T * B, -1) if need_w_ih else None
+            dw_hh = gh[k].t() @ hseq[k, :T].reshape(T * B, hidden) if need_w_hh else None
             db_ih = db_hh = None
-            if ctx.has_bias:
-                db_hh = gh[k].sum(0, dtype=acc)
+            if ctx.has_bias and (need_b_ih or need_b_hh):
+                db_hh = gh[k].sum(0, dtype=acc).to(dtype)
                 # The same gate gradients but for GRU (its n's input part differs): one reduction for both.
-                db_ih = gx[k].sum(0, dtype=acc) if cell == "gru" else db_hh.clone()
-                db_ih, db_hh = db_ih.to(dtype), db_hh.to(dtype)
-            dc0 = grad_c[k : k + 1].to(dtype) if cell == "lstm" else None
-            result += [grad_h[k : k + 1].to(dtype), dc0, dw_ih, dw_hh, db_ih, db_hh]
+                db_ih = gx[k].sum(0, dtype=acc).to(dtype) if cell == "gru" else db_hh.clone()
+                db_ih, db_hh = (db_ih if need_b_ih else None), (db_hh if need_b_hh else None)
+            dh0 = grad_h[k : k + 1].to(dtype) if need_h0 else None
+            dc0 = grad_c[k : k + 1].to(dtype) if cell == "lstm" and need_c0 else None
+            result += [dh0, dc0, dw_ih, dw_hh, db_ih, db_hh]
         return tuple(result)

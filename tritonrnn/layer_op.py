@@ -49,7 +49,7 @@ from tritonrnn._plan import (
 )
 from tritonrnn.dropout import LayerDropout
 from tritonrnn.dropout import mask as _dropout_mask
-from tritonrnn.layer_run import LayerRun, Variant, _gpu_misfit, _variant, writes_y
+from tritonrnn.layer_run import ALL_NEEDED, LayerRun, Needs, Variant, _gpu_misfit, _variant, writes_y
 
 
 def kernel_plan(
@@ -324,21 +324,27 @@ def _layer_backward_impl(
     p_drop: float,
     variational: bool,
     tf32: bool,
+    needs: Optional[list[bool]] = None,  # noqa: UP045
 ) -> list[Tensor]:
-    """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None), at the forward's
-    precision ``tf32``."""
+    """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) (empty where that input is None or not in ``needs``;
+    None: all), at the forward's precision ``tf32``.
+
+    The ops' schemas grow by arguments with defaults alone: torch.compile's caches do not key on a custom op's schema
+    or its autograd formula (pytorch/pytorch#144344), so a backward graph compiled and cached by an older tritonrnn
+    calls this op as that version did (here, without ``needs``)."""
     return _layer_grads(
         grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq,
-        saved, mseq, cell, residual, p_drop, variational, tf32,
+        saved, mseq, cell, residual, p_drop, variational, tf32, needs,
     )  # fmt: skip
 
 
 def _layer_grads(
     grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
-    mseq, cell, residual, p_drop, variational, tf32, reference_only=False, plan=None,
+    mseq, cell, residual, p_drop, variational, tf32, needs, reference_only=False, plan=None,
 ) -> list[Tensor]:  # fmt: skip
     """_layer_backward_impl's gradients, on the kernels or (where they cannot run it, or ``reference_only``) by the
     reference. ``plan``: the forward's (``plan_or_reason``), where the caller kept it."""
+    needs = Needs(*needs) if needs is not None else ALL_NEEDED
     with fixed_tf32(tf32):
         dropout = _dropout(seed, p_drop, variational)
         variant = _variant(w_hh.shape[0], residual, dropout, w_hr, lengths)
@@ -351,7 +357,7 @@ def _layer_grads(
             plan = plan_or_reason(cell, x, w_hh, variant)
         if isinstance(plan, str):
             grads = _fallback_backward(
-                cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn),
+                cell, inputs, lengths, dropout, residual, (grad_y, grad_z, grad_hn, grad_cn), needs,
                 torch_op=not reference_only,
             )  # fmt: skip
         else:
@@ -359,7 +365,7 @@ def _layer_grads(
                 cell, plan, residual, dropout, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True, lengths,
                 forward_buffers=(hseq, saved, mseq if w_hr is not None else None),
             )  # fmt: skip
-            run.start_backward(grad_y, grad_z, grad_hn, grad_cn)
+            run.start_backward(grad_y, grad_z, grad_hn, grad_cn, needs)
             run.backward_steps(0, run.T)
             grads = list(run.grads())
         return [g if g is not None else x.new_empty(0) for g in grads]
@@ -369,16 +375,23 @@ layer_backward = torch.library.custom_op("tritonrnn::layer_backward", _layer_bac
 
 
 @layer_backward.register_fake
-def _(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, *_):
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+def _(
+    grad_hseq, grad_y, grad_z, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved,
+    mseq, cell, residual, p_drop, variational, tf32, needs=None,
+):  # fmt: skip
+    inputs, needs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), needs if needs is not None else ALL_NEEDED
+    return [torch.empty_like(t) if t is not None and need else x.new_empty(0) for t, need in zip(inputs, needs)]
 
 
-def _fallback_backward(cell, inputs, lengths, dropout, residual, grads, torch_op: bool) -> list[Tensor | None]:
+def _fallback_backward(
+    cell, inputs, lengths, dropout, residual, grads, needs: Needs, torch_op: bool
+) -> list[Tensor | None]:  # fmt: skip
     """The fallback's backward: its forward again (nothing of it was kept), differentiated with torch.func.vjp
-    (autograd itself is switched off inside a custom op). ``torch_op``: that forward on torch's own op where it runs
-    under vjp (``native.layer``: CPU tensors, where it is several times faster than the reference's step loop,
-    perf/NOTES.md), else the reference, which ``reference_only`` callers need (its backward can be differentiated)."""
-    present = [index for index, t in enumerate(inputs) if t is not None]
+    (autograd itself is switched off inside a custom op) with respect to the inputs in ``needs``. ``torch_op``: that
+    forward on torch's own op where it runs under vjp (``native.layer``: CPU tensors, where it is several times faster
+    than the reference's step loop, perf/NOTES.md), else the reference, which ``reference_only`` callers need (its
+    backward can be differentiated)."""
+    present = [index for index, t in enumerate(inputs) if t is not None and needs[index]]
     mask = None
     if dropout is not None:
         T, B, _ = inputs[0].shape
@@ -401,7 +414,7 @@ def _fallback_backward(cell, inputs, lengths, dropout, residual, grads, torch_op
         outputs, vjp = torch.func.vjp(forward, *[inputs[index] for index in present])
         cotangents = [g if g is not None else torch.zeros_like(out) for g, out in zip(grads, outputs)]
         found = iter(vjp(tuple(cotangents)))
-    return [next(found) if t is not None else None for t in inputs]
+    return [next(found) if index in present else None for index in range(len(inputs))]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -413,12 +426,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, seed, hseq, saved, mseq)
 
 
-def _backward(ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None, saved=None):
+def _backward(
+    ctx, grad_hseq, grad_y, grad_z, grad_hn, grad_cn, _grad_saved, _grad_mseq, impl=None, saved=None, needs=None
+):  # fmt: skip
     impl = impl or torch.ops.tritonrnn.layer_backward
     if saved is None:
         saved = _unpack_at_forwards_precision(ctx)
-    grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *saved, *ctx.options)
-    grads = [g if present else None for g, present in zip(grads, ctx.present)]
+    if needs is None:
+        # The op's 16 inputs end every caller's (_EagerLayerPlain's begin with its plan); x to w_hr begin them.
+        needs = list(ctx.needs_input_grad[-16:][:8])
+    grads = impl(grad_hseq, grad_y, grad_z, grad_hn, grad_cn, *saved, *ctx.options, needs)
+    grads = [g if present and need else None for g, present, need in zip(grads, ctx.present, needs)]
     return (*grads, None, None, None, None, None, None, None, None)  # lengths, seed and the options
 
 
@@ -453,7 +471,10 @@ class _EagerLayer(torch.autograd.Function):
         saved = _unpack_at_forwards_precision(ctx)
         tensors = [t for t in (*grads, *saved) if t is not None]
         functorch = torch._C._functorch
-        if any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors):
+        transformed = any(
+            functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors
+        )
+        if transformed:
             reason = "a torch.func transform or a batched gradient differentiates a layer"
         elif torch.is_grad_enabled():
             reason = "a backward with create_graph=True"
@@ -462,7 +483,9 @@ class _EagerLayer(torch.autograd.Function):
             impl = functools.partial(_layer_grads, plan=getattr(ctx, "plan", None))
             return _backward(ctx, *grads, impl=impl, saved=saved)
         log_once(f"tritonrnn: {reason}: its backward runs the reference, which can be differentiated")
-        return _backward(ctx, *grads, impl=_reference_grads, saved=saved)
+        # Every gradient under a transform, as before: what needs_input_grad says at a transform's level is untested.
+        needs = list(ALL_NEEDED) if transformed else None
+        return _backward(ctx, *grads, impl=_reference_grads, saved=saved, needs=needs)
 
 
 class _EagerLayerPlain(torch.autograd.Function):

@@ -274,6 +274,22 @@ def _steps(plan: LayerPlan, t0: int, t1: int, two_phases: bool, backward: bool =
     return [dict(t_start=t, n_steps=1, **p) for t in range(t0, t1) for p in each]
 
 
+class Needs(NamedTuple):
+    """Which of a layer's inputs want a gradient (autograd's needs_input_grad for them)."""
+
+    x: bool = True
+    h0: bool = True
+    c0: bool = True
+    w_ih: bool = True
+    w_hh: bool = True
+    b_ih: bool = True
+    b_hh: bool = True
+    w_hr: bool = True
+
+
+ALL_NEEDED = Needs()
+
+
 class LayerRun:
     """One layer's buffers and kernel launches, able to run its steps in chunks.
 
@@ -420,8 +436,13 @@ class LayerRun:
             if isinstance(value, Tensor) and any(value is t for t in tensors):
                 setattr(self, name, value.detach())
 
-    def start_backward(self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn) -> None:
-        """Gradient buffers; grad_y / grad_z [T, B, D*N] are read by rows as the chunks run (None: zeros)."""
+    def start_backward(
+        self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn, needs: Needs = ALL_NEEDED
+    ) -> None:  # fmt: skip
+        """Gradient buffers; grad_y / grad_z [T, B, D*N] are read by rows as the chunks run (None: zeros).
+        ``needs``: which gradients ``grads`` gives (the others are None): an input that wants none (a stack's data,
+        frozen weights) costs no GEMM, and no dL/dx buffer where x wants none."""
+        self.needs = needs
         T, B, D, dtype, device, acc = self.T, self.B, self.D, self.dtype, self.device, self.acc
         empty = _plan.empty_buffer  # looked up at the call: tests poison it
 
@@ -444,8 +465,11 @@ class LayerRun:
         self.grad_gates = empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
         if self.cell == "gru":
             self.grad_xn = empty(T, B, D * self.hidden, dtype=dtype, device=device)
-            # The input part of n is not multiplied by r: its gradient differs from the recurrent one.
-            self.grad_xgates = empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
+            # The input part of n is not multiplied by r: its gradient differs from the recurrent one. Read by the
+            # GEMMs of dL/dx and dL/dW_ih alone.
+            self.grad_xgates = None
+            if needs.x or needs.w_ih:
+                self.grad_xgates = empty(T, B, D * self.gates * self.hidden, dtype=dtype, device=device)
         else:
             self.grad_xn = self.grad_xgates = self.grad_gates
         self.grad_hp = empty(T, B, D * self.width, dtype=dtype, device=device) if self.w_hr is not None else None
@@ -453,7 +477,7 @@ class LayerRun:
         tagged = self.plan.for_backward().tagged
         words = (D, 2, B, self.gates * self.hidden)
         self.grad_ring = torch.zeros(words, dtype=_ring_dtype(dtype), device=device) if tagged else None
-        self.dx = empty(*self.x.shape, dtype=dtype, device=device)
+        self.dx = empty(*self.x.shape, dtype=dtype, device=device) if needs.x else None
 
     def backward_steps(self, t0: int, t1: int) -> None:
         """Steps t1 - 1 down to t0, then dL/dx for rows [t0, t1)."""
@@ -471,10 +495,12 @@ class LayerRun:
             if self.grad_ring is not None:
                 launch.update(ring=self.grad_ring, TAGGED=True)
             self._launch(rnn_bwd_kernel, plan, t0, t1, True, hseq=self.hseq, grad_xn=self.grad_xn, **launch)
-        if self.cell == "gru":
+        if self.cell == "gru" and self.grad_xgates is not None:
             chunk = self.grad_xgates[t0:t1].view(t1 - t0, self.B, self.D, 3, self.hidden)
             chunk.copy_(self.grad_gates[t0:t1].view_as(chunk))
             chunk[..., 2, :] = self.grad_xn[t0:t1].view(t1 - t0, self.B, self.D, self.hidden)
+        if self.dx is None:
+            return
         rows = slice(t0 * self.B, t1 * self.B)
         gx2d = self.grad_xgates.view(self.T * self.B, -1)[rows]
         dx2d = self.dx.view(self.T * self.B, -1)[rows]
@@ -484,26 +510,29 @@ class LayerRun:
             torch.mm(gx2d, self.w_ih, out=dx2d)
 
     def grads(self) -> tuple:
-        """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) once every step has run backward."""
+        """(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) once every step has run backward; None where absent
+        or not in ``needs``."""
         T, B, D, hidden, width, dtype, acc = self.T, self.B, self.D, self.hidden, self.width, self.dtype, self.acc
-        gx2d = self.grad_xgates.view(T * B, -1)
-        dh0 = self.grad_h.to(dtype)
-        dc0 = self.grad_c.to(dtype) if self.cell == "lstm" else None
-        dw_ih = gx2d.t() @ self.x.reshape(T * B, -1)
-        # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
-        gh = self.grad_gates.view(T * B, D, -1)
-        dw_hh = _stacked([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
+        needs = self.needs
+        dh0 = self.grad_h.to(dtype) if needs.h0 else None
+        dc0 = self.grad_c.to(dtype) if self.cell == "lstm" and needs.c0 else None
+        dw_ih = self.grad_xgates.view(T * B, -1).t() @ self.x.reshape(T * B, -1) if needs.w_ih else None
+        dw_hh = None
+        if needs.w_hh:
+            # Direction d's h_{t-1} in time order: hseq rows 0..T-1 (forward) or 1..T (reverse).
+            gh = self.grad_gates.view(T * B, D, -1)
+            dw_hh = _stacked([gh[:, d].t() @ self.hseq[d, d : d + T].reshape(T * B, width) for d in range(D)])
         db_ih = db_hh = None
-        if self.b_ih is not None:
+        if self.b_ih is not None and (needs.b_ih or needs.b_hh):
             # Both biases reach every gate alike but GRU's n, whose recurrent part sits inside r * (...): one
             # reduction over all steps serves both, and for GRU one more over n's input part.
             db_hh = self.grad_gates.sum(dim=(0, 1), dtype=acc)
             db_ih = db_hh.clone()
             if self.cell == "gru":
                 db_ih.view(D, 3, hidden)[:, 2] = self.grad_xn.sum(dim=(0, 1), dtype=acc).view(D, hidden)
-            db_ih, db_hh = db_ih.to(dtype), db_hh.to(dtype)
+            db_ih, db_hh = (db_ih.to(dtype) if needs.b_ih else None), (db_hh.to(dtype) if needs.b_hh else None)
         dw_hr = None
-        if self.w_hr is not None:
+        if self.w_hr is not None and needs.w_hr:
             ghp = self.grad_hp.view(T * B, D, width)
             dw_hr = _stacked([ghp[:, d].t() @ self.mseq[d].reshape(T * B, hidden) for d in range(D)])
         return self.dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn._plan import fixed_tf32, refuse_batched_gradients, refuse_double_backward, tf32_matmul, unpack_saved
-from tritonrnn.layer_run import LayerRun
+from tritonrnn.layer_run import LayerRun, Needs
 
 
 class WavefrontStackFunction(torch.autograd.Function):
@@ -64,6 +64,9 @@ class WavefrontStackFunction(torch.autograd.Function):
         L = len(runs)
         grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
         add_from_above = [False] * L
+        # Which gradients each layer gives: its inputs' (needs_input_grad after layers, chunk and lengths: x, then
+        # each layer's 7 tensors); dL/dx of every layer above the first, which the layer below reads.
+        needs = ctx.needs_input_grad[3:]
         for index in range(L - 1, -1, -1):
             run, grad_y, grad_z = runs[index], grad_ys[index], None
             if index < L - 1:
@@ -75,7 +78,10 @@ class WavefrontStackFunction(torch.autograd.Function):
                 else:
                     grad_y = grad_y.clone()
                     add_from_above[index] = True
-            run.start_backward(grad_y, grad_z, grad_hns[index], grad_cns[index])
+            need_x = needs[0] if index == 0 else True
+            run.start_backward(
+                grad_y, grad_z, grad_hns[index], grad_cns[index], Needs(need_x, *needs[1 + 7 * index : 8 + 7 * index])
+            )
 
         def step(run: LayerRun, t0: int, t1: int) -> None:
             index = runs.index(run)
