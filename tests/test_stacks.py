@@ -7,6 +7,9 @@ kernels draw materialised by ``tritonrnn.dropout.mask``. Everything in float64 u
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +20,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonrnn
+from tritonrnn import _plan, functional, reference, scheduler, wavefront
 from tritonrnn import dropout as tdropout
-from tritonrnn import functional, reference, scheduler, wavefront
 
 MIXED = [("lstm", 5), ("gru", 4), ("rnn_tanh", 6), ("rnn_relu", 3)]
 real_layer = functional._layer  # the layer-by-layer path, for tests that forbid it in one run and need it in another
@@ -835,6 +838,40 @@ def test_inputs_that_want_no_gradient_cost_no_gemm(path, monkeypatch):
          (2, "bias_hh")]]  # fmt: skip
     for (name, _), grad in zip(trained, grads, strict=True):
         assert rel_err(grad, expected[name]) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5), name
+
+
+@pytest.mark.parametrize("path", ["layers", "streams", "fused"])
+def test_backward_frees_the_forwards_buffers_unless_the_graph_is_retained(path, monkeypatch):
+    """A retained graph backpropagates twice, bit for bit; one that is not retained frees what the forward kept for
+    backward, so that a training loop's output, alive into the next step, holds no more than its own memory (of the
+    kernels' buffers, only the one it is a view of); a further backward is torch's error."""
+    made = []
+    make = _plan.empty_buffer
+
+    def tracked(*args, **kwargs):
+        buffer = make(*args, **kwargs)
+        made.append(weakref.ref(buffer))
+        return buffer
+
+    monkeypatch.setattr(_plan, "empty_buffer", tracked)
+    T, B, H = 6, 3, 8
+    model = make_stack([("lstm", H)] * 3, input_size=H).to(KERNEL_DTYPE)
+    x = torch.randn(T, B, H, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=True)
+    take_stack_path(path, monkeypatch)
+    out, _ = model(x)
+    first = torch.autograd.grad(out.sum(), [x, *model.parameters()], retain_graph=True)
+    second = torch.autograd.grad(out.sum(), [x, *model.parameters()])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out.sum(), [x])
+    del first, second
+    gc.collect()
+    alive = [buffer for buffer in (ref() for ref in made) if buffer is not None]
+    assert made and alive, path
+    assert all(b.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for b in alive), [
+        b.shape for b in alive
+    ]
 
 
 # --- sequences of different lengths ------------------------------------------------------------------

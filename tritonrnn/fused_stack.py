@@ -256,9 +256,11 @@ class FusedStackFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)  # the outputs the loss does not reach: None in backward, not zeros
             ctx.cell, ctx.plan, ctx.mode, ctx.p_drop, ctx.has_bias = cell, plan, mode, launch["p_drop"], has_bias
             ctx.tf32 = tf32_matmul()  # the backward runs at the forward's precision
-            ctx.c0 = torch.cat(c0s).to(acc) if cell == "lstm" else None
-            ctx.buffers = (hseq, saved, z if drop is not None else None, seeds, w_ih, w_hh)
-            ctx.save_for_backward(x, *tensors)
+            # The buffers as saved tensors, not on ctx: autograd frees them after a backward that does not retain the
+            # graph (else a training loop's outputs, alive into the next step, would hold them).
+            c0 = torch.cat(c0s).to(acc) if cell == "lstm" else None
+            buffers = (hseq, saved, z if drop is not None else None, seeds, w_ih, w_hh, c0)
+            ctx.save_for_backward(x, *tensors, *buffers)
         ys = [hseq[k, 1:] for k in range(L)]
         h_n = [hseq[k, T].unsqueeze(0).clone() for k in range(L)]
         c_n = [state[k].unsqueeze(0).to(dtype) if cell == "lstm" else None for k in range(L)]
@@ -273,8 +275,8 @@ class FusedStackFunction(torch.autograd.Function):
     def _backward(ctx, *grads):
         refuse_double_backward("the fused stack (TRITONRNN_WAVEFRONT=fused)")
         refuse_batched_gradients("the fused stack (TRITONRNN_WAVEFRONT=fused)", grads)
-        x, *tensors = unpack_saved(ctx)  # raises if an input was modified in place since forward
-        hseq, saved, z, seeds, w_ih, w_hh = ctx.buffers
+        # Raises if an input was modified in place since forward, or was freed (a second backward).
+        x, *tensors, hseq, saved, z, seeds, w_ih, w_hh, c0 = unpack_saved(ctx)
         cell, plan = ctx.cell, ctx.plan
         L, T1, B, hidden = hseq.shape
         T = T1 - 1
@@ -297,7 +299,7 @@ class FusedStackFunction(torch.autograd.Function):
         grad_xgates = empty(L, T, B, gates * hidden, dtype=dtype, device=device) if cell == "gru" else grad_gates
         counter = torch.zeros(L, plan.num_programs, dtype=torch.int32, device=device)  # kernels/stack.py
         launch = dict(
-            w_ih=w_ih, w_hh=w_hh, hseq=hseq, saved=saved, c0=ctx.c0 if ctx.c0 is not None else grad_c, grad_y=grad_y,
+            w_ih=w_ih, w_hh=w_hh, hseq=hseq, saved=saved, c0=c0 if c0 is not None else grad_c, grad_y=grad_y,
             grad_above=empty(L, B, hidden, dtype=acc, device=device), grad_gates=grad_gates, grad_xgates=grad_xgates,
             grad_h=grad_h, grad_c=grad_c, counter=counter, seed_ptr=seeds,
             T=T, B=B, p_drop=ctx.p_drop, ALL_LAYERS=all_layers, **_constants(cell, hidden, dtype, plan, ctx.mode),

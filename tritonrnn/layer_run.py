@@ -436,6 +436,14 @@ class LayerRun:
             if isinstance(value, Tensor) and any(value is t for t in tensors):
                 setattr(self, name, value.detach())
 
+    def take_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every tensor this run holds, by attribute name, which it lets go of: the forward's buffers go to autograd's
+        saved tensors (freed after a backward that does not retain the graph); after backward, its own buffers go."""
+        taken = [(name, value) for name, value in vars(self).items() if isinstance(value, Tensor)]
+        for name, _ in taken:
+            setattr(self, name, None)
+        return taken
+
     def start_backward(
         self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn, needs: Needs = ALL_NEEDED
     ) -> None:  # fmt: skip

@@ -44,10 +44,17 @@ class WavefrontStackFunction(torch.autograd.Function):
             kept = [t for t in returned if t is not None]
             for run in runs:
                 run.detach_tensors(kept)
+            # The runs' buffers as saved tensors, not on ctx: autograd frees them after a backward that does not
+            # retain the graph (else a training loop's outputs, alive into the next step, would hold them).
+            ctx.slots, held = [], []
+            for index, run in enumerate(runs):
+                for name, tensor in run.take_tensors():
+                    ctx.slots.append((index, name))
+                    held.append(tensor)
             ctx.runs = runs
             ctx.chunks = chunks
             ctx.tf32 = tf32_matmul()  # the backward runs at the forward's precision
-            ctx.save_for_backward(x, *tensors)
+            ctx.save_for_backward(x, *tensors, *held)
         return returned
 
     @staticmethod
@@ -59,8 +66,10 @@ class WavefrontStackFunction(torch.autograd.Function):
     def _backward(ctx, *grads):
         refuse_double_backward("the stack on streams (TRITONRNN_WAVEFRONT=N)")
         refuse_batched_gradients("the stack on streams (TRITONRNN_WAVEFRONT=N)", grads)
-        unpack_saved(ctx)  # raises if an input was modified in place since forward
+        saved = unpack_saved(ctx)  # raises if an input was modified in place since forward, or was freed
         runs, chunks = ctx.runs, ctx.chunks
+        for (index, name), tensor in zip(ctx.slots, saved[len(saved) - len(ctx.slots) :], strict=True):
+            setattr(runs[index], name, tensor)
         L = len(runs)
         grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
         add_from_above = [False] * L
@@ -91,6 +100,8 @@ class WavefrontStackFunction(torch.autograd.Function):
 
         _wavefront(runs, chunks, step, reverse=True)
         grads = [run.grads() for run in runs]  # each run's GEMMs and reductions once
+        for run in runs:
+            run.take_tensors()  # the backward's buffers, and the forward's (autograd holds them while it must)
         result: list[Tensor | None] = [None, None, None, grads[0][0]]
         for _, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr in grads:
             result += [dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
