@@ -147,6 +147,11 @@ def draw(rng: random.Random, concurrent: bool = False) -> dict:
             config["dropout_mode"] = rng.choice(["standard", "variational"])
     # Each output and final state left out of the loss with this probability: backward then gets no gradient for it.
     config["loss_drop"] = rng.choice([0.0, 0.0, 0.5])
+    # Each parameter frozen (requires_grad False) with this probability, and the input with or without grad: the
+    # backward skips what wants no gradient. Their own generator: the configurations a seed drew before stay the same.
+    frozen = random.Random(config["data_seed"] + 5)
+    config["frozen"] = frozen.choice([0.0, 0.0, 0.3, 0.7])
+    config["input_grad"] = frozen.random() < 0.7
     return config
 
 
@@ -259,11 +264,20 @@ def step(config: dict, model: nn.Module, torch_layers=None) -> tuple[list[torch.
     input, the initial states and ours' parameters, in ours' order) and their names."""
     x, states = inputs(config)
     dtype = torch.float64 if torch_layers is not None else getattr(torch, config["dtype"])
-    x = x.to(DEVICE, dtype).requires_grad_()
+    x = x.to(DEVICE, dtype).requires_grad_(config.get("input_grad", True))  # configs drawn before: with grad
     states = [[s.to(DEVICE, dtype).requires_grad_() for s in layer] for layer in states] if states else None
-    torch.manual_seed(config["data_seed"] + 2)  # dropout's masks, in training
     if torch_layers is None:
         params = list(model.named_parameters())
+    else:
+        params = [(ours_name, p) for theirs, names in torch_layers for name, p in theirs.named_parameters()
+                  for ours_name in [names[name]]]  # fmt: skip
+        order = [name for name, _ in model.named_parameters()]
+        params.sort(key=lambda item: order.index(item[0]))
+    frozen = random.Random(config["data_seed"] + 6)  # the same parameters in both runs (ours' names, sorted)
+    for _, parameter in sorted(params, key=lambda item: item[0]):
+        parameter.requires_grad_(frozen.random() >= config.get("frozen", 0.0))
+    torch.manual_seed(config["data_seed"] + 2)  # dropout's masks, in training
+    if torch_layers is None:
         if config["kind"] == "module":
             out, final = model(_pack(config, x), _as_arg(states[0]) if states else None)
             outs, final = [out], [final]
@@ -272,10 +286,6 @@ def step(config: dict, model: nn.Module, torch_layers=None) -> tuple[list[torch.
                                 return_all_layers=config["return_all"])  # fmt: skip
             outs = outs if config["return_all"] else [outs]
     else:
-        params = [(ours_name, p) for theirs, names in torch_layers for name, p in theirs.named_parameters()
-                  for ours_name in [names[name]]]  # fmt: skip
-        order = [name for name, _ in model.named_parameters()]
-        params.sort(key=lambda item: order.index(item[0]))
         y, outs, final = _pack(config, x), [], []
         for index, (theirs, _) in enumerate(torch_layers):
             below = y
@@ -298,7 +308,9 @@ def step(config: dict, model: nn.Module, torch_layers=None) -> tuple[list[torch.
     loss = sum((r.double() * c).sum() for r, c, used in zip(results, cotangents, in_loss) if used)
     initial = [t for layer in states or [] for t in layer]
     leaves = [("input", x), *[(f"h0.{k}", s) for k, s in enumerate(initial)], *params]
-    grads = torch.autograd.grad(loss, [leaf for _, leaf in leaves], allow_unused=True)
+    leaves = [(name, leaf) for name, leaf in leaves if leaf.requires_grad]
+    wanted = [leaf for _, leaf in leaves]
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True) if loss.requires_grad else [None] * len(wanted)
     for (name, leaf), grad in zip(leaves, grads):
         results.append(torch.zeros_like(leaf) if grad is None else grad)
         names.append(f"grad {name}")
