@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonrnn
-from tritonrnn import _plan, functional, reference, scheduler, wavefront
+from tritonrnn import _plan, functional, layer_run, reference, scheduler, wavefront
 from tritonrnn import dropout as tdropout
 
 MIXED = [("lstm", 5), ("gru", 4), ("rnn_tanh", 6), ("rnn_relu", 3)]
@@ -813,8 +813,9 @@ class _Gemms(TorchDispatchMode):
 def test_inputs_that_want_no_gradient_cost_no_gemm(path, monkeypatch):
     """Data without requires_grad and frozen weights (layer 0's all, layer 1's W_ih): backward runs no GEMM for
     them (dL/dx [T*B, I] of the data, dL/dW_ih [4H, I] of layer 0, dL/dW_ih of layer 1: three [4H, H] products are
-    left, layer 1's W_hh and layer 2's two; dL/dx of layer 1 only where the stack's path reads it), and the gradients
-    that remain equal those of the all-trainable model."""
+    left, layer 1's W_hh and layer 2's two; no dL/dx of layer 1, whose input wants none), nor layer 0's recurrence
+    where the path can leave it out (all but the fused stack's one launch), and the gradients that remain equal
+    those of the all-trainable model."""
     T, B, I, H = 6, 3, 5, 8
     model = make_stack([("lstm", H)] * 3, input_size=I).to(KERNEL_DTYPE)
     x = torch.randn(T, B, I, dtype=KERNEL_DTYPE, device=DEVICE)
@@ -825,19 +826,47 @@ def test_inputs_that_want_no_gradient_cost_no_gemm(path, monkeypatch):
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     take_stack_path(path, monkeypatch)
     out, _ = model(x)
+    backward_runs = set()
+    steps = layer_run.LayerRun.backward_steps
+
+    def recorded(run, t0, t1):
+        backward_runs.add(id(run))
+        return steps(run, t0, t1)
+
+    monkeypatch.setattr(layer_run.LayerRun, "backward_steps", recorded)
     with _Gemms() as gemms:
         grads = torch.autograd.grad(out.sum(), [p for _, p in trained])
+    assert len(backward_runs) == (0 if path == "fused" else 2)
     assert not any(I in shape for shape in gemms.shapes), gemms.shapes
     assert gemms.shapes.count((4 * H, H)) == 3, gemms.shapes
-    # dL/dx of the upper layers, in rows (the streams' chunks run it by chunks): layer 2's alone layer by layer (layer
-    # 1's input wants none), layers 2 and 1 on streams (layer 0 runs backward there too), none fused (in the kernel).
+    # dL/dx of the upper layers, in rows (the streams' chunks run it by chunks): layer 2's alone, none fused (there the
+    # kernel forms it).
     dx_rows = sum(shape[0] for shape in gemms.shapes if shape[-1] == H and shape[0] != 4 * H)
-    assert dx_rows == {"layers": T * B, "streams": 2 * T * B, "fused": 0}[path], gemms.shapes
+    assert dx_rows == (0 if path == "fused" else T * B), gemms.shapes
     assert [name for name, _ in trained] == [f"layers.{k}.{w}" for k, w in
         [(1, "weight_hh"), (1, "bias_ih"), (1, "bias_hh"), (2, "weight_ih"), (2, "weight_hh"), (2, "bias_ih"),
          (2, "bias_hh")]]  # fmt: skip
     for (name, _), grad in zip(trained, grads, strict=True):
         assert rel_err(grad, expected[name]) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5), name
+
+
+@pytest.mark.parametrize("frozen", ["layers.1.", "layers.0."], ids=["middle", "bottom"])
+@pytest.mark.parametrize("input_grad", [False, True], ids=["data", "input-grad"])
+def test_wavefront_backward_through_frozen_layers_equals_layer_by_layer(frozen, input_grad, monkeypatch):
+    """On streams, a frozen layer between trained ones still carries the gradient down, and frozen layers at the
+    bottom run no backward unless the input wants a gradient: every gradient equals the layer-by-layer path's."""
+    model = make_stack(MIXED[:3], input_size=3).to(KERNEL_DTYPE)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith(frozen))
+    x = torch.randn(6, 2, 3, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=input_grad)
+    wanted = [x] * input_grad + [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for path in ("layers", "streams"):
+        take_stack_path(path, monkeypatch)
+        out, states = model(x)
+        results.append(torch.autograd.grad(out.square().sum() + flat(states)[0].sum(), wanted))
+    for a, b in zip(*results, strict=True):
+        assert rel_err(a, b) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("path", ["layers", "streams", "fused"])

@@ -74,9 +74,15 @@ class WavefrontStackFunction(torch.autograd.Function):
         grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
         add_from_above = [False] * L
         # Which gradients each layer gives: its inputs' (needs_input_grad after layers, chunk and lengths: x, then
-        # each layer's 7 tensors); dL/dx of every layer above the first, which the layer below reads.
+        # each layer's 7 tensors). A layer runs backward where it or a layer below wants a gradient (frozen lower
+        # layers over data run none: as autograd prunes them layer by layer); dL/dx where the layer below runs.
         needs = ctx.needs_input_grad[3:]
-        for index in range(L - 1, -1, -1):
+        own = [needs[1 + 7 * index : 8 + 7 * index] for index in range(L)]
+        input_wants = [needs[0]]  # layer k's input (x, or layer k - 1's output) wants a gradient
+        for index in range(L - 1):
+            input_wants.append(input_wants[-1] or any(own[index]))
+        first = next((index for index in range(L) if input_wants[index] or any(own[index])), L)
+        for index in range(L - 1, first - 1, -1):
             run, grad_y, grad_z = runs[index], grad_ys[index], None
             if index < L - 1:
                 above = runs[index + 1].dx  # dL/d(this layer's contribution to the next layer's input), by chunks
@@ -87,10 +93,7 @@ class WavefrontStackFunction(torch.autograd.Function):
                 else:
                     grad_y = grad_y.clone()
                     add_from_above[index] = True
-            need_x = needs[0] if index == 0 else True
-            run.start_backward(
-                grad_y, grad_z, grad_hns[index], grad_cns[index], Needs(need_x, *needs[1 + 7 * index : 8 + 7 * index])
-            )
+            run.start_backward(grad_y, grad_z, grad_hns[index], grad_cns[index], Needs(input_wants[index], *own[index]))
 
         def step(run: LayerRun, t0: int, t1: int) -> None:
             index = runs.index(run)
@@ -98,8 +101,8 @@ class WavefrontStackFunction(torch.autograd.Function):
                 run.grad_y[t0:t1] += runs[index + 1].dx[t0:t1]
             run.backward_steps(t0, t1)
 
-        _wavefront(runs, chunks, step, reverse=True)
-        grads = [run.grads() for run in runs]  # each run's GEMMs and reductions once
+        _wavefront(runs[first:], chunks, step, reverse=True)
+        grads = [(None,) * 8] * first + [run.grads() for run in runs[first:]]  # each run's GEMMs and sums once
         for run in runs:
             run.take_tensors()  # the backward's buffers, and the forward's (autograd holds them while it must)
         result: list[Tensor | None] = [None, None, None, grads[0][0]]
