@@ -850,21 +850,43 @@ def test_inputs_that_want_no_gradient_cost_no_gemm(path, monkeypatch):
         assert rel_err(grad, expected[name]) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5), name
 
 
-@pytest.mark.parametrize("frozen", ["layers.1.", "layers.0."], ids=["middle", "bottom"])
+@pytest.mark.parametrize("frozen", ["layers.1.", "layers.0.", "layers.0. with h0"], ids=["middle", "bottom", "h0"])
 @pytest.mark.parametrize("input_grad", [False, True], ids=["data", "input-grad"])
 def test_wavefront_backward_through_frozen_layers_equals_layer_by_layer(frozen, input_grad, monkeypatch):
     """On streams, a frozen layer between trained ones still carries the gradient down, and frozen layers at the
-    bottom run no backward unless the input wants a gradient: every gradient equals the layer-by-layer path's."""
+    bottom run no backward unless the input or their initial state wants a gradient: every gradient equals the
+    layer-by-layer path's."""
     model = make_stack(MIXED[:3], input_size=3).to(KERNEL_DTYPE)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(not name.startswith(frozen))
+        parameter.requires_grad_(not name.startswith(frozen.split()[0]))
     x = torch.randn(6, 2, 3, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=input_grad)
-    wanted = [x] * input_grad + [p for p in model.parameters() if p.requires_grad]
+    states = random_states(model, 2, torch.Generator().manual_seed(3))
+    states = [tuple(t.to(KERNEL_DTYPE) for t in s) if k == 0 else s.to(KERNEL_DTYPE) for k, s in enumerate(states)]
+    h0 = states[0][0].requires_grad_(frozen.endswith("h0"))
+    wanted = [x] * input_grad + [h0] * h0.requires_grad + [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for path in ("layers", "streams"):
+        take_stack_path(path, monkeypatch)
+        out, finals = model(x, states)
+        results.append(torch.autograd.grad(out.square().sum() + flat(finals)[0].sum(), wanted))
+    for a, b in zip(*results, strict=True):
+        assert rel_err(a, b) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5)
+
+
+def test_outputs_backward_does_not_read_can_be_changed_in_place_on_streams(monkeypatch):
+    """The stack on streams saves what its backward reads alone: the final states and a residual stack's top output
+    (its own buffer) can be changed in place before backward, as layer by layer (resetting a state, say), with the
+    same gradients."""
+    model = make_stack([("lstm", 4), ("lstm", 4)], input_size=4, residual=True).to(KERNEL_DTYPE)
+    x = torch.randn(6, 2, 4, dtype=KERNEL_DTYPE, device=DEVICE, requires_grad=True)
     results = []
     for path in ("layers", "streams"):
         take_stack_path(path, monkeypatch)
         out, states = model(x)
-        results.append(torch.autograd.grad(out.square().sum() + flat(states)[0].sum(), wanted))
+        out.mul_(2)
+        for state in flat(states):
+            state.zero_()
+        results.append(torch.autograd.grad(out.sum(), [x, *model.parameters()]))
     for a, b in zip(*results, strict=True):
         assert rel_err(a, b) < (1e-12 if KERNEL_DTYPE == torch.float64 else 1e-5)
 

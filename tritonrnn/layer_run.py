@@ -436,13 +436,18 @@ class LayerRun:
             if isinstance(value, Tensor) and any(value is t for t in tensors):
                 setattr(self, name, value.detach())
 
-    def take_tensors(self) -> list[tuple[str, Tensor]]:
-        """Every tensor this run holds, by attribute name, which it lets go of: the forward's buffers go to autograd's
-        saved tensors (freed after a backward that does not retain the graph); after backward, its own buffers go."""
-        taken = [(name, value) for name, value in vars(self).items() if isinstance(value, Tensor)]
-        for name, _ in taken:
-            setattr(self, name, None)
-        return taken
+    # What backward reads of the forward's tensors (backward_steps, grads; b_ih for whether there are biases).
+    BACKWARD_READS = ("x", "c0", "w_ih", "w_hh", "w_hr", "b_ih", "b_hh", "lengths", "no_seed", "hseq", "saved", "mseq")
+
+    def let_go(self) -> list[tuple[str, Tensor]]:
+        """Drop every tensor this run holds; return those backward reads, by attribute name (to be autograd's saved
+        tensors, freed after a backward that does not retain the graph). Not the outputs it does not read (c_n's
+        state, the top layer's y): saved, they would make changing them in place an error."""
+        kept = [(name, getattr(self, name)) for name in self.BACKWARD_READS if isinstance(getattr(self, name), Tensor)]
+        for name, value in list(vars(self).items()):
+            if isinstance(value, Tensor):
+                setattr(self, name, None)
+        return kept
 
     def start_backward(
         self, grad_y: Tensor | None, grad_z: Tensor | None, grad_hn, grad_cn, needs: Needs = ALL_NEEDED
@@ -488,7 +493,7 @@ class LayerRun:
         self.dx = empty(*self.x.shape, dtype=dtype, device=device) if needs.x else None
 
     def backward_steps(self, t0: int, t1: int) -> None:
-        """Steps t1 - 1 down to t0, then dL/dx for rows [t0, t1)."""
+        """Steps t1 - 1 down to t0, then dL/dx for rows [t0, t1) where x wants a gradient."""
         plan = self.plan.for_backward()
         launch = dict(
             w_hh=self.w_hh, saved=self.saved, c0=self.c0_acc if self.c0_acc is not None else self.grad_c,

@@ -44,17 +44,22 @@ class WavefrontStackFunction(torch.autograd.Function):
             kept = [t for t in returned if t is not None]
             for run in runs:
                 run.detach_tensors(kept)
-            # The runs' buffers as saved tensors, not on ctx: autograd frees them after a backward that does not
-            # retain the graph (else a training loop's outputs, alive into the next step, would hold them).
-            ctx.slots, held = [], []
+            # The inputs (checked for changes in place at backward) and what backward reads of the runs, as saved
+            # tensors, not on ctx: autograd frees them after a backward that does not retain the graph (else a
+            # training loop's outputs, alive into the next step, would hold them). Each tensor once: a saved-tensor
+            # hook (save_on_cpu) would copy it as often as it is saved.
+            held, ctx.slots = [x, *tensors], []
             for index, run in enumerate(runs):
-                for name, tensor in run.take_tensors():
-                    ctx.slots.append((index, name))
-                    held.append(tensor)
+                for name, tensor in run.let_go():
+                    position = next((k for k, t in enumerate(held) if t is tensor), None)
+                    if position is None:
+                        position = len(held)
+                        held.append(tensor)
+                    ctx.slots.append((index, name, position))
             ctx.runs = runs
             ctx.chunks = chunks
             ctx.tf32 = tf32_matmul()  # the backward runs at the forward's precision
-            ctx.save_for_backward(x, *tensors, *held)
+            ctx.save_for_backward(*held)
         return returned
 
     @staticmethod
@@ -68,8 +73,8 @@ class WavefrontStackFunction(torch.autograd.Function):
         refuse_batched_gradients("the stack on streams (TRITONRNN_WAVEFRONT=N)", grads)
         saved = unpack_saved(ctx)  # raises if an input was modified in place since forward, or was freed
         runs, chunks = ctx.runs, ctx.chunks
-        for (index, name), tensor in zip(ctx.slots, saved[len(saved) - len(ctx.slots) :], strict=True):
-            setattr(runs[index], name, tensor)
+        for index, name, position in ctx.slots:
+            setattr(runs[index], name, saved[position])
         L = len(runs)
         grad_ys, grad_hns, grad_cns = grads[:L], grads[L : 2 * L], grads[2 * L :]
         add_from_above = [False] * L
@@ -104,7 +109,7 @@ class WavefrontStackFunction(torch.autograd.Function):
         _wavefront(runs[first:], chunks, step, reverse=True)
         grads = [(None,) * 8] * first + [run.grads() for run in runs[first:]]  # each run's GEMMs and sums once
         for run in runs:
-            run.take_tensors()  # the backward's buffers, and the forward's (autograd holds them while it must)
+            run.let_go()  # the backward's buffers, and the forward's (autograd holds them while it must)
         result: list[Tensor | None] = [None, None, None, grads[0][0]]
         for _, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr in grads:
             result += [dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
