@@ -49,13 +49,13 @@ class WavefrontStackFunction(torch.autograd.Function):
             # training loop's outputs, alive into the next step, would hold them). Each tensor once: a saved-tensor
             # hook (save_on_cpu) would copy it as often as it is saved.
             held, ctx.slots = [x, *tensors], []
+            positions = {id(t): k for k, t in enumerate(held) if t is not None}  # held keeps each alive: ids unique
             for index, run in enumerate(runs):
                 for name, tensor in run.let_go():
-                    position = next((k for k, t in enumerate(held) if t is tensor), None)
-                    if position is None:
-                        position = len(held)
+                    if id(tensor) not in positions:
+                        positions[id(tensor)] = len(held)
                         held.append(tensor)
-                    ctx.slots.append((index, name, position))
+                    ctx.slots.append((index, name, positions[id(tensor)]))
             ctx.runs = runs
             ctx.chunks = chunks
             ctx.tf32 = tf32_matmul()  # the backward runs at the forward's precision
