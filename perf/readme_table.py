@@ -9,7 +9,7 @@ import math
 import pathlib
 
 from perf.report import speedups
-from perf.schema import PASSES, PerfError, geomean, gpu_slug, label, ok_rows, read_results
+from perf.schema import DEFAULT_PASSES, PASSES, PerfError, geomean, gpu_slug, label, ok_rows, read_results
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASELINES_DIR = ROOT / "perf" / "baselines"
@@ -56,7 +56,7 @@ def table(baselines_dir: pathlib.Path = BASELINES_DIR) -> str:
     for path, df in frames:
         gpu = df["gpu"].iloc[0]
         ratios = speedups(df)
-        for pass_ in PASSES:
+        for pass_ in [p for p in PASSES if p in DEFAULT_PASSES or p in set(df["pass"])]:
             part = ratios[ratios["pass"] == pass_]
             means = [geomean(part[part["provider"] == p]["speedup"]) for p in NAMES]
             cells = [f"{m:.2f}x" if math.isfinite(m) else "-" for m in means]

@@ -6,9 +6,12 @@ Without a GPU: ``tritonrnn`` (its CPU path) and ``torch_cpu`` (torch.nn on the C
 not a GPU benchmark. All providers of a config share the weights (torch.manual_seed, load_state_dict)
 and the input.
 
-Passes: "fwd" is inference (eval mode, no autograd) and returns the output; "fwd+bwd" is a training
-step (train mode: dropout acts) and returns the output and the gradients of the input and of every
-parameter (torch.autograd.grad, so no .grad accumulates between timed calls).
+Passes: "fwd" is inference (eval mode, no autograd) and returns the output; "fwd+bwd" is forward and
+backward in train mode (dropout acts) and returns the output and the gradients of the input and of every
+parameter (torch.autograd.grad, so no .grad accumulates between timed calls); "train" is the same step on data, the
+input without ``requires_grad``: the output and the parameters' gradients alone. The last is what a model's
+recurrent layer over its data does in training: tritonrnn then forms no dL/dx, while torch.nn's cuDNN backward forms
+it whatever the input needs (aten/src/ATen/native/cudnn/RNN.cpp runs cuDNN's backward-data call unconditionally).
 
 Each row: median and 20/80 quantiles in ms (GPU: ``triton.testing.do_bench``, which also flushes L2
 between calls; CPU: a perf_counter loop), peak memory above what was allocated before the call (GPU),
@@ -205,12 +208,13 @@ def make_step(module: nn.Module, x: Tensor, grad_out: Tensor, pass_: str) -> Ste
 
         return forward
     module.train()
-    x = x.detach().requires_grad_()
+    x = x.detach().requires_grad_(pass_ == "fwd+bwd")
     params = [p for _, p in module.named_parameters()]
+    wanted = [x, *params] if x.requires_grad else params
 
     def training_step() -> list[Tensor]:
         out = module(x)[0]
-        return [out, *torch.autograd.grad(out, [x, *params], grad_out)]
+        return [out, *torch.autograd.grad(out, wanted, grad_out)]
 
     return training_step
 
@@ -247,7 +251,7 @@ class Case:
 
     def random_masks(self, pass_: str) -> bool:
         """Dropout acts (between layers, in training), so outputs depend on random masks."""
-        return self.config.dropout > 0 and self.config.L > 1 and pass_ == "fwd+bwd"
+        return self.config.dropout > 0 and self.config.L > 1 and pass_ != "fwd"
 
     def error(self, provider: str, pass_: str, step: Step) -> tuple[float, str]:
         """rel_err of one call of ``step`` against float64, and a note when it is not against torch.nn."""

@@ -21,7 +21,9 @@ class PerfError(Exception):
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("bf16", "fp16", "fp32")
-PASSES = ("fwd", "fwd+bwd")
+PASSES = ("fwd", "fwd+bwd", "train")
+# What a case measures without a "passes" field; "train" is asked for by name (perf/runner.py says what each is).
+DEFAULT_PASSES = ("fwd", "fwd+bwd")
 DROPOUT_MODES = ("standard", "variational")
 GPU_PROVIDERS = ("tritonrnn", "cudnn", "cudnn_graph")
 CPU_PROVIDERS = ("tritonrnn", "torch_cpu")

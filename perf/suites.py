@@ -2,9 +2,10 @@
 
 A suite file is ``{"name": str, "description": str, "cases": [case, ...]}``. Each case is a dict of
 config fields; a list-valued field expands as a cartesian product with the other lists (except
-``passes``, which lists the passes to measure). Fields and defaults are in ``DEFAULTS``;
-``input_size`` defaults to ``H``. With dropout 0 the dropout mode means nothing and is set to
-"standard", so configs that differ only there are one config. A config reached twice is measured once.
+``passes``, which lists the passes to measure: "fwd" and "fwd+bwd" where a case does not say; "train" only where it
+names it). Fields and defaults are in ``DEFAULTS``; ``input_size`` defaults to ``H``. With dropout 0 the dropout
+mode means nothing and is set to "standard", so configs that differ only there are one config. A config reached twice
+is measured once, with the passes of every case reaching it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pathlib
 from typing import Any
 
 from perf import schema
-from perf.schema import CELLS, DROPOUT_MODES, DTYPES, PASSES, PerfError
+from perf.schema import CELLS, DEFAULT_PASSES, DROPOUT_MODES, DTYPES, PASSES, PerfError
 
 SUITES_DIR = pathlib.Path(__file__).resolve().parent / "suites"
 
@@ -27,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,
     "dropout_mode": "standard",
     "proj_size": 0,
-    "passes": list(PASSES),
+    "passes": list(DEFAULT_PASSES),
 }
 
 # Largest sizes the CPU comparison runs as they are; a bigger suite is replaced by "cpu" without a GPU.

@@ -75,11 +75,15 @@ def test_shipped_suites_expand_as_documented():
     # dropout 0 with either mode is one config: no dropout, two dropout modes, then one layer two ways, then the
     # stack against one layer at B=16
     stacks = suites.load("stacks")
+    # and that stack's training step over data (no dL/dx) beside the step with dL/dx, at B=16 and 256
     assert [c.options for c in stacks.configs] == [
-        "", "dropout=0.3 standard", "dropout=0.3 variational", "", "bidirectional", "", "",
+        "", "dropout=0.3 standard", "dropout=0.3 variational", "", "bidirectional", "", "", "",
     ]  # fmt: skip
-    assert [c.passes for c in stacks.configs] == [("fwd+bwd",)] * 5 + [("fwd", "fwd+bwd")] * 2
-    assert [(c.B, c.L) for c in stacks.configs[-2:]] == [(16, 1), (16, 3)]
+    assert [c.passes for c in stacks.configs] == [("fwd+bwd",)] * 5 + [
+        ("fwd", "fwd+bwd"), ("fwd", "fwd+bwd", "train"), ("fwd+bwd", "train")
+    ]  # fmt: skip
+    assert [(c.B, c.L) for c in stacks.configs[-3:]] == [(16, 1), (16, 3), (256, 3)]
+    assert all("train" not in c.passes for name in ("quick", "bars", "persist") for c in suites.load(name).configs)
     smoke = suites.load("smoke")
     assert smoke.cpu_sized and not quick.cpu_sized
     large = suites.load("large")
@@ -146,11 +150,35 @@ def test_run_errors_against_float64(results):
     assert (ours["rel_err"] < 1e-5).all(), ours[["options", "pass", "rel_err"]]
     # with dropout in training, tritonrnn is checked against its own float64 copy (same masks)
     dropout = ours[ours["dropout"] > 0]
-    assert len(dropout) == 2 and (dropout["note"].str.contains("float64 copy of tritonrnn")).all()
+    assert sorted(dropout["pass"]) == ["fwd+bwd", "fwd+bwd", "train"]
+    assert (dropout["note"].str.contains("float64 copy of tritonrnn")).all()
     theirs = ran[ran["provider"] != "tritonrnn"]
     masked = theirs["dropout"] > 0
     assert (theirs[~masked]["rel_err"] < 1e-5).all()
     assert theirs[masked]["rel_err"].isna().all() and theirs[masked]["note"].str.contains("cannot be reproduced").all()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_train_pass_is_the_training_step_without_the_inputs_gradient(layers):
+    """The train pass runs the fwd+bwd step over an input without requires_grad: the same output and parameter
+    gradients, bit for bit, for every provider, and no dL/dx (so the float64 check compares what is returned)."""
+    config = suites.parse(
+        {"name": "train", "cases": [{"cell": "gru", "dtype": "fp32", "B": 3, "H": 8, "T": 5, "L": layers}]}
+    ).configs[0]
+    case = runner.Case(config, torch.device("cpu"))
+    for provider in ("tritonrnn", "torch_cpu"):
+        module = case.module(provider)
+        seen: list[bool] = []
+        hook = module.register_forward_pre_hook(lambda _, inputs, seen=seen: seen.append(inputs[0].requires_grad))
+        every = runner.make_step(module, case.x, case.grad_out, "fwd+bwd")()
+        train = runner.make_step(module, case.x, case.grad_out, "train")()
+        hook.remove()
+        assert seen == [True, False]  # the module saw data: a backward that forms no dL/dx
+        assert len(every) == 2 + len(list(module.parameters())) and len(train) == len(every) - 1
+        assert all(torch.equal(a, b) for a, b in zip(train, [every[0], *every[2:]])), provider
+    step = runner.make_step(case.ours, case.x, case.grad_out, "train")
+    error, note = case.error("tritonrnn", "train", step)
+    assert error < 1e-5 and note == ""
 
 
 def test_a_slow_step_is_timed_ten_times_at_least(monkeypatch):
@@ -196,12 +224,14 @@ def test_a_config_that_fails_gets_error_rows_and_the_run_goes_on(tmp_path, monke
     status = {(r["cell"], r["provider"], r["pass"]): r["status"] for _, r in rows.iterrows()}
     assert len(status) == 2 * len(PROVIDERS) * 2  # two configs, each provider, both passes
     assert {k: v for k, v in status.items() if k[0] == "gru"} == {
-        ("gru", p, pass_): "error: MemoryError: no room for the gru" for p in PROVIDERS for pass_ in schema.PASSES
+        ("gru", p, pass_): "error: MemoryError: no room for the gru"
+        for p in PROVIDERS
+        for pass_ in schema.DEFAULT_PASSES
     }
     assert status["rnn_tanh", "tritonrnn", "fwd"] == "error: RuntimeError: the kernel failed"
     assert [k for k, v in status.items() if v == "ok"] == [
-        ("rnn_tanh", p, pass_) for p in sorted(PROVIDERS, key=list(schema.PROVIDERS).index) for pass_ in schema.PASSES
-        if (p, pass_) != ("tritonrnn", "fwd")
+        ("rnn_tanh", p, pass_) for p in sorted(PROVIDERS, key=list(schema.PROVIDERS).index)
+        for pass_ in schema.DEFAULT_PASSES if (p, pass_) != ("tritonrnn", "fwd")
     ]  # fmt: skip
     errored = rows[rows["status"] != "ok"]
     assert errored[["ms_median", "rel_err"]].isna().all().all()
@@ -315,8 +345,8 @@ def test_report_shows_failed_rows_missing_providers_and_gpu_memory(results, tmp_
     markdown = (folder / "report.md").read_text()
     errors = [row for row in _report_table(markdown, "## Errors") if row["provider"] == "tritonrnn"]
     assert errors == [
-        {"config": "lstm fp32 L2 B2 H16 T4", "pass": "fwd+bwd", "provider": "tritonrnn",
-         "status": "error: RuntimeError: boom"}
+        {"config": "lstm fp32 L2 B2 H16 T4", "pass": pass_, "provider": "tritonrnn",
+         "status": "error: RuntimeError: boom"} for pass_ in ("fwd+bwd", "train")
     ]  # fmt: skip
     assert "<h2>Errors</h2>" in (folder / "report.html").read_text()
     configs = {(r["cell"], r["L"], r["options"], r["pass"]): r for r in _report_table(markdown, "## Per config")}
@@ -349,7 +379,7 @@ def test_speedup_plots_of_speedups_near_1x_have_fine_ticks(results, tmp_path, mo
     monkeypatch.setattr(report, "_save", save)
     report.plots(df, tmp_path)
     fine = [0.6, 0.7, 0.8, 1, 1.25, 1.5]
-    assert ticks == {"speedup_fwd.png": fine, "speedup_fwd-bwd.png": fine}
+    assert ticks == {"speedup_fwd.png": fine, "speedup_fwd-bwd.png": fine, "speedup_train.png": fine}
 
 
 def test_run_accepts_a_suite_file(tmp_path):
