@@ -143,6 +143,33 @@ def test_weak_stores_show_an_arrival_that_is_not_a_release(release, weak):
         assert _all_in_step(BARRIER if release else RELAXED_BARRIER) == (release or not weak)
 
 
+@triton.jit
+def _publish_then_wait_each(counts, buf, seen, n, n_steps, P: tl.constexpr):
+    """Each step every program writes the step, counts it on its own counter, waits for every program's count, then
+    records the least step it reads from all of them."""
+    pid = tl.program_id(0)
+    o = tl.arange(0, P)
+    for s in range(n_steps):
+        tl.store(buf + (s % 2) * n + pid, s)
+        sync.arrive(counts + pid)
+        sync.wait_each(counts, n, s + 1)
+        tl.store(seen + pid * n_steps + s, tl.min(tl.load(buf + (s % 2) * n + o, mask=o < n, other=2**30)))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_wait_each_waits_for_every_counter_past_its_first_block(seed):
+    """40 programs: wait_each reads its counters in blocks of 32 (a tagged fused stack runs up to 64 programs a
+    layer on an H100: float32 RNN at H=1024); every program must see every other's step. (A mutation audit: a
+    wait_each reading the first block alone passed the stack tests, whose layers run 3 programs at most; of these
+    two interleavings, seed 2 shows it.)"""
+    n, steps = 40, 6
+    buf = torch.full((2, n), -1, dtype=torch.int32)
+    seen = torch.full((n, steps), -7, dtype=torch.int32)
+    with programs_at_once(seed=seed):
+        _publish_then_wait_each[(n,)](torch.zeros(n, dtype=torch.int32), buf, seen, n, steps, P=64)
+    assert (seen == torch.arange(steps, dtype=torch.int32)).all(), seen
+
+
 # --- the library's checks have teeth here ----------------------------------------------------------------------
 
 

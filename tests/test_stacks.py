@@ -570,6 +570,40 @@ def test_fused_stack_reduction_in_chunks(cell, permuted, forced_plan, fused_only
 
 
 @cpu_only
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_stack_over_several_batch_tiles(cell, fused_only, monkeypatch):
+    """A batch of 37 rows in tiles of 32 (the stack kernel's loop over batch tiles, which a GPU runs from B=17 and
+    the other fused tests, at B <= 6, never do): float64 against the reference layers with the same masks.
+    (A mutation audit: with every tile at row 0 the other tests passed.)"""
+    from tritonrnn import fused_stack
+
+    plan_of = fused_stack.fused_plan
+    tiles = []
+    monkeypatch.setattr(fused_stack, "fused_plan", lambda *a: tiles.append(plan_of(*a).block_b) or plan_of(*a))
+    gen = torch.Generator().manual_seed(21)
+    model = make_stack([(cell, 6)] * 3, dropout=0.3)
+    x = torch.randn(5, 37, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 37, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 5, 37))
+    assert tiles and all(block_b < 37 for block_b in tiles), tiles
+
+
+@cpu_only
+def test_fused_stack_with_weight_rows_read_every_step(forced_plan, fused_only):
+    """16 of H=40 reduction rows held, the rest read every step (the stack kernel's streamed loop, for W_hh and the
+    layer below's W_ih; GPU plans hold every row, so only a forced plan runs it): float64 against the reference.
+    (A mutation audit: the streamed W_ih rows reading the layer's own h passed the other tests.)"""
+    forced_plan(block_k=16, block_ks=16)
+    gen = torch.Generator().manual_seed(21)
+    model = make_stack([("gru", 40)] * 3, dropout=0.3)
+    x = torch.randn(5, 3, 3, dtype=torch.float64, generator=gen).to(DEVICE)
+    states = random_states(model, 3, gen)
+    torch.manual_seed(7)
+    assert_matches(model, x, states, expected_with_masks(model, 0.3, "standard", 5, 3))
+
+
+@cpu_only
 @pytest.mark.parametrize("module,cls", [(tritonrnn.LSTM, nn.LSTM), (tritonrnn.GRU, nn.GRU)], ids=["lstm", "gru"])
 def test_fused_stack_module_matches_torch(module, cls, fused_only):
     torch.manual_seed(0)
