@@ -1392,3 +1392,22 @@ def test_float32_to_bfloat16_rounds_to_nearest_even():
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
     _to_bfloat16_kernel[(1,)](x, out, x.numel(), BLOCK=8)
     assert torch.equal(out[:-1].cpu(), x[:-1].cpu().bfloat16()) and out[-1].isnan()
+
+
+@triton.jit
+def _masked_load_kernel(x, n, floats, ints, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(floats + offsets, tl.load(x + offsets, mask=offsets < n))
+    tl.store(ints + offsets, tl.load(x.to(tl.pointer_type(tl.int32), bitcast=True) + offsets, mask=offsets < n))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's masked lanes (a GPU leaves them undefined)")
+def test_masked_lanes_a_load_leaves_undefined_are_nan():
+    """Under the interpreter a masked load without `other` fills its masked lanes with NaN (integers: their largest
+    value), not zeros (tests/interpreter_masked_loads.py), so a kernel that lets such lanes reach its arithmetic
+    fails here as it would on a GPU; the lanes under the mask are loaded."""
+    x = torch.arange(1.0, 9.0)
+    floats, ints = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
+    _masked_load_kernel[(1,)](x, 5, floats, ints, BLOCK=8)
+    assert torch.equal(floats[:5], x[:5]) and floats[5:].isnan().all()
+    assert torch.equal(ints[:5], x[:5].view(torch.int32)) and (ints[5:] == 2**31 - 1).all()
