@@ -777,6 +777,35 @@ def test_backward_runs_at_its_forwards_precision(path, forward_tf32, monkeypatch
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="records the interpreter's dots")
+@pytest.mark.parametrize("path", ["layer", "fused"])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_dots_run_at_the_precision_the_tf32_flag_asks(tf32, path, monkeypatch, request):
+    """Every dot of a float32 training step asks Triton for IEEE products, or TF32's where the flag allows them.
+    The interpreter computes every dot in full precision whatever it is asked, so the kernels' arithmetic tests
+    cannot see a dot that ignores DOT_PRECISION; on a GPU it would run a float32 layer in TF32 with the flag off. (A
+    mutation audit: `_dot` asking for "tf32" passed every other test.)"""
+    from triton.runtime import interpreter
+
+    asked = []
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def recording(self, a, b, d, input_precision, *rest):
+        asked.append(str(input_precision).upper())
+        return dot(self, a, b, d, input_precision, *rest)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", recording)
+    if path == "fused":
+        request.getfixturevalue("fused_only")  # the stack kernel, or the test fails
+    with _plan.fixed_tf32(tf32):
+        torch.manual_seed(0)
+        model = tritonrnn.LSTM(3, 5, num_layers=2, bidirectional=path == "layer")
+        x = torch.randn(4, 2, 3, requires_grad=True)
+        model(x)[0].sum().backward()
+    want = "TF32" if tf32 else "IEEE"
+    assert asked and all(want in a and "TF32X3" not in a for a in asked), sorted(set(asked))
+
+
 def test_torch_compile_reads_the_tf32_flag_where_it_traces_and_traces_again_when_it_flips():
     """torch.compile takes ``tf32_matmul()`` as a constant of the graph (it cannot trace torch's getter), which is
     sound only while torch guards its graphs on the flag: a flip must trace again, not run the old constant."""
