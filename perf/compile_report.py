@@ -7,13 +7,14 @@ Prints registers per thread, local stack, shared memory, the layout of the dots'
 mma.sync tiles, or chunks x rows x columns for a reduction in chunks) and the shared-memory wavefronts of its loads
 and stores against their ideal (``ld_waves``, ``st_waves``: bank conflicts, perf/smem_banks.py) of every kernel at
 the configuration ``tritonrnn._plan.plan_layer`` would pick on a 132-SM GPU, and checks that the grid barrier
-lowers to one predicated release and one predicated acquire per program between CTA barriers. It needs only the
+lowers to one predicated release and one predicated acquire per program between CTA barriers, and that h is read
+from other programs past L1 (after the barrier) or volatile (the tagged words). It needs only the
 ptxas and cuobjdump shipped with Triton, so the fit of a configuration is known before a device is
 lent. ``--check`` exits 1 when a planned kernel needs more shared memory than an H100 block has, or the
-barrier's lowering is not the expected one, and with ``--max-stack`` when a planned kernel spills more than that
-many bytes of registers to its local stack frame (a spill is read and written every step). ``--stack L`` reports the
-kernels of a stack of L equal layers in one launch (kernels/stack.py, ``tritonrnn._plan.plan_stack``) instead. Run
-it with the interpreter off (TRITON_INTERPRET unset).
+barrier's or the exchange's lowering is not the expected one, and with ``--max-stack`` when a planned kernel spills
+more than that many bytes of registers to its local stack frame (a spill is read and written every step).
+``--stack L`` reports the kernels of a stack of L equal layers in one launch (kernels/stack.py,
+``tritonrnn._plan.plan_stack``) instead. Run it with the interpreter off (TRITON_INTERPRET unset).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tritonrnn import _plan
 from tritonrnn._plan import FP_FUSION
 from tritonrnn.kernels.dropout import DROPOUT_STANDARD, DROPOUT_VARIATIONAL
 from tritonrnn.kernels.lstm_proj import lstm_proj_bwd_kernel, lstm_proj_fwd_kernel
-from tritonrnn.kernels.recurrent import rnn_bwd_kernel, rnn_fwd_kernel
+from tritonrnn.kernels.recurrent import _load_h_prev, rnn_bwd_kernel, rnn_fwd_kernel
 from tritonrnn.kernels.stack import stack_bwd_kernel, stack_fwd_kernel
 from tritonrnn.kernels.sync import arrive, grid_barrier, wait_each
 from tritonrnn.layer_run import Variant, _kernel_constants, forward_transposed, weights_transposed
@@ -125,6 +126,29 @@ def wait_each_lowering_problems(arch: int) -> list[str]:
         problems.append(f"the poll is not predicated gpu-scope acquire atomics: {polls}")
     elif not any("bar.sync" in line for line in lines[lines.index(polls[-1]) :]):
         problems.append("no CTA barrier after the poll")
+    return problems
+
+
+@triton.jit
+def _exchange_load_probe(h, ring, out, step, B, TAGGED: tl.constexpr):
+    o = tl.arange(0, 32)
+    tl.store(out + o, _load_h_prev(h + o, ring, step, o, o < B, B, 32, tl.bfloat16, TAGGED))
+
+
+def exchange_load_problems(arch: int) -> list[str]:
+    """What is wrong with the PTX of the loads of h that other programs wrote (recurrent._load_h_prev): after the
+    grid barrier they bypass L1 (ld.global.cg; an SM's L1 is not kept coherent with the others' writes), and with
+    the tagged exchange every read of the words, the first and each poll again, is volatile (a plain load may be
+    served from L1 and never see the new tag). The interpreter ignores both, so only the PTX shows them."""
+    problems = []
+    for tagged in (False, True):
+        signature = {"h": "*bf16", "ring": "*i32", "out": "*bf16", "step": "i32", "B": "i32", "TAGGED": "constexpr"}
+        ptx = _compile(_exchange_load_probe, signature, {"TAGGED": tagged}, arch).asm["ptx"]
+        loads = [line.strip() for line in ptx.splitlines() if re.match(r"\s*(@%p\d+\s+)?ld\.(global|volatile)", line)]
+        if tagged and (len(loads) < 2 or not all(".volatile" in line for line in loads)):
+            problems.append(f"the tagged words are not all read volatile (first read and poll): {loads}")
+        if not tagged and (not loads or not all(".cg" in line for line in loads)):
+            problems.append(f"h is not read bypassing L1 after the barrier: {loads}")
     return problems
 
 
@@ -325,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     wait_failures = wait_each_lowering_problems(args.arch)
     print("per-program wait lowering:", "; ".join(wait_failures) or "ok", flush=True)
     failures += wait_failures
+    exchange_failures = exchange_load_problems(args.arch)
+    print("exchange loads:", "; ".join(exchange_failures) or "ok", flush=True)
+    failures += exchange_failures
     for dtype in args.dtype:
         for cell in args.cells:
             for hidden in args.hidden:

@@ -37,6 +37,7 @@ def test_kernels_compile_for_sm90_and_the_barrier_lowers_correctly():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "grid barrier lowering: ok" in result.stdout
     assert "per-program wait lowering: ok" in result.stdout
+    assert "exchange loads: ok" in result.stdout  # h read past L1 after the barrier, the tagged words volatile
     # FMA chosen as a launch chooses it (_plan.FP_FUSION), not left to the default Triton 3.9 warns about
     assert "FP_FUSION" not in result.stderr, result.stderr
     # 4 cells x 3 dtypes x 3 variants, plus the LSTM projection's 3; none a fallback at this size
