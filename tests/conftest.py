@@ -19,12 +19,14 @@ from perf.warm import cores  # noqa: E402
 from tritonrnn import _plan, functional, layer_run  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_bounds  # noqa: E402
     import interpreter_masked_loads  # noqa: E402
     import interpreter_rounding  # noqa: E402
     import interpreter_speed  # noqa: E402
 
     interpreter_rounding.install()  # the interpreter's float32 -> bf16 casts rounded as the GPU rounds them
     interpreter_masked_loads.install()  # a masked load's lanes without `other` NaN, not zeros: undefined on a GPU
+    interpreter_bounds.install()  # an access outside the launch's tensors raises (the interpreter would do it)
     interpreter_speed.install()  # triton.language patched once a launch, not again at every helper call (a third)
 
 HAS_GPU = torch.cuda.is_available()

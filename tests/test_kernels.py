@@ -1440,3 +1440,28 @@ def test_masked_lanes_a_load_leaves_undefined_are_nan():
     _masked_load_kernel[(1,)](x, 5, floats, ints, BLOCK=8)
     assert torch.equal(floats[:5], x[:5]) and floats[5:].isnan().all()
     assert torch.equal(ints[:5], x[:5].view(torch.int32)) and (ints[5:] == 2**31 - 1).all()
+
+
+@triton.jit
+def _offset_copy_kernel(x, out, shift, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out + offsets + shift, tl.load(x + offsets, mask=offsets < n, other=0.0), mask=offsets < n)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's checks (a GPU faults or reads garbage)")
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_an_access_outside_the_launchs_tensors_raises(shift):
+    """Under the interpreter every load, store and atomic is checked against the storages of the launch's tensors
+    (tests/interpreter_bounds.py): a store one element before or past the output raises, naming the access, and
+    writes nothing (the interpreter would write whatever memory is there); masked-off lanes are not accesses, and a
+    view may address its storage."""
+    from triton.runtime.errors import InterpreterError
+
+    storage = torch.zeros(10)
+    out = storage[1:9]  # a view: its storage's first and last elements are inside
+    _offset_copy_kernel[(1,)](torch.ones(8), out, shift, 8, BLOCK=16)
+    assert storage.tolist() == ([1.0] * 8 + [0.0] * 2 if shift < 0 else [0.0] * 2 + [1.0] * 8)
+    alone = torch.zeros(8)
+    with pytest.raises(InterpreterError, match="store of 1 address"):
+        _offset_copy_kernel[(1,)](torch.ones(8), alone, shift, 8, BLOCK=16)
+    assert (alone == 0).all()
